@@ -1,0 +1,23 @@
+"""The built-in eviction policies of polykv.
+
+They register through the ``polykv.policies`` entry point like any third-party package, so
+nothing in polykv itself knows their names.
+"""
+
+import polykv
+from polykv_plugins.full import Full
+from polykv_plugins.h2o import H2O
+from polykv_plugins.knorm import KeyNorm
+from polykv_plugins.pyramidkv import PyramidKV
+from polykv_plugins.random import RandomEviction
+from polykv_plugins.snapkv import SnapKV
+from polykv_plugins.streaming import Streaming
+from polykv_plugins.tova import TOVA
+
+BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
+
+
+@polykv.hookimpl
+def register_policies(register):
+    for policy in BUILTIN_POLICIES:
+        register(policy)

@@ -1,0 +1,24 @@
+"""streaming: attention sinks plus a recent window (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453).
+
+The first ``sink`` real tokens soak up attention mass that the model parks there; keeping them
+with the most recent tokens keeps generation stable. The paper's default is 4 sinks.
+"""
+
+import math
+
+import torch
+
+from polykv.policy import LayerView, Param, ScoringPolicy, first_tokens
+
+
+class Streaming(ScoringPolicy):
+    name = "streaming"
+    description = "Keeps the first `sink` tokens (attention sinks) and the most recent ones."
+    parameters = (Param("sink", int, 4, "attention-sink tokens kept at the start", min=0),)
+
+    def min_budget(self) -> int:
+        return self.sink + 1
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        recency = view.positions.float()
+        return recency.masked_fill(first_tokens(view, self.sink), math.inf)

@@ -1,0 +1,44 @@
+"""polykv: per-layer KV-cache compression for Hugging Face transformers.
+
+Each transformer layer gets its own eviction policy and its own token budget, written in a small
+language (``layers 0-1: full; *: snapkv@256``) and compiled against a model into a cache that runs
+inside ``model.generate``.
+"""
+
+from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
+from polykv.hooks import hookimpl
+from polykv.policy import LayerView, Needs, Param, ParameterError, Phase, Policy, ScoringPolicy
+from polykv.registry import PolicyEntry, PluginFailure, Registry, default_registry
+from polykv.spec.ast import Spec
+from polykv.spec.check import CheckedSpec, LayerEntry, check
+from polykv.spec.diagnostics import Diagnostic, SpecError
+from polykv.spec.parse import load, parse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "CheckedSpec",
+    "Diagnostic",
+    "LayerEntry",
+    "LayerView",
+    "ModelError",
+    "Needs",
+    "Param",
+    "ParameterError",
+    "Phase",
+    "PluginFailure",
+    "Policy",
+    "PolicyEntry",
+    "PolicyError",
+    "PolykvError",
+    "Registry",
+    "ScoringPolicy",
+    "Spec",
+    "SpecError",
+    "check",
+    "default_registry",
+    "hookimpl",
+    "load",
+    "parse",
+]

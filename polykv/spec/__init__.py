@@ -1,0 +1,1 @@
+"""The polykv language: syntax tree, parsing, printing, checking and diagnostics."""

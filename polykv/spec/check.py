@@ -1,0 +1,554 @@
+"""Semantic checks of a spec: policies, parameters, budgets, and which layer gets what.
+
+``check`` runs every check and raises one SpecError with all findings. What it returns keeps
+each rule's checked policies and, when the layer count is known (from ``model layers N``, an
+argument, or a model), one entry per layer: the table the compiler, the router and the budget
+solver work from. Entries carry a ``signals`` map that signal-driven routing fills in later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from polykv.policy import ParameterError, Policy, Value
+from polykv.registry import Registry, default_registry
+from polykv.spec import ast
+from polykv.spec.diagnostics import Diagnostic, Note, SpecError, suggest
+from polykv.spec.parse import parse_recovering
+from polykv.spec.printer import format_budget, format_value
+from polykv.spec.source import Span
+
+
+@attrs.frozen
+class PhaseChoice:
+    """A checked policy use: its policy (or ``auto``), full typed parameters and budget."""
+
+    policy: str
+    budget: ast.Budget | None
+    params: Mapping[str, Value] = attrs.field(factory=dict)
+    candidates: tuple[str, ...] = ()
+    use: ast.PolicyUse | None = attrs.field(default=None, eq=False, repr=False)
+
+    def describe(self) -> str:
+        """``snapkv(window=32, kernel=7, pooling="max")@256``: every parameter, defaults included."""
+        text = self.policy
+        if self.candidates:
+            text += "[" + ", ".join(self.candidates) + "]"
+        if self.params:
+            text += "(" + ", ".join(f"{k}={format_value(v)}" for k, v in self.params.items()) + ")"
+        if self.budget is not None:
+            text += "@" + format_budget(self.budget)
+        return text
+
+
+@attrs.frozen
+class CheckedRule:
+    """A rule whose policies passed their checks."""
+
+    rule: ast.Rule
+    prefill: PhaseChoice
+    decode: PhaseChoice | None
+
+
+@attrs.frozen
+class LayerEntry:
+    """What one layer does in each phase; ``signals`` holds layer measurements for routing."""
+
+    index: int
+    prefill: PhaseChoice
+    decode: PhaseChoice | None = None
+    signals: Mapping[str, float] = attrs.field(factory=dict)
+    rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class CheckedSpec:
+    """A spec that passed every check; ``layers`` is None when the layer count is unknown."""
+
+    spec: ast.Spec
+    rules: tuple[CheckedRule, ...]
+    layer_count: int | None
+    layers: tuple[LayerEntry, ...] | None
+
+    @property
+    def budget(self) -> ast.BudgetDecl | None:
+        return self.spec.budget
+
+
+def check(
+    spec: ast.Spec,
+    *,
+    layers: int | None = None,
+    layers_from: str = "the model",
+    registry: Registry | None = None,
+) -> CheckedSpec:
+    """Check ``spec`` against the installed policies and, if given, a layer count.
+
+    ``layers_from`` says where ``layers`` came from, for messages ("the model", "--layers").
+    Raises SpecError with every finding.
+    """
+    checker = _Checker(spec, registry or default_registry(), layers, layers_from)
+    checked = checker.run()
+    if checker.diagnostics:
+        raise SpecError(_in_order(checker.diagnostics))
+    return checked
+
+
+def check_text(
+    text: str,
+    source: str = "<string>",
+    *,
+    layers: int | None = None,
+    layers_from: str = "the model",
+    registry: Registry | None = None,
+) -> CheckedSpec:
+    """Parse and check ``text``, reporting syntax and semantic errors together."""
+    spec, diagnostics = parse_recovering(text, source)
+    try:
+        checked = check(spec, layers=layers, layers_from=layers_from, registry=registry)
+    except SpecError as error:
+        diagnostics = diagnostics + list(error.diagnostics)
+    if diagnostics:
+        raise SpecError(_in_order(diagnostics))
+    return checked
+
+
+def _in_order(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diagnostics, key=lambda d: (d.span.start, d.span.end) if d.span else (-1, -1))
+
+
+def layer_ranges(indices: Iterable[int]) -> str:
+    """``0-3, 5, 7-9``: sorted indices written as ranges."""
+    ordered = sorted(set(indices))
+    parts: list[str] = []
+    start = previous = None
+    for index in ordered + [None]:
+        if start is not None and (index is None or index != previous + 1):
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = None
+        if index is not None and start is None:
+            start = index
+        previous = index
+    return ", ".join(parts)
+
+
+class _Checker:
+    def __init__(self, spec: ast.Spec, registry: Registry, layers: int | None, layers_from: str):
+        self.spec = spec
+        self.registry = registry
+        self.given_layers = layers
+        self.layers_from = layers_from
+        self.diagnostics: list[Diagnostic] = []
+
+    def error(
+        self,
+        code: str,
+        message: str,
+        span: Span | None,
+        hint: str | None = None,
+        notes: Iterable[Note] = (),
+    ) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span or self._file_start(), hint, tuple(notes)))
+
+    def _file_start(self) -> Span | None:
+        for item in self.spec.items:
+            if item.span is not None:
+                return Span.at(item.span.source, 0, 0)
+        return None
+
+    def run(self) -> CheckedSpec:
+        self._single_settings()
+        count = self._layer_count()
+        self._total_budget()
+        rules = [self._rule(rule) for rule in self.spec.rules]
+        checked_rules = tuple(r for r in rules if r is not None)
+        self._static_selectors()
+        layers = None
+        if count is not None:
+            layers = self._layers(count, rules)
+            if layers is not None:
+                self._budget_sum(count, layers)
+        return CheckedSpec(self.spec, checked_rules, count, layers)
+
+    # --- settings -----------------------------------------------------------------------------
+
+    def _single_settings(self) -> None:
+        for kind, words in ((ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers")):
+            found = [s for s in self.spec.statements if isinstance(s, kind)]
+            for repeat in found[1:]:
+                self.error(
+                    "duplicate-setting",
+                    f"`{words}` is set twice",
+                    repeat.span,
+                    hint=f"keep one `{words}` line",
+                    notes=[Note("first set here", found[0].span)] if found[0].span else [],
+                )
+
+    def _layer_count(self) -> int | None:
+        declared = self.spec.model_layers
+        if declared is not None and declared.count < 1:
+            self.error("bad-layer-count", f"a model has at least 1 layer, not {declared.count}", declared.span)
+            declared = None
+        if self.given_layers is not None and self.given_layers < 1:
+            raise ValueError(f"layer count must be at least 1, got {self.given_layers}")
+        if declared is not None and self.given_layers is not None and declared.count != self.given_layers:
+            self.error(
+                "layer-count-mismatch",
+                f"this spec is written for {declared.count} layers, but {self.layers_from} has {self.given_layers}",
+                declared.span,
+                hint=f"write `model layers {self.given_layers}` or drop the line to use the spec with any model",
+            )
+            return None  # the layer-level findings would only repeat this one
+        if self.given_layers is not None:
+            return self.given_layers
+        return declared.count if declared is not None else None
+
+    def _total_budget(self) -> None:
+        decl = self.spec.budget
+        if decl is None:
+            return
+        amount = decl.amount
+        if isinstance(amount, ast.Percent):
+            if decl.total:
+                self.error(
+                    "bad-budget",
+                    "a percentage budget is already an average per layer; `total` does not apply",
+                    decl.span,
+                    hint=f"write `budget {format_budget(amount)}`",
+                )
+            self._percent_in_range(amount)
+        elif amount.count < 1:
+            self.error("bad-budget", f"a total budget keeps at least 1 token, not {amount.count}", amount.span)
+
+    def _percent_in_range(self, percent: ast.Percent) -> bool:
+        if 0 < percent.value <= 100:
+            return True
+        self.error(
+            "bad-budget",
+            f"a percentage budget is more than 0% and at most 100%, not {format_budget(percent)}",
+            percent.span,
+        )
+        return False
+
+    # --- rules and their policies -------------------------------------------------------------
+
+    def _rule(self, rule: ast.Rule) -> CheckedRule | None:
+        prefill = self._policy_use(rule.prefill, decode=False)
+        decode = self._policy_use(rule.decode, decode=True) if rule.decode is not None else None
+        if prefill is None or (rule.decode is not None and decode is None):
+            return None
+        return CheckedRule(rule, prefill, decode)
+
+    def _policy_use(self, use: ast.PolicyUse, *, decode: bool) -> PhaseChoice | None:
+        if use.is_auto:
+            return self._auto_use(use)
+        if use.name not in self.registry:
+            installed = self.registry.names()
+            self.error(
+                "unknown-policy",
+                f"unknown policy '{use.name}'",
+                use.name_span or use.span,
+                hint=suggest(use.name, installed) or f"installed policies: {', '.join(installed) or 'none'}",
+            )
+            return None
+        policy_class = self.registry.get(use.name).policy
+        values = self._parameters(use, policy_class)
+        if values is None:
+            return None
+        try:
+            policy = policy_class(**values)
+        except ParameterError as error:
+            self.error("bad-parameter", f"{use.name}: {error}", use.span, hint=error.hint)
+            return None
+        if not self._budget(use, policy) or (decode and not self._decode_policy(use, policy)):
+            return None
+        return PhaseChoice(use.name, use.budget, dict(policy.values), use=use)
+
+    def _auto_use(self, use: ast.PolicyUse) -> PhaseChoice | None:
+        ok = True
+        seen: set[str] = set()
+        for name in use.candidates:
+            if name in seen:
+                self.error("duplicate-candidate", f"'{name}' is listed twice", use.span, hint="list each policy once")
+                ok = False
+            elif name not in self.registry:
+                self.error(
+                    "unknown-policy",
+                    f"unknown policy '{name}' among the candidates of auto",
+                    use.span,
+                    hint=suggest(name, self.registry.names()),
+                )
+                ok = False
+            seen.add(name)
+        if use.parameters:
+            self.error(
+                "bad-parameter",
+                "auto takes no parameters: the router picks the policy and uses its defaults",
+                use.parameters[0].span,
+                hint="name a policy to set its parameters",
+            )
+            ok = False
+        if use.budget is None:
+            self.error(
+                "missing-budget",
+                "auto needs a budget",
+                use.span,
+                hint="write auto@256 (tokens), auto@10% (of the context) or auto@auto",
+            )
+            ok = False
+        elif not self._budget_value(use.budget):
+            ok = False
+        return PhaseChoice(ast.AUTO, use.budget, {}, use.candidates, use=use) if ok else None
+
+    def _parameters(self, use: ast.PolicyUse, policy_class: type[Policy]) -> dict[str, Value] | None:
+        declared = {p.name: p for p in policy_class.parameters}
+        values: dict[str, Value] = {}
+        ok = True
+        for parameter in use.parameters:
+            if parameter.name in values:
+                self.error("duplicate-parameter", f"parameter '{parameter.name}' is given twice", parameter.span)
+                ok = False
+            elif parameter.name not in declared:
+                known = sorted(declared)
+                hint = suggest(parameter.name, known) or (
+                    f"its parameters: {', '.join(known)}" if known else f"{use.name} takes no parameters"
+                )
+                self.error(
+                    "unknown-parameter",
+                    f"{use.name} has no parameter '{parameter.name}'",
+                    parameter.span,
+                    hint=hint,
+                )
+                ok = False
+            else:
+                try:
+                    values[parameter.name] = declared[parameter.name].coerce(parameter.value)
+                except ParameterError as error:
+                    self.error(
+                        "bad-parameter",
+                        f"{use.name}: {error}",
+                        parameter.value_span or parameter.span,
+                        hint=error.hint,
+                    )
+                    ok = False
+        return values if ok else None
+
+    def _budget(self, use: ast.PolicyUse, policy: Policy) -> bool:
+        if not policy.budgeted:
+            if use.budget is None:
+                return True
+            self.error(
+                "unexpected-budget",
+                f"{use.name} keeps every token; it takes no budget",
+                use.budget.span,
+                hint=f"write `{use.name}` alone",
+            )
+            return False
+        if use.budget is None:
+            self.error(
+                "missing-budget",
+                f"{use.name} needs a budget",
+                use.span,
+                hint=f"write {use.name}@256 (tokens), {use.name}@10% (of the context) or {use.name}@auto",
+            )
+            return False
+        if not self._budget_value(use.budget):
+            return False
+        needed = policy.min_budget()
+        if isinstance(use.budget, ast.Tokens) and use.budget.count < needed:
+            self.error(
+                "budget-too-small",
+                f"a budget of {use.budget.count} is too small for {policy!r}: it needs at least {needed}",
+                use.budget.span,
+                hint=f"raise the budget to {needed} or more, or lower the policy's parameters",
+            )
+            return False
+        return True
+
+    def _budget_value(self, budget: ast.Budget) -> bool:
+        if isinstance(budget, ast.Tokens) and budget.count < 1:
+            self.error(
+                "budget-too-small",
+                f"a budget of {budget.count} keeps nothing",
+                budget.span,
+                hint="give at least 1 token",
+            )
+            return False
+        if isinstance(budget, ast.Percent):
+            return self._percent_in_range(budget)
+        if isinstance(budget, ast.AutoBudget) and self.spec.budget is None:
+            self.error(
+                "auto-budget-without-total",
+                "an @auto budget needs a total budget to share",
+                budget.span,
+                hint="add a line such as `budget 512` (average tokens per layer), or pass budget= to polykv.compile",
+            )
+            return False
+        return True
+
+    def _decode_policy(self, use: ast.PolicyUse, policy: Policy) -> bool:
+        if not policy.budgeted:
+            self.error(
+                "useless-decode-policy",
+                f"`decode {use.name}` changes nothing: a layer keeps what it generates unless a decode policy bounds it",
+                use.span,
+                hint=f"drop `decode {use.name}`",
+            )
+            return False
+        if policy.needs().accumulated_attention:
+            self.error(
+                "prefill-only-policy",
+                f"{use.name} needs attention accumulated over the whole prompt, which exists only at prefill",
+                use.name_span or use.span,
+                hint="use it before `decode`; while decoding use a policy such as streaming or tova",
+            )
+            return False
+        return True
+
+    # --- layers -------------------------------------------------------------------------------
+
+    def _static_selectors(self) -> None:
+        """Checks that need no layer count: backwards ranges and a second `*`."""
+        every = [r for r in self.spec.rules if isinstance(r.selector, ast.EveryLayer)]
+        for repeat in every[1:]:
+            self.error(
+                "duplicate-every",
+                "only one statement can use `*`",
+                repeat.selector.span,
+                notes=[Note("`*` is first used here", every[0].selector.span)] if every[0].selector.span else [],
+            )
+        for rule in self.spec.rules:
+            if isinstance(rule.selector, ast.LayerList):
+                for item in rule.selector.items:
+                    same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
+                    if same_sign and item.start > item.stop:
+                        self.error(
+                            "backwards-range",
+                            f"the range {item.start}-{item.stop} runs backwards",
+                            item.span,
+                            hint=f"write {item.stop}-{item.start}",
+                        )
+
+    def _layers(self, count: int, rules: list[CheckedRule | None]) -> tuple[LayerEntry, ...] | None:
+        owner: dict[int, tuple[ast.Rule, Span | None]] = {}
+        every_rule: tuple[ast.Rule, CheckedRule | None] | None = None
+        entries: dict[int, LayerEntry] = {}
+        ok = True
+        for rule, checked in zip(self.spec.rules, rules):
+            if isinstance(rule.selector, ast.EveryLayer):
+                every_rule = every_rule or (rule, checked)
+                continue
+            for item in rule.selector.items:
+                indices = self._resolve(item, count)
+                if indices is None:
+                    ok = False
+                    continue
+                taken = [i for i in indices if i in owner]
+                if taken:
+                    first_rule, first_span = owner[taken[0]]
+                    words = "layer {} is" if len(taken) == 1 else "layers {} are"
+                    where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
+                    self.error(
+                        "overlap",
+                        f"{words.format(layer_ranges(taken))} already given a policy {where}",
+                        item.span,
+                        hint="name each layer in one statement only",
+                        notes=[Note("first given here", first_span)] if first_span else [],
+                    )
+                    ok = False
+                for index in indices:
+                    owner.setdefault(index, (rule, item.span))
+                    if checked is not None:
+                        entries[index] = _entry(index, checked)
+        uncovered = [i for i in range(count) if i not in owner]
+        if every_rule is not None:
+            rule, checked = every_rule
+            for index in uncovered:
+                if checked is not None:
+                    entries[index] = _entry(index, checked)
+        elif uncovered:
+            anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
+            listed = layer_ranges(uncovered)
+            words = "layer {} of {} has" if len(uncovered) == 1 else "layers {} of {} have"
+            self.error(
+                "uncovered-layers",
+                f"{words.format(listed, count)} no policy",
+                anchor.span if anchor else None,
+                hint=f"add `layers {listed.replace(', ', ',')}: POLICY`, or `*: POLICY` for every layer not named",
+            )
+            ok = False
+        if not ok or len(entries) != count:
+            return None
+        return tuple(entries[i] for i in range(count))
+
+    def _resolve(self, item: ast.LayerIndex | ast.LayerRange, count: int) -> list[int] | None:
+        """The layer indices ``item`` names, or None (after an error) when one does not exist."""
+        bounds = [item.index] if isinstance(item, ast.LayerIndex) else [item.start, item.stop]
+        resolved = []
+        for index in bounds:
+            actual = index + count if index < 0 else index
+            if not 0 <= actual < count:
+                self.error(
+                    "layer-out-of-range",
+                    f"layer {index} does not exist: {self.layers_from} has {count} layers ({_index_words(count)})",
+                    item.span,
+                )
+                return None
+            resolved.append(actual)
+        if len(resolved) == 2 and resolved[0] > resolved[1]:
+            if (item.start < 0) != (item.stop < 0):  # same-sign ranges were reported already
+                self.error(
+                    "backwards-range",
+                    f"the range {item.start}-{item.stop} runs backwards: with {count} layers it is {resolved[0]} to {resolved[1]}",
+                    item.span,
+                )
+            return None
+        return list(range(resolved[0], resolved[-1] + 1))
+
+    def _budget_sum(self, count: int, layers: tuple[LayerEntry, ...]) -> None:
+        """Fixed budgets must fit in the total budget, where both are in the same unit."""
+        decl = self.spec.budget
+        if decl is None:
+            return
+        if isinstance(decl.amount, ast.Tokens):
+            total = decl.amount.count if decl.total else decl.amount.count * count
+            fixed = sum(e.prefill.budget.count for e in layers if isinstance(e.prefill.budget, ast.Tokens))
+            if fixed > total:
+                self.error(
+                    "budget-exceeds-total",
+                    f"the fixed budgets add up to {fixed} tokens, more than the total budget of {total}",
+                    decl.span,
+                    hint="lower the fixed budgets or raise the total",
+                )
+        elif not decl.total:
+            shares = [_percent_share(e.prefill) for e in layers]
+            if all(share is not None for share in shares):
+                average = sum(shares) / count
+                if average > decl.amount.value:
+                    self.error(
+                        "budget-exceeds-total",
+                        f"the budgets keep {average:g}% of the context per layer on average, "
+                        f"more than the total budget of {format_budget(decl.amount)}",
+                        decl.span,
+                        hint="lower the budgets or raise the total",
+                    )
+
+
+def _entry(index: int, checked: CheckedRule) -> LayerEntry:
+    return LayerEntry(index, checked.prefill, checked.decode, rule=checked.rule)
+
+
+def _percent_share(choice: PhaseChoice) -> float | None:
+    """A layer's budget as a percentage of the context (full layers keep 100%), if known statically."""
+    if choice.budget is None:
+        return 100.0
+    if isinstance(choice.budget, ast.Percent):
+        return float(choice.budget.value)
+    return None
+
+
+def _index_words(count: int) -> str:
+    return "0" if count == 1 else f"0-{count - 1}, or -{count}--1 from the end"
+

@@ -1,0 +1,86 @@
+"""The canonical text of a spec: one statement per line, `layers` always written, comments kept.
+
+``parse(print_spec(spec)) == spec`` holds for every spec (tests check it as a property).
+"""
+
+from __future__ import annotations
+
+import decimal
+import json
+
+from polykv.spec import ast
+
+
+def print_spec(spec: ast.Spec) -> str:
+    """The canonical text of ``spec``, ending with a newline (empty for an empty spec)."""
+    lines = [_item(item) for item in spec.items]
+    return "".join(line + "\n" for line in lines)
+
+
+def format_policy(use: ast.PolicyUse) -> str:
+    """``name[candidates]@budget(parameters)`` as written in a spec."""
+    text = use.name
+    if use.candidates:
+        text += "[" + ", ".join(use.candidates) + "]"
+    if use.budget is not None:
+        text += "@" + format_budget(use.budget)
+    if use.parameters:
+        text += "(" + ", ".join(f"{p.name}={format_value(p.value)}" for p in use.parameters) + ")"
+    return text
+
+
+def format_budget(budget: ast.Budget) -> str:
+    if isinstance(budget, ast.Tokens):
+        return str(budget.count)
+    if isinstance(budget, ast.Percent):
+        return f"{_positional(budget.value)}%"
+    return ast.AUTO
+
+
+def format_selector(selector: ast.Selector) -> str:
+    if isinstance(selector, ast.EveryLayer):
+        return "*"
+    return ",".join(
+        str(item.index) if isinstance(item, ast.LayerIndex) else f"{item.start}-{item.stop}"
+        for item in selector.items
+    )
+
+
+def format_value(value: ast.Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def _positional(value: int | float) -> str:
+    """A number without an exponent (percentages are written that way), exact for floats."""
+    if isinstance(value, int):
+        return str(value)
+    text = format(decimal.Decimal(repr(value)), "f")
+    return text if "." in text else text + ".0"
+
+
+def _item(item: ast.Item) -> str:
+    if isinstance(item, ast.Comment):
+        return "#" + item.text
+    if isinstance(item, ast.BlankLine):
+        return ""
+    return _with_comment(_statement(item), item.comment)
+
+
+def _statement(statement: ast.Statement) -> str:
+    if isinstance(statement, ast.ModelLayers):
+        return f"model layers {statement.count}"
+    if isinstance(statement, ast.BudgetDecl):
+        total = "total " if statement.total else ""
+        return f"budget {total}{format_budget(statement.amount)}"
+    text = f"layers {format_selector(statement.selector)}: {format_policy(statement.prefill)}"
+    if statement.decode is not None:
+        text += f" decode {format_policy(statement.decode)}"
+    return text
+
+
+def _with_comment(text: str, comment: str | None) -> str:
+    return text if comment is None else f"{text}  #{comment}"
