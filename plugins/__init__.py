@@ -4,7 +4,6 @@ They register through the ``polykv.policies`` entry point like any third-party p
 nothing in polykv itself knows their names.
 """
 
-import polykv
 from polykv_plugins.full import Full
 from polykv_plugins.h2o import H2O
 from polykv_plugins.knorm import KeyNorm
@@ -13,6 +12,8 @@ from polykv_plugins.random import RandomEviction
 from polykv_plugins.snapkv import SnapKV
 from polykv_plugins.streaming import Streaming
 from polykv_plugins.tova import TOVA
+
+import polykv
 
 BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
 

@@ -15,9 +15,7 @@ from polykv.policy import LayerView, Needs, Param, ScoringPolicy, most_recent, p
 class H2O(ScoringPolicy):
     name = "h2o"
     description = "Keeps the tokens with the most accumulated attention, plus a share of recent ones."
-    parameters = (
-        Param("recent", float, 0.5, "share of the budget kept for the most recent tokens", min=0.0, max=1.0),
-    )
+    parameters = (Param("recent", float, 0.5, "share of the budget kept for the most recent tokens", min=0.0, max=1.0),)
 
     def needs(self) -> Needs:
         return Needs(accumulated_attention=True)

@@ -5,8 +5,9 @@ keep more). polykv's budget solver supplies that shape; with a fixed budget this
 SnapKV with the paper's experimental defaults: window 8, kernel 7, max pooling.
 """
 
-from polykv.policy import Param
 from polykv_plugins.snapkv import SnapKV
+
+from polykv.policy import Param
 
 
 class PyramidKV(SnapKV):

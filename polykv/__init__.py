@@ -5,10 +5,13 @@ language (``layers 0-1: full; *: snapkv@256``) and compiled against a model into
 inside ``model.generate``.
 """
 
+from polykv.cache import PolyCache, prepare_model
 from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
 from polykv.hooks import hookimpl
+from polykv.model import load_default_model, load_model
+from polykv.plan import LayerPlan, Plan, compile
 from polykv.policy import LayerView, Needs, Param, ParameterError, Phase, Policy, ScoringPolicy
-from polykv.registry import PolicyEntry, PluginFailure, Registry, default_registry
+from polykv.registry import PluginFailure, PolicyEntry, Registry, default_registry
 from polykv.spec.ast import Spec
 from polykv.spec.check import CheckedSpec, LayerEntry, check
 from polykv.spec.diagnostics import Diagnostic, SpecError
@@ -20,6 +23,7 @@ __all__ = [
     "CacheError",
     "CheckedSpec",
     "Diagnostic",
+    "LayerPlan",
     "LayerEntry",
     "LayerView",
     "ModelError",
@@ -27,8 +31,10 @@ __all__ = [
     "Param",
     "ParameterError",
     "Phase",
+    "Plan",
     "PluginFailure",
     "Policy",
+    "PolyCache",
     "PolicyEntry",
     "PolicyError",
     "PolykvError",
@@ -37,8 +43,12 @@ __all__ = [
     "Spec",
     "SpecError",
     "check",
+    "compile",
     "default_registry",
     "hookimpl",
     "load",
+    "load_default_model",
+    "load_model",
     "parse",
+    "prepare_model",
 ]

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polykv.errors import PolykvError
+from polykv.generate import add_generate_command
 from polykv.registry import Registry, default_registry
 from polykv.spec import ast
-from polykv.spec.check import CheckedSpec, PhaseChoice, check_text, layer_ranges
+from polykv.spec.check import CheckedSpec, PhaseChoice, budget_to_dict, check_text, layer_ranges
 from polykv.spec.diagnostics import SpecError
 from polykv.spec.parse import parse_recovering
 from polykv.spec.printer import format_budget, format_selector, format_value, print_spec
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("polykv: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - the CLI reports, it does not crash
+    except Exception as error:
         if os.environ.get("POLYKV_DEBUG"):
             raise
         print(
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     policies.add_argument("--json", action="store_true", help="print as JSON")
     policies.set_defaults(run=_policies)
 
+    add_generate_command(commands)
     return parser
 
 
@@ -135,7 +137,7 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
         return {"file": _source_name(name), "ok": False, "errors": [d.to_dict() for d in error.diagnostics]}
     result: dict = {"file": _source_name(name), "ok": True, "layer_count": checked.layer_count}
     decl = checked.budget
-    result["budget"] = None if decl is None else {"total": decl.total, **_budget_json(decl.amount)}
+    result["budget"] = None if decl is None else {"total": decl.total, **budget_to_dict(decl.amount)}
     if checked.layers is not None:
         result["layers"] = [
             {"layer": e.index, "prefill": _choice_json(e.prefill), "decode": _choice_json(e.decode)}
@@ -154,22 +156,7 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
 
 
 def _choice_json(choice: PhaseChoice | None) -> dict | None:
-    if choice is None:
-        return None
-    return {
-        "policy": choice.policy,
-        "params": dict(choice.params),
-        "budget": None if choice.budget is None else _budget_json(choice.budget),
-        "candidates": list(choice.candidates),
-    }
-
-
-def _budget_json(budget: ast.Budget) -> dict:
-    if isinstance(budget, ast.Tokens):
-        return {"tokens": budget.count}
-    if isinstance(budget, ast.Percent):
-        return {"percent": budget.value}
-    return {"auto": True}
+    return None if choice is None else choice.to_dict()
 
 
 def _summary(name: str, checked: CheckedSpec) -> str:

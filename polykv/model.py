@@ -115,3 +115,47 @@ def load_model(
 def load_default_model(**options):
     """The bundled default model and its tokenizer (SmolLM2-135M-Instruct), loaded offline."""
     return load_model(None, **options)
+
+
+@attrs.frozen
+class ModelInfo:
+    """What a plan needs to know of a model: its name and attention geometry."""
+
+    name: str
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    attention: str
+
+
+def describe_model(model) -> tuple[ModelInfo, dict[int, tuple[str, str]]]:
+    """The model's geometry, and the (device, dtype) of each decoder layer's attention."""
+    from polykv.cache.attention import kernel_name
+
+    config = model.config.get_text_config()
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        raise ModelError(
+            f"{type(model).__name__} mixes attention types ({', '.join(sorted(set(config.layer_types)))}); "
+            "polykv handles models whose layers all use full attention"
+        )
+    query_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
+    info = ModelInfo(
+        name=getattr(config, "_name_or_path", "") or type(model).__name__,
+        layers=config.num_hidden_layers,
+        query_heads=query_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or query_heads,
+        head_dim=head_dim,
+        attention=kernel_name(model),
+    )
+    placement = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        parameter = next(module.parameters(), None)
+        if index is not None and hasattr(module, "num_key_value_groups") and parameter is not None:
+            placement[index] = (str(parameter.device), str(parameter.dtype).removeprefix("torch."))
+    missing = [i for i in range(info.layers) if i not in placement]
+    if missing:
+        raise ModelError(f"cannot find the attention modules of layers {missing[:5]} in {type(model).__name__}")
+    return info, placement

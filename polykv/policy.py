@@ -25,12 +25,12 @@ import enum
 import math
 import types
 from collections.abc import Mapping
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import attrs
 import torch
 
-Value = Union[bool, int, float, str]
+Value = bool | int | float | str
 
 
 class Phase(enum.Enum):
@@ -91,10 +91,8 @@ class Param:
                 f"parameter '{self.name}' is one of {options}, got {_literal(value)}",
                 hint=f"for example {self.name}={_literal(self.choices[0])}",
             )
-        if self.min is not None and value < self.min or self.max is not None and value > self.max:
-            raise ParameterError(
-                f"parameter '{self.name}' must be {self.range_words()}, got {_literal(value)}"
-            )
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {_literal(value)}")
         return value
 
     def range_words(self) -> str:
@@ -187,8 +185,7 @@ class Policy(abc.ABC):
         if unknown:
             raise ParameterError(f"{self.name} has no parameter '{unknown[0]}'")
         resolved = {
-            name: param.coerce(values[name]) if name in values else param.default
-            for name, param in declared.items()
+            name: param.coerce(values[name]) if name in values else param.default for name, param in declared.items()
         }
         for name, value in resolved.items():
             setattr(self, name, value)

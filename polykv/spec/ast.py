@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Union
 
 import attrs
 
@@ -23,7 +22,7 @@ KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "t
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
-Value = Union[bool, int, float, str]
+Value = bool | int | float | str
 
 
 def _span() -> Span | None:
@@ -93,7 +92,7 @@ class AutoBudget:
     span: Span | None = _span()
 
 
-Budget = Union[Tokens, Percent, AutoBudget]
+Budget = Tokens | Percent | AutoBudget
 
 
 # --- selectors ---------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ class EveryLayer:
     span: Span | None = _span()
 
 
-Selector = Union[LayerList, EveryLayer]
+Selector = LayerList | EveryLayer
 
 
 # --- policies ----------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ class Rule:
     span: Span | None = _span()
 
 
-Statement = Union[ModelLayers, BudgetDecl, Rule]
+Statement = ModelLayers | BudgetDecl | Rule
 
 
 @attrs.frozen
@@ -228,7 +227,7 @@ class BlankLine:
     span: Span | None = _span()
 
 
-Item = Union[ModelLayers, BudgetDecl, Rule, Comment, BlankLine]
+Item = ModelLayers | BudgetDecl | Rule | Comment | BlankLine
 
 
 def _canonical_items(items: tuple[Item, ...]) -> tuple[Item, ...]:

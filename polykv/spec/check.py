@@ -31,6 +31,20 @@ class PhaseChoice:
     candidates: tuple[str, ...] = ()
     use: ast.PolicyUse | None = attrs.field(default=None, eq=False, repr=False)
 
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "params": dict(self.params),
+            "budget": budget_to_dict(self.budget),
+            "candidates": list(self.candidates),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PhaseChoice:
+        return cls(
+            data["policy"], budget_from_dict(data["budget"]), dict(data["params"]), tuple(data.get("candidates", ()))
+        )
+
     def describe(self) -> str:
         """``snapkv(window=32, kernel=7, pooling="max")@256``: every parameter, defaults included."""
         text = self.policy
@@ -41,6 +55,29 @@ class PhaseChoice:
         if self.budget is not None:
             text += "@" + format_budget(self.budget)
         return text
+
+
+def budget_to_dict(budget: ast.Budget | None) -> dict | None:
+    """A budget as JSON: ``{"tokens": 64}``, ``{"percent": 10}``, ``{"auto": true}`` or None."""
+    if budget is None:
+        return None
+    if isinstance(budget, ast.Tokens):
+        return {"tokens": budget.count}
+    if isinstance(budget, ast.Percent):
+        return {"percent": budget.value}
+    return {"auto": True}
+
+
+def budget_from_dict(data: Mapping | None) -> ast.Budget | None:
+    if data is None:
+        return None
+    if "tokens" in data:
+        return ast.Tokens(int(data["tokens"]))
+    if "percent" in data:
+        return ast.Percent(data["percent"])
+    if data.get("auto"):
+        return ast.AutoBudget()
+    raise ValueError(f"not a budget: {data!r}")
 
 
 @attrs.frozen
@@ -124,7 +161,7 @@ def layer_ranges(indices: Iterable[int]) -> str:
     ordered = sorted(set(indices))
     parts: list[str] = []
     start = previous = None
-    for index in ordered + [None]:
+    for index in [*ordered, None]:
         if start is not None and (index is None or index != previous + 1):
             parts.append(str(start) if start == previous else f"{start}-{previous}")
             start = None
@@ -392,7 +429,8 @@ class _Checker:
         if not policy.budgeted:
             self.error(
                 "useless-decode-policy",
-                f"`decode {use.name}` changes nothing: a layer keeps what it generates unless a decode policy bounds it",
+                f"`decode {use.name}` changes nothing: "
+                "a layer keeps what it generates unless a decode policy bounds it",
                 use.span,
                 hint=f"drop `decode {use.name}`",
             )
@@ -501,7 +539,8 @@ class _Checker:
             if (item.start < 0) != (item.stop < 0):  # same-sign ranges were reported already
                 self.error(
                     "backwards-range",
-                    f"the range {item.start}-{item.stop} runs backwards: with {count} layers it is {resolved[0]} to {resolved[1]}",
+                    f"the range {item.start}-{item.stop} runs backwards: "
+                    f"with {count} layers it is {resolved[0]} to {resolved[1]}",
                     item.span,
                 )
             return None
@@ -551,4 +590,3 @@ def _percent_share(choice: PhaseChoice) -> float | None:
 
 def _index_words(count: int) -> str:
     return "0" if count == 1 else f"0-{count - 1}, or -{count}--1 from the end"
-

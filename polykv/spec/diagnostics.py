@@ -79,10 +79,7 @@ def _excerpt(span: Span | None) -> list[str]:
     if span is None:
         return []
     text = span.source.line(span.line).expandtabs(1)
-    if span.end_line == span.line:
-        width = max(1, span.end_column - span.column)
-    else:
-        width = max(1, len(text) - span.column + 1)
+    width = max(1, span.end_column - span.column) if span.end_line == span.line else max(1, len(text) - span.column + 1)
     gutter = str(span.line)
     pad = " " * len(gutter)
     return [

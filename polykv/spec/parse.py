@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib.resources
+import itertools
 import json
 from pathlib import Path
 
@@ -94,11 +95,20 @@ _GROUPS: list[tuple[frozenset[str], str]] = [
         frozenset({"LAYERS", "MODEL", "BUDGET", "INT", "STAR"}),
         "a statement such as `layers 0-3: snapkv@256`, `budget 512` or `model layers 32`",
     ),
-    (frozenset({"INT", "PERCENT", "AUTO"}), "a budget: a number of tokens such as 64, a percentage such as 10%, or `auto`"),
-    (frozenset({"INT", "PERCENT", "TOTAL"}), "a budget: a number of tokens per layer such as 512, `total` and a number, or a percentage such as 10%"),
+    (
+        frozenset({"INT", "PERCENT", "AUTO"}),
+        "a budget: a number of tokens such as 64, a percentage such as 10%, or `auto`",
+    ),
+    (
+        frozenset({"INT", "PERCENT", "TOTAL"}),
+        "a budget: a number of tokens per layer such as 512, `total` and a number, or a percentage such as 10%",
+    ),
     (frozenset({"INT", "STAR"}), "a layer selector such as 3, 0-3, 0,2,5, -1 or *"),
     (frozenset({"NAME", "AUTO"}), "a policy name (or `auto`)"),
-    (frozenset({"INT", "FLOAT", "STRING", "TRUE", "FALSE"}), "a value: a number, `true`, `false` or a string in double quotes"),
+    (
+        frozenset({"INT", "FLOAT", "STRING", "TRUE", "FALSE"}),
+        "a value: a number, `true`, `false` or a string in double quotes",
+    ),
     (frozenset({"NAME", "RPAR"}), "a parameter name or `)`"),
     (frozenset({"_SEP", "$END"}), "the end of the statement"),
 ]
@@ -146,7 +156,9 @@ def _token_words(token: Token) -> str:
     if token.type in _PUNCTUATION:
         return f"`{token.value}`"
     kind = {"INT": "number", "FLOAT": "number", "NAME": "name", "STRING": "string", "PERCENT": "percentage"}
-    return f"{kind.get(token.type, token.type.lower())} {token.value}" if token.type != "NAME" else f"name '{token.value}'"
+    return (
+        f"{kind.get(token.type, token.type.lower())} {token.value}" if token.type != "NAME" else f"name '{token.value}'"
+    )
 
 
 def _hint(found: str, expected: set[str]) -> str | None:
@@ -225,7 +237,7 @@ def _statement_bounds(text: str, offset: int) -> tuple[int, int]:
         elif char == ";":
             separators.append(position)
     separators.append(line_end)
-    for left, right in zip(separators, separators[1:]):
+    for left, right in itertools.pairwise(separators):
         if left < offset <= right:
             return left + 1, right
     return line_start, line_end
@@ -286,9 +298,7 @@ class _ToAst(Transformer):
         name, candidates, name_span = policy
         budget = next((r for r in rest if not isinstance(r, list)), None)
         parameters = next((r for r in rest if isinstance(r, list)), [])
-        return ast.PolicyUse(
-            name, budget, parameters, candidates, span=self._span(meta), name_span=name_span
-        )
+        return ast.PolicyUse(name, budget, parameters, candidates, span=self._span(meta), name_span=name_span)
 
     def named_policy(self, meta, name: Token):
         return (str(name), (), self._token_span(name))

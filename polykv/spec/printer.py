@@ -41,8 +41,7 @@ def format_selector(selector: ast.Selector) -> str:
     if isinstance(selector, ast.EveryLayer):
         return "*"
     return ",".join(
-        str(item.index) if isinstance(item, ast.LayerIndex) else f"{item.start}-{item.stop}"
-        for item in selector.items
+        str(item.index) if isinstance(item, ast.LayerIndex) else f"{item.start}-{item.stop}" for item in selector.items
     )
 
 

@@ -1,0 +1,168 @@
+"""``polykv generate``: answer a prompt with a compressed cache, and report what it kept and cost.
+
+The prompt is continued as written (``--chat`` wraps it in the model's chat template first).
+Progress shows while the model loads, while the prompt is prefilled (layer by layer) and while
+tokens are generated; the report gives kept tokens per layer after prefill, the cache's memory
+against the full cache's, and the time of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from polykv.errors import PolykvError
+from polykv.model import default_model_location, load_model, locate
+from polykv.plan import Plan, compile
+from polykv.spec.check import layer_ranges
+
+
+def add_generate_command(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
+    generate.add_argument(
+        "--spec", required=True, help="a .pkv file or spec text, e.g. 'layers 0-1: full; *: snapkv@256'"
+    )
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
+    generate.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    generate.add_argument("--budget", help="total budget for a spec without a budget line (512, 'total 16384', '10%%')")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    generate.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
+    generate.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    location = locate(args.model) if args.model else default_model_location()
+    budget = int(args.budget) if args.budget and args.budget.isdigit() else args.budget
+
+    started = time.perf_counter()
+    print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
+    model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
+    loaded = time.perf_counter() - started
+    plan = compile(args.spec, model, budget=budget)
+
+    input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
+    if input_ids.shape[1] == 0:
+        raise PolykvError("the prompt is empty")
+    cache = plan.make_cache()
+    with _Progress(model, plan, input_ids.shape[1], args.max_new_tokens) as progress, torch.no_grad():
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_tokens = output[0, input_ids.shape[1] :]
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    print()
+    print(_report(plan, progress, loaded, len(new_tokens)))
+    return 0
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolykvError(f"{path}: cannot read the prompt: {error}") from None
+
+
+def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
+    if not chat:
+        return tokenizer(text, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise PolykvError("--chat: this model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": text}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"]
+
+
+class _Progress:
+    """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer."""
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, prompt_length: int, max_new_tokens: int):
+        self.model = model
+        self.plan = plan
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.forwards = 0
+        self.kept_after_prefill: list[int] = []
+        self.nbytes_after_prefill = self.full_nbytes_after_prefill = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self._hooks: list = []
+
+    def __enter__(self) -> _Progress:
+        attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        self._layers_bar = tqdm(
+            total=len(attention), desc=f"prefill {self.prompt_length} tokens", unit="layer", file=sys.stderr
+        )
+        self._tokens_bar = None
+        for module in attention:
+            self._hooks.append(module.register_forward_hook(self._after_layer))
+        self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._layers_bar.close()
+        if self._tokens_bar is not None:
+            self._tokens_bar.close()
+
+    def _after_layer(self, module, args, output) -> None:
+        if self.forwards == 0:
+            self._layers_bar.update(1)
+
+    def _before_forward(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        seconds = time.perf_counter() - self._started
+        cache = kwargs.get("past_key_values")
+        if self.forwards == 0:
+            self.prefill_seconds = seconds
+            self.kept_after_prefill = cache.layer_lengths()
+            self.nbytes_after_prefill = cache.nbytes()
+            self.full_nbytes_after_prefill = cache.full_nbytes()
+            self._layers_bar.close()
+            self._tokens_bar = tqdm(total=self.max_new_tokens, desc="generate", unit="token", file=sys.stderr)
+        else:
+            self.decode_seconds += seconds
+        self._tokens_bar.update(1)
+        self.forwards += 1
+
+
+def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: int) -> str:
+    rows = [("layers", "policy", "kept after prefill")]
+    for indices, what in plan.runs():
+        kept = sorted({progress.kept_after_prefill[i] for i in indices})
+        rows.append((layer_ranges(indices), what, f"{'/'.join(map(str, kept))} of {progress.prompt_length}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    kept, full = progress.nbytes_after_prefill, progress.full_nbytes_after_prefill
+    saved = 100 * (1 - kept / full) if full else 0.0
+    lines.append(f"cache after prefill: {_mib(kept)} kept, {_mib(full)} for the full cache ({saved:.1f}% saved)")
+    # The prefill forward yields the first token; the rest come from the decoding steps.
+    decoding = f", {(new_tokens - 1) / progress.decode_seconds:.1f} tokens/s" if progress.decode_seconds else ""
+    lines.append(
+        f"time: load {load_seconds:.1f} s, prefill {progress.prefill_seconds:.2f} s, "
+        f"generate {progress.decode_seconds:.2f} s ({new_tokens} tokens{decoding})"
+    )
+    return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
