@@ -215,7 +215,8 @@ class Policy(abc.ABC):
 class ScoringPolicy(Policy):
     """A policy that ranks tokens: ``select`` keeps the ``budget`` highest scores per row and head.
 
-    Scores of padding are ignored; give ``math.inf`` to tokens that must always be kept. Ranking
+    Scores of padding are ignored; give ``math.inf`` to tokens that must always be kept. Ties go
+    to the earlier token. Ranking
     rather than selecting is what lets the same policy serve per-head budgets later.
     """
 
@@ -225,7 +226,9 @@ class ScoringPolicy(Policy):
 
     def select(self, view: LayerView) -> torch.Tensor:
         scores = self.score(view).float().masked_fill(~view.token_mask, -math.inf)
-        return scores.topk(view.budget, dim=-1).indices
+        # A stable sort breaks ties (frequent after max pooling) by order in the sequence, which left
+        # padding does not change: a padded row keeps what it would keep alone, on any device.
+        return scores.sort(dim=-1, descending=True, stable=True).indices[..., : view.budget]
 
 
 # --- helpers for writing policies ---------------------------------------------------------------

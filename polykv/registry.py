@@ -124,6 +124,14 @@ class Registry:
             self._manager.unregister(plugin)
             self._fail(distribution, name, f"register_policies raised {_reason(error)}")
             return
+        if not offered:
+            self._manager.unregister(plugin)
+            self._fail(
+                distribution,
+                name,
+                "registered no policies (is register_policies spelt so and marked @polykv.hookimpl?)",
+            )
+            return
         for policy in offered:
             problem = policy_problem(policy)
             if problem is None and policy.name in self._entries:

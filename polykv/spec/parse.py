@@ -12,6 +12,7 @@ import functools
 import importlib.resources
 import itertools
 import json
+import math
 from pathlib import Path
 
 import attrs
@@ -74,17 +75,16 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
         token = _COMMENTS.set(comments)
         try:
             tree = _parser().parse(working)
-        except lark.UnexpectedInput as error:
-            diagnostic, offset = _syntax_diagnostic(error, src, working)
+            return _Builder(src, comments).build(tree), diagnostics
+        except (lark.UnexpectedInput, lark.exceptions.VisitError) as error:
+            diagnostic, offset = _diagnostic(error, src, working)
             diagnostics.append(diagnostic)
             blanked = _blank_statement(working, offset)
             if blanked == working:  # nothing left to take out: report what was found
                 return ast.Spec(source_name=source), diagnostics
             working = blanked
-            continue
         finally:
             _COMMENTS.reset(token)
-        return _Builder(src, comments).build(tree), diagnostics
 
 
 # --- syntax errors in words a user knows ----------------------------------------------------------
@@ -177,8 +177,27 @@ def _hint(found: str, expected: set[str]) -> str | None:
     return None
 
 
-def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -> tuple[Diagnostic, int]:
+class _Invalid(Exception):
+    """A token that fits the grammar but not the language (a keyword as a name, an infinite number)."""
+
+    def __init__(self, message: str, token: Token, hint: str | None = None):
+        super().__init__(message)
+        self.token = token
+        self.hint = hint
+
+
+def _diagnostic(error: Exception, src: Source, working: str) -> tuple[Diagnostic, int]:
     """The diagnostic for ``error`` and the offset its statement is found at."""
+    if isinstance(error, lark.exceptions.VisitError):
+        if not isinstance(error.orig_exc, _Invalid):
+            raise error.orig_exc
+        invalid = error.orig_exc
+        span = Span.at(src, invalid.token.start_pos, invalid.token.end_pos)
+        return Diagnostic("syntax", str(invalid), span, hint=invalid.hint), invalid.token.start_pos
+    return _syntax_diagnostic(error, src, working)
+
+
+def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -> tuple[Diagnostic, int]:
     if isinstance(error, lark.UnexpectedCharacters):
         offset = error.pos_in_stream
         char = working[offset]
@@ -274,7 +293,10 @@ class _ToAst(Transformer):
         return ast.Tokens(int(count), span=self._span(meta))
 
     def percent(self, meta, value: Token):
-        return ast.Percent(_number(value.value[:-1]), span=self._span(meta))
+        number = _number(value.value[:-1])
+        if not math.isfinite(number):
+            raise _Invalid(f"the percentage {value} is too large", value)
+        return ast.Percent(number, span=self._span(meta))
 
     def auto_budget(self, meta, _auto: Token):
         return ast.AutoBudget(span=self._span(meta))
@@ -301,13 +323,13 @@ class _ToAst(Transformer):
         return ast.PolicyUse(name, budget, parameters, candidates, span=self._span(meta), name_span=name_span)
 
     def named_policy(self, meta, name: Token):
-        return (str(name), (), self._token_span(name))
+        return (_policy_name(name), (), self._token_span(name))
 
     def auto_policy(self, meta, auto: Token, *candidates):
         return (ast.AUTO, tuple(candidates[0]) if candidates else (), self._token_span(auto))
 
     def candidates(self, meta, *names: Token):
-        return [str(n) for n in names]
+        return [_policy_name(n) for n in names]
 
     def parameters(self, meta, *parameters):
         return list(parameters)
@@ -320,7 +342,10 @@ class _ToAst(Transformer):
         return int(token), self._token_span(token)
 
     def real(self, meta, token: Token):
-        return float(token), self._token_span(token)
+        value = float(token)
+        if not math.isfinite(value):
+            raise _Invalid(f"the number {token} is too large", token)
+        return value, self._token_span(token)
 
     def string(self, meta, token: Token):
         return json.loads(token, strict=False), self._token_span(token)
@@ -330,6 +355,16 @@ class _ToAst(Transformer):
 
     def false(self, meta, token: Token):
         return False, self._token_span(token)
+
+
+def _policy_name(token: Token) -> str:
+    if token in ast.KEYWORDS:
+        raise _Invalid(
+            f"'{token}' is a keyword of the language, not a policy name",
+            token,
+            hint="keywords: " + ", ".join(sorted(ast.KEYWORDS)),
+        )
+    return str(token)
 
 
 def _number(text: str) -> int | float:

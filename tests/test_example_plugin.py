@@ -1,0 +1,204 @@
+"""The example plugin package, installed for real: polykv finds it, uses it, and forgets it.
+
+The package is pip-installed into the running environment once for the module and uninstalled
+at the end. Everything that looks plugins up runs in a fresh interpreter, because the default
+registry is loaded once per process. A test at the end of the module (pytest runs a module's
+tests in order) uninstalls the package and checks that polykv no longer lists it.
+
+Also here: a broken plugin, faked as a bare dist-info folder, never breaks polykv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+from polykv_plugins import BUILTIN_POLICIES
+
+pytestmark = pytest.mark.install
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "polykv-keydiff"
+DISTRIBUTION = "polykv-keydiff"
+VERSION = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["version"]
+BUILTIN_NAMES = {policy.name for policy in BUILTIN_POLICIES}
+
+
+def run(args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None, **kwargs):
+    """Run ``args`` from the repository root and return the completed process."""
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or clean_environment(), **kwargs
+    )
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without a POLYKV_PLUGINS that would hide plugins, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if k != "POLYKV_PLUGINS"}
+    return env | settings
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, output_of(result)
+    return result
+
+
+def policies_json(env: dict[str, str] | None = None) -> dict:
+    result = succeeded(run([sys.executable, "-m", "polykv.cli", "policies", "--json"], env=env))
+    return json.loads(result.stdout)
+
+
+def uninstall() -> None:
+    """Uninstall the example package; uninstalling it when it is not installed is fine too."""
+    succeeded(run([sys.executable, "-m", "pip", "uninstall", "-y", DISTRIBUTION]))
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The example package, installed from a copy so that the build leaves nothing in the source tree."""
+    source = tmp_path_factory.mktemp("example") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(source)]
+    try:
+        succeeded(run(install, timeout=300))
+        yield
+    finally:
+        uninstall()
+
+
+# --- a broken plugin (needs no install) ---------------------------------------------------------
+
+
+@pytest.fixture
+def broken_plugin_path(tmp_path) -> str:
+    """A PYTHONPATH holding a fake distribution whose entry point names a module that does not exist."""
+    dist_info = tmp_path / "polykv_broken-0.0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: polykv-broken\nVersion: 0.0.1\n")
+    (dist_info / "entry_points.txt").write_text("[polykv.policies]\nbroken = polykv_broken_missing_module\n")
+    return os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+
+
+def test_a_broken_plugin_is_reported_and_the_rest_still_load(broken_plugin_path):
+    listing = policies_json(clean_environment(PYTHONPATH=broken_plugin_path))
+
+    assert {p["name"] for p in listing["policies"]} >= BUILTIN_NAMES, listing
+    broken = [f for f in listing["failures"] if f["distribution"] == "polykv-broken"]
+    assert len(broken) == 1, listing["failures"]
+    assert "import failed" in broken[0]["reason"], broken[0]
+    assert "polykv_broken_missing_module" in broken[0]["reason"], broken[0]
+
+
+def test_polykv_plugins_selects_which_distributions_load(broken_plugin_path):
+    only_builtins = policies_json(clean_environment(PYTHONPATH=broken_plugin_path, POLYKV_PLUGINS="polykv"))
+    assert {p["name"] for p in only_builtins["policies"]} == BUILTIN_NAMES, only_builtins
+    assert only_builtins["failures"] == [], only_builtins
+
+    nothing = policies_json(clean_environment(PYTHONPATH=broken_plugin_path, POLYKV_PLUGINS="none"))
+    assert nothing == {"policies": [], "failures": []}, nothing
+
+
+# --- the example package, installed -------------------------------------------------------------
+
+
+def test_policies_lists_keydiff_with_its_distribution_and_parameter(installed):
+    text = succeeded(run([sys.executable, "-m", "polykv.cli", "policies"])).stdout
+    assert f"keydiff  ({DISTRIBUTION} {VERSION})" in text, text
+    assert "window: int = 8, at least 0" in text, text
+
+    listing = policies_json()
+    keydiff = next((p for p in listing["policies"] if p["name"] == "keydiff"), None)
+    assert keydiff is not None, listing
+    assert (keydiff["distribution"], keydiff["version"]) == (DISTRIBUTION, VERSION)
+    assert keydiff["parameters"] == [
+        {
+            "name": "window",
+            "type": "int",
+            "default": 8,
+            "min": 0,
+            "max": None,
+            "choices": [],
+            "description": "most recent tokens always kept",
+        }
+    ]
+    assert listing["failures"] == [], listing["failures"]
+
+
+def test_validate_accepts_keydiff_and_suggests_it_for_a_typo(installed):
+    validate = [sys.executable, "-m", "polykv.cli", "validate", "--layers", "4", "-"]
+
+    accepted = succeeded(run(validate, input="layers 0: full; *: keydiff@64(window=4)\n"))
+    assert "keydiff" in accepted.stdout and "window=4" in accepted.stdout, output_of(accepted)
+
+    typo = run(validate, input="layers 0: full; *: keydif@64(window=4)\n")
+    assert typo.returncode == 1, output_of(typo)
+    assert "did you mean 'keydiff'?" in typo.stderr, output_of(typo)
+
+
+GENERATE_WITH_KEYDIFF = textwrap.dedent(
+    """
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import polykv
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    plan = polykv.compile("layers 0: full; *: keydiff@16", model)
+    cache = plan.make_cache()
+    prompt = torch.randint(3, 128, (1, 40))
+    with torch.no_grad():
+        output = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+        )
+    print(json.dumps({
+        "prompt": prompt.shape[1],
+        "generated": output.shape[1] - prompt.shape[1],
+        "policies": [repr(layer.prefill.policy) for layer in cache.layers],
+        "layer_lengths": cache.layer_lengths(),
+    }))
+    """
+)
+
+
+def test_keydiff_compresses_layers_during_generation(installed):
+    result = succeeded(run([sys.executable, "-c", GENERATE_WITH_KEYDIFF], timeout=300))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert report["generated"] == 4, report
+    assert report["policies"] == ["full", "keydiff(window=8)", "keydiff(window=8)"], report
+    # Every generated token but the last went through the cache, and no decode policy evicts:
+    # the keydiff layers hold 16 tokens after prefill plus those appended while decoding.
+    appended = report["generated"] - 1
+    assert report["layer_lengths"] == [report["prompt"] + appended, 16 + appended, 16 + appended], report
+
+
+def test_the_example_package_passes_its_own_tests(installed):
+    succeeded(run([sys.executable, "-m", "pytest", "-q", "examples/polykv-keydiff/tests"], timeout=600))
+
+
+def test_uninstalled_keydiff_is_no_longer_listed(installed):
+    """Runs last in the module: the tests above need the package installed."""
+    uninstall()
+
+    listing = policies_json()
+    assert "keydiff" not in {p["name"] for p in listing["policies"]}, listing
+    assert {p["name"] for p in listing["policies"]} >= BUILTIN_NAMES, listing
