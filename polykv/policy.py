@@ -84,7 +84,8 @@ class Param:
                 f"parameter '{self.name}' takes {_TYPE_WORDS[kind]}, got {_describe(value)}",
                 hint=f"for example {self.name}={_literal(self.default)}",
             )
-        value = float(value) if kind is float else value
+        if kind is float:
+            value = self._finite(value)
         if self.choices and value not in self.choices:
             options = ", ".join(_literal(c) for c in self.choices)
             raise ParameterError(
@@ -94,6 +95,15 @@ class Param:
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
             raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {_literal(value)}")
         return value
+
+    def _finite(self, value: int | float) -> float:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ParameterError(f"parameter '{self.name}' takes a finite number, got {_literal(value)}")
+        return number
 
     def range_words(self) -> str:
         if self.min is not None and self.max is not None:
@@ -109,7 +119,7 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
-def _literal(value: Value) -> str:
+def _literal(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -117,9 +127,9 @@ def _literal(value: Value) -> str:
     return repr(value)
 
 
-def _describe(value: Value) -> str:
-    kind = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string"}
-    return f"{kind[type(value)]} ({_literal(value)})"
+def _describe(value: object) -> str:
+    kinds = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string"}
+    return f"{kinds.get(type(value), type(value).__name__)} ({_literal(value)})"
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polykv
@@ -251,6 +251,52 @@ def test_snapkv_property(batch, heads, groups, length, kernel, pooling, seed, da
             worst_kept = min((pooled[j] for j in others if j in chosen), default=math.inf)
             best_dropped = max((pooled[j] for j in others if j not in chosen), default=-math.inf)
             assert worst_kept >= best_dropped - 1e-5
+
+
+def test_snapkv_ties_after_max_pooling_go_to_the_earlier_token():
+    attention = spike_and_plateau()
+    snapkv = create("snapkv", window=2, kernel=5, pooling="max")
+    assert kept(snapkv, snap_view(attention, budget=3)) == [[[3, 22, 23]]]
+    assert kept(snapkv, snap_view(attention, budget=9)) == [[[3, 4, 5, 6, 7, 11, 12, 22, 23]]]
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streaming", "knorm", "tova", "h2o"])
+@settings(max_examples=50)
+@given(seed=st.integers(0, 2**16), pad=st.integers(1, 6), ties=st.booleans(), data=st.data())
+def test_left_padding_does_not_change_what_a_row_keeps(name, seed, pad, ties, data):
+    """A padded row keeps the same real tokens as the same row alone, shifted by its padding."""
+    policy = create(name, window=4) if name == "snapkv" else create(name)
+    length = data.draw(st.integers(policy.min_budget() + 2, policy.min_budget() + 16))
+    budget = data.draw(st.integers(policy.min_budget(), length - 1))
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, length, 4, generator=generator)
+    attention = torch.softmax(torch.randn(1, 2, 2, 4, length, generator=generator), dim=-1)
+    accumulated = torch.rand(1, 2, 2, length, generator=generator)
+    if ties:  # coarse values: many equal scores, so the order of ties decides
+        keys, attention, accumulated = keys.round(), (attention * 4).round() / 4, (accumulated * 2).round()
+
+    def padded(tensor, dim):
+        shape = list(tensor.shape)
+        shape[dim] = pad
+        return torch.cat([torch.zeros(shape), tensor], dim=dim)
+
+    def inputs_of(k, a, acc):
+        window = policy.needs().window
+        return {
+            "keys": k,
+            "window_attention": a[..., -window:, :] if window else None,
+            "accumulated_attention": acc if policy.needs().accumulated_attention else None,
+        }
+
+    alone = view(length=length, budget=budget, heads=2, **inputs_of(keys, attention, accumulated))
+    shifted = view(
+        length=length + pad,
+        budget=budget,
+        heads=2,
+        pads=[pad],
+        **inputs_of(padded(keys, 2), padded(attention, 4), padded(accumulated, 3)),
+    )
+    assert torch.equal(choose(policy, shifted), choose(policy, alone) + pad)
 
 
 def test_pyramidkv_is_snapkv_with_its_own_defaults():

@@ -1,0 +1,155 @@
+"""Prefill time, decoding speed and cache memory: compressed caches against the full cache, in one run.
+
+Runs the bundled model on passkey prompts of several lengths. For each prompt length and spec it
+times the prefill (median of --repeats runs) and the generation of --new-tokens tokens, and
+records the cache's bytes after prefill. Times are ratios to the full cache measured in the same
+run; quote absolute times only from a GPU.
+
+    python benchmarks/prefill_overhead.py                       # CPU, float32
+    python benchmarks/prefill_overhead.py --device cuda --dtype bfloat16
+
+Writes results/prefill_overhead.json and, when matplotlib is installed, results/prefill_overhead.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import polykv
+from polykv.tasks import passkey_prompt
+
+SPECS = {
+    "full cache": None,
+    "snapkv@256": "layers 0-1: full; *: snapkv@256",
+    "knorm@256": "layers 0-1: full; *: knorm@256",
+    "h2o@256": "layers 0-1: full; *: h2o@256",
+    "streaming@256": "layers 0-1: full; *: streaming@256",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is kept)")
+    parser.add_argument("--filler", type=int, nargs="+", default=[20, 40, 80], help="passkey filler repeats")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+
+    model, tokenizer = polykv.load_default_model(dtype=args.dtype, device=args.device)
+    plans = {name: polykv.compile(spec, model) if spec else None for name, spec in SPECS.items()}
+    rows = []
+    for repeats in args.filler:
+        ids = tokenizer(passkey_prompt(repeats, 0.5, 27182), return_tensors="pt").input_ids.to(model.device)
+        _prefill(model, None, ids)  # warm-up
+        timings = {name: {"prefill": [], "decode": []} for name in plans}
+        for _ in range(args.repeats):  # specs interleaved, so drift in the machine's speed hits all alike
+            for name, plan in plans.items():
+                seconds, cache = _prefill(model, plan, ids)
+                timings[name]["prefill"].append(seconds)
+                timings[name]["bytes"] = _cache_bytes(cache)
+                timings[name]["decode"].append(_decode(model, cache, ids, args.new_tokens))
+        baseline = None
+        for name, measured in timings.items():
+            row = {
+                "spec": name,
+                "prompt_tokens": ids.shape[1],
+                "prefill_s": statistics.median(measured["prefill"]),
+                "decode_s": statistics.median(measured["decode"]),
+                "cache_bytes": measured["bytes"],
+            }
+            baseline = baseline or row
+            row["prefill_ratio"] = row["prefill_s"] / baseline["prefill_s"]
+            row["decode_ratio"] = row["decode_s"] / baseline["decode_s"]
+            row["memory_ratio"] = row["cache_bytes"] / baseline["cache_bytes"]
+            rows.append(row)
+            print(_line(row), flush=True)
+
+    args.out.mkdir(exist_ok=True)
+    meta = {
+        "device": str(model.device),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+    }
+    (args.out / "prefill_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {args.out / 'prefill_overhead.json'}")
+    _plot(rows, args.out / "prefill_overhead.png")
+
+
+def _prefill(model, plan, ids):
+    cache = plan.make_cache() if plan else DynamicCache()
+    _sync(model)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    _sync(model)
+    return time.perf_counter() - started, cache
+
+
+def _decode(model, cache, ids, steps: int) -> float:
+    """Seconds for ``steps`` greedy decoding steps on an already prefilled cache."""
+    token = ids[:, -1:]
+    _sync(model)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    _sync(model)
+    return time.perf_counter() - started
+
+
+def _cache_bytes(cache) -> int:
+    if isinstance(cache, polykv.PolyCache):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _line(row: dict) -> str:
+    return (
+        f"{row['prompt_tokens']:>6} tokens  {row['spec']:<14} "
+        f"prefill {row['prefill_s']:7.3f} s (x{row['prefill_ratio']:.2f})  decode x{row['decode_ratio']:.2f}  "
+        f"cache {row['cache_bytes'] / 2**20:7.2f} MiB (x{row['memory_ratio']:.2f})"
+    )
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    figure, (prefill, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for spec in dict.fromkeys(r["spec"] for r in rows):
+        mine = [r for r in rows if r["spec"] == spec]
+        lengths = [r["prompt_tokens"] for r in mine]
+        prefill.plot(lengths, [r["prefill_ratio"] for r in mine], marker="o", label=spec)
+        memory.plot(lengths, [r["memory_ratio"] for r in mine], marker="o", label=spec)
+    prefill.set(title="prefill time / full cache", xlabel="prompt tokens")
+    memory.set(title="cache memory / full cache", xlabel="prompt tokens")
+    prefill.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

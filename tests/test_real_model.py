@@ -1,0 +1,140 @@
+"""The cache engine on the real bundled model (SmolLM2-135M-Instruct, 30 layers, 9 query / 3 KV heads)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import polykv
+from polykv.tasks import passkey_prompt
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = [
+    "full",
+    "streaming@2000",
+    "snapkv@2000",
+    "pyramidkv@2000",
+    "h2o@2000",
+    "tova@2000",
+    "knorm@2000",
+    "random@2000",
+]
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_full_budget_gives_the_full_cache_logits_exactly(real_model, policy):
+    """Prefill and every decoding step: bit for bit the logits of the full cache (float32, CPU)."""
+    model, tokenizer = real_model
+    ids = _ids(tokenizer, passkey_prompt(8, 0.5, 31337))
+    plan = polykv.compile(f"layers *: {policy} decode streaming@4000", model)
+    options = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    full = model.generate(ids, past_key_values=DynamicCache(), **options)
+    ours = model.generate(ids, past_key_values=plan.make_cache(), **options)
+    assert torch.equal(ours.sequences, full.sequences)
+    for step_ours, step_full in zip(ours.logits, full.logits, strict=True):
+        assert torch.equal(step_ours, step_full)
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_passkey_at_1k_tokens_with_snapkv_256(real_model, depth):
+    model, tokenizer = real_model
+    key = 40000 + int(depth * 10000) + 517
+    ids = _ids(tokenizer, passkey_prompt(40, depth, key))
+    assert 1000 < ids.shape[1] < 1100
+    plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)
+    cache = plan.make_cache()
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert str(key) in tokenizer.decode(out[0, ids.shape[1] :])
+    assert cache.layer_lengths()[:3] == [ids.shape[1] + 7, ids.shape[1] + 7, 256 + 7]
+
+
+def test_a_left_padded_batch_answers_like_each_prompt_alone(real_model):
+    model, tokenizer = real_model
+    texts = [
+        passkey_prompt(repeats, depth, key)
+        for repeats, depth, key in ((30, 0.3, 11111), (18, 0.6, 22222), (8, 0.5, 33333))
+    ]
+    plan = polykv.compile("layers 0-1: full; *: snapkv@128 decode streaming@132", model)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert tokenizer.padding_side == "left" and (batch.attention_mask[1:, 0] == 0).all()
+    together = model.generate(**batch, max_new_tokens=8, do_sample=False, past_key_values=plan.make_cache())
+    for row, text in enumerate(texts):
+        ids = _ids(tokenizer, text)
+        alone = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=plan.make_cache())
+        assert torch.equal(together[row, -8:], alone[0, -8:]), (
+            tokenizer.decode(together[row, -8:]),
+            tokenizer.decode(alone[0, -8:]),
+        )
+
+
+def test_a_long_generation_stays_within_its_decode_budget(real_model):
+    model, tokenizer = real_model
+    ids = _ids(tokenizer, passkey_prompt(10, 0.5, 12345))
+    plan = polykv.compile("layers 0-1: full decode streaming@280; *: snapkv@128 decode streaming@150(sink=4)", model)
+    cache = plan.make_cache()
+    model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, past_key_values=cache)
+    lengths = cache.layer_lengths()
+    assert ids.shape[1] + 59 > 280
+    assert lengths[:2] == [280, 280] and set(lengths[2:]) == {150}
+    assert cache.get_seq_length() == ids.shape[1] + 59
+    assert cache.nbytes() < cache.full_nbytes() / 2
+
+
+def test_validate_against_the_model_directory():
+    location = polykv.model.default_model_location()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polykv.cli",
+            "validate",
+            str(ROOT / "examples/llama-3.1-8b-512.pkv"),
+            "--model",
+            str(location.directory),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "this spec is written for 32 layers, but the model in" in result.stderr
+    assert "has 30" in result.stderr
+
+
+def test_the_main_command(real_model):
+    """The README's main job: a 1k-token passkey prompt, answered with 28 of 30 layers at 256 tokens."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polykv.cli",
+            "generate",
+            "--spec",
+            "layers 0-1: full; *: snapkv@256",
+            "--prompt-file",
+            str(ROOT / "examples/prompts/passkey-1k.txt"),
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    answer, _, report = result.stdout.partition("\n\n")
+    assert "72514" in answer
+    assert '2-29    snapkv(window=32, kernel=7, pooling="max")@256  256 of 1027' in report
+    assert "0-1     full" in report and "1027 of 1027" in report
+    assert "% saved)" in report and "time: load" in report
+    assert "prefill 1027 tokens" in result.stderr  # the progress bar
