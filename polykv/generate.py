@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from polykv.errors import PolykvError
 from polykv.model import default_model_location, load_model, locate
-from polykv.plan import Plan, compile
-from polykv.spec.check import layer_ranges
+from polykv.plan import Plan, compile, with_total_budget
+from polykv.spec.check import check, layer_ranges
+from polykv.spec.parse import load, parse
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -46,11 +47,16 @@ def run_generate(args: argparse.Namespace) -> int:
     location = locate(args.model) if args.model else default_model_location()
     budget = int(args.budget) if args.budget and args.budget.isdigit() else args.budget
 
+    spec = load(args.spec) if args.spec.endswith(".pkv") else parse(args.spec, source="--spec")
+    if budget is not None:
+        spec = with_total_budget(spec, budget)
+    check(spec)  # report mistakes in the spec before spending time on the model
+
     started = time.perf_counter()
     print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
     model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
     loaded = time.perf_counter() - started
-    plan = compile(args.spec, model, budget=budget)
+    plan = compile(spec, model)
 
     input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
     if input_ids.shape[1] == 0:

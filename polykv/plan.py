@@ -127,7 +127,7 @@ def compile(
     registry = registry or default_registry()
     spec = _as_spec(spec)
     if budget is not None:
-        spec = _with_budget(spec, budget)
+        spec = with_total_budget(spec, budget)
     info, placement = describe_model(model)
     checked = check(spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry)
     _refuse_auto(checked.spec)
@@ -147,7 +147,8 @@ def _as_spec(spec: ast.Spec | str | Path) -> ast.Spec:
     return parse(spec)
 
 
-def _with_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:
+def with_total_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:
+    """``spec`` with a total budget from code: tokens per layer (512) or budget text ("total 16384", "10%")."""
     if spec.budget is not None:
         raise SpecError(
             [

@@ -206,3 +206,12 @@ def test_the_console_script_is_installed(tmp_path):
     assert result.returncode == 1
     assert "error: a budget of 3 is too small for streaming(sink=4): it needs at least 5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a spec with errors")
+
+    monkeypatch.setattr("polykv.generate.load_model", no_model)
+    assert main(["generate", "--spec", "layers 0: snapvk@3", "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err.startswith("--spec:1:11: error: unknown policy 'snapvk'\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,29 @@ def test_the_main_command(real_model):
     assert "0-1     full" in report and "1027 of 1027" in report
     assert "% saved)" in report and "time: load" in report
     assert "prefill 1027 tokens" in result.stderr  # the progress bar
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])
+def cuda_model(real_model, request):
+    model, tokenizer = real_model
+    on_gpu = copy.deepcopy(model).to("cuda", getattr(torch, request.param))
+    yield on_gpu, tokenizer
+    del on_gpu
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(cuda_model):
+    model, tokenizer = cuda_model
+    ids = _ids(tokenizer, passkey_prompt(40, 0.3, 60221)).to("cuda")
+    options = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    full = model.generate(ids, past_key_values=DynamicCache(), **options)
+    wide = model.generate(ids, past_key_values=polykv.compile("layers *: snapkv@2000", model).make_cache(), **options)
+    assert torch.equal(wide.sequences, full.sequences)
+    for ours, theirs in zip(wide.logits, full.logits, strict=True):
+        assert torch.equal(ours, theirs)
+    cache = polykv.compile("layers 0-1: full; *: snapkv@256", model).make_cache()
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert "60221" in tokenizer.decode(out[0, ids.shape[1] :])
+    assert cache.layer_lengths()[2] == 256 + 7
+    assert all(layer.keys.is_cuda and layer.keys.dtype == model.dtype for layer in cache.layers)
