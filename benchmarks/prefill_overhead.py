@@ -36,7 +36,7 @@ SPECS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per cell (the median is kept)")
     parser.add_argument("--filler", type=int, nargs="+", default=[20, 40, 80], help="passkey filler repeats")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")

@@ -80,7 +80,7 @@ def test_each_layer_stores_exactly_its_budget(tiny_model, policy):
     assert cache.get_seq_length() == 40
     element = 4  # float32
     kv_bytes = sum(2 * 3 * 2 * n * 16 * element for n in [40, 30, 12, 20])
-    position_bytes = sum(3 * 2 * n * 8 for n in [30, 12, 20])
+    position_bytes = sum(3 * 2 * n * 4 for n in [30, 12, 20])  # int32 positions of evicted layers
     assert cache.nbytes() == kv_bytes + position_bytes
     assert cache.full_nbytes() == 4 * 2 * 3 * 2 * 40 * 16 * element
 

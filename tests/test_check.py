@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -274,7 +276,7 @@ def test_every_layer_gets_exactly_the_rule_that_names_it(count, data):
     cuts = sorted(data.draw(st.sets(st.integers(min_value=1, max_value=count - 1), max_size=5))) if count > 1 else []
     bounds = [0, *cuts, count]
     lines, expected = [], {}
-    for number, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+    for number, (start, stop) in enumerate(itertools.pairwise(bounds)):
         first = start - count if data.draw(st.booleans()) else start
         last = stop - 1 - count if data.draw(st.booleans()) else stop - 1
         if first > last and (first < 0) == (last < 0):

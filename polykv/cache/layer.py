@@ -22,9 +22,12 @@ from transformers.cache_utils import CacheLayerMixin
 from polykv.cache import inputs
 from polykv.cache.selection import choose
 from polykv.errors import CacheError
-from polykv.policy import LayerView, Phase, Policy
+from polykv.policy import LayerView, Needs, Phase, Policy
 from polykv.spec import ast
 from polykv.spec.printer import format_budget
+
+#: Stored positions take 4 bytes per token and head (2**31 positions is ample); indexing uses long.
+POSITION = torch.int32
 
 
 @attrs.frozen
@@ -65,7 +68,7 @@ class PolyLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
-        self.positions: torch.Tensor | None = None  # (B, H, S) long once something was evicted
+        self.positions: torch.Tensor | None = None  # (B, H, S) int32 once something was evicted
         self.seen = 0
         self.prompt_length = 0
         self.pending: Phase | None = None
@@ -106,7 +109,7 @@ class PolyLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, value_states], dim=-2)
             if self.positions is not None:
                 batch, heads = self.positions.shape[:2]
-                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device)
+                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device, dtype=POSITION)
                 self.positions = torch.cat([self.positions, fresh.expand(batch, heads, new)], dim=-1)
             budget = self.decode.tokens(self.prompt_length) if self.decode else None
             if budget is not None and self.keys.shape[-2] > budget:
@@ -200,7 +203,7 @@ class PolyLayer(CacheLayerMixin):
             columns = torch.arange(stored, device=self.keys.device)[None, :]
             return (columns <= stored - query_length + rows)[None, None]
         batch, heads, _ = self.positions.shape
-        columns = self.positions[:, :, None, :].expand(batch, heads, query_length, stored)
+        columns = self.positions.long()[:, :, None, :].expand(batch, heads, query_length, stored)
         fitted = full_mask.expand(batch, heads, query_length, full_mask.shape[-1]).gather(-1, columns)
         return fitted.repeat_interleave(query_heads // heads, dim=1)
 
@@ -246,9 +249,10 @@ class PolyLayer(CacheLayerMixin):
     ) -> None:
         keys, values = self.keys, self.values
         batch, heads, length, _ = keys.shape
-        positions = self.positions
-        if positions is None:
+        if self.positions is None:
             positions = torch.arange(length, device=keys.device).expand(batch, heads, length)
+        else:
+            positions = self.positions.long()
         token_mask = self._token_mask(full_mask, positions, check_padding=phase is Phase.PREFILL)
         policy = rule.policy
         needs = policy.needs()
@@ -266,9 +270,17 @@ class PolyLayer(CacheLayerMixin):
         gather = keep[..., None].expand(-1, -1, -1, keys.shape[-1])
         self.keys = keys.gather(2, gather)
         self.values = values.gather(2, gather)
-        self.positions = positions.gather(2, keep)
+        self.positions = positions.gather(2, keep).to(POSITION)
 
-    def _attention_inputs(self, needs, phase, queries, positions, token_mask, scaling) -> dict:
+    def _attention_inputs(
+        self,
+        needs: Needs,
+        phase: Phase,
+        queries: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor,
+        scaling: float,
+    ) -> dict[str, torch.Tensor]:
         if needs.window == 0 and not needs.accumulated_attention:
             return {}
         heads = self.keys.shape[1]
