@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("polykv: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:
+    except Exception as error:  # the CLI reports internal errors, it does not crash
         if os.environ.get("POLYKV_DEBUG"):
             raise
         print(

@@ -17,10 +17,9 @@ import torch
 from tqdm import tqdm
 
 from polykv.errors import PolykvError
-from polykv.model import default_model_location, load_model, locate
-from polykv.plan import Plan, compile, with_total_budget
+from polykv.model import attention_modules, default_model_location, load_model, locate
+from polykv.plan import Plan, as_spec, compile, with_total_budget
 from polykv.spec.check import check, layer_ranges
-from polykv.spec.parse import load, parse
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -47,7 +46,7 @@ def run_generate(args: argparse.Namespace) -> int:
     location = locate(args.model) if args.model else default_model_location()
     budget = int(args.budget) if args.budget and args.budget.isdigit() else args.budget
 
-    spec = load(args.spec) if args.spec.endswith(".pkv") else parse(args.spec, source="--spec")
+    spec = as_spec(args.spec, source="--spec")
     if budget is not None:
         spec = with_total_budget(spec, budget)
     check(spec)  # report mistakes in the spec before spending time on the model
@@ -62,7 +61,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if input_ids.shape[1] == 0:
         raise PolykvError("the prompt is empty")
     cache = plan.make_cache()
-    with _Progress(model, plan, input_ids.shape[1], args.max_new_tokens) as progress, torch.no_grad():
+    with _Progress(model, input_ids.shape[1], args.max_new_tokens) as progress, torch.no_grad():
         output = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -98,9 +97,8 @@ def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
 class _Progress:
     """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer."""
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, prompt_length: int, max_new_tokens: int):
+    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int):
         self.model = model
-        self.plan = plan
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
         self.forwards = 0
@@ -110,7 +108,7 @@ class _Progress:
         self._hooks: list = []
 
     def __enter__(self) -> _Progress:
-        attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        attention = attention_modules(self.model).values()
         self._layers_bar = tqdm(
             total=len(attention), desc=f"prefill {self.prompt_length} tokens", unit="layer", file=sys.stderr
         )

@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import attrs
+import torch
 
 from polykv.errors import ModelError
 
@@ -149,13 +150,23 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, tuple[str, str]]]:
         head_dim=head_dim,
         attention=kernel_name(model),
     )
-    placement = {}
-    for module in model.modules():
-        index = getattr(module, "layer_idx", None)
-        parameter = next(module.parameters(), None)
-        if index is not None and hasattr(module, "num_key_value_groups") and parameter is not None:
-            placement[index] = (str(parameter.device), str(parameter.dtype).removeprefix("torch."))
-    missing = [i for i in range(info.layers) if i not in placement]
+    modules = attention_modules(model)
+    missing = [i for i in range(info.layers) if i not in modules]
     if missing:
         raise ModelError(f"cannot find the attention modules of layers {missing[:5]} in {type(model).__name__}")
+    placement = {}
+    for index, module in modules.items():
+        parameter = next(module.parameters())
+        placement[index] = (str(parameter.device), str(parameter.dtype).removeprefix("torch."))
     return info, placement
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """The attention module of each decoder layer, by layer index (those with weights and a GQA group size)."""
+    return {
+        module.layer_idx: module
+        for module in model.modules()
+        if getattr(module, "layer_idx", None) is not None
+        and hasattr(module, "num_key_value_groups")
+        and next(module.parameters(), None) is not None
+    }

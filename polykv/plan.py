@@ -125,7 +125,7 @@ def compile(
     Raises SpecError with every problem found.
     """
     registry = registry or default_registry()
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
     info, placement = describe_model(model)
@@ -139,12 +139,13 @@ def compile(
     return Plan(print_spec(spec), info, layers)
 
 
-def _as_spec(spec: ast.Spec | str | Path) -> ast.Spec:
+def as_spec(spec: ast.Spec | str | Path, source: str = "<string>") -> ast.Spec:
+    """A Spec from a Spec, a ``.pkv`` path, or spec text (named ``source`` in messages)."""
     if isinstance(spec, ast.Spec):
         return spec
     if isinstance(spec, Path) or spec.endswith(".pkv"):
         return load(spec)
-    return parse(spec)
+    return parse(spec, source=source)
 
 
 def with_total_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:

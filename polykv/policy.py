@@ -30,7 +30,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-Value = bool | int | float | str
+from polykv.spec.ast import Value
 
 
 class Phase(enum.Enum):
@@ -226,8 +226,8 @@ class ScoringPolicy(Policy):
     """A policy that ranks tokens: ``select`` keeps the ``budget`` highest scores per row and head.
 
     Scores of padding are ignored; give ``math.inf`` to tokens that must always be kept. Ties go
-    to the earlier token. Ranking
-    rather than selecting is what lets the same policy serve per-head budgets later.
+    to the earlier token. Ranking rather than selecting is what lets the same policy serve
+    per-head budgets later.
     """
 
     @abc.abstractmethod

@@ -95,7 +95,7 @@ class Registry:
             found.add(_normal(distribution))
             try:
                 plugin = entry_point.load()
-            except Exception as error:
+            except Exception as error:  # any failure to import a plugin is reported, never raised
                 self._fail(distribution, entry_point.name, f"import failed: {_reason(error)}")
                 continue
             self.add_plugin(
@@ -112,7 +112,7 @@ class Registry:
         """Register ``plugin`` (a module or object with a ``register_policies`` hook) and its policies."""
         try:
             self._manager.register(plugin, name=name)
-        except Exception as error:
+        except Exception as error:  # pluggy rejects malformed hook implementations
             self._fail(distribution, name, f"not a valid plugin: {_reason(error)}")
             return
         offered: list[type[Policy]] = []
@@ -120,7 +120,7 @@ class Registry:
         caller = self._manager.subset_hook_caller("register_policies", remove_plugins=others)
         try:
             caller(register=offered.append)
-        except Exception as error:
+        except Exception as error:  # a raising hook skips the whole plugin
             self._manager.unregister(plugin)
             self._fail(distribution, name, f"register_policies raised {_reason(error)}")
             return
@@ -219,7 +219,7 @@ def policy_problem(policy: object) -> str | None:
             return f"policy '{name}': default of {error}"
     try:
         policy()
-    except Exception as error:
+    except Exception as error:  # a policy that cannot be built with its defaults is malformed
         return f"policy '{name}' cannot be created with its defaults: {_reason(error)}"
     return None
 

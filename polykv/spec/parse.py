@@ -293,10 +293,7 @@ class _ToAst(Transformer):
         return ast.Tokens(int(count), span=self._span(meta))
 
     def percent(self, meta, value: Token):
-        number = _number(value.value[:-1])
-        if not math.isfinite(number):
-            raise _Invalid(f"the percentage {value} is too large", value)
-        return ast.Percent(number, span=self._span(meta))
+        return ast.Percent(_finite(_number(value.value[:-1]), value, "percentage"), span=self._span(meta))
 
     def auto_budget(self, meta, _auto: Token):
         return ast.AutoBudget(span=self._span(meta))
@@ -342,10 +339,7 @@ class _ToAst(Transformer):
         return int(token), self._token_span(token)
 
     def real(self, meta, token: Token):
-        value = float(token)
-        if not math.isfinite(value):
-            raise _Invalid(f"the number {token} is too large", token)
-        return value, self._token_span(token)
+        return _finite(float(token), token, "number"), self._token_span(token)
 
     def string(self, meta, token: Token):
         return json.loads(token, strict=False), self._token_span(token)
@@ -355,6 +349,12 @@ class _ToAst(Transformer):
 
     def false(self, meta, token: Token):
         return False, self._token_span(token)
+
+
+def _finite(value: int | float, token: Token, what: str) -> int | float:
+    if not math.isfinite(value):
+        raise _Invalid(f"the {what} {token} is too large", token)
+    return value
 
 
 def _policy_name(token: Token) -> str:
