@@ -8,14 +8,15 @@ inside ``model.generate``.
 from polykv.cache import PolyCache, prepare_model
 from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
 from polykv.hooks import hookimpl
+from polykv.lang.ast import Spec
+from polykv.lang.check import CheckedSpec, LayerEntry, check
+from polykv.lang.diagnostics import Diagnostic, SpecError
+from polykv.lang.parse import load, parse
+from polykv.lang.printer import print_spec
 from polykv.model import load_default_model, load_model
 from polykv.plan import LayerPlan, Plan, compile
 from polykv.policy import LayerView, Needs, Param, ParameterError, Phase, Policy, ScoringPolicy
 from polykv.registry import PluginFailure, PolicyEntry, Registry, default_registry
-from polykv.spec.ast import Spec
-from polykv.spec.check import CheckedSpec, LayerEntry, check
-from polykv.spec.diagnostics import Diagnostic, SpecError
-from polykv.spec.parse import load, parse
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,5 @@ __all__ = [
     "load_model",
     "parse",
     "prepare_model",
+    "print_spec",
 ]

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from polykv.errors import PolykvError
 from polykv.generate import add_generate_command
+from polykv.lang import ast
+from polykv.lang.check import CheckedSpec, PhaseChoice, budget_to_dict, check_text, layer_ranges
+from polykv.lang.diagnostics import SpecError
+from polykv.lang.parse import parse_recovering
+from polykv.lang.printer import format_budget, format_selector, print_spec
 from polykv.registry import Registry, default_registry
-from polykv.spec import ast
-from polykv.spec.check import CheckedSpec, PhaseChoice, budget_to_dict, check_text, layer_ranges
-from polykv.spec.diagnostics import SpecError
-from polykv.spec.parse import parse_recovering
-from polykv.spec.printer import format_budget, format_selector, format_value, print_spec
+from polykv.values import format_value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 from polykv.errors import PolykvError
+from polykv.lang.check import check, layer_ranges
 from polykv.model import attention_modules, default_model_location, load_model, locate
 from polykv.plan import Plan, as_spec, compile, with_total_budget
-from polykv.spec.check import check, layer_ranges
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:

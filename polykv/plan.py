@@ -15,13 +15,13 @@ import attrs
 import torch
 
 from polykv.cache import PhaseRule, PolyCache, PolyLayer, prepare_model
+from polykv.lang import ast
+from polykv.lang.check import PhaseChoice, check
+from polykv.lang.diagnostics import Diagnostic, SpecError
+from polykv.lang.parse import load, parse
+from polykv.lang.printer import print_spec
 from polykv.model import ModelInfo, describe_model
 from polykv.registry import Registry, default_registry
-from polykv.spec import ast
-from polykv.spec.check import PhaseChoice, check
-from polykv.spec.diagnostics import Diagnostic, SpecError
-from polykv.spec.parse import load, parse
-from polykv.spec.printer import print_spec
 
 FORMAT_VERSION = 1
 

@@ -30,7 +30,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from polykv.spec.ast import Value
+from polykv.values import Value, describe_value, format_value
 
 
 class Phase(enum.Enum):
@@ -81,19 +81,19 @@ class Param:
             ok = isinstance(value, str)
         if not ok:
             raise ParameterError(
-                f"parameter '{self.name}' takes {_TYPE_WORDS[kind]}, got {_describe(value)}",
-                hint=f"for example {self.name}={_literal(self.default)}",
+                f"parameter '{self.name}' takes {_TYPE_WORDS[kind]}, got {describe_value(value)}",
+                hint=f"for example {self.name}={format_value(self.default)}",
             )
         if kind is float:
             value = self._finite(value)
         if self.choices and value not in self.choices:
-            options = ", ".join(_literal(c) for c in self.choices)
+            options = ", ".join(format_value(c) for c in self.choices)
             raise ParameterError(
-                f"parameter '{self.name}' is one of {options}, got {_literal(value)}",
-                hint=f"for example {self.name}={_literal(self.choices[0])}",
+                f"parameter '{self.name}' is one of {options}, got {format_value(value)}",
+                hint=f"for example {self.name}={format_value(self.choices[0])}",
             )
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-            raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {_literal(value)}")
+            raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {format_value(value)}")
         return value
 
     def _finite(self, value: int | float) -> float:
@@ -102,7 +102,7 @@ class Param:
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise ParameterError(f"parameter '{self.name}' takes a finite number, got {_literal(value)}")
+            raise ParameterError(f"parameter '{self.name}' takes a finite number, got {format_value(value)}")
         return number
 
     def range_words(self) -> str:
@@ -117,19 +117,6 @@ class Param:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
-
-
-def _literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
-
-
-def _describe(value: object) -> str:
-    kinds = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string"}
-    return f"{kinds.get(type(value), type(value).__name__)} ({_literal(value)})"
 
 
 @attrs.frozen
@@ -218,7 +205,7 @@ class Policy(abc.ABC):
         """
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={_literal(v)}" for k, v in self.values.items())
+        settings = ", ".join(f"{k}={format_value(v)}" for k, v in self.values.items())
         return f"{self.name}({settings})" if settings else self.name
 
 

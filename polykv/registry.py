@@ -6,7 +6,7 @@ A plugin that fails to import, whose hook raises, or that registers a malformed 
 already taken is skipped and recorded with its distribution and the reason; the rest load.
 
 ``POLYKV_PLUGINS`` controls loading: unset loads every plugin, ``none`` loads none, and a comma
-list of distribution names (``polykv,polykv-keydiff``) loads only those.
+list of distribution names (``polykv-core,polykv-keydiff``) loads only those.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import attrs
 import pluggy
 
 from polykv.hooks import PROJECT, PolicyHooks
-from polykv.policy import Param, ParameterError, Policy, Value
-from polykv.spec.ast import KEYWORDS
+from polykv.policy import Param, ParameterError, Policy
+from polykv.values import KEYWORDS, Value
 
 ENTRY_POINT_GROUP = "polykv.policies"
 ENVIRONMENT_VARIABLE = "POLYKV_PLUGINS"
-BUILTIN_DISTRIBUTION = "polykv"
+BUILTIN_DISTRIBUTION = "polykv-core"
 
 _POLICY_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 

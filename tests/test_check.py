@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polykv
-from polykv.spec import ast
-from polykv.spec.check import check_text, layer_ranges
+from polykv.lang import ast
+from polykv.lang.check import check_text, layer_ranges
 
 
 def _errors(text: str, **options) -> polykv.SpecError:

@@ -161,7 +161,7 @@ def test_policies_lists_parameters_and_providers(capsys):
     out = capsys.readouterr().out
     from polykv import __version__
 
-    assert f"snapkv  (polykv {__version__})" in out
+    assert f"snapkv  (polykv-core {__version__})" in out
     assert '    pooling: str = "max", one of max, avg  how scores are pooled' in out
     assert "    sink: int = 4, at least 0  attention-sink tokens kept at the start" in out
 

@@ -100,7 +100,7 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_load(broken_plugin_path)
 
 
 def test_polykv_plugins_selects_which_distributions_load(broken_plugin_path):
-    only_builtins = policies_json(clean_environment(PYTHONPATH=broken_plugin_path, POLYKV_PLUGINS="polykv"))
+    only_builtins = policies_json(clean_environment(PYTHONPATH=broken_plugin_path, POLYKV_PLUGINS="polykv-core"))
     assert {p["name"] for p in only_builtins["policies"]} == BUILTIN_NAMES, only_builtins
     assert only_builtins["failures"] == [], only_builtins
 

@@ -26,7 +26,7 @@ def wheel(tmp_path_factory) -> Path:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    (found,) = out.glob("polykv-*.whl")
+    (found,) = out.glob("polykv_core-*.whl")
     return found
 
 

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from strategies import grammar_text, specs
 
 import polykv
-from polykv.spec import ast
-from polykv.spec.parse import parse_recovering
-from polykv.spec.printer import print_spec
+from polykv.lang import ast
+from polykv.lang.parse import parse_recovering
+from polykv.lang.printer import print_spec
 
 FILE_FORM = """\
 # LLaMA-3.1-8B, 512 tokens per layer on average
@@ -154,7 +154,7 @@ def test_canonical_print_keeps_comments_and_paragraphs():
 
 
 def test_one_line_form_prints_one_statement_per_line():
-    assert str(polykv.parse("layers 0-3: streaming@64; 4-27: snapkv@auto decode tova@9")) == (
+    assert print_spec(polykv.parse("layers 0-3: streaming@64; 4-27: snapkv@auto decode tova@9")) == (
         "layers 0-3: streaming@64\nlayers 4-27: snapkv@auto decode tova@9\n"
     )
 

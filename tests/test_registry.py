@@ -22,17 +22,17 @@ def _third_party_distributions() -> set[str]:
     return {
         ep.dist.name
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        if ep.dist is not None and ep.dist.name.lower() != "polykv"
+        if ep.dist is not None and ep.dist.name.lower() != "polykv-core"
     }
 
 
 def _assert_builtins_only_from_polykv(registry: Registry) -> None:
-    version = importlib.metadata.version("polykv")
-    builtin = {entry.name for entry in registry if entry.distribution == "polykv"}
+    version = importlib.metadata.version("polykv-core")
+    builtin = {entry.name for entry in registry if entry.distribution == "polykv-core"}
     assert builtin == BUILTINS
     for entry in registry:
         if entry.name in BUILTINS:
-            assert (entry.distribution, entry.version, entry.plugin) == ("polykv", version, "polykv:builtin")
+            assert (entry.distribution, entry.version, entry.plugin) == ("polykv-core", version, "polykv-core:builtin")
         else:  # only a third-party plugin installed next to polykv can add more
             assert entry.distribution in _third_party_distributions()
     if not _third_party_distributions():
@@ -376,17 +376,17 @@ def test_duplicate_name_without_a_version_names_the_distribution_alone():
 
 
 def test_plugin_cannot_replace_a_builtin(monkeypatch):
-    monkeypatch.setenv("POLYKV_PLUGINS", "polykv")
+    monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core")
     registry = Registry.from_environment()
-    version = importlib.metadata.version("polykv")
-    with pytest.warns(PluginWarning, match=f"policy 'streaming' is already provided by polykv {re.escape(version)}"):
+    version = importlib.metadata.version("polykv-core")
+    with pytest.warns(PluginWarning, match=f"policy 'streaming' is already provided by polykv-core {re.escape(version)}"):
         registry.add_plugin(Offers(StreamingAgain, Beta), name="usurper", distribution="polykv-usurper")
     [failure] = registry.failures
     assert failure == polykv.PluginFailure(
         "polykv-usurper", "usurper", f"policy 'streaming' is already provided by polykv {version}"
     )
     assert registry.get("streaming").policy is not StreamingAgain
-    assert registry.get("streaming").distribution == "polykv"
+    assert registry.get("streaming").distribution == "polykv-core"
     assert "beta" in registry
 
 
@@ -410,8 +410,8 @@ def test_environment_none_loads_nothing(monkeypatch, setting):
     assert registry.failures == ()
 
 
-@pytest.mark.parametrize("setting", ["polykv", "Polykv", "POLYKV", " polykv ", "polykv,", "polykv, polykv"])
-def test_environment_naming_polykv_loads_the_builtins(monkeypatch, setting):
+@pytest.mark.parametrize("setting", ["polykv-core", "Polykv-Core", "POLYKV_CORE", " polykv.core ", "polykv-core,", "polykv-core, polykv_core"])
+def test_environment_naming_polykv_core_loads_the_builtins(monkeypatch, setting):
     monkeypatch.setenv("POLYKV_PLUGINS", setting)
     registry = Registry.from_environment()
     assert set(registry.names()) == BUILTINS
@@ -419,7 +419,7 @@ def test_environment_naming_polykv_loads_the_builtins(monkeypatch, setting):
 
 
 def test_environment_naming_a_missing_distribution_reports_it(monkeypatch):
-    monkeypatch.setenv("POLYKV_PLUGINS", "polykv,not-installed-pkg")
+    monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core,not-installed-pkg")
     with pytest.warns(PluginWarning, match="not-installed-pkg"):
         registry = Registry.from_environment()
     assert set(registry.names()) == BUILTINS

@@ -22,9 +22,9 @@ from transformers.cache_utils import CacheLayerMixin
 from polykv.cache import inputs
 from polykv.cache.selection import choose
 from polykv.errors import CacheError
+from polykv.lang import ast
+from polykv.lang.printer import format_budget
 from polykv.policy import LayerView, Needs, Phase, Policy
-from polykv.spec import ast
-from polykv.spec.printer import format_budget
 
 #: Stored positions take 4 bytes per token and head (2**31 positions is ample); indexing uses long.
 POSITION = torch.int32

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 from polykv.errors import PolykvError
-from polykv.spec.source import Span
+from polykv.lang.source import Span
 
 
 @attrs.frozen

@@ -19,9 +19,9 @@ import attrs
 import lark
 from lark import Token, Transformer, v_args
 
-from polykv.spec import ast
-from polykv.spec.diagnostics import Diagnostic, SpecError
-from polykv.spec.source import Source, Span
+from polykv.lang import ast
+from polykv.lang.diagnostics import Diagnostic, SpecError
+from polykv.lang.source import Source, Span
 
 _COMMENTS: contextvars.ContextVar[list[Token]] = contextvars.ContextVar("polykv_comments")
 

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import decimal
-import json
 
-from polykv.spec import ast
+from polykv.lang import ast
+from polykv.values import format_value
 
 
 def print_spec(spec: ast.Spec) -> str:
@@ -43,14 +43,6 @@ def format_selector(selector: ast.Selector) -> str:
     return ",".join(
         str(item.index) if isinstance(item, ast.LayerIndex) else f"{item.start}-{item.stop}" for item in selector.items
     )
-
-
-def format_value(value: ast.Value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return repr(value)
 
 
 def _positional(value: int | float) -> str:

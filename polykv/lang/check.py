@@ -12,13 +12,14 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from polykv.policy import ParameterError, Policy, Value
+from polykv.lang import ast
+from polykv.lang.diagnostics import Diagnostic, Note, SpecError, suggest
+from polykv.lang.parse import parse_recovering
+from polykv.lang.printer import format_budget
+from polykv.lang.source import Span
+from polykv.policy import ParameterError, Policy
 from polykv.registry import Registry, default_registry
-from polykv.spec import ast
-from polykv.spec.diagnostics import Diagnostic, Note, SpecError, suggest
-from polykv.spec.parse import parse_recovering
-from polykv.spec.printer import format_budget, format_value
-from polykv.spec.source import Span
+from polykv.values import Value, format_value
 
 
 @attrs.frozen

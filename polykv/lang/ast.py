@@ -8,21 +8,13 @@ code equals the same spec parsed from text. Comments and blank lines are kept as
 from __future__ import annotations
 
 import math
-import re
 
 import attrs
 
-from polykv.spec.source import Span
+from polykv.lang.source import Span
+from polykv.values import AUTO, KEYWORDS, Value, is_name
 
-#: The keyword that asks the router (or the budget solver) to decide.
-AUTO = "auto"
-
-#: Words of the language that cannot name a policy.
-KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false"})
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-Value = bool | int | float | str
+__all__ = ["AUTO", "KEYWORDS", "Value"]  # re-exported: the language's words and values
 
 
 def _span() -> Span | None:
@@ -30,7 +22,7 @@ def _span() -> Span | None:
 
 
 def _is_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
-    if not _NAME.match(value):
+    if not is_name(value):
         raise ValueError(f"{attribute.name} must be a name (letters, digits, _), got {value!r}")
 
 
@@ -273,8 +265,3 @@ class Spec:
         first_rule = next((n for n, i in enumerate(items) if isinstance(i, Rule)), len(items))
         items.insert(first_rule, budget)
         return Spec(tuple(items), source_name=self.source_name)
-
-    def __str__(self) -> str:
-        from polykv.spec.printer import print_spec
-
-        return print_spec(self)

@@ -1,0 +1,43 @@
+"""The values a policy parameter can take, the words the language reserves, and how values are written.
+
+Policies, the registry and the language all need these; keeping them here means none of them has
+to import the syntax tree to know what a parameter value or a valid policy name is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+#: A parameter value as the language writes it: `true`, `3`, `0.5`, `"max"`.
+Value = bool | int | float | str
+
+#: The keyword that asks the router (or the budget solver) to decide.
+AUTO = "auto"
+
+#: Words of the language that cannot name a policy.
+KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false"})
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` is a name of the language (letters, digits and _, not starting with a digit)."""
+    return bool(_NAME.match(text))
+
+
+def format_value(value: Value) -> str:
+    """``value`` as the language writes it: ``true``, ``3``, ``0.5``, ``"max"``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def describe_value(value: object) -> str:
+    """``a whole number (3)``: what kind of value ``value`` is, for error messages."""
+    kinds = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string"}
+    kind = kinds.get(type(value), type(value).__name__)
+    shown = format_value(value) if isinstance(value, (bool, int, float, str)) else repr(value)
+    return f"{kind} ({shown})"
