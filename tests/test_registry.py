@@ -383,7 +383,7 @@ def test_plugin_cannot_replace_a_builtin(monkeypatch):
         registry.add_plugin(Offers(StreamingAgain, Beta), name="usurper", distribution="polykv-usurper")
     [failure] = registry.failures
     assert failure == polykv.PluginFailure(
-        "polykv-usurper", "usurper", f"policy 'streaming' is already provided by polykv {version}"
+        "polykv-usurper", "usurper", f"policy 'streaming' is already provided by polykv-core {version}"
     )
     assert registry.get("streaming").policy is not StreamingAgain
     assert registry.get("streaming").distribution == "polykv-core"
