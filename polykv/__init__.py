@@ -5,7 +5,7 @@ language (``layers 0-1: full; *: snapkv@256``) and compiled against a model into
 inside ``model.generate``.
 """
 
-from polykv.cache import PolyCache, prepare_model
+from polykv.cache import PolyCache, prepare_model, restore_model
 from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
 from polykv.hooks import hookimpl
 from polykv.lang.ast import Spec
@@ -52,5 +52,6 @@ __all__ = [
     "load_model",
     "parse",
     "prepare_model",
+    "restore_model",
     "print_spec",
 ]

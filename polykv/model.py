@@ -129,17 +129,24 @@ class ModelInfo:
     head_dim: int
     attention: str
 
+    def geometry(self) -> str:
+        return f"{self.layers} layers, {self.query_heads} query and {self.kv_heads} KV heads of size {self.head_dim}"
 
-def describe_model(model) -> tuple[ModelInfo, dict[int, tuple[str, str]]]:
-    """The model's geometry, and the (device, dtype) of each decoder layer's attention."""
+
+@attrs.frozen
+class LayerPlacement:
+    """Where one decoder layer's attention lives, and what it can see (None: every earlier token)."""
+
+    device: str
+    dtype: str
+    sliding_window: int | None = None
+
+
+def describe_model(model) -> tuple[ModelInfo, dict[int, LayerPlacement]]:
+    """The model's geometry, and each decoder layer's device, dtype and sliding window."""
     from polykv.cache.attention import kernel_name
 
     config = model.config.get_text_config()
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        raise ModelError(
-            f"{type(model).__name__} mixes attention types ({', '.join(sorted(set(config.layer_types)))}); "
-            "polykv handles models whose layers all use full attention"
-        )
     query_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
     info = ModelInfo(
@@ -150,6 +157,7 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, tuple[str, str]]]:
         head_dim=head_dim,
         attention=kernel_name(model),
     )
+    windows = sliding_windows(config, type(model).__name__)
     modules = attention_modules(model)
     missing = [i for i in range(info.layers) if i not in modules]
     if missing:
@@ -157,8 +165,36 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, tuple[str, str]]]:
     placement = {}
     for index, module in modules.items():
         parameter = next(module.parameters())
-        placement[index] = (str(parameter.device), str(parameter.dtype).removeprefix("torch."))
+        placement[index] = LayerPlacement(
+            str(parameter.device), str(parameter.dtype).removeprefix("torch."), windows[index]
+        )
     return info, placement
+
+
+def sliding_windows(config, model_name: str) -> list[int | None]:
+    """Each layer's sliding window (None for full attention), classified the way transformers' cache does."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    kinds, arguments = get_layer_types_and_kwargs(config)
+    if len(kinds) != config.num_hidden_layers:
+        raise ModelError(
+            f"{model_name} shares KV caches between layers ({len(kinds)} caches for {config.num_hidden_layers} "
+            "layers); polykv needs one cache per layer"
+        )
+    # transformers 5.17 gives one dict for every layer, newer releases one dict per layer.
+    per_layer = arguments if isinstance(arguments, list) else [arguments] * len(kinds)
+    windows: list[int | None] = []
+    for index, (kind, layer_arguments) in enumerate(zip(kinds, per_layer)):
+        if kind == "full_attention":
+            windows.append(None)
+        elif kind == "sliding_attention":
+            windows.append(int(layer_arguments["sliding_window"]))
+        else:
+            raise ModelError(
+                f"layer {index} of {model_name} uses {kind!r} layers; polykv handles full and sliding-window "
+                "attention layers"
+            )
+    return windows
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:

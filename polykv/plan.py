@@ -1,41 +1,83 @@
 """A plan: a spec resolved against a model, ready to make caches from, and serialisable.
 
 ``compile`` checks a spec against a model's layer count, resolves every layer's policy and
-budget, records each layer's geometry, and prepares the model's attention. A plan is reusable
-(one cache per request) and round-trips through JSON, so it can be computed once and shipped.
+budget into plain values, records each layer's device, dtype and sliding window, and prepares the
+model's attention. A plan is reusable (one cache per request) and round-trips through JSON, so it
+can be computed once and shipped; ``plan.apply(model)`` prepares a model for it (and, used as a
+context manager, gives the model back its own attention afterwards).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 import torch
 
-from polykv.cache import PhaseRule, PolyCache, PolyLayer, prepare_model
+from polykv.budget import Budget, Share, Tokens, budget_from_dict, budget_to_dict
+from polykv.cache import PhaseRule, PolyCache, PolyLayer
+from polykv.cache.attention import prepare_model, restore_model
+from polykv.cache.capture import Capture
+from polykv.errors import ModelError
 from polykv.lang import ast
 from polykv.lang.check import PhaseChoice, check
 from polykv.lang.diagnostics import Diagnostic, SpecError
 from polykv.lang.parse import load, parse
 from polykv.lang.printer import print_spec
-from polykv.model import ModelInfo, describe_model
+from polykv.model import LayerPlacement, ModelInfo, describe_model
+from polykv.policy import Needs
 from polykv.registry import Registry, default_registry
+from polykv.values import Value, format_value
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+@attrs.frozen
+class PhasePlan:
+    """A layer's policy for one phase, resolved: its name, every parameter, and its budget (None: all)."""
+
+    policy: str
+    params: Mapping[str, Value] = attrs.field(factory=dict)
+    budget: Budget | None = None
+
+    def describe(self) -> str:
+        """``snapkv@256(window=32, kernel=7, pooling="max")``: what the layer does, as the language writes it."""
+        text = self.policy
+        if self.budget is not None:
+            text += f"@{self.budget}"
+        if self.params:
+            text += "(" + ", ".join(f"{k}={format_value(v)}" for k, v in self.params.items()) + ")"
+        return text
+
+    def rule(self, registry: Registry) -> PhaseRule:
+        entry = registry.get(self.policy)
+        return PhaseRule(entry.policy(**self.params), self.budget, entry.distribution)
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "params": dict(self.params), "budget": budget_to_dict(self.budget)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> PhasePlan:
+        return cls(data["policy"], dict(data["params"]), budget_from_dict(data["budget"]))
 
 
 @attrs.frozen
 class LayerPlan:
-    """What one layer does, where it lives, and (for routing) what was measured about it."""
+    """What one layer does, where it lives, what it can see, and the measurements that decided it."""
 
     index: int
-    prefill: PhaseChoice
-    decode: PhaseChoice | None
+    prefill: PhasePlan
+    decode: PhasePlan | None
     device: str
     dtype: str
+    sliding_window: int | None = None
     signals: Mapping[str, float] = attrs.field(factory=dict)
+
+    def describe(self) -> str:
+        return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +86,7 @@ class LayerPlan:
             "decode": self.decode.to_dict() if self.decode else None,
             "device": self.device,
             "dtype": self.dtype,
+            "sliding_window": self.sliding_window,
             "signals": dict(self.signals),
         }
 
@@ -51,10 +94,11 @@ class LayerPlan:
     def from_dict(cls, data: Mapping) -> LayerPlan:
         return cls(
             data["index"],
-            PhaseChoice.from_dict(data["prefill"]),
-            PhaseChoice.from_dict(data["decode"]) if data.get("decode") else None,
+            PhasePlan.from_dict(data["prefill"]),
+            PhasePlan.from_dict(data["decode"]) if data.get("decode") else None,
             data["device"],
             data["dtype"],
+            data.get("sliding_window"),
             dict(data.get("signals", {})),
         )
 
@@ -68,20 +112,69 @@ class Plan:
     layers: tuple[LayerPlan, ...] = attrs.field(converter=tuple)
 
     def make_cache(self, registry: Registry | None = None) -> PolyCache:
+        """A new, empty cache for one request (a batch of prompts) with this plan."""
         registry = registry or default_registry()
+        return PolyCache(
+            [
+                PolyLayer(
+                    layer.index,
+                    layer.prefill.rule(registry),
+                    layer.decode.rule(registry) if layer.decode else None,
+                    sliding_window=layer.sliding_window,
+                )
+                for layer in self.layers
+            ]
+        )
 
-        def rule(choice: PhaseChoice | None) -> PhaseRule | None:
-            if choice is None:
-                return None
-            return PhaseRule(registry.create(choice.policy, dict(choice.params)), choice.budget)
+    def cache_from(self, captured: Capture, registry: Registry | None = None) -> PolyCache:
+        """The cache ``make_cache()`` would hold after prefilling the captured prompt, without a prefill.
 
-        return PolyCache([PolyLayer(layer.index, rule(layer.prefill), rule(layer.decode)) for layer in self.layers])
+        ``captured`` must have recorded what this plan's policies need (``capture(..., needs=plan.needs())``).
+        """
+        registry = registry or default_registry()
+        keep, decode = {}, {}
+        for layer in self.layers:
+            rule = layer.prefill.rule(registry)
+            budget = captured.budget(layer.index, rule)
+            if budget is not None:
+                keep[layer.index] = captured.select(layer.index, rule.policy, budget).indices
+            if layer.decode is not None:
+                decode[layer.index] = layer.decode.rule(registry)
+        return captured.cache(keep, decode)
+
+    def needs(self, registry: Registry | None = None) -> Needs:
+        """What a capture must record for this plan's prefill policies."""
+        registry = registry or default_registry()
+        needs = [registry.create(layer.prefill.policy, dict(layer.prefill.params)).needs() for layer in self.layers]
+        return Needs(
+            window=max(n.window for n in needs),
+            window_attention=any(n.window_attention for n in needs),
+            accumulated_attention=any(n.accumulated_attention for n in needs),
+        )
+
+    def apply(self, model: torch.nn.Module) -> Applied:
+        """Prepare ``model`` for this plan's caches, after checking the plan was made for its geometry.
+
+        The model is prepared at once; used as ``with plan.apply(model): ...`` it gets its own
+        attention implementation back on exit (if this call was the one that changed it).
+        """
+        info, placement = describe_model(model)
+        ours = (self.model.layers, self.model.query_heads, self.model.kv_heads, self.model.head_dim)
+        if ours != (info.layers, info.query_heads, info.kv_heads, info.head_dim):
+            raise ModelError(
+                f"this plan was compiled for {self.model.name} ({self.model.geometry()}), "
+                f"but the model is {info.name} ({info.geometry()}): compile the spec against this model"
+            )
+        windows = [placement[layer.index].sliding_window for layer in self.layers]
+        if windows != [layer.sliding_window for layer in self.layers]:
+            raise ModelError("this plan's sliding windows differ from the model's: compile the spec against it")
+        return Applied(model, prepare_model(model))
 
     def runs(self) -> list[tuple[list[int], str]]:
         """(layer indices, what they do) for each run of consecutive layers that do the same."""
         runs: list[tuple[list[int], str]] = []
         for layer in self.layers:
-            text = layer.prefill.describe() + (f" decode {layer.decode.describe()}" if layer.decode else "")
+            text = layer.describe()
             if runs and runs[-1][1] == text:
                 runs[-1][0].append(layer.index)
             else:
@@ -110,8 +203,23 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
+class Applied:
+    """A model prepared for a plan; as a context manager it restores the model's attention on exit."""
+
+    def __init__(self, model: torch.nn.Module, changed: bool):
+        self.model = model
+        self.changed = changed
+
+    def __enter__(self) -> torch.nn.Module:
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.changed:
+            restore_model(self.model)
+
+
 def compile(
-    spec: ast.Spec | str | Path,
+    spec: ast.Spec | str | os.PathLike,
     model: torch.nn.Module,
     *,
     budget: int | str | None = None,
@@ -119,10 +227,10 @@ def compile(
 ) -> Plan:
     """Resolve ``spec`` against ``model`` into a Plan, and prepare the model's attention for it.
 
-    ``spec`` is a Spec, spec text (``"layers 0-1: full; *: snapkv@256"``) or the path of a
-    ``.pkv`` file. ``budget`` is the total budget for a spec without a ``budget`` line: tokens per
-    layer on average (512), or the text after ``budget`` (``"total 16384"``, ``"10%"``).
-    Raises SpecError with every problem found.
+    ``spec`` is a Spec, spec text (``"layers 0-1: full; *: snapkv@256"``) or the path of a spec
+    file. ``budget`` is the total budget for a spec without a ``budget`` line: tokens per layer on
+    average (512), or the text after ``budget`` (``"total 16384"``, ``"10%"``). The model is
+    prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
     """
     registry = registry or default_registry()
     spec = as_spec(spec)
@@ -131,20 +239,79 @@ def compile(
     info, placement = describe_model(model)
     checked = check(spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry)
     _refuse_auto(checked.spec)
-    prepare_model(model)
     layers = [
-        LayerPlan(entry.index, entry.prefill, entry.decode, *placement[entry.index], signals=entry.signals)
+        _layer_plan(entry.index, entry.prefill, entry.decode, placement[entry.index], entry.signals)
         for entry in checked.layers
     ]
-    return Plan(print_spec(spec), info, layers)
+    _check_windows(layers, checked, registry)
+    plan = Plan(print_spec(spec), info, layers)
+    plan.apply(model)
+    return plan
 
 
-def as_spec(spec: ast.Spec | str | Path, source: str = "<string>") -> ast.Spec:
+def _layer_plan(
+    index: int,
+    prefill: PhaseChoice,
+    decode: PhaseChoice | None,
+    placement: LayerPlacement,
+    signals: Mapping[str, float],
+) -> LayerPlan:
+    return LayerPlan(
+        index,
+        _phase_plan(prefill),
+        _phase_plan(decode) if decode is not None else None,
+        placement.device,
+        placement.dtype,
+        placement.sliding_window,
+        signals,
+    )
+
+
+def _phase_plan(choice: PhaseChoice) -> PhasePlan:
+    return PhasePlan(choice.policy, dict(choice.params), _resolved_budget(choice.budget))
+
+
+def _resolved_budget(budget: ast.Budget | None) -> Budget | None:
+    if budget is None:
+        return None
+    if isinstance(budget, ast.Tokens):
+        return Tokens(budget.count)
+    if isinstance(budget, ast.Percent):
+        return Share(budget.value)
+    raise ValueError(f"{budget!r} must be resolved before planning")
+
+
+def _check_windows(layers: list[LayerPlan], checked, registry: Registry) -> None:
+    """A sliding-window layer never holds more than its window: the policy must work with that."""
+    problems = []
+    for layer, entry in zip(layers, checked.layers):
+        if layer.sliding_window is None:
+            continue
+        for phase, choice in ((layer.prefill, entry.prefill), (layer.decode, entry.decode)):
+            if phase is None:
+                continue
+            needed = registry.create(phase.policy, dict(phase.params)).min_budget()
+            if layer.sliding_window - 1 < needed:
+                use = choice.use
+                problems.append(
+                    Diagnostic(
+                        "budget-too-small",
+                        f"layer {layer.index} is a sliding-window layer that keeps at most {layer.sliding_window - 1} "
+                        f"tokens, fewer than the {needed} {phase.policy} needs",
+                        use.span if use is not None else None,
+                        hint="lower the policy's window parameter for these layers, or give them another policy",
+                    )
+                )
+    if problems:
+        raise SpecError(problems)
+
+
+def as_spec(spec: ast.Spec | str | os.PathLike, source: str = "<string>") -> ast.Spec:
     """A Spec from a Spec, a ``.pkv`` path, or spec text (named ``source`` in messages)."""
     if isinstance(spec, ast.Spec):
         return spec
-    if isinstance(spec, Path) or spec.endswith(".pkv"):
-        return load(spec)
+    if isinstance(spec, os.PathLike) or spec.endswith(".pkv"):
+        return load(Path(spec))
     return parse(spec, source=source)
 
 

@@ -139,6 +139,10 @@ class Needs:
             raise ValueError("window attention needs a window of at least one query")
 
 
+#: A policy that needs nothing beyond keys and values.
+NOTHING_MORE = Needs()
+
+
 @attrs.frozen(kw_only=True)
 class LayerView:
     """One layer's cache as a policy sees it, and the budget to fit it into.

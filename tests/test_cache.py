@@ -234,6 +234,7 @@ def test_one_compressed_context_answers_several_questions(tiny_model):
     cache = plan.make_cache()
     with torch.no_grad():
         tiny_model(context, past_key_values=cache)
+    cache.end_prefill()  # the questions are appended, not compressed with the context
     compressed = cache.layer_lengths()
     for question in questions:
         ids = torch.cat([context, question], 1)
@@ -243,6 +244,7 @@ def test_one_compressed_context_answers_several_questions(tiny_model):
         fresh = plan.make_cache()
         with torch.no_grad():
             tiny_model(context, past_key_values=fresh)
+        fresh.end_prefill()
         assert torch.equal(tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=fresh), answer)
 
 
@@ -290,13 +292,51 @@ def test_an_empty_prompt_is_an_error(tiny_model):
         cache.update(torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16), 0)
 
 
-def test_a_model_that_was_not_prepared_is_caught():
+def test_an_unprepared_model_fails_in_the_very_forward_that_should_compress():
     model = tiny_llama("sdpa")
-    plan = polykv.compile("layers *: knorm@10", model)
+    plan = polykv.Plan.from_json(polykv.compile("layers *: knorm@10", model).to_json())
     unprepared = tiny_llama("sdpa")
-    cache = plan.make_cache()
-    with pytest.raises(polykv.CacheError, match=r"prepare the model with polykv.prepare_model\(model\)"):
-        unprepared.generate(_prompt(length=30), max_new_tokens=3, do_sample=False, past_key_values=cache)
+    expected = r"layer 0's attention did not go through polykv.*plan.apply\(model\)"
+    with pytest.raises(polykv.CacheError, match=expected), torch.no_grad():
+        unprepared(_prompt(length=30), past_key_values=plan.make_cache())  # a lone prefill
+
+
+def test_apply_prepares_and_restores_the_model():
+    model = tiny_llama("sdpa")
+    plan = polykv.Plan.from_json(polykv.compile("layers *: knorm@10", tiny_llama("eager")).to_json())
+    assert model.config._attn_implementation == "sdpa"
+    with plan.apply(model) as prepared:
+        assert prepared is model and model.config._attn_implementation == "polykv_sdpa"
+        cache = plan.make_cache()
+        with torch.no_grad():
+            model(_prompt(length=30), past_key_values=cache)
+        assert cache.layer_lengths() == [10] * 4
+    assert model.config._attn_implementation == "sdpa"
+    polykv.prepare_model(model)
+    with plan.apply(model):  # already prepared: left prepared on exit
+        pass
+    assert model.config._attn_implementation == "polykv_sdpa"
+    polykv.restore_model(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_plan_for_another_model_is_refused():
+    plan = polykv.compile("layers *: knorm@10", tiny_llama("sdpa", layers=4))
+    with pytest.raises(polykv.ModelError, match=r"compiled for .*4 layers.*but the model is .*3 layers"):
+        plan.apply(tiny_llama("sdpa", layers=3))
+
+
+def test_a_cache_serves_one_model_and_one_batch():
+    model = tiny_llama("sdpa")
+    cache = polykv.compile("layers *: knorm@10", model).make_cache()
+    with torch.no_grad():
+        model(_prompt(length=30), past_key_values=cache)
+        with pytest.raises(polykv.CacheError, match="holds 1 batch rows but received 2"):
+            model(_prompt(batch=2, length=3), past_key_values=cache)
+    cache.reset()
+    with torch.no_grad():
+        model(_prompt(batch=2, length=30), past_key_values=cache)
+    assert cache.layer_lengths() == [10] * 4
 
 
 def test_a_percent_budget_below_the_policy_minimum_is_caught_at_prefill(tiny_model):
@@ -332,3 +372,73 @@ def test_devices_and_dtypes(device, dtype):
         wide = polykv.compile("layers *: snapkv@100(window=4)", model).make_cache()
         expected = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache())
         assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=wide), expected)
+
+
+# --- plans, and what generate asks of a cache ----------------------------------------------------------
+
+
+def test_a_plan_round_trips_through_json_and_generates_the_same_tokens(tiny_model):
+    plan = polykv.compile("layers 0: full; 1: snapkv@12(window=4) decode streaming@20; *: knorm@25%", tiny_model)
+    loaded = polykv.Plan.from_json(plan.to_json())
+    assert loaded == plan
+    ids = _prompt(batch=2)
+    options = {"max_new_tokens": 10, "do_sample": False}
+    expected = tiny_model.generate(ids, past_key_values=plan.make_cache(), **options)
+    assert torch.equal(tiny_model.generate(ids, past_key_values=loaded.make_cache(), **options), expected)
+
+
+def test_compile_takes_a_total_budget(tiny_model):
+    plan = polykv.compile("layers 0: full; *: knorm@8", tiny_model, budget=64)
+    assert "budget 64" in plan.spec
+    with pytest.raises(polykv.SpecError, match="the spec sets its own budget"):
+        polykv.compile("budget 32; layers *: knorm@8", tiny_model, budget=64)
+
+
+@pytest.mark.parametrize("spec", ["layers *: full", "layers 0: full; *: snapkv@12(window=4) decode streaming@16"])
+def test_beam_search_and_several_returned_sequences(tiny_model, spec):
+    plan = polykv.compile(spec, tiny_model)
+    ids = _prompt(batch=2, length=30)
+    options = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
+    out = tiny_model.generate(ids, past_key_values=plan.make_cache(), **options)
+    assert out.shape == (4, 38)
+    if spec == "layers *: full":
+        assert torch.equal(out, tiny_model.generate(ids, **options))
+    sampled = tiny_model.generate(
+        ids, past_key_values=plan.make_cache(), max_new_tokens=4, do_sample=True, num_return_sequences=3
+    )
+    assert sampled.shape == (6, 34)
+    assert torch.equal(sampled[0::3, :30], ids) and torch.equal(sampled[2::3, :30], ids)
+
+
+def test_reset_makes_the_cache_new_again(tiny_model):
+    cache = polykv.compile("layers *: knorm@10", tiny_model).make_cache()
+    ids = _prompt(length=30)
+    first = tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.layer_lengths() == [0] * 4
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), first)
+
+
+def test_decoding_appends_in_place_with_headroom(tiny_model):
+    """Decoding does not copy the whole layer each step: storage grows in steps, and nbytes counts it."""
+    cache = polykv.compile("layers 0: full; *: knorm@10", tiny_model).make_cache()
+    tiny_model.generate(
+        _prompt(length=30), max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache
+    )
+    full, compressed = cache.layers[0].storage, cache.layers[1].storage
+    assert (full.size, compressed.size) == (49, 29)
+    assert full.capacity >= 49 and full.capacity % 64 == 0
+    element = 4
+    assert cache.nbytes() == sum(
+        2 * 2 * layer.storage.capacity * 16 * element
+        + (layer.storage.capacity * 2 * 4 if layer.positions is not None else 0)
+        for layer in cache.layers
+    )
+
+
+def test_a_decode_budget_bounds_the_memory_allocated(tiny_model):
+    cache = polykv.compile("layers *: knorm@12 decode streaming@24", tiny_model).make_cache()
+    tiny_model.generate(
+        _prompt(length=40), max_new_tokens=50, min_new_tokens=50, do_sample=False, past_key_values=cache
+    )
+    assert all(layer.storage.capacity <= 25 for layer in cache.layers)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import polykv
 import polykv.cache.inputs as inputs
 from polykv import LayerView, Needs, Phase, Policy
-from polykv.cache.selection import choose
+from polykv.cache import selection
+from polykv.cache.checks import raise_for
 from polykv.policy import first_tokens, most_recent
 
 REGISTRY = polykv.default_registry()
@@ -60,9 +61,26 @@ def view(
     )
 
 
+def choose(policy: Policy, layer_view: LayerView) -> torch.Tensor:
+    """What the cache keeps: the policy's checked choice, its problems raised as the cache raises them."""
+    where = f"policy {policy!r} on layer {layer_view.layer} ({layer_view.phase.value})"
+    chosen = selection.choose(policy, layer_view, where=where)
+    raise_for(chosen.problems, where)
+    return chosen.indices
+
+
 def kept(policy: Policy, layer_view: LayerView) -> list:
     """What ``choose`` keeps, as nested Python lists (B, H, budget)."""
     return choose(policy, layer_view).tolist()
+
+
+def accumulated(queries, keys, mask, scaling):
+    """Accumulated attention at prefill: query i at position i, padding queries counting for nothing."""
+    batch, heads, length, _ = keys.shape
+    positions = torch.arange(length)
+    return inputs.accumulated_attention(
+        queries, positions, mask[:, 0], keys, positions.expand(batch, heads, length), mask, scaling
+    )
 
 
 def create(name: str, **values) -> Policy:
@@ -513,7 +531,7 @@ def random_view(policy: Policy, data, seed: int) -> LayerView:
             )
     if needs.accumulated_attention:
         all_queries = torch.randn(batch, heads, groups, length, dim, generator=generator)
-        extra["accumulated_attention"] = inputs.accumulated_attention(all_queries, keys, mask, scaling)
+        extra["accumulated_attention"] = accumulated(all_queries, keys, mask, scaling)
     return LayerView(
         layer=draw(st.integers(0, 40)),
         phase=Phase.PREFILL,
@@ -632,8 +650,8 @@ class NotATensor(Policy):
         (NotATensor(), "select() returned list, expected a tensor of shape (1, 2, 4)"),
         (FloatIndices(), "select() returned torch.float32 indices, expected torch.long"),
         (IntIndices(), "select() returned torch.int32 indices, expected torch.long"),
-        (PastTheEnd(), "select() returned indices outside 0..11"),
-        (Negative(), "select() returned indices outside 0..11"),
+        (PastTheEnd(), "select() returned indices outside the layer's tokens"),
+        (Negative(), "select() returned indices outside the layer's tokens"),
         (Twice(), "select() returned the same token twice in a row and head"),
         (Oldest(), "select() kept padding although enough real tokens were there"),
     ],
@@ -740,7 +758,7 @@ def accumulated_case():
 
 def test_accumulated_attention_matches_a_loop_over_every_query(accumulated_case):
     queries, keys, mask, scaling = accumulated_case
-    result = inputs.accumulated_attention(queries, keys, mask, scaling)
+    result = accumulated(queries, keys, mask, scaling)
     expected = brute_force_accumulated(queries, keys, mask, scaling)
     assert result.shape == expected.shape
     assert torch.allclose(result, expected, atol=1e-5)
@@ -753,9 +771,9 @@ def test_accumulated_attention_matches_a_loop_over_every_query(accumulated_case)
 @pytest.mark.parametrize("elements", [1, 7, 3 * 2 * 2 * 9 * 4, 3 * 2 * 2 * 9 * 9])
 def test_accumulated_attention_does_not_depend_on_the_chunk_size(accumulated_case, monkeypatch, elements):
     queries, keys, mask, scaling = accumulated_case
-    whole = inputs.accumulated_attention(queries, keys, mask, scaling)
+    whole = accumulated(queries, keys, mask, scaling)
     monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", elements)
-    chunked = inputs.accumulated_attention(queries, keys, mask, scaling)
+    chunked = accumulated(queries, keys, mask, scaling)
     assert torch.allclose(chunked, whole, atol=1e-6)
 
 

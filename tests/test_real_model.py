@@ -135,7 +135,7 @@ def test_the_main_command(real_model):
     assert result.returncode == 0, result.stderr
     answer, _, report = result.stdout.partition("\n\n")
     assert "72514" in answer
-    assert '2-29    snapkv(window=32, kernel=7, pooling="max")@256  256 of 1027' in report
+    assert '2-29    snapkv@256(window=32, kernel=7, pooling="max")  256 of 1027' in report
     assert "0-1     full" in report and "1027 of 1027" in report
     assert "% saved)" in report and "time: load" in report
     assert "prefill 1027 tokens" in result.stderr  # the progress bar

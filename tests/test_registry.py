@@ -379,7 +379,9 @@ def test_plugin_cannot_replace_a_builtin(monkeypatch):
     monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core")
     registry = Registry.from_environment()
     version = importlib.metadata.version("polykv-core")
-    with pytest.warns(PluginWarning, match=f"policy 'streaming' is already provided by polykv-core {re.escape(version)}"):
+    with pytest.warns(
+        PluginWarning, match=f"policy 'streaming' is already provided by polykv-core {re.escape(version)}"
+    ):
         registry.add_plugin(Offers(StreamingAgain, Beta), name="usurper", distribution="polykv-usurper")
     [failure] = registry.failures
     assert failure == polykv.PluginFailure(
@@ -410,7 +412,10 @@ def test_environment_none_loads_nothing(monkeypatch, setting):
     assert registry.failures == ()
 
 
-@pytest.mark.parametrize("setting", ["polykv-core", "Polykv-Core", "POLYKV_CORE", " polykv.core ", "polykv-core,", "polykv-core, polykv_core"])
+@pytest.mark.parametrize(
+    "setting",
+    ["polykv-core", "Polykv-Core", "POLYKV_CORE", " polykv.core ", "polykv-core,", "polykv-core, polykv_core"],
+)
 def test_environment_naming_polykv_core_loads_the_builtins(monkeypatch, setting):
     monkeypatch.setenv("POLYKV_PLUGINS", setting)
     registry = Registry.from_environment()

@@ -6,6 +6,12 @@ attention function (``polykv_sdpa`` or ``polykv_eager``, wrapping the model's ke
 layer of a PolyCache it fits the mask to that layer, runs the kernel, then hands the layer the
 queries it needs to choose what to keep. For anything else it is the wrapped kernel, unchanged.
 
+Preparing a model is explicit: ``prepare_model`` switches its attention implementation to the
+wrapper and ``restore_model`` switches it back (``Plan.apply`` does both as a context manager,
+``polykv.compile`` prepares). A cache used with a model that was not prepared notices in the
+same forward pass: every layer's update must be followed by this function before the next
+layer's update.
+
 The cache tells the function which layer it is serving through a context variable set in
 ``PolyCache.update``: the function checks that the keys it received are the very tensor that
 update returned, so a stale hand-off can never be mistaken for the current one.
@@ -20,6 +26,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from polykv.cache.inputs import Visibility
 from polykv.errors import ModelError
 
 PREFIX = "polykv_"
@@ -28,17 +35,18 @@ SUPPORTED = ("sdpa", "eager")
 
 @attrs.frozen
 class Handoff:
-    """The layer that just returned ``keys`` from ``update``."""
+    """The layer of ``cache`` that just returned ``keys`` from ``update``."""
 
-    layer: object  # PolyLayer; typed loosely to keep this module free of the cache's imports
+    cache: object  # PolyCache; typed loosely to keep this module free of the cache's imports
+    layer: object  # PolyLayer
     keys: torch.Tensor
 
 
 _HANDOFF: contextvars.ContextVar[Handoff | None] = contextvars.ContextVar("polykv_handoff", default=None)
 
 
-def hand_over(layer: object, keys: torch.Tensor) -> None:
-    _HANDOFF.set(Handoff(layer, keys))
+def hand_over(cache: object, layer: object, keys: torch.Tensor) -> None:
+    _HANDOFF.set(Handoff(cache, layer, keys))
 
 
 def _kernel(inner: str, module: torch.nn.Module) -> Callable:
@@ -60,27 +68,32 @@ def _attention_function(inner: str) -> Callable:
             return kernel(module, query, key, value, attention_mask, **kwargs)
         _HANDOFF.set(None)
         layer = handoff.layer
+        handoff.cache.attended(layer)
         mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
         output = kernel(module, query, key, value, mask, **kwargs)
         scaling = kwargs.get("scaling")
-        layer.after_attention(query, attention_mask, module.scaling if scaling is None else scaling)
+        # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
+        softcap = kwargs.get("softcap") if inner == "eager" else None
+        visibility = Visibility(sliding_window=layer.sliding_window, softcap=softcap)
+        layer.after_attention(query, attention_mask, module.scaling if scaling is None else scaling, visibility)
         return output
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"
     return polykv_attention
 
 
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Route ``model``'s attention through polykv (SDPA or eager kept as the kernel); returns the model.
+def prepare_model(model: torch.nn.Module) -> bool:
+    """Route ``model``'s attention through polykv (SDPA or eager kept as the kernel).
 
-    Outputs without a PolyCache are unchanged. Calling it again does nothing.
+    Returns True if the model was changed, False if it was already prepared. Outputs without a
+    PolyCache are unchanged; ``restore_model`` undoes it.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     current = model.config._attn_implementation
     if current.startswith(PREFIX):
-        return model
+        return False
     if current not in SUPPORTED:
         raise ModelError(
             f"the model uses {current!r} attention; polykv works with {' or '.join(SUPPORTED)} "
@@ -92,7 +105,17 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise ModelError(f"{type(model).__name__} does not let polykv set its attention function")
-    return model
+    return True
+
+
+def restore_model(model: torch.nn.Module) -> None:
+    """Give ``model`` back the attention implementation it had before ``prepare_model``."""
+    if is_prepared(model):
+        model.set_attn_implementation(kernel_name(model))
+
+
+def is_prepared(model: torch.nn.Module) -> bool:
+    return model.config._attn_implementation.startswith(PREFIX)
 
 
 def kernel_name(model: torch.nn.Module) -> str:

@@ -8,48 +8,83 @@ import torch
 from transformers.cache_utils import Cache
 
 from polykv.cache.attention import hand_over
+from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PolyLayer
+from polykv.errors import CacheError
 
 
 class PolyCache(Cache):
     """A per-layer compressed KV cache for ``model.generate(..., past_key_values=cache)``.
 
-    Make one per request with ``plan.make_cache()``; the model must have been prepared
-    (``polykv.compile`` does it). ``get_seq_length`` counts every token seen, so positions stay
-    those of the full cache, while each layer stores only what its policy kept.
+    Make one per request with ``plan.make_cache()``; the model must be prepared (``plan.apply``
+    or ``polykv.compile``). ``get_seq_length`` counts every token seen, so positions stay those of
+    the full cache, while each layer stores only what its policy kept.
     """
 
     def __init__(self, layers: Sequence[PolyLayer]):
         super().__init__(layers=list(layers))
+        self._awaiting: PolyLayer | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise CacheError(
+                f"the model has a layer {layer_idx}, but this cache was planned for {len(self.layers)} layers; "
+                "compile the spec against this model"
+            )
+        if self._awaiting is not None:
+            waiting, self._awaiting = self._awaiting, None
+            raise CacheError(
+                f"layer {waiting.index}'s attention did not go through polykv, so it could not fit its mask or "
+                "compress: prepare the model first (with plan.apply(model): ..., or polykv.prepare_model(model); "
+                "polykv.compile does it)"
+            )
+        if layer_idx == 0:
+            self.check()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        hand_over(self.layers[layer_idx], keys)
+        self._awaiting = self.layers[layer_idx]
+        hand_over(self, self.layers[layer_idx], keys)
         return keys, values
+
+    def attended(self, layer: PolyLayer) -> None:
+        """Called by polykv's attention function once ``layer`` has attended."""
+        if self._awaiting is layer:
+            self._awaiting = None
+
+    def check(self) -> None:
+        """Raise the problems that device-side checks found since the last check (see ``checks``)."""
+        pending = [found for layer in self.layers for found in layer.problems]
+        for layer in self.layers:
+            layer.problems = []
+        raise_pending(pending)
+
+    def end_prefill(self) -> None:
+        """End the prefill: later forwards append (to ask several questions about one compressed context)."""
+        for layer in self.layers:
+            layer.end_prefill()
 
     def rewind(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens, e.g. an answer, to ask again."""
         for layer in self.layers:
             layer.rewind(length)
 
+    def reset(self) -> None:
+        self._awaiting = None
+        super().reset()
+
     def layer_lengths(self) -> list[int]:
         """Tokens stored per row and KV head in each layer."""
-        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+        self.check()
+        return [layer.storage.size for layer in self.layers]
 
     def nbytes(self) -> int:
-        """Bytes the cache holds: keys, values and the positions of evicted layers."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                total += layer.keys.nbytes + layer.values.nbytes
-                total += layer.positions.nbytes if layer.positions is not None else 0
-        return total
+        """Bytes the cache holds: keys, values, positions of evicted layers, and headroom for appending."""
+        return sum(layer.storage.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
-        """Bytes an uncompressed cache would hold for the same tokens."""
+        """Bytes transformers' own cache would hold for the same tokens (a sliding layer keeps its window)."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
-                batch, heads, _stored, dim = layer.keys.shape
-                total += 2 * batch * heads * layer.seen * dim * layer.keys.element_size()
+                tokens = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
+                total += 2 * layer.batch_size * layer.kv_heads * tokens * layer.head_dim * layer.dtype.itemsize
         return total

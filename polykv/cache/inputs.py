@@ -3,14 +3,27 @@
 Nothing here switches the model to eager attention or builds the full attention matrix of a long
 prompt: window attention covers only the last few queries, and accumulated attention runs over
 chunks of queries whose size bounds the memory it takes.
+
+Attention is computed the way the model computes it: a query sees the real tokens at or before its
+own position, within the sliding window on sliding layers, with the logits soft-capped where the
+model's kernel caps them (Gemma 2 with eager attention).
 """
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 #: Upper bound on the float32 attention elements one chunk of accumulated attention holds (256 MiB).
 CHUNK_ELEMENTS = 1 << 26
+
+
+@attrs.frozen
+class Visibility:
+    """How the model's attention restricts what a query sees, beyond causality and padding."""
+
+    sliding_window: int | None = None
+    softcap: float | None = None
 
 
 def grouped(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -26,50 +39,56 @@ def window_attention(
     key_positions: torch.Tensor,
     token_mask: torch.Tensor,
     scaling: float,
+    visibility: Visibility = Visibility(),
 ) -> torch.Tensor:
-    """Softmax attention of a few queries over every token, float32, shape (B, H, G, n, L).
+    """Softmax attention of a few queries over the stored tokens, float32, shape (B, H, G, n, L).
 
-    ``queries`` (B, H, G, n, D) sit at ``query_positions`` (n,); a query sees the real tokens at
-    or before its own position. A query that sees nothing (padding) gets all zeros.
+    ``queries`` (B, H, G, n, D) sit at ``query_positions`` (n,); ``key_positions`` (B, H, L) and
+    ``token_mask`` (B, H, L) describe the stored tokens. A query that sees nothing gets all zeros.
     """
     logits = torch.einsum("bhgnd,bhld->bhgnl", queries.float(), keys.float()) * scaling
-    visible = token_mask[:, :, None, None, :] & (
-        key_positions[:, :, None, None, :] <= query_positions[None, None, None, :, None]
-    )
-    return _masked_softmax(logits, visible)
+    if visibility.softcap:
+        logits = torch.tanh(logits / visibility.softcap) * visibility.softcap
+    keys_at = key_positions[:, :, None, None, :]
+    queries_at = query_positions[None, None, None, :, None]
+    visible = token_mask[:, :, None, None, :] & (keys_at <= queries_at)
+    if visibility.sliding_window:
+        visible &= keys_at > queries_at - visibility.sliding_window
+    weights = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)
 
 
 def accumulated_attention(
     queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    real_queries: torch.Tensor,
     keys: torch.Tensor,
+    key_positions: torch.Tensor,
     token_mask: torch.Tensor,
     scaling: float,
+    visibility: Visibility = Visibility(),
 ) -> torch.Tensor:
-    """Attention each token receives, summed over every real query of the prompt: (B, H, G, L).
+    """Attention each stored token receives, summed over the real queries given: (B, H, G, L).
 
-    Prefill only: query i sits at position i and sees tokens 0..i. Runs over chunks of queries so
-    that at most CHUNK_ELEMENTS attention weights exist at once.
+    ``queries`` (B, H, G, n, D) at ``query_positions`` (n,); ``real_queries`` (B, n) is False for
+    padding queries, which count for nothing. Runs over chunks of queries so that at most
+    CHUNK_ELEMENTS attention weights exist at once.
     """
-    batch, heads, groups, length, _ = queries.shape
+    batch, heads, groups, count, _ = queries.shape
+    length = keys.shape[-2]
     chunk = max(1, CHUNK_ELEMENTS // (batch * heads * groups * length))
-    positions = torch.arange(length, device=keys.device)
-    real_queries = token_mask[:, :1, None, :, None].float()  # (B, 1, 1, L, 1): padding queries count for nothing
+    weight_of_query = real_queries[:, None, None, :, None].float()  # (B, 1, 1, n, 1)
     total = torch.zeros(batch, heads, groups, length, device=keys.device, dtype=torch.float32)
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
         weights = window_attention(
             queries[:, :, :, start:stop],
-            positions[start:stop],
+            query_positions[start:stop],
             keys,
-            positions.expand_as(token_mask),
+            key_positions,
             token_mask,
             scaling,
+            visibility,
         )
-        total += (weights * real_queries[:, :, :, start:stop]).sum(dim=-2)
+        total += (weights * weight_of_query[:, :, :, start:stop]).sum(dim=-2)
     return total
-
-
-def _masked_softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    logits = logits.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(weights, nan=0.0)

@@ -2,121 +2,153 @@
 
 The layer keeps two lengths apart, as transformers' sliding-window layer does: ``seen`` (tokens
 that went through the layer, which gives new tokens their positions) and the stored tokens (what
-memory holds). After an eviction ``positions`` records each stored token's position per row and
-head; before any eviction it is None and the stored tokens are exactly positions 0..seen-1.
+memory holds, see ``Storage``).
 
-A forward pass goes: ``update`` appends the new keys and values and notes whether compression is
-due; polykv's attention function then attends with a mask fitted to this layer
-(``attention_mask``) and calls ``after_attention``, which runs the policy with the queries it has
-at hand and keeps the chosen tokens.
+A forward pass goes: ``update`` appends the new keys and values; polykv's attention function then
+attends with a mask fitted to this layer (``attention_mask``) and calls ``after_attention``, which
+drops what the model can no longer see (sliding-window layers) and, when the layer holds more than
+its budget, runs the policy with the queries at hand and keeps the chosen tokens.
+
+Phases: every multi-token forward before decoding is prefill, so a prompt fed in chunks
+(``generate(..., prefill_chunk_size=N)``) is compressed chunk by chunk and memory stays bounded
+while it streams in. The first single-token forward starts decoding (or ``end_prefill``); from then
+on new tokens are appended, and a decode policy, if the layer has one, bounds the layer.
 """
 
 from __future__ import annotations
-
-import math
 
 import attrs
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from polykv.budget import Budget
 from polykv.cache import inputs
-from polykv.cache.selection import choose
+from polykv.cache.checks import RIGHT_PADDING, raise_for
+from polykv.cache.inputs import Visibility
+from polykv.cache.selection import Selection, choose
+from polykv.cache.storage import Storage
 from polykv.errors import CacheError
-from polykv.lang import ast
-from polykv.lang.printer import format_budget
-from polykv.policy import LayerView, Needs, Phase, Policy
-
-#: Stored positions take 4 bytes per token and head (2**31 positions is ample); indexing uses long.
-POSITION = torch.int32
+from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
 
 
 @attrs.frozen
 class PhaseRule:
-    """A policy and its budget for one phase; ``budget`` None means keep everything."""
+    """A policy and its budget for one phase; ``budget`` None means keep everything.
+
+    ``provider`` names where the policy comes from (its distribution), for error messages.
+    """
 
     policy: Policy
-    budget: ast.Tokens | ast.Percent | None
+    budget: Budget | None
+    provider: str = ""
 
     def tokens(self, prompt_length: int) -> int | None:
         """The budget in tokens for a prompt of ``prompt_length`` (None: no limit)."""
         if self.budget is None or not self.policy.budgeted:
             return None
-        if isinstance(self.budget, ast.Tokens):
-            return self.budget.count
-        if isinstance(self.budget, ast.Percent):
-            return max(1, math.ceil(self.budget.value * prompt_length / 100))
-        raise CacheError(f"{self.policy!r}@auto has no budget yet: compile the spec with polykv.compile")
+        return self.budget.tokens(prompt_length)
 
     def describe(self) -> str:
-        return repr(self.policy) + ("" if self.budget is None else "@" + format_budget(self.budget))
+        return repr(self.policy) + ("" if self.budget is None else f"@{self.budget}")
 
 
 class PolyLayer(CacheLayerMixin):
     """A cache layer that keeps at most its budget of tokens, chosen by its own policy."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False  # evicted tokens cannot come back, so generation must not rely on rollbacks
 
-    def __init__(self, index: int, prefill: PhaseRule, decode: PhaseRule | None = None):
+    def __init__(
+        self,
+        index: int,
+        prefill: PhaseRule,
+        decode: PhaseRule | None = None,
+        *,
+        sliding_window: int | None = None,
+        observe: Needs = NOTHING_MORE,
+    ):
+        """``observe`` asks the layer to keep more queries and attention than its own policies need
+        (a capture records what other policies would need, see ``capture``)."""
         super().__init__()
         self.index = index
         self.prefill = prefill
         self.decode = decode
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        needs = [rule.policy.needs() for rule in (prefill, decode) if rule is not None] + [observe]
+        self._query_window = max(n.window for n in needs)
+        self._accumulates = prefill.policy.needs().accumulated_attention or observe.accumulated_attention
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = None
+        self.storage = Storage()
         self.is_initialized = False
-        self.positions: torch.Tensor | None = None  # (B, H, S) int32 once something was evicted
         self.seen = 0
         self.prompt_length = 0
-        self.pending: Phase | None = None
-        # Queries of the last steps, for decode policies that look at a window of them.
+        self.phase = Phase.PREFILL
+        # Which positions hold real tokens (False: padding), (B, seen); None while all are real.
+        self.real: torch.Tensor | None = None
+        # The last queries, for policies that look at a window of them, and their positions.
         self.recent_queries: torch.Tensor | None = None  # (B, Hq, n, D)
         self.recent_query_positions: torch.Tensor | None = None  # (n,)
+        # Attention each stored token received from every prefill query so far (B, H, G, S), for H2O.
+        self.accumulated: torch.Tensor | None = None
+        # Problems found by checks that run on the device, read at the cache's next check.
+        self.problems: list[tuple[torch.Tensor, str]] = []
+        # How the last forward attended (softmax scale, window, soft-cap), to score as the model does.
+        self.scaling = 1.0
+        self.visibility = Visibility()
 
     def __repr__(self) -> str:
         decode = f" decode {self.decode.describe()}" if self.decode else ""
-        return f"PolyLayer({self.index}: {self.prefill.describe()}{decode})"
+        window = f", sliding window {self.sliding_window}" if self.sliding_window else ""
+        return f"PolyLayer({self.index}: {self.prefill.describe()}{decode}{window})"
 
     # --- transformers' layer interface ----------------------------------------------------------
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.storage.keys
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None; storage owns the tensors
+        if value is not None:
+            raise AttributeError("a PolyLayer's keys live in its storage")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.storage.values
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a PolyLayer's values live in its storage")
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(B, H, S) int32 positions of the stored tokens, or None while they are exactly 0..seen-1."""
+        return self.storage.positions
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.kv_heads, _, self.head_dim = key_states.shape
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.pending is not None:
-            raise CacheError(
-                f"layer {self.index}: the {self.pending.value} eviction of the last forward pass never ran, "
-                "because the model's attention does not go through polykv; prepare the model with "
-                "polykv.prepare_model(model) (polykv.compile does this)"
-            )
         new = key_states.shape[-2]
         if not self.is_initialized:
             if new == 0:
                 raise CacheError("the prompt is empty: a cache needs at least one token to compress")
             self.lazy_initialization(key_states, value_states)
-            self.keys, self.values = key_states, value_states
-            self.prompt_length = new
-            budget = self.prefill.tokens(new)
-            if budget is not None and budget < new:
-                self._check_budget(self.prefill, budget)
-                self.pending = Phase.PREFILL
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            if self.positions is not None:
-                batch, heads = self.positions.shape[:2]
-                fresh = torch.arange(self.seen, self.seen + new, device=self.positions.device, dtype=POSITION)
-                self.positions = torch.cat([self.positions, fresh.expand(batch, heads, new)], dim=-1)
-            budget = self.decode.tokens(self.prompt_length) if self.decode else None
-            if budget is not None and self.keys.shape[-2] > budget:
-                self._check_budget(self.decode, budget)
-                self.pending = Phase.DECODE
+            self._check_same_model(key_states)
+            if self.phase is Phase.PREFILL and new == 1:
+                self.end_prefill()
+        self.storage.append(key_states, value_states, self.seen, limit=self._memory_limit(new))
         self.seen += new
-        return self.keys, self.values
+        if self.phase is Phase.PREFILL:
+            self.prompt_length = self.seen
+        return self.storage.keys, self.storage.values
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -137,28 +169,50 @@ class PolyLayer(CacheLayerMixin):
 
     def rewind(self, length: int) -> None:
         """Forget every token at position ``length`` or later (stored tokens before it stay)."""
-        if length >= self.seen or not self.is_initialized:
+        if not self.is_initialized or length >= self.seen:
             return
         if length < 0:
             raise CacheError(f"cannot rewind to {length} tokens")
-        if self.positions is None:
+        positions = self.storage.positions
+        if positions is None:
             kept = length
         else:
-            counts = (self.positions < length).sum(dim=-1)
+            counts = (positions < length).sum(dim=-1)
             if not (counts == counts.flatten()[0]).all():
                 raise CacheError(
-                    f"layer {self.index}: cannot rewind to {length} tokens because its heads kept "
+                    f"layer {self.index}: cannot rewind to {length} tokens because its rows and heads kept "
                     "different numbers of them"
                 )
             kept = int(counts.flatten()[0])
-            self.positions = self.positions[..., :kept]
-        self.keys = self.keys[..., :kept, :]
-        self.values = self.values[..., :kept, :]
+        self.storage.truncate(kept)
+        if self.accumulated is not None:
+            self.accumulated = self.accumulated[..., :kept]
         self.seen = length
+        self.prompt_length = min(self.prompt_length, length)
+        if self.real is not None:
+            self.real = self.real[:, :length]
         if self.recent_query_positions is not None:
             still = self.recent_query_positions < length
             self.recent_queries = self.recent_queries[:, :, still]
             self.recent_query_positions = self.recent_query_positions[still]
+
+    def adopt(self, other: PolyLayer, keep: torch.Tensor | None = None) -> None:
+        """Take over ``other``'s tokens (shared, not copied) in the decoding phase, keeping ``keep`` if given."""
+        self.dtype, self.device = other.dtype, other.device
+        self.batch_size, self.kv_heads, self.head_dim = other.batch_size, other.kv_heads, other.head_dim
+        self.is_initialized = True
+        self.seen, self.prompt_length, self.real = other.seen, other.prompt_length, other.real
+        self.scaling, self.visibility = other.scaling, other.visibility
+        self.phase = Phase.DECODE
+        self.storage.adopt(other.storage)
+        if keep is not None:
+            positions = self.storage.positions_or_slots()
+            self.storage.keep(keep, positions.gather(-1, keep))
+
+    def end_prefill(self) -> None:
+        """Start decoding: later forwards append tokens (bounded only by a decode policy)."""
+        self.phase = Phase.DECODE
+        self.accumulated = None  # prefill attention totals mean nothing to decoding
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -166,21 +220,21 @@ class PolyLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values = self.keys[indices], self.values[indices]
-        if self.positions is not None:
-            self.positions = self.positions[indices]
-        if self.recent_queries is not None:
-            self.recent_queries = self.recent_queries[indices]
+        self.storage.select_rows(indices)
+        self._map_rows(lambda t: t.index_select(0, indices.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:
             return
-        self.keys = self.keys.repeat_interleave(repeats, dim=0)
-        self.values = self.values.repeat_interleave(repeats, dim=0)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-        if self.recent_queries is not None:
-            self.recent_queries = self.recent_queries.repeat_interleave(repeats, dim=0)
+        self.storage.repeat_rows(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _map_rows(self, change) -> None:
+        for name in ("real", "recent_queries", "accumulated"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, change(tensor))
+        self.batch_size = self.storage.keys.shape[0]
 
     # --- what polykv's attention function calls -----------------------------------------------
 
@@ -191,132 +245,196 @@ class PolyLayer(CacheLayerMixin):
 
         ``full_mask`` (B, 1, q, seen) is what transformers built for an uncompressed cache (or None
         for plain causal attention without padding). A stored token's column is the full mask's
-        column at its position, so padding and causality carry over exactly.
+        column at its position, so padding, causality and sliding windows carry over exactly.
         """
-        if self.positions is None:
+        positions = self.storage.positions
+        if positions is None:
             return full_mask
-        stored = self.keys.shape[-2]
+        stored = positions.shape[-1]
         if full_mask is None:  # no padding: stored tokens are all visible, the new ones causally
             if query_length == 1:
                 return None
-            rows = torch.arange(query_length, device=self.keys.device)[:, None]
-            columns = torch.arange(stored, device=self.keys.device)[None, :]
+            rows = torch.arange(query_length, device=positions.device)[:, None]
+            columns = torch.arange(stored, device=positions.device)[None, :]
             return (columns <= stored - query_length + rows)[None, None]
-        batch, heads, _ = self.positions.shape
-        columns = self.positions.long()[:, :, None, :].expand(batch, heads, query_length, stored)
+        batch, heads, _ = positions.shape
+        columns = positions.long()[:, :, None, :].expand(batch, heads, query_length, stored)
         fitted = full_mask.expand(batch, heads, query_length, full_mask.shape[-1]).gather(-1, columns)
         return fitted.repeat_interleave(query_heads // heads, dim=1)
 
-    def after_attention(self, queries: torch.Tensor, full_mask: torch.Tensor | None, scaling: float) -> None:
-        """Evict what the phase calls for, with the queries of this forward pass at hand."""
-        phase, self.pending = self.pending, None
-        if phase is Phase.PREFILL:
-            self._evict(self.prefill, Phase.PREFILL, queries, full_mask, scaling)
-        elif phase is Phase.DECODE:
-            self._remember_queries(queries)
-            self._evict(self.decode, Phase.DECODE, self.recent_queries, full_mask, scaling)
-        if self.decode is not None and phase is not Phase.DECODE:
-            self._remember_queries(queries)
+    def after_attention(
+        self, queries: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, visibility: Visibility
+    ) -> None:
+        """Drop what no later query can see, and evict down to the budget with this forward's queries."""
+        new = queries.shape[-2]
+        self.scaling, self.visibility = scaling, visibility
+        self._note_real_tokens(full_mask, new)
+        self._remember_queries(queries)
+        if self.phase is Phase.PREFILL and self._accumulates:
+            self._accumulate(queries, scaling, visibility)
+        if self.sliding_window and self.storage.size > self.sliding_window - 1:
+            self._keep_newest(self.sliding_window - 1)
+        rule = self.prefill if self.phase is Phase.PREFILL else self.decode
+        budget = rule.tokens(self.prompt_length) if rule is not None else None
+        if budget is not None and self.sliding_window:
+            budget = min(budget, self.sliding_window - 1)
+        if budget is not None and self.storage.size > budget:
+            self._check_budget(rule, budget)
+            self._evict(rule, budget, scaling, visibility)
 
     # --- eviction -------------------------------------------------------------------------------
+
+    def _memory_limit(self, new: int) -> int | None:
+        """The most slots a growth may allocate: a decode budget bounds the layer's memory."""
+        if self.phase is Phase.DECODE and self.decode is not None:
+            budget = self.decode.tokens(self.prompt_length)
+            return None if budget is None else budget + new
+        return None
+
+    def _check_same_model(self, key_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        if (heads, dim) != (self.kv_heads, self.head_dim) or key_states.device != self.device:
+            raise CacheError(
+                f"layer {self.index}: this cache holds {self.kv_heads} KV heads of size {self.head_dim} on "
+                f"{self.device}, but received {heads} of size {dim} on {key_states.device}; a cache serves "
+                "one request of one model: make a new one with plan.make_cache()"
+            )
+        if batch != self.batch_size:
+            raise CacheError(
+                f"layer {self.index}: this cache holds {self.batch_size} batch rows but received {batch}; "
+                "make a new cache for a new batch"
+            )
 
     def _check_budget(self, rule: PhaseRule, budget: int) -> None:
         needed = rule.policy.min_budget()
         if budget < needed:
+            where = f"a sliding window of {self.sliding_window}" if self.sliding_window else "this"
             raise CacheError(
-                f"layer {self.index}: {rule.describe()} gives {budget} tokens for this "
+                f"layer {self.index}: {rule.describe()} gives {budget} tokens for {where} "
                 f"{self.prompt_length}-token prompt, fewer than the {needed} {rule.policy.name} needs"
             )
 
-    def _remember_queries(self, queries: torch.Tensor) -> None:
-        window = self.decode.policy.needs().window
-        if window == 0:
+    def _note_real_tokens(self, full_mask: torch.Tensor | None, new: int) -> None:
+        """Record which new positions are real tokens: the diagonal of the mask (a token sees itself)."""
+        if full_mask is None:
+            if self.real is not None:
+                self.real = torch.cat([self.real, self.real.new_ones(self.real.shape[0], new)], dim=1)
             return
-        positions = torch.arange(self.seen - queries.shape[-2], self.seen, device=queries.device)
-        if self.recent_queries is not None:
+        block = full_mask[:, 0, -new:, self.seen - new : self.seen]  # (B, new, new)
+        diagonal = block.diagonal(dim1=-2, dim2=-1)
+        real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        if self.real is None:
+            if self.phase is Phase.DECODE and new == 1:
+                return  # a decoding step's token is real; nothing to record while everything is
+            self.real = torch.ones(real.shape[0], self.seen - new, dtype=torch.bool, device=real.device)
+        self.real = torch.cat([self.real, real], dim=1)
+        if self.phase is Phase.PREFILL:
+            right_padding = (self.real[:, 1:] < self.real[:, :-1]).any()
+            self._record(right_padding.int() * RIGHT_PADDING, "the prompt")
+
+    def _token_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which stored tokens are real (not padding), (B, H, S)."""
+        if self.real is None:
+            return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        batch, heads, _ = positions.shape
+        return self.real[:, None, :].expand(batch, heads, self.real.shape[-1]).gather(-1, positions)
+
+    def _remember_queries(self, queries: torch.Tensor) -> None:
+        if self._query_window == 0:
+            return
+        new = queries.shape[-2]
+        positions = torch.arange(self.seen - new, self.seen, device=queries.device)
+        if self.recent_queries is not None and new < self._query_window:
             queries = torch.cat([self.recent_queries, queries], dim=-2)
             positions = torch.cat([self.recent_query_positions, positions])
-        self.recent_queries = queries[:, :, -window:]
-        self.recent_query_positions = positions[-window:]
+        self.recent_queries = queries[:, :, -self._query_window :]
+        self.recent_query_positions = positions[-self._query_window :]
 
-    def _evict(
-        self,
-        rule: PhaseRule,
-        phase: Phase,
-        queries: torch.Tensor,
-        full_mask: torch.Tensor | None,
-        scaling: float,
-    ) -> None:
-        keys, values = self.keys, self.values
-        batch, heads, length, _ = keys.shape
-        if self.positions is None:
-            positions = torch.arange(length, device=keys.device).expand(batch, heads, length)
-        else:
-            positions = self.positions.long()
-        token_mask = self._token_mask(full_mask, positions, check_padding=phase is Phase.PREFILL)
-        policy = rule.policy
-        needs = policy.needs()
-        view = LayerView(
-            layer=self.index,
-            phase=phase,
-            budget=rule.tokens(self.prompt_length),
-            keys=keys,
-            values=values,
-            token_mask=token_mask,
-            positions=positions,
-            **self._attention_inputs(needs, phase, queries, positions, token_mask, scaling),
+    def _accumulate(self, queries: torch.Tensor, scaling: float, visibility: Visibility) -> None:
+        """Add this forward's attention to the running total of every stored token (prefill only)."""
+        new = queries.shape[-2]
+        positions = self.storage.positions_or_slots()
+        query_positions = torch.arange(self.seen - new, self.seen, device=queries.device)
+        real_queries = (
+            torch.ones(queries.shape[0], new, dtype=torch.bool, device=queries.device)
+            if self.real is None
+            else self.real[:, -new:]
         )
-        keep = choose(policy, view)
-        gather = keep[..., None].expand(-1, -1, -1, keys.shape[-1])
-        self.keys = keys.gather(2, gather)
-        self.values = values.gather(2, gather)
-        self.positions = positions.gather(2, keep).to(POSITION)
+        received = inputs.accumulated_attention(
+            inputs.grouped(queries, self.kv_heads),
+            query_positions,
+            real_queries,
+            self.storage.keys,
+            positions,
+            self._token_mask(positions),
+            scaling,
+            visibility,
+        )
+        if self.accumulated is not None:
+            old = self.accumulated.shape[-1]
+            received[..., :old] += self.accumulated
+        self.accumulated = received
 
-    def _attention_inputs(
-        self,
-        needs: Needs,
-        phase: Phase,
-        queries: torch.Tensor,
-        positions: torch.Tensor,
-        token_mask: torch.Tensor,
-        scaling: float,
-    ) -> dict[str, torch.Tensor]:
-        if needs.window == 0 and not needs.accumulated_attention:
-            return {}
-        heads = self.keys.shape[1]
-        found: dict = {}
+    def _keep_newest(self, count: int) -> None:
+        self.storage.keep_newest(count)
+        if self.accumulated is not None:
+            self.accumulated = self.accumulated[..., -count:]
+
+    def _evict(self, rule: PhaseRule, budget: int, scaling: float, visibility: Visibility) -> None:
+        positions = self.storage.positions_or_slots()
+        view = self.view(rule, budget, positions, scaling, visibility)
+        where = f"policy {rule.policy!r}" + (f" (from {rule.provider})" if rule.provider else "")
+        where += f" on layer {self.index} ({self.phase.value})"
+        selection = choose(rule.policy, view, where=where)
+        self._record(selection.problems, where)
+        self._keep(selection, positions)
+
+    def _keep(self, selection: Selection, positions: torch.Tensor) -> None:
+        indices = selection.indices
+        self.storage.keep(indices, positions.gather(-1, indices))
+        if self.accumulated is not None:
+            groups = self.accumulated.shape[2]
+            self.accumulated = self.accumulated.gather(-1, indices[:, :, None, :].expand(-1, -1, groups, -1))
+
+    def view(
+        self, rule: PhaseRule, budget: int, positions: torch.Tensor, scaling: float, visibility: Visibility
+    ) -> LayerView:
+        """What ``rule``'s policy sees of this layer now: stored tokens and the inputs it needs."""
+        needs = rule.policy.needs()
+        token_mask = self._token_mask(positions)
+        found: dict[str, torch.Tensor] = {}
         if needs.window:
-            window = min(needs.window, queries.shape[-2])
-            recent = inputs.grouped(queries[:, :, -window:], heads)
-            if phase is Phase.PREFILL:
-                query_positions = torch.arange(self.seen - window, self.seen, device=queries.device)
-            else:
-                query_positions = self.recent_query_positions[-window:]
+            window = min(needs.window, self.recent_queries.shape[-2])
+            recent = inputs.grouped(self.recent_queries[:, :, -window:], self.kv_heads)
             found["queries"] = recent
             if needs.window_attention:
                 found["window_attention"] = inputs.window_attention(
-                    recent, query_positions, self.keys, positions, token_mask, scaling
+                    recent,
+                    self.recent_query_positions[-window:],
+                    self.storage.keys,
+                    positions,
+                    token_mask,
+                    scaling,
+                    visibility,
                 )
         if needs.accumulated_attention:
-            if phase is not Phase.PREFILL:
+            if self.accumulated is None:
                 raise CacheError(f"layer {self.index}: accumulated attention exists only at prefill")
-            found["accumulated_attention"] = inputs.accumulated_attention(
-                inputs.grouped(queries, heads), self.keys, token_mask, scaling
-            )
-        return found
+            found["accumulated_attention"] = self.accumulated
+        return LayerView(
+            layer=self.index,
+            phase=self.phase,
+            budget=budget,
+            keys=self.storage.keys,
+            values=self.storage.values,
+            token_mask=token_mask,
+            positions=positions,
+            **found,
+        )
 
-    def _token_mask(
-        self, full_mask: torch.Tensor | None, positions: torch.Tensor, *, check_padding: bool
-    ) -> torch.Tensor:
-        """Which stored tokens are real (not padding), (B, H, L), read off the full mask's last row."""
-        if full_mask is None:
-            return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
-        last_row = full_mask[:, 0, -1, :]
-        real = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
-        if check_padding and (real[:, 1:] < real[:, :-1]).any():
-            raise CacheError(
-                "a batch row has padding after its tokens; polykv needs left padding "
-                "(tokenizer.padding_side = 'left'), as generation does"
-            )
-        batch, heads, _length = positions.shape
-        return real[:, None, :].expand(batch, heads, real.shape[-1]).gather(-1, positions)
+    def _record(self, problems: torch.Tensor, where: str) -> None:
+        """Keep a device-side problem flag for the cache's next check (read at once on the CPU)."""
+        if problems.device.type == "cpu":
+            raise_for(problems, where)
+        else:
+            self.problems.append((problems, where))

@@ -1,0 +1,102 @@
+"""One full prefill, captured, so that many compressed caches can be built from it without another prefill.
+
+A policy compresses a layer after the prefill's attention has run on every token, from the layer's
+keys and values and a few queries. So one prefill with every layer kept whole can record all of
+that for every layer (``capture``), and the cache any plan would have made from the same prompt is
+then a matter of choosing indices (``Capture.cache``): calibration measures one compressed layer
+at a time this way, and the evaluation shares one prefill across many methods.
+
+Exactness: ``Capture.cache(plan_selections(...))`` holds the same tokens as ``plan.make_cache()``
+after an unchunked prefill of the same prompt, because both run the same policy on the same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from polykv.cache.cache import PolyCache
+from polykv.cache.layer import PhaseRule, PolyLayer
+from polykv.cache.selection import Selection, choose
+from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
+
+
+class Capture:
+    """Every layer of one prefilled batch, kept whole, with the queries and attention policies need."""
+
+    def __init__(self, cache: PolyCache, logits: torch.Tensor):
+        self._cache = cache
+        self.logits = logits  # (B, V) the prefill's last-position logits
+        self.layers: list[PolyLayer] = list(cache.layers)
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    def view(self, layer: int, policy: Policy, budget: int) -> LayerView:
+        """What ``policy`` would see compressing ``layer`` to ``budget`` tokens after this prefill."""
+        captured = self.layers[layer]
+        positions = captured.storage.positions_or_slots()
+        rule = PhaseRule(policy, None)
+        return captured.view(rule, budget, positions, captured.scaling, captured.visibility)
+
+    def select(self, layer: int, policy: Policy, budget: int, *, where: str = "") -> Selection:
+        """The tokens ``policy`` keeps in ``layer`` at ``budget`` (checked as the cache checks them)."""
+        view = self.view(layer, policy, budget)
+        return choose(policy, view, where=where or f"policy {policy!r} on layer {layer} (captured prefill)")
+
+    def budget(self, layer: int, rule: PhaseRule) -> int | None:
+        """The tokens ``rule`` keeps in ``layer`` after this prefill (None: it keeps everything there)."""
+        captured = self.layers[layer]
+        budget = rule.tokens(captured.prompt_length)
+        if budget is not None and captured.sliding_window:
+            budget = min(budget, captured.sliding_window - 1)
+        return budget if budget is not None and budget < captured.storage.size else None
+
+    def cache(
+        self,
+        keep: Mapping[int, torch.Tensor] | None = None,
+        decode: Mapping[int, PhaseRule] | None = None,
+    ) -> PolyCache:
+        """A cache in its decoding phase: every layer whole, except those in ``keep`` (sorted indices (B, H, K)).
+
+        The captured tensors are shared, not copied: appending allocates new storage, so the
+        capture stays usable for the next cache. ``decode`` gives layers a decode-time rule.
+        """
+        keep, decode = keep or {}, decode or {}
+        layers = []
+        for captured in self.layers:
+            rule = decode.get(captured.index)
+            layer = PolyLayer(captured.index, captured.prefill, rule, sliding_window=captured.sliding_window)
+            layer.adopt(captured, keep.get(captured.index))
+            layers.append(layer)
+        return PolyCache(layers)
+
+
+def capture(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    needs: Needs = NOTHING_MORE,
+) -> Capture:
+    """Prefill ``input_ids`` once with every layer whole, recording what policies with ``needs`` use.
+
+    ``needs.window`` queries are kept per layer (the most any policy to be tried looks at), and
+    attention accumulated over every query when ``needs.accumulated_attention``. The model must be
+    prepared (``polykv.prepare_model``).
+    """
+    from polykv.model import describe_model
+    from polykv.registry import default_registry
+
+    full = default_registry().create("full")
+    _info, placement = describe_model(model)
+    layers = [
+        PolyLayer(index, PhaseRule(full, None), sliding_window=where.sliding_window, observe=needs)
+        for index, where in sorted(placement.items())
+    ]
+    cache = PolyCache(layers)
+    with torch.no_grad():
+        output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1)
+    return Capture(cache, output.logits[:, -1])

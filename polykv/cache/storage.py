@@ -1,0 +1,158 @@
+"""The memory of one cache layer: keys, values and positions in buffers that grow with headroom.
+
+Appending writes into spare room at the end of the buffers, so a decoding step costs the new token
+and not a copy of the whole layer (the dynamic cache's ``torch.cat`` copies everything every step).
+When the room runs out the buffers grow by a fraction of their size; eviction compacts the kept
+tokens into buffers of exactly their size, so a compressed layer really holds fewer bytes.
+
+Within each batch row and KV head, slots are ordered by position: appends come last and ``keep``
+takes sorted indices. So the newest tokens are always the last slots, and dropping the oldest is a
+slice. ``positions`` is None while slot ``i`` holds position ``i`` (nothing evicted yet); the
+cache then needs no position table and uses the model's own mask unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Stored positions take 4 bytes per token and head (2**31 positions is ample); indexing uses long.
+POSITION = torch.int32
+
+#: Growth when the room runs out: at least this many tokens, or this fraction of the size.
+MIN_GROWTH, GROWTH_FRACTION = 256, 8
+#: Capacities are rounded up to a multiple of this many tokens.
+ALIGN = 64
+
+
+class Storage:
+    """Dense (B, H, S, D) keys and values of one layer, and (B, H, S) positions once something was evicted."""
+
+    def __init__(self) -> None:
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self.size = 0
+
+    # --- what is stored ---------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :, : self.size]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._values is None else self._values[:, :, : self.size]
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(B, H, S) int32 position of each slot, or None while slot i holds position i."""
+        return None if self._positions is None else self._positions[:, :, : self.size]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[2]
+
+    def positions_or_slots(self) -> torch.Tensor:
+        """(B, H, S) long positions, materialised from the slot order where none are stored."""
+        if self._positions is not None:
+            return self.positions.long()
+        batch, heads = self._keys.shape[:2]
+        return torch.arange(self.size, device=self._keys.device).expand(batch, heads, self.size)
+
+    def nbytes(self) -> int:
+        """Bytes allocated (headroom included): what the layer really costs in memory."""
+        return sum(t.nbytes for t in (self._keys, self._values, self._positions) if t is not None)
+
+    # --- changes ------------------------------------------------------------------------------------
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int, limit: int | None = None) -> None:
+        """Add ``keys``/``values`` (B, H, n, D) at positions first_position, first_position + 1, ...
+
+        ``limit`` caps the capacity a growth may reach (a layer whose memory is bounded never
+        allocates past its bound plus the tokens of one forward).
+        """
+        new = keys.shape[2]
+        if self._keys is None:
+            self._keys, self._values = keys, values  # the first tokens are stored as given, without a copy
+            self.size = new
+            return
+        needed = self.size + new
+        if needed > self.capacity:
+            self._grow(needed, limit)
+        self._keys[:, :, self.size : needed] = keys
+        self._values[:, :, self.size : needed] = values
+        if self._positions is not None:
+            fresh = torch.arange(first_position, first_position + new, device=self._positions.device, dtype=POSITION)
+            self._positions[:, :, self.size : needed] = fresh
+        self.size = needed
+
+    def keep(self, indices: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep the slots ``indices`` (B, H, K), sorted, whose positions are ``positions`` (B, H, K)."""
+        gather = indices[..., None].expand(-1, -1, -1, self._keys.shape[-1])
+        self._keys = self.keys.gather(2, gather)
+        self._values = self.values.gather(2, gather)
+        self._positions = positions.to(POSITION)
+        self.size = indices.shape[-1]
+
+    def keep_newest(self, count: int) -> None:
+        """Keep the last ``count`` slots (the newest tokens of every row and head)."""
+        if count >= self.size:
+            return
+        drop = self.size - count
+        if self._positions is None:
+            batch, heads = self._keys.shape[:2]
+            kept = torch.arange(drop, self.size, device=self._keys.device, dtype=POSITION)
+            self._positions = kept.expand(batch, heads, count).contiguous()
+        else:
+            self._positions = self.positions[:, :, drop:].contiguous()
+        self._keys = self.keys[:, :, drop:].contiguous()
+        self._values = self.values[:, :, drop:].contiguous()
+        self.size = count
+
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` slots (the rest stays allocated as headroom)."""
+        self.size = min(self.size, count)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows, for beam search."""
+        self._map_rows(lambda t: t[:, :, : self.size].index_select(0, rows.to(t.device)))
+
+    def repeat_rows(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times, for ``num_return_sequences`` and beam search."""
+        self._map_rows(lambda t: t[:, :, : self.size].repeat_interleave(repeats, dim=0))
+
+    def adopt(self, other: Storage) -> None:
+        """Share ``other``'s stored tokens without headroom, so an append here never writes into ``other``."""
+        self._keys, self._values, self._positions = other.keys, other.values, other.positions
+        self.size = other.size
+
+    def clear(self) -> None:
+        self.__init__()
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _map_rows(self, change) -> None:
+        if self._keys is None:
+            return
+        self._keys, self._values = change(self._keys), change(self._values)
+        if self._positions is not None:
+            self._positions = change(self._positions)
+
+    def _grow(self, needed: int, limit: int | None) -> None:
+        capacity = max(needed, self.capacity + max(MIN_GROWTH, self.capacity // GROWTH_FRACTION))
+        capacity = -(-capacity // ALIGN) * ALIGN
+        if limit is not None:
+            capacity = max(needed, min(capacity, limit))
+        self._keys = _resized(self.keys, capacity)
+        self._values = _resized(self.values, capacity)
+        if self._positions is not None:
+            self._positions = _resized(self.positions, capacity)
+
+
+def _resized(stored: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A new buffer of ``capacity`` slots along dim 2 holding ``stored`` at its start."""
+    shape = list(stored.shape)
+    shape[2] = capacity
+    buffer = stored.new_empty(shape)
+    buffer[:, :, : stored.shape[2]] = stored
+    return buffer

@@ -1,0 +1,79 @@
+"""A captured prefill builds the same caches as prefilling with each plan, without prefilling again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_families import build
+
+import polykv
+from polykv.cache.capture import capture
+
+SPECS = [
+    "layers 0: full; 1: snapkv@12(window=4); 2: h2o@10; *: tova@9",
+    "layers *: knorm@25% decode streaming@30",
+    "layers 0-1: pyramidkv@16; *: streaming@12(sink=2)",
+    "layers *: random@7(seed=3)",
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_cache_from_a_capture_equals_the_plans_own(spec):
+    model = tiny_llama("sdpa")
+    plan = polykv.compile(spec, model)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    captured = capture(model, ids, mask, needs=plan.needs())
+    ours = plan.cache_from(captured)
+    theirs = plan.make_cache()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask, past_key_values=theirs).logits[:, -1]
+    torch.testing.assert_close(captured.logits, reference, rtol=1e-5, atol=1e-6)
+    assert ours.layer_lengths() == theirs.layer_lengths()
+    for a, b in zip(ours.layers, theirs.layers):
+        assert (a.positions is None) == (b.positions is None)
+        if a.positions is not None:
+            assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # And they go on alike: decoding from either gives the same tokens.
+    step = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(3))
+    full_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            cache.logits = model(step, attention_mask=full_mask, past_key_values=cache).logits
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_one_capture_serves_many_caches_and_is_left_untouched():
+    model = tiny_llama("sdpa")
+    plan = polykv.compile("layers *: knorm@8", model)
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(4))
+    captured = capture(model, ids, needs=plan.needs())
+    before = [layer.keys.clone() for layer in captured.layers]
+    continuation = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(6))
+    for _ in range(2):
+        cache = plan.cache_from(captured)
+        with torch.no_grad():
+            model(continuation, past_key_values=cache)  # teacher-forced, as calibration and evaluation do
+        assert cache.layer_lengths() == [8 + 5] * 4 and cache.get_seq_length() == 35
+    whole = captured.cache()
+    assert whole.layer_lengths() == [30] * 4
+    for layer, keys in zip(captured.layers, before):
+        assert torch.equal(layer.keys, keys)
+
+
+def test_a_capture_of_a_sliding_window_model_keeps_the_windows():
+    model = build("gemma2")
+    plan = polykv.compile("layers *: snapkv@5(window=2)", model)
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    captured = capture(model, ids, needs=plan.needs())
+    assert plan.cache_from(captured).layer_lengths() == plan_lengths(model, plan, ids)
+
+
+def plan_lengths(model, plan, ids) -> list[int]:
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache.layer_lengths()
