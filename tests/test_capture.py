@@ -77,3 +77,23 @@ def plan_lengths(model, plan, ids) -> list[int]:
     with torch.no_grad():
         model(ids, past_key_values=cache)
     return cache.layer_lengths()
+
+
+def test_caches_sharing_the_spare_room_compute_the_same_and_only_one_at_a_time():
+    model = tiny_llama("sdpa")
+    plan = polykv.compile("layers 0: snapkv@10(window=4); *: full", model)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(7))
+    continuation = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(8))
+    captured = capture(model, ids, needs=plan.needs(), room=6)
+    with torch.no_grad():
+        copied = model(continuation, past_key_values=plan.cache_from(captured)).logits
+        first = captured.cache(share_room=True)
+        shared = model(continuation, past_key_values=first).logits
+        whole = model(continuation, past_key_values=captured.cache()).logits
+        torch.testing.assert_close(shared, whole, rtol=0, atol=0)
+        assert not torch.equal(copied, whole)  # layer 0 compressed changes the output
+        second = captured.cache(share_room=True)
+        model(continuation, past_key_values=second)
+        with pytest.raises(polykv.CacheError, match="shares its capture's spare room with a newer cache"):
+            model(continuation[:, :1], past_key_values=first)
+    assert captured.layers[1].storage.capacity == 36 and captured.layers[1].storage.size == 30

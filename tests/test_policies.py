@@ -785,3 +785,18 @@ def test_helpers_count_real_tokens():
         [False, False, False, True, True, False, False, False],
     ]
     assert not first_tokens(layer_view, 0).any()
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 5], [3, 17]])
+def test_fused_accumulated_attention_equals_the_chunked_sum(monkeypatch, pads):
+    """The fused path (two attention passes, no L x L matrix) is the chunked computation to rounding."""
+    generator = torch.Generator().manual_seed(12)
+    batch, heads, groups, length, dim = 2, 2, 3, 40, 16
+    queries = torch.randn(batch, heads, groups, length, dim, generator=generator) * 2
+    keys = torch.randn(batch, heads, length, dim, generator=generator) * 2
+    mask = mask_for(pads, heads, length)
+    fused = accumulated(queries, keys, mask, 0.3)
+    monkeypatch.setattr(inputs, "_attention_with_lse", lambda device: None)
+    chunked = accumulated(queries, keys, mask, 0.3)
+    torch.testing.assert_close(fused, chunked, rtol=1e-4, atol=1e-5)
+    assert (fused.masked_fill(mask[:, :, None, :], 0) == 0).all()

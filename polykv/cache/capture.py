@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from polykv.cache.cache import PolyCache
-from polykv.cache.layer import PhaseRule, PolyLayer
+from polykv.cache.layer import Lease, PhaseRule, PolyLayer
 from polykv.cache.selection import Selection, choose
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
 
@@ -29,6 +29,7 @@ class Capture:
         self._cache = cache
         self.logits = logits  # (B, V) the prefill's last-position logits
         self.layers: list[PolyLayer] = list(cache.layers)
+        self._leases = [0]
 
     @property
     def seen(self) -> int:
@@ -58,18 +59,23 @@ class Capture:
         self,
         keep: Mapping[int, torch.Tensor] | None = None,
         decode: Mapping[int, PhaseRule] | None = None,
+        *,
+        share_room: bool = False,
     ) -> PolyCache:
         """A cache in its decoding phase: every layer whole, except those in ``keep`` (sorted indices (B, H, K)).
 
-        The captured tensors are shared, not copied: appending allocates new storage, so the
-        capture stays usable for the next cache. ``decode`` gives layers a decode-time rule.
+        The captured tensors are shared, not copied, and the capture stays usable for the next
+        cache: appending allocates new storage, or with ``share_room`` writes into the spare room
+        the capture reserved (no copy, for one cache at a time: an older cache that appends after
+        a newer one was made raises). ``decode`` gives layers a decode-time rule.
         """
         keep, decode = keep or {}, decode or {}
+        lease = Lease(self._leases) if share_room else None
         layers = []
         for captured in self.layers:
             rule = decode.get(captured.index)
             layer = PolyLayer(captured.index, captured.prefill, rule, sliding_window=captured.sliding_window)
-            layer.adopt(captured, keep.get(captured.index))
+            layer.adopt(captured, keep.get(captured.index), lease)
             layers.append(layer)
         return PolyCache(layers)
 
@@ -80,12 +86,14 @@ def capture(
     attention_mask: torch.Tensor | None = None,
     *,
     needs: Needs = NOTHING_MORE,
+    room: int = 0,
 ) -> Capture:
     """Prefill ``input_ids`` once with every layer whole, recording what policies with ``needs`` use.
 
     ``needs.window`` queries are kept per layer (the most any policy to be tried looks at), and
-    attention accumulated over every query when ``needs.accumulated_attention``. The model must be
-    prepared (``polykv.prepare_model``).
+    attention accumulated over every query when ``needs.accumulated_attention``. ``room`` reserves
+    space for that many more tokens, which caches made with ``share_room`` append into. The model
+    must be prepared (``polykv.prepare_model``).
     """
     from polykv.model import describe_model
     from polykv.registry import default_registry
@@ -99,4 +107,6 @@ def capture(
     cache = PolyCache(layers)
     with torch.no_grad():
         output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1)
+    for layer in layers:
+        layer.storage.reserve(room)
     return Capture(cache, output.logits[:, -1])

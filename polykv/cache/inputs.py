@@ -71,9 +71,17 @@ def accumulated_attention(
     """Attention each stored token receives, summed over the real queries given: (B, H, G, L).
 
     ``queries`` (B, H, G, n, D) at ``query_positions`` (n,); ``real_queries`` (B, n) is False for
-    padding queries, which count for nothing. Runs over chunks of queries so that at most
+    padding queries, which count for nothing. A whole prompt (the queries are the stored tokens'
+    own) takes the fused path; otherwise this runs over chunks of queries so that at most
     CHUNK_ELEMENTS attention weights exist at once.
     """
+    whole_prompt = queries.shape[-2] == keys.shape[-2] and torch.equal(
+        key_positions, query_positions.expand_as(key_positions)
+    )
+    if whole_prompt and not visibility.sliding_window and not visibility.softcap:
+        fused = _fused_column_sums(queries, keys, real_queries, scaling)
+        if fused is not None:
+            return fused * token_mask[:, :, None, :]
     batch, heads, groups, count, _ = queries.shape
     length = keys.shape[-2]
     chunk = max(1, CHUNK_ELEMENTS // (batch * heads * groups * length))
@@ -92,3 +100,58 @@ def accumulated_attention(
         )
         total += (weights * weight_of_query[:, :, :, start:stop]).sum(dim=-2)
     return total
+
+
+#: A logit far below any real one: exp() of it is 0 in every float type polykv computes in.
+_NEVER = -1e4
+
+
+def _fused_column_sums(
+    queries: torch.Tensor, keys: torch.Tensor, real_queries: torch.Tensor, scaling: float
+) -> torch.Tensor | None:
+    """Causal attention summed over queries, (B, H, G, L), with two fused attention passes and no L x L matrix.
+
+    The weight query i gives token j is exp(s q_i.k_j - lse_i), with lse_i the log-normaliser of
+    row i. Pass one gets every lse_i. The column sum over i >= j is then itself a log-sum-exp:
+    exp(logsumexp_i(s k_j.q'_i)) with q'_i = [q_i, -lse_i / s] and k_j extended by a 1, which is
+    attention with the roles of queries and keys swapped, made causal by reversing the sequence.
+    Padding keys get the bias _NEVER in pass one, padding queries a huge lse so they add nothing.
+    Returns None where the kernel that reports log-normalisers is not available.
+    """
+    attention_with_lse = _attention_with_lse(queries.device)
+    if attention_with_lse is None:
+        return None
+    batch, heads, groups, length, dim = queries.shape
+    flat_queries = queries.reshape(batch, heads * groups, length, dim)
+    flat_keys = keys[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+    real_keys = real_queries[:, None, :, None]  # with left padding, a key is real where its query is
+    ones = torch.ones_like(flat_queries[..., :1])
+    key_bias = torch.where(real_keys, 0.0, _NEVER / scaling).to(flat_keys.dtype).expand_as(ones)
+    _, lse = attention_with_lse(_padded(flat_queries, ones), _padded(flat_keys, key_bias), scaling)
+    lse = torch.where(real_queries[:, None, :], lse, -_NEVER)  # padding queries spread nothing
+    swapped_queries = _padded(flat_keys, ones).flip(2)
+    swapped_keys = _padded(flat_queries, (-lse / scaling)[..., None].to(flat_queries.dtype)).flip(2)
+    _, column_lse = attention_with_lse(swapped_queries, swapped_keys, scaling)
+    return column_lse.flip(2).float().exp().reshape(batch, heads, groups, length)
+
+
+def _padded(tensor: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the column ``extra`` appended, zero-padded to a head size the kernels take (x8)."""
+    size = tensor.shape[-1] + 1
+    zeros = tensor.new_zeros(*tensor.shape[:-1], -size % 8)
+    return torch.cat([tensor, extra, zeros], dim=-1)
+
+
+def _attention_with_lse(device: torch.device):
+    """A causal attention kernel returning (output, log-normaliser per query), or None on this device."""
+    if device.type == "cpu":
+        kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if kernel is None:
+            return None
+
+        def cpu(query, key, scale):
+            output, lse = kernel(query, key, torch.zeros_like(query), 0.0, True, scale=scale)
+            return output, lse
+
+        return cpu
+    return None

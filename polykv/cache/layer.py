@@ -52,6 +52,18 @@ class PhaseRule:
         return repr(self.policy) + ("" if self.budget is None else f"@{self.budget}")
 
 
+class Lease:
+    """The right to append into a capture's spare room; issuing a new lease ends the previous one."""
+
+    def __init__(self, owner: list[int]):
+        self._owner = owner
+        owner[0] += 1
+        self._number = owner[0]
+
+    def held(self) -> bool:
+        return self._owner[0] == self._number
+
+
 class PolyLayer(CacheLayerMixin):
     """A cache layer that keeps at most its budget of tokens, chosen by its own policy."""
 
@@ -86,6 +98,7 @@ class PolyLayer(CacheLayerMixin):
         self.seen = 0
         self.prompt_length = 0
         self.phase = Phase.PREFILL
+        self.lease: Lease | None = None  # set when the storage shares a capture's spare room
         # Which positions hold real tokens (False: padding), (B, seen); None while all are real.
         self.real: torch.Tensor | None = None
         # The last queries, for policies that look at a window of them, and their positions.
@@ -142,6 +155,11 @@ class PolyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         else:
             self._check_same_model(key_states)
+            if self.lease is not None and not self.lease.held():
+                raise CacheError(
+                    "this cache shares its capture's spare room with a newer cache made from the same capture; "
+                    "use one such cache at a time, or make it with capture.cache(..., share_room=False)"
+                )
             if self.phase is Phase.PREFILL and new == 1:
                 self.end_prefill()
         self.storage.append(key_states, value_states, self.seen, limit=self._memory_limit(new))
@@ -196,15 +214,20 @@ class PolyLayer(CacheLayerMixin):
             self.recent_queries = self.recent_queries[:, :, still]
             self.recent_query_positions = self.recent_query_positions[still]
 
-    def adopt(self, other: PolyLayer, keep: torch.Tensor | None = None) -> None:
-        """Take over ``other``'s tokens (shared, not copied) in the decoding phase, keeping ``keep`` if given."""
+    def adopt(self, other: PolyLayer, keep: torch.Tensor | None = None, lease: Lease | None = None) -> None:
+        """Take over ``other``'s tokens (shared, not copied) in the decoding phase, keeping ``keep`` if given.
+
+        With a ``lease`` the layer appends into ``other``'s spare room, which the next holder of
+        the lease reuses: using this layer after the lease passed on is an error.
+        """
         self.dtype, self.device = other.dtype, other.device
         self.batch_size, self.kv_heads, self.head_dim = other.batch_size, other.kv_heads, other.head_dim
         self.is_initialized = True
         self.seen, self.prompt_length, self.real = other.seen, other.prompt_length, other.real
         self.scaling, self.visibility = other.scaling, other.visibility
         self.phase = Phase.DECODE
-        self.storage.adopt(other.storage)
+        self.lease = lease
+        self.storage.adopt(other.storage, share_room=lease is not None and keep is None)
         if keep is not None:
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))

@@ -121,10 +121,19 @@ class Storage:
         """Repeat each batch row ``repeats`` times, for ``num_return_sequences`` and beam search."""
         self._map_rows(lambda t: t[:, :, : self.size].repeat_interleave(repeats, dim=0))
 
-    def adopt(self, other: Storage) -> None:
-        """Share ``other``'s stored tokens without headroom, so an append here never writes into ``other``."""
-        self._keys, self._values, self._positions = other.keys, other.values, other.positions
+    def adopt(self, other: Storage, *, share_room: bool = False) -> None:
+        """Share ``other``'s stored tokens. Without ``share_room`` an append here never writes into
+        ``other``'s buffers; with it, appends use ``other``'s spare room (one sharer at a time)."""
+        if share_room:
+            self._keys, self._values, self._positions = other._keys, other._values, other._positions
+        else:
+            self._keys, self._values, self._positions = other.keys, other.values, other.positions
         self.size = other.size
+
+    def reserve(self, room: int) -> None:
+        """Make room for ``room`` more tokens without growing later (one copy now)."""
+        if self._keys is not None and self.capacity < self.size + room:
+            self._grow(self.size + room, self.size + room)
 
     def clear(self) -> None:
         self.__init__()
