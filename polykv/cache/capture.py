@@ -12,24 +12,73 @@ after an unchunked prefill of the same prompt, because both run the same policy 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from polykv.cache.cache import PolyCache
+from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
 from polykv.cache.selection import Selection, choose
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
+
+if TYPE_CHECKING:
+    from polykv.signals import LayerObservation
 
 
 class Capture:
     """Every layer of one prefilled batch, kept whole, with the queries and attention policies need."""
 
-    def __init__(self, cache: PolyCache, logits: torch.Tensor):
+    def __init__(
+        self,
+        cache: PolyCache,
+        logits: torch.Tensor,
+        hidden: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        modules: Mapping[int, torch.nn.Module] | None = None,
+    ):
         self._cache = cache
         self.logits = logits  # (B, V) the prefill's last-position logits
         self.layers: list[PolyLayer] = list(cache.layers)
+        # Per layer: the residual stream entering it and its attention block's output, (B, W, E) each.
+        self.hidden = dict(hidden or {})
+        self.modules = dict(modules or {})
         self._leases = [0]
+
+    def observation(self, layer: int) -> LayerObservation:
+        """What a signal sees of ``layer`` (the capture must have been made with ``hidden=True``)."""
+        from polykv.signals import LayerObservation
+
+        if layer not in self.hidden:
+            raise ValueError("this capture recorded no hidden states: make it with capture(..., hidden=True)")
+        captured = self.layers[layer]
+        positions = captured.storage.positions_or_slots()
+        window = captured.recent_queries.shape[-2]
+        queries = grouped(captured.recent_queries, captured.kv_heads)
+        token_mask = captured._token_mask(positions)
+        hidden, output = self.hidden[layer]
+        return LayerObservation(
+            index=layer,
+            keys=captured.storage.keys,
+            values=captured.storage.values,
+            token_mask=token_mask,
+            positions=positions,
+            queries=queries,
+            window_attention=window_attention(
+                queries,
+                captured.recent_query_positions[-window:],
+                captured.storage.keys,
+                positions,
+                token_mask,
+                captured.scaling,
+                captured.visibility,
+            ),
+            scaling=captured.scaling,
+            hidden=hidden,
+            attention_output=output,
+            output_projection=self.modules[layer].o_proj,
+        )
 
     @property
     def seen(self) -> int:
@@ -87,15 +136,18 @@ def capture(
     *,
     needs: Needs = NOTHING_MORE,
     room: int = 0,
+    hidden: bool = False,
 ) -> Capture:
     """Prefill ``input_ids`` once with every layer whole, recording what policies with ``needs`` use.
 
     ``needs.window`` queries are kept per layer (the most any policy to be tried looks at), and
     attention accumulated over every query when ``needs.accumulated_attention``. ``room`` reserves
-    space for that many more tokens, which caches made with ``share_room`` append into. The model
-    must be prepared (``polykv.prepare_model``).
+    space for that many more tokens, which caches made with ``share_room`` append into. ``hidden``
+    also records, at the last ``needs.window`` positions, the residual stream entering each layer
+    and its attention block's output, which signals read. The model must be prepared
+    (``polykv.prepare_model``).
     """
-    from polykv.model import describe_model
+    from polykv.model import attention_modules, describe_model
     from polykv.registry import default_registry
 
     full = default_registry().create("full")
@@ -105,8 +157,42 @@ def capture(
         for index, where in sorted(placement.items())
     ]
     cache = PolyCache(layers)
-    with torch.no_grad():
+    modules = attention_modules(model)
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    recording = _recording_hidden(model, modules, needs.window, recorded) if hidden else contextlib.nullcontext()
+    with torch.no_grad(), recording:
         output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1)
     for layer in layers:
         layer.storage.reserve(room)
-    return Capture(cache, output.logits[:, -1])
+    return Capture(cache, output.logits[:, -1], recorded, modules)
+
+
+@contextlib.contextmanager
+def _recording_hidden(
+    model: torch.nn.Module,
+    modules: Mapping[int, torch.nn.Module],
+    window: int,
+    into: dict[int, tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[None]:
+    """Record each decoder layer's input and its attention block's output at the last ``window`` positions."""
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    entering: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index, attention in modules.items():
+        layer = parents[id(attention)]
+
+        def before_layer(_module, args, kwargs, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            entering[index] = hidden[:, -window:].detach()
+
+        def after_attention(_module, _args, output, index=index):
+            block = output[0] if isinstance(output, tuple) else output
+            into[index] = (entering.pop(index), block[:, -window:].detach())
+
+        hooks.append(layer.register_forward_pre_hook(before_layer, with_kwargs=True))
+        hooks.append(attention.register_forward_hook(after_attention))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
