@@ -98,7 +98,7 @@ def measure(
                 observation = captured.observation(layer)
                 for signal in scalar:
                     sums.add(("signal", signal.name, task, layer), signal.measure(observation))
-                for p, (name, policy) in enumerate(created.items()):
+                for p, policy in enumerate(created.values()):
                     for g, budget in enumerate(grid):
                         loss, kept = passes.loss(layer, policy, budget)
                         sums.add(("loss", task, layer, p, g), loss)
@@ -209,9 +209,9 @@ def _decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module | None,
     attention = list(attention_modules(model).values())
     for owner in model.modules():
         for name, child in owner.named_children():
-            if isinstance(child, torch.nn.ModuleList) and len(child) == len(attention):
-                if all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
-                    return owner, name, child
+            holds_layers = isinstance(child, torch.nn.ModuleList) and len(child) == len(attention)
+            if holds_layers and all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
+                return owner, name, child
     return None, "", None
 
 
