@@ -58,7 +58,7 @@ class Profile:
         return int(self.settings["prompt_length"])
 
     def table(self, weights: Mapping[str, float] | None = None) -> list[list[list[float]]]:
-        """Losses per [layer][policy][budget], averaged over tasks with ``weights`` (default: the profile's, or equal)."""
+        """Losses per [layer][policy][budget], averaged over tasks with ``weights`` (default: the profile's)."""
         weights = dict(weights or self.weights or {task: 1.0 for task in self.tasks})
         unknown = sorted(set(weights) - set(self.tasks))
         if unknown:

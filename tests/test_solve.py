@@ -114,7 +114,7 @@ def test_keeping_a_layer_whole_is_an_option_that_counts_the_prompt():
 
 def test_an_infeasible_total_says_by_how_much():
     layers = [LayerOptions(fixed=("full", None)), LayerOptions({"p": (0.0,) * 5}, whole=None)]
-    with pytest.raises(InfeasibleError, match="need at least 1016 stored tokens.*16 more than the total of 1000"):
+    with pytest.raises(InfeasibleError, match=r"need at least 1016 stored tokens.*16 more than the total of 1000"):
         KnapsackSolver().solve(BudgetProblem(GRID, layers, 1000, 1000))
 
 

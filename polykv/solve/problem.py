@@ -155,5 +155,6 @@ def check_feasible(problem: BudgetProblem) -> None:
     if needed > problem.total:
         raise InfeasibleError(
             f"the layers need at least {needed} stored tokens (fixed budgets, minimums and whole layers), "
-            f"{needed - problem.total} more than the total of {problem.total}: raise the total or lower the fixed budgets"
+            f"{needed - problem.total} more than the total of {problem.total}: "
+            "raise the total or lower the fixed budgets"
         )
