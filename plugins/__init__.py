@@ -1,4 +1,4 @@
-"""The built-in eviction policies of polykv.
+"""The built-in policies, signals and solvers of polykv.
 
 They register through the ``polykv.policies`` entry point like any third-party package, so
 nothing in polykv itself knows their names.
@@ -9,16 +9,30 @@ from polykv_plugins.h2o import H2O
 from polykv_plugins.knorm import KeyNorm
 from polykv_plugins.pyramidkv import PyramidKV
 from polykv_plugins.random import RandomEviction
+from polykv_plugins.signals import BUILTIN_SIGNALS
 from polykv_plugins.snapkv import SnapKV
 from polykv_plugins.streaming import Streaming
 from polykv_plugins.tova import TOVA
 
-import polykv
+from polykv.hooks import hookimpl
+from polykv.solve import BUILTIN_SOLVERS
 
 BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
 
 
-@polykv.hookimpl
+@hookimpl
 def register_policies(register):
     for policy in BUILTIN_POLICIES:
         register(policy)
+
+
+@hookimpl
+def register_signals(register):
+    for signal in BUILTIN_SIGNALS:
+        register(signal)
+
+
+@hookimpl
+def register_solvers(register):
+    for solver in BUILTIN_SOLVERS:
+        register(solver)

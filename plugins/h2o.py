@@ -9,13 +9,13 @@ import math
 
 import torch
 
-from polykv.policy import LayerView, Needs, Param, ScoringPolicy, most_recent, per_kv_head
+from polykv.policy import LayerView, Needs, ScoringPolicy, most_recent, parameter, per_kv_head
 
 
 class H2O(ScoringPolicy):
     name = "h2o"
     description = "Keeps the tokens with the most accumulated attention, plus a share of recent ones."
-    parameters = (Param("recent", float, 0.5, "share of the budget kept for the most recent tokens", min=0.0, max=1.0),)
+    recent: float = parameter(0.5, "share of the budget kept for the most recent tokens", min=0.0, max=1.0)
 
     def needs(self) -> Needs:
         return Needs(accumulated_attention=True)

@@ -11,17 +11,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from polykv.policy import LayerView, Needs, Param, ScoringPolicy, most_recent, per_kv_head
+from polykv.policy import LayerView, Needs, ScoringPolicy, most_recent, parameter, per_kv_head
 
 
 class SnapKV(ScoringPolicy):
     name = "snapkv"
     description = "Scores tokens by the pooled attention of the last `window` queries; keeps the window."
-    parameters = (
-        Param("window", int, 32, "observation window: the last queries whose attention scores tokens", min=1),
-        Param("kernel", int, 7, "pooling width along the sequence (1: no pooling)", min=1),
-        Param("pooling", str, "max", "how scores are pooled", choices=("max", "avg")),
-    )
+    window: int = parameter(32, "observation window: the last queries whose attention scores tokens", min=1, max=1024)
+    kernel: int = parameter(7, "pooling width along the sequence (1: no pooling)", min=1, max=255)
+    pooling: str = parameter("max", "how scores are pooled", choices=("max", "avg"))
 
     def needs(self) -> Needs:
         return Needs(window=self.window, window_attention=True)

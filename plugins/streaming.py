@@ -8,13 +8,13 @@ import math
 
 import torch
 
-from polykv.policy import LayerView, Param, ScoringPolicy, first_tokens
+from polykv.policy import LayerView, ScoringPolicy, first_tokens, parameter
 
 
 class Streaming(ScoringPolicy):
     name = "streaming"
     description = "Keeps the first `sink` tokens (attention sinks) and the most recent ones."
-    parameters = (Param("sink", int, 4, "attention-sink tokens kept at the start", min=0),)
+    sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
 
     def min_budget(self) -> int:
         return self.sink + 1

@@ -7,13 +7,13 @@ each KV head by its own query group instead.
 
 import torch
 
-from polykv.policy import LayerView, Needs, Param, ScoringPolicy, per_kv_head
+from polykv.policy import LayerView, Needs, ScoringPolicy, parameter, per_kv_head
 
 
 class TOVA(ScoringPolicy):
     name = "tova"
     description = "Keeps the tokens the last query attends to most (averaged over the layer's heads)."
-    parameters = (Param("per_head", bool, False, "rank each KV head by its own query group"),)
+    per_head: bool = parameter(False, "rank each KV head by its own query group")
 
     def needs(self) -> Needs:
         return Needs(window=1, window_attention=True)

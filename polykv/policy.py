@@ -14,6 +14,11 @@ the cache computes only what some layer asked for.
         def score(self, view):
             return -view.keys.float().norm(dim=-1)
 
+    class Streaming(ScoringPolicy):
+        name = "streaming"
+        description = "Keeps the first `sink` tokens and the most recent ones."
+        sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
+
 Shapes use B for batch rows, H for KV heads, G for query heads per KV head (GQA group), L for
 tokens and D for head dimension.
 """
@@ -23,14 +28,27 @@ from __future__ import annotations
 import abc
 import enum
 import math
-import types
-from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
 import torch
 
-from polykv.values import Value, describe_value, format_value
+from polykv.parameters import Configurable, Param, ParameterError, parameter
+
+__all__ = [
+    "NOTHING_MORE",
+    "LayerView",
+    "Needs",
+    "Param",
+    "ParameterError",
+    "Phase",
+    "Policy",
+    "ScoringPolicy",
+    "first_tokens",
+    "most_recent",
+    "parameter",
+    "per_kv_head",
+]
 
 
 class Phase(enum.Enum):
@@ -38,85 +56,6 @@ class Phase(enum.Enum):
 
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-class ParameterError(ValueError):
-    """A parameter value a policy does not accept; ``hint`` says what would be accepted."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
-
-
-_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _known_type(instance: Param, _attribute: attrs.Attribute, value: type) -> None:
-    if value not in _TYPE_WORDS:
-        raise TypeError(f"parameter {instance.name!r}: type must be int, float, bool or str, not {value!r}")
-
-
-@attrs.frozen
-class Param:
-    """One declared parameter of a policy: its type, default, allowed range and meaning."""
-
-    name: str
-    type: type = attrs.field(validator=_known_type)
-    default: Value
-    description: str
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-
-    def coerce(self, value: Value) -> Value:
-        """``value`` as this parameter's type; raises ParameterError naming what is expected."""
-        kind = self.type
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ParameterError(
-                f"parameter '{self.name}' takes {_TYPE_WORDS[kind]}, got {describe_value(value)}",
-                hint=f"for example {self.name}={format_value(self.default)}",
-            )
-        if kind is float:
-            value = self._finite(value)
-        if self.choices and value not in self.choices:
-            options = ", ".join(format_value(c) for c in self.choices)
-            raise ParameterError(
-                f"parameter '{self.name}' is one of {options}, got {format_value(value)}",
-                hint=f"for example {self.name}={format_value(self.choices[0])}",
-            )
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-            raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {format_value(value)}")
-        return value
-
-    def _finite(self, value: int | float) -> float:
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ParameterError(f"parameter '{self.name}' takes a finite number, got {format_value(value)}")
-        return number
-
-    def range_words(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"between {_number(self.min)} and {_number(self.max)}"
-        if self.min is not None:
-            return f"at least {_number(self.min)}"
-        if self.max is not None:
-            return f"at most {_number(self.max)}"
-        return "any value"
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
 
 
 @attrs.frozen
@@ -168,29 +107,16 @@ class LayerView:
         return self.keys.shape[-2]
 
 
-class Policy(abc.ABC):
-    """Base class of eviction policies. Subclasses set the class attributes and implement ``select``.
+class Policy(Configurable, abc.ABC):
+    """Base class of eviction policies. Subclasses set ``name`` and ``description``, declare their
+    parameters with ``parameter`` (see ``polykv.parameters``) and implement ``select``.
 
     ``budgeted = False`` marks a policy that keeps everything and so takes no budget (``full``).
-    Parameter values become attributes of the instance (``self.window``) and ``self.values``.
+    Parameter values are attributes of the instance (``self.window``) and ``self.values``.
     """
 
-    name: ClassVar[str]
     description: ClassVar[str]
-    parameters: ClassVar[tuple[Param, ...]] = ()
     budgeted: ClassVar[bool] = True
-
-    def __init__(self, **values: Value):
-        declared = {p.name: p for p in self.parameters}
-        unknown = sorted(set(values) - set(declared))
-        if unknown:
-            raise ParameterError(f"{self.name} has no parameter '{unknown[0]}'")
-        resolved = {
-            name: param.coerce(values[name]) if name in values else param.default for name, param in declared.items()
-        }
-        for name, value in resolved.items():
-            setattr(self, name, value)
-        self.values: Mapping[str, Value] = types.MappingProxyType(resolved)
 
     def needs(self) -> Needs:
         """What the policy needs beyond keys and values (default: nothing)."""
@@ -207,10 +133,6 @@ class Policy(abc.ABC):
         Indices must be distinct within each row and head, and never point at padding when the
         row has at least ``budget`` real tokens. Their order does not matter.
         """
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={format_value(v)}" for k, v in self.values.items())
-        return f"{self.name}({settings})" if settings else self.name
 
 
 class ScoringPolicy(Policy):

@@ -1,12 +1,14 @@
-"""Which policies are installed: plugin loading through entry points, with failures reported, not raised.
+"""What is installed: policies, signals and solvers, loaded from plugins with failures reported, not raised.
 
 Entry points of the group ``polykv.policies`` are loaded one by one, the built-in distribution
-first and the others sorted by name, so a third party can never replace a built-in policy.
-A plugin that fails to import, whose hook raises, or that registers a malformed policy or a name
-already taken is skipped and recorded with its distribution and the reason; the rest load.
+first and the others sorted by name, so a third party can never replace a built-in. Each plugin
+may implement any of the hooks in ``polykv.hooks`` (policies, signals, solvers). A plugin that
+fails to import, whose hook raises, that registers nothing, or that registers something malformed
+or a name already taken is skipped and recorded with its distribution and the reason; the rest load.
 
-``POLYKV_PLUGINS`` controls loading: unset loads every plugin, ``none`` loads none, and a comma
-list of distribution names (``polykv-core,polykv-keydiff``) loads only those.
+``POLYKV_PLUGINS`` controls third-party loading: unset loads every plugin, ``none`` loads the
+built-ins only, and a comma list of distribution names (``polykv-keydiff,other``) loads the
+built-ins and those. ``Registry()`` in code is empty; add plugins to it with ``add_plugin``.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import pluggy
+from packaging.utils import canonicalize_name
 
 from polykv.hooks import PROJECT, PolicyHooks
-from polykv.policy import Param, ParameterError, Policy
+from polykv.parameters import Configurable, Param, ParameterError
+from polykv.policy import Policy
 from polykv.values import KEYWORDS, Value
 
 ENTRY_POINT_GROUP = "polykv.policies"
 ENVIRONMENT_VARIABLE = "POLYKV_PLUGINS"
 BUILTIN_DISTRIBUTION = "polykv-core"
 
-_POLICY_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 class PluginWarning(UserWarning):
@@ -38,22 +42,30 @@ class PluginWarning(UserWarning):
 
 
 @attrs.frozen
-class PolicyEntry:
-    """An installed policy and where it comes from."""
+class Entry:
+    """An installed policy, signal or solver class, and where it comes from."""
 
-    policy: type[Policy]
+    cls: type
     distribution: str
     version: str
     plugin: str
 
     @property
     def name(self) -> str:
-        return self.policy.name
+        return self.cls.name
+
+    @property
+    def policy(self) -> type[Policy]:
+        """The class, named for the common case of a policy entry."""
+        return self.cls
+
+
+PolicyEntry = Entry
 
 
 @attrs.frozen
 class PluginFailure:
-    """A plugin (or one policy of it) that was skipped, and why."""
+    """A plugin (or one thing it registers) that was skipped, and why."""
 
     distribution: str
     plugin: str
@@ -63,13 +75,27 @@ class PluginFailure:
         return f"{self.distribution} ({self.plugin}): {self.reason}"
 
 
+@attrs.frozen
+class Kind:
+    """One kind of thing plugins register: its words, its hook, and how a registration is checked."""
+
+    word: str
+    plural: str
+    hook: str
+    problem: Callable[[object], str | None]
+
+
 class Registry:
-    """The installed policies by name, and the plugins that failed to load."""
+    """The installed policies (and signals and solvers) by name, and the plugins that failed to load.
+
+    Iterating, ``names``, ``get`` and ``create`` are about policies; ``signals()``, ``solvers()``,
+    ``get_signal``/``get_solver`` and ``create_solver`` about the other kinds.
+    """
 
     def __init__(self) -> None:
         self._manager = pluggy.PluginManager(PROJECT)
         self._manager.add_hookspecs(PolicyHooks)
-        self._entries: dict[str, PolicyEntry] = {}
+        self._entries: dict[str, dict[str, Entry]] = {kind.plural: {} for kind in KINDS}
         self._failures: list[PluginFailure] = []
 
     # --- loading ----------------------------------------------------------------------------
@@ -79,20 +105,23 @@ class Registry:
         """A registry loaded from entry points as ``POLYKV_PLUGINS`` says."""
         registry = cls()
         setting = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
-        if setting.lower() != "none":
-            only = {_normal(name) for name in setting.split(",") if name.strip()} or None
+        if setting.lower() == "none":
+            registry.load_entry_points(only=set())
+        else:
+            only = {canonicalize_name(name.strip()) for name in setting.split(",") if name.strip()} or None
             registry.load_entry_points(only=only)
         return registry
 
     def load_entry_points(self, only: set[str] | None = None) -> None:
-        """Load every plugin of the entry-point group (or of the distributions in ``only``)."""
+        """Load the built-in plugins and every other plugin (or those of the distributions in ``only``)."""
         found: set[str] = set()
         for entry_point in _sorted_entry_points():
             distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
             version = entry_point.dist.version if entry_point.dist else ""
-            if only is not None and _normal(distribution) not in only:
+            normal = canonicalize_name(distribution)
+            if only is not None and normal not in only and normal != BUILTIN_DISTRIBUTION:
                 continue
-            found.add(_normal(distribution))
+            found.add(normal)
             try:
                 plugin = entry_point.load()
             except Exception as error:  # any failure to import a plugin is reported, never raised
@@ -101,54 +130,60 @@ class Registry:
             self.add_plugin(
                 plugin, name=f"{distribution}:{entry_point.name}", distribution=distribution, version=version
             )
-        for missing in sorted((only or set()) - found):
+        for missing in sorted((only or set()) - found - {BUILTIN_DISTRIBUTION}):
             self._fail(
                 missing,
                 ENVIRONMENT_VARIABLE,
-                f"{ENVIRONMENT_VARIABLE} names '{missing}', which provides no polykv policies (is it installed?)",
+                f"{ENVIRONMENT_VARIABLE} names '{missing}', which provides no polykv plugins (is it installed?)",
             )
 
     def add_plugin(self, plugin: object, *, name: str, distribution: str = "<local>", version: str = "") -> None:
-        """Register ``plugin`` (a module or object with a ``register_policies`` hook) and its policies."""
+        """Register ``plugin`` (a module or object with hooks from ``polykv.hooks``) and what it provides."""
         try:
             self._manager.register(plugin, name=name)
         except Exception as error:  # pluggy rejects malformed hook implementations
             self._fail(distribution, name, f"not a valid plugin: {_reason(error)}")
             return
-        offered: list[type[Policy]] = []
         others = [p for p in self._manager.get_plugins() if p is not plugin]
-        caller = self._manager.subset_hook_caller("register_policies", remove_plugins=others)
-        try:
-            caller(register=offered.append)
-        except Exception as error:  # a raising hook skips the whole plugin
-            self._manager.unregister(plugin)
-            self._fail(distribution, name, f"register_policies raised {_reason(error)}")
-            return
-        if not offered:
+        offered: dict[str, list[object]] = {}
+        for kind in KINDS:
+            offered[kind.plural] = []
+            caller = self._manager.subset_hook_caller(kind.hook, remove_plugins=others)
+            try:
+                caller(register=offered[kind.plural].append)
+            except Exception as error:  # a raising hook skips the whole plugin
+                self._manager.unregister(plugin)
+                self._fail(distribution, name, f"{kind.hook} raised {_reason(error)}")
+                return
+        if not any(offered.values()):
             self._manager.unregister(plugin)
             self._fail(
                 distribution,
                 name,
-                "registered no policies (is register_policies spelt so and marked @polykv.hookimpl?)",
+                "registered no policies, signals or solvers "
+                "(are its hooks spelt register_policies, ... and marked @hookimpl?)",
             )
             return
-        for policy in offered:
-            problem = policy_problem(policy)
-            if problem is None and policy.name in self._entries:
-                first = self._entries[policy.name]
-                problem = f"policy '{policy.name}' is already provided by {first.distribution} {first.version}".rstrip()
-            if problem:
-                self._fail(distribution, name, problem)
-                continue
-            self._entries[policy.name] = PolicyEntry(policy, distribution, version, name)
+        for kind in KINDS:
+            taken = self._entries[kind.plural]
+            for thing in offered[kind.plural]:
+                problem = kind.problem(thing)
+                if problem is None and thing.name in taken:
+                    first = taken[thing.name]
+                    problem = f"{kind.word} '{thing.name}' is already provided by {first.distribution} {first.version}"
+                if problem:
+                    self._fail(distribution, name, problem.rstrip())
+                    continue
+                taken[thing.name] = Entry(thing, distribution, version, name)
 
     def remove_plugin(self, name: str) -> None:
-        """Unregister the plugin added under ``name`` and forget its policies."""
+        """Unregister the plugin added under ``name`` and forget what it provided."""
         plugin = self._manager.get_plugin(name)
         if plugin is None:
             raise KeyError(f"no plugin named {name!r}")
         self._manager.unregister(plugin)
-        self._entries = {k: e for k, e in self._entries.items() if e.plugin != name}
+        for plural, entries in self._entries.items():
+            self._entries[plural] = {k: e for k, e in entries.items() if e.plugin != name}
 
     def _fail(self, distribution: str, plugin: str, reason: str) -> None:
         failure = PluginFailure(distribution, plugin, reason)
@@ -162,26 +197,47 @@ class Registry:
         return tuple(self._failures)
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """The installed policies' names, sorted."""
+        return sorted(self._entries["policies"])
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries["policies"]
 
-    def __iter__(self) -> Iterator[PolicyEntry]:
-        return iter(self._entries[name] for name in self.names())
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries["policies"][name] for name in self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries["policies"])
 
-    def get(self, name: str) -> PolicyEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"no policy named {name!r}; installed: {', '.join(self.names())}") from None
+    def get(self, name: str) -> Entry:
+        return self._get("policies", "policy", name)
 
     def create(self, name: str, values: dict[str, Value] | None = None) -> Policy:
         """An instance of policy ``name`` with ``values`` (checked; missing ones take defaults)."""
-        return self.get(name).policy(**(values or {}))
+        return self.get(name).cls(**(values or {}))
+
+    def signals(self) -> list[Entry]:
+        return [self._entries["signals"][name] for name in sorted(self._entries["signals"])]
+
+    def solvers(self) -> list[Entry]:
+        return [self._entries["solvers"][name] for name in sorted(self._entries["solvers"])]
+
+    def get_signal(self, name: str) -> Entry:
+        return self._get("signals", "signal", name)
+
+    def get_solver(self, name: str) -> Entry:
+        return self._get("solvers", "solver", name)
+
+    def create_solver(self, name: str, values: dict[str, Value] | None = None):
+        """An instance of solver ``name`` with ``values`` (checked; missing ones take defaults)."""
+        return self.get_solver(name).cls(**(values or {}))
+
+    def _get(self, plural: str, word: str, name: str) -> Entry:
+        try:
+            return self._entries[plural][name]
+        except KeyError:
+            installed = ", ".join(sorted(self._entries[plural])) or "none"
+            raise KeyError(f"no {word} named {name!r}; installed: {installed}") from None
 
 
 @functools.cache
@@ -192,41 +248,68 @@ def default_registry() -> Registry:
 
 def policy_problem(policy: object) -> str | None:
     """Why ``policy`` cannot be registered, or None when it is a well-formed Policy class."""
-    if not (inspect.isclass(policy) and issubclass(policy, Policy)):
-        return f"register() takes a Policy subclass, got {policy!r}"
-    label = f"policy class {policy.__qualname__}"
-    name = getattr(policy, "name", None)
-    if not isinstance(name, str) or not _POLICY_NAME.match(name) or name in KEYWORDS:
-        return f"{label}: name must be lower-case letters, digits and _ (not a keyword), got {name!r}"
-    if inspect.isabstract(policy):
-        missing = ", ".join(sorted(policy.__abstractmethods__))
-        return f"policy '{name}' does not implement {missing}"
-    description = getattr(policy, "description", None)
+    if inspect.isclass(policy) and issubclass(policy, Policy):
+        name = getattr(policy, "name", None)
+        if not isinstance(name, str) or not _NAME.match(name) or name in KEYWORDS:
+            return (
+                f"policy class {policy.__qualname__}: name must be lower-case letters, digits and _ "
+                f"(not a keyword), got {name!r}"
+            )
+    return _class_problem(policy, Policy, "policy")
+
+
+def signal_problem(signal: object) -> str | None:
+    """Why ``signal`` cannot be registered, or None when it is a well-formed Signal class."""
+    from polykv.signals import Signal
+
+    return _class_problem(signal, Signal, "signal")
+
+
+def solver_problem(solver: object) -> str | None:
+    """Why ``solver`` cannot be registered, or None when it is a well-formed Solver class."""
+    from polykv.solve import Solver
+
+    return _class_problem(solver, Solver, "solver")
+
+
+def _class_problem(thing: object, base: type, word: str) -> str | None:
+    if not (inspect.isclass(thing) and issubclass(thing, base)):
+        return f"register() takes a {base.__name__} subclass, got {thing!r}"
+    label = f"{word} class {thing.__qualname__}"
+    name = getattr(thing, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        return f"{label}: name must be lower-case letters, digits and _, got {name!r}"
+    if inspect.isabstract(thing):
+        missing = ", ".join(sorted(thing.__abstractmethods__))
+        return f"{word} '{name}' does not implement {missing}"
+    description = getattr(thing, "description", None)
     if not isinstance(description, str) or not description.strip() or "\n" in description:
-        return f"policy '{name}': description must be one non-empty line"
-    params = policy.parameters
-    if not isinstance(params, tuple) or not all(isinstance(p, Param) for p in params):
-        return f"policy '{name}': parameters must be a tuple of polykv.Param"
-    names = [p.name for p in params]
-    if len(set(names)) != len(names):
-        return f"policy '{name}': parameter names repeat"
-    for param in params:
-        if not re.fullmatch(r"[a-z_][a-z0-9_]*", param.name) or hasattr(Policy, param.name):
-            return f"policy '{name}': parameter name {param.name!r} is not allowed"
-        try:
-            param.coerce(param.default)
-        except ParameterError as error:
-            return f"policy '{name}': default of {error}"
+        return f"{word} '{name}': description must be one non-empty line"
+    if issubclass(thing, Configurable):
+        for param in thing.parameters:
+            if not isinstance(param, Param) or hasattr(base, param.name):
+                return f"{word} '{name}': parameter {getattr(param, 'name', param)!r} is not allowed"
+            try:
+                param.coerce(param.default)
+            except ParameterError as error:
+                return f"{word} '{name}': default of {error}"
     try:
-        policy()
-    except Exception as error:  # a policy that cannot be built with its defaults is malformed
-        return f"policy '{name}' cannot be created with its defaults: {_reason(error)}"
+        thing()
+    except Exception as error:  # a class that cannot be built with its defaults is malformed
+        return f"{word} '{name}' cannot be created with its defaults: {_reason(error)}"
     return None
+
+
+KINDS = (
+    Kind("policy", "policies", "register_policies", policy_problem),
+    Kind("signal", "signals", "register_signals", signal_problem),
+    Kind("solver", "solvers", "register_solvers", solver_problem),
+)
 
 
 def _sorted_entry_points() -> list[importlib.metadata.EntryPoint]:
     def order(entry_point: importlib.metadata.EntryPoint) -> tuple:
-        distribution = _normal(entry_point.dist.name) if entry_point.dist else ""
+        distribution = canonicalize_name(entry_point.dist.name) if entry_point.dist else ""
         return (distribution != BUILTIN_DISTRIBUTION, distribution, entry_point.name)
 
     # A distribution found twice on the path (an editable install, say) lists its entry points twice.
@@ -235,11 +318,6 @@ def _sorted_entry_points() -> list[importlib.metadata.EntryPoint]:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     }
     return sorted(unique.values(), key=order)
-
-
-def _normal(distribution: str) -> str:
-    """A distribution name in normal form (PEP 503), so `Polykv_KeyDiff` matches `polykv-keydiff`."""
-    return re.sub(r"[-_.]+", "-", distribution.strip()).lower()
 
 
 def _reason(error: BaseException) -> str:

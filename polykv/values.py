@@ -16,7 +16,7 @@ Value = bool | int | float | str
 AUTO = "auto"
 
 #: Words of the language that cannot name a policy.
-KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false"})
+KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false", "solver"})
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

@@ -67,7 +67,10 @@ def test_parameter_out_of_range_and_not_a_choice():
     assert _only('layers 0: snapkv@64(pooling="mean")').message == (
         'snapkv: parameter \'pooling\' is one of "max", "avg", got "mean"'
     )
-    assert _only("layers 0: streaming@64(sink=-1)").message == "streaming: parameter 'sink' must be at least 0, got -1"
+    assert (
+        _only("layers 0: streaming@64(sink=-1)").message
+        == "streaming: parameter 'sink' must be between 0 and 1024, got -1"
+    )
 
 
 def test_duplicate_parameter():

@@ -163,7 +163,7 @@ def test_policies_lists_parameters_and_providers(capsys):
 
     assert f"snapkv  (polykv-core {__version__})" in out
     assert '    pooling: str = "max", one of max, avg  how scores are pooled' in out
-    assert "    sink: int = 4, at least 0  attention-sink tokens kept at the start" in out
+    assert "    sink: int = 4, between 0 and 1024  attention-sink tokens kept at the start" in out
 
 
 def test_policies_json(capsys):

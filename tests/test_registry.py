@@ -12,6 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import polykv
+from polykv.parameters import parameter
 from polykv.registry import ENTRY_POINT_GROUP, PluginWarning, Registry
 
 BUILTINS = {"full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random"}
@@ -46,12 +47,10 @@ def _assert_builtins_only_from_polykv(registry: Registry) -> None:
 class Alpha(polykv.ScoringPolicy):
     name = "alpha"
     description = "A test policy."
-    parameters = (
-        polykv.Param("ratio", float, 0.5, "a share", min=0.0, max=1.0),
-        polykv.Param("count", int, 2, "a count", min=1),
-        polykv.Param("mode", str, "a", "a mode", choices=("a", "b")),
-        polykv.Param("flag", bool, False, "a flag"),
-    )
+    ratio: float = parameter(0.5, "a share", min=0.0, max=1.0)
+    count: int = parameter(2, "a count", min=1)
+    mode: str = parameter("a", "a mode", choices=("a", "b"))
+    flag: bool = parameter(False, "a flag")
 
     def score(self, view):
         return view.positions.float()
@@ -108,34 +107,9 @@ class BlankDescription(Beta):
     description = "   "
 
 
-class StringParams(Beta):
-    name = "string_params"
-    parameters = ("window",)
-
-
-class ListParams(Beta):
-    name = "list_params"
-    parameters = [polykv.Param("window", int, 4, "w")]  # noqa: RUF012
-
-
-class RepeatedParams(Beta):
-    name = "repeated"
-    parameters = (polykv.Param("window", int, 4, "w"), polykv.Param("window", int, 5, "w again"))
-
-
 class ReservedParam(Beta):
     name = "reserved"
-    parameters = (polykv.Param("budgeted", bool, True, "shadows a Policy attribute"),)
-
-
-class BadDefault(Beta):
-    name = "bad_default"
-    parameters = (polykv.Param("window", int, 0, "w", min=1),)
-
-
-class BadChoiceDefault(Beta):
-    name = "bad_choice"
-    parameters = (polykv.Param("pooling", str, "min", "p", choices=("max", "avg")),)
+    budgeted: bool = parameter(True, "shadows a Policy attribute")
 
 
 class Exploding(Beta):
@@ -257,30 +231,62 @@ BAD_POLICIES = [
     pytest.param(Unscored, "policy 'unscored' does not implement score", id="abstract-score"),
     pytest.param(TwoLines, "policy 'two_lines': description must be one non-empty line", id="newline-description"),
     pytest.param(BlankDescription, "policy 'blank': description must be one non-empty line", id="blank-description"),
-    pytest.param(
-        StringParams, "policy 'string_params': parameters must be a tuple of polykv.Param", id="params-not-param"
-    ),
-    pytest.param(ListParams, "policy 'list_params': parameters must be a tuple of polykv.Param", id="params-list"),
-    pytest.param(RepeatedParams, "policy 'repeated': parameter names repeat", id="repeated-params"),
-    pytest.param(
-        ReservedParam, "policy 'reserved': parameter name 'budgeted' is not allowed", id="reserved-param-name"
-    ),
-    pytest.param(
-        BadDefault,
-        "policy 'bad_default': default of parameter 'window' must be at least 1, got 0",
-        id="default-out-of-range",
-    ),
-    pytest.param(
-        BadChoiceDefault,
-        """policy 'bad_choice': default of parameter 'pooling' is one of "max", "avg", got "min\"""",
-        id="default-not-a-choice",
-    ),
+    pytest.param(ReservedParam, "policy 'reserved': parameter 'budgeted' is not allowed", id="reserved-param-name"),
     pytest.param(
         Exploding,
         "policy 'exploding' cannot be created with its defaults: RuntimeError: cannot start",
         id="init-raises",
     ),
 ]
+
+
+def _declare(body: str) -> type:
+    namespace: dict = {"Beta": Beta, "parameter": parameter}
+    exec(f"class Declared(Beta):\n    name = 'declared'\n{body}", namespace)
+    return namespace["Declared"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "    window: int = parameter(0, 'w', min=1)",
+            "Declared: the default of parameter 'window' must be at least 1",
+        ),
+        (
+            "    pooling: str = parameter('min', 'p', choices=('max', 'avg'))",
+            """Declared: the default of parameter 'pooling' is one of "max", "avg", got "min\"""",
+        ),
+        ("    window = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
+        ("    window: list = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
+        ("    parameters = ()", "Declared: declare each parameter as `name: type = parameter(default, description)`"),
+    ],
+)
+def test_a_malformed_parameter_declaration_fails_where_the_class_is_made(body, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        _declare(body)
+
+
+def test_a_subclass_changes_a_default_and_keeps_the_rest():
+    class Narrow(Alpha):
+        name = "narrow"
+        count = 5
+
+    assert [p.name for p in Narrow.parameters] == ["ratio", "count", "mode", "flag"]
+    count = Narrow.parameters[1]
+    assert (count.default, count.min, count.description) == (5, 1, "a count")
+    assert Narrow().count == 5 and Alpha().count == 2
+    with pytest.raises(TypeError, match="the default of parameter 'count' must be at least 1, got 0"):
+
+        class Zero(Alpha):
+            count = 0
+
+
+def test_policies_are_immutable_and_compare_by_value():
+    assert Alpha(count=3) == Alpha(count=3) and Alpha(count=3) != Alpha(count=4)
+    assert hash(Alpha(count=3)) == hash(Alpha(count=3))
+    with pytest.raises(AttributeError, match="alpha is immutable"):
+        Alpha().count = 9
 
 
 @pytest.mark.parametrize(("bad", "reason"), BAD_POLICIES)
@@ -342,7 +348,9 @@ def test_plugin_that_registers_nothing_is_reported():
     for plugin, name in ((Misspelt(), "empty"), (Unmarked(), "unmarked")):
         with pytest.warns(PluginWarning, match="registered no policies"):
             registry.add_plugin(plugin, name=name, distribution="polykv-empty")
-    reason = "registered no policies (is register_policies spelt so and marked @polykv.hookimpl?)"
+    reason = (
+        "registered no policies, signals or solvers (are its hooks spelt register_policies, ... and marked @hookimpl?)"
+    )
     assert registry.failures == (
         polykv.PluginFailure("polykv-empty", "empty", reason),
         polykv.PluginFailure("polykv-empty", "unmarked", reason),
@@ -404,11 +412,11 @@ def test_environment_unset_loads_every_plugin(monkeypatch, recwarn):
 
 
 @pytest.mark.parametrize("setting", ["none", "NONE", " None "])
-def test_environment_none_loads_nothing(monkeypatch, setting):
+def test_environment_none_loads_only_the_builtins(monkeypatch, setting):
     monkeypatch.setenv("POLYKV_PLUGINS", setting)
     registry = Registry.from_environment()
-    assert len(registry) == 0
-    assert registry.names() == []
+    assert set(registry.names()) == BUILTINS
+    assert {e.distribution for e in registry} == {"polykv-core"}
     assert registry.failures == ()
 
 
@@ -432,7 +440,7 @@ def test_environment_naming_a_missing_distribution_reports_it(monkeypatch):
         polykv.PluginFailure(
             "not-installed-pkg",
             "POLYKV_PLUGINS",
-            "POLYKV_PLUGINS names 'not-installed-pkg', which provides no polykv policies (is it installed?)",
+            "POLYKV_PLUGINS names 'not-installed-pkg', which provides no polykv plugins (is it installed?)",
         ),
     )
 
@@ -441,7 +449,7 @@ def test_environment_names_are_normalised(monkeypatch):
     monkeypatch.setenv("POLYKV_PLUGINS", "Not_Installed.Pkg")
     with pytest.warns(PluginWarning):
         registry = Registry.from_environment()
-    assert len(registry) == 0
+    assert set(registry.names()) == BUILTINS
     [failure] = registry.failures
     assert failure.distribution == "not-installed-pkg"
 
@@ -476,7 +484,7 @@ def test_policy_values_are_read_only():
         ("snapkv", {"windw": 4}, "snapkv has no parameter 'windw'"),
         ("snapkv", {"window": 4.0}, "parameter 'window' takes a whole number, got a number (4.0)"),
         ("snapkv", {"window": True}, "parameter 'window' takes a whole number, got a boolean (true)"),
-        ("snapkv", {"window": 0}, "parameter 'window' must be at least 1, got 0"),
+        ("snapkv", {"window": 0}, "parameter 'window' must be between 1 and 1024, got 0"),
         ("snapkv", {"pooling": "min"}, 'parameter \'pooling\' is one of "max", "avg", got "min"'),
         ("h2o", {"recent": "half"}, "parameter 'recent' takes a number, got a string (\"half\")"),
         ("h2o", {"recent": 1.5}, "parameter 'recent' must be between 0 and 1, got 1.5"),

@@ -145,7 +145,7 @@ def test_uniform_shares_equally_and_sums_exactly():
 
 
 def test_pyramid_falls_with_depth_around_the_same_mean():
-    solution = PyramidSolver(window=8, beta=20).solve(_free_problem(layers=10, total=10 * 128))
+    solution = PyramidSolver(window=8, beta=20.0).solve(_free_problem(layers=10, total=10 * 128))
     tokens = [c.tokens for c in solution.layers]
     assert tokens == sorted(tokens, reverse=True) and sum(tokens) == 1280
     assert tokens[0] > 2 * 128 - 20 and tokens[-1] < 20

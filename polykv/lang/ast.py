@@ -191,6 +191,17 @@ class BudgetDecl:
 
 
 @attrs.frozen
+class SolverDecl:
+    """``solver pyramid(beta=20)``: who shares out @auto budgets and routes auto layers."""
+
+    name: str = attrs.field(validator=_is_name)
+    parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=tuple)
+    comment: str | None = attrs.field(default=None, validator=_comment_text)
+    span: Span | None = _span()
+    name_span: Span | None = _span()
+
+
+@attrs.frozen
 class Rule:
     """``layers SELECTOR: POLICY [decode POLICY]``: which policy (per phase) the selected layers use."""
 
@@ -201,7 +212,7 @@ class Rule:
     span: Span | None = _span()
 
 
-Statement = ModelLayers | BudgetDecl | Rule
+Statement = ModelLayers | BudgetDecl | SolverDecl | Rule
 
 
 @attrs.frozen
@@ -219,7 +230,7 @@ class BlankLine:
     span: Span | None = _span()
 
 
-Item = ModelLayers | BudgetDecl | Rule | Comment | BlankLine
+Item = ModelLayers | BudgetDecl | SolverDecl | Rule | Comment | BlankLine
 
 
 def _canonical_items(items: tuple[Item, ...]) -> tuple[Item, ...]:
@@ -243,7 +254,7 @@ class Spec:
 
     @property
     def statements(self) -> tuple[Statement, ...]:
-        return tuple(i for i in self.items if isinstance(i, (ModelLayers, BudgetDecl, Rule)))
+        return tuple(i for i in self.items if isinstance(i, (ModelLayers, BudgetDecl, SolverDecl, Rule)))
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -253,6 +264,11 @@ class Spec:
     def budget(self) -> BudgetDecl | None:
         """The (first) budget declaration, if any."""
         return next((i for i in self.items if isinstance(i, BudgetDecl)), None)
+
+    @property
+    def solver(self) -> SolverDecl | None:
+        """The (first) solver declaration, if any."""
+        return next((i for i in self.items if isinstance(i, SolverDecl)), None)
 
     @property
     def model_layers(self) -> ModelLayers | None:

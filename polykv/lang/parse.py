@@ -92,8 +92,8 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
 # Terminal groups that mean one thing together, tried in order; what is left is named one by one.
 _GROUPS: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"LAYERS", "MODEL", "BUDGET", "INT", "STAR"}),
-        "a statement such as `layers 0-3: snapkv@256`, `budget 512` or `model layers 32`",
+        frozenset({"LAYERS", "MODEL", "BUDGET", "SOLVER", "INT", "STAR"}),
+        "a statement such as `layers 0-3: snapkv@256`, `budget 512`, `solver pyramid` or `model layers 32`",
     ),
     (
         frozenset({"INT", "PERCENT", "AUTO"}),
@@ -125,7 +125,7 @@ _NAMES: dict[str, str] = {
 _PUNCTUATION = {
     "STAR": "*", "COLON": ":", "MINUS": "-", "COMMA": ",", "AT": "@", "LPAR": "(", "RPAR": ")",
     "LSQB": "[", "RSQB": "]", "EQUAL": "=", "LAYERS": "layers", "MODEL": "model",
-    "BUDGET": "budget", "TOTAL": "total", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
+    "BUDGET": "budget", "SOLVER": "solver", "TOTAL": "total", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
     "FALSE": "false",
 }  # fmt: skip
 
@@ -288,6 +288,11 @@ class _ToAst(Transformer):
     def budget_decl(self, meta, *children):
         total = len(children) == 2
         return ast.BudgetDecl(children[-1], total=total, span=self._span(meta))
+
+    def solver_decl(self, meta, name: Token, *parameters):
+        return ast.SolverDecl(
+            str(name), parameters[0] if parameters else (), span=self._span(meta), name_span=self._token_span(name)
+        )
 
     def tokens(self, meta, count: Token):
         return ast.Tokens(int(count), span=self._span(meta))

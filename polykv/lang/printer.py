@@ -64,6 +64,9 @@ def _item(item: ast.Item) -> str:
 def _statement(statement: ast.Statement) -> str:
     if isinstance(statement, ast.ModelLayers):
         return f"model layers {statement.count}"
+    if isinstance(statement, ast.SolverDecl):
+        parameters = ", ".join(f"{p.name}={format_value(p.value)}" for p in statement.parameters)
+        return f"solver {statement.name}" + (f"({parameters})" if statement.parameters else "")
     if isinstance(statement, ast.BudgetDecl):
         total = "total " if statement.total else ""
         return f"budget {total}{format_budget(statement.amount)}"

@@ -14,17 +14,18 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+from polykv.parameters import Configurable, parameter
 from polykv.solve.problem import WHOLE, BudgetProblem, LayerChoice, LayerOptions, Solution, check_feasible
 
 
-class Solver(abc.ABC):
-    """Turns a BudgetProblem into a Solution. Subclasses set ``name`` and ``description``.
+class Solver(Configurable, abc.ABC):
+    """Turns a BudgetProblem into a Solution. Subclasses set ``name`` and ``description``, declare
+    parameters with ``parameter`` (``solver pyramid(beta=20)`` sets them), and implement ``solve``.
 
     ``signals`` are per-layer measurements by name (``entropy``, ``variance``, ...), for rules
     that read them.
     """
 
-    name: ClassVar[str]
     description: ClassVar[str]
 
     @abc.abstractmethod
@@ -51,12 +52,9 @@ class PyramidSolver(Solver):
     """
 
     name = "pyramid"
-    description = "Budgets fall linearly with depth around the same mean (PyramidKV, beta=20)."
-
-    def __init__(self, window: int = 8, beta: float = 20.0):
-        if window < 0 or beta <= 1:
-            raise ValueError("pyramid takes window >= 0 and beta > 1")
-        self.window, self.beta = window, beta
+    description = "Budgets fall linearly with depth around the same mean (PyramidKV)."
+    window: int = parameter(8, "tokens every layer keeps besides its share (the observation window)", min=0, max=4096)
+    beta: float = parameter(20.0, "how far the last layer's share falls: (B - window) / beta", min=1.0, max=1000.0)
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:
         free = [i for i, layer in enumerate(problem.layers) if layer.fixed is None]
@@ -82,11 +80,8 @@ class CakeSolver(Solver):
 
     name = "cake"
     description = "Budgets in proportion to attention entropy^(1/tau1) x variance^(1/tau2) (CAKE)."
-
-    def __init__(self, tau1: float = 1.0, tau2: float = 1.0):
-        if tau1 <= 0 or tau2 <= 0:
-            raise ValueError("cake's temperatures are positive")
-        self.tau1, self.tau2 = tau1, tau2
+    tau1: float = parameter(1.0, "temperature of the entropy (spatial dispersion)", min=0.01, max=100.0)
+    tau2: float = parameter(1.0, "temperature of the variance (temporal shift)", min=0.01, max=100.0)
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:
         signals = signals or {}

@@ -10,16 +10,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-import polykv
-from polykv.policy import LayerView, Param, most_recent
+from polykv.hooks import hookimpl
+from polykv.policy import LayerView, ScoringPolicy, most_recent, parameter
 
 __all__ = ["KeyDiff", "register_policies"]
 
 
-class KeyDiff(polykv.ScoringPolicy):
+class KeyDiff(ScoringPolicy):
     name = "keydiff"
     description = "Keeps the tokens whose keys are least similar (cosine) to the mean key; keeps the last `window`."
-    parameters = (Param("window", int, 8, "most recent tokens always kept", min=0),)
+    window: int = parameter(8, "most recent tokens always kept", min=0, max=1024)
 
     def min_budget(self) -> int:
         return max(1, self.window)
@@ -32,6 +32,6 @@ class KeyDiff(polykv.ScoringPolicy):
         return scores.masked_fill(most_recent(view, self.window), math.inf)
 
 
-@polykv.hookimpl
+@hookimpl
 def register_policies(register):
     register(KeyDiff)
