@@ -21,6 +21,7 @@ malformed one fails there with a message that names it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 import typing
@@ -153,7 +154,7 @@ class Configurable:
                 "instead of assigning `parameters`"
             )
         declared = {param.name: param for param in cls.parameters}  # inherited: not set in this body
-        annotations = cls.__dict__.get("__annotations__", {})
+        annotations = inspect.get_annotations(cls)
         for attribute, value in list(cls.__dict__.items()):
             if isinstance(value, _Declared):
                 declared[attribute] = _param(cls, attribute, annotations.get(attribute), value)
