@@ -14,13 +14,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from polykv.calibrate import add_calibrate_command
 from polykv.errors import PolykvError
+from polykv.eval.command import add_eval_command
 from polykv.generate import add_generate_command
 from polykv.lang import ast
 from polykv.lang.check import CheckedSpec, PhaseChoice, budget_to_dict, check_text, layer_ranges
 from polykv.lang.diagnostics import SpecError
 from polykv.lang.parse import parse_recovering
 from polykv.lang.printer import format_budget, format_selector, print_spec
+from polykv.plan_command import add_plan_command
 from polykv.registry import Registry, default_registry
 from polykv.values import format_value
 
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     policies.set_defaults(run=_policies)
 
     add_generate_command(commands)
+    add_calibrate_command(commands)
+    add_plan_command(commands)
+    add_eval_command(commands)
     return parser
 
 

@@ -29,7 +29,9 @@ from polykv.lang.parse import load, parse
 from polykv.lang.printer import print_spec
 from polykv.model import LayerPlacement, ModelInfo, describe_model
 from polykv.policy import Needs
+from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
+from polykv.resolve import Resolver, resolver
 from polykv.values import Value, format_value
 
 FORMAT_VERSION = 2
@@ -74,7 +76,7 @@ class LayerPlan:
     device: str
     dtype: str
     sliding_window: int | None = None
-    signals: Mapping[str, float] = attrs.field(factory=dict)
+    measurements: Mapping[str, float] = attrs.field(factory=dict)
 
     def describe(self) -> str:
         return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
@@ -87,7 +89,7 @@ class LayerPlan:
             "device": self.device,
             "dtype": self.dtype,
             "sliding_window": self.sliding_window,
-            "signals": dict(self.signals),
+            "measurements": dict(self.measurements),
         }
 
     @classmethod
@@ -99,32 +101,67 @@ class LayerPlan:
             data["device"],
             data["dtype"],
             data.get("sliding_window"),
-            dict(data.get("signals", {})),
+            dict(data.get("measurements", {})),
         )
 
 
 @attrs.frozen
 class Plan:
-    """Every layer's policy and budget for one model. ``make_cache`` gives a fresh PolyCache."""
+    """Every layer's policy and budget for one model. ``make_cache`` gives a fresh PolyCache.
+
+    A plan that routes or solves (``auto``, ``@auto``) keeps its ``resolver``: ``layers`` shows the
+    decisions for ``context_length`` tokens, and each cache is solved again for its own prompt.
+    """
 
     spec: str
     model: ModelInfo
     layers: tuple[LayerPlan, ...] = attrs.field(converter=tuple)
+    resolver: Resolver | None = None
+    context_length: int | None = None
 
-    def make_cache(self, registry: Registry | None = None) -> PolyCache:
-        """A new, empty cache for one request (a batch of prompts) with this plan."""
+    def make_cache(self, registry: Registry | None = None, *, prompt_length: int | None = None) -> PolyCache:
+        """A new, empty cache for one request (a batch of prompts) with this plan.
+
+        A plan that solves per prompt length solves when the first forward starts; give
+        ``prompt_length`` when the prompt comes in chunks, so that it solves for the whole prompt.
+        """
         registry = registry or default_registry()
-        return PolyCache(
-            [
-                PolyLayer(
-                    layer.index,
-                    layer.prefill.rule(registry),
-                    layer.decode.rule(registry) if layer.decode else None,
-                    sliding_window=layer.sliding_window,
-                )
-                for layer in self.layers
-            ]
-        )
+        layers = [
+            PolyLayer(
+                layer.index,
+                layer.prefill.rule(registry),
+                layer.decode.rule(registry) if layer.decode else None,
+                sliding_window=layer.sliding_window,
+            )
+            for layer in self.layers
+        ]
+        if self.resolver is None:
+            return PolyCache(layers)
+        cache = PolyCache(layers, resolve=lambda length: self.rules_for(length, registry))
+        if prompt_length is not None:
+            cache.resolve(prompt_length)
+        return cache
+
+    def resolved(self, prompt_length: int, registry: Registry | None = None) -> Plan:
+        """This plan with every layer decided for a prompt of ``prompt_length`` tokens."""
+        if self.resolver is None:
+            return self
+        decisions = self.resolver.decide(prompt_length, registry or default_registry())
+        layers = [
+            attrs.evolve(
+                layer, prefill=PhasePlan(d.policy, dict(d.params), d.budget), measurements=dict(d.measurements)
+            )
+            for layer, d in zip(self.layers, decisions)
+        ]
+        return attrs.evolve(self, layers=layers, context_length=prompt_length)
+
+    def rules_for(self, prompt_length: int, registry: Registry) -> list[tuple[PhaseRule, PhaseRule | None]]:
+        """Every layer's rules for a prompt of ``prompt_length`` tokens."""
+        resolved = self.resolved(prompt_length, registry)
+        return [
+            (layer.prefill.rule(registry), layer.decode.rule(registry) if layer.decode else None)
+            for layer in resolved.layers
+        ]
 
     def cache_from(self, captured: Capture, registry: Registry | None = None) -> PolyCache:
         """The cache ``make_cache()`` would hold after prefilling the captured prompt, without a prefill.
@@ -133,7 +170,7 @@ class Plan:
         """
         registry = registry or default_registry()
         keep, decode = {}, {}
-        for layer in self.layers:
+        for layer in self.resolved(captured.seen, registry).layers:
             rule = layer.prefill.rule(registry)
             budget = captured.budget(layer.index, rule)
             if budget is not None:
@@ -143,9 +180,15 @@ class Plan:
         return captured.cache(keep, decode)
 
     def needs(self, registry: Registry | None = None) -> Needs:
-        """What a capture must record for this plan's prefill policies."""
+        """What a capture must record for this plan's prefill policies (any routing may choose)."""
         registry = registry or default_registry()
-        needs = [registry.create(layer.prefill.policy, dict(layer.prefill.params)).needs() for layer in self.layers]
+        names = {(layer.prefill.policy, tuple(layer.prefill.params.items())) for layer in self.layers}
+        if self.resolver is not None:
+            for request in self.resolver.requests:
+                for name in request.candidates:
+                    params = request.params if request.policy != "auto" else self.resolver.policy_params.get(name, {})
+                    names.add((name, tuple(params.items())))
+        needs = [registry.create(name, dict(params)).needs() for name, params in names]
         return Needs(
             window=max(n.window for n in needs),
             window_attention=any(n.window_attention for n in needs),
@@ -186,14 +229,22 @@ class Plan:
             "format": FORMAT_VERSION,
             "spec": self.spec,
             "model": attrs.asdict(self.model),
+            "context_length": self.context_length,
             "layers": [layer.to_dict() for layer in self.layers],
+            "resolver": self.resolver.to_dict() if self.resolver else None,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Plan:
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"plan format {data.get('format')!r} is not {FORMAT_VERSION}, the one this polykv reads")
-        return cls(data["spec"], ModelInfo(**data["model"]), [LayerPlan.from_dict(d) for d in data["layers"]])
+        return cls(
+            data["spec"],
+            ModelInfo(**data["model"]),
+            [LayerPlan.from_dict(d) for d in data["layers"]],
+            Resolver.from_dict(data["resolver"]) if data.get("resolver") else None,
+            data.get("context_length"),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -223,14 +274,20 @@ def compile(
     model: torch.nn.Module,
     *,
     budget: int | str | None = None,
+    profile: Profile | str | os.PathLike | None = None,
+    context_length: int | None = None,
     registry: Registry | None = None,
 ) -> Plan:
-    """Resolve ``spec`` against ``model`` into a Plan, and prepare the model's attention for it.
+    """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
     ``spec`` is a Spec, spec text (``"layers 0-1: full; *: snapkv@256"``) or the path of a spec
     file. ``budget`` is the total budget for a spec without a ``budget`` line: tokens per layer on
-    average (512), or the text after ``budget`` (``"total 16384"``, ``"10%"``). The model is
-    prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
+    average (512), or the text after ``budget`` (``"total 16384"``, ``"10%"``). ``auto`` policies
+    and ``@auto`` budgets are decided from ``profile`` (a Profile or the path of one; by default
+    the profile shipped for the bundled model, when ``model`` is that model); the plan's layers
+    show the decisions for ``context_length`` tokens (default: the profile's prompt length), and
+    each cache decides again for its own prompt. The model is prepared as ``plan.apply(model)``
+    does. Raises SpecError with every problem found.
     """
     registry = registry or default_registry()
     spec = as_spec(spec)
@@ -238,24 +295,38 @@ def compile(
         spec = with_total_budget(spec, budget)
     info, placement = describe_model(model)
     checked = check(spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry)
-    _refuse_auto(checked.spec)
-    layers = [
-        _layer_plan(entry.index, entry.prefill, entry.decode, placement[entry.index], entry.signals)
-        for entry in checked.layers
-    ]
-    _check_windows(layers, checked, registry)
+    layers = [_layer_plan(entry.index, entry.prefill, entry.decode, placement[entry.index]) for entry in checked.layers]
     plan = Plan(print_spec(spec), info, layers)
+    if checked.has_auto:
+        found = _profile_for(model, profile)
+        length = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
+        plan = attrs.evolve(plan, resolver=resolver(checked, found, registry)).resolved(length, registry)
+    _check_windows(plan.layers, checked, registry)
     plan.apply(model)
     return plan
 
 
-def _layer_plan(
-    index: int,
-    prefill: PhaseChoice,
-    decode: PhaseChoice | None,
-    placement: LayerPlacement,
-    signals: Mapping[str, float],
-) -> LayerPlan:
+#: The prompt length a plan without a profile shows its decisions for.
+DEFAULT_CONTEXT = 1024
+
+
+def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | None) -> Profile | None:
+    """The profile to route and solve with: the one given (checked against the model), or the bundled
+    model's when ``model`` is it, or None."""
+    if profile is not None:
+        found = as_profile(profile)
+        found.check_model(model)
+        return found
+    try:
+        found = default_profile()
+        found.check_model(model)
+    except ProfileError:
+        return None
+    return found
+
+
+def _layer_plan(index: int, prefill: PhaseChoice, decode: PhaseChoice | None, placement: LayerPlacement) -> LayerPlan:
+    """A layer as the spec says; open choices (auto) stay as written until resolution decides them."""
     return LayerPlan(
         index,
         _phase_plan(prefill),
@@ -263,12 +334,13 @@ def _layer_plan(
         placement.device,
         placement.dtype,
         placement.sliding_window,
-        signals,
     )
 
 
 def _phase_plan(choice: PhaseChoice) -> PhasePlan:
-    return PhasePlan(choice.policy, dict(choice.params), _resolved_budget(choice.budget))
+    budget = None if isinstance(choice.budget, ast.AutoBudget) else _resolved_budget(choice.budget)
+    policy = "full" if choice.policy == ast.AUTO else choice.policy  # decided by resolution
+    return PhasePlan(policy, dict(choice.params) if choice.policy != ast.AUTO else {}, budget)
 
 
 def _resolved_budget(budget: ast.Budget | None) -> Budget | None:
@@ -276,9 +348,7 @@ def _resolved_budget(budget: ast.Budget | None) -> Budget | None:
         return None
     if isinstance(budget, ast.Tokens):
         return Tokens(budget.count)
-    if isinstance(budget, ast.Percent):
-        return Share(budget.value)
-    raise ValueError(f"{budget!r} must be resolved before planning")
+    return Share(budget.value)
 
 
 def _check_windows(layers: list[LayerPlan], checked, registry: Registry) -> None:
@@ -336,30 +406,3 @@ def with_total_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:
             [Diagnostic("bad-budget", f"budget={budget!r} is not one budget", hint="for example 512 or '10%'")]
         )
     return spec.with_budget(declaration[0])
-
-
-def _refuse_auto(spec: ast.Spec) -> None:
-    """Routing and budget solving arrive later; until then `auto` cannot compile."""
-    problems = []
-    for rule in spec.rules:
-        for use in filter(None, (rule.prefill, rule.decode)):
-            if use.is_auto:
-                problems.append(
-                    Diagnostic(
-                        "auto-not-available",
-                        "this polykv cannot route `auto` layers yet: signal-driven routing is not built",
-                        use.name_span or use.span,
-                        hint="name a policy, for example snapkv",
-                    )
-                )
-            if isinstance(use.budget, ast.AutoBudget):
-                problems.append(
-                    Diagnostic(
-                        "auto-not-available",
-                        "this polykv cannot solve @auto budgets yet: the budget solver is not built",
-                        use.budget.span,
-                        hint="give a fixed budget such as @256 or @10%",
-                    )
-                )
-    if problems:
-        raise SpecError(problems)

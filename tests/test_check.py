@@ -258,7 +258,6 @@ def test_layer_table():
     }
     assert checked.layers[3].prefill.params == {"window": 8, "kernel": 7, "pooling": "max"}
     assert checked.layers[1].decode.params == {"sink": 4}
-    assert checked.layers[3].signals == {}
 
 
 def test_without_a_layer_count_only_rules_are_checked():

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache
 
 from polykv.cache.attention import hand_over
 from polykv.cache.checks import raise_pending
-from polykv.cache.layer import PolyLayer
+from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.errors import CacheError
 
 
@@ -21,9 +21,17 @@ class PolyCache(Cache):
     the full cache, while each layer stores only what its policy kept.
     """
 
-    def __init__(self, layers: Sequence[PolyLayer]):
+    def __init__(
+        self,
+        layers: Sequence[PolyLayer],
+        resolve: Callable[[int], Sequence[tuple[PhaseRule, PhaseRule | None]]] | None = None,
+    ):
+        """``resolve`` gives every layer's rules for a prompt length; it is called once, before the
+        first layer of the first forward runs (a plan whose budgets depend on the prompt length)."""
         super().__init__(layers=list(layers))
         self._awaiting: PolyLayer | None = None
+        self._resolve = resolve
+        self._resolved = resolve is None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):
@@ -40,10 +48,26 @@ class PolyCache(Cache):
             )
         if layer_idx == 0:
             self.check()
+            if not self._resolved:
+                self.resolve(key_states.shape[-2])
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._awaiting = self.layers[layer_idx]
         hand_over(self, self.layers[layer_idx], keys)
         return keys, values
+
+    def resolve(self, prompt_length: int) -> None:
+        """Set every layer's rules for a prompt of ``prompt_length`` tokens (once, before the first forward).
+
+        Called by the first forward with its own length; call it first when the prompt comes in
+        chunks (``generate(..., prefill_chunk_size=N)``), so that budgets follow the whole prompt.
+        """
+        if self._resolve is None:
+            return
+        if any(layer.is_initialized for layer in self.layers):
+            raise CacheError("a cache is resolved for its prompt before the first forward pass, not after")
+        for layer, (prefill, decode) in zip(self.layers, self._resolve(prompt_length)):
+            layer.set_rules(prefill, decode)
+        self._resolved = True
 
     def attended(self, layer: PolyLayer) -> None:
         """Called by polykv's attention function once ``layer`` has attended."""
@@ -69,6 +93,7 @@ class PolyCache(Cache):
 
     def reset(self) -> None:
         self._awaiting = None
+        self._resolved = self._resolve is None
         super().reset()
 
     def layer_lengths(self) -> list[int]:

@@ -160,8 +160,11 @@ def capture(
     modules = attention_modules(model)
     recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     recording = _recording_hidden(model, modules, needs.window, recorded) if hidden else contextlib.nullcontext()
-    with torch.no_grad(), recording:
-        output = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1)
+    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), recording:  # positions from the mask, as generate gives them to padded rows
+        output = model(
+            input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        )
     for layer in layers:
         layer.storage.reserve(room)
     return Capture(cache, output.logits[:, -1], recorded, modules)
@@ -196,3 +199,9 @@ def _recording_hidden(
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def continuation_positions(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Position ids of ``new`` tokens after a prompt with ``attention_mask`` (B, L): as generate counts them."""
+    start = attention_mask.long().sum(-1, keepdim=True)
+    return start + torch.arange(new, device=attention_mask.device)

@@ -83,14 +83,18 @@ class PolyLayer(CacheLayerMixin):
         (a capture records what other policies would need, see ``capture``)."""
         super().__init__()
         self.index = index
-        self.prefill = prefill
-        self.decode = decode
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        needs = [rule.policy.needs() for rule in (prefill, decode) if rule is not None] + [observe]
-        self._query_window = max(n.window for n in needs)
-        self._accumulates = prefill.policy.needs().accumulated_attention or observe.accumulated_attention
+        self._observe = observe
+        self.set_rules(prefill, decode)
         self._clear()
+
+    def set_rules(self, prefill: PhaseRule, decode: PhaseRule | None) -> None:
+        """Give the layer its policies (a plan that solves per prompt length does it before the first forward)."""
+        self.prefill, self.decode = prefill, decode
+        needs = [rule.policy.needs() for rule in (prefill, decode) if rule is not None] + [self._observe]
+        self._query_window = max(n.window for n in needs)
+        self._accumulates = prefill.policy.needs().accumulated_attention or self._observe.accumulated_attention
 
     def _clear(self) -> None:
         self.storage = Storage()

@@ -3,7 +3,7 @@
 ``check`` runs every check and raises one SpecError with all findings. What it returns keeps
 each rule's checked policies and, when the layer count is known (from ``model layers N``, an
 argument, or a model), one entry per layer: the table the compiler, the router and the budget
-solver work from. Entries carry a ``signals`` map that signal-driven routing fills in later.
+solver work from.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from polykv.lang.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.lang.parse import parse_recovering
 from polykv.lang.printer import format_budget
 from polykv.lang.source import Span
-from polykv.policy import ParameterError, Policy
+from polykv.parameters import Configurable, ParameterError
+from polykv.policy import Policy
 from polykv.registry import Registry, default_registry
 from polykv.values import Value, format_value
 
@@ -92,12 +93,11 @@ class CheckedRule:
 
 @attrs.frozen
 class LayerEntry:
-    """What one layer does in each phase; ``signals`` holds layer measurements for routing."""
+    """What the spec says one layer does in each phase (``auto`` and ``@auto`` still open)."""
 
     index: int
     prefill: PhaseChoice
     decode: PhaseChoice | None = None
-    signals: Mapping[str, float] = attrs.field(factory=dict)
     rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
 
 
@@ -109,10 +109,29 @@ class CheckedSpec:
     rules: tuple[CheckedRule, ...]
     layer_count: int | None
     layers: tuple[LayerEntry, ...] | None
+    solver: SolverChoice | None = None
 
     @property
     def budget(self) -> ast.BudgetDecl | None:
         return self.spec.budget
+
+    @property
+    def has_auto(self) -> bool:
+        """Whether some layer leaves its policy or its budget to routing and solving."""
+        return any(
+            choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget)
+            for rule in self.rules
+            for choice in (rule.prefill, rule.decode)
+            if choice is not None
+        )
+
+
+@attrs.frozen
+class SolverChoice:
+    """A checked ``solver`` statement: the solver's name and every parameter."""
+
+    name: str
+    params: Mapping[str, Value] = attrs.field(factory=dict)
 
 
 def check(
@@ -208,12 +227,40 @@ class _Checker:
             layers = self._layers(count, rules)
             if layers is not None:
                 self._budget_sum(count, layers)
-        return CheckedSpec(self.spec, checked_rules, count, layers)
+        checked = CheckedSpec(self.spec, checked_rules, count, layers)
+        return attrs.evolve(checked, solver=self._solver(checked))
 
     # --- settings -----------------------------------------------------------------------------
 
+    def _solver(self, checked: CheckedSpec) -> SolverChoice | None:
+        decl = self.spec.solver
+        if decl is None:
+            return None
+        solvers = [entry.name for entry in self.registry.solvers()]
+        if decl.name not in solvers:
+            self.error(
+                "unknown-solver",
+                f"unknown solver '{decl.name}'",
+                decl.name_span or decl.span,
+                hint=suggest(decl.name, solvers) or f"installed solvers: {', '.join(solvers) or 'none'}",
+            )
+            return None
+        solver_class = self.registry.get_solver(decl.name).cls
+        values = self._parameters(decl.name, decl.parameters, solver_class)
+        if values is None:
+            return None
+        if not checked.has_auto and len(checked.rules) == len(self.spec.rules):
+            self.error(
+                "nothing-to-solve",
+                f"`solver {decl.name}` has nothing to decide: no layer has an @auto budget or an auto policy",
+                decl.span,
+                hint="write @auto budgets (snapkv@auto) or auto policies (auto@256), or drop the solver line",
+            )
+            return None
+        return SolverChoice(decl.name, values)
+
     def _single_settings(self) -> None:
-        for kind, words in ((ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers")):
+        for kind, words in ((ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers"), (ast.SolverDecl, "solver")):
             found = [s for s in self.spec.statements if isinstance(s, kind)]
             for repeat in found[1:]:
                 self.error(
@@ -280,6 +327,15 @@ class _Checker:
         return CheckedRule(rule, prefill, decode)
 
     def _policy_use(self, use: ast.PolicyUse, *, decode: bool) -> PhaseChoice | None:
+        if decode and (use.is_auto or isinstance(use.budget, ast.AutoBudget)):
+            self.error(
+                "auto-while-decoding",
+                "routing and budget solving choose how the prompt is compressed; a decode policy is named "
+                "with a fixed budget",
+                use.span,
+                hint="write for example `decode streaming@1024`",
+            )
+            return None
         if use.is_auto:
             return self._auto_use(use)
         if use.name not in self.registry:
@@ -292,7 +348,7 @@ class _Checker:
             )
             return None
         policy_class = self.registry.get(use.name).policy
-        values = self._parameters(use, policy_class)
+        values = self._parameters(use.name, use.parameters, policy_class)
         if values is None:
             return None
         try:
@@ -340,22 +396,24 @@ class _Checker:
             ok = False
         return PhaseChoice(ast.AUTO, use.budget, {}, use.candidates, use=use) if ok else None
 
-    def _parameters(self, use: ast.PolicyUse, policy_class: type[Policy]) -> dict[str, Value] | None:
-        declared = {p.name: p for p in policy_class.parameters}
+    def _parameters(
+        self, name: str, parameters: Iterable[ast.Parameter], declaring: type[Configurable]
+    ) -> dict[str, Value] | None:
+        declared = {p.name: p for p in declaring.parameters}
         values: dict[str, Value] = {}
         ok = True
-        for parameter in use.parameters:
+        for parameter in parameters:
             if parameter.name in values:
                 self.error("duplicate-parameter", f"parameter '{parameter.name}' is given twice", parameter.span)
                 ok = False
             elif parameter.name not in declared:
                 known = sorted(declared)
                 hint = suggest(parameter.name, known) or (
-                    f"its parameters: {', '.join(known)}" if known else f"{use.name} takes no parameters"
+                    f"its parameters: {', '.join(known)}" if known else f"{name} takes no parameters"
                 )
                 self.error(
                     "unknown-parameter",
-                    f"{use.name} has no parameter '{parameter.name}'",
+                    f"{name} has no parameter '{parameter.name}'",
                     parameter.span,
                     hint=hint,
                 )
@@ -366,7 +424,7 @@ class _Checker:
                 except ParameterError as error:
                     self.error(
                         "bad-parameter",
-                        f"{use.name}: {error}",
+                        f"{name}: {error}",
                         parameter.value_span or parameter.span,
                         hint=error.hint,
                     )

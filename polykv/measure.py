@@ -1,4 +1,4 @@
-"""Calibration: how much each layer suffers under each policy and budget, measured on the model itself.
+"""Measuring how much each layer suffers under each policy and budget, on the model itself.
 
 The table behind routing and budget solving: for every layer l, candidate policy p and budget b,
 the loss when ONLY layer l is compressed with p to b tokens and every other layer keeps
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from polykv.cache.attention import prepare_model
-from polykv.cache.capture import Capture, capture
+from polykv.cache.capture import Capture, capture, continuation_positions
 from polykv.model import attention_modules
 from polykv.policy import Needs, Policy
 from polykv.registry import Registry, default_registry
@@ -133,10 +133,11 @@ class _ContinuationPasses:
         self.captured = captured
         self.inputs = continuation[:, :-1]  # each position predicts the next continuation token
         self.mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)[:, : mask.shape[1] + self.inputs.shape[1]]
-        self.length = mask.shape[1]
+        self.positions = continuation_positions(mask, self.inputs.shape[1])
         reference = model(
             self.inputs,
             attention_mask=self.mask,
+            position_ids=self.positions,
             past_key_values=captured.cache(share_room=True),
             output_hidden_states=True,
         )
@@ -165,10 +166,14 @@ class _ContinuationPasses:
                 return self.model(
                     inputs_embeds=self.entering[layer],
                     attention_mask=self.mask,
+                    position_ids=self.positions,
                     past_key_values=self.captured.cache(keep, share_room=True),
                 ).logits
         return self.model(
-            self.inputs, attention_mask=self.mask, past_key_values=self.captured.cache(keep, share_room=True)
+            self.inputs,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.captured.cache(keep, share_room=True),
         ).logits
 
     def _can_skip(self, layer: int) -> bool:
@@ -180,6 +185,7 @@ class _ContinuationPasses:
                     logits = self.model(
                         inputs_embeds=self.entering[layer],
                         attention_mask=self.mask,
+                        position_ids=self.positions,
                         past_key_values=self.captured.cache(share_room=True),
                     ).logits
                 expected = self.reference.exp()

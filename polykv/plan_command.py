@@ -1,0 +1,132 @@
+"""``polykv plan``: what a spec decides for each layer of a model, printed as a spec and drawn.
+
+The output is a spec that ``polykv validate`` accepts: one statement per layer with its policy,
+budget and parameters, and a comment with the measurements that decided it (the predicted loss
+at the chosen budget, the loss one step lower, the layer's signals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from polykv.errors import PolykvError
+from polykv.plan import Plan
+
+
+def plan_text(plan: Plan) -> str:
+    """``plan`` as spec text: a header, then one statement per layer with its measurements as a comment."""
+    stored = sum(_tokens(layer, plan.context_length) for layer in plan.layers)
+    length = plan.context_length
+    lines = [
+        f"# {plan.model.name}: the plan for a {length}-token prompt" if length else f"# {plan.model.name}",
+        f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip())}",
+        f"# stored tokens: {stored} in all, {stored / len(plan.layers):.1f} per layer on average",
+        f"model layers {len(plan.layers)}",
+    ]
+    for layer in plan.layers:
+        statement = f"layers {layer.index}: {layer.describe()}"
+        notes = ", ".join(f"{k} {_number(v)}" for k, v in layer.measurements.items())
+        lines.append(f"{statement}  # {notes}" if notes else statement)
+    return "\n".join(lines) + "\n"
+
+
+def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
+    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise PolykvError("--png needs matplotlib: pip install 'polykv-core[bench]'") from error
+    rows = 2 if sensitivity else 1
+    figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False)
+    policies = sorted({layer.prefill.policy for layer in plan.layers})
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(policies)}
+    top = axes[0][0]
+    for name in policies:
+        chosen = [layer for layer in plan.layers if layer.prefill.policy == name]
+        top.bar(
+            [layer.index for layer in chosen],
+            [_tokens(layer, plan.context_length) for layer in chosen],
+            color=colours[name],
+            label=name,
+        )
+    top.set_ylabel("stored tokens")
+    top.set_yscale("log", base=2)
+    top.legend(fontsize=8, ncols=min(4, len(policies)))
+    top.set_title(f"{plan.model.name}: {plan.context_length}-token prompt")
+    if sensitivity:
+        bottom = axes[1][0]
+        bottom.bar(range(len(sensitivity)), sensitivity, color="grey")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("loss at 32 tokens\n(best policy)")
+    axes[-1][0].set_xlabel("layer")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def add_plan_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "plan",
+        help="print (and draw) what a spec decides for each layer of a model",
+        description=__doc__,
+    )
+    parser.add_argument("spec", help="a spec file, or spec text such as 'budget 128; *: auto@auto'")
+    parser.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--profile", metavar="FILE", help="calibration profile (default: the bundled model's)")
+    parser.add_argument("--context", type=int, metavar="N", help="prompt length to plan for (default: the profile's)")
+    parser.add_argument("--budget", help="total budget for a spec without a budget line (128, 'total 4096', '10%%')")
+    parser.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan")
+    parser.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from polykv.lang.check import check
+    from polykv.model import default_model_location, load_model, locate
+    from polykv.plan import as_spec, compile, with_total_budget
+    from polykv.profile import as_profile
+
+    if args.context is not None and args.context < 1:
+        raise PolykvError("--context is a number of tokens, at least 1")
+    if args.png is not None and not args.png.parent.exists():
+        raise PolykvError(f"--png {args.png}: no folder {args.png.parent}")
+    spec = as_spec(Path(args.spec) if Path(args.spec).is_file() else args.spec, source="spec")
+    if args.budget is not None:
+        spec = with_total_budget(spec, int(args.budget) if args.budget.isdigit() else args.budget)
+    check(spec)  # mistakes in the spec are reported before the model loads
+    profile = as_profile(args.profile) if args.profile else None
+    location = locate(args.model) if args.model else default_model_location()
+    print(f"loading {location}", file=sys.stderr)
+    model, _ = load_model(location)
+    plan = compile(spec, model, profile=profile, context_length=args.context)
+    sys.stdout.write(plan_text(plan))
+    if args.png is not None:
+        draw(plan, args.png, _sensitivity(plan))
+        print(f"# drawn in {args.png}")
+    return 0
+
+
+def _sensitivity(plan: Plan) -> list[float] | None:
+    """Each layer's loss at 32 tokens with its best measured policy (from the plan's resolver)."""
+    if plan.resolver is None:
+        return None
+    grid = plan.resolver.grid
+    if 32 not in grid:
+        return None
+    position = grid.index(32)
+    return [min((table[position] for table in tables.values()), default=0.0) for tables in plan.resolver.tables]
+
+
+def _tokens(layer, length: int | None) -> int:
+    budget = layer.prefill.budget
+    if budget is None:
+        return length or 0
+    return min(budget.tokens(length or 0), length) if length else budget.tokens(0)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
