@@ -153,7 +153,11 @@ class Profile:
 def default_profile() -> Profile:
     """The profile measured on the bundled default model (SmolLM2-135M-Instruct), shipped with polykv."""
     resource = importlib.resources.files("polykv.profiles").joinpath(DEFAULT_PROFILE)
-    return Profile.from_dict(json.loads(resource.read_text(encoding="utf-8")), source=DEFAULT_PROFILE)
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"this polykv ships no {DEFAULT_PROFILE}: calibrate with `polykv calibrate`") from None
+    return Profile.from_dict(json.loads(text), source=DEFAULT_PROFILE)
 
 
 def as_profile(profile: Profile | str | os.PathLike | None) -> Profile:
@@ -169,7 +173,7 @@ def fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
     """Norms of a few embedding rows: the same for one model's weights in any dtype, different for another's."""
     weight = model.get_input_embeddings().weight
     rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).long().to(weight.device)
-    return tuple(round(float(n), 4) for n in weight[rows].float().norm(dim=-1).cpu())
+    return tuple(round(float(n), 4) for n in weight[rows].detach().float().norm(dim=-1).cpu())
 
 
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -58,7 +58,7 @@ class LayerRequest:
 
     @property
     def decided(self) -> bool:
-        return not self.candidates and not self.open_budget
+        return self.policy != ast.AUTO and not self.open_budget
 
     def to_dict(self) -> dict:
         return {

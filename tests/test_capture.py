@@ -44,7 +44,9 @@ def test_a_cache_from_a_capture_equals_the_plans_own(spec):
     step_positions = mask.sum(-1, keepdim=True)
     with torch.no_grad():
         for cache in (ours, theirs):
-            cache.logits = model(step, attention_mask=full_mask, position_ids=step_positions, past_key_values=cache).logits
+            cache.logits = model(
+                step, attention_mask=full_mask, position_ids=step_positions, past_key_values=cache
+            ).logits
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,1 @@
+"""Calibration profiles that ship with polykv (JSON data; see ``polykv.profile.default_profile``)."""
