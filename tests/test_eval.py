@@ -1,0 +1,227 @@
+"""The evaluation: tasks, scores, gap recovery, the loader, and the runner (resumable, shared prefill)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import requires_real_model, tiny_llama
+
+import polykv
+from polykv.errors import PolykvError
+from polykv.eval import runner as runner_module
+from polykv.eval.loader import read_jsonl
+from polykv.eval.report import markdown, summary
+from polykv.eval.runner import Method, read, run
+from polykv.eval.scoring import bootstrap_recovery, gap_recovery, kl_divergence, negative_log_likelihood
+from polykv.eval.tasks import Sample, make, samples
+from polykv.eval.text import paragraphs
+
+# --- scores --------------------------------------------------------------------------------------------
+
+
+def test_kl_is_zero_for_the_same_distribution_and_positive_otherwise():
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(2), atol=1e-6)
+    other = logits.clone()
+    other[1] += torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
+    kl = kl_divergence(logits, other)
+    assert kl[0].abs() < 1e-6 and kl[1] > 0.01
+
+
+def test_negative_log_likelihood_of_certain_tokens():
+    logits = torch.full((1, 2, 4), -1e4)
+    logits[0, 0, 3] = logits[0, 1, 1] = 0.0
+    assert negative_log_likelihood(logits, torch.tensor([[3, 1]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert negative_log_likelihood(torch.zeros(1, 1, 4), torch.tensor([[2]])).item() == pytest.approx(math.log(4))
+
+
+def test_gap_recovery_arithmetic():
+    assert gap_recovery(method=0.5, best_single=1.0, full=0.0) == 0.5
+    assert gap_recovery(method=1.5, best_single=1.0, full=0.0) == -0.5
+    assert math.isnan(gap_recovery(method=0.1, best_single=0.0, full=0.0))  # no gap to recover
+
+
+def test_bootstrap_interval_contains_the_point_and_picks_the_best_single_per_resample():
+    per_sample = {
+        "full": [0.0] * 20,
+        "a": [1.0 + 0.1 * (i % 3) for i in range(20)],
+        "b": [2.0] * 20,
+        "ours": [0.5 + 0.05 * (i % 4) for i in range(20)],
+    }
+    point, low, high = bootstrap_recovery(per_sample, "ours", ["a", "b"], "full", resamples=200)
+    assert low <= point <= high and 0.3 < point < 0.7
+
+
+# --- the runner, on a tiny model with hand-made samples ----------------------------------------------
+
+
+class _Tokens:
+    """Just what the runner asks of a tokenizer: the pad id, and text for answers."""
+
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def _hand_made(count: int = 3, length: int = 40) -> list[Sample]:
+    generator = torch.Generator().manual_seed(5)
+    found = []
+    for seed in range(count):
+        prompt = torch.randint(3, 128, (length - seed,), generator=generator).tolist()
+        target = torch.randint(3, 128, (6,), generator=generator).tolist()
+        found.append(Sample("hand", "raw", seed, "evaluation", prompt, target, (str(target[0]),)))
+    return found
+
+
+def test_the_runner_scores_every_cell_resumes_and_matches_a_fresh_prefill(tmp_path, monkeypatch):
+    model = tiny_llama("sdpa")
+    methods = [
+        Method("full", None),
+        Method("knorm", "layers *: knorm@{budget}"),
+        Method("tova", "layers *: tova@{budget}"),
+    ]
+    records = run(model, _Tokens(), _hand_made(), methods, [8, 16], tmp_path, batch_size=2, progress=False)
+    assert len(records) == 3 * (1 + 2 * 2)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(records) and all(json.loads(line)["seed"] in (0, 1, 2) for line in lines)
+    by = {(r.method, r.budget, r.seed): r for r in records}
+    assert by[("full", 0, 0)].kl == pytest.approx(0.0, abs=1e-6)
+    assert by[("knorm", 8, 0)].stored == 8 and by[("knorm", 8, 0)].kl > 0
+    assert all(0.0 <= r.accuracy <= 1.0 for r in records)
+    # The greedy answer of the full cache is what generate gives for that prompt alone.
+    sample = _hand_made()[1]
+    alone = model.generate(torch.tensor([sample.prompt]), max_new_tokens=8, do_sample=False)
+    expected = float(_Tokens().decode(alone[0, len(sample.prompt) :]).split()[0] == sample.expected[0])
+    assert by[("full", 0, 1)].accuracy == expected
+    # A second run computes nothing; after losing lines, only the lost ones come back.
+    monkeypatch.setattr(runner_module, "capture", lambda *a, **k: pytest.fail("recomputed a finished batch"))
+    assert len(run(model, _Tokens(), _hand_made(), methods, [8, 16], tmp_path, progress=False)) == len(records)
+    monkeypatch.undo()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:-4]) + "\n")
+    again = run(model, _Tokens(), _hand_made(), methods, [8, 16], tmp_path, batch_size=2, progress=False)
+    assert {r.key: r.kl for r in again} == pytest.approx({r.key: r.kl for r in records}, abs=1e-6)
+
+
+def test_a_method_cache_from_the_shared_prefill_scores_like_its_own_prefill(tmp_path):
+    """The runner's KL for one sample equals a KL computed with the method's own fresh cache."""
+    model = tiny_llama("sdpa")
+    sample = _hand_made(1)[0]
+    method = Method("tova", "layers *: tova@10")
+    [record] = [
+        r for r in run(model, _Tokens(), [sample], [method], [10], tmp_path, progress=False) if r.method == "tova"
+    ]
+    ids = torch.tensor([sample.prompt + sample.target[:-1]])
+    with torch.no_grad():
+        full = model(ids).logits[:, len(sample.prompt) :]
+        plan = polykv.compile("layers *: tova@10", model)
+        cache = plan.make_cache()
+        model(torch.tensor([sample.prompt]), past_key_values=cache)
+        ours = model(torch.tensor([sample.target[:-1]]), past_key_values=cache).logits
+    assert record.kl == pytest.approx(float(kl_divergence(full, ours)[0]), rel=1e-4, abs=1e-6)
+
+
+def test_a_broken_results_line_is_named(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"task": "x"}\n')
+    with pytest.raises(PolykvError, match=r"results.jsonl:1: not a result line"):
+        read(tmp_path / "results.jsonl")
+
+
+def test_the_report_finds_the_best_single_and_the_recovery(tmp_path):
+    records = []
+    for seed in range(4):
+        for method, budget, kl in [("full", 0, 0.0), ("snapkv", 32, 1.0), ("tova", 32, 2.0), ("polykv", 32, 0.25)]:
+            records.append(runner_module.Record("t", "raw", seed, method, budget, kl + 0.01 * seed, 1.0, 1.0, 32.0))
+    data = summary(records, resamples=50)
+    assert data["recovery"][32]["best_single"] == "snapkv"
+    assert data["recovery"][32]["polykv"]["recovery"] == pytest.approx(0.75, abs=0.01)
+    assert "| 32 | snapkv | 0.75" in markdown(data)
+
+
+# --- the loader ----------------------------------------------------------------------------------------
+
+
+class _Words:
+    """A tokenizer of whitespace words, enough for the loader."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [len(word) for word in text.split()]}
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "<user> " + messages[0]["content"] + " <assistant>"
+
+
+def test_the_loader_reads_longbench_and_ruler_lines(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        json.dumps({"context": "a long text here", "input": "what?", "answers": ["yes"], "_id": 7})
+        + "\n\n"
+        + json.dumps({"context": "another", "outputs": ["1", "2"], "task": "ruler"})
+        + "\n"
+    )
+    first, second = read_jsonl(path, _Words())
+    assert (first.task, first.seed, first.expected, first.length) == ("qa", 7, ("yes",), 5)
+    assert (second.task, second.seed, second.expected) == ("ruler", 3, ("1", "2"))
+    assert read_jsonl(path, _Words(), max_length=3)[0].length == 3
+    assert read_jsonl(path, _Words(), format="chat")[0].length == 7
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{nope", r"bad.jsonl:1:2: not JSON"),
+        ("[1, 2]", "bad.jsonl:1: expected a JSON object, got list"),
+        ('{"answers": ["x"]}', "bad.jsonl:1: `context` must be a text"),
+        (
+            '{"context": "x", "answers": []}',
+            r"bad.jsonl:1: `answers` \(or `outputs`\) must be a list of non-empty texts",
+        ),
+    ],
+)
+def test_the_loader_names_the_file_and_line_of_a_bad_record(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(PolykvError, match=message):
+        read_jsonl(path, _Words())
+
+
+# --- tasks on the real tokenizer -----------------------------------------------------------------------
+
+
+def test_the_two_splits_share_no_text():
+    calibration, evaluation = set(paragraphs("calibration")), set(paragraphs("evaluation"))
+    assert len(calibration) > 300 and len(evaluation) > 300
+    assert not calibration & evaluation
+
+
+@requires_real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["passkey", "niah", "multikey", "multivalue", "vartrack", "copy", "continue"])
+def test_tasks_are_deterministic_sized_and_hold_their_answers(real_model, task):
+    _, tokenizer = real_model
+    first = make(task, tokenizer, length=600, seed=3)
+    assert first == make(task, tokenizer, length=600, seed=3)
+    assert first.prompt != make(task, tokenizer, length=600, seed=4).prompt
+    assert first.prompt != make(task, tokenizer, length=600, seed=3, split="calibration").prompt
+    assert 590 <= first.length <= 610 and len(first.target) >= 2
+    text = tokenizer.decode(first.prompt)
+    for expected in first.expected:
+        assert expected in text
+    if first.expected:
+        assert first.correct(" ".join(first.expected)) == 1.0 and first.correct("nothing") == 0.0
+    if task != "continue":
+        chat = make(task, tokenizer, length=600, seed=3, format="chat")
+        assert "<|im_start|>assistant" in tokenizer.decode(chat.prompt)
+
+
+@requires_real_model
+@pytest.mark.slow
+def test_calibration_samples_come_from_the_calibration_text(real_model):
+    _, tokenizer = real_model
+    evaluation = set(paragraphs("evaluation"))
+    for sample in samples(["continue", "niah"], tokenizer, length=400, count=2, split="calibration"):
+        text = tokenizer.decode(sample.prompt)
+        assert not any(paragraph[:80] in text for paragraph in evaluation)
