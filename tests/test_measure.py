@@ -1,0 +1,110 @@
+"""Measuring the loss table on a tiny model: what an entry means, the shortcut's exactness, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+from polykv_plugins.signals import BUILTIN_SIGNALS
+
+import polykv
+from polykv import measure as measure_module
+from polykv.calibrate import calibrate, read_samples
+from polykv.errors import PolykvError
+from polykv.measure import CalibrationSample, measure
+
+
+def _samples(count: int = 4, length: int = 48) -> list[CalibrationSample]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        CalibrationSample(
+            "a" if n % 2 else "b",
+            torch.randint(3, 128, (length,), generator=generator),
+            torch.randint(3, 128, (6,), generator=generator),
+        )
+        for n in range(count)
+    ]
+
+
+def _entry_by_hand(model, sample: CalibrationSample, layer: int, spec_policy: str, budget: int) -> float:
+    """KL of the continuation with only ``layer`` compressed, through plan caches and plain forwards."""
+    spec = f"layers {layer}: {spec_policy}@{budget}; *: full"
+    plan = polykv.compile(spec, model)
+    full, compressed = polykv.compile("layers *: full", model).make_cache(), plan.make_cache()
+    inputs = sample.continuation[None, :-1]
+    with torch.no_grad():
+        logits = []
+        for cache in (full, compressed):
+            model(sample.context[None], past_key_values=cache)
+            logits.append(torch.log_softmax(model(inputs, past_key_values=cache).logits.float(), -1))
+    return float((logits[0].exp() * (logits[0] - logits[1])).sum(-1).mean())
+
+
+def test_an_entry_is_the_kl_with_only_that_layer_compressed():
+    model = tiny_llama("sdpa")
+    samples = _samples(count=1)
+    measured = measure(model, samples, policies={"knorm": {}, "tova": {}}, grid=[8, 16, 64], progress=False)
+    task = samples[0].task
+    table = measured.losses[task]
+    assert len(table) == 4 and len(table[0]) == 2 and len(table[0][0]) == 3
+    for layer in (0, 2):
+        assert table[layer][0][0] == pytest.approx(_entry_by_hand(model, samples[0], layer, "knorm", 8), abs=1e-6)
+    assert all(table[layer][p][2] == 0.0 for layer in range(4) for p in range(2))  # 64 covers the 48-token prompt
+
+
+def test_starting_at_the_compressed_layer_gives_the_full_pass_result(monkeypatch):
+    model = tiny_llama("sdpa")
+    policies = {"tova": {}}
+    shortcut = measure(model, _samples(), policies=policies, grid=[8], batch_size=2, progress=False)
+    monkeypatch.setattr(measure_module._LayerSkipper, "__init__", _no_skipping)
+    full_passes = measure(model, _samples(), policies=policies, grid=[8], batch_size=2, progress=False)
+    for task in shortcut.losses:
+        for a, b in zip(shortcut.losses[task], full_passes.losses[task]):
+            assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-7)
+
+
+def _no_skipping(self, model):
+    self.owner, self.attribute, self.layers, self.possible = None, "", None, False
+
+
+def test_a_policy_below_its_minimum_budget_is_marked_infinite_and_signals_are_recorded():
+    model = tiny_llama("sdpa")
+    signals = [cls() for cls in BUILTIN_SIGNALS]
+    measured = measure(
+        model, _samples(2), policies={"snapkv": {"window": 12}}, grid=[8, 16], signals=signals, progress=False
+    )
+    for task in measured.losses:
+        assert all(math.isinf(layer[0][0]) and not math.isinf(layer[0][1]) for layer in measured.losses[task])
+        assert set(measured.signals) == {s.name for s in signals if not s.curve}
+        assert set(measured.curves) == {"output_deviation"}
+        assert all(value >= 0 for value in measured.signals["entropy"][task])
+
+
+def test_calibrate_makes_a_profile_the_resolver_can_use(tmp_path):
+    model = tiny_llama("sdpa")
+    profile = calibrate(model, _samples(), policies=["knorm", "tova"], grid=[8, 16, 32], progress=False)
+    assert profile.tasks == ("a", "b") and profile.settings["prompt_length"] == 48
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    plan = polykv.compile("budget 16\nlayers *: auto@auto", model, profile=path, context_length=48)
+    assert sum(layer.prefill.budget.tokens(48) if layer.prefill.budget else 48 for layer in plan.layers) <= 64
+    assert plan.resolver.policy_params == {"knorm": {}, "tova": {"per_head": False}}
+
+
+class _Words:
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [3 + len(word) for word in text.split()]
+        return type("Encoded", (), {"input_ids": torch.tensor([ids])})()
+
+
+def test_calibration_data_from_json_lines(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"task": "qa", "context": "one two three", "continuation": "four five"}) + "\n")
+    [sample] = read_samples(path, _Words())
+    assert sample.task == "qa" and sample.context.tolist() == [6, 6, 8] and sample.continuation.tolist() == [7, 7]
+    path.write_text('{"task": "qa", "context": "x"}\n')
+    with pytest.raises(PolykvError, match=r"data.jsonl:1: expected a JSON object with task, context and continuation"):
+        read_samples(path, _Words())
