@@ -10,7 +10,7 @@ from pathlib import Path
 from polykv.errors import PolykvError
 
 #: What the bundled model solves with the full cache (benchmarks/results/task_capability_*.json).
-DEFAULT_TASKS = ("passkey", "niah", "multikey", "vartrack", "continue")
+DEFAULT_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
 DEFAULT_METHODS = (
     "full",
     "streaming",
@@ -63,6 +63,7 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder for results.jsonl, report.md, plots"
     )
+    parser.add_argument("--graded-only", action="store_true", help="skip greedy answers (accuracy): graded scores only")
     parser.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
     parser.set_defaults(run=run_eval)
 
@@ -94,7 +95,17 @@ def run_eval(args: argparse.Namespace) -> int:
         for task, form in parsed
         for sample in samples([task], tokenizer, length=length, count=count, formats=(form,), first_seed=args.seed)
     ]
-    records = run(model, tokenizer, chosen, methods, budgets, args.out, profile=args.profile, batch_size=args.batch)
+    records = run(
+        model,
+        tokenizer,
+        chosen,
+        methods,
+        budgets,
+        args.out,
+        profile=args.profile,
+        batch_size=args.batch,
+        answers=not args.graded_only,
+    )
     data = summary(records)
     data["settings"] = {
         "model": str(location),

@@ -101,9 +101,13 @@ def run(
     *,
     profile=None,
     batch_size: int = 8,
+    answers: bool = True,
     progress: bool = True,
 ) -> list[Record]:
-    """Score every method at every budget on ``samples``; results in ``out/results.jsonl`` (resumed)."""
+    """Score every method at every budget on ``samples``; results in ``out/results.jsonl`` (resumed).
+
+    ``answers=False`` skips the greedy answers (accuracy), which cost more than the graded scores.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     done = {record.key: record for record in read(path)}
@@ -120,7 +124,7 @@ def run(
             missing = [(m, b) for m, b in cells if any(_key(s, m, b) not in done for s in batch)]
             if not missing:
                 continue
-            scorer = _BatchScorer(model, tokenizer, batch, _needs(plans.values()))
+            scorer = _BatchScorer(model, tokenizer, batch, _needs(plans.values()), answers=answers)
             for chosen, budget in missing:
                 plan = plans.get((chosen.name, budget))
                 for record in scorer.score(chosen.name, budget, plan):
@@ -158,8 +162,8 @@ def machine() -> str:
 class _BatchScorer:
     """One batch of samples, prefilled once, scored under any method's cache."""
 
-    def __init__(self, model, tokenizer, batch: Sequence[Sample], needs: Needs):
-        self.model, self.tokenizer, self.batch = model, tokenizer, batch
+    def __init__(self, model, tokenizer, batch: Sequence[Sample], needs: Needs, *, answers: bool = True):
+        self.model, self.tokenizer, self.batch, self.answers = model, tokenizer, batch, answers
         device = next(model.parameters()).device
         width = max(s.length for s in batch)
         self.ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -177,16 +181,16 @@ class _BatchScorer:
 
     def score(self, method: str, budget: int, plan: Plan | None) -> Iterator[Record]:
         if plan is None:
-            logits, answers, stored = self.reference, self._greedy(None), float(self.captured.seen)
+            logits, stored = self.reference, float(self.captured.seen)
         else:
             cache = plan.cache_from(self.captured)
             stored = sum(cache.layer_lengths()) / len(cache.layers)
             logits = self._teacher_forced(cache)
-            answers = self._greedy(plan)
+        answers = self._greedy(plan) if self.answers else [None] * len(self.batch)
         kl = kl_divergence(self.reference, logits)
         nll = negative_log_likelihood(logits, self.targets[:, 1:])
         for row, sample in enumerate(self.batch):
-            accuracy = sample.correct(answers[row]) if sample.expected else None
+            accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
             yield Record(
                 sample.task,
                 sample.format,
