@@ -3,29 +3,65 @@
 Each transformer layer gets its own eviction policy and its own token budget, written in a small
 language (``layers 0-1: full; *: snapkv@256``) and compiled against a model into a cache that runs
 inside ``model.generate``.
+
+The names below are loaded on first use, so that tools needing only the language (``polykv fmt``,
+``polykv validate``) start without importing transformers.
 """
 
-from polykv.cache import PolyCache, prepare_model, restore_model
-from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
-from polykv.hooks import hookimpl
-from polykv.lang.ast import Spec
-from polykv.lang.check import CheckedSpec, LayerEntry, check
-from polykv.lang.diagnostics import Diagnostic, SpecError
-from polykv.lang.parse import load, parse
-from polykv.lang.printer import print_spec
-from polykv.model import load_default_model, load_model
-from polykv.plan import LayerPlan, Plan, compile
-from polykv.policy import LayerView, Needs, Param, ParameterError, Phase, Policy, ScoringPolicy
-from polykv.registry import PluginFailure, PolicyEntry, Registry, default_registry
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "PolyCache": "polykv.cache",
+    "is_prepared": "polykv.cache",
+    "prepare_model": "polykv.cache",
+    "restore_model": "polykv.cache",
+    "CacheError": "polykv.errors",
+    "ModelError": "polykv.errors",
+    "PolicyError": "polykv.errors",
+    "PolykvError": "polykv.errors",
+    "hookimpl": "polykv.hooks",
+    "Spec": "polykv.lang.ast",
+    "CheckedSpec": "polykv.lang.check",
+    "LayerEntry": "polykv.lang.check",
+    "check": "polykv.lang.check",
+    "Diagnostic": "polykv.lang.diagnostics",
+    "SpecError": "polykv.lang.diagnostics",
+    "load": "polykv.lang.parse",
+    "parse": "polykv.lang.parse",
+    "print_spec": "polykv.lang.printer",
+    "load_default_model": "polykv.model",
+    "load_model": "polykv.model",
+    "Param": "polykv.parameters",
+    "ParameterError": "polykv.parameters",
+    "parameter": "polykv.parameters",
+    "LayerPlan": "polykv.plan",
+    "Plan": "polykv.plan",
+    "compile": "polykv.plan",
+    "LayerView": "polykv.policy",
+    "Needs": "polykv.policy",
+    "Phase": "polykv.policy",
+    "Policy": "polykv.policy",
+    "ScoringPolicy": "polykv.policy",
+    "Profile": "polykv.profile",
+    "default_profile": "polykv.profile",
+    "PluginFailure": "polykv.registry",
+    "PolicyEntry": "polykv.registry",
+    "Registry": "polykv.registry",
+    "default_registry": "polykv.registry",
+}
 
 __all__ = [
     "CacheError",
     "CheckedSpec",
     "Diagnostic",
-    "LayerPlan",
     "LayerEntry",
+    "LayerPlan",
     "LayerView",
     "ModelError",
     "Needs",
@@ -35,23 +71,62 @@ __all__ = [
     "Plan",
     "PluginFailure",
     "Policy",
-    "PolyCache",
     "PolicyEntry",
     "PolicyError",
+    "PolyCache",
     "PolykvError",
+    "Profile",
     "Registry",
     "ScoringPolicy",
     "Spec",
     "SpecError",
     "check",
     "compile",
+    "default_profile",
     "default_registry",
     "hookimpl",
+    "is_prepared",
     "load",
     "load_default_model",
     "load_model",
+    "parameter",
     "parse",
     "prepare_model",
-    "restore_model",
     "print_spec",
+    "restore_model",
 ]
+
+_SUBMODULES = {"budget", "cache", "calibrate", "errors", "eval", "hooks", "lang", "measure", "model", "parameters",
+               "plan", "policy", "profile", "registry", "resolve", "signals", "solve", "values"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"polykv.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'polykv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from polykv.cache import PolyCache, is_prepared, prepare_model, restore_model
+    from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
+    from polykv.hooks import hookimpl
+    from polykv.lang.ast import Spec
+    from polykv.lang.check import CheckedSpec, LayerEntry, check
+    from polykv.lang.diagnostics import Diagnostic, SpecError
+    from polykv.lang.parse import load, parse
+    from polykv.lang.printer import print_spec
+    from polykv.model import load_default_model, load_model
+    from polykv.parameters import Param, ParameterError, parameter
+    from polykv.plan import LayerPlan, Plan, compile
+    from polykv.policy import LayerView, Needs, Phase, Policy, ScoringPolicy
+    from polykv.profile import Profile, default_profile
+    from polykv.registry import PluginFailure, PolicyEntry, Registry, default_registry

@@ -1,38 +1,38 @@
-"""The ``polykv`` command: validate, fmt, policies and generate.
+"""The ``polykv`` command line: every command and its arguments; what each does is in ``polykv.commands``.
 
-Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed),
-2 for a wrong command line. Errors are messages, never tracebacks; set ``POLYKV_DEBUG=1`` to see
-the traceback of an internal error.
+Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed), 2 for
+a wrong command line, 130 when interrupted. Errors are messages, never tracebacks; set
+``POLYKV_DEBUG=1`` to see the traceback of an internal error. Arguments are checked here, before
+a command imports torch or loads a model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from polykv.calibrate import add_calibrate_command
 from polykv.errors import PolykvError
-from polykv.eval.command import add_eval_command
-from polykv.generate import add_generate_command
-from polykv.lang import ast
-from polykv.lang.check import CheckedSpec, PhaseChoice, budget_to_dict, check_text, layer_ranges
 from polykv.lang.diagnostics import SpecError
-from polykv.lang.parse import parse_recovering
-from polykv.lang.printer import format_budget, format_selector, print_spec
-from polykv.plan_command import add_plan_command
-from polykv.registry import Registry, default_registry
-from polykv.values import format_value
+
+#: The most layers `--layers` accepts (the largest models have a few hundred).
+MAX_LAYERS = 100_000
+#: Defaults of the evaluation (see polykv.commands.eval for why these tasks).
+EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
+EVAL_METHODS = (
+    "full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "pyramid", "cake", "polykv", "polykv-budgets",
+)  # fmt: skip
+EVAL_BUDGETS = (32, 64, 128, 256)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        module, _, function = args.run.partition(":")
+        return getattr(importlib.import_module(module), function)(args)
     except SpecError as error:
         print(error.format(), file=sys.stderr)
         return 1
@@ -57,236 +57,153 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polykv", description="Per-layer KV-cache compression for transformers.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check .pkv specs and summarise what each layer does")
-    validate.add_argument("files", nargs="+", metavar="FILE", help="spec files; - reads standard input")
+    validate = commands.add_parser("validate", help="check specs and print what each layer does")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="spec files (any suffix); - reads standard input")
     count = validate.add_mutually_exclusive_group()
-    count.add_argument("--layers", type=_positive, metavar="N", help="check against a model of N layers")
+    count.add_argument("--layers", type=_count(MAX_LAYERS), metavar="N", help="check against a model of N layers")
     count.add_argument("--model", metavar="DIR", help="check against the layer count of the model in DIR")
     validate.add_argument("--json", action="store_true", help="print results as JSON")
-    validate.set_defaults(run=_validate)
+    validate.set_defaults(run="polykv.commands.language:validate")
 
-    fmt = commands.add_parser("fmt", help="print a spec in canonical form")
+    fmt = commands.add_parser("fmt", help="print specs in canonical form")
     fmt.add_argument("files", nargs="+", metavar="FILE", help="spec files; - reads standard input")
-    fmt.add_argument("--check", action="store_true", help="print nothing; exit 1 if a file is not canonical")
-    fmt.set_defaults(run=_fmt)
+    fmt.add_argument(
+        "--check",
+        action="store_true",
+        help="print no spec; name each file that is not canonical on stderr and exit 1 if any",
+    )
+    fmt.set_defaults(run="polykv.commands.language:fmt")
 
     policies = commands.add_parser("policies", help="list installed policies and plugins that failed to load")
-    policies.add_argument("--json", action="store_true", help="print as JSON")
-    policies.set_defaults(run=_policies)
+    policies.add_argument("--json", action="store_true", help="print as JSON (with signals and solvers)")
+    policies.add_argument("--all", action="store_true", help="also list the signals and solvers")
+    policies.set_defaults(run="polykv.commands.language:policies")
 
-    add_generate_command(commands)
-    add_calibrate_command(commands)
-    add_plan_command(commands)
-    add_eval_command(commands)
+    generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
+    generate.add_argument(
+        "--spec", required=True, help="a spec file, or spec text such as 'layers 0-1: full; *: snapkv@256'"
+    )
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
+    _model_arguments(generate)
+    generate.add_argument(
+        "--budget", type=_budget, help="total budget for a spec without one (512, 'total 16384', '10%%')"
+    )
+    generate.add_argument(
+        "--profile", metavar="FILE", help="calibration profile for auto (default: the bundled model's)"
+    )
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument(
+        "--max-new-tokens", type=_count(100_000), default=32, metavar="N", help="tokens to generate (default 32)"
+    )
+    generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    generate.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
+    generate.set_defaults(run="polykv.commands.generate:run")
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure a model's per-layer sensitivity to each policy and budget; save a profile",
+        description="Measure, for every layer, policy and budget, how far the model's next-token "
+        "distributions move when only that layer is compressed; save it as a profile for auto.",
+    )
+    _model_arguments(calibrate)
+    calibrate.add_argument("--out", type=Path, required=True, metavar="PROFILE.json", help="where to write the profile")
+    calibrate.add_argument("--data", type=Path, metavar="FILE", help="JSON lines of task, context, continuation")
+    calibrate.add_argument("--samples", type=_count(10_000), default=4, help="generated samples per task (default 4)")
+    calibrate.add_argument(
+        "--length", type=_count(1_000_000), default=1024, help="generated prompt tokens (default 1024)"
+    )
+    calibrate.add_argument("--seed", type=int, default=0, help="first seed of the generated samples (default 0)")
+    calibrate.add_argument("--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming")
+    calibrate.add_argument(
+        "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 16 32 64 128 256 512)"
+    )
+    calibrate.add_argument("--batch", type=_count(1024), default=4, help="prompts per captured prefill (default 4)")
+    calibrate.set_defaults(run="polykv.commands.calibrate:run")
+
+    plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")
+    plan.add_argument("spec", help="a spec file, or spec text such as 'budget 128; *: auto@auto'")
+    _model_arguments(plan)
+    plan.add_argument("--profile", metavar="FILE", help="calibration profile (default: the bundled model's)")
+    plan.add_argument(
+        "--context", type=_count(10_000_000), metavar="N", help="prompt length to plan for (default: the profile's)"
+    )
+    plan.add_argument("--budget", type=_budget, help="total budget for a spec without one (128, 'total 4096', '10%%')")
+    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
+    plan.set_defaults(run="polykv.commands.plan:run")
+
+    evaluate = commands.add_parser("eval", help="compare methods at equal stored tokens on generated tasks")
+    _model_arguments(evaluate)
+    evaluate.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"names or spec templates with {{budget}} (default: {' '.join(EVAL_METHODS)})",
+    )
+    evaluate.add_argument(
+        "--budgets",
+        nargs="+",
+        type=_count(1_000_000),
+        metavar="N",
+        help="average tokens per layer (default: 32 64 128 256)",
+    )
+    evaluate.add_argument(
+        "--tasks", nargs="+", metavar="TASK", help="task or task:chat (default: " + " ".join(EVAL_TASKS) + ")"
+    )
+    evaluate.add_argument(
+        "--data", type=Path, metavar="FILE", help="JSON lines of your own samples (LongBench/RULER style)"
+    )
+    evaluate.add_argument("--count", type=_count(100_000), default=20, help="samples per task (default 20)")
+    evaluate.add_argument("--length", type=_count(1_000_000), default=1024, help="prompt tokens (default 1024)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
+    evaluate.add_argument(
+        "--profile", metavar="FILE", help="calibration profile for auto methods (default: the bundled model's)"
+    )
+    evaluate.add_argument("--batch", type=_count(1024), default=8, help="samples per shared prefill (default 8)")
+    evaluate.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for results.jsonl, report.md, plots"
+    )
+    evaluate.add_argument(
+        "--graded-only", action="store_true", help="skip greedy answers (accuracy): graded scores only"
+    )
+    evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
+    evaluate.set_defaults(run="polykv.commands.eval:run")
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    command.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when present)")
 
 
-def _read(name: str) -> str:
-    if name == "-":
-        return sys.stdin.read()
-    try:
-        return Path(name).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolykvError(f"{name}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolykvError(f"{name}: cannot read: {error}") from None
+def _count(most: int):
+    """An argument type: a whole number from 1 to ``most``."""
 
-
-def _source_name(name: str) -> str:
-    return "<stdin>" if name == "-" else name
-
-
-# --- validate ----------------------------------------------------------------------------------
-
-
-def _validate(args: argparse.Namespace) -> int:
-    layers, layers_from = args.layers, "the model given by --layers"
-    if args.model:
-        from polykv.model import layer_count
-
-        layers, layers_from = layer_count(args.model), f"the model in {args.model}"
-    registry = default_registry()
-    results = []
-    failed = False
-    for name in args.files:
+    def parse(text: str) -> int:
         try:
-            checked = check_text(
-                _read(name), _source_name(name), layers=layers, layers_from=layers_from, registry=registry
-            )
-        except SpecError as error:
-            failed = True
-            results.append((name, None, error))
-        else:
-            results.append((name, checked, None))
-    if args.json:
-        print(json.dumps({"ok": not failed, "files": [_result_json(*r) for r in results]}, indent=2))
-    else:
-        for name, checked, error in results:
-            if error is not None:
-                print(error.format(), file=sys.stderr)
-            else:
-                print(_summary(_source_name(name), checked))
-    return 1 if failed else 0
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected a number from 1 to {most:,}, got {text}")
+        return value
+
+    return parse
 
 
-def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None) -> dict:
-    if error is not None:
-        return {"file": _source_name(name), "ok": False, "errors": [d.to_dict() for d in error.diagnostics]}
-    result: dict = {"file": _source_name(name), "ok": True, "layer_count": checked.layer_count}
-    decl = checked.budget
-    result["budget"] = None if decl is None else {"total": decl.total, **budget_to_dict(decl.amount)}
-    if checked.layers is not None:
-        result["layers"] = [
-            {"layer": e.index, "prefill": _choice_json(e.prefill), "decode": _choice_json(e.decode)}
-            for e in checked.layers
-        ]
-    else:
-        result["rules"] = [
-            {
-                "selector": format_selector(r.rule.selector),
-                "prefill": _choice_json(r.prefill),
-                "decode": _choice_json(r.decode),
-            }
-            for r in checked.rules
-        ]
-    return result
+def _budget(text: str) -> int | str:
+    """--budget: tokens per layer (512), or budget text ('total 16384', '10%'), checked as the language checks it."""
+    from polykv.lang.parse import parse
 
-
-def _choice_json(choice: PhaseChoice | None) -> dict | None:
-    return None if choice is None else choice.to_dict()
-
-
-def _summary(name: str, checked: CheckedSpec) -> str:
-    if checked.layers is not None:
-        header = f"{name}: ok ({checked.layer_count} layers)"
-        groups: list[tuple[list[int], PhaseChoice, PhaseChoice | None]] = []
-        for entry in checked.layers:
-            if groups and groups[-1][1:] == (entry.prefill, entry.decode) and groups[-1][0][-1] == entry.index - 1:
-                groups[-1][0].append(entry.index)
-            else:
-                groups.append(([entry.index], entry.prefill, entry.decode))
-        rows = [(layer_ranges(indices), prefill, decode) for indices, prefill, decode in groups]
-        footer = []
-    else:
-        header = f"{name}: ok"
-        rows = [(format_selector(r.rule.selector), r.prefill, r.decode) for r in checked.rules]
-        footer = ["  layer count unknown: give --layers N or --model DIR to check coverage and ranges"]
-    table = [("layers", "policy", "budget", "parameters", "decode")]
-    for selector, prefill, decode in rows:
-        table.append(
-            (
-                selector,
-                prefill.policy + (f"[{', '.join(prefill.candidates)}]" if prefill.candidates else ""),
-                "all" if prefill.budget is None else format_budget(prefill.budget),
-                ", ".join(f"{k}={format_value(v)}" for k, v in prefill.params.items()),
-                decode.describe() if decode is not None else "",
-            )
-        )
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = [header] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    decl = checked.budget
-    if decl is not None:
-        lines.append("  " + _budget_words(decl, checked.layer_count))
-    return "\n".join(lines + footer)
-
-
-def _budget_words(decl: ast.BudgetDecl, layer_count: int | None) -> str:
-    amount = decl.amount
-    if isinstance(amount, ast.Percent):
-        return f"total budget: {format_budget(amount)} of the context per layer on average"
-    if decl.total:
-        return f"total budget: {amount.count} tokens"
-    in_all = f" ({amount.count * layer_count} in all)" if layer_count else ""
-    return f"total budget: {amount.count} tokens per layer on average{in_all}"
-
-
-# --- fmt ---------------------------------------------------------------------------------------
-
-
-def _fmt(args: argparse.Namespace) -> int:
-    status = 0
-    for name in args.files:
-        text = _read(name)
-        spec, diagnostics = parse_recovering(text, _source_name(name))
-        if diagnostics:
-            raise SpecError(diagnostics)
-        canonical = print_spec(spec)
-        if args.check:
-            if canonical != text:
-                print(f"{_source_name(name)}: not in canonical form (polykv fmt prints it)", file=sys.stderr)
-                status = 1
-        else:
-            sys.stdout.write(canonical)
-    return status
-
-
-# --- policies ----------------------------------------------------------------------------------
-
-
-def _policies(args: argparse.Namespace) -> int:
-    registry = default_registry()
-    if args.json:
-        print(json.dumps(_policies_json(registry), indent=2))
-        return 0
-    lines = []
-    for entry in registry:
-        source = f"{entry.distribution} {entry.version}".strip()
-        lines.append(f"{entry.name}  ({source})")
-        lines.append(f"    {entry.policy.description}")
-        for param in entry.policy.parameters:
-            bounds = f", {param.range_words()}" if param.min is not None or param.max is not None else ""
-            choices = f", one of {', '.join(param.choices)}" if param.choices else ""
-            default = json.dumps(param.default)
-            lines.append(f"    {param.name}: {param.type.__name__} = {default}{bounds}{choices}  {param.description}")
-    if not len(registry):
-        lines.append("no policies installed")
-    if registry.failures:
-        lines.append("")
-        lines.append("failed to load:")
-        lines.extend(f"    {failure}" for failure in registry.failures)
-    print("\n".join(lines))
-    return 0
-
-
-def _policies_json(registry: Registry) -> dict:
-    return {
-        "policies": [
-            {
-                "name": entry.name,
-                "description": entry.policy.description,
-                "distribution": entry.distribution,
-                "version": entry.version,
-                "plugin": entry.plugin,
-                "budgeted": entry.policy.budgeted,
-                "parameters": [
-                    {
-                        "name": p.name,
-                        "type": p.type.__name__,
-                        "default": p.default,
-                        "min": p.min,
-                        "max": p.max,
-                        "choices": list(p.choices),
-                        "description": p.description,
-                    }
-                    for p in entry.policy.parameters
-                ],
-            }
-            for entry in registry
-        ],
-        "failures": [
-            {"distribution": f.distribution, "plugin": f.plugin, "reason": f.reason} for f in registry.failures
-        ],
-    }
+    value: int | str = int(text) if text.strip().isdigit() else text
+    try:
+        statements = parse(f"budget {value}", source="--budget").statements
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"expected 512, 'total 16384' or '10%', got {text!r}") from None
+    if len(statements) != 1:
+        raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

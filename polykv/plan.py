@@ -26,13 +26,13 @@ from polykv.lang import ast
 from polykv.lang.check import PhaseChoice, check
 from polykv.lang.diagnostics import Diagnostic, SpecError
 from polykv.lang.parse import load, parse
-from polykv.lang.printer import print_spec
+from polykv.lang.printer import format_use, layer_runs, print_spec
 from polykv.model import LayerPlacement, ModelInfo, describe_model
 from polykv.policy import Needs
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
 from polykv.resolve import Resolver, resolver
-from polykv.values import Value, format_value
+from polykv.values import Value
 
 FORMAT_VERSION = 2
 
@@ -47,12 +47,7 @@ class PhasePlan:
 
     def describe(self) -> str:
         """``snapkv@256(window=32, kernel=7, pooling="max")``: what the layer does, as the language writes it."""
-        text = self.policy
-        if self.budget is not None:
-            text += f"@{self.budget}"
-        if self.params:
-            text += "(" + ", ".join(f"{k}={format_value(v)}" for k, v in self.params.items()) + ")"
-        return text
+        return format_use(self.policy, None if self.budget is None else str(self.budget), self.params)
 
     def rule(self, registry: Registry) -> PhaseRule:
         entry = registry.get(self.policy)
@@ -215,14 +210,7 @@ class Plan:
 
     def runs(self) -> list[tuple[list[int], str]]:
         """(layer indices, what they do) for each run of consecutive layers that do the same."""
-        runs: list[tuple[list[int], str]] = []
-        for layer in self.layers:
-            text = layer.describe()
-            if runs and runs[-1][1] == text:
-                runs[-1][0].append(layer.index)
-            else:
-                runs.append(([layer.index], text))
-        return runs
+        return layer_runs([layer.describe() for layer in self.layers])
 
     def to_dict(self) -> dict:
         return {

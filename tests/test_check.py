@@ -96,7 +96,7 @@ def test_overlapping_selectors():
 
 def test_layers_not_covered():
     assert str(_errors("model layers 8\nlayers 0-1: full\nlayers 4: full")) == (
-        "spec.pkv:1:1: error: layers 2-3, 5-7 of 8 have no policy\n"
+        "spec.pkv:1:1: error: layers 2-3,5-7 of 8 have no policy\n"
         "    1 | model layers 8\n"
         "      | ^^^^^^^^^^^^^^\n"
         "  hint: add `layers 2-3,5-7: POLICY`, or `*: POLICY` for every layer not named\n"
@@ -290,5 +290,5 @@ def test_every_layer_gets_exactly_the_rule_that_names_it(count, data):
 
 
 def test_layer_ranges_text():
-    assert layer_ranges([5, 0, 1, 2, 7, 8, 9]) == "0-2, 5, 7-9"
+    assert layer_ranges([5, 0, 1, 2, 7, 8, 9]) == "0-2,5,7-9"
     assert layer_ranges([]) == ""

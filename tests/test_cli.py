@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import polykv
 from polykv.cli import main
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.pkv"))
@@ -36,22 +37,25 @@ def test_examples_are_valid_and_documented(capsys):
 def test_validate_prints_a_per_layer_summary(spec_file, capsys):
     path = spec_file("budget 64\nlayers 0-1: full\nlayers 2: streaming@32(sink=2) decode tova@48\n*: knorm@10%\n")
     assert main(["validate", path, "--layers", "5"]) == 0
-    assert capsys.readouterr().out == (
+    out = capsys.readouterr().out
+    assert out == (
         f"{path}: ok (5 layers)\n"
-        "  layers  policy     budget  parameters  decode\n"
-        "  0-1     full       all\n"
-        "  2       streaming  32      sink=2      tova(per_head=false)@48\n"
-        "  3-4     knorm      10%\n"
-        "  total budget: 64 tokens per layer on average (320 in all)\n"
+        "  budget 64  # tokens per layer on average, 320 in all\n"
+        "  layers 0-1: full\n"
+        "  layers 2: streaming@32(sink=2) decode tova@48(per_head=false)\n"
+        "  layers 3-4: knorm@10%\n"
     )
+    # What validate prints is itself a spec, and it says the same as the one it checked.
+    printed = "\n".join(line.strip() for line in out.splitlines()[1:])
+    assert polykv.check(polykv.parse(printed), layers=5).layers == polykv.check(polykv.load(path), layers=5).layers
 
 
 def test_validate_without_a_layer_count_summarises_rules(spec_file, capsys):
     path = spec_file("layers 0: full\n*: snapkv@256\n")
     assert main(["validate", path]) == 0
     out = capsys.readouterr().out
-    assert '  *       snapkv  256     window=32, kernel=7, pooling="max"' in out
-    assert out.endswith("layer count unknown: give --layers N or --model DIR to check coverage and ranges\n")
+    assert '  layers *: snapkv@256(window=32, kernel=7, pooling="max")' in out
+    assert "(layer count unknown: give --layers N or --model DIR to check coverage and ranges)" in out
 
 
 def test_validate_reports_every_error_and_exits_1(spec_file, capsys):
@@ -98,8 +102,20 @@ def test_validate_json(spec_file, capsys):
     assert first["ok"] and first["layer_count"] == 2 and first["budget"] is None
     assert first["layers"][1] == {
         "layer": 1,
-        "prefill": {"policy": "streaming", "params": {"sink": 4}, "budget": {"tokens": 8}, "candidates": []},
-        "decode": {"policy": "streaming", "params": {"sink": 4}, "budget": {"tokens": 16}, "candidates": []},
+        "prefill": {
+            "policy": "streaming",
+            "params": {"sink": 4},
+            "budget": {"tokens": 8},
+            "candidates": [],
+            "text": "streaming@8(sink=4)",
+        },
+        "decode": {
+            "policy": "streaming",
+            "params": {"sink": 4},
+            "budget": {"tokens": 16},
+            "candidates": [],
+            "text": "streaming@16(sink=4)",
+        },
     }
     assert second["errors"] == [
         {
@@ -116,17 +132,62 @@ def test_validate_json(spec_file, capsys):
     ]
 
 
-def test_validate_of_a_missing_file(capsys):
-    assert main(["validate", "does-not-exist.pkv"]) == 1
-    assert capsys.readouterr().err == "polykv: error: does-not-exist.pkv: no such file\n"
+def test_validate_of_a_missing_file_still_checks_the_others(spec_file, capsys):
+    good = spec_file("*: full", "good.pkv")
+    assert main(["validate", "does-not-exist.pkv", good, "nor-this"]) == 1
+    captured = capsys.readouterr()
+    assert "error: does-not-exist.pkv: cannot read: No such file or directory" in captured.err
+    assert "error: nor-this: cannot read: No such file or directory" in captured.err
+    assert f"{good}: ok" in captured.out
+
+
+def test_unreadable_inputs_are_named_and_bounded(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 1
+    assert f"{tmp_path}: cannot read: Is a directory" in capsys.readouterr().err
+    assert main(["validate", "/dev/zero"]) == 1  # endless input: refused, not read to the end
+    assert "/dev/zero: cannot read: larger than 8 MiB, too large for a spec" in capsys.readouterr().err
+    binary = tmp_path / "binary.pkv"
+    binary.write_bytes(b"layers 0: full\xff\xfe\n")
+    assert main(["validate", str(binary)]) == 1
+    assert "binary.pkv: cannot read: not UTF-8 text (byte 14)" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path, capsys):
+    path = tmp_path / "bom.pkv"
+    path.write_bytes("\ufefflayers *: full\n".encode())
+    assert main(["validate", str(path)]) == 0
+    assert main(["fmt", str(path)]) == 0
+    assert capsys.readouterr().out.endswith("layers *: full\n")
+
+
+def test_a_syntax_error_is_not_preceded_by_coverage_errors(spec_file, capsys):
+    path = spec_file("layers 0: full\nlayers 1-2 snapkv@8\n")
+    assert main(["validate", path, "--layers", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "have no policy" not in err and "unexpected name 'snapkv'" in err
 
 
 def test_bad_command_lines_exit_2(capsys):
-    for argv in (["validate"], ["validate", "x.pkv", "--layers", "0"], ["frobnicate"], []):
+    bad = [
+        ["validate"],
+        ["validate", "x.pkv", "--layers", "0"],
+        ["validate", "x.pkv", "--layers", "1000000000"],
+        ["validate", "x.pkv", "--layers", str(10**20)],
+        ["frobnicate"],
+        [],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--max-new-tokens", "0"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--budget", "lots"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--device", "tpu"],
+    ]
+    for argv in bad:
         with pytest.raises(SystemExit) as raised:
             main(argv)
-        assert raised.value.code == 2
-    assert "--layers: expected at least 1, got 0" in capsys.readouterr().err
+        assert raised.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "--layers: expected a number from 1 to 100,000, got 0" in err
+    assert "--layers: expected a number from 1 to 100,000, got 1000000000" in err
+    assert "--max-new-tokens: expected a number from 1 to 100,000, got 0" in err
+    assert "--budget: expected 512, 'total 16384' or '10%', got 'lots'" in err
 
 
 def test_fmt_prints_the_canonical_form(spec_file, capsys):
@@ -190,7 +251,7 @@ def test_internal_errors_are_reported_without_a_traceback(monkeypatch, capsys, s
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("polykv.cli.check_text", explode)
+    monkeypatch.setattr("polykv.lang.check.check_text", explode)
     assert main(["validate", spec_file("*: full")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("polykv: internal error: RuntimeError: boom\n")
@@ -198,8 +259,8 @@ def test_internal_errors_are_reported_without_a_traceback(monkeypatch, capsys, s
 
 
 def test_the_console_script_is_installed(tmp_path):
-    executable = shutil.which("polykv")
-    assert executable, "the polykv entry point is not on PATH"
+    executable = Path(sys.executable).parent / "polykv"  # installed beside the interpreter, venv activated or not
+    assert executable.exists(), f"no polykv entry point next to {sys.executable}"
     path = tmp_path / "spec.pkv"
     path.write_text("*: streaming@3\n")
     result = subprocess.run([executable, "validate", str(path)], capture_output=True, text=True, timeout=120)
@@ -212,6 +273,32 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a spec with errors")
 
-    monkeypatch.setattr("polykv.generate.load_model", no_model)
+    monkeypatch.setattr("polykv.commands.generate.load_model", no_model)
     assert main(["generate", "--spec", "layers 0: snapvk@3", "--prompt", "hi"]) == 1
     assert capsys.readouterr().err.startswith("--spec:1:11: error: unknown policy 'snapvk'\n")
+    assert main(["generate", "--spec", "*: full", "--prompt", "   "]) == 1
+    assert capsys.readouterr().err == "polykv: error: the prompt is empty\n"
+    assert main(["generate", "--spec", "*: full", "--prompt-file", "no-such-prompt.txt"]) == 1
+    assert "no-such-prompt.txt: cannot read: No such file or directory" in capsys.readouterr().err
+    assert main(["generate", "--spec", "no/such/spec.pkv", "--prompt", "hi"]) == 1
+    assert "--spec no/such/spec.pkv: no such file" in capsys.readouterr().err
+    assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--model", "/no/such/model"]) == 1
+    assert "/no/such/model: no such model directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--device", "cuda"]) == 1
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["fmt", "-"], ["validate", "-"], ["policies"]])
+def test_language_commands_start_without_transformers(command):
+    """fmt needs neither torch nor transformers; validate and policies load plugins (torch) only."""
+    script = (
+        "import sys\nfrom polykv.cli import main\nmain(sys.argv[1:])\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *command], input="*: full\n", capture_output=True, text=True, timeout=120
+    )
+    torch_loaded, transformers_loaded = result.stdout.split()[-2:]
+    assert transformers_loaded == "False"
+    assert torch_loaded == ("False" if command[0] == "fmt" else "True")

@@ -28,6 +28,7 @@ from polykv.cache.inputs import Visibility
 from polykv.cache.selection import Selection, choose
 from polykv.cache.storage import Storage
 from polykv.errors import CacheError
+from polykv.lang.printer import format_use
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
 
 
@@ -49,7 +50,8 @@ class PhaseRule:
         return self.budget.tokens(prompt_length)
 
     def describe(self) -> str:
-        return repr(self.policy) + ("" if self.budget is None else f"@{self.budget}")
+        budget = None if self.budget is None else str(self.budget)
+        return format_use(self.policy.name, budget, self.policy.values)
 
 
 class Lease:

@@ -15,12 +15,12 @@ import attrs
 from polykv.lang import ast
 from polykv.lang.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.lang.parse import parse_recovering
-from polykv.lang.printer import format_budget
+from polykv.lang.printer import format_budget, format_use, layer_ranges
 from polykv.lang.source import Span
 from polykv.parameters import Configurable, ParameterError
 from polykv.policy import Policy
 from polykv.registry import Registry, default_registry
-from polykv.values import Value, format_value
+from polykv.values import Value
 
 
 @attrs.frozen
@@ -48,15 +48,9 @@ class PhaseChoice:
         )
 
     def describe(self) -> str:
-        """``snapkv(window=32, kernel=7, pooling="max")@256``: every parameter, defaults included."""
-        text = self.policy
-        if self.candidates:
-            text += "[" + ", ".join(self.candidates) + "]"
-        if self.params:
-            text += "(" + ", ".join(f"{k}={format_value(v)}" for k, v in self.params.items()) + ")"
-        if self.budget is not None:
-            text += "@" + format_budget(self.budget)
-        return text
+        """``snapkv@256(window=32, kernel=7, pooling="max")``: every parameter, defaults included."""
+        budget = None if self.budget is None else format_budget(self.budget)
+        return format_use(self.policy, budget, self.params, self.candidates)
 
 
 def budget_to_dict(budget: ast.Budget | None) -> dict | None:
@@ -140,13 +134,15 @@ def check(
     layers: int | None = None,
     layers_from: str = "the model",
     registry: Registry | None = None,
+    complete: bool = True,
 ) -> CheckedSpec:
     """Check ``spec`` against the installed policies and, if given, a layer count.
 
     ``layers_from`` says where ``layers`` came from, for messages ("the model", "--layers").
-    Raises SpecError with every finding.
+    ``complete=False`` says statements were lost to syntax errors, so layers nothing covers are
+    not reported (the lost statement may have named them). Raises SpecError with every finding.
     """
-    checker = _Checker(spec, registry or default_registry(), layers, layers_from)
+    checker = _Checker(spec, registry or default_registry(), layers, layers_from, complete)
     checked = checker.run()
     if checker.diagnostics:
         raise SpecError(_in_order(checker.diagnostics))
@@ -164,7 +160,7 @@ def check_text(
     """Parse and check ``text``, reporting syntax and semantic errors together."""
     spec, diagnostics = parse_recovering(text, source)
     try:
-        checked = check(spec, layers=layers, layers_from=layers_from, registry=registry)
+        checked = check(spec, layers=layers, layers_from=layers_from, registry=registry, complete=not diagnostics)
     except SpecError as error:
         diagnostics = diagnostics + list(error.diagnostics)
     if diagnostics:
@@ -176,23 +172,9 @@ def _in_order(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
     return sorted(diagnostics, key=lambda d: (d.span.start, d.span.end) if d.span else (-1, -1))
 
 
-def layer_ranges(indices: Iterable[int]) -> str:
-    """``0-3, 5, 7-9``: sorted indices written as ranges."""
-    ordered = sorted(set(indices))
-    parts: list[str] = []
-    start = previous = None
-    for index in [*ordered, None]:
-        if start is not None and (index is None or index != previous + 1):
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-            start = None
-        if index is not None and start is None:
-            start = index
-        previous = index
-    return ", ".join(parts)
-
-
 class _Checker:
-    def __init__(self, spec: ast.Spec, registry: Registry, layers: int | None, layers_from: str):
+    def __init__(self, spec: ast.Spec, registry: Registry, layers: int | None, layers_from: str, complete: bool):
+        self.complete = complete
         self.spec = spec
         self.registry = registry
         self.given_layers = layers
@@ -565,6 +547,8 @@ class _Checker:
             for index in uncovered:
                 if checked is not None:
                     entries[index] = _entry(index, checked)
+        elif uncovered and not self.complete:
+            ok = False
         elif uncovered:
             anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
             listed = layer_ranges(uncovered)

@@ -21,7 +21,10 @@ from lark import Token, Transformer, v_args
 
 from polykv.lang import ast
 from polykv.lang.diagnostics import Diagnostic, SpecError
-from polykv.lang.source import Source, Span
+from polykv.lang.source import Source, Span, UnreadableSource, read_source
+
+#: Syntax errors reported before parsing gives up on a text.
+MAX_SYNTAX_ERRORS = 50
 
 _COMMENTS: contextvars.ContextVar[list[Token]] = contextvars.ContextVar("polykv_comments")
 
@@ -53,16 +56,16 @@ def parse(text: str, source: str = "<string>") -> ast.Spec:
 
 
 def load(path: str | Path) -> ast.Spec:
-    """Parse the ``.pkv`` file at ``path``."""
-    path = Path(path)
+    """Parse the spec file at ``path`` (any suffix; ``-`` reads standard input)."""
+    return parse(*_read(path))
+
+
+def _read(path: str | Path) -> tuple[str, str]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise SpecError(
-            [Diagnostic("unreadable-file", f"cannot read {path}: {reason}", hint="check the path")]
-        ) from None
-    return parse(text, source=str(path))
+        source = read_source(path)
+    except UnreadableSource as error:
+        raise SpecError([Diagnostic("unreadable-file", str(error))]) from None
+    return source.text, source.name
 
 
 def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, list[Diagnostic]]:
@@ -81,6 +84,16 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
             diagnostics.append(diagnostic)
             blanked = _blank_statement(working, offset)
             if blanked == working:  # nothing left to take out: report what was found
+                return ast.Spec(source_name=source), diagnostics
+            if len(diagnostics) == MAX_SYNTAX_ERRORS:  # each retry parses the whole text: stop in time
+                diagnostics.append(
+                    Diagnostic(
+                        "too-many-errors",
+                        f"stopped after {MAX_SYNTAX_ERRORS} syntax errors",
+                        Span.at(src, offset, offset),
+                        hint="fix these and check again",
+                    )
+                )
                 return ast.Spec(source_name=source), diagnostics
             working = blanked
         finally:

@@ -6,9 +6,13 @@
 from __future__ import annotations
 
 import decimal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from polykv.lang import ast
-from polykv.values import format_value
+from polykv.values import Value, format_value
+
+T = TypeVar("T")
 
 
 def print_spec(spec: ast.Spec) -> str:
@@ -19,14 +23,53 @@ def print_spec(spec: ast.Spec) -> str:
 
 def format_policy(use: ast.PolicyUse) -> str:
     """``name[candidates]@budget(parameters)`` as written in a spec."""
-    text = use.name
-    if use.candidates:
-        text += "[" + ", ".join(use.candidates) + "]"
-    if use.budget is not None:
-        text += "@" + format_budget(use.budget)
-    if use.parameters:
-        text += "(" + ", ".join(f"{p.name}={format_value(p.value)}" for p in use.parameters) + ")"
+    budget = None if use.budget is None else format_budget(use.budget)
+    return format_use(use.name, budget, [(p.name, p.value) for p in use.parameters], use.candidates)
+
+
+def format_use(
+    name: str,
+    budget: str | None,
+    parameters: Mapping[str, Value] | Sequence[tuple[str, Value]],
+    candidates: Sequence[str] = (),
+) -> str:
+    """A policy use in the language's order, ``snapkv@256(window=32, kernel=7)``: the one way polykv
+    writes a policy with its budget and parameters, so that whatever it prints parses back."""
+    pairs = list(parameters.items()) if isinstance(parameters, Mapping) else list(parameters)
+    text = name
+    if candidates:
+        text += "[" + ", ".join(candidates) + "]"
+    if budget is not None:
+        text += "@" + budget
+    if pairs:
+        text += "(" + ", ".join(f"{key}={format_value(value)}" for key, value in pairs) + ")"
     return text
+
+
+def layer_runs(values: Sequence[T]) -> list[tuple[list[int], T]]:
+    """Runs of consecutive layers (by index) holding equal values: the one grouping polykv prints with."""
+    runs: list[tuple[list[int], T]] = []
+    for index, value in enumerate(values):
+        if runs and runs[-1][1] == value:
+            runs[-1][0].append(index)
+        else:
+            runs.append(([index], value))
+    return runs
+
+
+def layer_ranges(indices: Iterable[int]) -> str:
+    """``0-3,5,7-9``: sorted layer indices as the language writes a selector."""
+    ordered = sorted(set(indices))
+    parts: list[str] = []
+    start = previous = None
+    for index in [*ordered, None]:
+        if start is not None and (index is None or index != previous + 1):
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = None
+        if index is not None and start is None:
+            start = index
+        previous = index
+    return ",".join(parts)
 
 
 def format_budget(budget: ast.Budget) -> str:

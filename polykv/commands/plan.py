@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from polykv.commands import setup
 from polykv.errors import PolykvError
 from polykv.plan import Plan
 
@@ -69,39 +70,23 @@ def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None
     plt.close(figure)
 
 
-def add_plan_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "plan",
-        help="print (and draw) what a spec decides for each layer of a model",
-        description=__doc__,
-    )
-    parser.add_argument("spec", help="a spec file, or spec text such as 'budget 128; *: auto@auto'")
-    parser.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--profile", metavar="FILE", help="calibration profile (default: the bundled model's)")
-    parser.add_argument("--context", type=int, metavar="N", help="prompt length to plan for (default: the profile's)")
-    parser.add_argument("--budget", help="total budget for a spec without a budget line (128, 'total 4096', '10%%')")
-    parser.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan")
-    parser.set_defaults(run=run_plan)
-
-
-def run_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from polykv.lang.check import check
-    from polykv.model import default_model_location, load_model, locate
-    from polykv.plan import as_spec, compile, with_total_budget
+    from polykv.model import load_model
+    from polykv.plan import compile, with_total_budget
     from polykv.profile import as_profile
 
-    if args.context is not None and args.context < 1:
-        raise PolykvError("--context is a number of tokens, at least 1")
-    if args.png is not None and not args.png.parent.exists():
-        raise PolykvError(f"--png {args.png}: no folder {args.png.parent}")
-    spec = as_spec(Path(args.spec) if Path(args.spec).is_file() else args.spec, source="spec")
+    if args.png is not None:
+        setup.writable(args.png, "--png")
+    spec = setup.spec_argument(args.spec, "spec")
     if args.budget is not None:
-        spec = with_total_budget(spec, int(args.budget) if args.budget.isdigit() else args.budget)
+        spec = with_total_budget(spec, args.budget)
     check(spec)  # mistakes in the spec are reported before the model loads
     profile = as_profile(args.profile) if args.profile else None
-    location = locate(args.model) if args.model else default_model_location()
+    device = setup.device(args)
+    location = setup.model_location(args)
     print(f"loading {location}", file=sys.stderr)
-    model, _ = load_model(location)
+    model, _ = load_model(location, device=device)
     plan = compile(spec, model, profile=profile, context_length=args.context)
     sys.stdout.write(plan_text(plan))
     if args.png is not None:

@@ -16,51 +16,35 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from polykv.commands import setup
+from polykv.commands.output import mib, table
+from polykv.commands.setup import spec_argument
 from polykv.errors import PolykvError
-from polykv.lang.check import check, layer_ranges
-from polykv.model import attention_modules, default_model_location, load_model, locate
-from polykv.plan import Plan, as_spec, compile, with_total_budget
+from polykv.lang.check import check
+from polykv.lang.printer import layer_ranges
+from polykv.model import attention_modules, load_model
+from polykv.plan import Plan, compile, with_total_budget
 
 
-def add_generate_command(commands: argparse._SubParsersAction) -> None:
-    generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
-    generate.add_argument(
-        "--spec", required=True, help="a .pkv file or spec text, e.g. 'layers 0-1: full; *: snapkv@256'"
-    )
-    prompt = generate.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the prompt text")
-    prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
-    generate.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
-    generate.add_argument("--budget", help="total budget for a spec without a budget line (512, 'total 16384', '10%%')")
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
-    generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    generate.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
-    generate.set_defaults(run=run_generate)
-
-
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    location = locate(args.model) if args.model else default_model_location()
-    budget = int(args.budget) if args.budget and args.budget.isdigit() else args.budget
-
-    spec = as_spec(args.spec, source="--spec")
-    if budget is not None:
-        spec = with_total_budget(spec, budget)
+    if not text.strip():
+        raise PolykvError("the prompt is empty")
+    spec = spec_argument(args.spec, "--spec")
+    if args.budget is not None:
+        spec = with_total_budget(spec, args.budget)
     check(spec)  # report mistakes in the spec before spending time on the model
+    device = setup.device(args)
+    location = setup.model_location(args)
 
     started = time.perf_counter()
     print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
     model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
     loaded = time.perf_counter() - started
-    plan = compile(spec, model)
+    plan = compile(spec, model, profile=args.profile)
 
     input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
-    if input_ids.shape[1] == 0:
-        raise PolykvError("the prompt is empty")
-    cache = plan.make_cache()
+    cache = plan.make_cache(prompt_length=input_ids.shape[1])
     with _Progress(model, input_ids.shape[1], args.max_new_tokens) as progress, torch.no_grad():
         output = model.generate(
             input_ids,
@@ -73,15 +57,17 @@ def run_generate(args: argparse.Namespace) -> int:
     new_tokens = output[0, input_ids.shape[1] :]
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     print()
-    print(_report(plan, progress, loaded, len(new_tokens)))
+    print(_report(plan.resolved(input_ids.shape[1]), progress, loaded, len(new_tokens)))
     return 0
 
 
 def _read_prompt(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolykvError(f"{path}: cannot read the prompt: {error}") from None
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise PolykvError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise PolykvError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
 
 
 def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
@@ -154,11 +140,10 @@ def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: in
     for indices, what in plan.runs():
         kept = sorted({progress.kept_after_prefill[i] for i in indices})
         rows.append((layer_ranges(indices), what, f"{'/'.join(map(str, kept))} of {progress.prompt_length}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [table(rows)]
     kept, full = progress.nbytes_after_prefill, progress.full_nbytes_after_prefill
     saved = 100 * (1 - kept / full) if full else 0.0
-    lines.append(f"cache after prefill: {_mib(kept)} kept, {_mib(full)} for the full cache ({saved:.1f}% saved)")
+    lines.append(f"cache after prefill: {mib(kept)} kept, {mib(full)} for the full cache ({saved:.1f}% saved)")
     # The prefill forward yields the first token; the rest come from the decoding steps.
     decoding = f", {(new_tokens - 1) / progress.decode_seconds:.1f} tokens/s" if progress.decode_seconds else ""
     lines.append(
@@ -166,7 +151,3 @@ def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: in
         f"generate {progress.decode_seconds:.2f} s ({new_tokens} tokens{decoding})"
     )
     return "\n".join(lines)
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"

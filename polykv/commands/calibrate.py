@@ -1,0 +1,45 @@
+"""``polykv calibrate``: measure a model's per-layer sensitivity and save it as a profile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polykv.calibrate import GRID, POLICIES, TASKS, calibrate, calibration_samples, read_samples
+from polykv.commands import setup
+from polykv.errors import PolykvError
+from polykv.registry import default_registry
+
+
+def run(args: argparse.Namespace) -> int:
+    from polykv.model import load_model
+
+    registry = default_registry()
+    policies = args.policies or list(POLICIES)
+    unknown = [name for name in policies if name not in registry]
+    if unknown:
+        raise PolykvError(f"--policies: unknown policy {unknown[0]!r}; installed: {', '.join(registry.names())}")
+    if args.length < 64:
+        raise PolykvError("--length: generated prompts are at least 64 tokens")
+    setup.writable(args.out, "--out")
+    device = setup.device(args)
+    location = setup.model_location(args)
+    print(f"loading {location}", file=sys.stderr)
+    model, tokenizer = load_model(location, device=device)
+    if args.data:
+        samples, data = read_samples(args.data, tokenizer), str(args.data)
+    else:
+        samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
+        data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
+    profile = calibrate(
+        model,
+        samples,
+        policies=policies,
+        grid=args.grid or GRID,
+        registry=registry,
+        batch_size=args.batch,
+        settings={"data": data, "model_path": str(location), "command": "polykv " + " ".join(sys.argv[1:])},
+    )
+    profile.save(args.out)
+    print(f"wrote {args.out}: {len(profile.tasks)} tasks, {len(profile.policies)} policies, grid {list(profile.grid)}")
+    return 0
