@@ -1,6 +1,7 @@
 """random: a uniformly random choice of tokens, as a control for the other policies.
 
-Seeded: the same seed and layer give the same choice on any device.
+Seeded: the same seed and layer give the same choice on any device. A token's score depends on
+its rank among the row's real tokens, not on its slot, so left padding changes nothing.
 """
 
 import torch
@@ -14,6 +15,8 @@ class RandomEviction(ScoringPolicy):
     seed: int = parameter(0, "random seed (combined with the layer index)", min=0, max=2**31 - 1)
 
     def score(self, view: LayerView) -> torch.Tensor:
+        batch, heads, length = view.token_mask.shape
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + view.layer)
-        scores = torch.rand(view.token_mask.shape, generator=generator)
-        return scores.to(view.keys.device)
+        by_rank = torch.rand(heads, length, generator=generator).to(view.keys.device)  # the i-th real token's score
+        rank = (view.token_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, H, L)
+        return by_rank.expand(batch, heads, length).gather(-1, rank)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 # The suite tests polykv and its built-ins, whatever third-party plugins happen to be installed.
 os.environ["POLYKV_PLUGINS"] = "none"
 
-import polykv  # noqa: E402
+import polykv
 
 # `ci` is what hypothesis picks by itself when the CI variable is set; HYPOTHESIS_PROFILE chooses otherwise.
 settings.register_profile("default", max_examples=100, deadline=None)

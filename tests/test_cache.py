@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -136,6 +137,27 @@ def _hidden_from(cache: polykv.PolyCache, new_tokens: int) -> dict[int, torch.Te
         stored[..., layer.seen :] = True
         hidden[layer.index] = ~stored
     return hidden
+
+
+def _masked_reference_model(seed: int = 3):
+    """The tiny Llama of polykv.testing with attention that hides what _HIDDEN says a layer evicted."""
+    from polykv.testing import tiny_model
+
+    model = tiny_model("llama", "eager", seed=seed)
+    model.set_attn_implementation("masked_reference")
+    return model
+
+
+@contextlib.contextmanager
+def hide_evicted(cache: polykv.PolyCache, new_tokens: int):
+    """While inside, the masked reference hides exactly what ``cache``'s layers no longer hold."""
+    _HIDDEN.clear()
+    if cache.get_seq_length():
+        _HIDDEN.update(_hidden_from(cache, new_tokens))
+    try:
+        yield
+    finally:
+        _HIDDEN.clear()
 
 
 @pytest.mark.parametrize("policy", COMPRESSING)

@@ -1,0 +1,266 @@
+"""The contract every policy honours, as tests a policy package runs on its own policy.
+
+    from polykv.testing import PolicyContract
+    from my_package import MyPolicy
+
+    class TestMyPolicy(PolicyContract):
+        policy = MyPolicy
+
+That class runs every property below on ``MyPolicy`` (with its defaults, or ``parameters``),
+through the same checks the cache applies, on random views of realistic shapes and on tiny real
+models. Set ``expected_failures`` to the names of tests known to fail while you work on them (they
+are marked xfail, strictly: a fixed one reminds you to take it off the list).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from polykv.cache.checks import raise_for
+from polykv.cache.selection import choose
+from polykv.hooks import hookimpl
+from polykv.parameters import ParameterError
+from polykv.policy import LayerView, Phase, Policy, ScoringPolicy
+from polykv.registry import Registry
+from polykv.testing.models import prompt, prompt_lengths, tiny_model
+from polykv.testing.views import random_view
+
+_PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+
+
+@st.composite
+def view_shapes(draw, policy: Policy) -> dict:
+    """Shapes of a random view for ``policy``: batch, heads, GQA group, length, budget, padding, seed."""
+    least = policy.min_budget()
+    length = draw(st.integers(least + 1, least + 48))
+    batch = draw(st.integers(1, 3))
+    return {
+        "batch": batch,
+        "heads": draw(st.integers(1, 3)),
+        "groups": draw(st.integers(1, 3)),
+        "dim": draw(st.sampled_from([4, 8, 16])),
+        "length": length,
+        "budget": draw(st.integers(least, length - 1)),
+        "pads": draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+class PolicyContract:
+    """Subclass it as ``TestSomething`` and set ``policy``; see the module docstring."""
+
+    policy: ClassVar[type[Policy]]
+    parameters: ClassVar[dict] = {}
+    expected_failures: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls.expected_failures:  # marked xfail when collected (polykv.testing.plugin)
+            if not name.startswith("test_") or getattr(cls, name, None) is None:
+                raise TypeError(f"{cls.__name__}.expected_failures names {name!r}, which is no test of the contract")
+
+    def make(self) -> Policy:
+        return self.policy(**self.parameters)
+
+    def choose(self, view: LayerView) -> torch.Tensor:
+        """What the cache keeps with this policy: checked as the cache checks it, sorted, (B, H, budget)."""
+        policy = self.make()
+        where = f"policy {policy!r} on layer {view.layer} ({view.phase.value})"
+        chosen = choose(policy, view, where=where)
+        raise_for(chosen.problems, where)
+        return chosen.indices
+
+    # --- selection --------------------------------------------------------------------------------
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_keeps_its_budget_and_every_real_token_it_can(self, data):
+        """Exactly ``budget`` slots per row and KV head, of which min(budget, real tokens) are real."""
+        shape = data.draw(view_shapes(self.make()))
+        view = random_view(self.make(), **shape)
+        kept = self.choose(view)
+        assert kept.shape == (shape["batch"], shape["heads"], shape["budget"])
+        assert kept.dtype == torch.long
+        real = view.token_mask.gather(-1, kept).sum(-1)
+        expected = view.token_mask.sum(-1).clamp(max=shape["budget"])
+        assert torch.equal(real, expected), "padding was kept in place of a real token"
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_choices_are_distinct_and_in_range(self, data):
+        shape = data.draw(view_shapes(self.make()))
+        view = random_view(self.make(), **{**shape, "pads": [0] * shape["batch"]})
+        raw = self.make().select(view)
+        assert raw.shape == (shape["batch"], shape["heads"], shape["budget"])
+        assert ((raw >= 0) & (raw < shape["length"])).all()
+        ordered = raw.sort(dim=-1).values
+        assert not (ordered[..., 1:] == ordered[..., :-1]).any(), "the same token was chosen twice"
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_a_padded_row_keeps_what_it_keeps_alone(self, data):
+        shape = data.draw(view_shapes(self.make()))
+        padded = self.choose(random_view(self.make(), **{**shape, "batch": 1, "pads": shape["pads"][:1]}))
+        pad = shape["pads"][0]
+        if shape["length"] - pad <= shape["budget"]:
+            return  # a short row keeps everything it has: nothing to compare
+        alone = random_view(self.make(), **{**shape, "batch": 1, "length": shape["length"] - pad, "pads": [0]})
+        assert torch.equal(padded - pad, self.choose(alone)), "left padding changed which real tokens are kept"
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_rows_are_chosen_independently(self, data):
+        shape = data.draw(view_shapes(self.make()))
+        together = self.choose(random_view(self.make(), **shape))
+        full = random_view(self.make(), **shape)
+        for row in range(shape["batch"]):
+            alone = _row(full, row)
+            assert torch.equal(together[row : row + 1], self.choose(alone)), f"row {row} depends on other rows"
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_is_deterministic_and_leaves_the_view_unchanged(self, data):
+        shape = data.draw(view_shapes(self.make()))
+        view = random_view(self.make(), **shape)
+        before = {name: value.clone() for name, value in _tensors(view).items()}
+        first = self.choose(view)
+        for name, value in _tensors(view).items():
+            assert torch.equal(value, before[name]), f"the policy modified view.{name}"
+        assert torch.equal(first, self.choose(random_view(self.make(), **shape)))
+
+    def test_scores_are_real_numbers(self):
+        policy = self.make()
+        if not isinstance(policy, ScoringPolicy):
+            pytest.skip("not a scoring policy")
+        view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 24, pads=[0, 5])
+        scores = policy.score(view)
+        assert scores.shape == view.token_mask.shape
+        assert not scores[view.token_mask].isnan().any()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+    def test_works_in_every_dtype_and_device(self, dtype, device):
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        policy = self.make()
+        view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 20, dtype=dtype, device=device)
+        kept = self.choose(view)
+        assert kept.device.type == device and kept.shape[-1] == policy.min_budget()
+
+    def test_works_at_decode_time_where_it_can(self):
+        policy = self.make()
+        if policy.needs().accumulated_attention:
+            pytest.skip("needs attention accumulated over the prompt: a prefill-only policy")
+        view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 9, phase=Phase.DECODE)
+        assert self.choose(view).shape[-1] == policy.min_budget()
+
+    # --- parameters -----------------------------------------------------------------------------------
+
+    def test_parameters_are_validated(self):
+        for param in self.policy.parameters:
+            wrong_type = "text" if param.type is not str else 3
+            with pytest.raises(ParameterError):
+                self.policy(**{param.name: wrong_type})
+            if param.max is not None:
+                with pytest.raises(ParameterError, match="must be"):
+                    self.policy(**{param.name: param.type(param.max + 1)})
+            if param.min is not None:
+                with pytest.raises(ParameterError, match="must be"):
+                    self.policy(**{param.name: param.type(param.min - 1)})
+            if param.choices:
+                with pytest.raises(ParameterError, match="is one of"):
+                    self.policy(**{param.name: param.choices[0] + "-not-a-choice"})
+        with pytest.raises(ParameterError, match="has no parameter"):
+            self.policy(no_such_parameter=1)
+
+    # --- in a cache, on tiny real models --------------------------------------------------------------
+
+    def _plan(self, model, spec: str):
+        import polykv
+
+        registry = Registry()
+        registry.add_plugin(_Offering(self.policy), name="contract", distribution="under-test")
+        full = polykv.registry.default_registry().get("full").cls
+        if self.policy.name != "full":
+            registry.add_plugin(_Offering(full), name="contract-full", distribution="polykv-core")
+        return polykv.compile(spec, model, registry=registry), registry
+
+    def _use(self, budget: int | None) -> str:
+        from polykv.lang.printer import format_use
+
+        values = dict(self.make().values)
+        if not self.policy.budgeted:
+            return format_use(self.policy.name, None, values)
+        return format_use(self.policy.name, str(budget), values)
+
+    @pytest.mark.parametrize("family", ["llama", "mistral-sliding"])
+    def test_a_budget_over_the_prompt_is_the_full_cache(self, family):
+        from transformers import DynamicCache
+
+        model = tiny_model(family)
+        plan, registry = self._plan(model, f"layers *: {self._use(500)}")
+        ids = prompt(30, batch=2, seed=1)
+        options = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+        theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **options)
+        ours = model.generate(ids, past_key_values=plan.make_cache(registry), **options)
+        assert torch.equal(ours.sequences, theirs.sequences)
+
+    @pytest.mark.parametrize("attention", ["sdpa", "eager"])
+    def test_compresses_inside_generate(self, attention):
+        policy = self.make()
+        budget = max(policy.min_budget(), 4)
+        decode = "" if policy.needs().accumulated_attention else f" decode {self._use(budget + 3)}"
+        model = tiny_model("llama", attention)
+        plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)}{decode}")
+        for length in prompt_lengths(budget + 8):
+            cache = plan.make_cache(registry)
+            out = model.generate(prompt(length, batch=2), max_new_tokens=5, min_new_tokens=5, do_sample=False, past_key_values=cache)
+            assert out.shape == (2, length + 5)
+            stored = cache.layer_lengths()
+            assert stored[0] == length + 4
+            if self.policy.budgeted:
+                bound = budget + 3 if decode else min(length, budget) + 4
+                assert all(n <= bound for n in stored[1:]), stored
+
+    def test_compresses_every_chunk_of_a_chunked_prefill(self):
+        policy = self.make()
+        if not self.policy.budgeted:
+            pytest.skip("keeps everything: nothing to bound")
+        budget = max(policy.min_budget(), 4)
+        model = tiny_model("llama")
+        plan, registry = self._plan(model, f"layers *: {self._use(budget)}")
+        cache = plan.make_cache(registry)
+        stored = []
+        hook = model.register_forward_hook(lambda *_: stored.append(max(cache.layer_lengths())))
+        try:
+            model.generate(prompt(3 * (budget + 10)), max_new_tokens=2, do_sample=False, prefill_chunk_size=budget + 10, past_key_values=cache)
+        finally:
+            hook.remove()
+        assert stored[:3] == [budget] * 3
+
+
+class _Offering:
+    """A plugin that registers one policy, for a contract's own registry."""
+
+    def __init__(self, policy: type[Policy]):
+        self.policy = policy
+
+    @hookimpl
+    def register_policies(self, register):
+        register(self.policy)
+
+
+def _tensors(view: LayerView) -> dict[str, torch.Tensor]:
+    names = ("keys", "values", "token_mask", "positions", "queries", "window_attention", "accumulated_attention")
+    return {name: getattr(view, name) for name in names if getattr(view, name) is not None}
+
+
+def _row(view: LayerView, row: int) -> LayerView:
+    import attrs
+
+    return attrs.evolve(view, **{name: value[row : row + 1] for name, value in _tensors(view).items()})

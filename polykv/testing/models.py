@@ -1,0 +1,72 @@
+"""Tiny random models of every decoder family polykv wraps: real architectures, seconds to run.
+
+Random weights (seeded), a vocabulary of 128, 4 layers, 4 query heads over 2 KV heads (GQA).
+Families with sliding-window layers get a window of 8, so prompts of a few dozen tokens already
+exercise it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Family -> (config class, model class, extra config) in transformers.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen2-sliding": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "phi3-sliding": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 8, "head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 8, "head_dim": 16}),
+}
+#: Families that transformers runs only with eager attention (Gemma 2 soft-caps its logits).
+EAGER_ONLY = frozenset({"gemma2"})
+SHAPE = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def tiny_model(
+    family: str = "llama",
+    attention: str = "sdpa",
+    *,
+    layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """A tiny random ``family`` model in eval mode (``attention`` is sdpa or eager)."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**SHAPE, "num_hidden_layers": layers}, **extra)
+    config._attn_implementation = "eager" if family in EAGER_ONLY else attention
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).to(device=device, dtype=dtype).eval()
+
+
+def prompt_lengths(budget: int) -> list[int]:
+    """Prompt lengths at the edges of ``budget``: 1, budget - 1, budget and budget + 1 (those >= 1)."""
+    return sorted({length for length in (1, budget - 1, budget, budget + 1) if length >= 1})
+
+
+def prompt(length: int, *, batch: int = 1, seed: int = 0, vocabulary: int = 128) -> torch.Tensor:
+    """Random token ids (B, length), avoiding the special ids 0-2."""
+    return torch.randint(3, vocabulary, (batch, length), generator=torch.Generator().manual_seed(seed))

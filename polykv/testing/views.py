@@ -1,0 +1,84 @@
+"""Random ``LayerView``s as the cache builds them: real shapes and dtypes, GQA, left padding.
+
+Keys and queries are random; the attention a policy needs is computed from them the way the
+cache computes it (``polykv.cache.inputs``), so it is consistent with the keys and the padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from polykv.cache import inputs
+from polykv.policy import LayerView, Phase, Policy
+
+#: The most tokens a random view holds (token vectors are drawn from pools of this size).
+POOL = 2048
+
+
+def random_view(
+    policy: Policy,
+    *,
+    budget: int,
+    length: int,
+    batch: int = 2,
+    heads: int = 2,
+    groups: int = 2,
+    dim: int = 8,
+    pads: list[int] | None = None,
+    phase: Phase = Phase.PREFILL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    layer: int = 0,
+) -> LayerView:
+    """A view of ``length`` tokens for ``policy`` at ``budget``; row b has ``pads[b]`` padding tokens on the left.
+
+    Real tokens are the same random vectors whatever the padding before them, so a padded row and
+    the same row alone differ only by the padding (what the contract's padding property needs).
+    """
+    pads = pads if pads is not None else [0] * batch
+    if length > POOL:
+        raise ValueError(f"random views hold at most {POOL} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    # Token vectors come from pools of a fixed size, so the i-th real token of a row is the same
+    # vector whatever the view's length and padding.
+    real_keys = torch.randn(batch, heads, POOL, dim, generator=generator)
+    real_values = torch.randn(batch, heads, POOL, dim, generator=generator)
+    real_queries = torch.randn(batch, heads, groups, POOL, dim, generator=generator)
+    pad_vectors = torch.randn(batch, heads, POOL, dim, generator=generator) * 3
+    needs = policy.needs()
+    window = max(needs.window, 1)
+    keys = torch.empty(batch, heads, length, dim)
+    values, queries = torch.empty_like(keys), torch.empty(batch, heads, groups, length, dim)
+    token_mask = torch.zeros(batch, heads, length, dtype=torch.bool)
+    for row, pad in enumerate(pads):  # real tokens shifted right by the row's padding
+        keys[row, :, pad:] = real_keys[row, :, : length - pad]
+        values[row, :, pad:] = real_values[row, :, : length - pad]
+        queries[row, :, :, pad:] = real_queries[row, :, :, : length - pad]
+        keys[row, :, :pad] = values[row, :, :pad] = pad_vectors[row, :, :pad]
+        queries[row, :, :, :pad] = 0.0
+        token_mask[row, :, pad:] = True
+    positions = torch.arange(length).expand(batch, heads, length)
+    scaling = dim**-0.5
+    found: dict[str, torch.Tensor] = {}
+    if needs.window:
+        found["queries"] = queries[..., -window:, :]
+        if needs.window_attention:
+            found["window_attention"] = inputs.window_attention(
+                found["queries"], torch.arange(length - window, length), keys, positions, token_mask, scaling
+            )
+    if needs.accumulated_attention:
+        found["accumulated_attention"] = inputs.accumulated_attention(
+            queries, torch.arange(length), token_mask[:, 0], keys, positions, token_mask, scaling
+        )
+    to = {"device": device}
+    return LayerView(
+        layer=layer,
+        phase=phase,
+        budget=budget,
+        keys=keys.to(dtype=dtype, **to),
+        values=values.to(dtype=dtype, **to),
+        token_mask=token_mask.to(**to),
+        positions=positions.to(**to),
+        **{name: tensor.to(**to) for name, tensor in found.items()},
+    )

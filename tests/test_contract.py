@@ -1,0 +1,55 @@
+"""Every built-in policy honours the contract that policy packages run on theirs (polykv.testing)."""
+
+from typing import ClassVar
+
+from polykv_plugins import H2O, TOVA, Full, KeyNorm, PyramidKV, RandomEviction, SnapKV, Streaming
+
+from polykv.testing import PolicyContract
+
+
+class TestFull(PolicyContract):
+    policy = Full
+    # Full keeps everything: it is never asked to choose, and has no budget to bound.
+    expected_failures = (
+        "test_keeps_its_budget_and_every_real_token_it_can",
+        "test_choices_are_distinct_and_in_range",
+        "test_a_padded_row_keeps_what_it_keeps_alone",
+        "test_rows_are_chosen_independently",
+        "test_is_deterministic_and_leaves_the_view_unchanged",
+        "test_works_in_every_dtype_and_device",
+        "test_works_at_decode_time_where_it_can",
+    )
+
+
+class TestStreaming(PolicyContract):
+    policy = Streaming
+
+
+class TestSnapKV(PolicyContract):
+    policy = SnapKV
+    parameters: ClassVar[dict] = {"window": 4}  # small windows keep the generated views small
+
+
+class TestPyramidKV(PolicyContract):
+    policy = PyramidKV
+
+
+class TestH2O(PolicyContract):
+    policy = H2O
+
+
+class TestTOVA(PolicyContract):
+    policy = TOVA
+
+
+class TestTOVAPerHead(PolicyContract):
+    policy = TOVA
+    parameters: ClassVar[dict] = {"per_head": True}
+
+
+class TestKeyNorm(PolicyContract):
+    policy = KeyNorm
+
+
+class TestRandom(PolicyContract):
+    policy = RandomEviction
