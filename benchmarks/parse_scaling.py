@@ -62,7 +62,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}-cpu"
     path = args.out / f"parse_scaling_{machine}.json"
-    path.write_text(json.dumps({"machine": machine, "python": platform.python_version(), "rows": rows}, indent=2) + "\n")
+    result = {"machine": machine, "python": platform.python_version(), "rows": rows}
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -148,7 +148,8 @@ class PolicyContract:
         if device == "cuda" and not torch.cuda.is_available():
             pytest.skip("needs a CUDA device")
         policy = self.make()
-        view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 20, dtype=dtype, device=device)
+        least = policy.min_budget()
+        view = random_view(policy, budget=least, length=least + 20, dtype=dtype, device=device)
         kept = self.choose(view)
         assert kept.device.type == device and kept.shape[-1] == policy.min_budget()
 
@@ -219,7 +220,8 @@ class PolicyContract:
         plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)}{decode}")
         for length in prompt_lengths(budget + 8):
             cache = plan.make_cache(registry)
-            out = model.generate(prompt(length, batch=2), max_new_tokens=5, min_new_tokens=5, do_sample=False, past_key_values=cache)
+            ids = prompt(length, batch=2)
+            out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, past_key_values=cache)
             assert out.shape == (2, length + 5)
             stored = cache.layer_lengths()
             assert stored[0] == length + 4
@@ -238,7 +240,10 @@ class PolicyContract:
         stored = []
         hook = model.register_forward_hook(lambda *_: stored.append(max(cache.layer_lengths())))
         try:
-            model.generate(prompt(3 * (budget + 10)), max_new_tokens=2, do_sample=False, prefill_chunk_size=budget + 10, past_key_values=cache)
+            ids = prompt(3 * (budget + 10))
+            model.generate(
+                ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=budget + 10, past_key_values=cache
+            )
         finally:
             hook.remove()
         assert stored[:3] == [budget] * 3
