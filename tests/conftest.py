@@ -32,24 +32,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_llama(attention: str = "sdpa", *, layers: int = 4, seed: int = 0, dtype=torch.float32, device="cpu"):
-    """A random LlamaForCausalLM small enough for unit tests: 6 query heads over 2 KV heads (GQA)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """polykv.testing's tiny Llama, with 6 query heads over 2 KV heads (GQA groups of 3)."""
+    from polykv.testing import tiny_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
+    return tiny_model(
+        "llama",
+        attention,
+        layers=layers,
+        seed=seed,
+        dtype=dtype,
+        device=device,
         hidden_size=96,
         intermediate_size=128,
-        num_hidden_layers=layers,
         num_attention_heads=6,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    config._attn_implementation = attention
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 @pytest.fixture(params=["sdpa", "eager"])

@@ -363,7 +363,7 @@ def test_a_cache_serves_one_model_and_one_batch():
 
 def test_a_percent_budget_below_the_policy_minimum_is_caught_at_prefill(tiny_model):
     cache = polykv.compile("layers *: streaming@10%(sink=4)", tiny_model).make_cache()
-    with pytest.raises(polykv.CacheError, match=r"streaming\(sink=4\)@10% gives 3 tokens for this 30-token prompt"):
+    with pytest.raises(polykv.CacheError, match=r"streaming@10%\(sink=4\) gives 3 tokens for this 30-token prompt"):
         tiny_model(_prompt(length=30), past_key_values=cache)
 
 

@@ -152,29 +152,17 @@ GENERATE_WITH_KEYDIFF = textwrap.dedent(
     """
     import json
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import polykv
+    from polykv.testing import prompt, tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-    )
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_model("llama", layers=3)
     plan = polykv.compile("layers 0: full; *: keydiff@16", model)
     cache = plan.make_cache()
-    prompt = torch.randint(3, 128, (1, 40))
-    with torch.no_grad():
-        output = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
-            max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
-        )
+    ids = prompt(40)
+    output = model.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     print(json.dumps({
-        "prompt": prompt.shape[1],
-        "generated": output.shape[1] - prompt.shape[1],
+        "prompt": ids.shape[1],
+        "generated": output.shape[1] - ids.shape[1],
         "policies": [repr(layer.prefill.policy) for layer in cache.layers],
         "layer_lengths": cache.layer_lengths(),
     }))

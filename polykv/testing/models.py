@@ -49,14 +49,15 @@ def tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    **config: object,
 ) -> torch.nn.Module:
-    """A tiny random ``family`` model in eval mode (``attention`` is sdpa or eager)."""
+    """A tiny random ``family`` model in eval mode (``attention`` is sdpa or eager); ``config`` overrides sizes."""
     import transformers
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**SHAPE, "num_hidden_layers": layers}, **extra)
+    config = getattr(transformers, config_name)(**{**SHAPE, "num_hidden_layers": layers, **extra, **config})
     config._attn_implementation = "eager" if family in EAGER_ONLY else attention
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).to(device=device, dtype=dtype).eval()

@@ -6,6 +6,7 @@ from polykv_keydiff import KeyDiff
 
 import polykv
 from polykv.policy import LayerView, Phase
+from polykv.testing import PolicyContract, prompt, tiny_model
 
 # Four keys point roughly along x, like the mean; token 1 points the other way, token 2 sideways.
 KEYS = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.9, 0.0], [1.0, 0.0]])
@@ -58,44 +59,17 @@ def test_budget_must_cover_the_window():
         KeyDiff(window=-1)
 
 
-def tiny_llama():
-    """A random three-layer Llama with grouped-query attention (6 query heads over 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
-
-
 def test_runs_in_a_spec_during_generation():
-    model = tiny_llama()
+    """In a spec, installed: keydiff layers hold their 16 tokens after prefill, decoding appends."""
+    model = tiny_model("llama")
     plan = polykv.compile("layers 0: full; *: keydiff@16", model)
     cache = plan.make_cache()
-    prompt = torch.randint(3, 128, (1, 40))
-    new_tokens = 4
+    output = model.generate(prompt(40), max_new_tokens=4, min_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert output.shape == (1, 44)
+    assert cache.layer_lengths() == [43, 19, 19, 19]
 
-    with torch.no_grad():
-        output = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            past_key_values=cache,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
 
-    assert output.shape == (1, 40 + new_tokens)
-    # Every generated token but the last went through the cache: layer 0 holds the whole prompt,
-    # the keydiff layers their 16 tokens after prefill. No decode policy, so decoding appends.
-    appended = new_tokens - 1
-    assert cache.layer_lengths() == [40 + appended, 16 + appended, 16 + appended]
+class TestKeyDiffContract(PolicyContract):
+    """polykv's contract for policies, run on keydiff: one class, every property."""
+
+    policy = KeyDiff
