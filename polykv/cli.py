@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         "--length", type=_count(1_000_000), default=1024, help="generated prompt tokens (default 1024)"
     )
     calibrate.add_argument("--seed", type=int, default=0, help="first seed of the generated samples (default 0)")
+    calibrate.add_argument(
+        "--tune-samples",
+        type=_count(10_000),
+        default=2,
+        help="held-out samples per task that tune the solver (default 2)",
+    )
     calibrate.add_argument("--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming")
     calibrate.add_argument(
         "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 16 32 64 128 256 512)"

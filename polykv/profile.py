@@ -36,6 +36,28 @@ class ProfileError(PolykvError):
 
 
 @attrs.frozen
+class TunedRegime:
+    """The solver settings calibration found best at one average budget: task weights and a floor."""
+
+    budget: int
+    weights: Mapping[str, float]
+    floor: int
+    measured: Mapping[str, float] = attrs.field(factory=dict)  # the composed losses it was chosen on
+
+    def to_dict(self) -> dict:
+        return {
+            "budget": self.budget,
+            "weights": dict(self.weights),
+            "floor": self.floor,
+            "measured": dict(self.measured),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TunedRegime:
+        return cls(int(data["budget"]), dict(data["weights"]), int(data["floor"]), dict(data.get("measured", {})))
+
+
+@attrs.frozen
 class Profile:
     """Measured losses of one model's layers: ``losses[task][layer][policy][budget]`` over ``grid``."""
 
@@ -48,6 +70,7 @@ class Profile:
     signals: Mapping[str, Mapping[str, list]] = attrs.field(factory=dict)
     curves: Mapping[str, Mapping[str, list]] = attrs.field(factory=dict)
     weights: Mapping[str, float] = attrs.field(factory=dict)
+    regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -72,6 +95,13 @@ class Profile:
             ]
             for layer in range(len(first))
         ]
+
+    def solved_regimes(self) -> tuple[TunedRegime, ...]:
+        """The tuned regimes, or one default: the profile's weights (equal if none) and the smallest budget."""
+        if self.regimes:
+            return self.regimes
+        weights = dict(self.weights or {task: 1.0 for task in self.tasks})
+        return (TunedRegime(self.prompt_length, weights, self.grid[0]),)
 
     def signal(self, name: str) -> list[float]:
         """A scalar signal per layer, averaged over tasks."""
@@ -103,6 +133,7 @@ class Profile:
             "grid": list(self.grid),
             "policies": {name: dict(params) for name, params in self.policies.items()},
             "weights": dict(self.weights),
+            "regimes": [regime.to_dict() for regime in self.regimes],
             "losses": {task: _finite_json(table) for task, table in self.losses.items()},
             "signals": {name: dict(per_task) for name, per_task in self.signals.items()},
             "curves": {
@@ -128,6 +159,7 @@ class Profile:
                     n: {t: _infinite(v) for t, v in per_task.items()} for n, per_task in data.get("curves", {}).items()
                 },
                 weights=dict(data.get("weights", {})),
+                regimes=[TunedRegime.from_dict(regime) for regime in data.get("regimes", [])],
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ProfileError(f"{source}: malformed profile ({type(error).__name__}: {error})") from None

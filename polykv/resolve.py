@@ -91,6 +91,36 @@ class Decision:
 
 
 @attrs.frozen
+class Regime:
+    """How to solve around one level of compression: per-layer loss tables and the smallest budget.
+
+    Calibration tunes these on held-out prompts (``polykv.calibrate``): which task weights and
+    which floor give the least measured loss when many layers are compressed together, for each
+    of a few average budgets; ``ratio`` is that average over the prompt length.
+    """
+
+    ratio: float
+    floor: int
+    tables: tuple[Mapping[str, tuple[float, ...]], ...] = attrs.field(converter=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "floor": self.floor,
+            "tables": [
+                {p: [None if math.isinf(x) else x for x in t] for p, t in table.items()} for table in self.tables
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Regime:
+        tables = [
+            {p: tuple(math.inf if x is None else x for x in t) for p, t in table.items()} for table in data["tables"]
+        ]
+        return cls(float(data["ratio"]), int(data["floor"]), tables)
+
+
+@attrs.frozen
 class Resolver:
     """Everything needed to resolve a spec for any prompt length; plans carry it and it round-trips JSON."""
 
@@ -99,13 +129,30 @@ class Resolver:
     solver: str
     solver_params: Mapping[str, Value]
     grid: tuple[int, ...] = attrs.field(converter=tuple)
-    tables: tuple[Mapping[str, tuple[float, ...]], ...] = attrs.field(converter=tuple)
+    regimes: tuple[Regime, ...] = attrs.field(converter=tuple)
     policy_params: Mapping[str, Mapping[str, Value]]
     signals: Mapping[str, tuple[float, ...]]
 
     def decide(self, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
         """Every layer's decision for a prompt of ``prompt_length`` tokens."""
         return _decide(self, prompt_length, registry)
+
+    def regime(self, prompt_length: int) -> Regime:
+        """The regime tuned nearest (in log ratio) to this spec's compression for ``prompt_length`` tokens."""
+        average = self.average_budget(prompt_length)
+        if average is None or len(self.regimes) == 1:
+            return self.regimes[0]
+        ratio = max(average, 1) / prompt_length
+        return min(self.regimes, key=lambda r: abs(math.log(r.ratio / ratio)))
+
+    def average_budget(self, prompt_length: int) -> float | None:
+        """Tokens per layer the spec allows on average for ``prompt_length`` tokens (None: not a budget spec)."""
+        if self.total is None:
+            fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget is not None]
+            return sum(fixed) / len(fixed) if fixed else None
+        if "percent" in self.total:
+            return Share(self.total["percent"]).tokens(prompt_length)
+        return self.total["tokens"] / len(self.requests)
 
     def to_dict(self) -> dict:
         return {
@@ -114,9 +161,7 @@ class Resolver:
             "solver": self.solver,
             "solver_params": dict(self.solver_params),
             "grid": list(self.grid),
-            "tables": [
-                {p: [None if math.isinf(x) else x for x in t] for p, t in table.items()} for table in self.tables
-            ],
+            "regimes": [regime.to_dict() for regime in self.regimes],
             "policy_params": {p: dict(v) for p, v in self.policy_params.items()},
             "signals": {name: list(values) for name, values in self.signals.items()},
         }
@@ -129,7 +174,7 @@ class Resolver:
             data["solver"],
             dict(data["solver_params"]),
             data["grid"],
-            [{p: tuple(math.inf if x is None else x for x in t) for p, t in table.items()} for table in data["tables"]],
+            [Regime.from_dict(regime) for regime in data["regimes"]],
             {p: dict(v) for p, v in data["policy_params"].items()},
             {name: tuple(values) for name, values in data["signals"].items()},
         )
@@ -179,16 +224,13 @@ def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) 
                     )
                 ]
             )
-        grid, tables, policy_params, signals = (STEP,), [{} for _ in found], {}, {}
+        grid, policy_params, signals = (STEP,), {}, {}
+        regimes = [Regime(1.0, 1, [{} for _ in found])]
     else:
         grid = dense_grid(profile.grid)
-        combined = profile.table()
-        tables = [
-            {
-                name: interpolate(profile.grid, monotone(combined[layer][p]), grid)
-                for p, name in enumerate(profile.policies)
-            }
-            for layer in range(len(found))
+        regimes = [
+            Regime(tuned.budget / profile.prompt_length, tuned.floor, _tables(profile, tuned.weights, grid, len(found)))
+            for tuned in profile.solved_regimes()
         ]
         policy_params = {name: dict(params) for name, params in profile.policies.items()}
         signals = {name: tuple(profile.signal(name)) for name in profile.signals}
@@ -197,7 +239,7 @@ def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) 
         wanted = request.candidates if request.policy != ast.AUTO else (request.candidates or everything)
         if request.decided:
             continue
-        measured = [name for name in wanted if name in tables[index]]
+        measured = [name for name in wanted if name in regimes[0].tables[index]]
         if not measured and (needs_tables or request.policy == ast.AUTO):
             problems.append(_unmeasured(checked, index, wanted, profile))
         found[index] = attrs.evolve(
@@ -212,13 +254,22 @@ def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) 
             total = {"percent": float(decl.amount.value)}
         else:
             total = {"tokens": decl.amount.count * (1 if decl.total else len(found))}
-    return Resolver(found, total, solver, solver_params, grid, tables, policy_params, signals)
+    return Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
+
+
+def _tables(profile: Profile, weights: Mapping[str, float], grid: Sequence[int], layers: int) -> list[dict]:
+    """Per-layer tables over ``grid`` from ``profile`` with task ``weights``: made monotone, interpolated."""
+    combined = profile.table(weights)
+    return [
+        {name: interpolate(profile.grid, monotone(combined[layer][p]), grid) for p, name in enumerate(profile.policies)}
+        for layer in range(layers)
+    ]
 
 
 def dense_grid(measured: Sequence[int], step: int = STEP) -> tuple[int, ...]:
-    """Budgets every ``step`` tokens from the smallest measured one to the largest."""
-    start = -(-measured[0] // step) * step
-    return tuple(range(start, measured[-1] + 1, step)) or (measured[0],)
+    """The measured budgets, and every ``step`` tokens from the smallest to the largest of them."""
+    every = range(-(-measured[0] // step) * step, measured[-1] + 1, step)
+    return tuple(sorted({*measured, *every}))
 
 
 def interpolate(measured: Sequence[int], table: Sequence[float], grid: Sequence[int]) -> tuple[float, ...]:
@@ -246,8 +297,9 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
     decisions: list[Decision | None] = [None] * len(resolver.requests)
     options: list[LayerOptions] = []
     open_layers = []
+    regime = resolver.regime(prompt_length)
     for index, request in enumerate(resolver.requests):
-        table = resolver.tables[index]
+        table = regime.tables[index]
         if request.decided:
             decisions[index] = Decision(request.policy, request.params, request.budget)
             options.append(LayerOptions(fixed=(request.policy, _tokens(request.budget, prompt_length))))
@@ -258,7 +310,7 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
             options.append(LayerOptions(fixed=(decision.policy, tokens)))
         else:
             open_layers.append(index)
-            options.append(_layer_options(resolver, request, table, registry))
+            options.append(_layer_options(resolver, request, table, regime.floor, registry))
     if open_layers:
         solution = _solve(resolver, options, prompt_length, registry)
         for index in open_layers:
@@ -269,7 +321,7 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
                 continue
             params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(choice.policy, {})
             decisions[index] = Decision(
-                choice.policy, params, Tokens(choice.tokens), _measured(resolver, index, choice)
+                choice.policy, params, Tokens(choice.tokens), _measured(resolver, regime, index, choice)
             )
     return tuple(decisions)
 
@@ -289,14 +341,14 @@ def _route(resolver: Resolver, request: LayerRequest, table, tokens: int | None,
     return Decision(name, resolver.policy_params.get(name, {}), request.budget, {"loss": losses[name]})
 
 
-def _layer_options(resolver: Resolver, request: LayerRequest, table, registry: Registry) -> LayerOptions:
+def _layer_options(resolver: Resolver, request: LayerRequest, table, floor: int, registry: Registry) -> LayerOptions:
     losses = {}
     for name in request.candidates:
         params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(name, {})
         minimum = registry.create(name, dict(params)).min_budget()
         measured = table.get(name, tuple(0.0 for _ in resolver.grid))  # rule solvers need no table
         losses[name] = tuple(math.inf if budget < minimum else loss for budget, loss in zip(resolver.grid, measured))
-    return LayerOptions(losses, whole=0.0)
+    return LayerOptions(losses, whole=0.0, min_budget=floor)
 
 
 @functools.lru_cache(maxsize=64)
@@ -316,10 +368,10 @@ def _solve(resolver: Resolver, options: list[LayerOptions], prompt_length: int, 
     return solver.solve(problem, resolver.signals)
 
 
-def _measured(resolver: Resolver, index: int, choice) -> dict[str, float]:
+def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[str, float]:
     """What decided a layer, for `polykv plan`: its predicted loss and the loss one grid step lower."""
     found = {"loss": choice.loss}
-    table = resolver.tables[index].get(choice.policy)
+    table = regime.tables[index].get(choice.policy)
     if table:
         lower = choice.tokens - STEP
         if lower >= resolver.grid[0]:

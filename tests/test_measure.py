@@ -108,3 +108,36 @@ def test_calibration_data_from_json_lines(tmp_path):
     path.write_text('{"task": "qa", "context": "x"}\n')
     with pytest.raises(PolykvError, match=r"data.jsonl:1: expected a JSON object with task, context and continuation"):
         read_samples(path, _Words())
+
+
+def test_tuning_picks_per_budget_the_candidate_that_loses_least_on_held_out_prompts():
+    from polykv.eval.tasks import Sample
+
+    model = tiny_model_for_tuning()
+    generator = torch.Generator().manual_seed(9)
+    held_out = [
+        Sample(task, "raw", seed, "calibration", torch.randint(3, 128, (300,), generator=generator).tolist(),
+               torch.randint(3, 128, (6,), generator=generator).tolist(), ())
+        for task in ("a", "b") for seed in range(2)
+    ]  # fmt: skip
+    samples = [
+        CalibrationSample(
+            f"{task}:raw", torch.randint(3, 128, (300,), generator=generator), torch.randint(3, 128, (6,))
+        )
+        for task in ("a", "b")
+        for _ in range(2)
+    ]
+    profile = calibrate(model, samples, policies=["knorm", "tova"], grid=[8, 16, 32], tune_on=held_out, progress=False)
+    assert [regime.budget for regime in profile.regimes] == [32, 64, 128, 256]
+    for regime in profile.regimes:
+        candidates = {k: v for k, v in regime.measured.items() if not k.startswith("uniform")}
+        chosen = f"{'equal' if set(regime.weights.values()) == {1.0} else 'composition'} weights, floor {regime.floor}"
+        assert candidates[chosen] == min(candidates.values())
+    plan = polykv.compile("budget 40\nlayers *: auto@auto", model, profile=profile, context_length=300)
+    assert plan.resolver.regime(300).ratio == pytest.approx(32 / 300)  # 40 is nearest to 32 of the tuned budgets
+
+
+def tiny_model_for_tuning():
+    from polykv.testing import tiny_model
+
+    return tiny_model("llama")

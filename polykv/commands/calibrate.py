@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polykv.calibrate import GRID, POLICIES, TASKS, calibrate, calibration_samples, read_samples
+from polykv.calibrate import GRID, POLICIES, TASKS, calibrate, calibration_samples, read_samples, tuning_samples
 from polykv.commands import setup
 from polykv.errors import PolykvError
 from polykv.registry import default_registry
@@ -26,10 +26,12 @@ def run(args: argparse.Namespace) -> int:
     location = setup.model_location(args)
     print(f"loading {location}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
+    tune_on = []
     if args.data:
         samples, data = read_samples(args.data, tokenizer), str(args.data)
     else:
         samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
+        tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
         data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
     profile = calibrate(
         model,
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         grid=args.grid or GRID,
         registry=registry,
         batch_size=args.batch,
+        tune_on=tune_on,
+        pad_token_id=tokenizer.pad_token_id,
         settings={"data": data, "model_path": str(location), "command": "polykv " + " ".join(sys.argv[1:])},
     )
     profile.save(args.out)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = args.budgets or (QUICK["budgets"] if args.quick else EVAL_BUDGETS)
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
-    setup.writable(args.out / "results.jsonl", "--out")
+    setup.writable(args.out, "--out")  # the folder itself is made when missing
     device = setup.device(args)
     location = setup.model_location(args)
     print(f"loading {location}", file=sys.stderr)

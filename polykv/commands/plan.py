@@ -103,7 +103,8 @@ def _sensitivity(plan: Plan) -> list[float] | None:
     if 32 not in grid:
         return None
     position = grid.index(32)
-    return [min((table[position] for table in tables.values()), default=0.0) for tables in plan.resolver.tables]
+    regime = plan.resolver.regime(plan.context_length or 1)
+    return [min((table[position] for table in tables.values()), default=0.0) for tables in regime.tables]
 
 
 def _tokens(layer, length: int | None) -> int:

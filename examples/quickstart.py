@@ -1,0 +1,26 @@
+"""polykv in a few lines: compile a spec against the bundled model, answer a long prompt, and see
+what each layer kept.
+
+    python examples/quickstart.py
+"""
+
+from pathlib import Path
+
+import polykv
+
+model, tokenizer = polykv.load_default_model()  # or polykv.load_model("path/to/a/local/model")
+plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)  # also a path to a spec file
+
+prompt = (Path(__file__).parent / "prompts" / "passkey-1k.txt").read_text()
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+cache = plan.make_cache()  # one cache per request; the plan is reusable
+out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+
+print("answer:", tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+print("tokens stored per layer:", cache.layer_lengths())
+print(f"cache: {cache.nbytes() / 2**20:.1f} MiB, the full cache would hold {cache.full_nbytes() / 2**20:.1f} MiB")
+
+# Let polykv choose each layer's policy and budget (a profile for the bundled model ships with it):
+routed = polykv.compile("budget 128\nlayers *: auto@auto", model)
+for indices, what in routed.runs():
+    print(f"layers {indices[0]}-{indices[-1]}: {what}")
