@@ -17,6 +17,7 @@ class RandomEviction(ScoringPolicy):
     def score(self, view: LayerView) -> torch.Tensor:
         batch, heads, length = view.token_mask.shape
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + view.layer)
-        by_rank = torch.rand(heads, length, generator=generator).to(view.keys.device)  # the i-th real token's score
+        # Drawn rank-major so the i-th real token's score does not depend on the prompt's length.
+        by_rank = torch.rand(length, heads, generator=generator).T.to(view.keys.device)
         rank = (view.token_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, H, L)
         return by_rank.expand(batch, heads, length).gather(-1, rank)

@@ -117,13 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0, help="first seed of the generated samples (default 0)")
     calibrate.add_argument(
         "--tune-samples",
-        type=_count(10_000),
+        type=_count(10_000, least=0),
         default=2,
-        help="held-out samples per task that tune the solver (default 2)",
+        help="held-out samples per task that tune the solver (default 2; 0 skips tuning)",
     )
     calibrate.add_argument("--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming")
     calibrate.add_argument(
-        "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 16 32 64 128 256 512)"
+        "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 8 16 32 64 128 256 512)"
     )
     calibrate.add_argument("--batch", type=_count(1024), default=4, help="prompts per captured prefill (default 4)")
     calibrate.set_defaults(run="polykv.commands.calibrate:run")
@@ -183,16 +183,16 @@ def _model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when present)")
 
 
-def _count(most: int):
-    """An argument type: a whole number from 1 to ``most``."""
+def _count(most: int, least: int = 1):
+    """An argument type: a whole number from ``least`` to ``most``."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not 1 <= value <= most:
-            raise argparse.ArgumentTypeError(f"expected a number from 1 to {most:,}, got {text}")
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected a number from {least} to {most:,}, got {text}")
         return value
 
     return parse

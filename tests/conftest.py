@@ -7,28 +7,20 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
 # The suite tests polykv and its built-ins, whatever third-party plugins happen to be installed.
 os.environ["POLYKV_PLUGINS"] = "none"
 
 import polykv
 
-# `ci` is what hypothesis picks by itself when the CI variable is set; HYPOTHESIS_PROFILE chooses otherwise.
+# polykv's pytest plugin registers the polykv-ci and polykv-thorough profiles; HYPOTHESIS_PROFILE picks one.
 settings.register_profile("default", max_examples=100, deadline=None)
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, print_blob=True)
-settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+if "HYPOTHESIS_PROFILE" not in os.environ:
+    settings.load_profile("polykv-ci" if os.environ.get("CI") else "default")
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords and not CUDA:
-            item.add_marker(skip_gpu)
 
 
 def tiny_llama(attention: str = "sdpa", *, layers: int = 4, seed: int = 0, dtype=torch.float32, device="cpu"):

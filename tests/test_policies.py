@@ -462,7 +462,8 @@ def test_random_is_seeded_by_seed_and_layer():
     assert torch.equal(pick(0, 3), pick(0, 3))
     assert not torch.equal(pick(0, 3), pick(0, 4))
     assert not torch.equal(pick(0, 3), pick(1, 3))
-    assert not torch.equal(pick(0, 3)[0], pick(0, 3)[1])  # rows and heads draw separately
+    assert not torch.equal(pick(0, 3)[0, 0], pick(0, 3)[0, 1])  # heads draw separately
+    assert torch.equal(pick(0, 3)[0], pick(0, 3)[1])  # rows share a draw: a row keeps what it keeps alone
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         samples, data = read_samples(args.data, tokenizer), str(args.data)
     else:
         samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
-        tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
+        if args.tune_samples:
+            tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
         data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
     profile = calibrate(
         model,

@@ -140,7 +140,13 @@ def _proportional(problem: BudgetProblem, shares: Sequence[float]) -> list[int]:
         weight = sum(shares[i] for i in open_layers) or float(len(open_layers))
         wanted = {i: remaining * (shares[i] if weight else 1.0) / weight for i in open_layers}
         clamped = {i: min(max(wanted[i], lows[i]), highs[i]) for i in open_layers}
-        broken = [i for i in open_layers if clamped[i] != wanted[i]]
+        # Clamping moves tokens one way overall; settle only the layers clamped that way, re-share the rest.
+        excess = sum(clamped.values()) - remaining
+        broken = [
+            i
+            for i in open_layers
+            if clamped[i] != wanted[i] and (excess == 0 or (clamped[i] > wanted[i]) == (excess > 0))
+        ]
         if not broken:
             break
         for i in broken:

@@ -15,16 +15,25 @@ PROFILES = {
 }
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped where none is present)")
-    config.addinivalue_line("markers", "slow: loads a real model or runs long (deselect with -m 'not slow')")
+def _register_profiles() -> None:
+    """Registered on import, before hypothesis' own plugin reads ``--hypothesis-profile``."""
     try:
         from hypothesis import HealthCheck, settings
     except ImportError:
         return
     for name, options in PROFILES.items():
         settings.register_profile(name, suppress_health_check=[HealthCheck.too_slow], **options)
+
+
+_register_profiles()
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped where none is present)")
+    config.addinivalue_line("markers", "slow: loads a real model or runs long (deselect with -m 'not slow')")
     if os.environ.get("HYPOTHESIS_PROFILE") in PROFILES:
+        from hypothesis import settings
+
         settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
