@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         tune_on=tune_on,
         pad_token_id=tokenizer.pad_token_id,
-        settings={"data": data, "model_path": str(location), "command": "polykv " + " ".join(sys.argv[1:])},
+        settings={"data": data, "model_path": str(location), "command": setup.command_line()},
     )
     profile.save(args.out)
     print(f"wrote {args.out}: {len(profile.tasks)} tasks, {len(profile.policies)} policies, grid {list(profile.grid)}")

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "length": length,
         "seed": args.seed,
         "profile": args.profile or "bundled",
-        "command": " ".join(["polykv", *sys.argv[1:]]) if sys.argv[0].endswith("polykv") else None,
+        "command": setup.command_line(),
     }
     text = markdown(data)
     (args.out / "report.md").write_text(text, encoding="utf-8")

@@ -40,3 +40,11 @@ def spec_argument(text: str, source: str):
 def writable(path: Path, option: str) -> None:
     if not path.parent.exists():
         raise PolykvError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def command_line() -> str:
+    """The command as typed, for the settings a result records (``python -m polykv`` reads as ``polykv``)."""
+    import shlex
+    import sys
+
+    return shlex.join(["polykv", *sys.argv[1:]])
