@@ -8,7 +8,7 @@ run; quote absolute times only from a GPU.
     python benchmarks/prefill_overhead.py                       # CPU, float32
     python benchmarks/prefill_overhead.py --device cuda --dtype bfloat16
 
-Writes results/prefill_overhead.json and, when matplotlib is installed, results/prefill_overhead.png.
+Writes benchmarks/results/prefill_overhead_<device>.json and, when matplotlib is installed, the PNG beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import polykv
-from polykv.tasks import passkey_prompt
+from polykv.eval.tasks import passkey_prompt
 
 SPECS = {
     "full cache": None,
@@ -31,6 +31,7 @@ SPECS = {
     "knorm@256": "layers 0-1: full; *: knorm@256",
     "h2o@256": "layers 0-1: full; *: h2o@256",
     "streaming@256": "layers 0-1: full; *: streaming@256",
+    "polykv, budget 128": "budget 128; layers *: auto@auto",
 }
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
     model, tokenizer = polykv.load_default_model(dtype=args.dtype, device=args.device)
@@ -82,11 +83,14 @@ def main() -> None:
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
     }
-    (args.out / "prefill_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {args.out / 'prefill_overhead.json'}")
-    _plot(rows, args.out / "prefill_overhead.png")
+    path = args.out / f"prefill_overhead_{args.device}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {path}")
+    _plot(rows, path.with_suffix(".png"))
 
 
+# Timed with synchronised perf_counter rather than torch.utils.benchmark: its timeit() warms up by
+# running the statement twice more, and a prefill or a decoding step changes the cache it runs on.
 def _prefill(model, plan, ids):
     cache = plan.make_cache() if plan else DynamicCache()
     _sync(model)

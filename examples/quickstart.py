@@ -6,6 +6,8 @@ what each layer kept.
 
 from pathlib import Path
 
+import torch
+
 import polykv
 
 model, tokenizer = polykv.load_default_model()  # or polykv.load_model("path/to/a/local/model")
@@ -24,3 +26,16 @@ print(f"cache: {cache.nbytes() / 2**20:.1f} MiB, the full cache would hold {cach
 routed = polykv.compile("budget 128\nlayers *: auto@auto", model)
 for indices, what in routed.runs():
     print(f"layers {indices[0]}-{indices[-1]}: {what}")
+
+# One compressed context, several questions: prefill once, end the prefill, then ask and rewind.
+context = prompt.rsplit("\n", 1)[0]  # the passkey text without its question
+context_ids = tokenizer(context, return_tensors="pt").input_ids
+cache = routed.make_cache()
+model(context_ids, past_key_values=cache)
+cache.end_prefill()  # later forwards append: the context stays compressed as it is
+for question in ["\nWhat is the pass key? The pass key is", "\nRepeat the pass key: "]:
+    question_ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = torch.cat([context_ids, question_ids], dim=1)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    print(repr(question.strip()), "->", tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    cache.rewind(context_ids.shape[1])  # forget the question and answer; keep the compressed context

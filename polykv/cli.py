@@ -161,7 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, metavar="FILE", help="JSON lines of your own samples (LongBench/RULER style)"
     )
     evaluate.add_argument("--count", type=_count(100_000), default=20, help="samples per task (default 20)")
-    evaluate.add_argument("--length", type=_count(1_000_000), default=1024, help="prompt tokens (default 1024)")
+    evaluate.add_argument(
+        "--length",
+        type=_count(1_000_000),
+        default=1024,
+        help="prompt tokens of generated tasks; longer --data prompts keep their first and last halves (default 1024)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
     evaluate.add_argument(
         "--profile", metavar="FILE", help="calibration profile for auto methods (default: the bundled model's)"

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 import polykv
-from polykv.tasks import passkey_prompt
+from polykv.eval.tasks import passkey_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -157,9 +157,16 @@ def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(c
     options = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     full = model.generate(ids, past_key_values=DynamicCache(), **options)
     wide = model.generate(ids, past_key_values=polykv.compile("layers *: snapkv@2000", model).make_cache(), **options)
-    assert torch.equal(wide.sequences, full.sequences)
-    for ours, theirs in zip(wide.logits, full.logits, strict=True):
-        assert torch.equal(ours, theirs)
+    if model.dtype == torch.float32:
+        assert torch.equal(wide.sequences, full.sequences)
+        for ours, theirs in zip(wide.logits, full.logits, strict=True):
+            assert torch.equal(ours, theirs)
+    else:  # half-precision kernels are not run-to-run deterministic: compare with the full cache's own noise
+        again = model.generate(ids, past_key_values=DynamicCache(), **options)
+        noise = max((a - b).abs().max().item() for a, b in zip(again.logits, full.logits, strict=True))
+        drift = max((a - b).abs().max().item() for a, b in zip(wide.logits, full.logits, strict=True))
+        tolerance = 0.02 if model.dtype == torch.float16 else 0.1
+        assert drift <= 2 * noise + tolerance, (drift, noise)
     cache = polykv.compile("layers 0-1: full; *: snapkv@256", model).make_cache()
     out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
     assert "60221" in tokenizer.decode(out[0, ids.shape[1] :])

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {location}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
     if args.data:
-        chosen = read_jsonl(args.data, tokenizer)
+        chosen = read_jsonl(args.data, tokenizer, max_length=length)
         parsed = sorted({(s.task, s.format) for s in chosen})
     else:
         chosen = [

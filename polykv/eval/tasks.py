@@ -18,6 +18,9 @@ Jaggi 2023):
 - ``copy``: a paragraph of the context is to be repeated from its first words (graded only).
 - ``continue``: the true continuation of a document (graded only).
 
+``passkey_prompt`` is the classic form of the passkey test, a needle in repeated filler sentences,
+as text: the README's example prompt and the real-model tests use it.
+
 Formats: ``raw`` (the prompt as text, ending with the answer's lead-in) and ``chat`` (the
 question in the model's chat template, the lead-in opening the assistant's turn).
 """
@@ -274,3 +277,30 @@ _BUILDERS = {
     "copy": _copy,
     "continue": _continue,
 }
+
+
+# The classic passkey prompt: repeated filler sentences, as Mohtashami and Jaggi wrote it.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_INTRODUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(filler_repeats: int, depth: float, key: int) -> str:
+    """A prompt with ``key`` after ``depth`` (0 to 1) of ``filler_repeats`` filler paragraphs.
+
+    With SmolLM2's tokenizer 40 repeats make a prompt of 1,027 tokens (about 24 per repeat).
+    """
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth is between 0 and 1, got {depth}")
+    before = round(filler_repeats * depth)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    return (
+        PASSKEY_INTRODUCTION
+        + PASSKEY_FILLER * before
+        + needle
+        + PASSKEY_FILLER * (filler_repeats - before)
+        + PASSKEY_QUESTION
+    )
