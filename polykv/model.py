@@ -162,13 +162,31 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, LayerPlacement]]:
     missing = [i for i in range(info.layers) if i not in modules]
     if missing:
         raise ModelError(f"cannot find the attention modules of layers {missing[:5]} in {type(model).__name__}")
+    hooked = _execution_devices(model)
     placement = {}
     for index, module in modules.items():
         parameter = next(module.parameters())
-        placement[index] = LayerPlacement(
-            str(parameter.device), str(parameter.dtype).removeprefix("torch."), windows[index]
-        )
+        device = next((hooked[part] for part in module.modules() if part in hooked), str(parameter.device))
+        placement[index] = LayerPlacement(device, str(parameter.dtype).removeprefix("torch."), windows[index])
     return info, placement
+
+
+def _execution_devices(model) -> dict[torch.nn.Module, str]:
+    """Where accelerate's hooks (``device_map``, offloading) run each module: offloaded weights rest on
+    the CPU or meta, but the layer computes, and its cache lives, on the hook's execution device (a
+    hook on a module covers its children; offloading hooks each projection)."""
+    found: dict[torch.nn.Module, str] = {}
+
+    def visit(module: torch.nn.Module, inherited: str | None) -> None:
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        here = str(torch.device(device)) if device is not None else inherited
+        if here is not None:
+            found[module] = here
+        for child in module.children():
+            visit(child, here)
+
+    visit(model, None)
+    return found
 
 
 def sliding_windows(config, model_name: str) -> list[int | None]:
