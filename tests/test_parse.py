@@ -292,3 +292,53 @@ def test_every_syntax_error_of_a_file_is_reported():
     with pytest.raises(polykv.SpecError) as raised:
         polykv.parse(text)
     assert str(raised.value).endswith("4 errors in spec")
+
+
+BUILT_INS = ["full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random"]
+plan_budgets = st.one_of(
+    st.builds(polykv.budget.Tokens, st.integers(1, 10**9)),
+    st.builds(polykv.budget.Share, st.integers(1, 100) | st.floats(0.001, 100, allow_nan=False)),
+)
+
+
+@given(st.sampled_from(BUILT_INS), plan_budgets, st.none() | st.sampled_from(["streaming", "tova"]), st.data())
+def test_what_a_plan_prints_for_a_layer_parses_back_to_the_same_choice(name, budget, decode_name, data):
+    from polykv.plan import LayerPlan, PhasePlan
+
+    registry = polykv.registry.default_registry()
+
+    def phase(policy: str) -> PhasePlan:
+        params = dict(registry.create(policy).values)
+        for parameter in registry.get(policy).cls.parameters:  # any value in bounds, not only the defaults
+            if parameter.type is int:
+                params[parameter.name] = data.draw(st.integers(parameter.min, parameter.max))
+        return PhasePlan(policy, params, None if policy == "full" else budget)
+
+    decode = None if decode_name is None else phase(decode_name)
+    layer = LayerPlan(0, phase(name), decode, "cpu", "float32")
+    rule = polykv.parse(f"layers 0: {layer.describe()}").items[0]
+    for printed, parsed in ((layer.prefill, rule.prefill), (layer.decode, rule.decode)):
+        if printed is None:
+            assert parsed is None
+            continue
+        assert parsed.name == printed.policy
+        assert {p.name: p.value for p in parsed.parameters} == printed.params
+        assert (parsed.budget is None) == (printed.budget is None)
+        if isinstance(printed.budget, polykv.budget.Tokens):
+            assert parsed.budget == ast.Tokens(printed.budget.count)
+        elif printed.budget is not None:
+            assert parsed.budget == ast.Percent(printed.budget.percent)
+
+
+@given(st.sets(st.integers(0, 300), min_size=1, max_size=40))
+def test_printed_layer_ranges_select_exactly_those_layers(indices):
+    from polykv.lang.printer import layer_ranges
+
+    selector = polykv.parse(f"layers {layer_ranges(indices)}: full").items[0].selector
+    chosen = set()
+    for item in selector.items:
+        if isinstance(item, ast.LayerIndex):
+            chosen.add(item.index)
+        else:
+            chosen.update(range(item.start, item.stop + 1))
+    assert chosen == indices
