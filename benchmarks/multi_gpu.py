@@ -1,0 +1,162 @@
+"""A model split across GPUs: each layer's cache on its layer's device, no cache copies between them.
+
+    python benchmarks/multi_gpu.py                 # needs two or more CUDA devices
+
+1. Exactness: a small Llama-shaped model (random weights, fp32) split layer-wise over the GPUs with
+   ``device_map`` generates the same tokens with a compressing spec as on one GPU.
+2. Copies: the CUDA copies between devices during decoding steps, counted with the profiler, with
+   polykv's cache and with transformers' DynamicCache (the hidden state crosses at each split; the
+   cache adds nothing if the counts match).
+3. Memory: an 8B-shaped model (LLaMA-3.1-8B geometry, random weights, bf16) split with
+   ``device_map="auto"``, a 32k-token prompt and ``layers 0-1: full; *: snapkv@512``: each device's
+   cache bytes against what the plan predicts for the layers placed there.
+
+Prints what it measured and writes benchmarks/results/multi_gpu.json (the kept run: multi_gpu_2xh200.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import polykv
+
+RESULTS = Path(__file__).parent / "results"
+SPEC = "layers 0-1: full; *: snapkv@512"
+
+
+def split_map(layers: int, devices: int) -> dict[str, int]:
+    """Layer i on device i * devices // layers; embeddings on the first device, the head on the last."""
+    mapping = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+    mapping.update({f"model.layers.{i}": i * devices // layers for i in range(layers)})
+    mapping.update({"model.norm": devices - 1, "lm_head": devices - 1})
+    return mapping
+
+
+def small_model(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def exactness(devices: int) -> dict:
+    from accelerate import dispatch_model
+
+    spec = "layers 0-1: full; *: snapkv@64(window=8)"
+    ids = torch.randint(1, 1000, (2, 600), generator=torch.Generator().manual_seed(1))
+    options = {"max_new_tokens": 16, "do_sample": False}
+    single = small_model().to("cuda:0")
+    plan = polykv.compile(spec, single)
+    expected = single.generate(ids.to("cuda:0"), past_key_values=plan.make_cache(), **options).cpu()
+    split = dispatch_model(small_model(), device_map=split_map(8, devices))
+    plan = polykv.compile(spec, split)
+    cache = plan.make_cache()
+    got = split.generate(ids.to("cuda:0"), past_key_values=cache, **options).cpu()
+    placed = [str(layer.keys.device) for layer in cache.layers]
+    return {
+        "same_tokens": bool(torch.equal(got, expected)),
+        "plan_devices": [layer.device for layer in plan.layers],
+        "cache_devices": placed,
+        "cache_where_planned": placed == [layer.device for layer in plan.layers],
+        "copies": copies_per_step(split, plan, ids),
+    }
+
+
+def copies_per_step(model, plan, ids, steps: int = 8) -> dict:
+    """Cross-device CUDA copies per decoding step, with polykv's cache and with DynamicCache."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found = {}
+    for name, make in (("polykv", plan.make_cache), ("DynamicCache", lambda: DynamicCache(config=model.config))):
+        cache = make()
+        with torch.no_grad():
+            logits = model(ids.to("cuda:0"), past_key_values=cache).logits
+            token = logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+                for _ in range(steps):
+                    token = model(token.to("cuda:0"), past_key_values=cache).logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+        kinds = Counter(event.name for event in profiler.events() if "Memcpy" in event.name)
+        found[name] = {kind: count / steps for kind, count in kinds.items()}
+    return found
+
+
+def memory(devices: int, context: int) -> dict:
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("meta"):  # no weights yet: _materialise makes them on their devices
+        model = LlamaForCausalLM(config)
+    from accelerate import dispatch_model
+
+    mapping = split_map(config.num_hidden_layers, devices)
+    model = _materialise(model, mapping)
+    model = dispatch_model(model, device_map=mapping)
+    plan = polykv.compile(SPEC, model)
+    ids = torch.randint(1, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model(ids.to("cuda:0"), past_key_values=cache, logits_to_keep=1)
+    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2  # K+V, bf16
+    measured, predicted = Counter(), Counter()
+    for layer_plan, layer in zip(plan.layers, cache.layers):
+        kept = context if layer_plan.prefill.budget is None else min(context, layer_plan.prefill.budget.count)
+        predicted[layer_plan.device] += kept * per_token
+        measured[str(layer.keys.device)] += layer.keys.nbytes + layer.values.nbytes
+    return {
+        "context": context,
+        "predicted_kv_bytes": dict(predicted),
+        "stored_kv_bytes": dict(measured),
+        "full_cache_kv_bytes": context * per_token * config.num_hidden_layers,
+        "peak_allocated": {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(devices)},
+    }
+
+
+def _materialise(model, mapping: dict[str, int]):
+    """Random bf16 weights created directly on each module's device (8B parameters never touch the CPU)."""
+    for name, module in model.named_modules():
+        device = next(
+            (f"cuda:{d}" for prefix, d in mapping.items() if name == prefix or name.startswith(prefix + ".")), None
+        )
+        if device is None:
+            continue
+        for pname, parameter in list(module.named_parameters(recurse=False)):
+            data = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+            setattr(module, pname, torch.nn.Parameter(data, requires_grad=False))
+        for bname, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(bname, torch.empty_like(buffer, device=device), persistent=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device="cuda:0")
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    devices = torch.cuda.device_count()
+    if devices < 2:
+        raise SystemExit(f"needs two or more CUDA devices, found {devices}")
+    result = {"devices": [torch.cuda.get_device_name(i) for i in range(devices)], "torch": torch.__version__}
+    result["exactness"] = exactness(devices)
+    print(json.dumps(result["exactness"], indent=1))
+    result["memory"] = memory(devices, args.context)
+    print(json.dumps(result["memory"], indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out / 'multi_gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()
