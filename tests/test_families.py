@@ -10,52 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import polykv
+from polykv.testing.models import FAMILIES, SLIDING_WINDOW, tiny_model
 
-WINDOW = 8
-SHAPE = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen2-sliding": (
-        "Qwen2Config",
-        "Qwen2ForCausalLM",
-        {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},
-    ),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "phi3-sliding": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": WINDOW}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": WINDOW, "head_dim": 16}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": WINDOW, "head_dim": 16}),
-}
-
-
-#: Gemma 2 runs only with eager attention in transformers (its logits are soft-capped).
-EAGER_ONLY = {"gemma2"}
+WINDOW = SLIDING_WINDOW
 
 
 def build(family: str, attention: str = "sdpa"):
-    config_name, model_name, extra = FAMILIES[family]
-    if family in EAGER_ONLY:
-        attention = "eager"
-    config = getattr(transformers, config_name)(**SHAPE, **extra)
-    config._attn_implementation = attention
-    torch.manual_seed(0)
-    return getattr(transformers, model_name)(config).eval()
+    return tiny_model(family, attention)
 
 
 def windows(model) -> list[int | None]:

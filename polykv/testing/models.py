@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+#: The window of every sliding-window layer of these models.
+SLIDING_WINDOW = 8
 #: Family -> (config class, model class, extra config) in transformers.
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -16,14 +18,14 @@ FAMILIES = {
     "qwen2-sliding": (
         "Qwen2Config",
         "Qwen2ForCausalLM",
-        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+        {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW, "max_window_layers": 2},
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", {"sliding_window": SLIDING_WINDOW}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "phi3-sliding": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 8, "head_dim": 16}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 8, "head_dim": 16}),
+    "phi3-sliding": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": SLIDING_WINDOW}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": SLIDING_WINDOW, "head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": SLIDING_WINDOW, "head_dim": 16}),
 }
 #: Families that transformers runs only with eager attention (Gemma 2 soft-caps its logits).
 EAGER_ONLY = frozenset({"gemma2"})
