@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from shapes import LLAMA_8B, llama_8b
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import polykv
@@ -91,18 +92,9 @@ def copies_per_step(model, plan, ids, steps: int = 8) -> dict:
 
 
 def memory(devices: int, context: int) -> dict:
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("meta"):  # no weights yet: _materialise makes them on their devices
-        model = LlamaForCausalLM(config)
-    from accelerate import dispatch_model
-
-    mapping = split_map(config.num_hidden_layers, devices)
-    model = _materialise(model, mapping)
-    model = dispatch_model(model, device_map=mapping)
+    mapping = split_map(LLAMA_8B["num_hidden_layers"], devices)
+    model = llama_8b(mapping)
+    config = model.config
     plan = polykv.compile(SPEC, model)
     ids = torch.randint(1, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
     cache = plan.make_cache()
@@ -121,23 +113,6 @@ def memory(devices: int, context: int) -> dict:
         "full_cache_kv_bytes": context * per_token * config.num_hidden_layers,
         "peak_allocated": {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(devices)},
     }
-
-
-def _materialise(model, mapping: dict[str, int]):
-    """Random bf16 weights created directly on each module's device (8B parameters never touch the CPU)."""
-    for name, module in model.named_modules():
-        device = next(
-            (f"cuda:{d}" for prefix, d in mapping.items() if name == prefix or name.startswith(prefix + ".")), None
-        )
-        if device is None:
-            continue
-        for pname, parameter in list(module.named_parameters(recurse=False)):
-            data = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
-            setattr(module, pname, torch.nn.Parameter(data, requires_grad=False))
-        for bname, buffer in list(module.named_buffers(recurse=False)):
-            module.register_buffer(bname, torch.empty_like(buffer, device=device), persistent=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device="cuda:0")
-    return model.eval()
 
 
 def main() -> None:

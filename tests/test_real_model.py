@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.attention
 from transformers import DynamicCache
 
 import polykv
@@ -161,12 +162,20 @@ def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(c
         assert torch.equal(wide.sequences, full.sequences)
         for ours, theirs in zip(wide.logits, full.logits, strict=True):
             assert torch.equal(ours, theirs)
-    else:  # half-precision kernels are not run-to-run deterministic: compare with the full cache's own noise
+    else:
+        # In half precision, kernels round differently and are not run-to-run deterministic, and polykv
+        # decodes without cuDNN (attention.CUDA_BACKENDS): compare with the full cache's own spread
+        # between two runs and between those SDPA backends.
         again = model.generate(ids, past_key_values=DynamicCache(), **options)
-        noise = max((a - b).abs().max().item() for a, b in zip(again.logits, full.logits, strict=True))
-        drift = max((a - b).abs().max().item() for a, b in zip(wide.logits, full.logits, strict=True))
-        tolerance = 0.02 if model.dtype == torch.float16 else 0.1
-        assert drift <= 2 * noise + tolerance, (drift, noise)
+        with torch.nn.attention.sdpa_kernel(list(polykv.cache.attention.CUDA_BACKENDS)):
+            other_kernel = model.generate(ids, past_key_values=DynamicCache(), **options)
+
+        def spread(run) -> float:
+            return max((a - b).abs().max().item() for a, b in zip(run.logits, full.logits, strict=True))
+
+        noise = max(spread(again), spread(other_kernel))
+        drift = spread(wide)
+        assert drift <= 2 * noise + 0.02, (drift, noise)
     cache = polykv.compile("layers 0-1: full; *: snapkv@256", model).make_cache()
     out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
     assert "60221" in tokenizer.decode(out[0, ids.shape[1] :])

@@ -19,12 +19,14 @@ update returned, so a stale hand-off can never be mistaken for the current one.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 from collections.abc import Callable
 
 import attrs
 import torch
+import torch.nn.attention
 
 from polykv.cache.inputs import Visibility
 from polykv.errors import ModelError
@@ -60,6 +62,23 @@ def _kernel(inner: str, module: torch.nn.Module) -> Callable:
     return eager
 
 
+#: SDPA backends for a PolyCache's decoding steps on CUDA. cuDNN is left out: it plans anew for
+#: every sequence length it meets (tens of ms of CPU each time), and a decoding step meets a new
+#: length at every step; flash and memory-efficient attention do not. Prefill keeps PyTorch's
+#: choice (cuDNN plans once per prompt there, and is the fastest). See docs/performance.md.
+CUDA_BACKENDS = (
+    torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+    torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+    torch.nn.attention.SDPBackend.MATH,
+)
+
+
+def _backends(inner: str, query: torch.Tensor):
+    if inner != "sdpa" or not query.is_cuda or query.shape[-2] != 1:
+        return contextlib.nullcontext()
+    return torch.nn.attention.sdpa_kernel(list(CUDA_BACKENDS))
+
+
 def _attention_function(inner: str) -> Callable:
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
@@ -70,7 +89,8 @@ def _attention_function(inner: str) -> Callable:
         layer = handoff.layer
         handoff.cache.attended(layer)
         mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
-        output = kernel(module, query, key, value, mask, **kwargs)
+        with _backends(inner, query):
+            output = kernel(module, query, key, value, mask, **kwargs)
         scaling = kwargs.get("scaling")
         # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
         softcap = kwargs.get("softcap") if inner == "eager" else None

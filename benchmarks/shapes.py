@@ -1,0 +1,43 @@
+"""Models of published shapes with random weights, built directly on the GPU (for benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+#: LLaMA-3.1-8B's geometry: 32 layers, 32 query / 8 KV heads of 128, 128k vocabulary.
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+}
+
+
+def llama_8b(device_map: dict[str, int] | None = None, attention: str = "sdpa") -> LlamaForCausalLM:
+    """An 8B-shaped Llama with random bf16 weights; ``device_map`` (module prefix -> GPU) splits it."""
+    config = LlamaConfig(**LLAMA_8B)
+    config._attn_implementation = attention
+    with torch.device("meta"):  # no weights yet: they are made on their devices below
+        model = LlamaForCausalLM(config)
+    device_map = device_map or {"": 0}
+    torch.manual_seed(0)
+    for name, module in model.named_modules():
+        owners = [prefix for prefix in device_map if prefix in ("", name) or name.startswith(prefix + ".")]
+        if not owners:
+            continue
+        device = f"cuda:{device_map[max(owners, key=len)]}"  # the most specific entry decides
+        for key, parameter in list(module.named_parameters(recurse=False)):
+            data = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
+            setattr(module, key, torch.nn.Parameter(data, requires_grad=False))
+    first = device_map.get("model.rotary_emb", device_map.get("", 0))
+    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=f"cuda:{first}")
+    if set(device_map) != {""}:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval()
