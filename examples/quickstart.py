@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import polykv
+from polykv.lang.printer import layer_ranges
 
 model, tokenizer = polykv.load_default_model()  # or polykv.load_model("path/to/a/local/model")
 plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)  # also a path to a spec file
@@ -25,7 +26,7 @@ print(f"cache: {cache.nbytes() / 2**20:.1f} MiB, the full cache would hold {cach
 # Let polykv choose each layer's policy and budget (a profile for the bundled model ships with it):
 routed = polykv.compile("budget 128\nlayers *: auto@auto", model)
 for indices, what in routed.runs():
-    print(f"layers {indices[0]}-{indices[-1]}: {what}")
+    print(f"layers {layer_ranges(indices)}: {what}")
 
 # One compressed context, several questions: prefill once, end the prefill, then ask and rewind.
 context = prompt.rsplit("\n", 1)[0]  # the passkey text without its question
