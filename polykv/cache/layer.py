@@ -96,6 +96,8 @@ class PolyLayer(CacheLayerMixin):
         self.prefill, self.decode = prefill, decode
         needs = [rule.policy.needs() for rule in (prefill, decode) if rule is not None] + [self._observe]
         self._query_window = max(n.window for n in needs)
+        # Decoding steps keep no queries unless a decode policy scores with them (a cost every step).
+        self._decode_keeps_queries = decode is not None and decode.policy.needs().window > 0
         self._accumulates = prefill.policy.needs().accumulated_attention or self._observe.accumulated_attention
 
     def _clear(self) -> None:
@@ -369,7 +371,7 @@ class PolyLayer(CacheLayerMixin):
         return self.real[:, None, :].expand(batch, heads, self.real.shape[-1]).gather(-1, positions)
 
     def _remember_queries(self, queries: torch.Tensor) -> None:
-        if self._query_window == 0:
+        if self._query_window == 0 or (self.phase is Phase.DECODE and not self._decode_keeps_queries):
             return
         new = queries.shape[-2]
         positions = torch.arange(self.seen - new, self.seen, device=queries.device)
