@@ -250,6 +250,13 @@ def test_query_aware_decode_policies_see_recent_queries(tiny_model):
     assert cache.layers[0].recent_query_positions.tolist() == list(range(43, 49))
 
 
+def test_decoding_keeps_no_queries_when_no_decode_policy_scores_with_them(tiny_model):
+    plan = polykv.compile("layers *: snapkv@10(window=4)", tiny_model)
+    cache = plan.make_cache()
+    tiny_model.generate(_prompt(length=30), max_new_tokens=20, do_sample=False, past_key_values=cache)
+    assert cache.layers[0].recent_query_positions.tolist() == list(range(26, 30))  # the prompt's last window
+
+
 def test_one_compressed_context_answers_several_questions(tiny_model):
     plan = polykv.compile("layers 0-1: full; *: snapkv@16(window=4)", tiny_model)
     context, questions = _prompt(length=50, seed=7), [_prompt(length=n, seed=n) for n in (5, 9, 3)]
