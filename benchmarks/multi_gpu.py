@@ -7,7 +7,9 @@
 2. Copies: the CUDA copies between devices during decoding steps, counted with the profiler, with
    polykv's cache and with transformers' DynamicCache (the hidden state crosses at each split; the
    cache adds nothing if the counts match).
-3. Memory: an 8B-shaped model (LLaMA-3.1-8B geometry, random weights, bf16) split with
+3. Routing: ``budget 128; layers *: auto@auto`` on the bundled model (float32) split over the
+   GPUs: the same tokens as on one GPU, and each device's cache bytes as the resolved plan says.
+4. Memory: an 8B-shaped model (LLaMA-3.1-8B geometry, random weights, bf16) split with
    ``device_map="auto"``, a 32k-token prompt and ``layers 0-1: full; *: snapkv@512``: each device's
    cache bytes against what the plan predicts for the layers placed there.
 
@@ -115,6 +117,45 @@ def memory(devices: int, context: int) -> dict:
     }
 
 
+def routed(devices: int) -> dict:
+    """``budget 128; layers *: auto@auto`` on the bundled model (its profile ships with polykv), split."""
+    from accelerate import dispatch_model
+
+    from polykv.eval.tasks import passkey_prompt
+
+    spec = "budget 128\nlayers *: auto@auto"
+    single, tokenizer = polykv.load_default_model(device="cuda:0")
+    ids = tokenizer(passkey_prompt(40, 0.4, 72514), return_tensors="pt").input_ids.to("cuda:0")
+    options = {"max_new_tokens": 12, "do_sample": False}
+    expected = single.generate(ids, past_key_values=polykv.compile(spec, single).make_cache(), **options).cpu()
+    del single
+    split, _ = polykv.load_default_model()
+    mapping = split_map(split.config.num_hidden_layers, devices)
+    mapping["lm_head"] = 0  # tied to the embeddings, which live on the first device
+    split = dispatch_model(split, device_map=mapping)
+    plan = polykv.compile(spec, split)
+    cache = plan.make_cache()
+    got = split.generate(ids, past_key_values=cache, **options).cpu()
+    resolved = plan.resolved(ids.shape[1])
+    config = split.config
+    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # K+V, fp32
+    new = options["max_new_tokens"] - 1  # tokens appended after the prefill
+    predicted, measured = Counter(), Counter()
+    for layer_plan, layer in zip(resolved.layers, cache.layers):
+        budget = layer_plan.prefill.budget
+        kept = ids.shape[1] if budget is None else min(ids.shape[1], budget.tokens(ids.shape[1]))
+        predicted[layer_plan.device] += (kept + new) * per_token
+        measured[str(layer.keys.device)] += layer.keys.nbytes + layer.values.nbytes
+    return {
+        "spec": spec,
+        "same_tokens": bool(torch.equal(got, expected)),
+        "answer": tokenizer.decode(got[0, ids.shape[1] :]),
+        "plan_devices": sorted(Counter(layer.device for layer in plan.layers).items()),
+        "predicted_kv_bytes": dict(predicted),
+        "stored_kv_bytes": dict(measured),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=32768)
@@ -126,6 +167,8 @@ def main() -> None:
     result = {"devices": [torch.cuda.get_device_name(i) for i in range(devices)], "torch": torch.__version__}
     result["exactness"] = exactness(devices)
     print(json.dumps(result["exactness"], indent=1))
+    result["routed"] = routed(devices)
+    print(json.dumps(result["routed"], indent=1))
     result["memory"] = memory(devices, args.context)
     print(json.dumps(result["memory"], indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
