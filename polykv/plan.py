@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from polykv.budget import Budget, Share, Tokens, budget_from_dict, budget_to_dict
+from polykv.budget import Budget, budget_from_dict, budget_to_dict
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
 from polykv.cache.attention import prepare_model, restore_model
 from polykv.cache.capture import Capture
@@ -31,7 +31,7 @@ from polykv.model import LayerPlacement, ModelInfo, describe_model
 from polykv.policy import Needs
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
-from polykv.resolve import Resolver, resolver
+from polykv.resolve import Resolver, fixed_budget, resolver
 from polykv.values import Value
 
 FORMAT_VERSION = 2
@@ -326,17 +326,9 @@ def _layer_plan(index: int, prefill: PhaseChoice, decode: PhaseChoice | None, pl
 
 
 def _phase_plan(choice: PhaseChoice) -> PhasePlan:
-    budget = None if isinstance(choice.budget, ast.AutoBudget) else _resolved_budget(choice.budget)
+    budget = fixed_budget(choice.budget)
     policy = "full" if choice.policy == ast.AUTO else choice.policy  # decided by resolution
     return PhasePlan(policy, dict(choice.params) if choice.policy != ast.AUTO else {}, budget)
-
-
-def _resolved_budget(budget: ast.Budget | None) -> Budget | None:
-    if budget is None:
-        return None
-    if isinstance(budget, ast.Tokens):
-        return Tokens(budget.count)
-    return Share(budget.value)
 
 
 def _check_windows(layers: list[LayerPlan], checked, registry: Registry) -> None:

@@ -150,9 +150,15 @@ class Resolver:
         if self.total is None:
             fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget is not None]
             return sum(fixed) / len(fixed) if fixed else None
+        return self.total_tokens(prompt_length) / len(self.requests)
+
+    def total_tokens(self, prompt_length: int) -> int:
+        """The total budget over all layers for ``prompt_length`` tokens (a share counts per layer)."""
+        if self.total is None:
+            raise ValueError("an @auto budget needs a total budget")
         if "percent" in self.total:
-            return Share(self.total["percent"]).tokens(prompt_length)
-        return self.total["tokens"] / len(self.requests)
+            return len(self.requests) * Share(self.total["percent"]).tokens(prompt_length)
+        return int(self.total["tokens"])
 
     def to_dict(self) -> dict:
         return {
@@ -187,7 +193,7 @@ def requests(checked: CheckedSpec) -> list[LayerRequest]:
 
 def _request(choice: PhaseChoice) -> LayerRequest:
     open_budget = isinstance(choice.budget, ast.AutoBudget)
-    budget = None if open_budget else _budget(choice.budget)
+    budget = fixed_budget(choice.budget)
     if choice.policy == ast.AUTO:
         return LayerRequest(ast.AUTO, {}, budget, choice.candidates or (), open_budget)
     return LayerRequest(
@@ -195,8 +201,9 @@ def _request(choice: PhaseChoice) -> LayerRequest:
     )
 
 
-def _budget(budget: ast.Budget | None) -> Budget | None:
-    if budget is None:
+def fixed_budget(budget: ast.Budget | None) -> Budget | None:
+    """A written budget as a resolved one: tokens or a share of the prompt; None for none or ``@auto``."""
+    if budget is None or isinstance(budget, ast.AutoBudget):
         return None
     if isinstance(budget, ast.Tokens):
         return Tokens(budget.count)
@@ -357,13 +364,7 @@ def _solver(registry: Registry, name: str, params: tuple):
 
 
 def _solve(resolver: Resolver, options: list[LayerOptions], prompt_length: int, registry: Registry) -> Solution:
-    if resolver.total is None:
-        raise ValueError("an @auto budget needs a total budget")
-    if "percent" in resolver.total:
-        total = len(options) * Share(resolver.total["percent"]).tokens(prompt_length)
-    else:
-        total = int(resolver.total["tokens"])
-    problem = BudgetProblem(resolver.grid, options, total, prompt_length, step=STEP)
+    problem = BudgetProblem(resolver.grid, options, resolver.total_tokens(prompt_length), prompt_length, step=STEP)
     solver = _solver(registry, resolver.solver, tuple(sorted(resolver.solver_params.items())))
     return solver.solve(problem, resolver.signals)
 

@@ -41,12 +41,6 @@ class PhaseChoice:
             "candidates": list(self.candidates),
         }
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> PhaseChoice:
-        return cls(
-            data["policy"], budget_from_dict(data["budget"]), dict(data["params"]), tuple(data.get("candidates", ()))
-        )
-
     def describe(self) -> str:
         """``snapkv@256(window=32, kernel=7, pooling="max")``: every parameter, defaults included."""
         budget = None if self.budget is None else format_budget(self.budget)
@@ -62,18 +56,6 @@ def budget_to_dict(budget: ast.Budget | None) -> dict | None:
     if isinstance(budget, ast.Percent):
         return {"percent": budget.value}
     return {"auto": True}
-
-
-def budget_from_dict(data: Mapping | None) -> ast.Budget | None:
-    if data is None:
-        return None
-    if "tokens" in data:
-        return ast.Tokens(int(data["tokens"]))
-    if "percent" in data:
-        return ast.Percent(data["percent"])
-    if data.get("auto"):
-        return ast.AutoBudget()
-    raise ValueError(f"not a budget: {data!r}")
 
 
 @attrs.frozen
@@ -224,7 +206,7 @@ class _Checker:
                 "unknown-solver",
                 f"unknown solver '{decl.name}'",
                 decl.name_span or decl.span,
-                hint=suggest(decl.name, solvers) or f"installed solvers: {', '.join(solvers) or 'none'}",
+                hint=_unknown_hint(decl.name, solvers, "solvers"),
             )
             return None
         solver_class = self.registry.get_solver(decl.name).cls
@@ -326,7 +308,7 @@ class _Checker:
                 "unknown-policy",
                 f"unknown policy '{use.name}'",
                 use.name_span or use.span,
-                hint=suggest(use.name, installed) or f"installed policies: {', '.join(installed) or 'none'}",
+                hint=_unknown_hint(use.name, installed, "policies"),
             )
             return None
         policy_class = self.registry.get(use.name).policy
@@ -629,6 +611,11 @@ def _percent_share(choice: PhaseChoice) -> float | None:
     if isinstance(choice.budget, ast.Percent):
         return float(choice.budget.value)
     return None
+
+
+def _unknown_hint(name: str, installed: list[str], kind: str) -> str:
+    """A close installed name, or the list of what is installed."""
+    return suggest(name, installed) or f"installed {kind}: {', '.join(installed) or 'none'}"
 
 
 def _index_words(count: int) -> str:
