@@ -11,30 +11,35 @@ is benchmarks/results/gpu_decode_profile_H100.txt.
 import time
 
 import torch
+from gpu_speed import CHUNK, prefill
 from shapes import llama_8b
 from torch.profiler import ProfilerActivity, profile
 
 import polykv
 
-model = llama_8b()
-ids = torch.randint(1, 128000, (8, 32768), generator=torch.Generator().manual_seed(0)).cuda()
-for spec in ["layers *: full", "layers *: snapkv@512"]:
-    plan = polykv.compile(spec, model)
-    cache = plan.make_cache()
-    with torch.no_grad():
-        for s in range(0, ids.shape[1], 4096):
-            model(ids[:, s : s + 4096], past_key_values=cache, logits_to_keep=1)
-        tok = torch.ones(8, 1, dtype=torch.long, device="cuda")
-        for _ in range(4):
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(8):
+
+def main() -> None:
+    model = llama_8b()
+    ids = torch.randint(1, 128000, (8, 32768), generator=torch.Generator().manual_seed(0)).cuda()
+    for spec in ["layers *: full", "layers *: snapkv@512"]:
+        cache = prefill(model, polykv.compile(spec, model), ids, chunk=CHUNK)
+        with torch.no_grad():
+            tok = torch.ones(8, 1, dtype=torch.long, device="cuda")
+            for _ in range(4):
                 tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
-        print(spec, "%.1f ms/step (profiled)" % ((time.perf_counter() - t) / 8 * 1000), torch.cuda.get_device_name(0))
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
-    del cache
-    torch.cuda.empty_cache()
+            t = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(8):
+                    tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+            step_ms = (time.perf_counter() - t) / 8 * 1000
+            print(f"{spec} {step_ms:.1f} ms/step (profiled) on {torch.cuda.get_device_name(0)}")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
+        del cache
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

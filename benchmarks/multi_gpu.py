@@ -102,16 +102,12 @@ def memory(devices: int, context: int) -> dict:
     cache = plan.make_cache()
     with torch.no_grad():
         model(ids.to("cuda:0"), past_key_values=cache, logits_to_keep=1)
-    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2  # K+V, bf16
-    measured, predicted = Counter(), Counter()
-    for layer_plan, layer in zip(plan.layers, cache.layers):
-        kept = context if layer_plan.prefill.budget is None else min(context, layer_plan.prefill.budget.count)
-        predicted[layer_plan.device] += kept * per_token
-        measured[str(layer.keys.device)] += layer.keys.nbytes + layer.values.nbytes
+    per_token = kv_bytes_per_token(config, bytes_per_value=2)  # bf16
+    predicted, stored = kv_bytes_by_device(plan, cache, context, per_token)
     return {
         "context": context,
-        "predicted_kv_bytes": dict(predicted),
-        "stored_kv_bytes": dict(measured),
+        "predicted_kv_bytes": predicted,
+        "stored_kv_bytes": stored,
         "full_cache_kv_bytes": context * per_token * config.num_hidden_layers,
         "peak_allocated": {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(devices)},
     }
@@ -136,24 +132,38 @@ def routed(devices: int) -> dict:
     plan = polykv.compile(spec, split)
     cache = plan.make_cache()
     got = split.generate(ids, past_key_values=cache, **options).cpu()
-    resolved = plan.resolved(ids.shape[1])
-    config = split.config
-    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # K+V, fp32
-    new = options["max_new_tokens"] - 1  # tokens appended after the prefill
-    predicted, measured = Counter(), Counter()
-    for layer_plan, layer in zip(resolved.layers, cache.layers):
-        budget = layer_plan.prefill.budget
-        kept = ids.shape[1] if budget is None else min(ids.shape[1], budget.tokens(ids.shape[1]))
-        predicted[layer_plan.device] += (kept + new) * per_token
-        measured[str(layer.keys.device)] += layer.keys.nbytes + layer.values.nbytes
+    predicted, stored = kv_bytes_by_device(
+        plan,
+        cache,
+        ids.shape[1],
+        kv_bytes_per_token(split.config, bytes_per_value=4),  # float32
+        appended=options["max_new_tokens"] - 1,  # tokens generated after the prefill
+    )
     return {
         "spec": spec,
         "same_tokens": bool(torch.equal(got, expected)),
         "answer": tokenizer.decode(got[0, ids.shape[1] :]),
         "plan_devices": sorted(Counter(layer.device for layer in plan.layers).items()),
-        "predicted_kv_bytes": dict(predicted),
-        "stored_kv_bytes": dict(measured),
+        "predicted_kv_bytes": predicted,
+        "stored_kv_bytes": stored,
     }
+
+
+def kv_bytes_per_token(config, bytes_per_value: int) -> int:
+    """Keys and values of one token in one layer, from the model's geometry."""
+    return 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * bytes_per_value
+
+
+def kv_bytes_by_device(plan, cache, prompt_length: int, per_token: int, appended: int = 0) -> tuple[dict, dict]:
+    """Per device: the key/value bytes the plan (resolved for the prompt) gives its layers, and what the
+    cache's layers hold (batch 1)."""
+    predicted, stored = Counter(), Counter()
+    for layer_plan, layer in zip(plan.resolved(prompt_length).layers, cache.layers):
+        budget = layer_plan.prefill.budget
+        kept = prompt_length if budget is None else min(prompt_length, budget.tokens(prompt_length))
+        predicted[layer_plan.device] += (kept + appended) * per_token
+        stored[str(layer.keys.device)] += layer.keys.nbytes + layer.values.nbytes
+    return dict(predicted), dict(stored)
 
 
 def main() -> None:
