@@ -11,6 +11,7 @@ from polykv.policy import LayerView, ScoringPolicy
 
 class KeyNorm(ScoringPolicy):
     name = "knorm"
+    static_decoding = True
     description = "Keeps the tokens whose keys have the lowest L2 norm."
 
     def score(self, view: LayerView) -> torch.Tensor:

@@ -13,6 +13,7 @@ from polykv.policy import LayerView, ScoringPolicy, first_tokens, parameter
 
 class Streaming(ScoringPolicy):
     name = "streaming"
+    static_decoding = True
     description = "Keeps the first `sink` tokens (attention sinks) and the most recent ones."
     sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
 

@@ -112,11 +112,15 @@ class Policy(Configurable, abc.ABC):
     parameters with ``parameter`` (see ``polykv.parameters``) and implement ``select``.
 
     ``budgeted = False`` marks a policy that keeps everything and so takes no budget (``full``).
+    ``static_decoding = True`` promises that its choice depends only on the view's tensors (keys,
+    values, positions, token_mask; never slot order, the host or a query), so it can run as a decode
+    policy inside a captured decoding step (``polykv.decoding``).
     Parameter values are attributes of the instance (``self.window``) and ``self.values``.
     """
 
     description: ClassVar[str]
     budgeted: ClassVar[bool] = True
+    static_decoding: ClassVar[bool] = False
 
     def needs(self) -> Needs:
         """What the policy needs beyond keys and values (default: nothing)."""
@@ -158,15 +162,31 @@ class ScoringPolicy(Policy):
 
 
 def most_recent(view: LayerView, count: int) -> torch.Tensor:
-    """True for the ``count`` most recent real tokens of each row and head, shape (B, H, L)."""
-    from_end = view.token_mask.flip(-1).long().cumsum(-1).flip(-1)
-    return view.token_mask & (from_end <= count)
+    """True for the ``count`` most recent real tokens of each row and head, shape (B, H, L).
+
+    Decided by positions, not by slot order, so it holds where slots are reused (static decoding).
+    """
+    return view.token_mask & (view.positions >= _kth_position(view, count, newest=True))
 
 
 def first_tokens(view: LayerView, count: int) -> torch.Tensor:
     """True for the first ``count`` real tokens of each row and head (attention sinks), shape (B, H, L)."""
-    from_start = view.token_mask.long().cumsum(-1)
-    return view.token_mask & (from_start <= count)
+    return view.token_mask & (view.positions <= _kth_position(view, count, newest=False))
+
+
+def _kth_position(view: LayerView, count: int, *, newest: bool) -> torch.Tensor:
+    """The position of the ``count``-th newest (or oldest) real token, (B, H, 1); a bound that
+    passes every real token where a row has fewer, and none where ``count`` is 0."""
+    positions = view.positions.long()
+    length = positions.shape[-1]
+    outside = -1 if newest else torch.iinfo(torch.long).max  # padding sorts past every real token
+    if count <= 0:
+        return torch.full_like(positions[..., :1], torch.iinfo(torch.long).max if newest else -1)
+    if count >= length:
+        return torch.full_like(positions[..., :1], outside)
+    ranked = positions.masked_fill(~view.token_mask, outside)
+    k = length - count + 1 if newest else count
+    return ranked.kthvalue(k, dim=-1, keepdim=True).values
 
 
 def per_kv_head(scores: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,17 @@ class PolyCache(Cache):
             layer.problems = []
         raise_pending(pending)
 
+    def begin_static(self, room: int) -> None:
+        """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``."""
+        self.check()
+        for layer in self.layers:
+            layer.begin_static(room)
+
+    def end_static(self, steps: int) -> None:
+        """Back to ordinary decoding after ``steps`` static steps: every layer holds its tokens by position again."""
+        for layer in self.layers:
+            layer.end_static(steps)
+
     def end_prefill(self) -> None:
         """End the prefill: later forwards append (to ask several questions about one compressed context)."""
         for layer in self.layers:

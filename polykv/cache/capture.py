@@ -56,7 +56,7 @@ class Capture:
         positions = captured.storage.positions_or_slots()
         window = captured.recent_queries.shape[-2]
         queries = grouped(captured.recent_queries, captured.kv_heads)
-        token_mask = captured._token_mask(positions)
+        token_mask = captured.token_mask(positions)
         hidden, output = self.hidden[layer]
         return LayerObservation(
             index=layer,

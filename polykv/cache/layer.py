@@ -26,6 +26,7 @@ from polykv.cache import inputs
 from polykv.cache.checks import RIGHT_PADDING, raise_for
 from polykv.cache.inputs import Visibility
 from polykv.cache.selection import Selection, choose
+from polykv.cache.static import StaticDecoding
 from polykv.cache.storage import Storage
 from polykv.errors import CacheError
 from polykv.lang.printer import format_use
@@ -107,6 +108,7 @@ class PolyLayer(CacheLayerMixin):
         self.prompt_length = 0
         self.phase = Phase.PREFILL
         self.lease: Lease | None = None  # set when the storage shares a capture's spare room
+        self.static: StaticDecoding | None = None  # set between begin_static and end_static
         # Which positions hold real tokens (False: padding), (B, seen); None while all are real.
         self.real: torch.Tensor | None = None
         # The last queries, for policies that look at a window of them, and their positions.
@@ -156,6 +158,8 @@ class PolyLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:
+            return self.static.append(key_states, value_states)
         new = key_states.shape[-2]
         if not self.is_initialized:
             if new == 0:
@@ -240,6 +244,17 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
+    def begin_static(self, room: int) -> None:
+        """Decode with fixed shapes from now on (see ``static``), with room for ``room`` more tokens."""
+        if self.phase is not Phase.DECODE:
+            raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
+        self.static = StaticDecoding(self, room)
+
+    def end_static(self, steps: int) -> None:
+        """Back to ordinary decoding after ``steps`` static steps."""
+        static, self.static = self.static, None
+        static.finish(steps)
+
     def end_prefill(self) -> None:
         """Start decoding: later forwards append tokens (bounded only by a decode policy)."""
         self.phase = Phase.DECODE
@@ -278,6 +293,12 @@ class PolyLayer(CacheLayerMixin):
         for plain causal attention without padding). A stored token's column is the full mask's
         column at its position, so padding, causality and sliding windows carry over exactly.
         """
+        if self.static is not None:
+            visible = self.static.mask(query_heads)
+            if full_mask is None or full_mask.dtype == torch.bool:
+                return visible
+            hidden = torch.finfo(full_mask.dtype).min  # an additive mask, as eager attention takes
+            return torch.zeros_like(visible, dtype=full_mask.dtype).masked_fill(~visible, hidden)
         positions = self.storage.positions
         if positions is None:
             return full_mask
@@ -297,6 +318,9 @@ class PolyLayer(CacheLayerMixin):
         self, queries: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, visibility: Visibility
     ) -> None:
         """Drop what no later query can see, and evict down to the budget with this forward's queries."""
+        if self.static is not None:
+            self.static.after_attention()
+            return
         new = queries.shape[-2]
         self.scaling, self.visibility = scaling, visibility
         self._note_real_tokens(full_mask, new)
@@ -363,7 +387,7 @@ class PolyLayer(CacheLayerMixin):
             right_padding = (self.real[:, 1:] < self.real[:, :-1]).any()
             self._record(right_padding.int() * RIGHT_PADDING, "the prompt")
 
-    def _token_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def token_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """Which stored tokens are real (not padding), (B, H, S)."""
         if self.real is None:
             return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
@@ -397,7 +421,7 @@ class PolyLayer(CacheLayerMixin):
             real_queries,
             self.storage.keys,
             positions,
-            self._token_mask(positions),
+            self.token_mask(positions),
             scaling,
             visibility,
         )
@@ -432,7 +456,7 @@ class PolyLayer(CacheLayerMixin):
     ) -> LayerView:
         """What ``rule``'s policy sees of this layer now: stored tokens and the inputs it needs."""
         needs = rule.policy.needs()
-        token_mask = self._token_mask(positions)
+        token_mask = self.token_mask(positions)
         found: dict[str, torch.Tensor] = {}
         if needs.window:
             window = min(needs.window, self.recent_queries.shape[-2])

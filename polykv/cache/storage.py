@@ -94,6 +94,11 @@ class Storage:
         self._positions = positions.to(POSITION)
         self.size = indices.shape[-1]
 
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Hold exactly these (B, H, S, D) keys and values at ``positions`` (B, H, S), sorted by position."""
+        self._keys, self._values, self._positions = keys, values, positions.to(POSITION)
+        self.size = keys.shape[2]
+
     def keep_newest(self, count: int) -> None:
         """Keep the last ``count`` slots (the newest tokens of every row and head)."""
         if count >= self.size:

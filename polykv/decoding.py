@@ -1,0 +1,203 @@
+"""Greedy generation whose decoding steps are one CUDA graph replay each.
+
+``model.generate`` drives every decoding step from Python: on an 8B model that is some 1,500
+kernel launches per token, and a compressed cache that reads 64x fewer keys decodes no faster,
+because the host, not the GPU, sets the pace (docs/performance.md). ``static_generate`` runs the
+prefill and one ordinary decoding step (which brings decode-bounded layers within their bounds and
+warms the kernels up), switches the cache to static decoding (``polykv.cache.static``: fixed slots,
+masks from stored positions, no host round trip), captures one step in a CUDA graph and replays it
+for every later token. On the CPU the same static step runs eagerly, which is how its exactness is
+tested against ``model.generate``.
+
+Greedy decoding only. A row that produced an end-of-sequence token continues with the pad token;
+the host reads the tokens every ``check_every`` steps to stop once every row has ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polykv.cache.cache import PolyCache
+from polykv.errors import CacheError
+
+
+@torch.no_grad()
+def static_generate(
+    model: torch.nn.Module,
+    cache: PolyCache,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    graph: bool | None = None,
+    check_every: int = 32,
+) -> torch.Tensor:
+    """Greedy continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
+
+    ``cache`` is a fresh ``plan.make_cache()`` and the model is prepared (``plan.apply``). ``graph``
+    chooses CUDA-graph replay (default: on CUDA); without it the static step runs eagerly.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    stops = _Stops(eos_token_id, pad_token_id, input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+    def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return stops.next_token(output.logits[:, -1])
+
+    generated = [forward(input_ids, positions, attention_mask)]
+    if max_new_tokens >= 2:
+        # One ordinary step: it ends the prefill and evicts decode-bounded layers down to their bound.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        generated.append(forward(generated[-1][:, None], positions, attention_mask))
+    remaining = max_new_tokens - len(generated)
+    if remaining and not stops.all_ended():
+        with StaticDecoder(
+            model,
+            cache,
+            generated[-1],
+            positions + 1,
+            room=remaining,
+            graph=graph,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            ended=stops.ended,
+        ) as decoder:
+            decoder.run(remaining - decoder.produced, check_every)
+            generated.append(decoder.tokens)
+    return torch.cat([input_ids, torch.stack(generated[:2], dim=1), *generated[2:]], dim=1)
+
+
+class StaticDecoder:
+    """Static decoding steps after a prefill and one ordinary step: each ``run`` step is one graph replay.
+
+    Holds the cache in static decoding from construction to ``close`` (or the end of a ``with``
+    block), with room for ``room`` tokens. Building it on CUDA runs one real step on a side stream
+    (the warm-up a capture needs) and captures the next; ``produced`` counts the steps run so far.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PolyCache,
+        last_tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        room: int,
+        graph: bool | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        ended: torch.Tensor | None = None,
+    ):
+        """``last_tokens`` (B,) are fed first, at ``position_ids`` (B, 1); ``ended`` (B,) marks rows that
+        already produced an end-of-sequence token."""
+        self.graph = last_tokens.is_cuda if graph is None else graph
+        if self.graph and not last_tokens.is_cuda:
+            raise CacheError("CUDA-graph decoding needs the model and the prompt on a CUDA device")
+        self._model, self._cache = model, cache
+        self.stops = _Stops(eos_token_id, pad_token_id, last_tokens)
+        if ended is not None:
+            self.stops.ended |= ended
+        self._ids = last_tokens[:, None].clone()
+        self._position_ids = position_ids.clone()
+        self._tokens = torch.full(
+            (self._ids.shape[0], room), self.stops.pad, dtype=self._ids.dtype, device=self._ids.device
+        )
+        self._written = torch.zeros(1, dtype=torch.long, device=self._ids.device)
+        self.room, self.produced = room, 0
+        cache.begin_static(room=room)
+        self._replay = self._step
+        if self.graph:
+            self._replay = _captured(self._step)
+            self.produced = 1  # the warm-up step
+
+    def _step(self) -> None:
+        logits = self._model(
+            input_ids=self._ids,
+            position_ids=self._position_ids,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        token = self.stops.next_token(logits[:, -1])
+        self._tokens.index_copy_(1, self._written, token[:, None])
+        self._written.add_(1)
+        self._ids.copy_(token[:, None])
+        self._position_ids.add_(1)
+
+    @torch.no_grad()
+    def run(self, steps: int, check_every: int = 32) -> None:
+        """Run up to ``steps`` more steps, stopping early once every row has ended (checked every ``check_every``)."""
+        if self.produced + steps > self.room:
+            raise CacheError(f"the decoder has room for {self.room} tokens; {self.produced} are made")
+        for done in range(1, steps + 1):
+            self._replay()
+            self.produced += 1
+            if done % check_every == 0 and self.stops.all_ended():
+                break
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(B, produced) the tokens made so far."""
+        return self._tokens[:, : self.produced]
+
+    def close(self) -> None:
+        """Hand the cache back to ordinary decoding, holding every token fed so far."""
+        if self._cache is not None:
+            self._cache.end_static(self.produced)
+            self._cache = None
+
+    def __enter__(self) -> StaticDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _captured(step):
+    """Run ``step`` once for real on a side stream (warm-up), capture it, and return the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+class _Stops:
+    """Greedy choice of the next token, and which rows have ended (on the device)."""
+
+    def __init__(self, eos_token_id, pad_token_id, input_ids: torch.Tensor):
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        token = logits.argmax(dim=-1)
+        if not len(self.eos):
+            return token
+        token = token.masked_fill(self.ended, self.pad)
+        self.ended |= torch.isin(token, self.eos)
+        return token
+
+    def all_ended(self) -> bool:
+        return bool(len(self.eos)) and bool(self.ended.all())

@@ -1,0 +1,199 @@
+"""Static decoding (fixed slots, masks from positions) and ``static_generate``: the tokens and the
+cache of ordinary decoding, exactly, including decode-time eviction, left padding and sliding windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CUDA, requires_real_model
+
+import polykv
+from polykv.decoding import static_generate
+from polykv.errors import CacheError
+from polykv.testing.models import tiny_model
+
+
+def padded_prompt(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of ``lengths`` and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, 128, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def ordinary_greedy(model, cache, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding one ordinary forward at a time (what model.generate does, without stopping)."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    out = ids
+    for _ in range(new):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        ids = logits[:, -1:].argmax(-1)
+        out = torch.cat([out, ids], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+def stored(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.storage.keys, layer.storage.positions_or_slots()) for layer in cache.layers]
+
+
+SPECS = [
+    "*: full",
+    "layers 0: full; *: snapkv@16(window=4)",
+    "*: snapkv@16(window=4) decode streaming@20",  # evicts from the fifth static step on
+    "*: full decode streaming@24(sink=2)",  # the ordinary first step evicts the prompt down to 24
+    "*: knorm@12 decode knorm@14",
+]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_static_decoding_gives_the_tokens_and_cache_of_ordinary_decoding(spec, attention):
+    model = tiny_model("llama", attention)
+    ids, mask = padded_prompt([30, 22])
+    plan = polykv.compile(spec, model)
+    with plan.apply(model):
+        expected_cache = plan.make_cache()
+        expected = ordinary_greedy(model, expected_cache, ids, mask, 16)
+        cache = plan.make_cache()
+        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=16, graph=False)
+    assert torch.equal(tokens, expected)
+    # 14 static steps ran; the cache holds what ordinary decoding holds, sorted by position again.
+    assert cache.layer_lengths() == expected_cache.layer_lengths()
+    for (keys, positions), (expected_keys, expected_positions) in zip(stored(cache), stored(expected_cache)):
+        assert torch.equal(positions, expected_positions)
+        assert torch.allclose(keys, expected_keys, atol=1e-6)
+    assert [layer.seen for layer in cache.layers] == [layer.seen for layer in expected_cache.layers]
+
+
+@pytest.mark.parametrize("family", ["mistral-sliding", "gemma2"])
+def test_sliding_window_layers_reuse_their_slots_in_static_decoding(family):
+    model = tiny_model(family)
+    ids, mask = padded_prompt([20, 13])
+    plan = polykv.compile("*: snapkv@6(window=2)", model)
+    with plan.apply(model):
+        expected_cache = plan.make_cache()
+        expected = ordinary_greedy(model, expected_cache, ids, mask, 14)
+        cache = plan.make_cache()
+        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=14, graph=False)
+    assert torch.equal(tokens, expected)
+    for layer, expected_layer in zip(cache.layers, expected_cache.layers):
+        assert torch.equal(layer.storage.positions_or_slots(), expected_layer.storage.positions_or_slots())
+
+
+def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
+    """What makes a step capturable: the same tensors, of the same shapes, at every step."""
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 30])
+    plan = polykv.compile("*: snapkv@16(window=4) decode streaming@18", model)
+    with plan.apply(model):
+        cache = plan.make_cache()
+        ordinary_greedy(model, cache, ids, mask, 2)
+        cache.begin_static(room=8)
+        slots = [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers]
+        token = torch.tensor([[5], [6]])
+        position_ids = torch.tensor([[32], [32]])
+        for _ in range(5):
+            model(input_ids=token, position_ids=position_ids, past_key_values=cache)
+            position_ids += 1
+        assert [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers] == slots
+        assert all(layer.static.keys.shape[2] == 19 for layer in cache.layers)  # the bound plus one
+        cache.end_static(5)
+    assert cache.layer_lengths() == [18] * 4
+
+
+def test_eos_ends_rows_and_generation_stops():
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([12, 9])
+    plan = polykv.compile("*: full", model)
+    with plan.apply(model):
+        free = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=12, graph=False)
+        eos = int(free[0, ids.shape[1] + 3])  # the fourth token row 0 generates
+        stopped = static_generate(
+            model,
+            plan.make_cache(),
+            ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            eos_token_id=eos,
+            pad_token_id=0,
+            graph=False,
+            check_every=1,
+        )
+    row = stopped[0, ids.shape[1] :]
+    first = int((row == eos).nonzero()[0])
+    assert first <= 3 and (row[first + 1 :] == 0).all()
+    if (stopped[1, ids.shape[1] :] == eos).any():
+        assert stopped.shape[1] < free.shape[1]  # every row ended: generation stopped early
+
+
+def test_policies_that_cannot_run_in_a_static_step_are_refused():
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([20, 20])
+    plan = polykv.compile("*: snapkv@8(window=2) decode tova@10", model)
+    with (
+        plan.apply(model),
+        pytest.raises(CacheError, match="decode policy 'tova' cannot run in a static decoding step"),
+    ):
+        static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=4, graph=False)
+
+
+def test_static_decoding_starts_after_the_prefill():
+    model = tiny_model("llama")
+    plan = polykv.compile("*: full", model)
+    with plan.apply(model):
+        cache = plan.make_cache()
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        with pytest.raises(CacheError, match="after the prefill"):
+            cache.begin_static(room=4)
+
+
+@requires_real_model
+@pytest.mark.slow
+def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
+    model, tokenizer = real_model
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "examples" / "prompts" / "passkey-1k.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    plan = polykv.compile("budget 128; layers *: auto@auto", model)
+    with plan.apply(model):
+        expected = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=plan.make_cache(prompt_length=ids.shape[1]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        tokens = static_generate(
+            model,
+            plan.make_cache(prompt_length=ids.shape[1]),
+            ids,
+            max_new_tokens=12,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            graph=False,
+        )
+    assert torch.equal(tokens[:, : expected.shape[1]], expected)
+    assert "72514" in tokenizer.decode(tokens[0, ids.shape[1] :])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["*: full", "*: snapkv@16(window=4) decode streaming@20"])
+def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec):
+    model = tiny_model("llama", device="cuda")
+    ids, mask = (t.cuda() for t in padded_prompt([30, 22]))
+    plan = polykv.compile(spec, model)
+    with plan.apply(model):
+        eager = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=20, graph=False)
+        cache = plan.make_cache()
+        replayed = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=20, graph=True)
+    assert torch.equal(replayed, eager)
