@@ -5,12 +5,14 @@
 Rows, each measured side by side with the full cache (transformers' DynamicCache) in one run,
 warmed up, synchronised timers, medians:
 
-- prefill, ``*: snapkv@512`` at 8k and 32k tokens and ``*: h2o@512`` at 8k, batch 1;
+- prefill, ``*: snapkv@512`` and ``*: h2o@512`` at 8k and 32k tokens, batch 1, the runs taking
+  turns (``--prefill-only`` stops after these);
 - decoding per token, ``*: snapkv@512``, at batch 1 and batch 8 with 32k-token prompts (prefilled
   in chunks of 4k so the full cache's activations fit), against DynamicCache and against the full
   cache through polykv (``*: full``, the same decode machinery), and the GPU time of a step;
 - decoding with a decode-time policy that evicts, ``*: snapkv@512 decode streaming@520``, against
-  the same spec without it.
+  the same spec without it. These decoding rows use ``model`` forwards as ``generate`` does;
+``gpu_decode.py`` measures graph-replayed static decoding.
 
 Prints a markdown table and writes benchmarks/results/gpu_speed_<device>.json.
 """
@@ -18,6 +20,7 @@ Prints a markdown table and writes benchmarks/results/gpu_speed_<device>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -33,17 +36,19 @@ RESULTS = Path(__file__).parent / "results"
 CHUNK = 4096
 
 
-def timed(function, repeats: int) -> tuple[float, object]:
-    """Median wall seconds of ``function()`` over ``repeats`` runs after one warm-up, and its last result."""
-    result = function()
-    seconds = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        result = function()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), result
+def interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median wall seconds of each run, the runs taking turns (one warm-up round first), so that
+    drifts of clock and temperature fall on all of them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, function in runs.items():
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            function()
+            torch.cuda.synchronize()
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def prompt(batch: int, length: int, vocabulary: int, seed: int = 0) -> torch.Tensor:
@@ -80,8 +85,9 @@ def decode(model, cache, batch: int, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=32, help="decoding steps timed per row")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the ordinary decoding rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = llama_8b()
@@ -96,15 +102,19 @@ def main() -> None:
 
     for length in (8192, 32768):
         ids = prompt(1, length, vocabulary)
-        full, _ = timed(lambda ids=ids: prefill(model, None, ids), args.repeats)
-        # H2O's accumulated attention is too slow at 32k to time in this run (the issue measured 25.7x).
-        for name in ("snapkv@512", "h2o@512") if length <= 8192 else ("snapkv@512",):
-            repeats = 1 if name.startswith("h2o") else args.repeats
-            seconds, _ = timed(lambda ids=ids, name=name: prefill(model, plans[name], ids), repeats)
-            rows.append({"row": f"prefill {name}, {length // 1024}k", "full_s": full, "polykv_s": seconds})
+        # H2O at 32k is timed once (its accumulated attention was the slow part before the fused kernel).
+        names = ("snapkv@512", "h2o@512")
+        seconds = interleaved(
+            {name: functools.partial(prefill, model, plans.get(name), ids) for name in ("full", *names)},
+            args.repeats,
+        )
+        for name in names:
+            rows.append(
+                {"row": f"prefill {name}, {length // 1024}k", "full_s": seconds["full"], "polykv_s": seconds[name]}
+            )
             print(rows[-1], flush=True)
 
-    for batch in (1, 8):
+    for batch in () if args.prefill_only else (1, 8):
         ids = prompt(batch, 32768, vocabulary, seed=batch)
         results = {}
         for name, plan in (("full", None), ("full via polykv", plans["full"]), ("snapkv@512", plans["snapkv@512"])):
@@ -124,21 +134,22 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    ids = prompt(1, 32768, vocabulary, seed=3)
-    steps = {}
-    for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
-        cache = prefill(model, plans[name], ids, chunk=CHUNK)
-        steps[name] = decode(model, cache, 1, 2 * args.steps)
-    rows.append(
-        {
-            "row": "decode with streaming@520 eviction vs without, batch 1, 32k",
-            "without_ms": steps["snapkv@512"][0],
-            "with_ms": steps["snapkv@512 decode streaming@520"][0],
-            "without_gpu_ms": steps["snapkv@512"][1],
-            "with_gpu_ms": steps["snapkv@512 decode streaming@520"][1],
-        }
-    )
-    print(rows[-1], flush=True)
+    if not args.prefill_only:
+        ids = prompt(1, 32768, vocabulary, seed=3)
+        steps = {}
+        for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
+            cache = prefill(model, plans[name], ids, chunk=CHUNK)
+            steps[name] = decode(model, cache, 1, 2 * args.steps)
+        rows.append(
+            {
+                "row": "decode with streaming@520 eviction vs without, batch 1, 32k",
+                "without_ms": steps["snapkv@512"][0],
+                "with_ms": steps["snapkv@512 decode streaming@520"][0],
+                "without_gpu_ms": steps["snapkv@512"][1],
+                "with_gpu_ms": steps["snapkv@512 decode streaming@520"][1],
+            }
+        )
+        print(rows[-1], flush=True)
 
     device = torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}\n")

@@ -801,3 +801,34 @@ def test_fused_accumulated_attention_equals_the_chunked_sum(monkeypatch, pads):
     chunked = accumulated(queries, keys, mask, 0.3)
     torch.testing.assert_close(fused, chunked, rtol=1e-4, atol=1e-5)
     assert (fused.masked_fill(mask[:, :, None, :], 0) == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_h2o_takes_the_prefill_attention_normalisers_on_cuda(monkeypatch):
+    """In half precision on CUDA, accumulated attention comes from the fused kernel fed by the
+    attention's own log-normalisers; it agrees with the float32 chunked computation."""
+    import polykv.cache.column_sums as column_sums
+
+    if not column_sums.available(torch.device("cuda")):
+        pytest.skip("triton is not installed")
+    from conftest import tiny_llama
+
+    model = tiny_llama(dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(4)).cuda()
+    plan = polykv.compile("layers *: h2o@64", model)
+    calls, original = [], column_sums.column_sums
+    monkeypatch.setattr(column_sums, "column_sums", lambda *args: calls.append(1) or original(*args))
+    totals = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(column_sums, "available", lambda device: False)
+        calls.clear()
+        with plan.apply(model), torch.no_grad():
+            cache = plan.make_cache()
+            model(ids, past_key_values=cache)
+        assert len(calls) == (4 if fused else 0)
+        totals[fused] = [layer.storage.positions.sort(dim=-1).values for layer in cache.layers]
+    for fused, chunked in zip(totals[True], totals[False]):
+        agreement = (fused[..., :, None] == chunked[..., None, :]).any(-1).float().mean()
+        assert agreement > 0.9  # bf16 keys: a few near-ties may fall the other way

@@ -28,6 +28,8 @@ import attrs
 import torch
 import torch.nn.attention
 
+from polykv.cache import column_sums
+from polykv.cache.decode_attention import decode_attention
 from polykv.cache.inputs import Visibility
 from polykv.errors import ModelError
 
@@ -79,6 +81,19 @@ def _backends(inner: str, query: torch.Tensor):
     return torch.nn.attention.sdpa_kernel(list(CUDA_BACKENDS))
 
 
+def _attention_with_log_normalisers(query, key, value, scaling: float):
+    """Causal SDPA that also returns each query's log-normaliser (for accumulated attention), as
+    transformers' SDPA returns its output; (None, None) where the flash kernel does not apply."""
+    groups = query.shape[1] // key.shape[1]
+    found = column_sums.flash_attention_with_lse(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), scaling
+    )
+    if found is None:
+        return None, None
+    output, lse = found
+    return (output.transpose(1, 2).contiguous(), None), lse
+
+
 def _attention_function(inner: str) -> Callable:
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
@@ -88,14 +103,27 @@ def _attention_function(inner: str) -> Callable:
         _HANDOFF.set(None)
         layer = handoff.layer
         handoff.cache.attended(layer)
-        mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
-        with _backends(inner, query):
-            output = kernel(module, query, key, value, mask, **kwargs)
         scaling = kwargs.get("scaling")
+        scaling = module.scaling if scaling is None else scaling
         # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
         softcap = kwargs.get("softcap") if inner == "eager" else None
+        if layer.static is not None:
+            static = layer.static
+            window = layer.sliding_window
+            output = decode_attention(
+                query, key, value, static.positions, static.position, static.real, scaling, window, softcap
+            )
+            static.after_attention()
+            return output, None
+        lse = None
+        if inner == "sdpa" and attention_mask is None and layer.wants_log_normalisers(query):
+            output, lse = _attention_with_log_normalisers(query, key, value, scaling)
+        if lse is None:
+            mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
+            with _backends(inner, query):
+                output = kernel(module, query, key, value, mask, **kwargs)
         visibility = Visibility(sliding_window=layer.sliding_window, softcap=softcap)
-        layer.after_attention(query, attention_mask, module.scaling if scaling is None else scaling, visibility)
+        layer.after_attention(query, attention_mask, scaling, visibility, lse=lse)
         return output
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"

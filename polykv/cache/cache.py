@@ -109,12 +109,14 @@ class PolyCache(Cache):
 
     def layer_lengths(self) -> list[int]:
         """Tokens stored per row and KV head in each layer."""
+        if any(layer.static for layer in self.layers):
+            raise CacheError("the lengths of a cache in static decoding are known after end_static")
         self.check()
         return [layer.storage.size for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes the cache holds: keys, values, positions of evicted layers, and headroom for appending."""
-        return sum(layer.storage.nbytes() for layer in self.layers)
+        return sum(layer.static.nbytes() if layer.static else layer.storage.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
         """Bytes transformers' own cache would hold for the same tokens (a sliding layer keeps its window)."""

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from polykv.budget import Budget
-from polykv.cache import inputs
+from polykv.cache import column_sums, inputs
 from polykv.cache.checks import RIGHT_PADDING, raise_for
 from polykv.cache.inputs import Visibility
 from polykv.cache.selection import Selection, choose
@@ -293,12 +293,6 @@ class PolyLayer(CacheLayerMixin):
         for plain causal attention without padding). A stored token's column is the full mask's
         column at its position, so padding, causality and sliding windows carry over exactly.
         """
-        if self.static is not None:
-            visible = self.static.mask(query_heads)
-            if full_mask is None or full_mask.dtype == torch.bool:
-                return visible
-            hidden = torch.finfo(full_mask.dtype).min  # an additive mask, as eager attention takes
-            return torch.zeros_like(visible, dtype=full_mask.dtype).masked_fill(~visible, hidden)
         positions = self.storage.positions
         if positions is None:
             return full_mask
@@ -314,19 +308,37 @@ class PolyLayer(CacheLayerMixin):
         fitted = full_mask.expand(batch, heads, query_length, full_mask.shape[-1]).gather(-1, columns)
         return fitted.repeat_interleave(query_heads // heads, dim=1)
 
+    def wants_log_normalisers(self, queries: torch.Tensor) -> bool:
+        """Whether this forward's attention should hand ``after_attention`` each query's log-normaliser:
+        a whole unpadded prompt at once, on a device where accumulated attention is one fused kernel."""
+        return (
+            self.phase is Phase.PREFILL
+            and self._accumulates
+            and self.storage.positions is None
+            and self.storage.size == queries.shape[-2]
+            and self.real is None
+            and not self.sliding_window
+            and column_sums.available(queries.device)
+        )
+
     def after_attention(
-        self, queries: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, visibility: Visibility
+        self,
+        queries: torch.Tensor,
+        full_mask: torch.Tensor | None,
+        scaling: float,
+        visibility: Visibility,
+        lse: torch.Tensor | None = None,
     ) -> None:
-        """Drop what no later query can see, and evict down to the budget with this forward's queries."""
-        if self.static is not None:
-            self.static.after_attention()
-            return
+        """Drop what no later query can see, and evict down to the budget with this forward's queries.
+
+        ``lse`` (B, Hq, n) are the log-normalisers of this forward's attention, where
+        ``wants_log_normalisers`` asked for them."""
         new = queries.shape[-2]
         self.scaling, self.visibility = scaling, visibility
         self._note_real_tokens(full_mask, new)
         self._remember_queries(queries)
         if self.phase is Phase.PREFILL and self._accumulates:
-            self._accumulate(queries, scaling, visibility)
+            self._accumulate(queries, scaling, visibility, lse)
         if self.sliding_window and self.storage.size > self.sliding_window - 1:
             self._keep_newest(self.sliding_window - 1)
         rule = self.prefill if self.phase is Phase.PREFILL else self.decode
@@ -405,8 +417,15 @@ class PolyLayer(CacheLayerMixin):
         self.recent_queries = queries[:, :, -self._query_window :]
         self.recent_query_positions = positions[-self._query_window :]
 
-    def _accumulate(self, queries: torch.Tensor, scaling: float, visibility: Visibility) -> None:
+    def _accumulate(
+        self, queries: torch.Tensor, scaling: float, visibility: Visibility, lse: torch.Tensor | None
+    ) -> None:
         """Add this forward's attention to the running total of every stored token (prefill only)."""
+        if lse is not None:  # the whole unpadded prompt, normalised by the attention that just ran
+            grouped = inputs.grouped(queries, self.kv_heads)
+            real = torch.ones(queries.shape[0], queries.shape[-2], dtype=torch.bool, device=queries.device)
+            self.accumulated = column_sums.column_sums(grouped, self.storage.keys, lse, real, scaling)
+            return
         new = queries.shape[-2]
         positions = self.storage.positions_or_slots()
         query_positions = torch.arange(self.seen - new, self.seen, device=queries.device)

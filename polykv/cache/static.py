@@ -4,9 +4,9 @@ An ordinary decoding step changes Python-side lengths and tensor shapes (``Stora
 ``keep``), so every step is planned anew by the host, and a CUDA graph cannot replay it. In static
 decoding a layer holds a fixed number of slots: its kept tokens and room for the tokens to come,
 or, for a layer bounded while decoding, its bound plus one. A step writes the new token into a slot
-chosen on the device, attends over every slot with a mask made from stored positions (a free slot
-holds the position ``FREE``, after every real one, so no query sees it), and, where the layer is
-bounded, frees the slot of the lowest-ranked token for the next step. Slots are reused in any order;
+chosen on the device, attends over every slot (``decode_attention``: a slot is visible by its stored
+position, and a free slot holds the position ``FREE``, after every real one), and, where the layer
+is bounded, frees the slot of the lowest-ranked token for the next step. Slots are reused in any order;
 ``finish`` sorts them back by position and hands the layer its ordinary storage.
 
 This is what the step of a bounded layer computes, exactly: the ordinary path appends, attends
@@ -53,10 +53,11 @@ class StaticDecoding:
         if layer.real is not None:
             self.real = torch.ones(batch, heads, slots, dtype=torch.bool, device=device)
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
-        self.slot = torch.full((batch, heads, 1), storage.size, dtype=torch.long, device=device)
+        storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
+        self.slot = torch.full((batch, heads, 1), self.size, dtype=torch.long, device=device)
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
 
-    # --- one step: PolyLayer.update, .attention_mask and .after_attention delegate here -----------
+    # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's token into the free slot; return every slot's keys and values."""
@@ -69,15 +70,6 @@ class StaticDecoding:
         if self.real is not None:
             self.real.scatter_(2, self.slot, True)
         return self.keys, self.values
-
-    def mask(self, query_heads: int) -> torch.Tensor:
-        """(B, Hq, 1, slots) bool: the slots the step's query sees, decided by stored positions."""
-        visible = self.positions <= self.position
-        if self.layer.sliding_window:
-            visible &= self.positions > self.position - self.layer.sliding_window
-        if self.real is not None:
-            visible &= self.real
-        return visible[:, :, None, :].repeat_interleave(query_heads // visible.shape[1], dim=1)
 
     def after_attention(self) -> None:
         """Choose the next step's slot (freeing the lowest-ranked token if the layer is full)."""
@@ -105,6 +97,9 @@ class StaticDecoding:
         newest_lowest = torch.where(lowest, self.positions, -1).argmax(dim=-1, keepdim=True)
         self.slot.copy_(newest_lowest)  # in place: a captured graph reads this very tensor
         self.positions.scatter_(2, self.slot, FREE)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.keys, self.values, self.positions, self.real) if t is not None)
 
     # --- back to ordinary decoding ----------------------------------------------------------------
 

@@ -1,0 +1,204 @@
+"""Decoding on a GPU with static, graph-replayed steps: an 8B-shaped model, polykv against the full cache.
+
+    python benchmarks/gpu_decode.py            # one CUDA device with 80 GB or more
+
+Every row is measured side by side in one run (warmed up, synchronised timers, medians):
+
+- the memory bandwidth the device reaches (a large copy), and from it the bound of a step: the
+  bytes it must read (weights but the input embedding, plus the keys and values it attends) over
+  that bandwidth;
+- decoding per token at batch 1 and 8 after 32k-token prompts (prefilled in chunks of 4k):
+  transformers' DynamicCache driven by plain forwards (today's default), the full cache run by the
+  same graph-replayed static step (``*: full``), and ``*: snapkv@512``;
+- the same static step with a decode-time policy that evicts (``decode streaming@520``) and without;
+- the largest batch of 32k-token prompts that fits, for the full cache and for ``*: snapkv@512``
+  prefilled in chunks: peak memory is measured at two batch sizes and the batch extrapolated
+  linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
+  depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
+  as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
+
+Prints a markdown table and writes benchmarks/results/gpu_decode_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from gpu_speed import CHUNK, decode, prefill, prompt
+from shapes import llama_8b
+
+import polykv
+from polykv.decoding import StaticDecoder
+
+RESULTS = Path(__file__).parent / "results"
+LENGTH = 32768
+
+
+def bandwidth() -> float:
+    """Bytes per second a large device-to-device copy moves (read plus write), median of 10."""
+    source = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(12):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return 2 * source.nbytes / statistics.median(times[2:])
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoding step reads of the weights: all but the input embedding (one row per token)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.nbytes for p in model.parameters()) - embedding.nbytes
+
+
+def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repeats: int) -> dict:
+    """Per-step wall and GPU milliseconds of graph-replayed static decoding, and the bytes it attends."""
+    token = torch.ones(batch, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        model(token[:, None], past_key_values=cache, logits_to_keep=1)  # the ordinary first step
+    positions = torch.full((batch, 1), prompt_length + 1, device="cuda")
+    walls, gpus = [], []
+    with StaticDecoder(model, cache, token, positions, room=1 + steps * (repeats + 1)) as decoder:
+        decoder.run(steps)  # warm-up
+        attended = cache.nbytes()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            start.record()
+            decoder.run(steps, check_every=steps + 1)
+            end.record()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - began) * 1e3 / steps)
+            gpus.append(start.elapsed_time(end) / steps)
+    return {"wall_ms": statistics.median(walls), "gpu_ms": statistics.median(gpus), "cache_bytes": attended}
+
+
+def peak_gib(function) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    function()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--large-chunk", type=int, default=512, help="prefill chunk of the compressed large batch")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    model = llama_8b()
+    vocabulary = model.config.vocab_size
+    plans = {
+        name: polykv.compile(f"layers *: {name}", model)
+        for name in ("full", "snapkv@512", "snapkv@512 decode streaming@520")
+    }
+    measured_bandwidth = bandwidth()
+    weights = weight_bytes(model)
+    result = {"bandwidth_gb_s": measured_bandwidth / 1e9, "weight_bytes": weights, "decode": [], "largest_batch": []}
+    print(f"bandwidth {measured_bandwidth / 1e9:.0f} GB/s, weights read per step {weights / 1e9:.2f} GB", flush=True)
+
+    def bound_ms(cache_bytes: int) -> float:
+        return (weights + cache_bytes) / measured_bandwidth * 1e3
+
+    for batch in (1, 8):
+        ids = prompt(batch, LENGTH, vocabulary, seed=batch)
+        row = {"batch": batch}
+        cache = prefill(model, None, ids, chunk=CHUNK)
+        row["dynamic_wall_ms"], row["dynamic_gpu_ms"] = decode(model, cache, batch, args.steps)
+        del cache
+        for name in ("full", "snapkv@512"):
+            cache = prefill(model, plans[name], ids, chunk=CHUNK)
+            row[name] = static_decode(model, cache, batch, LENGTH, args.steps, args.repeats)
+            row[name]["bound_ms"] = bound_ms(row[name]["cache_bytes"])
+            del cache
+            torch.cuda.empty_cache()
+        result["decode"].append(row)
+        print(row, flush=True)
+
+    ids = prompt(1, LENGTH, vocabulary, seed=3)
+    evicting = {}
+    for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
+        cache = prefill(model, plans[name], ids, chunk=CHUNK)
+        evicting[name] = static_decode(model, cache, 1, LENGTH, 2 * args.steps, args.repeats)
+    result["decode_eviction"] = evicting
+    print(evicting, flush=True)
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    for name, chunk in (("full", CHUNK), ("snapkv@512", args.large_chunk)):
+        plan = plans[name]
+
+        def run(batch: int, length: int = LENGTH, plan=plan, chunk=chunk) -> None:
+            cache = prefill(model, plan, prompt(batch, length, vocabulary, seed=batch), chunk=chunk)
+            static_decode(model, cache, batch, length, 4, 1)
+
+        small, large = 1, 4
+        peaks = {batch: peak_gib(lambda batch=batch: run(batch)) for batch in (small, large)}
+        per_row = (peaks[large] - peaks[small]) / (large - small)
+        fixed = peaks[small] - per_row * small
+        fits = int((0.95 * total - fixed) // per_row)  # 5% left to the allocator's fragmentation
+        length = LENGTH if name == "full" else 1024
+        ids = prompt(fits, length, vocabulary, seed=7)
+        cache = prefill(model, plan, ids, chunk=chunk)
+        speed = static_decode(model, cache, fits, length, args.steps, args.repeats)
+        del cache
+        torch.cuda.empty_cache()
+        entry = {
+            "cache": name,
+            "prefill_chunk": chunk,
+            "peak_gib": peaks,
+            "per_row_gib": per_row,
+            "fixed_gib": fixed,
+            "largest_batch": fits,
+            "decoded_after_prompts_of": length,
+            "step_ms": speed["wall_ms"],
+            "tokens_per_s": fits / speed["wall_ms"] * 1e3,
+        }
+        result["largest_batch"].append(entry)
+        print(entry, flush=True)
+
+    device = torch.cuda.get_device_name(0)
+    result.update({"device": device, "torch": torch.__version__, "device_memory_gib": total})
+    print(f"\n{device}, torch {torch.__version__}, {measured_bandwidth / 1e9:.0f} GB/s measured\n")
+    print(
+        "| decoding per token, 32k prompts | DynamicCache | full, static | snapkv@512, static | speed-up vs full "
+        "static / vs DynamicCache | GPU ms vs bound |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for row in result["decode"]:
+        full, snap = row["full"], row["snapkv@512"]
+        print(
+            f"| batch {row['batch']} | {row['dynamic_wall_ms']:.1f} ms | {full['wall_ms']:.1f} ms | "
+            f"{snap['wall_ms']:.1f} ms | {full['wall_ms'] / snap['wall_ms']:.2f}x / "
+            f"{row['dynamic_wall_ms'] / snap['wall_ms']:.2f}x | {snap['gpu_ms']:.2f} / {snap['bound_ms']:.2f} "
+            f"({snap['gpu_ms'] / snap['bound_ms']:.2f}x) |"
+        )
+    without, with_ = evicting["snapkv@512"], evicting["snapkv@512 decode streaming@520"]
+    print(
+        f"\ndecode streaming@520 vs without: {with_['wall_ms']:.2f} / {without['wall_ms']:.2f} ms = "
+        f"{with_['wall_ms'] / without['wall_ms']:.3f}"
+    )
+    full, snap = result["largest_batch"]
+    print(
+        f"largest batch of 32k prompts: full {full['largest_batch']}, snapkv@512 {snap['largest_batch']} "
+        f"({snap['largest_batch'] / full['largest_batch']:.1f}x); tokens/s {full['tokens_per_s']:.0f} vs "
+        f"{snap['tokens_per_s']:.0f} ({snap['tokens_per_s'] / full['tokens_per_s']:.1f}x)"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_decode_{device.replace(' ', '-')}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
