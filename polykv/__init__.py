@@ -21,6 +21,8 @@ _EXPORTS = {
     "is_prepared": "polykv.cache",
     "prepare_model": "polykv.cache",
     "restore_model": "polykv.cache",
+    "StaticDecoder": "polykv.decoding",
+    "static_generate": "polykv.decoding",
     "CacheError": "polykv.errors",
     "ModelError": "polykv.errors",
     "PolicyError": "polykv.errors",
@@ -80,6 +82,7 @@ __all__ = [
     "ScoringPolicy",
     "Spec",
     "SpecError",
+    "StaticDecoder",
     "check",
     "compile",
     "default_profile",
@@ -94,10 +97,12 @@ __all__ = [
     "prepare_model",
     "print_spec",
     "restore_model",
+    "static_generate",
 ]
 
-_SUBMODULES = {"budget", "cache", "calibrate", "errors", "eval", "hooks", "lang", "measure", "model", "parameters",
-               "plan", "policy", "profile", "registry", "resolve", "signals", "solve", "values"}  # fmt: skip
+_SUBMODULES = {"budget", "cache", "calibrate", "decoding", "errors", "eval", "hooks", "lang", "measure", "model",
+               "parameters", "plan", "policy", "profile", "registry", "resolve", "signals", "solve",
+               "values"}  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -117,6 +122,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from polykv.cache import PolyCache, is_prepared, prepare_model, restore_model
+    from polykv.decoding import StaticDecoder, static_generate
     from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
     from polykv.hooks import hookimpl
     from polykv.lang.ast import Spec
