@@ -121,7 +121,8 @@ class _Progress:
 
     def _after_forward(self, module, args, kwargs, output) -> None:
         seconds = time.perf_counter() - self._started
-        cache = kwargs.get("past_key_values")
+        # transformers renames the argument to ``cache`` (5.24 passes that; 5.17 past_key_values).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if self.forwards == 0:
             self.prefill_seconds = seconds
             self.kept_after_prefill = cache.layer_lengths()

@@ -1,0 +1,263 @@
+"""decode_attention against dense attention: the PyTorch version here, the Triton kernels in triton's interpreter
+on the CPU and compiled on CUDA (also inside a captured CUDA graph).
+
+triton picks interpreting or compiling once per process, when it is imported, and an interpreting process would
+also send every CPU call through the kernels; so the interpreted tests run in a child pytest process started with
+TRITON_INTERPRET=1 (as in test_column_sums), and are skipped in this one. The interpreter cannot multiply bfloat16
+(its tl.dot returns garbage), so bfloat16 is tested on CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polykv.cache import decode_attention as da
+
+FREE = torch.iinfo(torch.int32).max  # a free slot's position, as in polykv.cache.static
+INTERPRETED = da.available(torch.device("cpu"))
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child process of test_interpreted_tests_pass")
+parent_only = pytest.mark.skipif(INTERPRETED, reason="the parent process's test")
+
+
+def slot_inputs(batch, heads, groups, slots, dim, *, free, padding, seed=0, dtype=torch.float32, device="cpu"):
+    """query (B, H*G, 1, D), keys and values (B, H, S, D), positions (B, H, S), position (1,) and real (B, H, S).
+
+    Each row holds distinct positions up to the query's own (2 S), the query's slot among them, in shuffled slot
+    order; about ``free`` of the other slots are free and about ``padding`` of them are padding.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    now = 2 * slots
+    earlier = uniform(batch, heads, now).argsort(dim=-1)[..., : slots - 1]
+    positions = torch.cat([earlier, torch.full((batch, heads, 1), now, device=device)], dim=-1)
+    positions = positions.masked_fill((uniform(batch, heads, slots) < free) & (positions != now), FREE)
+    positions = positions.gather(-1, uniform(batch, heads, slots).argsort(dim=-1)).to(torch.int32)
+    real = (uniform(batch, heads, slots) >= padding) | (positions == now)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    query = normal(batch, heads * groups, 1, dim)
+    keys, values = normal(batch, heads, slots, dim), normal(batch, heads, slots, dim)
+    return query, keys, values, positions, torch.tensor([now], device=device), real
+
+
+def dense_attention(query, keys, values, positions, position, real, scaling, window=None, softcap=None):
+    """Attention in float64 over keys and values repeated per query head, with an explicit (B, Hq, 1, S) mask."""
+    groups = query.shape[1] // keys.shape[1]
+    age = position - positions.long()  # how long before the query each slot's token came; free slots: negative
+    visible = (age >= 0) & (age < window if window else True) & (real if real is not None else True)
+    mask = visible.repeat_interleave(groups, dim=1)[:, :, None, :]
+    keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (keys, values))
+    if softcap is None:
+        output = F.scaled_dot_product_attention(query.double(), keys, values, attn_mask=mask, scale=scaling)
+    else:
+        logits = torch.tanh(query.double() @ keys.transpose(-1, -2) * scaling / softcap) * softcap
+        output = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ values
+    return output.transpose(1, 2)  # (B, 1, Hq, D)
+
+
+@pytest.fixture(params=[1, 16, 256], ids=["one-chunk", "few-chunks", "many-chunks"])
+def split(request, monkeypatch):
+    """Programs per processor under the interpreter (one 'multiprocessor'), over 2 x 2 rows of 1030 slots: one
+    chunk of 17 tiles per row, 4 chunks of 5 tiles, or 17 chunks of one tile, more than one merge step takes."""
+    monkeypatch.setattr(da, "PROGRAMS_PER_PROCESSOR", request.param)
+
+
+# --- the PyTorch version ------------------------------------------------------------------------------------------
+
+
+@parent_only
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    groups=st.sampled_from([1, 3, 4]),
+    slots=st.integers(1, 40),
+    dim=st.sampled_from([8, 16]),
+    free=st.sampled_from([0.0, 0.3, 0.9]),
+    padding=st.sampled_from([0.0, 0.3]),
+    window=st.none() | st.integers(1, 90),
+    softcap=st.none() | st.floats(0.5, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_version_matches_dense_attention(batch, heads, groups, slots, dim, free, padding, window, softcap, seed):
+    inputs = slot_inputs(batch, heads, groups, slots, dim, free=free, padding=padding, seed=seed)
+    scaling = dim**-0.5
+    expected = dense_attention(*inputs, scaling, window, softcap)
+    result = da.decode_attention(*inputs, scaling, window, softcap)  # the PyTorch version: no triton on the CPU
+    assert result.shape == (batch, 1, heads * groups, dim) and result.dtype == torch.float32
+    torch.testing.assert_close(result, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@parent_only
+def test_cpu_runs_the_torch_version_without_the_interpreter():
+    assert not da.available(torch.device("cpu"))
+    inputs = slot_inputs(1, 2, 2, 9, 16, free=0.3, padding=0.3, dtype=torch.bfloat16)
+    torch.testing.assert_close(da.decode_attention(*inputs, 0.25), da.torch_decode_attention(*inputs, 0.25))
+
+
+@pytest.mark.usefixtures("split")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0 / 0
+def test_a_row_that_sees_no_slot_is_nan_and_alone():
+    """A query head that sees nothing (here: every slot of one batch row's KV head is padding) gives NaN for its
+    own output row only. Runs in both processes: the PyTorch version here, the kernels in the interpreter."""
+    query, keys, values, positions, position, real = slot_inputs(2, 2, 3, 70, 16, free=0.2, padding=0.2)
+    real[1, 0] = False
+    result = da.decode_attention(query, keys, values, positions, position, real, 0.25)
+    blind = torch.zeros(2, 6, dtype=torch.bool)
+    blind[1, :3] = True  # batch row 1, the query heads of KV head 0
+    assert result[:, 0][blind].isnan().all() and result[:, 0][~blind].isfinite().all()
+    expected = dense_attention(query, keys, values, positions, position, real, 0.25)
+    torch.testing.assert_close(result[:, 0][~blind], expected[:, 0][~blind].float(), rtol=1e-5, atol=1e-5)
+
+
+# --- the Triton kernels in the interpreter ------------------------------------------------------------------------
+
+
+def _release(package: str) -> tuple[int, ...]:
+    """A package's (major, minor) version."""
+    return tuple(int(part) for part in version(package).split(".")[:2])
+
+
+@parent_only
+def test_interpreted_tests_pass():
+    """This file's interpreted tests, in a child process whose triton interprets."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if _release("triton") < (3, 7) and _release("numpy") >= (2, 4):
+        pytest.skip("triton < 3.7 cannot interpret loops under numpy >= 2.4 (triton-lang/triton#9171)")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-5000:] + child.stderr[-2000:]
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("slots", [1, 5, 300, 1030])
+def test_interpreted_kernels_match_the_torch_version(slots, dim, groups):
+    """Free slots, padding, a sliding window and a softcap, slots in no order."""
+    inputs = slot_inputs(2, 2, groups, slots, dim, free=0.3, padding=0.2, seed=slots + dim + groups)
+    window, softcap, scaling = slots // 2 + 1, 1.5, dim**-0.5
+    result = da.decode_attention(*inputs, scaling, window, softcap)
+    assert result.shape == (2, 1, 2 * groups, dim) and result.dtype == torch.float32
+    expected = da.torch_decode_attention(*inputs, scaling, window, softcap)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+@pytest.mark.parametrize("slots", [5, 300])
+def test_interpreted_kernels_without_window_softcap_or_padding(slots):
+    inputs = slot_inputs(1, 3, 3, slots, 24, free=0.5, padding=0.0)
+    result = da.decode_attention(*inputs[:-1], None, 0.2)
+    torch.testing.assert_close(result, da.torch_decode_attention(*inputs[:-1], None, 0.2), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+@pytest.mark.parametrize("window", [4, 40])
+def test_interpreted_kernels_with_slots_in_order_and_a_short_window(window):
+    """Slots in position order, as prefill leaves them: a short window sees only the last chunks, and the last
+    slot's key, made to dominate, puts the largest logit in the last merge step."""
+    query, keys, values, _, _, _ = slot_inputs(2, 2, 1, 1030, 16, free=0.0, padding=0.0)
+    keys[:, :, -1] = 2 * query[:, :, 0]
+    positions = torch.arange(1030, dtype=torch.int32).expand(2, 2, -1)
+    inputs = (query, keys, values, positions, torch.tensor([1029]), None, 0.25, window)
+    torch.testing.assert_close(da.decode_attention(*inputs), da.torch_decode_attention(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_interpreted_kernels_take_views_and_fp16():
+    """The query as transformers hands it (a transposed view), keys and values as slices of larger buffers."""
+    query, keys, values, positions, position, real = slot_inputs(2, 2, 4, 200, 64, free=0.3, padding=0.2)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    keys = torch.cat([keys, keys], dim=-1)[..., ::2]  # stride 2 along the head dimension
+    values = torch.cat([values, values], dim=2)[:, :, 200:]
+    positions = positions.transpose(0, 1).contiguous().transpose(0, 1)
+    real = torch.stack([real, real], dim=-1)[..., 0]  # stride 2 along the slots
+    inputs = (query, keys, values, positions, position, real)
+    expected = da.torch_decode_attention(*inputs, 0.125, 50, 3.0)
+    torch.testing.assert_close(da.decode_attention(*inputs, 0.125, 50, 3.0), expected, rtol=1e-5, atol=1e-5)
+    half = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    result = da.decode_attention(*half, 0.125, 50, 3.0)
+    assert result.dtype == torch.float16
+    torch.testing.assert_close(result.float(), expected, rtol=2e-2, atol=2e-3)
+
+
+# --- compiled on CUDA ---------------------------------------------------------------------------------------------
+
+
+def assert_close_to_fp32(result: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within bfloat16's accuracy of the float32 output, relative to the output's scale (outputs averaged over
+    thousands of slots are small)."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(result.float(), expected, rtol=2e-2, atol=1e-2 * scale)
+    assert (result.float() - expected).norm() <= 1e-2 * expected.norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (4096, 50.0)], ids=["plain", "window-softcap"])
+@pytest.mark.parametrize("slots", [513, 32768 + 193])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_compiled_kernels_match_float32_in_bf16(batch, slots, window, softcap):
+    assert da.available(torch.device("cuda"))
+    inputs = slot_inputs(batch, 8, 4, slots, 128, free=0.1, padding=0.05, dtype=torch.bfloat16, device="cuda")
+    result = da.decode_attention(*inputs, 128**-0.5, window, softcap)
+    assert result.shape == (batch, 1, 32, 128) and result.dtype == torch.bfloat16
+    upcast = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    assert_close_to_fp32(result, da.torch_decode_attention(*upcast, 128**-0.5, window, softcap))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graph_reads_the_position_on_the_device():
+    """A graph captured at one position and replayed after ``position`` changes in place attends as of the new
+    position: the kernels read it on the device, never on the host."""
+    inputs = slot_inputs(2, 8, 4, 4096 + 7, 128, free=0.1, padding=0.05, dtype=torch.bfloat16, device="cuda")
+    query, keys, values, positions, position, real = inputs
+    window, scaling = 2000, 128**-0.5
+
+    def step():
+        return da.decode_attention(query, keys, values, positions, position, real, scaling, window)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    upcast = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    graph.replay()
+    before = output.clone()
+    assert_close_to_fp32(before, da.torch_decode_attention(*upcast, scaling, window))
+
+    position.sub_(3000)  # the window and the causal bound both move
+    graph.replay()
+    assert_close_to_fp32(output, da.torch_decode_attention(*upcast, scaling, window))
+    assert (output.float() - before.float()).norm() > 0.5 * before.float().norm()
