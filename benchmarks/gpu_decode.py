@@ -1,6 +1,8 @@
 """Decoding on a GPU with static, graph-replayed steps: an 8B-shaped model, polykv against the full cache.
 
     python benchmarks/gpu_decode.py            # one CUDA device with 80 GB or more
+    python benchmarks/gpu_decode.py --model bundled --length 640 --steps 2 --repeats 1 --batches 1,2
+                                               # a smoke run on the CPU (the test suite's; no largest batch)
 
 Every row is measured side by side in one run (warmed up, synchronised timers, medians):
 
@@ -32,26 +34,25 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big batches fragment less
 
 import torch  # imported after the allocator setting
-from gpu_speed import CHUNK, decode, prefill, prompt
-from shapes import llama_8b
+from gpu_speed import CHUNK, decode, prefill, prompt, synchronize
+from shapes import load
 
 import polykv
 from polykv.decoding import StaticDecoder
 
 RESULTS = Path(__file__).parent / "results"
-LENGTH = 32768
 
 
-def bandwidth() -> float:
-    """Bytes per second a large device-to-device copy moves (read plus write), median of 10."""
-    source = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+def bandwidth(device: torch.device) -> float:
+    """Bytes per second a large copy on ``device`` moves (read plus write), median of 10."""
+    source = torch.empty(1 << (31 if device.type == "cuda" else 28), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     times = []
     for _ in range(12):
-        torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         target.copy_(source)
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return 2 * source.nbytes / statistics.median(times[2:])
 
@@ -63,26 +64,31 @@ def weight_bytes(model) -> int:
 
 
 def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repeats: int) -> dict:
-    """Per-step wall and GPU milliseconds of graph-replayed static decoding, and the bytes it attends."""
-    token = torch.ones(batch, dtype=torch.long, device="cuda")
+    """Per-step wall and GPU milliseconds (None on the CPU) of static decoding (graph-replayed on
+    CUDA), and the bytes it attends."""
+    device = model.device
+    token = torch.ones(batch, dtype=torch.long, device=device)
     with torch.no_grad():
         model(token[:, None], past_key_values=cache, logits_to_keep=1)  # the ordinary first step
-    positions = torch.full((batch, 1), prompt_length + 1, device="cuda")
+    positions = torch.full((batch, 1), prompt_length + 1, device=device)
     walls, gpus = [], []
     with StaticDecoder(model, cache, token, positions, room=1 + steps * (repeats + 1)) as decoder:
         decoder.run(steps)  # warm-up
         attended = cache.nbytes()
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
+            synchronize(device)
             began = time.perf_counter()
-            start.record()
+            if events:
+                events[0].record()
             decoder.run(steps, check_every=steps + 1)
-            end.record()
-            torch.cuda.synchronize()
+            if events:
+                events[1].record()
+            synchronize(device)
             walls.append((time.perf_counter() - began) * 1e3 / steps)
-            gpus.append(start.elapsed_time(end) / steps)
-    return {"wall_ms": statistics.median(walls), "gpu_ms": statistics.median(gpus), "cache_bytes": attended}
+            gpus.append(events[0].elapsed_time(events[1]) / steps if events else None)
+    gpu_ms = statistics.median(gpus) if events else None
+    return {"wall_ms": statistics.median(walls), "gpu_ms": gpu_ms, "cache_bytes": attended}
 
 
 def peak_gib(function) -> float:
@@ -93,56 +99,16 @@ def peak_gib(function) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--large-chunk", type=int, default=512, help="prefill chunk of the compressed large batch")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    model = llama_8b()
-    vocabulary = model.config.vocab_size
-    plans = {
-        name: polykv.compile(f"layers *: {name}", model)
-        for name in ("full", "snapkv@512", "snapkv@512 decode streaming@520")
-    }
-    measured_bandwidth = bandwidth()
-    weights = weight_bytes(model)
-    result = {"bandwidth_gb_s": measured_bandwidth / 1e9, "weight_bytes": weights, "decode": [], "largest_batch": []}
-    print(f"bandwidth {measured_bandwidth / 1e9:.0f} GB/s, weights read per step {weights / 1e9:.2f} GB", flush=True)
-
-    def bound_ms(cache_bytes: int) -> float:
-        return (weights + cache_bytes) / measured_bandwidth * 1e3
-
-    for batch in (1, 8):
-        ids = prompt(batch, LENGTH, vocabulary, seed=batch)
-        row = {"batch": batch}
-        cache = prefill(model, None, ids, chunk=CHUNK)
-        row["dynamic_wall_ms"], row["dynamic_gpu_ms"] = decode(model, cache, batch, args.steps)
-        del cache
-        for name in ("full", "snapkv@512"):
-            cache = prefill(model, plans[name], ids, chunk=CHUNK)
-            row[name] = static_decode(model, cache, batch, LENGTH, args.steps, args.repeats)
-            row[name]["bound_ms"] = bound_ms(row[name]["cache_bytes"])
-            del cache
-            torch.cuda.empty_cache()
-        result["decode"].append(row)
-        print(row, flush=True)
-
-    ids = prompt(1, LENGTH, vocabulary, seed=3)
-    evicting = {}
-    for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
-        cache = prefill(model, plans[name], ids, chunk=CHUNK)
-        evicting[name] = static_decode(model, cache, 1, LENGTH, 2 * args.steps, args.repeats)
-    result["decode_eviction"] = evicting
-    print(evicting, flush=True)
-
+def largest_batches(model, plans: dict, large_chunk: int) -> list[dict]:
+    """The largest batch of 32k-token prompts for the full cache and snapkv@512, and tokens/s there."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    for name, chunk in (("full", CHUNK), ("snapkv@512", args.large_chunk)):
+    vocabulary = model.config.vocab_size
+    entries = []
+    for name, chunk in (("full", CHUNK), ("snapkv@512", large_chunk)):
         plan = plans[name]
 
-        def run(batch: int, length: int = LENGTH, plan=plan, chunk=chunk) -> None:
-            cache = prefill(model, plan, prompt(batch, length, vocabulary, seed=batch), chunk=chunk)
+        def run(batch: int, length: int = 32768, plan=plan, chunk=chunk) -> None:
+            cache = prefill(model, plan, prompt(batch, length, vocabulary, model.device, seed=batch), chunk=chunk)
             static_decode(model, cache, batch, length, 4, 1)
 
         small, large = 1, 4
@@ -150,8 +116,8 @@ def main() -> None:
         per_row = (peaks[large] - peaks[small]) / (large - small)
         fixed = peaks[small] - per_row * small
         fits = int((0.9 * total - fixed) // per_row)  # 10% left to the allocator
-        length = LENGTH if name == "full" else 1024
-        ids = prompt(fits, length, vocabulary, seed=7)
+        length = 32768 if name == "full" else 1024
+        ids = prompt(fits, length, vocabulary, model.device, seed=7)
         cache = prefill(model, plan, ids, chunk=chunk)
         speed = static_decode(model, cache, fits, length, 16, 2)  # little room: the batch fills the device
         del cache
@@ -166,39 +132,99 @@ def main() -> None:
             "decoded_after_prompts_of": length,
             "step_ms": speed["wall_ms"],
             "tokens_per_s": fits / speed["wall_ms"] * 1e3,
+            "device_memory_gib": total,
         }
-        result["largest_batch"].append(entry)
+        entries.append(entry)
         print(entry, flush=True)
 
-    device = torch.cuda.get_device_name(0)
-    result.update({"device": device, "torch": torch.__version__, "device_memory_gib": total})
-    print(f"\n{device}, torch {torch.__version__}, {measured_bandwidth / 1e9:.0f} GB/s measured\n")
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--large-chunk", type=int, default=512, help="prefill chunk of the compressed large batch")
+    parser.add_argument("--model", choices=("llama-8b", "bundled"), default="llama-8b")
+    parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
+    parser.add_argument("--length", type=int, default=32768, help="prompt length")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    model = load(args.model)
+    device, vocabulary, length = model.device, model.config.vocab_size, args.length
+    plans = {
+        name: polykv.compile(f"layers *: {name}", model)
+        for name in ("full", "snapkv@512", "snapkv@512 decode streaming@520")
+    }
+    measured_bandwidth = bandwidth(device)
+    weights = weight_bytes(model)
+    result = {"bandwidth_gb_s": measured_bandwidth / 1e9, "weight_bytes": weights, "decode": [], "largest_batch": []}
+    print(f"bandwidth {measured_bandwidth / 1e9:.0f} GB/s, weights read per step {weights / 1e9:.2f} GB", flush=True)
+
+    def bound_ms(cache_bytes: int) -> float:
+        return (weights + cache_bytes) / measured_bandwidth * 1e3
+
+    for batch in map(int, args.batches.split(",")):
+        ids = prompt(batch, length, vocabulary, device, seed=batch)
+        row = {"batch": batch}
+        cache = prefill(model, None, ids, chunk=CHUNK)
+        row["dynamic_wall_ms"], row["dynamic_gpu_ms"] = decode(model, cache, batch, args.steps)
+        del cache
+        for name in ("full", "snapkv@512"):
+            cache = prefill(model, plans[name], ids, chunk=CHUNK)
+            row[name] = static_decode(model, cache, batch, length, args.steps, args.repeats)
+            row[name]["bound_ms"] = bound_ms(row[name]["cache_bytes"])
+            del cache
+        result["decode"].append(row)
+        print(row, flush=True)
+
+    ids = prompt(1, length, vocabulary, device, seed=3)
+    evicting = {}
+    for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
+        cache = prefill(model, plans[name], ids, chunk=CHUNK)
+        evicting[name] = static_decode(model, cache, 1, length, 2 * args.steps, args.repeats)
+    result["decode_eviction"] = evicting
+    print(evicting, flush=True)
+
+    if device.type == "cuda":
+        result["largest_batch"] = largest_batches(model, plans, args.large_chunk)
+    else:
+        print("largest batch: measured on CUDA only (it reads the device's memory statistics)")
+
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{args.model}-cpu"
+    result.update({"device": device_name, "torch": torch.__version__, "prompt_length": length})
+    print(f"\n{device_name}, torch {torch.__version__}, {measured_bandwidth / 1e9:.0f} GB/s measured\n")
     print(
-        "| decoding per token, 32k prompts | DynamicCache | full, static | snapkv@512, static | speed-up vs full "
-        "static / vs DynamicCache | GPU ms vs bound |"
+        f"| decoding per token, {length}-token prompts | DynamicCache | full, static | snapkv@512, static "
+        "| speed-up vs full static / vs DynamicCache | GPU ms vs bound |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in result["decode"]:
         full, snap = row["full"], row["snapkv@512"]
+        against_bound = (
+            "-"
+            if snap["gpu_ms"] is None
+            else (f"{snap['gpu_ms']:.2f} / {snap['bound_ms']:.2f} ({snap['gpu_ms'] / snap['bound_ms']:.2f}x)")
+        )
         print(
             f"| batch {row['batch']} | {row['dynamic_wall_ms']:.1f} ms | {full['wall_ms']:.1f} ms | "
             f"{snap['wall_ms']:.1f} ms | {full['wall_ms'] / snap['wall_ms']:.2f}x / "
-            f"{row['dynamic_wall_ms'] / snap['wall_ms']:.2f}x | {snap['gpu_ms']:.2f} / {snap['bound_ms']:.2f} "
-            f"({snap['gpu_ms'] / snap['bound_ms']:.2f}x) |"
+            f"{row['dynamic_wall_ms'] / snap['wall_ms']:.2f}x | {against_bound} |"
         )
     without, with_ = evicting["snapkv@512"], evicting["snapkv@512 decode streaming@520"]
     print(
         f"\ndecode streaming@520 vs without: {with_['wall_ms']:.2f} / {without['wall_ms']:.2f} ms = "
         f"{with_['wall_ms'] / without['wall_ms']:.3f}"
     )
-    full, snap = result["largest_batch"]
-    print(
-        f"largest batch of 32k prompts: full {full['largest_batch']}, snapkv@512 {snap['largest_batch']} "
-        f"({snap['largest_batch'] / full['largest_batch']:.1f}x); tokens/s {full['tokens_per_s']:.0f} vs "
-        f"{snap['tokens_per_s']:.0f} ({snap['tokens_per_s'] / full['tokens_per_s']:.1f}x)"
-    )
+    if result["largest_batch"]:
+        full, snap = result["largest_batch"]
+        print(
+            f"largest batch of 32k prompts: full {full['largest_batch']}, snapkv@512 {snap['largest_batch']} "
+            f"({snap['largest_batch'] / full['largest_batch']:.1f}x); tokens/s {full['tokens_per_s']:.0f} vs "
+            f"{snap['tokens_per_s']:.0f} ({snap['tokens_per_s'] / full['tokens_per_s']:.1f}x)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_decode_{device.replace(' ', '-')}.json"
+    path = args.out / f"gpu_decode_{device_name.replace(' ', '-')}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -1,6 +1,8 @@
 """Prefill and decoding on a GPU: an 8B-shaped model (random bf16 weights, SDPA), polykv against the full cache.
 
     python benchmarks/gpu_speed.py                       # one CUDA device, about 80 GB
+    python benchmarks/gpu_speed.py --model bundled --lengths 640 --length 640 --steps 2 --repeats 1 --batches 1,2
+                                                         # a smoke run on the CPU (the test suite's)
 
 Rows, each measured side by side with the full cache (transformers' DynamicCache) in one run,
 warmed up, synchronised timers, medians:
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from shapes import llama_8b
+from shapes import load
 from transformers import DynamicCache
 
 import polykv
@@ -36,23 +38,30 @@ RESULTS = Path(__file__).parent / "results"
 CHUNK = 4096
 
 
-def interleaved(runs: dict, repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, where work is done when a call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(runs: dict, repeats: int, device: torch.device) -> dict[str, float]:
     """Median wall seconds of each run, the runs taking turns (one warm-up round first), so that
     drifts of clock and temperature fall on all of them alike."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, function in runs.items():
-            torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
             function()
-            torch.cuda.synchronize()
+            synchronize(device)
             if round_:
                 seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def prompt(batch: int, length: int, vocabulary: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, vocabulary, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
+def prompt(batch: int, length: int, vocabulary: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(1, vocabulary, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(device)
 
 
 def prefill(model, plan, ids, chunk: int | None = None):
@@ -64,23 +73,26 @@ def prefill(model, plan, ids, chunk: int | None = None):
     return cache
 
 
-def decode(model, cache, batch: int, steps: int) -> tuple[float, float]:
-    """Median wall and GPU milliseconds of one greedy decoding step (after prefill)."""
-    token = torch.ones(batch, 1, dtype=torch.long, device="cuda")
+def decode(model, cache, batch: int, steps: int) -> tuple[float, float | None]:
+    """Median wall and GPU milliseconds (None on the CPU) of one greedy decoding step (after prefill)."""
+    device = model.device
+    token = torch.ones(batch, 1, dtype=torch.long, device=device)
     walls, gpus = [], []
     with torch.no_grad():
         for step in range(steps + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
+            synchronize(device)
             began = time.perf_counter()
-            start.record()
+            if events:
+                events[0].record()
             token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            end.record()
-            torch.cuda.synchronize()
+            if events:
+                events[1].record()
+            synchronize(device)
             if step >= 2:  # the first steps meet new shapes
                 walls.append((time.perf_counter() - began) * 1e3)
-                gpus.append(start.elapsed_time(end))
-    return statistics.median(walls), statistics.median(gpus)
+                gpus.append(events[0].elapsed_time(events[1]) if events else None)
+    return statistics.median(walls), statistics.median(gpus) if events else None
 
 
 def main() -> None:
@@ -88,10 +100,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=32, help="decoding steps timed per row")
     parser.add_argument("--prefill-only", action="store_true", help="skip the ordinary decoding rows")
+    parser.add_argument("--model", choices=("llama-8b", "bundled"), default="llama-8b")
+    parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
+    parser.add_argument("--lengths", default="8192,32768", help="prompt lengths of the prefill rows")
+    parser.add_argument("--length", type=int, default=32768, help="prompt length of the decoding rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    model = llama_8b()
-    vocabulary = model.config.vocab_size
+    model = load(args.model)
+    device, vocabulary = model.device, model.config.vocab_size
     plans = {
         "full": polykv.compile("layers *: full", model),  # the full cache through polykv's decode machinery
         "snapkv@512": polykv.compile("layers *: snapkv@512", model),
@@ -100,31 +116,32 @@ def main() -> None:
     }
     rows = []
 
-    for length in (8192, 32768):
-        ids = prompt(1, length, vocabulary)
-        # H2O at 32k is timed once (its accumulated attention was the slow part before the fused kernel).
+    for length in map(int, args.lengths.split(",")):
+        ids = prompt(1, length, vocabulary, device)
         names = ("snapkv@512", "h2o@512")
         seconds = interleaved(
             {name: functools.partial(prefill, model, plans.get(name), ids) for name in ("full", *names)},
             args.repeats,
+            device,
         )
         for name in names:
             rows.append(
-                {"row": f"prefill {name}, {length // 1024}k", "full_s": seconds["full"], "polykv_s": seconds[name]}
+                {"row": f"prefill {name}, {length} tokens", "full_s": seconds["full"], "polykv_s": seconds[name]}
             )
             print(rows[-1], flush=True)
 
-    for batch in () if args.prefill_only else (1, 8):
-        ids = prompt(batch, 32768, vocabulary, seed=batch)
+    for batch in () if args.prefill_only else map(int, args.batches.split(",")):
+        ids = prompt(batch, args.length, vocabulary, device, seed=batch)
         results = {}
         for name, plan in (("full", None), ("full via polykv", plans["full"]), ("snapkv@512", plans["snapkv@512"])):
             cache = prefill(model, plan, ids, chunk=CHUNK)
             results[name] = decode(model, cache, batch, args.steps)
             del cache
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(
             {
-                "row": f"decode snapkv@512, batch {batch}, 32k",
+                "row": f"decode snapkv@512, batch {batch}, {args.length} tokens",
                 "full_ms": results["full"][0],
                 "polykv_ms": results["snapkv@512"][0],
                 "full_gpu_ms": results["full"][1],
@@ -135,14 +152,14 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     if not args.prefill_only:
-        ids = prompt(1, 32768, vocabulary, seed=3)
+        ids = prompt(1, args.length, vocabulary, device, seed=3)
         steps = {}
         for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
             cache = prefill(model, plans[name], ids, chunk=CHUNK)
             steps[name] = decode(model, cache, 1, 2 * args.steps)
         rows.append(
             {
-                "row": "decode with streaming@520 eviction vs without, batch 1, 32k",
+                "row": f"decode with streaming@520 eviction vs without, batch 1, {args.length} tokens",
                 "without_ms": steps["snapkv@512"][0],
                 "with_ms": steps["snapkv@512 decode streaming@520"][0],
                 "without_gpu_ms": steps["snapkv@512"][1],
@@ -151,8 +168,8 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    device = torch.cuda.get_device_name(0)
-    print(f"\n{device}, torch {torch.__version__}\n")
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{args.model}-cpu"
+    print(f"\n{device_name}, torch {torch.__version__}\n")
     print("| row | full cache | polykv | ratio |\n| --- | ---: | ---: | ---: |")
     for row in rows:
         if "full_s" in row:
@@ -163,10 +180,11 @@ def main() -> None:
                 f"| {row['row']} (wall) | {row['full_ms']:.1f} ms | {row['polykv_ms']:.1f} ms | "
                 f"{row['polykv_ms'] / row['full_ms']:.2f} |"
             )
-            print(
-                f"| {row['row']} (GPU) | {row['full_gpu_ms']:.1f} ms | {row['polykv_gpu_ms']:.1f} ms | "
-                f"{row['polykv_gpu_ms'] / row['full_gpu_ms']:.2f} |"
-            )
+            if row["full_gpu_ms"] is not None:
+                print(
+                    f"| {row['row']} (GPU) | {row['full_gpu_ms']:.1f} ms | {row['polykv_gpu_ms']:.1f} ms | "
+                    f"{row['polykv_gpu_ms'] / row['full_gpu_ms']:.2f} |"
+                )
             print(
                 f"| {row['row']} (wall), full cache through polykv | {row['full_via_polykv_ms']:.1f} ms | "
                 f"{row['polykv_ms']:.1f} ms | {row['polykv_ms'] / row['full_via_polykv_ms']:.2f} |"
@@ -177,8 +195,8 @@ def main() -> None:
                 f"{row['with_ms'] / row['without_ms']:.2f} |"
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_speed_{device.replace(' ', '-')}.json"
-    path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    path = args.out / f"gpu_speed_{device_name.replace(' ', '-')}.json"
+    path.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""Models of published shapes with random weights, built directly on the GPU (for benchmarks)."""
+"""Models for the GPU benchmarks: published shapes with random weights built directly on the GPU,
+and the bundled model for smoke runs on the CPU."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def llama_8b(device_map: dict[str, int] | None = None, attention: str = "sdpa") 
 
         model = dispatch_model(model, device_map=device_map)
     return model.eval()
+
+
+def load(name: str) -> torch.nn.Module:
+    """``llama-8b`` (random bf16 weights, on the GPU) or ``bundled`` (the real small model, float32,
+    on the GPU if there is one), prepared for polykv by the benchmarks' ``compile`` calls."""
+    if name == "llama-8b":
+        return llama_8b()
+    import polykv
+
+    model, _ = polykv.load_default_model(device="cuda" if torch.cuda.is_available() else "cpu")
+    return model

@@ -1,0 +1,57 @@
+"""The GPU benchmark scripts, run on the CPU with the bundled model and small sizes: they must keep
+working where there is no GPU to try them on (no timings are asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import requires_real_model
+
+pytestmark = [pytest.mark.slow, requires_real_model]
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SMALL = ["--model", "bundled", "--length", "520", "--steps", "1", "--repeats", "1", "--batches", "1,2"]
+
+
+def run(script: str, *args: str, out: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = out.glob("*.json")
+    return json.loads(written.read_text())
+
+
+def test_gpu_speed_runs_on_the_cpu(tmp_path):
+    result = run("gpu_speed.py", *SMALL, "--lengths", "520", out=tmp_path)
+    rows = [row["row"] for row in result["rows"]]
+    assert rows == [
+        "prefill snapkv@512, 520 tokens",
+        "prefill h2o@512, 520 tokens",
+        "decode snapkv@512, batch 1, 520 tokens",
+        "decode snapkv@512, batch 2, 520 tokens",
+        "decode with streaming@520 eviction vs without, batch 1, 520 tokens",
+    ]
+    for row in result["rows"]:
+        for key, value in row.items():
+            if key.endswith("gpu_ms"):
+                assert value is None  # GPU time is measured with CUDA events, on CUDA only
+            elif key.endswith(("_s", "_ms")):
+                assert value > 0
+
+
+def test_gpu_decode_runs_on_the_cpu(tmp_path):
+    result = run("gpu_decode.py", *SMALL, out=tmp_path)
+    assert [row["batch"] for row in result["decode"]] == [1, 2]
+    for row in result["decode"]:
+        # The compressed static step attends fewer bytes than the full cache's.
+        assert row["snapkv@512"]["cache_bytes"] < row["full"]["cache_bytes"]
+        assert row["snapkv@512"]["bound_ms"] < row["full"]["bound_ms"]
+    assert result["largest_batch"] == []  # CUDA only
