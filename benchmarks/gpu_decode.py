@@ -12,14 +12,16 @@ Every row is measured side by side in one run (warmed up, synchronised timers, m
 - decoding per token at batch 1 and 8 after 32k-token prompts (prefilled in chunks of 4k):
   transformers' DynamicCache driven by plain forwards (today's default), the full cache run by the
   same graph-replayed static step (``*: full``), and ``*: snapkv@512``;
-- the same static step with a decode-time policy that evicts (``decode streaming@520``) and without;
+- the same static step with a decode-time policy that evicts (``decode streaming@520``) and without,
+  evicting one token at every step and (``eviction_slack`` 31) 32 tokens every 32 steps;
 - the largest batch of 32k-token prompts that fits, for the full cache and for ``*: snapkv@512``
   prefilled in chunks: peak memory is measured at two batch sizes and the batch extrapolated
   linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
   depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
   as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
 
-Prints a markdown table and writes benchmarks/results/gpu_decode_<device>.json.
+``--rows`` picks parts (decode, eviction, largest). Prints a markdown table and writes
+benchmarks/results/gpu_decode_<device>.json.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def weight_bytes(model) -> int:
     return sum(p.nbytes for p in model.parameters()) - embedding.nbytes
 
 
-def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repeats: int) -> dict:
+def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repeats: int, slack: int = 0) -> dict:
     """Per-step wall and GPU milliseconds (None on the CPU) of static decoding (graph-replayed on
     CUDA), and the bytes it attends."""
     device = model.device
@@ -72,7 +74,8 @@ def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repe
         model(token[:, None], past_key_values=cache, logits_to_keep=1)  # the ordinary first step
     positions = torch.full((batch, 1), prompt_length + 1, device=device)
     walls, gpus = [], []
-    with StaticDecoder(model, cache, token, positions, room=1 + steps * (repeats + 1)) as decoder:
+    room = 1 + steps * (repeats + 1)
+    with StaticDecoder(model, cache, token, positions, room=room, eviction_slack=slack) as decoder:
         decoder.run(steps)  # warm-up
         attended = cache.nbytes()
         for _ in range(repeats):
@@ -148,6 +151,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("llama-8b", "bundled"), default="llama-8b")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length")
+    parser.add_argument("--rows", default="decode,eviction,largest", help="which parts to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = load(args.model)
@@ -164,7 +168,8 @@ def main() -> None:
     def bound_ms(cache_bytes: int) -> float:
         return (weights + cache_bytes) / measured_bandwidth * 1e3
 
-    for batch in map(int, args.batches.split(",")):
+    rows = args.rows.split(",")
+    for batch in map(int, args.batches.split(",")) if "decode" in rows else ():
         ids = prompt(batch, length, vocabulary, device, seed=batch)
         row = {"batch": batch}
         cache = prefill(model, None, ids, chunk=CHUNK)
@@ -180,13 +185,15 @@ def main() -> None:
 
     ids = prompt(1, length, vocabulary, device, seed=3)
     evicting = {}
-    for name in ("snapkv@512", "snapkv@512 decode streaming@520"):
+    runs = (("snapkv@512", 0), ("snapkv@512 decode streaming@520", 0), ("snapkv@512 decode streaming@520", 31))
+    for name, slack in runs if "eviction" in rows else ():
         cache = prefill(model, plans[name], ids, chunk=CHUNK)
-        evicting[name] = static_decode(model, cache, 1, length, 2 * args.steps, args.repeats)
+        key = name if not slack else f"{name}, eviction_slack {slack}"
+        evicting[key] = static_decode(model, cache, 1, length, 2 * args.steps, args.repeats, slack)
     result["decode_eviction"] = evicting
     print(evicting, flush=True)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and "largest" in rows:
         result["largest_batch"] = largest_batches(model, plans, args.large_chunk)
     else:
         print("largest batch: measured on CUDA only (it reads the device's memory statistics)")
@@ -211,11 +218,12 @@ def main() -> None:
             f"{snap['wall_ms']:.1f} ms | {full['wall_ms'] / snap['wall_ms']:.2f}x / "
             f"{row['dynamic_wall_ms'] / snap['wall_ms']:.2f}x | {against_bound} |"
         )
-    without, with_ = evicting["snapkv@512"], evicting["snapkv@512 decode streaming@520"]
-    print(
-        f"\ndecode streaming@520 vs without: {with_['wall_ms']:.2f} / {without['wall_ms']:.2f} ms = "
-        f"{with_['wall_ms'] / without['wall_ms']:.3f}"
-    )
+    if evicting:
+        without = evicting["snapkv@512"]["wall_ms"]
+        for name, measured in evicting.items():
+            if name != "snapkv@512":
+                ratio = measured["wall_ms"] / without
+                print(f"{name} vs without: {measured['wall_ms']:.2f} / {without:.2f} ms = {ratio:.3f}")
     if result["largest_batch"]:
         full, snap = result["largest_batch"]
         print(

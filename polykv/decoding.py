@@ -15,7 +15,7 @@ the host reads the tokens every ``check_every`` steps to stop once every row has
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,11 +35,13 @@ def static_generate(
     pad_token_id: int | None = None,
     graph: bool | None = None,
     check_every: int = 32,
+    eviction_slack: int = 0,
 ) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
 
     ``cache`` is a fresh ``plan.make_cache()`` and the model is prepared (``plan.apply``). ``graph``
     chooses CUDA-graph replay (default: on CUDA); without it the static step runs eagerly.
+    ``eviction_slack`` > 0 trades exactness for speed with decode policies: see ``StaticDecoder``.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -77,18 +79,24 @@ def static_generate(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             ended=stops.ended,
+            eviction_slack=eviction_slack,
         ) as decoder:
-            decoder.run(remaining - decoder.produced, check_every)
+            decoder.run(remaining, check_every)
             generated.append(decoder.tokens)
     return torch.cat([input_ids, torch.stack(generated[:2], dim=1), *generated[2:]], dim=1)
 
 
 class StaticDecoder:
-    """Static decoding steps after a prefill and one ordinary step: each ``run`` step is one graph replay.
+    """Static decoding steps after a prefill and one ordinary step: on CUDA each step is one graph replay.
 
     Holds the cache in static decoding from construction to ``close`` (or the end of a ``with``
-    block), with room for ``room`` tokens. Building it on CUDA runs one real step on a side stream
-    (the warm-up a capture needs) and captures the next; ``produced`` counts the steps run so far.
+    block), with room for ``room`` tokens; ``produced`` counts the steps run. Which layers evict in a
+    step is known on the host in advance (counts do not depend on the data), and each set of them
+    gets its own graph, captured the first time it comes: that step runs for real on a side stream
+    (the warm-up a capture needs), and the capture serves the later ones. ``eviction_slack`` lets
+    decode-bounded layers evict ``slack + 1`` tokens at once, so that most steps evict nothing
+    (they then hold between bound - slack and bound tokens; 0 evicts at every step, exactly as
+    ``model.generate`` does).
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class StaticDecoder:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         ended: torch.Tensor | None = None,
+        eviction_slack: int = 0,
     ):
         """``last_tokens`` (B,) are fed first, at ``position_ids`` (B, 1); ``ended`` (B,) marks rows that
         already produced an end-of-sequence token."""
@@ -120,11 +129,8 @@ class StaticDecoder:
         )
         self._written = torch.zeros(1, dtype=torch.long, device=self._ids.device)
         self.room, self.produced = room, 0
-        cache.begin_static(room=room)
-        self._replay = self._step
-        if self.graph:
-            self._replay = _captured(self._step)
-            self.produced = 1  # the warm-up step
+        cache.begin_static(room=room, slack=eviction_slack)
+        self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the layers that evict in the step
 
     def _step(self) -> None:
         logits = self._model(
@@ -146,7 +152,14 @@ class StaticDecoder:
         if self.produced + steps > self.room:
             raise CacheError(f"the decoder has room for {self.room} tokens; {self.produced} are made")
         for done in range(1, steps + 1):
-            self._replay()
+            evicting = self._cache.plan_static_step()
+            if not self.graph:
+                self._step()
+            elif evicting in self._graphs:
+                self._graphs[evicting]()
+            else:
+                self._graphs[evicting] = _captured(self._step)
+            self._cache.static_stepped()
             self.produced += 1
             if done % check_every == 0 and self.stops.all_ended():
                 break
@@ -169,7 +182,7 @@ class StaticDecoder:
         self.close()
 
 
-def _captured(step):
+def _captured(step: Callable[[], None]) -> Callable[[], None]:
     """Run ``step`` once for real on a side stream (warm-up), capture it, and return the graph's replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -99,13 +99,44 @@ def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
         slots = [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers]
         token = torch.tensor([[5], [6]])
         position_ids = torch.tensor([[32], [32]])
+        evicting = []
         for _ in range(5):
+            evicting.append(cache.plan_static_step())
             model(input_ids=token, position_ids=position_ids, past_key_values=cache)
+            cache.static_stepped()
             position_ids += 1
+        # Held 17 after the ordinary step: the second step fills the last free slot and evicts, and so on.
+        assert evicting == [(), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3)]
         assert [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers] == slots
         assert all(layer.static.keys.shape[2] == 19 for layer in cache.layers)  # the bound plus one
         cache.end_static(5)
     assert cache.layer_lengths() == [18] * 4
+
+
+@pytest.mark.parametrize("slack", [1, 3])
+def test_eviction_slack_evicts_several_tokens_every_few_steps(slack):
+    """With slack s a decode-bounded layer goes over its bound every s + 1 steps and drops to bound - s;
+    streaming then holds its sinks and the newest tokens."""
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 30])
+    plan = polykv.compile("*: snapkv@16(window=4) decode streaming@20(sink=2)", model)
+    with plan.apply(model):
+        cache = plan.make_cache()
+        tokens = static_generate(
+            model, cache, ids, attention_mask=mask, max_new_tokens=30, graph=False, eviction_slack=slack
+        )
+    held = 17  # after the ordinary first step
+    for _ in range(28):  # the static steps
+        held = 20 - slack if held + 1 > 20 else held + 1
+    assert tokens.shape == (2, 60)
+    assert cache.layer_lengths() == [held] * 4
+    seen = cache.layers[0].seen
+    for layer in cache.layers:
+        positions = layer.storage.positions_or_slots()
+        sinks = positions[..., :2]
+        assert (sinks < 30).all()  # the first two tokens snapkv kept
+        newest = torch.arange(seen - (held - 2), seen).expand_as(positions[..., 2:])
+        assert torch.equal(positions[..., 2:], newest)
 
 
 def test_eos_ends_rows_and_generation_stops():
@@ -187,13 +218,22 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("spec", ["*: full", "*: snapkv@16(window=4) decode streaming@20"])
-def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec):
+@pytest.mark.parametrize(
+    ("spec", "slack"),
+    [("*: full", 0), ("*: snapkv@16(window=4) decode streaming@20", 0), ("*: knorm@12 decode streaming@20", 3)],
+)
+def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack):
+    """Steps that evict and steps that do not are different graphs; replaying them gives the eager tokens."""
     model = tiny_model("llama", device="cuda")
     ids, mask = (t.cuda() for t in padded_prompt([30, 22]))
     plan = polykv.compile(spec, model)
+    runs = {}
     with plan.apply(model):
-        eager = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=20, graph=False)
-        cache = plan.make_cache()
-        replayed = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=20, graph=True)
-    assert torch.equal(replayed, eager)
+        for graph in (False, True):
+            cache = plan.make_cache()
+            tokens = static_generate(
+                model, cache, ids, attention_mask=mask, max_new_tokens=40, graph=graph, eviction_slack=slack
+            )
+            runs[graph] = tokens, cache.layer_lengths()
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == runs[False][1]

@@ -81,11 +81,23 @@ class PolyCache(Cache):
             layer.problems = []
         raise_pending(pending)
 
-    def begin_static(self, room: int) -> None:
-        """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``."""
+    def begin_static(self, room: int, slack: int = 0) -> None:
+        """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``.
+
+        ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time.
+        """
         self.check()
         for layer in self.layers:
-            layer.begin_static(room)
+            layer.begin_static(room, slack)
+
+    def plan_static_step(self) -> tuple[int, ...]:
+        """Prepare the coming static step; the layers that evict in it (each set of them is its own graph)."""
+        return tuple(layer.index for layer in self.layers if layer.static.plan_step())
+
+    def static_stepped(self) -> None:
+        """Count a static step that ran."""
+        for layer in self.layers:
+            layer.static.stepped()
 
     def end_static(self, steps: int) -> None:
         """Back to ordinary decoding after ``steps`` static steps: every layer holds its tokens by position again."""

@@ -244,11 +244,11 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
-    def begin_static(self, room: int) -> None:
-        """Decode with fixed shapes from now on (see ``static``), with room for ``room`` more tokens."""
+    def begin_static(self, room: int, slack: int = 0) -> None:
+        """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens."""
         if self.phase is not Phase.DECODE:
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
-        self.static = StaticDecoding(self, room)
+        self.static = StaticDecoding(self, room, slack)
 
     def end_static(self, steps: int) -> None:
         """Back to ordinary decoding after ``steps`` static steps."""

@@ -16,8 +16,6 @@ attended, and one slot is freed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from polykv.cache.storage import POSITION
@@ -31,17 +29,26 @@ FREE = torch.iinfo(POSITION).max
 class StaticDecoding:
     """One layer's slots during static decoding (see the module docstring)."""
 
-    def __init__(self, layer, room: int):
-        """``layer`` (a PolyLayer in its decoding phase) gets slots for ``room`` more tokens, or its bound."""
+    def __init__(self, layer, room: int, slack: int = 0):
+        """``layer`` (a PolyLayer in its decoding phase) gets slots for ``room`` more tokens, or its bound.
+
+        ``slack`` lets a layer bounded by a decode policy evict ``slack + 1`` tokens at once when it
+        goes over its bound, so that it evicts every ``slack + 1`` steps instead of at every step
+        (a sliding window always keeps its whole window).
+        """
         self.layer = layer
         storage = layer.storage
-        self.size = storage.size  # tokens held when static decoding began
         self.bound, self.policy = _bound_and_policy(layer)  # policy None with a bound: keep the newest
         if self.bound is not None and storage.size > self.bound:
             raise CacheError(
                 f"layer {layer.index} holds {storage.size} tokens, more than its decoding bound of {self.bound}: "
                 "run one ordinary decoding step first, which evicts down to the bound"
             )
+        self.slack = 0
+        if self.policy is not None:
+            self.slack = max(0, min(slack, self.bound - self.policy.min_budget()))
+        self.held = storage.size  # tokens held now, known on the host: counts do not depend on the data
+        self.evicting = False  # whether the coming step evicts (see plan_step)
         slots = storage.size + room if self.bound is None else self.bound + 1
         batch, heads = layer.batch_size, layer.kv_heads
         device = storage.keys.device
@@ -54,49 +61,63 @@ class StaticDecoding:
             self.real = torch.ones(batch, heads, slots, dtype=torch.bool, device=device)
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
         storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
-        self.slot = torch.full((batch, heads, 1), self.size, dtype=torch.long, device=device)
+        # The free slots, taken in order: first the room after the kept tokens, then what evictions free.
+        free = max(slots - storage.size if self.bound is None else slots - self.held, self.slack + 1)
+        self.free = torch.arange(self.held, self.held + free, device=device).clamp(max=slots - 1)
+        self.free = self.free.expand(batch, heads, free).contiguous()
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next free slot's place in ``free``
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
 
     # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's token into the free slot; return every slot's keys and values."""
+        """Write the step's token into the next free slot; return every slot's keys and values."""
         if keys.shape[-2] != 1:
             raise CacheError("static decoding takes one token per step")
         dim = keys.shape[-1]
-        self.keys.scatter_(2, self.slot[..., None].expand(-1, -1, -1, dim), keys)
-        self.values.scatter_(2, self.slot[..., None].expand(-1, -1, -1, dim), values)
-        self.positions.scatter_(2, self.slot, self.position.to(POSITION).expand_as(self.slot))
+        slot = self.free.gather(-1, self.cursor.expand(*self.free.shape[:2], 1))  # (B, H, 1)
+        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), keys)
+        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), values)
+        self.positions.scatter_(2, slot, self.position.to(POSITION).expand_as(slot))
         if self.real is not None:
-            self.real.scatter_(2, self.slot, True)
+            self.real.scatter_(2, slot, True)
+        self.cursor += 1
         return self.keys, self.values
 
     def after_attention(self) -> None:
-        """Choose the next step's slot (freeing the lowest-ranked token if the layer is full)."""
+        """Move to the next position; in an evicting step, free the slots of the lowest-ranked tokens."""
         self.position += 1
-        if self.bound is None:
-            self.slot += 1
+        if not self.evicting:
             return
-        held = self.positions != FREE
+        count = self.held + 1 - (self.bound - self.slack)
         view = LayerView(
             layer=self.layer.index,
             phase=Phase.DECODE,
-            budget=self.bound,
+            budget=self.bound - self.slack,
             keys=self.keys,
             values=self.values,
-            token_mask=held if self.real is None else held & self.real,
+            token_mask=torch.ones_like(self.positions, dtype=torch.bool) if self.real is None else self.real,
             positions=self.positions.long(),
         )
         scores = (view.positions if self.policy is None else self.policy.score(view)).float()
-        # Free slots go first (no eviction while one is left), then padding, then the lowest score.
-        lowest_real = torch.finfo(torch.float32).min / 2
+        lowest_real = torch.finfo(torch.float32).min / 2  # padding ranks below every real token
         ranked = scores.nan_to_num(nan=lowest_real).clamp(min=lowest_real).masked_fill(~view.token_mask, -3e38)
-        ranked = ranked.masked_fill(~held, -math.inf)
-        # Ties go to the earlier token (as in ScoringPolicy.select): of the lowest, free the newest.
-        lowest = ranked == ranked.min(dim=-1, keepdim=True).values
-        newest_lowest = torch.where(lowest, self.positions, -1).argmax(dim=-1, keepdim=True)
-        self.slot.copy_(newest_lowest)  # in place: a captured graph reads this very tensor
-        self.positions.scatter_(2, self.slot, FREE)
+        # Ties go to the earlier token (as in ScoringPolicy.select): of equal ranks, free the newest.
+        newest_first = self.positions.argsort(dim=-1, descending=True, stable=True)
+        lowest = ranked.gather(-1, newest_first).argsort(dim=-1, stable=True)[..., :count]
+        freed = newest_first.gather(-1, lowest)
+        self.free[..., :count].copy_(freed)  # in place: a captured graph reads these very tensors
+        self.cursor.zero_()
+        self.positions.scatter_(2, freed, FREE)
+
+    def plan_step(self) -> bool:
+        """Whether the coming step evicts: the layer would go over its bound (decided on the host)."""
+        self.evicting = self.bound is not None and self.held + 1 > self.bound
+        return self.evicting
+
+    def stepped(self) -> None:
+        """Count the step just run (on the host)."""
+        self.held = self.bound - self.slack if self.evicting else self.held + 1
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.keys, self.values, self.positions, self.real) if t is not None)
@@ -106,8 +127,7 @@ class StaticDecoding:
     def finish(self, steps: int) -> None:
         """Give the layer its ordinary storage after ``steps`` static steps: held tokens sorted by position."""
         layer = self.layer
-        held = self.size + steps if self.bound is None else min(self.size + steps, self.bound)
-        order = self.positions.argsort(dim=-1, stable=True)[..., :held]
+        order = self.positions.argsort(dim=-1, stable=True)[..., : self.held]
         gather = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         layer.storage.hold(self.keys.gather(2, gather), self.values.gather(2, gather), self.positions.gather(-1, order))
         layer.seen += steps
