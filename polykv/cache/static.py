@@ -3,15 +3,17 @@
 An ordinary decoding step changes Python-side lengths and tensor shapes (``Storage.append``,
 ``keep``), so every step is planned anew by the host, and a CUDA graph cannot replay it. In static
 decoding a layer holds a fixed number of slots: its kept tokens and room for the tokens to come,
-or, for a layer bounded while decoding, its bound plus one. A step writes the new token into a slot
-chosen on the device, attends over every slot (``decode_attention``: a slot is visible by its stored
-position, and a free slot holds the position ``FREE``, after every real one), and, where the layer
-is bounded, frees the slot of the lowest-ranked token for the next step. Slots are reused in any order;
-``finish`` sorts them back by position and hands the layer its ordinary storage.
+or, for a layer bounded while decoding, its bound plus one. A step writes the new token into the
+next free slot (a list of them lives on the device), attends over every slot (``decode_attention``:
+a slot is visible by its stored position, and a free slot holds the position ``FREE``, after every
+real one), and, in a step where the layer goes over its bound, frees the slots of the lowest-ranked
+tokens. Which steps those are is known on the host, since counts do not depend on the data, so
+each step's graph is fixed. Slots are reused in any order; ``finish`` sorts them back by position
+and hands the layer its ordinary storage.
 
 This is what the step of a bounded layer computes, exactly: the ordinary path appends, attends
 over budget + 1 tokens and evicts one; here the free slot takes the token, all budget + 1 slots are
-attended, and one slot is freed.
+attended, and one slot is freed. With a slack s, s + 1 slots are freed at once instead.
 """
 
 from __future__ import annotations
