@@ -180,7 +180,7 @@ def tune(
     import attrs
     from tqdm import tqdm
 
-    from polykv.eval.runner import _batches, _BatchScorer, _needs
+    from polykv.eval.batch import BatchScorer, by_task, needs_of
     from polykv.plan import compile
     from polykv.profile import TunedRegime
 
@@ -189,14 +189,13 @@ def tune(
     if not budgets:
         return profile
     baseline = "pyramidkv" if "pyramidkv" in profile.policies else next(iter(profile.policies))
-    batches = list(_batches(samples, batch_size))
+    batches = list(by_task(samples, batch_size))
     losses: dict[tuple, list[float]] = {}
-    padding = type("Padding", (), {"pad_token_id": pad_token_id})()
 
     def score(plans: dict) -> None:
-        needs = _needs(plans.values())
+        needs = needs_of(plans.values())
         for batch in tqdm(batches, desc="tuning", unit="batch", disable=not progress, leave=False):
-            scorer = _BatchScorer(model, padding, batch, needs, answers=False)
+            scorer = BatchScorer(model, batch, needs, pad_token_id=pad_token_id)
             for key, plan in plans.items():
                 for record in scorer.score(str(key), 0, plan):
                     losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)

@@ -11,6 +11,7 @@ from conftest import requires_real_model, tiny_llama
 
 import polykv
 from polykv.errors import PolykvError
+from polykv.eval import batch as batch_module
 from polykv.eval import runner as runner_module
 from polykv.eval.loader import read_jsonl
 from polykv.eval.report import markdown, summary
@@ -98,7 +99,7 @@ def test_the_runner_scores_every_cell_resumes_and_matches_a_fresh_prefill(tmp_pa
     expected = float(_Tokens().decode(alone[0, len(sample.prompt) :]).split()[0] == sample.expected[0])
     assert by[("full", 0, 1)].accuracy == expected
     # A second run computes nothing; after losing lines, only the lost ones come back.
-    monkeypatch.setattr(runner_module, "capture", lambda *a, **k: pytest.fail("recomputed a finished batch"))
+    monkeypatch.setattr(batch_module, "capture", lambda *a, **k: pytest.fail("recomputed a finished batch"))
     assert len(run(model, _Tokens(), _hand_made(), methods, [8, 16], tmp_path, progress=False)) == len(records)
     monkeypatch.undo()
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:-4]) + "\n")

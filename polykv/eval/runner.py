@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -27,13 +27,11 @@ import torch
 from tqdm import tqdm
 
 from polykv.cache.attention import prepare_model
-from polykv.cache.capture import Capture, capture, continuation_positions
 from polykv.errors import PolykvError
-from polykv.eval.scoring import kl_divergence, negative_log_likelihood
+from polykv.eval.batch import BatchScorer, Record, by_task, needs_of
 from polykv.eval.tasks import Sample
 from polykv.lang.diagnostics import SpecError
 from polykv.plan import Plan, compile
-from polykv.policy import Needs
 
 #: Single policies applied uniformly: the baselines "best single" is chosen among.
 SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm")
@@ -72,25 +70,6 @@ def method(text: str) -> Method:
     raise PolykvError(f"method {text!r}: name one of {known}, or give a spec with {{budget}} (NAME=SPEC names it)")
 
 
-@attrs.frozen
-class Record:
-    """One sample scored with one method at one budget."""
-
-    task: str
-    format: str
-    seed: int
-    method: str
-    budget: int
-    kl: float
-    nll: float
-    accuracy: float | None
-    stored: float  # tokens stored per layer after prefill, on average over layers
-
-    @property
-    def key(self) -> tuple:
-        return (self.task, self.format, self.seed, self.method, self.budget)
-
-
 def run(
     model: torch.nn.Module,
     tokenizer,
@@ -114,7 +93,7 @@ def run(
     prepare_model(model)
     plans = _plans(model, methods, budgets, profile)
     cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
-    batches = list(_batches(samples, batch_size))
+    batches = list(by_task(samples, batch_size))
     todo = sum(1 for batch in batches for s in batch for m, b in cells if _key(s, m, b) not in done)
     with (
         path.open("a", encoding="utf-8") as sink,
@@ -124,7 +103,13 @@ def run(
             missing = [(m, b) for m, b in cells if any(_key(s, m, b) not in done for s in batch)]
             if not missing:
                 continue
-            scorer = _BatchScorer(model, tokenizer, batch, _needs(plans.values()), answers=answers)
+            scorer = BatchScorer(
+                model,
+                batch,
+                needs_of(plans.values()),
+                pad_token_id=tokenizer.pad_token_id,
+                tokenizer=tokenizer if answers else None,
+            )
             for chosen, budget in missing:
                 plan = plans.get((chosen.name, budget))
                 for record in scorer.score(chosen.name, budget, plan):
@@ -159,77 +144,6 @@ def machine() -> str:
     return f"{platform.machine()}-{device}"
 
 
-class _BatchScorer:
-    """One batch of samples, prefilled once, scored under any method's cache."""
-
-    def __init__(self, model, tokenizer, batch: Sequence[Sample], needs: Needs, *, answers: bool = True):
-        self.model, self.tokenizer, self.batch, self.answers = model, tokenizer, batch, answers
-        device = next(model.parameters()).device
-        width = max(s.length for s in batch)
-        self.ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        self.mask = torch.zeros_like(self.ids)
-        for row, sample in enumerate(batch):
-            self.ids[row, width - sample.length :] = torch.tensor(sample.prompt)
-            self.mask[row, width - sample.length :] = 1
-        self.ids, self.mask = self.ids.to(device), self.mask.to(device)
-        length = min(len(s.target) for s in batch)
-        self.targets = torch.tensor([s.target[:length] for s in batch], device=device)
-        self.steps = max(len(s.target) for s in batch) + 2
-        room = max(length, self.steps)
-        self.captured: Capture = capture(model, self.ids, self.mask, needs=needs, room=room)
-        self.reference = self._teacher_forced(self.captured.cache(share_room=True))
-
-    def score(self, method: str, budget: int, plan: Plan | None) -> Iterator[Record]:
-        if plan is None:
-            logits, stored = self.reference, float(self.captured.seen)
-        else:
-            cache = plan.cache_from(self.captured)
-            stored = sum(cache.layer_lengths()) / len(cache.layers)
-            logits = self._teacher_forced(cache)
-        answers = self._greedy(plan) if self.answers else [None] * len(self.batch)
-        kl = kl_divergence(self.reference, logits)
-        nll = negative_log_likelihood(logits, self.targets[:, 1:])
-        for row, sample in enumerate(self.batch):
-            accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
-            yield Record(
-                sample.task,
-                sample.format,
-                sample.seed,
-                method,
-                budget,
-                float(kl[row]),
-                float(nll[row]),
-                accuracy,
-                stored,
-            )
-
-    def _teacher_forced(self, cache) -> torch.Tensor:
-        """Logits predicting target tokens 2.. (the first is predicted by the prefill itself)."""
-        inputs = self.targets[:, :-1]
-        mask = torch.cat([self.mask, torch.ones_like(inputs)], dim=1)
-        with torch.no_grad():
-            return self.model(
-                inputs,
-                attention_mask=mask,
-                position_ids=continuation_positions(self.mask, inputs.shape[1]),
-                past_key_values=cache,
-            ).logits
-
-    def _greedy(self, plan: Plan | None) -> list[str]:
-        cache = self.captured.cache() if plan is None else plan.cache_from(self.captured)
-        token = self.captured.logits.argmax(-1, keepdim=True)
-        produced, mask = [token], self.mask
-        with torch.no_grad():
-            for step in range(self.steps - 1):
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                positions = continuation_positions(self.mask, 1) + step
-                logits = self.model(token, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                produced.append(token)
-        tokens = torch.cat(produced, dim=1)
-        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
-
-
 def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile) -> dict[tuple[str, int], Plan]:
     plans = {}
     for chosen in methods:
@@ -248,23 +162,5 @@ def _full(methods: Sequence[Method]) -> Method:
     return next((m for m in methods if m.template is None), Method("full", None))
 
 
-def _needs(plans) -> Needs:
-    needs = [plan.needs() for plan in plans]
-    return Needs(
-        window=max([1, *(n.window for n in needs)]),
-        window_attention=True,
-        accumulated_attention=any(n.accumulated_attention for n in needs),
-    )
-
-
 def _key(sample: Sample, method: Method, budget: int) -> tuple:
     return (sample.task, sample.format, sample.seed, method.name, budget)
-
-
-def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
-    groups: dict[tuple[str, str], list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault((sample.task, sample.format), []).append(sample)
-    for group in groups.values():
-        for start in range(0, len(group), size):
-            yield group[start : start + size]
