@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     generate.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
+    generate.add_argument(
+        "--static",
+        action="store_true",
+        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy)",
+    )
     generate.set_defaults(run="polykv.commands.generate:run")
 
     calibrate = commands.add_parser(

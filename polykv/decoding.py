@@ -36,13 +36,17 @@ def static_generate(
     graph: bool | None = None,
     check_every: int = 32,
     eviction_slack: int = 0,
+    on_token: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
 
     ``cache`` is a fresh ``plan.make_cache()`` and the model is prepared (``plan.apply``). ``graph``
     chooses CUDA-graph replay (default: on CUDA); without it the static step runs eagerly.
     ``eviction_slack`` > 0 trades exactness for speed with decode policies: see ``StaticDecoder``.
+    ``on_token`` is called on the host after each token is queued (for progress; it reads nothing
+    from the device).
     """
+    on_token = on_token or (lambda: None)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     stops = _Stops(eos_token_id, pad_token_id, input_ids)
@@ -62,11 +66,13 @@ def static_generate(
         return stops.next_token(output.logits[:, -1])
 
     generated = [forward(input_ids, positions, attention_mask)]
+    on_token()
     if max_new_tokens >= 2:
         # One ordinary step: it ends the prefill and evicts decode-bounded layers down to their bound.
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         generated.append(forward(generated[-1][:, None], positions, attention_mask))
+        on_token()
     remaining = max_new_tokens - len(generated)
     if remaining and not stops.all_ended():
         with StaticDecoder(
@@ -81,9 +87,10 @@ def static_generate(
             ended=stops.ended,
             eviction_slack=eviction_slack,
         ) as decoder:
-            decoder.run(remaining, check_every)
+            decoder.run(remaining, check_every, on_step=on_token)
             generated.append(decoder.tokens)
-    return torch.cat([input_ids, torch.stack(generated[:2], dim=1), *generated[2:]], dim=1)
+    new = torch.cat([torch.stack(generated[:2], dim=1), *generated[2:]], dim=1)
+    return torch.cat([input_ids, stops.trimmed(new)], dim=1)
 
 
 class StaticDecoder:
@@ -147,8 +154,9 @@ class StaticDecoder:
         self._position_ids.add_(1)
 
     @torch.no_grad()
-    def run(self, steps: int, check_every: int = 32) -> None:
-        """Run up to ``steps`` more steps, stopping early once every row has ended (checked every ``check_every``)."""
+    def run(self, steps: int, check_every: int = 32, on_step: Callable[[], None] | None = None) -> None:
+        """Run up to ``steps`` more steps, stopping early once every row has ended (checked every
+        ``check_every``); ``on_step`` is called on the host after each step is queued."""
         if self.produced + steps > self.room:
             raise CacheError(f"the decoder has room for {self.room} tokens; {self.produced} are made")
         for done in range(1, steps + 1):
@@ -161,6 +169,8 @@ class StaticDecoder:
                 self._graphs[evicting] = _captured(self._step)
             self._cache.static_stepped()
             self.produced += 1
+            if on_step is not None:
+                on_step()
             if done % check_every == 0 and self.stops.all_ended():
                 break
 
@@ -211,6 +221,14 @@ class _Stops:
         token = token.masked_fill(self.ended, self.pad)
         self.ended |= torch.isin(token, self.eos)
         return token
+
+    def trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (B, n) without the columns after every row's first end-of-sequence token."""
+        if not len(self.eos):
+            return tokens
+        ends = torch.isin(tokens, self.eos)
+        first = torch.where(ends.any(dim=1), ends.int().argmax(dim=1), tokens.shape[1] - 1)
+        return tokens[:, : int(first.max()) + 1]
 
     def all_ended(self) -> bool:
         return bool(len(self.eos)) and bool(self.ended.all())

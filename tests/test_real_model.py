@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,22 @@ def test_the_main_command(real_model):
     assert "0-1     full" in report and "1027 of 1027" in report
     assert "% saved)" in report and "time: load" in report
     assert "prefill 1027 tokens" in result.stderr  # the progress bar
+
+
+def test_the_main_command_with_static_decoding(real_model):
+    """``--static`` decodes with fixed-shape steps (eager on the CPU): the same answer and report."""
+    command = [sys.executable, "-m", "polykv.cli", "generate", "--spec", "budget 128; layers *: auto@auto"]
+    command += ["--prompt-file", str(ROOT / "examples/prompts/passkey-1k.txt"), "--max-new-tokens", "12"]
+    runs = [
+        subprocess.run(command + extra, capture_output=True, text=True, timeout=600) for extra in ([], ["--static"])
+    ]
+    for result in runs:
+        assert result.returncode == 0, result.stderr
+    (answer, _, report), (static_answer, _, static_report) = (run.stdout.partition("\n\n") for run in runs)
+    assert static_answer == answer and "72514" in answer
+    assert report.splitlines()[:-1] == static_report.splitlines()[:-1]  # kept tokens and memory
+    generated = [re.search(r"\((\d+) tokens", text).group(1) for text in (report, static_report)]
+    assert generated[0] == generated[1]  # both stop at the end-of-sequence token
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])

@@ -212,7 +212,7 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
             pad_token_id=tokenizer.pad_token_id,
             graph=False,
         )
-    assert torch.equal(tokens[:, : expected.shape[1]], expected)
+    assert torch.equal(tokens, expected)  # the same tokens, and it stops where generate stops
     assert "72514" in tokenizer.decode(tokens[0, ids.shape[1] :])
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from polykv.commands import setup
 from polykv.commands.output import mib, table
 from polykv.commands.setup import spec_argument
+from polykv.decoding import static_generate
 from polykv.errors import PolykvError
 from polykv.lang.check import check
 from polykv.lang.printer import layer_ranges
@@ -45,16 +46,29 @@ def run(args: argparse.Namespace) -> int:
 
     input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])
-    with _Progress(model, input_ids.shape[1], args.max_new_tokens) as progress, torch.no_grad():
-        output = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = output[0, input_ids.shape[1] :]
+    progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static)
+    with progress, torch.no_grad():
+        if args.static:
+            output = static_generate(
+                model,
+                cache,
+                input_ids,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                on_token=progress.token,
+            )
+        else:
+            output = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=cache,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[0, input_ids.shape[1] :].tolist()  # waits for the device
+        progress.finish()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     print()
     print(_report(plan.resolved(input_ids.shape[1]), progress, loaded, len(new_tokens)))
@@ -81,12 +95,17 @@ def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
 
 
 class _Progress:
-    """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer."""
+    """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer.
 
-    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int):
+    With ``static`` decoding the forwards after the prefill are captured once and replayed, so tokens
+    are counted by ``token`` (called by ``static_generate``) and timed as a whole by ``finish``.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, static: bool = False):
         self.model = model
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
+        self.static = static
         self.forwards = 0
         self.kept_after_prefill: list[int] = []
         self.nbytes_after_prefill = self.full_nbytes_after_prefill = 0
@@ -119,8 +138,19 @@ class _Progress:
     def _before_forward(self, module, args) -> None:
         self._started = time.perf_counter()
 
+    def token(self) -> None:
+        """One more token queued (static decoding)."""
+        self._tokens_bar.update(1)
+
+    def finish(self) -> None:
+        """Generation is over: static decoding's time is everything after the prefill."""
+        if self.static:
+            self.decode_seconds = time.perf_counter() - self._prefilled
+
     def _after_forward(self, module, args, kwargs, output) -> None:
         seconds = time.perf_counter() - self._started
+        if self.static and self.forwards > 0:
+            return  # captured or replayed steps: counted by token() and timed by finish()
         # transformers renames the argument to ``cache`` (5.24 passes that; 5.17 past_key_values).
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if self.forwards == 0:
@@ -130,10 +160,14 @@ class _Progress:
             self.full_nbytes_after_prefill = cache.full_nbytes()
             self._layers_bar.close()
             self._tokens_bar = tqdm(total=self.max_new_tokens, desc="generate", unit="token", file=sys.stderr)
+            self._prefilled = time.perf_counter()
+            self.forwards += 1
+            if self.static:
+                return  # static_generate counts its first token itself
         else:
             self.decode_seconds += seconds
+            self.forwards += 1
         self._tokens_bar.update(1)
-        self.forwards += 1
 
 
 def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: int) -> str:
