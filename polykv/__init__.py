@@ -21,6 +21,7 @@ _EXPORTS = {
     "is_prepared": "polykv.cache",
     "prepare_model": "polykv.cache",
     "restore_model": "polykv.cache",
+    "Sampling": "polykv.decoding",
     "StaticDecoder": "polykv.decoding",
     "static_generate": "polykv.decoding",
     "CacheError": "polykv.errors",
@@ -79,6 +80,7 @@ __all__ = [
     "PolykvError",
     "Profile",
     "Registry",
+    "Sampling",
     "ScoringPolicy",
     "Spec",
     "SpecError",
@@ -122,7 +124,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from polykv.cache import PolyCache, is_prepared, prepare_model, restore_model
-    from polykv.decoding import StaticDecoder, static_generate
+    from polykv.decoding import Sampling, StaticDecoder, static_generate
     from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
     from polykv.hooks import hookimpl
     from polykv.lang.ast import Spec

@@ -1,22 +1,25 @@
-"""Greedy generation whose decoding steps are one CUDA graph replay each.
+"""Generation whose decoding steps are one CUDA graph replay each.
 
 ``model.generate`` drives every decoding step from Python: on an 8B model that is some 1,500
 kernel launches per token, and a compressed cache that reads 64x fewer keys decodes no faster,
 because the host, not the GPU, sets the pace (docs/performance.md). ``static_generate`` runs the
 prefill and one ordinary decoding step (which brings decode-bounded layers within their bounds and
 warms the kernels up), switches the cache to static decoding (``polykv.cache.static``: fixed slots,
-masks from stored positions, no host round trip), captures one step in a CUDA graph and replays it
-for every later token. On the CPU the same static step runs eagerly, which is how its exactness is
-tested against ``model.generate``.
+masks from stored positions, no host round trip), captures the step in CUDA graphs (one per set
+of layers that evict in it) and replays them for every later token. On the CPU the same static
+step runs eagerly, which is how its exactness is tested against ``model.generate``.
 
-Greedy decoding only. A row that produced an end-of-sequence token continues with the pad token;
-the host reads the tokens every ``check_every`` steps to stop once every row has ended.
+The next token is the most likely one, or sampled (``Sampling``: temperature, top-k, top-p). A row
+that produced an end-of-sequence token continues with the pad token; the host reads the tokens
+every ``check_every`` steps to stop once every row has ended.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import attrs
 import torch
 
 from polykv.cache.cache import PolyCache
@@ -37,19 +40,20 @@ def static_generate(
     check_every: int = 32,
     eviction_slack: int = 0,
     on_token: Callable[[], None] | None = None,
+    sampling: Sampling | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
+    """The continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
 
     ``cache`` is a fresh ``plan.make_cache()`` and the model is prepared (``plan.apply``). ``graph``
     chooses CUDA-graph replay (default: on CUDA); without it the static step runs eagerly.
     ``eviction_slack`` > 0 trades exactness for speed with decode policies: see ``StaticDecoder``.
     ``on_token`` is called on the host after each token is queued (for progress; it reads nothing
-    from the device).
+    from the device). ``sampling`` samples instead of choosing greedily (see ``Sampling``).
     """
     on_token = on_token or (lambda: None)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    stops = _Stops(eos_token_id, pad_token_id, input_ids)
+    stops = _Stops(eos_token_id, pad_token_id, input_ids, sampling)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
@@ -86,6 +90,7 @@ def static_generate(
             pad_token_id=pad_token_id,
             ended=stops.ended,
             eviction_slack=eviction_slack,
+            sampling=sampling,
         ) as decoder:
             decoder.run(remaining, check_every, on_step=on_token)
             generated.append(decoder.tokens)
@@ -119,6 +124,7 @@ class StaticDecoder:
         pad_token_id: int | None = None,
         ended: torch.Tensor | None = None,
         eviction_slack: int = 0,
+        sampling: Sampling | None = None,
     ):
         """``last_tokens`` (B,) are fed first, at ``position_ids`` (B, 1); ``ended`` (B,) marks rows that
         already produced an end-of-sequence token."""
@@ -126,7 +132,7 @@ class StaticDecoder:
         if self.graph and not last_tokens.is_cuda:
             raise CacheError("CUDA-graph decoding needs the model and the prompt on a CUDA device")
         self._model, self._cache = model, cache
-        self.stops = _Stops(eos_token_id, pad_token_id, last_tokens)
+        self.stops = _Stops(eos_token_id, pad_token_id, last_tokens, sampling)
         if ended is not None:
             self.stops.ended |= ended
         self._ids = last_tokens[:, None].clone()
@@ -205,17 +211,48 @@ def _captured(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-class _Stops:
-    """Greedy choice of the next token, and which rows have ended (on the device)."""
+@attrs.frozen
+class Sampling:
+    """Sampling instead of greedy choice: ``temperature``, then the ``top_k`` most likely tokens and
+    the smallest set whose probability reaches ``top_p`` (each off when None).
 
-    def __init__(self, eos_token_id, pad_token_id, input_ids: torch.Tensor):
+    Draws with the Gumbel-max trick from the default generator (``torch.manual_seed``), on the
+    device and inside a captured step.
+    """
+
+    temperature: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
+    top_k: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
+    top_p: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional([attrs.validators.gt(0.0), attrs.validators.le(1.0)])
+    )
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``logits`` (B, V)."""
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.top_p is not None:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)  # mass of likelier tokens
+            outside = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
+            scores = scores.masked_fill(outside, -math.inf)
+        uniform = torch.rand_like(scores).clamp(min=torch.finfo(torch.float32).tiny)
+        return (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)
+
+
+class _Stops:
+    """The choice of the next token (greedy or sampled), and which rows have ended (on the device)."""
+
+    def __init__(self, eos_token_id, pad_token_id, input_ids: torch.Tensor, sampling: Sampling | None = None):
+        self.sampling = sampling
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
         self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
-        token = logits.argmax(dim=-1)
+        token = logits.argmax(dim=-1) if self.sampling is None else self.sampling.choose(logits)
         if not len(self.eos):
             return token
         token = token.masked_fill(self.ended, self.pad)

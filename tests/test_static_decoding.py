@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CUDA, requires_real_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import polykv
-from polykv.decoding import static_generate
+from polykv.decoding import Sampling, static_generate
 from polykv.errors import CacheError
 from polykv.testing.models import tiny_model
 
@@ -237,3 +239,64 @@ def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack
             runs[graph] = tokens, cache.layer_lengths()
     assert torch.equal(runs[True][0], runs[False][0])
     assert runs[True][1] == runs[False][1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    logits=st.lists(st.floats(-4, 4), min_size=2, max_size=6),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
+def test_sampling_draws_tokens_as_often_as_their_probability(logits, temperature):
+    torch.manual_seed(0)
+    row = torch.tensor(logits)
+    drawn = Sampling(temperature=temperature).choose(row.expand(20000, -1))
+    frequency = torch.bincount(drawn, minlength=len(logits)) / 20000
+    assert torch.allclose(frequency, (row / temperature).softmax(-1), atol=0.02)
+
+
+def test_top_k_and_top_p_never_draw_outside_their_set():
+    torch.manual_seed(1)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(5000, -1)  # probabilities 0.64, 0.24, 0.09, 0.03
+    assert set(Sampling(top_k=2).choose(logits).tolist()) == {0, 1}
+    assert set(Sampling(top_p=0.7).choose(logits).tolist()) == {0, 1}  # 0.64 < 0.7 <= 0.64 + 0.24
+    assert set(Sampling(top_p=0.5).choose(logits).tolist()) == {0}
+    with pytest.raises(ValueError):
+        Sampling(temperature=0.0)
+
+
+def test_static_generate_samples_reproducibly_and_top_k_1_is_greedy():
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([20, 14])
+    plan = polykv.compile("*: snapkv@12(window=4) decode streaming@16", model)
+    with plan.apply(model):
+
+        def generate(sampling, seed=0):
+            torch.manual_seed(seed)
+            return static_generate(
+                model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=12, graph=False, sampling=sampling
+            )
+
+        greedy = generate(None)
+        assert torch.equal(generate(Sampling(top_k=1)), greedy)
+        sampled = generate(Sampling(temperature=1.5))
+        assert torch.equal(generate(Sampling(temperature=1.5)), sampled)
+        assert not torch.equal(sampled, greedy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_sampling_inside_a_cuda_graph_is_reproducible():
+    model = tiny_model("llama", device="cuda")
+    ids, mask = (t.cuda() for t in padded_prompt([30, 22]))
+    plan = polykv.compile("*: snapkv@16(window=4) decode streaming@20", model)
+    runs = []
+    with plan.apply(model):
+        for _ in range(2):
+            torch.manual_seed(5)
+            runs.append(
+                static_generate(
+                    model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=30, sampling=Sampling(top_p=0.9)
+                )
+            )
+    assert torch.equal(runs[0], runs[1])
+    assert ((runs[0] >= 0) & (runs[0] < model.config.vocab_size)).all()
