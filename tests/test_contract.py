@@ -2,8 +2,11 @@
 
 from typing import ClassVar
 
+import pytest
+import torch
 from polykv_plugins import H2O, TOVA, Full, KeyNorm, PyramidKV, RandomEviction, SnapKV, Streaming
 
+from polykv.policy import ScoringPolicy
 from polykv.testing import PolicyContract
 
 
@@ -53,3 +56,20 @@ class TestKeyNorm(PolicyContract):
 
 class TestRandom(PolicyContract):
     policy = RandomEviction
+
+
+class _RanksBySlot(ScoringPolicy):
+    """Declares static decoding but ranks by slot order, which static decoding does not keep."""
+
+    name = "ranks-by-slot"
+    description = "Keeps the last slots."
+    static_decoding = True
+
+    def score(self, view):
+        return torch.arange(view.length, dtype=torch.float32).expand(view.positions.shape)
+
+
+def test_the_contract_catches_a_static_policy_that_ranks_by_slot():
+    contract = type("TestRanksBySlot", (PolicyContract,), {"policy": _RanksBySlot})()
+    with pytest.raises(AssertionError, match="depend on the order of slots"):
+        contract.test_static_scores_do_not_depend_on_slot_order()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import attrs
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +26,7 @@ from polykv.cache.checks import raise_for
 from polykv.cache.selection import choose
 from polykv.hooks import hookimpl
 from polykv.parameters import ParameterError
-from polykv.policy import LayerView, Phase, Policy, ScoringPolicy
+from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
 from polykv.testing.models import prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
@@ -160,6 +161,54 @@ class PolicyContract:
         view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 9, phase=Phase.DECODE)
         assert self.choose(view).shape[-1] == policy.min_budget()
 
+    # --- static decoding: policies that declare ``static_decoding = True`` ------------------------------
+
+    def _static_policy(self) -> Policy:
+        policy = self.make()
+        if not getattr(self.policy, "static_decoding", False):
+            pytest.skip("does not declare static_decoding = True")
+        assert isinstance(policy, ScoringPolicy), "static decoding runs ScoringPolicy.score; this is no ScoringPolicy"
+        assert policy.needs() == NOTHING_MORE, "a static decoding step hands a policy no queries or attention"
+        return policy
+
+    @_PROPERTY
+    @given(data=st.data())
+    def test_static_scores_do_not_depend_on_slot_order(self, data):
+        """Static decoding reuses slots in any order: shuffling the slots shuffles the scores, no more."""
+        policy = self._static_policy()
+        shape = data.draw(view_shapes(policy))
+        view = random_view(policy, **shape, phase=Phase.DECODE)
+        order = torch.randperm(shape["length"], generator=torch.Generator().manual_seed(shape["seed"]))
+        shuffled = attrs.evolve(
+            view,
+            keys=view.keys[:, :, order],
+            values=view.values[:, :, order],
+            token_mask=view.token_mask[..., order],
+            positions=view.positions[..., order],
+        )
+        expected = policy.score(view)[..., order]
+        got = policy.score(shuffled)
+        real = shuffled.token_mask
+        assert torch.allclose(got[real], expected[real], atol=1e-5), "the scores depend on the order of slots"
+
+    def test_static_decoding_gives_the_tokens_and_cache_of_ordinary_decoding(self):
+        from polykv.decoding import static_generate
+
+        policy = self._static_policy()
+        budget = max(policy.min_budget(), 6)
+        model = tiny_model("llama")
+        plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)} decode {self._use(budget + 4)}")
+        ids = prompt(budget + 12, batch=2, seed=3)
+        expected_cache, cache = plan.make_cache(registry), plan.make_cache(registry)
+        expected = _ordinary_greedy(model, expected_cache, ids, 14)
+        with torch.no_grad():
+            tokens = static_generate(model, cache, ids, max_new_tokens=14, graph=False)
+        assert torch.equal(tokens, expected), "static decoding chose other tokens than ordinary decoding"
+        assert cache.layer_lengths() == expected_cache.layer_lengths()
+        for layer, reference in zip(cache.layers, expected_cache.layers):
+            kept, expected_kept = layer.storage.positions_or_slots(), reference.storage.positions_or_slots()
+            assert torch.equal(kept, expected_kept), f"layer {layer.index} kept other tokens than ordinary decoding"
+
     # --- parameters -----------------------------------------------------------------------------------
 
     def test_parameters_are_validated(self):
@@ -262,12 +311,20 @@ class _Offering:
         register(self.policy)
 
 
+@torch.no_grad()
+def _ordinary_greedy(model, cache, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding one ordinary forward at a time, without stopping at an end-of-sequence token."""
+    out = ids
+    for _ in range(new):
+        ids = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        out = torch.cat([out, ids], dim=1)
+    return out
+
+
 def _tensors(view: LayerView) -> dict[str, torch.Tensor]:
     names = ("keys", "values", "token_mask", "positions", "queries", "window_attention", "accumulated_attention")
     return {name: getattr(view, name) for name in names if getattr(view, name) is not None}
 
 
 def _row(view: LayerView, row: int) -> LayerView:
-    import attrs
-
     return attrs.evolve(view, **{name: value[row : row + 1] for name, value in _tensors(view).items()})
