@@ -300,3 +300,21 @@ def test_sampling_inside_a_cuda_graph_is_reproducible():
             )
     assert torch.equal(runs[0], runs[1])
     assert ((runs[0] >= 0) & (runs[0] < model.config.vocab_size)).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    ranks=st.lists(st.integers(0, 3), min_size=2, max_size=12),
+    seed=st.integers(0, 1000),
+    count=st.integers(1, 3),
+)
+def test_the_freed_slots_are_the_lowest_ranked_and_of_equal_ranks_the_newest(ranks, seed, count):
+    from polykv.cache.static import _lowest_ranked
+
+    count = min(count, len(ranks))
+    ranked = torch.tensor(ranks, dtype=torch.float32)[None, None]
+    positions = torch.randperm(len(ranks), generator=torch.Generator().manual_seed(seed))[None, None]
+    freed = _lowest_ranked(ranked, positions.to(torch.int32), count)[0, 0].tolist()
+    # By rank, then newest first: what ScoringPolicy.select would drop.
+    expected = sorted(range(len(ranks)), key=lambda slot: (ranks[slot], -int(positions[0, 0, slot])))[:count]
+    assert sorted(freed) == sorted(expected)

@@ -104,10 +104,7 @@ class StaticDecoding:
         scores = (view.positions if self.policy is None else self.policy.score(view)).float()
         lowest_real = torch.finfo(torch.float32).min / 2  # padding ranks below every real token
         ranked = scores.nan_to_num(nan=lowest_real).clamp(min=lowest_real).masked_fill(~view.token_mask, -3e38)
-        # Ties go to the earlier token (as in ScoringPolicy.select): of equal ranks, free the newest.
-        newest_first = self.positions.argsort(dim=-1, descending=True, stable=True)
-        lowest = ranked.gather(-1, newest_first).argsort(dim=-1, stable=True)[..., :count]
-        freed = newest_first.gather(-1, lowest)
+        freed = _lowest_ranked(ranked, self.positions, count)
         self.free[..., :count].copy_(freed)  # in place: a captured graph reads these very tensors
         self.cursor.zero_()
         self.positions.scatter_(2, freed, FREE)
@@ -135,6 +132,18 @@ class StaticDecoding:
         layer.seen += steps
         if layer.real is not None:
             layer.real = torch.cat([layer.real, layer.real.new_ones(layer.real.shape[0], steps)], dim=1)
+
+
+def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
+    """The slots (B, H, count) of the ``count`` lowest ranks; ties go to the earlier token (as in
+    ``ScoringPolicy.select``), so of equal ranks the newest is freed. One slot takes a reduction,
+    several a sort."""
+    if count == 1:
+        lowest = ranked == ranked.min(dim=-1, keepdim=True).values
+        return torch.where(lowest, positions, -1).argmax(dim=-1, keepdim=True)
+    newest_first = positions.argsort(dim=-1, descending=True, stable=True)
+    order = ranked.gather(-1, newest_first).argsort(dim=-1, stable=True)[..., :count]
+    return newest_first.gather(-1, order)
 
 
 def _bound_and_policy(layer) -> tuple[int | None, ScoringPolicy | None]:
