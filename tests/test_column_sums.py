@@ -2,28 +2,19 @@
 
 triton picks interpreting or compiling once per process, when it is imported, and an interpreting
 process would also send polykv's CPU work through the kernel; so the interpreted tests run in a
-child pytest process started with TRITON_INTERPRET=1, and are skipped in this one.
+child pytest process started with TRITON_INTERPRET=1 (tests/interpreter.py), and are skipped in this one.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from importlib.metadata import version
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import interpreted, parent_only, run_interpreted
 
 pytest.importorskip("triton")
 
 from polykv.cache import column_sums as cs
-
-INTERPRETED = cs.available(torch.device("cpu"))
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child process of test_interpreted_tests_pass")
-parent_only = pytest.mark.skipif(INTERPRETED, reason="the parent process's test")
 
 
 def random_inputs(batch, heads, groups, length, dim, *, padding, dtype=torch.float32, device="cpu", seed=0):
@@ -53,25 +44,10 @@ def dense_reference(queries, keys, real, scaling):
     return weights.sum(dim=-2), lse.reshape(batch, heads * groups, length).float()
 
 
-def _release(package: str) -> tuple[int, ...]:
-    """A package's (major, minor) version."""
-    return tuple(int(part) for part in version(package).split(".")[:2])
-
-
 @parent_only
 def test_interpreted_tests_pass():
     """This file's interpreted tests, in a child process whose triton interprets."""
-    if _release("triton") < (3, 7) and _release("numpy") >= (2, 4):
-        pytest.skip("triton < 3.7 cannot interpret loops under numpy >= 2.4 (triton-lang/triton#9171)")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-5000:] + child.stderr[-2000:]
+    run_interpreted(__file__)
 
 
 #: (length, head size, padding): lengths around the block sizes, and a head size that is no power of two.

@@ -9,25 +9,16 @@ TRITON_INTERPRET=1 (as in test_column_sums), and are skipped in this one. The in
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from importlib.metadata import version
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from interpreter import interpreted, parent_only, run_interpreted
 
 from polykv.cache import decode_attention as da
 
 FREE = torch.iinfo(torch.int32).max  # a free slot's position, as in polykv.cache.static
-INTERPRETED = da.available(torch.device("cpu"))
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child process of test_interpreted_tests_pass")
-parent_only = pytest.mark.skipif(INTERPRETED, reason="the parent process's test")
 
 
 def slot_inputs(batch, heads, groups, slots, dim, *, free, padding, seed=0, dtype=torch.float32, device="cpu"):
@@ -129,27 +120,10 @@ def test_a_row_that_sees_no_slot_is_nan_and_alone():
 # --- the Triton kernels in the interpreter ------------------------------------------------------------------------
 
 
-def _release(package: str) -> tuple[int, ...]:
-    """A package's (major, minor) version."""
-    return tuple(int(part) for part in version(package).split(".")[:2])
-
-
 @parent_only
 def test_interpreted_tests_pass():
     """This file's interpreted tests, in a child process whose triton interprets."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if _release("triton") < (3, 7) and _release("numpy") >= (2, 4):
-        pytest.skip("triton < 3.7 cannot interpret loops under numpy >= 2.4 (triton-lang/triton#9171)")
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-5000:] + child.stderr[-2000:]
+    run_interpreted(__file__)
 
 
 @interpreted

@@ -6,9 +6,8 @@ itself on long prompts. Given the per-query log-normaliser a flash-attention for
 returns, each weight is exp(scaling q_i.k_j - lse_i), so a kernel can recompute the weights block
 by block and sum them per key without ever holding the L x L matrix.
 
-triton is optional: this module imports without it, and ``available`` says whether the kernel runs.
-With TRITON_INTERPRET=1 set before triton is first imported, the whole process runs triton kernels
-through triton's interpreter, on the CPU too (for tests).
+triton is optional: this module imports without it, and ``available`` says whether the kernel runs
+(see ``triton_support``).
 """
 
 from __future__ import annotations
@@ -17,11 +16,9 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from polykv.cache.triton_support import available, dot_precision, jit, tl, triton
+
+__all__ = ["available", "column_sums", "flash_attention_with_lse"]
 
 #: Keys per program, queries per loop step and pipeline stages, for query rows of at most 256 bytes (bf16 heads up
 #: to 128) and for longer ones. Measured on an H200 over 32 query heads of 8k tokens: in bf16 0.7 ms at D=64, 0.9 ms
@@ -29,12 +26,6 @@ except ImportError:
 #: 3.5 ms at D=128.
 SHORT_ROWS = (64, 128, 3)
 LONG_ROWS = (64, 64, 2)
-
-
-def available(device: torch.device) -> bool:
-    """Whether ``column_sums`` runs for tensors on ``device``: triton is installed and the device is CUDA,
-    or triton was imported with TRITON_INTERPRET=1 and interprets the kernel."""
-    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 def column_sums(
@@ -71,7 +62,7 @@ def column_sums(
         BLOCK_D=block_dim,
         BLOCK_K=block_keys,
         BLOCK_Q=block_queries,
-        PRECISION=_precision(queries),
+        PRECISION=dot_precision(queries),
         num_warps=4,
         num_stages=stages,
     )
@@ -93,16 +84,6 @@ def flash_attention_with_lse(
         return None
     outputs = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)
     return outputs[0], outputs[1]
-
-
-def _precision(queries: torch.Tensor) -> str | None:
-    """How tl.dot multiplies: fp32 inputs at fp32 accuracy, as three TF32 products where tensor cores take TF32
-    (sm80 on) and plainly elsewhere; half-precision inputs as they are (None, triton's default)."""
-    if queries.dtype != torch.float32:
-        return None
-    if queries.is_cuda and torch.cuda.get_device_capability(queries.device) >= (8, 0):
-        return "tf32x3"
-    return "ieee"
 
 
 def _column_sums_kernel(
@@ -178,6 +159,4 @@ def _column_sums_kernel(
     tl.store(out + row.to(tl.int64) * length + key_at, total, mask=key_at < length)
 
 
-# triton's own library functions take the mode TRITON_INTERPRET gave when triton was imported; so does the kernel.
-_kernel = None if triton is None else triton.jit(_column_sums_kernel)
-_INTERPRETED = triton is not None and triton.knobs.runtime.interpret
+_kernel = jit(_column_sums_kernel)

@@ -26,11 +26,9 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from polykv.cache.triton_support import available, dot_precision, jit, tl, triton
+
+__all__ = ["available", "decode_attention", "torch_decode_attention"]
 
 #: Programs per multiprocessor the split aims at: enough resident programs, each streaming its chunk's keys and
 #: values, to keep the memory system busy, and few enough that the chunks stay long (fewer partials to merge).
@@ -46,12 +44,6 @@ MAX_GROUPS = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Multiprocessors assumed under triton's interpreter (a CPU device).
 _INTERPRETED_PROCESSORS = 1
-
-
-def available(device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on ``device``: triton is installed and the device is CUDA,
-    or triton was imported with TRITON_INTERPRET=1 and interprets them."""
-    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 def decode_attention(
@@ -182,7 +174,7 @@ def _split_decode_attention(
         HAS_REAL=real is not None,
         HAS_WINDOW=bool(sliding_window),
         HAS_SOFTCAP=bool(softcap),
-        PRECISION=_precision(query),
+        PRECISION=dot_precision(query),
         num_warps=4,
         num_stages=3,
     )
@@ -205,16 +197,6 @@ def _chunk_slots(slots: int, kv_rows: int, block_slots: int, device: torch.devic
 def _processors(device: torch.device) -> int:
     """The device's multiprocessor count."""
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _precision(query: torch.Tensor) -> str | None:
-    """How tl.dot multiplies: fp32 inputs at fp32 accuracy, as three TF32 products where tensor cores take TF32
-    (sm80 on) and plainly elsewhere; half-precision inputs as they are (None, triton's default)."""
-    if query.dtype != torch.float32:
-        return None
-    if query.is_cuda and torch.cuda.get_device_capability(query.device) >= (8, 0):
-        return "tf32x3"
-    return "ieee"
 
 
 def _split_decode_kernel(
@@ -361,7 +343,5 @@ def _merge_decode_kernel(
     tl.store(output + row * HEAD_DIM + dims, (weighted / total).to(output.dtype.element_ty), mask=in_dims)
 
 
-# triton's own library functions take the mode TRITON_INTERPRET gave when triton was imported; so do the kernels.
-_split_kernel = None if triton is None else triton.jit(_split_decode_kernel)
-_merge_kernel = None if triton is None else triton.jit(_merge_decode_kernel)
-_INTERPRETED = triton is not None and triton.knobs.runtime.interpret
+_split_kernel = jit(_split_decode_kernel)
+_merge_kernel = jit(_merge_decode_kernel)
