@@ -36,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big batches fragment less
 
 import torch  # imported after the allocator setting
-from gpu_speed import CHUNK, decode, prefill, prompt, synchronize
+from gpu_speed import CHUNK, decode, machine, prefill, prompt, synchronize
 from shapes import load
 
 import polykv
@@ -198,7 +198,7 @@ def main() -> None:
     else:
         print("largest batch: measured on CUDA only (it reads the device's memory statistics)")
 
-    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{args.model}-cpu"
+    device_name = machine(device, args.model)
     result.update({"device": device_name, "torch": torch.__version__, "prompt_length": length})
     print(f"\n{device_name}, torch {torch.__version__}, {measured_bandwidth / 1e9:.0f} GB/s measured\n")
     print(

@@ -44,6 +44,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def machine(device: torch.device, model: str) -> str:
+    """What a result file is named after: the GPU, or the model run on the CPU (a smoke run)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{model}-cpu"
+
+
 def interleaved(runs: dict, repeats: int, device: torch.device) -> dict[str, float]:
     """Median wall seconds of each run, the runs taking turns (one warm-up round first), so that
     drifts of clock and temperature fall on all of them alike."""
@@ -168,7 +173,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{args.model}-cpu"
+    device_name = machine(device, args.model)
     print(f"\n{device_name}, torch {torch.__version__}\n")
     print("| row | full cache | polykv | ratio |\n| --- | ---: | ---: | ---: |")
     for row in rows:

@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from polykv.cache.cache import PolyCache
+from polykv.cache.capture import prompt_positions
 from polykv.errors import CacheError
 
 
@@ -56,7 +57,7 @@ def static_generate(
     stops = _Stops(eos_token_id, pad_token_id, input_ids, sampling)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    positions = prompt_positions(attention_mask)
 
     def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         output = model(

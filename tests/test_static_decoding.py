@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import polykv
 from polykv.decoding import Sampling, static_generate
 from polykv.errors import CacheError
-from polykv.testing.models import tiny_model
+from polykv.testing.models import greedy_by_forwards, tiny_model
 
 
 def padded_prompt(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,18 +27,16 @@ def padded_prompt(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-@torch.no_grad()
-def ordinary_greedy(model, cache, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
-    """Greedy decoding one ordinary forward at a time (what model.generate does, without stopping)."""
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    out = ids
-    for _ in range(new):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-        ids = logits[:, -1:].argmax(-1)
-        out = torch.cat([out, ids], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return out
+def both_ways(model, spec: str, lengths: list[int], new: int):
+    """(tokens, cache) of ordinary decoding and of static decoding (eager) of the same padded prompts."""
+    ids, mask = padded_prompt(lengths)
+    plan = polykv.compile(spec, model)
+    with plan.apply(model):
+        expected_cache = plan.make_cache()
+        expected = greedy_by_forwards(model, expected_cache, ids, new, mask)
+        cache = plan.make_cache()
+        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=new, graph=False)
+    return (expected, expected_cache), (tokens, cache)
 
 
 def stored(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,14 +55,7 @@ SPECS = [
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("spec", SPECS)
 def test_static_decoding_gives_the_tokens_and_cache_of_ordinary_decoding(spec, attention):
-    model = tiny_model("llama", attention)
-    ids, mask = padded_prompt([30, 22])
-    plan = polykv.compile(spec, model)
-    with plan.apply(model):
-        expected_cache = plan.make_cache()
-        expected = ordinary_greedy(model, expected_cache, ids, mask, 16)
-        cache = plan.make_cache()
-        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=16, graph=False)
+    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model("llama", attention), spec, [30, 22], 16)
     assert torch.equal(tokens, expected)
     # 14 static steps ran; the cache holds what ordinary decoding holds, sorted by position again.
     assert cache.layer_lengths() == expected_cache.layer_lengths()
@@ -76,14 +67,7 @@ def test_static_decoding_gives_the_tokens_and_cache_of_ordinary_decoding(spec, a
 
 @pytest.mark.parametrize("family", ["mistral-sliding", "gemma2"])
 def test_sliding_window_layers_reuse_their_slots_in_static_decoding(family):
-    model = tiny_model(family)
-    ids, mask = padded_prompt([20, 13])
-    plan = polykv.compile("*: snapkv@6(window=2)", model)
-    with plan.apply(model):
-        expected_cache = plan.make_cache()
-        expected = ordinary_greedy(model, expected_cache, ids, mask, 14)
-        cache = plan.make_cache()
-        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=14, graph=False)
+    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model(family), "*: snapkv@6(window=2)", [20, 13], 14)
     assert torch.equal(tokens, expected)
     for layer, expected_layer in zip(cache.layers, expected_cache.layers):
         assert torch.equal(layer.storage.positions_or_slots(), expected_layer.storage.positions_or_slots())
@@ -96,7 +80,7 @@ def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
     plan = polykv.compile("*: snapkv@16(window=4) decode streaming@18", model)
     with plan.apply(model):
         cache = plan.make_cache()
-        ordinary_greedy(model, cache, ids, mask, 2)
+        greedy_by_forwards(model, cache, ids, 2, mask)
         cache.begin_static(room=8)
         slots = [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers]
         token = torch.tensor([[5], [6]])

@@ -201,6 +201,11 @@ def _recording_hidden(
             hook.remove()
 
 
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded prompt (B, L), as generate gives them (padding, never seen, gets 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 def continuation_positions(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
     """Position ids of ``new`` tokens after a prompt with ``attention_mask`` (B, L): as generate counts them."""
     start = attention_mask.long().sum(-1, keepdim=True)

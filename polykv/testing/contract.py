@@ -28,7 +28,7 @@ from polykv.hooks import hookimpl
 from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
-from polykv.testing.models import prompt, prompt_lengths, tiny_model
+from polykv.testing.models import greedy_by_forwards, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
 
 _PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
@@ -200,7 +200,7 @@ class PolicyContract:
         plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)} decode {self._use(budget + 4)}")
         ids = prompt(budget + 12, batch=2, seed=3)
         expected_cache, cache = plan.make_cache(registry), plan.make_cache(registry)
-        expected = _ordinary_greedy(model, expected_cache, ids, 14)
+        expected = greedy_by_forwards(model, expected_cache, ids, 14)
         with torch.no_grad():
             tokens = static_generate(model, cache, ids, max_new_tokens=14, graph=False)
         assert torch.equal(tokens, expected), "static decoding chose other tokens than ordinary decoding"
@@ -309,16 +309,6 @@ class _Offering:
     @hookimpl
     def register_policies(self, register):
         register(self.policy)
-
-
-@torch.no_grad()
-def _ordinary_greedy(model, cache, ids: torch.Tensor, new: int) -> torch.Tensor:
-    """Greedy decoding one ordinary forward at a time, without stopping at an end-of-sequence token."""
-    out = ids
-    for _ in range(new):
-        ids = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-        out = torch.cat([out, ids], dim=1)
-    return out
 
 
 def _tensors(view: LayerView) -> dict[str, torch.Tensor]:

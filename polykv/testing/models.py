@@ -73,3 +73,23 @@ def prompt_lengths(budget: int) -> list[int]:
 def prompt(length: int, *, batch: int = 1, seed: int = 0, vocabulary: int = 128) -> torch.Tensor:
     """Random token ids (B, length), avoiding the special ids 0-2."""
     return torch.randint(3, vocabulary, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def greedy_by_forwards(
+    model: torch.nn.Module, cache, ids: torch.Tensor, new: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``ids`` (B, L) and ``new`` greedy tokens, one ordinary forward at a time: what ``model.generate``
+    does, without stopping at an end-of-sequence token (a reference for other decoding paths)."""
+    from polykv.cache.capture import prompt_positions
+
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    positions = prompt_positions(mask)
+    out = ids
+    for _ in range(new):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        ids = logits[:, -1:].argmax(-1)
+        out = torch.cat([out, ids], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
