@@ -64,7 +64,7 @@ class StaticDecoding:
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
         storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
         # The free slots, taken in order: first the room after the kept tokens, then what evictions free.
-        free = max(slots - storage.size if self.bound is None else slots - self.held, self.slack + 1)
+        free = max(slots - self.held, self.slack + 1)
         self.free = torch.arange(self.held, self.held + free, device=device).clamp(max=slots - 1)
         self.free = self.free.expand(batch, heads, free).contiguous()
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next free slot's place in ``free``
@@ -126,9 +126,9 @@ class StaticDecoding:
     def finish(self, steps: int) -> None:
         """Give the layer its ordinary storage after ``steps`` static steps: held tokens sorted by position."""
         layer = self.layer
-        order = self.positions.argsort(dim=-1, stable=True)[..., : self.held]
-        gather = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        layer.storage.hold(self.keys.gather(2, gather), self.values.gather(2, gather), self.positions.gather(-1, order))
+        order = self.positions.argsort(dim=-1, stable=True)[..., : self.held]  # free slots sort last
+        layer.storage.hold(self.keys, self.values, self.positions)
+        layer.storage.keep(order, self.positions.gather(-1, order))
         layer.seen += steps
         if layer.real is not None:
             layer.real = torch.cat([layer.real, layer.real.new_ones(layer.real.shape[0], steps)], dim=1)

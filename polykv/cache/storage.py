@@ -87,15 +87,12 @@ class Storage:
         self.size = needed
 
     def keep(self, indices: torch.Tensor, positions: torch.Tensor) -> None:
-        """Keep the slots ``indices`` (B, H, K), sorted, whose positions are ``positions`` (B, H, K)."""
+        """Keep the slots ``indices`` (B, H, K), in order of position, whose positions are ``positions`` (B, H, K)."""
         gather = indices[..., None].expand(-1, -1, -1, self._keys.shape[-1])
-        self._keys = self.keys.gather(2, gather)
-        self._values = self.values.gather(2, gather)
-        self._positions = positions.to(POSITION)
-        self.size = indices.shape[-1]
+        self.hold(self.keys.gather(2, gather), self.values.gather(2, gather), positions)
 
     def hold(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Hold exactly these (B, H, S, D) keys and values at ``positions`` (B, H, S), sorted by position."""
+        """Hold exactly these (B, H, S, D) keys and values at ``positions`` (B, H, S); ``keep`` then picks."""
         self._keys, self._values, self._positions = keys, values, positions.to(POSITION)
         self.size = keys.shape[2]
 
