@@ -149,11 +149,10 @@ class _Progress:
 
     def _after_forward(self, module, args, kwargs, output) -> None:
         seconds = time.perf_counter() - self._started
-        if self.static and self.forwards > 0:
-            return  # captured or replayed steps: counted by token() and timed by finish()
-        # transformers renames the argument to ``cache`` (5.24 passes that; 5.17 past_key_values).
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if self.forwards == 0:
+        self.forwards += 1
+        if self.forwards == 1:
+            # transformers renames the argument to ``cache`` (5.24 passes that; 5.17 past_key_values).
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             self.prefill_seconds = seconds
             self.kept_after_prefill = cache.layer_lengths()
             self.nbytes_after_prefill = cache.nbytes()
@@ -161,13 +160,10 @@ class _Progress:
             self._layers_bar.close()
             self._tokens_bar = tqdm(total=self.max_new_tokens, desc="generate", unit="token", file=sys.stderr)
             self._prefilled = time.perf_counter()
-            self.forwards += 1
-            if self.static:
-                return  # static_generate counts its first token itself
-        else:
+        elif not self.static:  # static steps are captured once and replayed: finish() times them
             self.decode_seconds += seconds
-            self.forwards += 1
-        self._tokens_bar.update(1)
+        if not self.static:  # static_generate counts its tokens through token()
+            self._tokens_bar.update(1)
 
 
 def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: int) -> str:
