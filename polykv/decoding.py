@@ -59,24 +59,13 @@ def static_generate(
         attention_mask = torch.ones_like(input_ids)
     positions = prompt_positions(attention_mask)
 
-    def forward(ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        output = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return stops.next_token(output.logits[:, -1])
-
-    generated = [forward(input_ids, positions, attention_mask)]
+    generated = [_next_token(model, cache, stops, input_ids, positions, attention_mask)]
     on_token()
     if max_new_tokens >= 2:
         # One ordinary step: it ends the prefill and evicts decode-bounded layers down to their bound.
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-        generated.append(forward(generated[-1][:, None], positions, attention_mask))
+        generated.append(_next_token(model, cache, stops, generated[-1][:, None], positions, attention_mask))
         on_token()
     remaining = max_new_tokens - len(generated)
     if remaining and not stops.all_ended():
@@ -147,14 +136,7 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the layers that evict in the step
 
     def _step(self) -> None:
-        logits = self._model(
-            input_ids=self._ids,
-            position_ids=self._position_ids,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        token = self.stops.next_token(logits[:, -1])
+        token = _next_token(self._model, self._cache, self.stops, self._ids, self._position_ids)
         self._tokens.index_copy_(1, self._written, token[:, None])
         self._written.add_(1)
         self._ids.copy_(token[:, None])
@@ -197,6 +179,19 @@ class StaticDecoder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _next_token(model, cache: PolyCache, stops: _Stops, ids, position_ids, mask=None) -> torch.Tensor:
+    """One forward of ``ids`` (B, n) at ``position_ids`` through ``cache``: the next token of each row (B,)."""
+    output = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return stops.next_token(output.logits[:, -1])
 
 
 def _captured(step: Callable[[], None]) -> Callable[[], None]:
