@@ -30,13 +30,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big batches fragment less
 
 import torch  # imported after the allocator setting
-from gpu_speed import CHUNK, decode, machine, prefill, prompt, synchronize
+from gpu_speed import CHUNK, decode, machine, milliseconds, prefill, prompt
 from shapes import load
 
 import polykv
@@ -49,14 +48,8 @@ def bandwidth(device: torch.device) -> float:
     """Bytes per second a large copy on ``device`` moves (read plus write), median of 10."""
     source = torch.empty(1 << (31 if device.type == "cuda" else 28), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    times = []
-    for _ in range(12):
-        synchronize(device)
-        started = time.perf_counter()
-        target.copy_(source)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return 2 * source.nbytes / statistics.median(times[2:])
+    walls = [milliseconds(lambda: target.copy_(source), device)[0] for _ in range(12)]
+    return 2 * source.nbytes / statistics.median(walls[2:]) * 1e3
 
 
 def weight_bytes(model) -> int:
@@ -79,18 +72,10 @@ def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repe
         decoder.run(steps)  # warm-up
         attended = cache.nbytes()
         for _ in range(repeats):
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
-            synchronize(device)
-            began = time.perf_counter()
-            if events:
-                events[0].record()
-            decoder.run(steps, check_every=steps + 1)
-            if events:
-                events[1].record()
-            synchronize(device)
-            walls.append((time.perf_counter() - began) * 1e3 / steps)
-            gpus.append(events[0].elapsed_time(events[1]) / steps if events else None)
-    gpu_ms = statistics.median(gpus) if events else None
+            wall, gpu = milliseconds(lambda: decoder.run(steps, check_every=steps + 1), device)
+            walls.append(wall / steps)
+            gpus.append(None if gpu is None else gpu / steps)
+    gpu_ms = None if gpus[0] is None else statistics.median(gpus)
     return {"wall_ms": statistics.median(walls), "gpu_ms": gpu_ms, "cache_bytes": attended}
 
 

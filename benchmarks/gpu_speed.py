@@ -49,18 +49,31 @@ def machine(device: torch.device, model: str) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{model}-cpu"
 
 
+def milliseconds(function, device: torch.device) -> tuple[float, float | None]:
+    """Wall and GPU milliseconds of ``function()`` (the GPU's by CUDA events; None on the CPU), the device
+    synchronised before and after."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
+    synchronize(device)
+    began = time.perf_counter()
+    if events:
+        events[0].record()
+    function()
+    if events:
+        events[1].record()
+    synchronize(device)
+    wall = (time.perf_counter() - began) * 1e3
+    return wall, events[0].elapsed_time(events[1]) if events else None
+
+
 def interleaved(runs: dict, repeats: int, device: torch.device) -> dict[str, float]:
     """Median wall seconds of each run, the runs taking turns (one warm-up round first), so that
     drifts of clock and temperature fall on all of them alike."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, function in runs.items():
-            synchronize(device)
-            started = time.perf_counter()
-            function()
-            synchronize(device)
+            wall, _ = milliseconds(function, device)
             if round_:
-                seconds[name].append(time.perf_counter() - started)
+                seconds[name].append(wall / 1e3)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
@@ -80,24 +93,17 @@ def prefill(model, plan, ids, chunk: int | None = None):
 
 def decode(model, cache, batch: int, steps: int) -> tuple[float, float | None]:
     """Median wall and GPU milliseconds (None on the CPU) of one greedy decoding step (after prefill)."""
-    device = model.device
-    token = torch.ones(batch, 1, dtype=torch.long, device=device)
-    walls, gpus = [], []
+    token = torch.ones(batch, 1, dtype=torch.long, device=model.device)
+
+    def step() -> None:
+        nonlocal token
+        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+
     with torch.no_grad():
-        for step in range(steps + 2):
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else None
-            synchronize(device)
-            began = time.perf_counter()
-            if events:
-                events[0].record()
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
-            if events:
-                events[1].record()
-            synchronize(device)
-            if step >= 2:  # the first steps meet new shapes
-                walls.append((time.perf_counter() - began) * 1e3)
-                gpus.append(events[0].elapsed_time(events[1]) if events else None)
-    return statistics.median(walls), statistics.median(gpus) if events else None
+        for _ in range(2):  # the first steps meet new shapes
+            step()
+        walls, gpus = zip(*(milliseconds(step, model.device) for _ in range(steps)))
+    return statistics.median(walls), None if gpus[0] is None else statistics.median(gpus)
 
 
 def main() -> None:
