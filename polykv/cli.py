@@ -17,9 +17,8 @@ from pathlib import Path
 
 from polykv.errors import PolykvError
 from polykv.lang.diagnostics import SpecError
+from polykv.limits import MAX_LAYERS
 
-#: The most layers `--layers` accepts (the largest models have a few hundred).
-MAX_LAYERS = 100_000
 #: Defaults of the evaluation (see polykv.commands.eval for why these tasks).
 EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
 EVAL_METHODS = (

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import polykv
 from polykv.lang import ast
-from polykv.lang.check import check_text, layer_ranges
+from polykv.lang.check import check_text
+from polykv.lang.printer import layer_ranges
 
 
 def _errors(text: str, **options) -> polykv.SpecError:

@@ -184,8 +184,8 @@ def test_bad_command_lines_exit_2(capsys):
             main(argv)
         assert raised.value.code == 2, argv
     err = capsys.readouterr().err
-    assert "--layers: expected a number from 1 to 100,000, got 0" in err
-    assert "--layers: expected a number from 1 to 100,000, got 1000000000" in err
+    assert "--layers: expected a number from 1 to 10,000, got 0" in err
+    assert "--layers: expected a number from 1 to 10,000, got 1000000000" in err
     assert "--max-new-tokens: expected a number from 1 to 100,000, got 0" in err
     assert "--budget: expected 512, 'total 16384' or '10%', got 'lots'" in err
 

@@ -8,6 +8,7 @@ solver work from.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 
 import attrs
@@ -15,8 +16,9 @@ import attrs
 from polykv.lang import ast
 from polykv.lang.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.lang.parse import parse_recovering
-from polykv.lang.printer import format_budget, format_use, layer_ranges
+from polykv.lang.printer import format_budget, format_use
 from polykv.lang.source import Span
+from polykv.limits import MAX_LAYERS
 from polykv.parameters import Configurable, ParameterError
 from polykv.policy import Policy
 from polykv.registry import Registry, default_registry
@@ -240,8 +242,16 @@ class _Checker:
         if declared is not None and declared.count < 1:
             self.error("bad-layer-count", f"a model has at least 1 layer, not {declared.count}", declared.span)
             declared = None
-        if self.given_layers is not None and self.given_layers < 1:
-            raise ValueError(f"layer count must be at least 1, got {self.given_layers}")
+        elif declared is not None and declared.count > MAX_LAYERS:
+            self.error(
+                "bad-layer-count",
+                f"polykv works with models of up to {MAX_LAYERS:,} layers, not {declared.count}",
+                declared.span,
+                hint="write the layer count of the model the spec is for, or drop the line",
+            )
+            declared = None
+        if self.given_layers is not None and not 1 <= self.given_layers <= MAX_LAYERS:
+            raise ValueError(f"layer count must be from 1 to {MAX_LAYERS:,}, got {self.given_layers}")
         if declared is not None and self.given_layers is not None and declared.count != self.given_layers:
             self.error(
                 "layer-count-mismatch",
@@ -493,61 +503,65 @@ class _Checker:
                         )
 
     def _layers(self, count: int, rules: list[CheckedRule | None]) -> tuple[LayerEntry, ...] | None:
-        owner: dict[int, tuple[ast.Rule, Span | None]] = {}
+        """One entry per layer, or None (after errors) when a layer is named twice, not at all, or does not exist.
+
+        Selectors are checked as intervals, so the cost follows the statements, not the layer count.
+        """
+        claims = _Claims()
+        assigned: list[tuple[int, int, CheckedRule | None]] = []
         every_rule: tuple[ast.Rule, CheckedRule | None] | None = None
-        entries: dict[int, LayerEntry] = {}
         ok = True
         for rule, checked in zip(self.spec.rules, rules):
             if isinstance(rule.selector, ast.EveryLayer):
                 every_rule = every_rule or (rule, checked)
                 continue
             for item in rule.selector.items:
-                indices = self._resolve(item, count)
-                if indices is None:
+                bounds = self._resolve(item, count)
+                if bounds is None:
                     ok = False
                     continue
-                taken = [i for i in indices if i in owner]
+                taken, first, fresh = claims.claim(*bounds, (rule, item.span))
                 if taken:
-                    first_rule, first_span = owner[taken[0]]
-                    words = "layer {} is" if len(taken) == 1 else "layers {} are"
+                    first_rule, first_span = first
+                    several = len(taken) > 1 or taken[0][0] != taken[0][1]
+                    words = "layers {} are" if several else "layer {} is"
                     where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
                     self.error(
                         "overlap",
-                        f"{words.format(layer_ranges(taken))} already given a policy {where}",
+                        f"{words.format(_interval_words(taken))} already given a policy {where}",
                         item.span,
                         hint="name each layer in one statement only",
                         notes=[Note("first given here", first_span)] if first_span else [],
                     )
                     ok = False
-                for index in indices:
-                    owner.setdefault(index, (rule, item.span))
-                    if checked is not None:
-                        entries[index] = _entry(index, checked)
-        uncovered = [i for i in range(count) if i not in owner]
+                assigned += [(start, stop, checked) for start, stop in fresh]
+        uncovered = claims.gaps(count)
         if every_rule is not None:
-            rule, checked = every_rule
-            for index in uncovered:
-                if checked is not None:
-                    entries[index] = _entry(index, checked)
+            assigned += [(start, stop, every_rule[1]) for start, stop in uncovered]
         elif uncovered and not self.complete:
             ok = False
         elif uncovered:
             anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
-            listed = layer_ranges(uncovered)
-            words = "layer {} of {} has" if len(uncovered) == 1 else "layers {} of {} have"
+            listed = _interval_words(uncovered)
+            several = len(uncovered) > 1 or uncovered[0][0] != uncovered[0][1]
+            words = "layers {} of {} have" if several else "layer {} of {} has"
             self.error(
                 "uncovered-layers",
                 f"{words.format(listed, count)} no policy",
                 anchor.span if anchor else None,
-                hint=f"add `layers {listed.replace(', ', ',')}: POLICY`, or `*: POLICY` for every layer not named",
+                hint=f"add `layers {listed}: POLICY`, or `*: POLICY` for every layer not named",
             )
             ok = False
-        if not ok or len(entries) != count:
+        if not ok or any(checked is None for _start, _stop, checked in assigned):
             return None
-        return tuple(entries[i] for i in range(count))
+        entries: list[LayerEntry | None] = [None] * count
+        for start, stop, checked in assigned:
+            for index in range(start, stop + 1):
+                entries[index] = _entry(index, checked)
+        return tuple(entries)
 
-    def _resolve(self, item: ast.LayerIndex | ast.LayerRange, count: int) -> list[int] | None:
-        """The layer indices ``item`` names, or None (after an error) when one does not exist."""
+    def _resolve(self, item: ast.LayerIndex | ast.LayerRange, count: int) -> tuple[int, int] | None:
+        """The first and last layer ``item`` names, or None (after an error) when one does not exist."""
         bounds = [item.index] if isinstance(item, ast.LayerIndex) else [item.start, item.stop]
         resolved = []
         for index in bounds:
@@ -569,7 +583,7 @@ class _Checker:
                     item.span,
                 )
             return None
-        return list(range(resolved[0], resolved[-1] + 1))
+        return resolved[0], resolved[-1]
 
     def _budget_sum(self, count: int, layers: tuple[LayerEntry, ...]) -> None:
         """Fixed budgets must fit in the total budget, where both are in the same unit."""
@@ -598,6 +612,63 @@ class _Checker:
                         decl.span,
                         hint="lower the budgets or raise the total",
                     )
+
+
+class _Claims:
+    """The layers statements have named so far: disjoint intervals in order, each with where it was named."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._stops: list[int] = []  # inclusive
+        self._where: list[tuple[ast.Rule, Span | None]] = []
+
+    def claim(self, start: int, stop: int, where: tuple[ast.Rule, Span | None]):
+        """Claim layers ``start``..``stop``: the parts named before (intervals), where the first of them was
+        named, and the parts newly claimed (intervals)."""
+        first = bisect.bisect_left(self._stops, start)
+        last = first
+        taken, fresh = [], []
+        cursor = start
+        while last < len(self._starts) and self._starts[last] <= stop:
+            if self._starts[last] > cursor:
+                fresh.append((cursor, self._starts[last] - 1))
+            taken.append((max(self._starts[last], start), min(self._stops[last], stop)))
+            cursor = self._stops[last] + 1
+            last += 1
+        if cursor <= stop:
+            fresh.append((cursor, stop))
+        owner = self._where[first] if taken else None
+        merged = sorted(
+            [(s, e, w) for s, e, w in zip(self._starts[first:last], self._stops[first:last], self._where[first:last])]
+            + [(s, e, where) for s, e in fresh],
+            key=lambda interval: interval[0],
+        )
+        self._starts[first:last] = [s for s, _e, _w in merged]
+        self._stops[first:last] = [e for _s, e, _w in merged]
+        self._where[first:last] = [w for _s, _e, w in merged]
+        return taken, owner, fresh
+
+    def gaps(self, count: int) -> list[tuple[int, int]]:
+        """The intervals of layers 0..count-1 that nothing claimed."""
+        found, cursor = [], 0
+        for start, stop in zip(self._starts, self._stops):
+            if start > cursor:
+                found.append((cursor, start - 1))
+            cursor = stop + 1
+        if cursor < count:
+            found.append((cursor, count - 1))
+        return found
+
+
+def _interval_words(intervals: list[tuple[int, int]]) -> str:
+    """``0-3,5,7-9``: ordered intervals of layers as the language writes a selector (touching ones joined)."""
+    joined: list[list[int]] = []
+    for start, stop in intervals:
+        if joined and joined[-1][1] + 1 == start:
+            joined[-1][1] = stop
+        else:
+            joined.append([start, stop])
+    return ",".join(str(start) if start == stop else f"{start}-{stop}" for start, stop in joined)
 
 
 def _entry(index: int, checked: CheckedRule) -> LayerEntry:

@@ -3,11 +3,19 @@
 Loaded in any pytest run where polykv is installed, so it imports nothing heavy: no torch, no
 transformers. ``HYPOTHESIS_PROFILE=polykv-ci`` (bounded, derandomised) or ``polykv-thorough``
 (many examples) chooses a profile; without it hypothesis keeps its own.
+
+``@pytest.mark.memory_limit(MiB)`` runs a test with at most that much more memory than the process
+holds when it starts: a test that would allocate without bound (a fuzzer drawing a huge size) fails
+with MemoryError instead of taking the machine, and the whole run, down with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
+import pytest
 
 PROFILES = {
     "polykv-ci": {"max_examples": 50, "deadline": None, "derandomize": True, "print_blob": True},
@@ -30,6 +38,9 @@ _register_profiles()
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped where none is present)")
+    config.addinivalue_line(
+        "markers", "memory_limit(mib): fail with MemoryError past this many MiB more than the process holds (Linux)"
+    )
     config.addinivalue_line("markers", "slow: loads a real model or runs long (deselect with -m 'not slow')")
     if os.environ.get("HYPOTHESIS_PROFILE") in PROFILES:
         from hypothesis import settings
@@ -37,10 +48,39 @@ def pytest_configure(config) -> None:
         settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    marker = item.get_closest_marker("memory_limit")
+    if marker is None:
+        return (yield)
+    with memory_limit(marker.args[0]):
+        return (yield)
+
+
+@contextlib.contextmanager
+def memory_limit(mib: int) -> Iterator[None]:
+    """Let the process map at most ``mib`` MiB of data more than now (RLIMIT_DATA); a no-op off Linux."""
+    try:
+        import resource
+
+        with open("/proc/self/status", encoding="ascii") as status:
+            held = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+    except (ImportError, OSError, StopIteration):
+        yield
+        return
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = held + mib * 2**20
+    if before[1] != resource.RLIM_INFINITY:
+        limit = min(limit, before[1])
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, before)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark a contract's expected failures as strict xfails; skip gpu tests where CUDA is absent."""
-    import pytest
-
     for item in items:
         expected = getattr(getattr(item, "cls", None), "expected_failures", ())
         if getattr(item, "originalname", None) in expected:
@@ -51,8 +91,6 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     if torch.cuda.is_available():
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
