@@ -117,7 +117,7 @@ def routed(devices: int) -> dict:
     """``budget 128; layers *: auto@auto`` on the bundled model (its profile ships with polykv), split."""
     from accelerate import dispatch_model
 
-    from polykv.eval.tasks import passkey_prompt
+    from polykv.tasks.tasks import passkey_prompt
 
     spec = "budget 128\nlayers *: auto@auto"
     single, tokenizer = polykv.load_default_model(device="cuda:0")

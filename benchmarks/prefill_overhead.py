@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import polykv
-from polykv.eval.tasks import passkey_prompt
+from polykv.tasks.tasks import passkey_prompt
 
 SPECS = {
     "full cache": None,

@@ -16,8 +16,9 @@ import random
 from pathlib import Path
 
 import torch.utils.benchmark as benchmark
+from polykv_plugins.knapsack import KnapsackSolver
 
-from polykv.solve import BudgetProblem, KnapsackSolver, LayerOptions, monotone
+from polykv.solver import BudgetProblem, LayerOptions, monotone
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import polykv
-from polykv.eval.tasks import FORMATS, make
+from polykv.tasks.tasks import FORMATS, make
 
 RESULTS = Path(__file__).parent / "results"
 RETRIEVAL = ("passkey", "niah", "multikey", "multivalue", "vartrack")

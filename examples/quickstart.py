@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import polykv
-from polykv.lang.printer import layer_ranges
+from polykv.language.printer import layer_ranges
 
 model, tokenizer = polykv.load_default_model()  # or polykv.load_model("path/to/a/local/model")
 plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)  # also a path to a spec file

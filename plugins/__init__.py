@@ -4,20 +4,24 @@ They register through the ``polykv.policies`` entry point like any third-party p
 nothing in polykv itself knows their names.
 """
 
+from polykv_plugins.cake import CakeSolver
 from polykv_plugins.full import Full
 from polykv_plugins.h2o import H2O
+from polykv_plugins.knapsack import KnapsackSolver
 from polykv_plugins.knorm import KeyNorm
+from polykv_plugins.pyramid import PyramidSolver
 from polykv_plugins.pyramidkv import PyramidKV
 from polykv_plugins.random import RandomEviction
 from polykv_plugins.signals import BUILTIN_SIGNALS
 from polykv_plugins.snapkv import SnapKV
 from polykv_plugins.streaming import Streaming
 from polykv_plugins.tova import TOVA
+from polykv_plugins.uniform import UniformSolver
 
 from polykv.hooks import hookimpl
-from polykv.solve import BUILTIN_SOLVERS
 
 BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
+BUILTIN_SOLVERS = (KnapsackSolver, UniformSolver, PyramidSolver, CakeSolver)
 
 
 @hookimpl

@@ -29,15 +29,15 @@ _EXPORTS = {
     "PolicyError": "polykv.errors",
     "PolykvError": "polykv.errors",
     "hookimpl": "polykv.hooks",
-    "Spec": "polykv.lang.ast",
-    "CheckedSpec": "polykv.lang.check",
-    "LayerEntry": "polykv.lang.check",
-    "check": "polykv.lang.check",
-    "Diagnostic": "polykv.lang.diagnostics",
-    "SpecError": "polykv.lang.diagnostics",
-    "load": "polykv.lang.parse",
-    "parse": "polykv.lang.parse",
-    "print_spec": "polykv.lang.printer",
+    "Spec": "polykv.language.ast",
+    "CheckedSpec": "polykv.language.check",
+    "LayerEntry": "polykv.language.check",
+    "check": "polykv.language.check",
+    "Diagnostic": "polykv.language.diagnostics",
+    "SpecError": "polykv.language.diagnostics",
+    "load": "polykv.language.parse",
+    "parse": "polykv.language.parse",
+    "print_spec": "polykv.language.printer",
     "load_default_model": "polykv.model",
     "load_model": "polykv.model",
     "Param": "polykv.parameters",
@@ -102,9 +102,9 @@ __all__ = [
     "static_generate",
 ]
 
-_SUBMODULES = {"budget", "cache", "calibrate", "decoding", "errors", "eval", "hooks", "lang", "measure", "model",
-               "parameters", "plan", "policy", "profile", "registry", "resolve", "signals", "solve",
-               "values"}  # fmt: skip
+_SUBMODULES = {"budget", "cache", "calibration", "cli", "decoding", "errors", "evaluation", "harness", "hooks",
+               "language", "limits", "model", "parameters", "plan", "policy", "profile", "registry",
+               "resolution", "signals", "solver", "tasks", "testing", "values"}  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -127,11 +127,11 @@ if TYPE_CHECKING:
     from polykv.decoding import Sampling, StaticDecoder, static_generate
     from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
     from polykv.hooks import hookimpl
-    from polykv.lang.ast import Spec
-    from polykv.lang.check import CheckedSpec, LayerEntry, check
-    from polykv.lang.diagnostics import Diagnostic, SpecError
-    from polykv.lang.parse import load, parse
-    from polykv.lang.printer import print_spec
+    from polykv.language.ast import Spec
+    from polykv.language.check import CheckedSpec, LayerEntry, check
+    from polykv.language.diagnostics import Diagnostic, SpecError
+    from polykv.language.parse import load, parse
+    from polykv.language.printer import print_spec
     from polykv.model import load_default_model, load_model
     from polykv.parameters import Param, ParameterError, parameter
     from polykv.plan import LayerPlan, Plan, compile

@@ -14,7 +14,7 @@ object) with one or more hooks; each takes a ``register`` callback::
         register(MySignal)
 
     @hookimpl
-    def register_solvers(register):   # budget allocation rules (polykv.solve.Solver)
+    def register_solvers(register):   # budget allocation rules (polykv.solver.Solver)
         register(MySolver)
 
 The built-in policies, signals and solvers in ``plugins/`` register exactly this way.
@@ -31,7 +31,7 @@ from polykv.policy import Policy
 
 if TYPE_CHECKING:
     from polykv.signals import Signal
-    from polykv.solve import Solver
+    from polykv.solver import Solver
 
 PROJECT = "polykv"
 

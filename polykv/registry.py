@@ -267,7 +267,7 @@ def signal_problem(signal: object) -> str | None:
 
 def solver_problem(solver: object) -> str | None:
     """Why ``solver`` cannot be registered, or None when it is a well-formed Solver class."""
-    from polykv.solve import Solver
+    from polykv.solver import Solver
 
     return _class_problem(solver, Solver, "solver")
 

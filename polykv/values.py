@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 
 #: A parameter value as the language writes it: `true`, `3`, `0.5`, `"max"`.
 Value = bool | int | float | str
@@ -41,3 +42,22 @@ def describe_value(value: object) -> str:
     kind = kinds.get(type(value), type(value).__name__)
     shown = format_value(value) if isinstance(value, (bool, int, float, str)) else repr(value)
     return f"{kind} ({shown})"
+
+
+def format_use(
+    name: str,
+    budget: str | None,
+    parameters: Mapping[str, Value] | Sequence[tuple[str, Value]],
+    candidates: Sequence[str] = (),
+) -> str:
+    """A policy use in the language's order, ``snapkv@256(window=32, kernel=7)``: the one way polykv
+    writes a policy with its budget and parameters, so that whatever it prints parses back."""
+    pairs = list(parameters.items()) if isinstance(parameters, Mapping) else list(parameters)
+    text = name
+    if candidates:
+        text += "[" + ", ".join(candidates) + "]"
+    if budget is not None:
+        text += "@" + budget
+    if pairs:
+        text += "(" + ", ".join(f"{key}={format_value(value)}" for key, value in pairs) + ")"
+    return text

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polykv.cache.triton_support import available
+from polykv.cache.kernels.triton_support import available
 
 INTERPRETED = available(torch.device("cpu"))
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child process of test_interpreted_tests_pass")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hypothesis.strategies as st
 from hypothesis.extra.lark import from_lark
 
-from polykv.lang import ast
-from polykv.lang.parse import _parser
+from polykv.language import ast
+from polykv.language.parse import _parser
 
 _NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
 policy_names = _NAMES.filter(lambda name: name not in ast.KEYWORDS)

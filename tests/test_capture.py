@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from test_families import build
 
 import polykv
-from polykv.cache.capture import capture
+from polykv.harness.capture import capture
 
 SPECS = [
     "layers 0: full; 1: snapkv@12(window=4); 2: h2o@10; *: tova@9",
@@ -26,7 +26,7 @@ def test_a_cache_from_a_capture_equals_the_plans_own(spec):
     mask = torch.ones_like(ids)
     mask[0, :6] = 0
     captured = capture(model, ids, mask, needs=plan.needs())
-    ours = plan.cache_from(captured)
+    ours = captured.cache_for(plan)
     theirs = plan.make_cache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate (and capture) count padded rows
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_one_capture_serves_many_caches_and_is_left_untouched():
     before = [layer.keys.clone() for layer in captured.layers]
     continuation = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(6))
     for _ in range(2):
-        cache = plan.cache_from(captured)
+        cache = captured.cache_for(plan)
         with torch.no_grad():
             model(continuation, past_key_values=cache)  # teacher-forced, as calibration and evaluation do
         assert cache.layer_lengths() == [8 + 5] * 4 and cache.get_seq_length() == 35
@@ -73,7 +73,7 @@ def test_a_capture_of_a_sliding_window_model_keeps_the_windows():
     plan = polykv.compile("layers *: snapkv@5(window=2)", model)
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(5))
     captured = capture(model, ids, needs=plan.needs())
-    assert plan.cache_from(captured).layer_lengths() == plan_lengths(model, plan, ids)
+    assert captured.cache_for(plan).layer_lengths() == plan_lengths(model, plan, ids)
 
 
 def plan_lengths(model, plan, ids) -> list[int]:
@@ -90,7 +90,7 @@ def test_caches_sharing_the_spare_room_compute_the_same_and_only_one_at_a_time()
     continuation = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(8))
     captured = capture(model, ids, needs=plan.needs(), room=6)
     with torch.no_grad():
-        copied = model(continuation, past_key_values=plan.cache_from(captured)).logits
+        copied = model(continuation, past_key_values=captured.cache_for(plan)).logits
         first = captured.cache(share_room=True)
         shared = model(continuation, past_key_values=first).logits
         whole = model(continuation, past_key_values=captured.cache()).logits

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polykv
-from polykv.lang import ast
-from polykv.lang.check import check_text
-from polykv.lang.printer import layer_ranges
+from polykv.language import ast
+from polykv.language.check import check_text
+from polykv.language.printer import layer_ranges
 
 
 def _errors(text: str, **options) -> polykv.SpecError:

@@ -251,7 +251,7 @@ def test_internal_errors_are_reported_without_a_traceback(monkeypatch, capsys, s
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("polykv.lang.check.check_text", explode)
+    monkeypatch.setattr("polykv.language.check.check_text", explode)
     assert main(["validate", spec_file("*: full")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("polykv: internal error: RuntimeError: boom\n")
@@ -273,7 +273,7 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a spec with errors")
 
-    monkeypatch.setattr("polykv.commands.generate.load_model", no_model)
+    monkeypatch.setattr("polykv.cli.commands.generate.load_model", no_model)
     assert main(["generate", "--spec", "layers 0: snapvk@3", "--prompt", "hi"]) == 1
     assert capsys.readouterr().err.startswith("--spec:1:11: error: unknown policy 'snapvk'\n")
     assert main(["generate", "--spec", "*: full", "--prompt", "   "]) == 1

@@ -14,7 +14,7 @@ from interpreter import interpreted, parent_only, run_interpreted
 
 pytest.importorskip("triton")
 
-from polykv.cache import column_sums as cs
+from polykv.cache.kernels import column_sums as cs
 
 
 def random_inputs(batch, heads, groups, length, dim, *, padding, dtype=torch.float32, device="cpu", seed=0):

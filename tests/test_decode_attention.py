@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from interpreter import interpreted, parent_only, run_interpreted
 
-from polykv.cache import decode_attention as da
+from polykv.cache.kernels import decode_attention as da
 
 FREE = torch.iinfo(torch.int32).max  # a free slot's position, as in polykv.cache.static
 

@@ -11,14 +11,15 @@ from conftest import requires_real_model, tiny_llama
 
 import polykv
 from polykv.errors import PolykvError
-from polykv.eval import batch as batch_module
-from polykv.eval import runner as runner_module
-from polykv.eval.loader import read_jsonl
-from polykv.eval.report import markdown, summary
-from polykv.eval.runner import Method, read, run
-from polykv.eval.scoring import bootstrap_recovery, gap_recovery, kl_divergence, negative_log_likelihood
-from polykv.eval.tasks import Sample, make, samples
-from polykv.eval.text import paragraphs
+from polykv.evaluation import runner as runner_module
+from polykv.evaluation.report import markdown, summary
+from polykv.evaluation.runner import Method, read, run
+from polykv.evaluation.scoring import bootstrap_recovery, gap_recovery
+from polykv.harness import batch as batch_module
+from polykv.harness.divergence import kl_divergence, negative_log_likelihood
+from polykv.tasks.loader import read_jsonl
+from polykv.tasks.tasks import Sample, make, samples
+from polykv.tasks.text import paragraphs
 
 # --- scores --------------------------------------------------------------------------------------------
 

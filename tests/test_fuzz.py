@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from strategies import grammar_text
 
 from polykv.cli import main
-from polykv.lang.check import check_text
-from polykv.lang.diagnostics import SpecError
+from polykv.language.check import check_text
+from polykv.language.diagnostics import SpecError
 
 EXAMPLES = [path.read_text() for path in sorted((Path(__file__).parent.parent / "examples").glob("*.pkv"))]
 VALID = [

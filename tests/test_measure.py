@@ -11,10 +11,11 @@ from conftest import tiny_llama
 from polykv_plugins.signals import BUILTIN_SIGNALS
 
 import polykv
-from polykv import measure as measure_module
-from polykv.calibrate import calibrate, read_samples
+from polykv.calibration import measure as measure_module
+from polykv.calibration.calibrate import calibrate
+from polykv.calibration.measure import CalibrationSample, measure
+from polykv.calibration.samples import read_samples
 from polykv.errors import PolykvError
-from polykv.measure import CalibrationSample, measure
 
 
 def _samples(count: int = 4, length: int = 48) -> list[CalibrationSample]:
@@ -111,7 +112,7 @@ def test_calibration_data_from_json_lines(tmp_path):
 
 
 def test_tuning_picks_per_budget_the_candidate_that_loses_least_on_held_out_prompts():
-    from polykv.eval.tasks import Sample
+    from polykv.tasks.tasks import Sample
 
     model = tiny_model_for_tuning()
     generator = torch.Generator().manual_seed(9)

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from strategies import grammar_text, specs
 
 import polykv
-from polykv.lang import ast
-from polykv.lang.parse import parse_recovering
-from polykv.lang.printer import print_spec
+from polykv.language import ast
+from polykv.language.parse import parse_recovering
+from polykv.language.printer import print_spec
 
 FILE_FORM = """\
 # LLaMA-3.1-8B, 512 tokens per layer on average
@@ -332,7 +332,7 @@ def test_what_a_plan_prints_for_a_layer_parses_back_to_the_same_choice(name, bud
 
 @given(st.sets(st.integers(0, 300), min_size=1, max_size=40))
 def test_printed_layer_ranges_select_exactly_those_layers(indices):
-    from polykv.lang.printer import layer_ranges
+    from polykv.language.printer import layer_ranges
 
     selector = polykv.parse(f"layers {layer_ranges(indices)}: full").items[0].selector
     chosen = set()

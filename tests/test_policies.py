@@ -808,7 +808,7 @@ def test_fused_accumulated_attention_equals_the_chunked_sum(monkeypatch, pads):
 def test_h2o_takes_the_prefill_attention_normalisers_on_cuda(monkeypatch):
     """In half precision on CUDA, accumulated attention comes from the fused kernel fed by the
     attention's own log-normalisers; it agrees with the float32 chunked computation."""
-    import polykv.cache.column_sums as column_sums
+    import polykv.cache.kernels.column_sums as column_sums
 
     if not column_sums.available(torch.device("cuda")):
         pytest.skip("triton is not installed")

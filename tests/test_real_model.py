@@ -14,7 +14,7 @@ import torch.nn.attention
 from transformers import DynamicCache
 
 import polykv
-from polykv.eval.tasks import passkey_prompt
+from polykv.tasks.tasks import passkey_prompt
 
 pytestmark = pytest.mark.slow
 

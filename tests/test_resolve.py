@@ -11,7 +11,7 @@ from conftest import tiny_llama
 import polykv
 from polykv.model import describe_model
 from polykv.profile import Profile, ProfileError, fingerprint
-from polykv.resolve import dense_grid, interpolate
+from polykv.resolution.resolve import dense_grid, interpolate
 
 GRID = (16, 32, 64, 128)
 

@@ -8,19 +8,12 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polykv_plugins.cake import CakeSolver
+from polykv_plugins.knapsack import KnapsackSolver
+from polykv_plugins.pyramid import PyramidSolver
+from polykv_plugins.uniform import UniformSolver
 
-from polykv.solve import (
-    BudgetProblem,
-    CakeSolver,
-    InfeasibleError,
-    KnapsackSolver,
-    LayerOptions,
-    PyramidSolver,
-    UniformSolver,
-    monotone,
-)
-from polykv.solve.problem import options
-from polykv.solve.rules import uniform_solution
+from polykv.solver import BudgetProblem, InfeasibleError, LayerOptions, monotone, options, uniform_solution
 
 GRID = (16, 32, 64, 128, 256)
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from polykv.eval.tasks import passkey_prompt
+from polykv.tasks.tasks import passkey_prompt
 
 if __name__ == "__main__":
     path = Path(__file__).with_name("passkey-1k.txt")

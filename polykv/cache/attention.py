@@ -28,12 +28,12 @@ import attrs
 import torch
 import torch.nn.attention
 
-from polykv.cache import column_sums
-from polykv.cache.decode_attention import decode_attention
 from polykv.cache.inputs import Visibility
+from polykv.cache.kernels import column_sums
+from polykv.cache.kernels.decode_attention import decode_attention
 from polykv.errors import ModelError
+from polykv.model.describe import PREFIX, kernel_name
 
-PREFIX = "polykv_"
 SUPPORTED = ("sdpa", "eager")
 
 
@@ -164,8 +164,3 @@ def restore_model(model: torch.nn.Module) -> None:
 
 def is_prepared(model: torch.nn.Module) -> bool:
     return model.config._attn_implementation.startswith(PREFIX)
-
-
-def kernel_name(model: torch.nn.Module) -> str:
-    """The attention kernel the model runs (``sdpa`` or ``eager``), with or without polykv."""
-    return model.config._attn_implementation.removeprefix(PREFIX)

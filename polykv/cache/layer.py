@@ -22,15 +22,16 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from polykv.budget import Budget
-from polykv.cache import column_sums, inputs
+from polykv.cache import inputs
 from polykv.cache.checks import RIGHT_PADDING, raise_for
 from polykv.cache.inputs import Visibility
+from polykv.cache.kernels import column_sums
 from polykv.cache.selection import Selection, choose
 from polykv.cache.static import StaticDecoding
 from polykv.cache.storage import Storage
 from polykv.errors import CacheError
-from polykv.lang.printer import format_use
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
+from polykv.values import format_use
 
 
 @attrs.frozen

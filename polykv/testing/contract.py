@@ -241,7 +241,7 @@ class PolicyContract:
         return polykv.compile(spec, model, registry=registry), registry
 
     def _use(self, budget: int | None) -> str:
-        from polykv.lang.printer import format_use
+        from polykv.values import format_use
 
         values = dict(self.make().values)
         if not self.policy.budgeted:

@@ -81,7 +81,7 @@ def greedy_by_forwards(
 ) -> torch.Tensor:
     """``ids`` (B, L) and ``new`` greedy tokens, one ordinary forward at a time: what ``model.generate``
     does, without stopping at an end-of-sequence token (a reference for other decoding paths)."""
-    from polykv.cache.capture import prompt_positions
+    from polykv.cache.positions import prompt_positions
 
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     positions = prompt_positions(mask)

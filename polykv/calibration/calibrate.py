@@ -1,0 +1,84 @@
+"""Calibration: measure a model's per-layer sensitivity and keep it as a profile (``polykv calibrate``).
+
+``calibrate`` measures the loss tables on the calibration samples (``samples``, ``measure``),
+records where they came from, and tunes the solver on held-out prompts (``tune``).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+
+import torch
+
+from polykv.calibration.measure import CalibrationSample, measure
+from polykv.calibration.samples import GRID, POLICIES
+from polykv.calibration.tune import tune
+from polykv.profile import Profile, fingerprint
+from polykv.registry import Registry, default_registry
+from polykv.values import Value
+
+
+def calibrate(
+    model: torch.nn.Module,
+    samples: Sequence[CalibrationSample],
+    *,
+    policies: Sequence[str] = POLICIES,
+    grid: Sequence[int] = GRID,
+    registry: Registry | None = None,
+    batch_size: int = 4,
+    settings: dict | None = None,
+    tune_on: Sequence = (),
+    pad_token_id: int = 0,
+    progress: bool = True,
+) -> Profile:
+    """Measure ``model`` on ``samples`` and return the profile (tables, signals, and where they came from).
+
+    With ``tune_on`` (evaluation samples of the same tasks, held out from ``samples``) the solver is
+    also tuned per budget regime (``tune``).
+    """
+    from polykv.model import describe_model
+
+    registry = registry or default_registry()
+    chosen: dict[str, dict[str, Value]] = {name: dict(registry.create(name).values) for name in policies}
+    signals = [entry.cls() for entry in registry.signals()]
+    measured = measure(
+        model,
+        samples,
+        policies=chosen,
+        grid=grid,
+        signals=signals,
+        batch_size=batch_size,
+        registry=registry,
+        progress=progress,
+    )
+    info, _ = describe_model(model)
+    profile = Profile(
+        model=info,
+        fingerprint=fingerprint(model),
+        settings={
+            "prompt_length": measured.prompt_length,
+            "continuation_length": measured.continuation_length,
+            "samples": dict(measured.samples),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            **(settings or {}),
+        },
+        grid=measured.grid,
+        policies=chosen,
+        losses=measured.losses,
+        signals=measured.signals,
+        curves=measured.curves,
+    )
+    if tune_on:
+        profile = tune(
+            model,
+            profile,
+            tune_on,
+            registry=registry,
+            batch_size=batch_size,
+            pad_token_id=pad_token_id,
+            progress=progress,
+        )
+    return profile

@@ -1,0 +1,84 @@
+"""What calibration measures on: generated tasks by default, or the user's own text.
+
+The calibration set mixes retrieval (passkey, multi-key, span copy) with natural-text
+continuation, generated offline from a seed and from the calibration half of the text
+(``polykv.tasks.text``), so a profile never sees the evaluation's prompts. Or bring your own with
+``--data``: JSON lines ``{"task": ..., "context": ..., "continuation": ...}`` (texts; the
+continuation is scored, teacher-forced).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from polykv.calibration.measure import CalibrationSample
+from polykv.errors import PolykvError
+
+#: The default calibration: tasks (with their formats), samples of each, prompt tokens, policies, budgets.
+TASKS = (
+    ("passkey", "raw"), ("passkey", "chat"), ("niah", "raw"), ("multikey", "raw"), ("multikey", "chat"),
+    ("copy", "raw"), ("continue", "raw"),
+)  # fmt: skip
+SAMPLES, LENGTH = 4, 1024
+POLICIES = ("pyramidkv", "tova", "h2o", "streaming")
+GRID = (8, 16, 32, 64, 128, 256, 512)
+#: Continuation tokens scored per sample: enough to see a layer's effect, few enough to keep passes cheap.
+SCORED = 16
+#: Held-out samples per task for tuning (drawn with other seeds than the measured ones).
+TUNE_SAMPLES = 2
+
+
+def calibration_samples(
+    tokenizer, *, count: int = SAMPLES, length: int = LENGTH, seed: int = 0
+) -> list[CalibrationSample]:
+    """The default calibration set: ``count`` samples of each task, from the calibration text."""
+    from polykv.tasks.tasks import make
+
+    return [
+        CalibrationSample(f"{task}:{form}", torch.tensor(s.prompt), torch.tensor(s.target[:SCORED]))
+        for task, form in TASKS
+        for s in (
+            make(task, tokenizer, length=length, seed=seed + n, split="calibration", format=form) for n in range(count)
+        )
+    ]
+
+
+def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH, seed: int = 0) -> list:
+    """Held-out prompts for tuning the solver: the calibration tasks with seeds the measurement never uses."""
+    from polykv.tasks.tasks import make
+
+    return [
+        make(task, tokenizer, length=length, seed=seed + 10_000 + n, split="calibration", format=form)
+        for task, form in TASKS
+        for n in range(count)
+    ]
+
+
+def read_samples(path: Path, tokenizer) -> list[CalibrationSample]:
+    """Calibration samples from JSON lines with ``task``, ``context`` and ``continuation`` texts."""
+    found = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolykvError(f"{path}: cannot read the calibration data: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            task, context, continuation = record["task"], record["context"], record["continuation"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise PolykvError(
+                f"{path}:{number}: expected a JSON object with task, context and continuation ({error})"
+            ) from None
+        ids = tokenizer(context, return_tensors="pt").input_ids[0]
+        scored = tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if len(scored) < 2:
+            raise PolykvError(f"{path}:{number}: the continuation needs at least 2 tokens, it has {len(scored)}")
+        found.append(CalibrationSample(str(task), ids, scored))
+    if not found:
+        raise PolykvError(f"{path}: no calibration samples")
+    return found

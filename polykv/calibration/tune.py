@@ -1,0 +1,102 @@
+"""Tuning the solver per budget regime on held-out prompts, after the tables are measured."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polykv.profile import Profile
+from polykv.registry import Registry, default_registry
+
+#: Average budgets (tokens per layer at the calibration prompt length) at which the solver is tuned.
+TUNE_BUDGETS = (32, 64, 128, 256)
+
+
+def tune(
+    model: torch.nn.Module,
+    profile: Profile,
+    samples: Sequence,
+    *,
+    budgets: Sequence[int] = TUNE_BUDGETS,
+    registry: Registry | None = None,
+    batch_size: int = 4,
+    pad_token_id: int = 0,
+    progress: bool = True,
+) -> Profile:
+    """Choose, for each average budget, the task weights and floor whose solution loses least on ``samples``.
+
+    Single-layer losses add up well for plain continuation, but much worse for retrieval: a needle
+    that survives in other layers makes each layer alone look cheap, and compressing them together
+    loses it; and how much worse depends on how hard the model is compressed. So at each budget
+    every task gets a composition factor, its measured loss under uniform compression over the sum
+    its table predicts. The candidates are equal weights and these factors, each with the smallest
+    budgets of the grid as a floor, and the one with the least measured loss (task-balanced, on
+    ``samples``, which the tables never saw) is kept per budget.
+    """
+    import attrs
+    from tqdm import tqdm
+
+    from polykv.harness.batch import BatchScorer, by_task, needs_of
+    from polykv.plan import compile
+    from polykv.profile import TunedRegime
+
+    registry = registry or default_registry()
+    budgets = [b for b in budgets if b < profile.prompt_length]  # a budget over the prompt compresses nothing
+    if not budgets:
+        return profile
+    baseline = "pyramidkv" if "pyramidkv" in profile.policies else next(iter(profile.policies))
+    batches = list(by_task(samples, batch_size))
+    losses: dict[tuple, list[float]] = {}
+
+    def score(plans: dict) -> None:
+        needs = needs_of(plans.values())
+        for batch in tqdm(batches, desc="tuning", unit="batch", disable=not progress, leave=False):
+            scorer = BatchScorer(model, batch, needs, pad_token_id=pad_token_id)
+            for key, plan in plans.items():
+                for record in scorer.score(str(key), 0, plan):
+                    losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)
+
+    def balanced(key) -> float:
+        return sum(_mean(losses[(key, task)]) for task in profile.tasks) / len(profile.tasks)
+
+    score({("uniform", b): compile(f"layers *: {baseline}@{b}", model, registry=registry) for b in budgets})
+    equal = {task: 1.0 for task in profile.tasks}
+    factors = {
+        budget: {
+            task: max(_mean(losses[(("uniform", budget), task)]), 1e-6)
+            / max(_predicted(profile, task, baseline, budget), 1e-6)
+            for task in profile.tasks
+        }
+        for budget in budgets
+    }
+    candidates = {}
+    for budget in budgets:
+        for name, chosen in (("equal", equal), ("composition", factors[budget])):
+            variant = attrs.evolve(profile, weights=chosen, regimes=())
+            plan = compile(f"budget {budget}\nlayers *: auto@auto", model, profile=variant, registry=registry)
+            for floor in [b for b in profile.grid[:3] if b <= budget]:
+                regimes = [attrs.evolve(regime, floor=floor) for regime in plan.resolver.regimes]
+                resolver = attrs.evolve(plan.resolver, regimes=regimes)
+                candidates[(name, budget, floor)] = attrs.evolve(plan, resolver=resolver)
+    score(candidates)
+    tuned = []
+    for budget in budgets:
+        keys = [key for key in candidates if key[1] == budget]
+        measured = {f"{name} weights, floor {floor}": balanced((name, b, floor)) for name, b, floor in keys}
+        measured[f"uniform {baseline}"] = balanced(("uniform", budget))
+        best = min(keys, key=balanced)
+        tuned.append(TunedRegime(budget, equal if best[0] == "equal" else factors[budget], best[2], measured))
+    return attrs.evolve(profile, regimes=tuned, settings={**profile.settings, "composition_factors": factors})
+
+
+def _predicted(profile: Profile, task: str, policy: str, budget: int) -> float:
+    """The task's loss the single-layer table predicts for every layer at ``policy`` and ``budget``."""
+    from polykv.resolution.resolve import interpolate
+
+    column = list(profile.policies).index(policy)
+    return sum(interpolate(profile.grid, layer[column], [budget])[0] for layer in profile.losses[task])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)

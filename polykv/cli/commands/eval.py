@@ -1,0 +1,89 @@
+"""``polykv eval``: compare methods at equal stored tokens on generated tasks, and report gap recovery.
+
+The default tasks are those the bundled model solves with the full cache
+(benchmarks/results/task_capability_*.json): single-needle and multi-key retrieval in both prompt
+formats, the raw passkey, and plain continuation; variable tracking is left out (the model
+answers it at chance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from polykv.cli.commands import setup
+from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_TASKS
+from polykv.errors import PolykvError
+
+#: A small run, for the test suite and a first look.
+QUICK = {
+    "tasks": ("passkey", "continue"),
+    "methods": ("full", "snapkv", "tova", "polykv"),
+    "budgets": (64, 128),
+    "count": 2,
+    "length": 512,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from polykv.evaluation.report import markdown, plots, summary
+    from polykv.evaluation.runner import method
+    from polykv.evaluation.runner import run as evaluate
+    from polykv.model import load_model
+    from polykv.tasks.loader import read_jsonl
+    from polykv.tasks.tasks import FORMATS, TASKS, samples
+
+    chosen_tasks = args.tasks or (QUICK["tasks"] if args.quick else EVAL_TASKS)
+    parsed = []
+    for text in chosen_tasks:
+        task, _, form = text.partition(":")
+        if task not in TASKS or (form or "raw") not in FORMATS:
+            raise PolykvError(f"--tasks {text}: tasks are {', '.join(TASKS)}, optionally :chat (or :raw)")
+        parsed.append((task, form or "raw"))
+    methods = [method(m) for m in (args.methods or (QUICK["methods"] if args.quick else EVAL_METHODS))]
+    budgets = args.budgets or (QUICK["budgets"] if args.quick else EVAL_BUDGETS)
+    count = QUICK["count"] if args.quick else args.count
+    length = QUICK["length"] if args.quick else args.length
+    setup.writable(args.out, "--out")  # the folder itself is made when missing
+    device = setup.device(args)
+    location = setup.model_location(args)
+    print(f"loading {location}", file=sys.stderr)
+    model, tokenizer = load_model(location, device=device)
+    if args.data:
+        chosen = read_jsonl(args.data, tokenizer, max_length=length)
+        parsed = sorted({(s.task, s.format) for s in chosen})
+    else:
+        chosen = [
+            sample
+            for task, form in parsed
+            for sample in samples([task], tokenizer, length=length, count=count, formats=(form,), first_seed=args.seed)
+        ]
+    records = evaluate(
+        model,
+        tokenizer,
+        chosen,
+        methods,
+        budgets,
+        args.out,
+        profile=args.profile,
+        batch_size=args.batch,
+        answers=not args.graded_only,
+    )
+    data = summary(records)
+    data["settings"] = {
+        "model": str(location),
+        "tasks": [f"{t}:{f}" for t, f in parsed],
+        "count": count,
+        "length": length,
+        "seed": args.seed,
+        "profile": args.profile or "bundled",
+        "command": setup.command_line(),
+    }
+    text = markdown(data)
+    (args.out / "report.md").write_text(text, encoding="utf-8")
+    (args.out / "summary.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    written = plots(data, args.out)
+    print(text)
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'summary.json'}" + "".join(f", {p}" for p in written))
+    return 0

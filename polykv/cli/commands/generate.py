@@ -1,0 +1,184 @@
+"""``polykv generate``: answer a prompt with a compressed cache, and report what it kept and cost.
+
+The prompt is continued as written (``--chat`` wraps it in the model's chat template first).
+Progress shows while the model loads, while the prompt is prefilled (layer by layer) and while
+tokens are generated; the report gives kept tokens per layer after prefill, the cache's memory
+against the full cache's, and the time of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from polykv.cli.commands import setup
+from polykv.cli.commands.output import mib, table
+from polykv.cli.commands.setup import spec_argument
+from polykv.decoding import static_generate
+from polykv.errors import PolykvError
+from polykv.language.check import check
+from polykv.language.printer import layer_ranges
+from polykv.model import attention_modules, load_model
+from polykv.plan import Plan, compile, with_total_budget
+
+
+def run(args: argparse.Namespace) -> int:
+    text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    if not text.strip():
+        raise PolykvError("the prompt is empty")
+    spec = spec_argument(args.spec, "--spec")
+    if args.budget is not None:
+        spec = with_total_budget(spec, args.budget)
+    check(spec)  # report mistakes in the spec before spending time on the model
+    device = setup.device(args)
+    location = setup.model_location(args)
+
+    started = time.perf_counter()
+    print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
+    model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
+    loaded = time.perf_counter() - started
+    plan = compile(spec, model, profile=args.profile)
+
+    input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
+    cache = plan.make_cache(prompt_length=input_ids.shape[1])
+    progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static)
+    with progress, torch.no_grad():
+        if args.static:
+            output = static_generate(
+                model,
+                cache,
+                input_ids,
+                max_new_tokens=args.max_new_tokens,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                on_token=progress.token,
+            )
+        else:
+            output = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=cache,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[0, input_ids.shape[1] :].tolist()  # waits for the device
+        progress.finish()
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    print()
+    print(_report(plan.resolved(input_ids.shape[1]), progress, loaded, len(new_tokens)))
+    return 0
+
+
+def _read_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise PolykvError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise PolykvError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
+
+
+def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:
+    if not chat:
+        return tokenizer(text, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise PolykvError("--chat: this model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": text}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"]
+
+
+class _Progress:
+    """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer.
+
+    With ``static`` decoding the forwards after the prefill are captured once and replayed, so tokens
+    are counted by ``token`` (called by ``static_generate``) and timed as a whole by ``finish``.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, static: bool = False):
+        self.model = model
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.static = static
+        self.forwards = 0
+        self.kept_after_prefill: list[int] = []
+        self.nbytes_after_prefill = self.full_nbytes_after_prefill = 0
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self._hooks: list = []
+
+    def __enter__(self) -> _Progress:
+        attention = attention_modules(self.model).values()
+        self._layers_bar = tqdm(
+            total=len(attention), desc=f"prefill {self.prompt_length} tokens", unit="layer", file=sys.stderr
+        )
+        self._tokens_bar = None
+        for module in attention:
+            self._hooks.append(module.register_forward_hook(self._after_layer))
+        self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
+        self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._layers_bar.close()
+        if self._tokens_bar is not None:
+            self._tokens_bar.close()
+
+    def _after_layer(self, module, args, output) -> None:
+        if self.forwards == 0:
+            self._layers_bar.update(1)
+
+    def _before_forward(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def token(self) -> None:
+        """One more token queued (static decoding)."""
+        self._tokens_bar.update(1)
+
+    def finish(self) -> None:
+        """Generation is over: static decoding's time is everything after the prefill."""
+        if self.static:
+            self.decode_seconds = time.perf_counter() - self._prefilled
+
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        seconds = time.perf_counter() - self._started
+        self.forwards += 1
+        if self.forwards == 1:
+            # transformers renames the argument to ``cache`` (5.24 passes that; 5.17 past_key_values).
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self.prefill_seconds = seconds
+            self.kept_after_prefill = cache.layer_lengths()
+            self.nbytes_after_prefill = cache.nbytes()
+            self.full_nbytes_after_prefill = cache.full_nbytes()
+            self._layers_bar.close()
+            self._tokens_bar = tqdm(total=self.max_new_tokens, desc="generate", unit="token", file=sys.stderr)
+            self._prefilled = time.perf_counter()
+        elif not self.static:  # static steps are captured once and replayed: finish() times them
+            self.decode_seconds += seconds
+        if not self.static:  # static_generate counts its tokens through token()
+            self._tokens_bar.update(1)
+
+
+def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: int) -> str:
+    rows = [("layers", "policy", "kept after prefill")]
+    for indices, what in plan.runs():
+        kept = sorted({progress.kept_after_prefill[i] for i in indices})
+        rows.append((layer_ranges(indices), what, f"{'/'.join(map(str, kept))} of {progress.prompt_length}"))
+    lines = [table(rows)]
+    kept, full = progress.nbytes_after_prefill, progress.full_nbytes_after_prefill
+    saved = 100 * (1 - kept / full) if full else 0.0
+    lines.append(f"cache after prefill: {mib(kept)} kept, {mib(full)} for the full cache ({saved:.1f}% saved)")
+    # The prefill forward yields the first token; the rest come from the decoding steps.
+    decoding = f", {(new_tokens - 1) / progress.decode_seconds:.1f} tokens/s" if progress.decode_seconds else ""
+    lines.append(
+        f"time: load {load_seconds:.1f} s, prefill {progress.prefill_seconds:.2f} s, "
+        f"generate {progress.decode_seconds:.2f} s ({new_tokens} tokens{decoding})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""``polykv validate``, ``polykv fmt`` and ``polykv policies``: the language and what is installed.
+
+``validate`` prints what each layer does as statements of the language, every parameter written
+out, so its output is itself a valid spec; ``--json`` is for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from polykv.language import ast
+from polykv.language.diagnostics import Diagnostic, SpecError
+from polykv.language.parse import parse_recovering
+from polykv.language.printer import format_budget, format_selector, layer_ranges, layer_runs, print_spec
+from polykv.language.source import UnreadableSource, read_source
+from polykv.values import format_use
+
+if TYPE_CHECKING:  # checking needs the installed policies, which import torch: fmt does without
+    from polykv.language.check import CheckedSpec, PhaseChoice, SolverChoice
+    from polykv.registry import Registry
+
+
+def validate(args: argparse.Namespace) -> int:
+    from polykv.language.check import check_text
+    from polykv.registry import default_registry
+
+    layers, layers_from = args.layers, "the model given by --layers"
+    if args.model:
+        from polykv.model import layer_count
+
+        layers, layers_from = layer_count(args.model), f"the model in {args.model}"
+    registry = default_registry()
+    results = []
+    for name in args.files:
+        try:
+            source = read_source(name)
+            checked = check_text(source.text, source.name, layers=layers, layers_from=layers_from, registry=registry)
+        except UnreadableSource as error:
+            results.append((name, None, SpecError([Diagnostic("unreadable-file", str(error))])))
+        except SpecError as error:
+            results.append((source.name, None, error))
+        else:
+            results.append((source.name, checked, None))
+    if args.json:
+        failed = any(error is not None for _, _, error in results)
+        print(json.dumps({"ok": not failed, "files": [_result_json(*r) for r in results]}, indent=2))
+    else:
+        for name, checked, error in results:
+            if error is not None:
+                print(error.format(), file=sys.stderr)
+            else:
+                print(summary(name, checked))
+    return 1 if any(error is not None for _, _, error in results) else 0
+
+
+def summary(name: str, checked: CheckedSpec) -> str:
+    """``NAME: ok (N layers)`` and what each run of layers does, as statements of the language."""
+    if checked.layers is not None:
+        header = f"{name}: ok ({checked.layer_count} layers)"
+        runs = layer_runs([(entry.prefill, entry.decode) for entry in checked.layers])
+        rules = [(layer_ranges(indices), prefill, decode) for indices, (prefill, decode) in runs]
+    else:
+        header = f"{name}: ok (layer count unknown: give --layers N or --model DIR to check coverage and ranges)"
+        rules = [(format_selector(r.rule.selector), r.prefill, r.decode) for r in checked.rules]
+    lines = [header]
+    if checked.budget is not None:
+        lines.append("  " + _budget_statement(checked.budget, checked.layer_count))
+    if checked.solver is not None:
+        lines.append("  " + _solver_statement(checked.solver))
+    for selector, prefill, decode in rules:
+        statement = f"layers {selector}: {prefill.describe()}"
+        lines.append("  " + statement + (f" decode {decode.describe()}" if decode is not None else ""))
+    return "\n".join(lines)
+
+
+def _budget_statement(decl: ast.BudgetDecl, layer_count: int | None) -> str:
+    amount = decl.amount
+    if isinstance(amount, ast.Percent):
+        return f"budget {format_budget(amount)}  # of the prompt per layer on average"
+    if decl.total:
+        return f"budget total {amount.count}  # tokens over all layers"
+    in_all = f", {amount.count * layer_count} in all" if layer_count else ""
+    return f"budget {amount.count}  # tokens per layer on average{in_all}"
+
+
+def _solver_statement(solver: SolverChoice) -> str:
+    return "solver " + format_use(solver.name, None, solver.params)
+
+
+def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None) -> dict:
+    if error is not None:
+        return {"file": name, "ok": False, "errors": [d.to_dict() for d in error.diagnostics]}
+    result: dict = {"file": name, "ok": True, "layer_count": checked.layer_count}
+    from polykv.language.check import budget_to_dict
+
+    decl = checked.budget
+    result["budget"] = None if decl is None else {"total": decl.total, **budget_to_dict(decl.amount)}
+    result["solver"] = (
+        None if checked.solver is None else {"name": checked.solver.name, "params": dict(checked.solver.params)}
+    )
+    if checked.layers is not None:
+        result["layers"] = [
+            {"layer": e.index, "prefill": _choice_json(e.prefill), "decode": _choice_json(e.decode)}
+            for e in checked.layers
+        ]
+    else:
+        result["rules"] = [
+            {
+                "selector": format_selector(r.rule.selector),
+                "prefill": _choice_json(r.prefill),
+                "decode": _choice_json(r.decode),
+            }
+            for r in checked.rules
+        ]
+    return result
+
+
+def _choice_json(choice: PhaseChoice | None) -> dict | None:
+    return None if choice is None else {**choice.to_dict(), "text": choice.describe()}
+
+
+def fmt(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.files:
+        try:
+            source = read_source(name)
+        except UnreadableSource as error:
+            print(f"polykv: error: {error}", file=sys.stderr)
+            status = 1
+            continue
+        spec, diagnostics = parse_recovering(source.text, source.name)
+        if diagnostics:
+            print(SpecError(diagnostics).format(), file=sys.stderr)
+            status = 1
+            continue
+        canonical = print_spec(spec)
+        if not args.check:
+            sys.stdout.write(canonical)
+        elif canonical != source.text:
+            print(f"{source.name}: not in canonical form (polykv fmt prints it)", file=sys.stderr)
+            status = 1
+    return status
+
+
+def policies(args: argparse.Namespace) -> int:
+    from polykv.registry import default_registry
+
+    registry = default_registry()
+    if args.json:
+        print(json.dumps(_listing_json(registry), indent=2))
+        return 0
+    lines = []
+    for entry in registry:
+        lines.append(f"{entry.name}  ({entry.distribution} {entry.version})".replace("  ()", ""))
+        lines.append(f"    {entry.policy.description}")
+        for param in entry.policy.parameters:
+            bounds = f", {param.range_words()}" if param.min is not None or param.max is not None else ""
+            choices = f", one of {', '.join(param.choices)}" if param.choices else ""
+            default = json.dumps(param.default)
+            lines.append(f"    {param.name}: {param.type.__name__} = {default}{bounds}{choices}  {param.description}")
+    if not len(registry):
+        lines.append("no policies installed")
+    if args.all:
+        for word, entries in (("signals", registry.signals()), ("solvers", registry.solvers())):
+            lines += ["", f"{word}:"]
+            lines += [f"    {e.name}  ({e.distribution})  {e.cls.description}" for e in entries]
+    if registry.failures:
+        lines += ["", "failed to load:"]
+        lines.extend(f"    {failure}" for failure in registry.failures)
+    print("\n".join(lines))
+    return 0
+
+
+def _listing_json(registry: Registry) -> dict:
+    def described(entry) -> dict:
+        return {
+            "name": entry.name,
+            "description": entry.cls.description,
+            "distribution": entry.distribution,
+            "version": entry.version,
+            "plugin": entry.plugin,
+            "parameters": [
+                {
+                    "name": p.name,
+                    "type": p.type.__name__,
+                    "default": p.default,
+                    "min": p.min,
+                    "max": p.max,
+                    "choices": list(p.choices),
+                    "description": p.description,
+                }
+                for p in getattr(entry.cls, "parameters", ())
+            ],
+        }
+
+    return {
+        "policies": [{**described(e), "budgeted": e.policy.budgeted} for e in registry],
+        "signals": [described(e) for e in registry.signals()],
+        "solvers": [described(e) for e in registry.solvers()],
+        "failures": [
+            {"distribution": f.distribution, "plugin": f.plugin, "reason": f.reason} for f in registry.failures
+        ],
+    }

@@ -1,0 +1,118 @@
+"""``polykv plan``: what a spec decides for each layer of a model, printed as a spec and drawn.
+
+The output is a spec that ``polykv validate`` accepts: one statement per layer with its policy,
+budget and parameters, and a comment with the measurements that decided it (the predicted loss
+at the chosen budget, the loss one step lower, the layer's signals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from polykv.cli.commands import setup
+from polykv.errors import PolykvError
+from polykv.plan import Plan
+
+
+def plan_text(plan: Plan) -> str:
+    """``plan`` as spec text: a header, then one statement per layer with its measurements as a comment."""
+    stored = sum(_tokens(layer, plan.context_length) for layer in plan.layers)
+    length = plan.context_length
+    lines = [
+        f"# {plan.model.name}: the plan for a {length}-token prompt" if length else f"# {plan.model.name}",
+        f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip())}",
+        f"# stored tokens: {stored} in all, {stored / len(plan.layers):.1f} per layer on average",
+        f"model layers {len(plan.layers)}",
+    ]
+    for layer in plan.layers:
+        statement = f"layers {layer.index}: {layer.describe()}"
+        notes = ", ".join(f"{k} {_number(v)}" for k, v in layer.measurements.items())
+        lines.append(f"{statement}  # {notes}" if notes else statement)
+    return "\n".join(lines) + "\n"
+
+
+def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
+    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise PolykvError("--png needs matplotlib: pip install 'polykv-core[bench]'") from error
+    rows = 2 if sensitivity else 1
+    figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False)
+    policies = sorted({layer.prefill.policy for layer in plan.layers})
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(policies)}
+    top = axes[0][0]
+    for name in policies:
+        chosen = [layer for layer in plan.layers if layer.prefill.policy == name]
+        top.bar(
+            [layer.index for layer in chosen],
+            [_tokens(layer, plan.context_length) for layer in chosen],
+            color=colours[name],
+            label=name,
+        )
+    top.set_ylabel("stored tokens")
+    top.set_yscale("log", base=2)
+    top.legend(fontsize=8, ncols=min(4, len(policies)))
+    top.set_title(f"{plan.model.name}: {plan.context_length}-token prompt")
+    if sensitivity:
+        bottom = axes[1][0]
+        bottom.bar(range(len(sensitivity)), sensitivity, color="grey")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("loss at 32 tokens\n(best policy)")
+    axes[-1][0].set_xlabel("layer")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polykv.language.check import check
+    from polykv.model import load_model
+    from polykv.plan import compile, with_total_budget
+    from polykv.profile import as_profile
+
+    if args.png is not None:
+        setup.writable(args.png, "--png")
+    spec = setup.spec_argument(args.spec, "spec")
+    if args.budget is not None:
+        spec = with_total_budget(spec, args.budget)
+    check(spec)  # mistakes in the spec are reported before the model loads
+    profile = as_profile(args.profile) if args.profile else None
+    device = setup.device(args)
+    location = setup.model_location(args)
+    print(f"loading {location}", file=sys.stderr)
+    model, _ = load_model(location, device=device)
+    plan = compile(spec, model, profile=profile, context_length=args.context)
+    sys.stdout.write(plan_text(plan))
+    if args.png is not None:
+        draw(plan, args.png, _sensitivity(plan))
+        print(f"# drawn in {args.png}")
+    return 0
+
+
+def _sensitivity(plan: Plan) -> list[float] | None:
+    """Each layer's loss at 32 tokens with its best measured policy (from the plan's resolver)."""
+    if plan.resolver is None:
+        return None
+    grid = plan.resolver.grid
+    if 32 not in grid:
+        return None
+    position = grid.index(32)
+    regime = plan.resolver.regime(plan.context_length or 1)
+    return [min((table[position] for table in tables.values()), default=0.0) for tables in regime.tables]
+
+
+def _tokens(layer, length: int | None) -> int:
+    budget = layer.prefill.budget
+    if budget is None:
+        return length or 0
+    return min(budget.tokens(length or 0), length) if length else budget.tokens(0)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"

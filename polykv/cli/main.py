@@ -1,0 +1,225 @@
+"""The ``polykv`` command line: every command and its arguments; what each does is in ``polykv.cli.commands``.
+
+Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed), 2 for
+a wrong command line, 130 when interrupted. Errors are messages, never tracebacks; set
+``POLYKV_DEBUG=1`` to see the traceback of an internal error. Arguments are checked here, before
+a command imports torch or loads a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from polykv.errors import PolykvError
+from polykv.language.diagnostics import SpecError
+from polykv.limits import MAX_LAYERS
+
+#: Defaults of the evaluation (see polykv.cli.commands.eval for why these tasks).
+EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
+EVAL_METHODS = (
+    "full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "pyramid", "cake", "polykv", "polykv-budgets",
+)  # fmt: skip
+EVAL_BUDGETS = (32, 64, 128, 256)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        module, _, function = args.run.partition(":")
+        return getattr(importlib.import_module(module), function)(args)
+    except SpecError as error:
+        print(error.format(), file=sys.stderr)
+        return 1
+    except PolykvError as error:
+        print(f"polykv: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("polykv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the CLI reports internal errors, it does not crash
+        if os.environ.get("POLYKV_DEBUG"):
+            raise
+        print(
+            f"polykv: internal error: {type(error).__name__}: {error}\n"
+            "  (run again with POLYKV_DEBUG=1 to see the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polykv", description="Per-layer KV-cache compression for transformers.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check specs and print what each layer does")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="spec files (any suffix); - reads standard input")
+    count = validate.add_mutually_exclusive_group()
+    count.add_argument("--layers", type=_count(MAX_LAYERS), metavar="N", help="check against a model of N layers")
+    count.add_argument("--model", metavar="DIR", help="check against the layer count of the model in DIR")
+    validate.add_argument("--json", action="store_true", help="print results as JSON")
+    validate.set_defaults(run="polykv.cli.commands.language:validate")
+
+    fmt = commands.add_parser("fmt", help="print specs in canonical form")
+    fmt.add_argument("files", nargs="+", metavar="FILE", help="spec files; - reads standard input")
+    fmt.add_argument(
+        "--check",
+        action="store_true",
+        help="print no spec; name each file that is not canonical on stderr and exit 1 if any",
+    )
+    fmt.set_defaults(run="polykv.cli.commands.language:fmt")
+
+    policies = commands.add_parser("policies", help="list installed policies and plugins that failed to load")
+    policies.add_argument("--json", action="store_true", help="print as JSON (with signals and solvers)")
+    policies.add_argument("--all", action="store_true", help="also list the signals and solvers")
+    policies.set_defaults(run="polykv.cli.commands.language:policies")
+
+    generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
+    generate.add_argument(
+        "--spec", required=True, help="a spec file, or spec text such as 'layers 0-1: full; *: snapkv@256'"
+    )
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
+    _model_arguments(generate)
+    generate.add_argument(
+        "--budget", type=_budget, help="total budget for a spec without one (512, 'total 16384', '10%%')"
+    )
+    generate.add_argument(
+        "--profile", metavar="FILE", help="calibration profile for auto (default: the bundled model's)"
+    )
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument(
+        "--max-new-tokens", type=_count(100_000), default=32, metavar="N", help="tokens to generate (default 32)"
+    )
+    generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    generate.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
+    generate.add_argument(
+        "--static",
+        action="store_true",
+        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy)",
+    )
+    generate.set_defaults(run="polykv.cli.commands.generate:run")
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure a model's per-layer sensitivity to each policy and budget; save a profile",
+        description="Measure, for every layer, policy and budget, how far the model's next-token "
+        "distributions move when only that layer is compressed; save it as a profile for auto.",
+    )
+    _model_arguments(calibrate)
+    calibrate.add_argument("--out", type=Path, required=True, metavar="PROFILE.json", help="where to write the profile")
+    calibrate.add_argument("--data", type=Path, metavar="FILE", help="JSON lines of task, context, continuation")
+    calibrate.add_argument("--samples", type=_count(10_000), default=4, help="generated samples per task (default 4)")
+    calibrate.add_argument(
+        "--length", type=_count(1_000_000), default=1024, help="generated prompt tokens (default 1024)"
+    )
+    calibrate.add_argument("--seed", type=int, default=0, help="first seed of the generated samples (default 0)")
+    calibrate.add_argument(
+        "--tune-samples",
+        type=_count(10_000, least=0),
+        default=2,
+        help="held-out samples per task that tune the solver (default 2; 0 skips tuning)",
+    )
+    calibrate.add_argument("--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming")
+    calibrate.add_argument(
+        "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 8 16 32 64 128 256 512)"
+    )
+    calibrate.add_argument("--batch", type=_count(1024), default=4, help="prompts per captured prefill (default 4)")
+    calibrate.set_defaults(run="polykv.cli.commands.calibrate:run")
+
+    plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")
+    plan.add_argument("spec", help="a spec file, or spec text such as 'budget 128; *: auto@auto'")
+    _model_arguments(plan)
+    plan.add_argument("--profile", metavar="FILE", help="calibration profile (default: the bundled model's)")
+    plan.add_argument(
+        "--context", type=_count(10_000_000), metavar="N", help="prompt length to plan for (default: the profile's)"
+    )
+    plan.add_argument("--budget", type=_budget, help="total budget for a spec without one (128, 'total 4096', '10%%')")
+    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
+    plan.set_defaults(run="polykv.cli.commands.plan:run")
+
+    evaluate = commands.add_parser("eval", help="compare methods at equal stored tokens on generated tasks")
+    _model_arguments(evaluate)
+    evaluate.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"names or spec templates with {{budget}} (default: {' '.join(EVAL_METHODS)})",
+    )
+    evaluate.add_argument(
+        "--budgets",
+        nargs="+",
+        type=_count(1_000_000),
+        metavar="N",
+        help="average tokens per layer (default: 32 64 128 256)",
+    )
+    evaluate.add_argument(
+        "--tasks", nargs="+", metavar="TASK", help="task or task:chat (default: " + " ".join(EVAL_TASKS) + ")"
+    )
+    evaluate.add_argument(
+        "--data", type=Path, metavar="FILE", help="JSON lines of your own samples (LongBench/RULER style)"
+    )
+    evaluate.add_argument("--count", type=_count(100_000), default=20, help="samples per task (default 20)")
+    evaluate.add_argument(
+        "--length",
+        type=_count(1_000_000),
+        default=1024,
+        help="prompt tokens of generated tasks; longer --data prompts keep their first and last halves (default 1024)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
+    evaluate.add_argument(
+        "--profile", metavar="FILE", help="calibration profile for auto methods (default: the bundled model's)"
+    )
+    evaluate.add_argument("--batch", type=_count(1024), default=8, help="samples per shared prefill (default 8)")
+    evaluate.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for results.jsonl, report.md, plots"
+    )
+    evaluate.add_argument(
+        "--graded-only", action="store_true", help="skip greedy answers (accuracy): graded scores only"
+    )
+    evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
+    evaluate.set_defaults(run="polykv.cli.commands.eval:run")
+    return parser
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    command.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when present)")
+
+
+def _count(most: int, least: int = 1):
+    """An argument type: a whole number from ``least`` to ``most``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected a number from {least} to {most:,}, got {text}")
+        return value
+
+    return parse
+
+
+def _budget(text: str) -> int | str:
+    """--budget: tokens per layer (512), or budget text ('total 16384', '10%'), checked as the language checks it."""
+    from polykv.language.parse import parse
+
+    value: int | str = int(text) if text.strip().isdigit() else text
+    try:
+        statements = parse(f"budget {value}", source="--budget").statements
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"expected 512, 'total 16384' or '10%', got {text!r}") from None
+    if len(statements) != 1:
+        raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

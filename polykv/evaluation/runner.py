@@ -1,0 +1,166 @@
+"""The evaluation runner: methods x budgets x tasks, one shared prefill per batch, resumable.
+
+A method is a spec with ``{budget}`` where the average budget per layer goes (``*: snapkv@{budget}``,
+``budget {budget}; *: auto@auto``), or a short name for a built-in one (``METHODS``). Every method
+is compared at the same number of stored tokens over all layers, layers kept whole included.
+
+For each batch of samples of one task and format, the prompt is prefilled once with the full
+cache and captured; each method's cache is then built from the capture exactly as its own
+prefill would have built it (``Capture.cache_for``), so a method costs only its scoring passes:
+
+- graded: the true target tokens teacher-forced, KL(full || method) and the loss of the target;
+- exact: a greedy answer of the target's length (plus 2), checked for the expected strings.
+
+Results go to ``results.jsonl`` in the output folder, one line per sample, method and budget, with
+the sample's seed; a second run skips what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import torch
+from tqdm import tqdm
+
+from polykv.cache.attention import prepare_model
+from polykv.errors import PolykvError
+from polykv.harness.batch import BatchScorer, Record, by_task, needs_of
+from polykv.language.diagnostics import SpecError
+from polykv.plan import Plan, compile
+from polykv.tasks.tasks import Sample
+
+#: Single policies applied uniformly: the baselines "best single" is chosen among.
+SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm")
+METHODS = {
+    "full": None,
+    **{name: f"layers *: {name}@{{budget}}" for name in SINGLES},
+    "pyramid": "budget {budget}\nsolver pyramid\nlayers *: pyramidkv@auto",
+    "cake": "budget {budget}\nsolver cake\nlayers *: pyramidkv@auto",
+    "polykv": "budget {budget}\nlayers *: auto@auto",
+    "polykv-budgets": "budget {budget}\nlayers *: pyramidkv@auto",
+}
+RESULTS = "results.jsonl"
+
+
+@attrs.frozen
+class Method:
+    """A named spec template; ``template`` None is the full cache."""
+
+    name: str
+    template: str | None
+
+    def spec(self, budget: int) -> str | None:
+        return None if self.template is None else self.template.replace("{budget}", str(budget))
+
+
+def method(text: str) -> Method:
+    """A built-in method by name, or a spec template (``name=template`` names it)."""
+    if text in METHODS:
+        return Method(text, METHODS[text])
+    name, _, template = text.partition("=")
+    if template and "{budget}" in template:
+        return Method(name.strip(), template)
+    if "{budget}" in text:
+        return Method(text, text)
+    known = ", ".join(METHODS)
+    raise PolykvError(f"method {text!r}: name one of {known}, or give a spec with {{budget}} (NAME=SPEC names it)")
+
+
+def run(
+    model: torch.nn.Module,
+    tokenizer,
+    samples: Sequence[Sample],
+    methods: Sequence[Method],
+    budgets: Sequence[int],
+    out: Path,
+    *,
+    profile=None,
+    batch_size: int = 8,
+    answers: bool = True,
+    progress: bool = True,
+) -> list[Record]:
+    """Score every method at every budget on ``samples``; results in ``out/results.jsonl`` (resumed).
+
+    ``answers=False`` skips the greedy answers (accuracy), which cost more than the graded scores.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    done = {record.key: record for record in read(path)}
+    prepare_model(model)
+    plans = _plans(model, methods, budgets, profile)
+    cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
+    batches = list(by_task(samples, batch_size))
+    todo = sum(1 for batch in batches for s in batch for m, b in cells if _key(s, m, b) not in done)
+    with (
+        path.open("a", encoding="utf-8") as sink,
+        tqdm(total=todo, desc="evaluating", unit="score", disable=not progress) as bar,
+    ):
+        for batch in batches:
+            missing = [(m, b) for m, b in cells if any(_key(s, m, b) not in done for s in batch)]
+            if not missing:
+                continue
+            scorer = BatchScorer(
+                model,
+                batch,
+                needs_of(plans.values()),
+                pad_token_id=tokenizer.pad_token_id,
+                tokenizer=tokenizer if answers else None,
+            )
+            for chosen, budget in missing:
+                plan = plans.get((chosen.name, budget))
+                for record in scorer.score(chosen.name, budget, plan):
+                    if record.key not in done:
+                        done[record.key] = record
+                        sink.write(json.dumps(attrs.asdict(record)) + "\n")
+                        bar.update(1)
+                sink.flush()
+    return list(done.values())
+
+
+def read(path: Path) -> list[Record]:
+    """The records in a results file (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(Record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise PolykvError(
+                f"{path}:{number}: not a result line ({error}); move the file away to start over"
+            ) from None
+    return records
+
+
+def machine() -> str:
+    """A name for the machine results come from (its device and processor)."""
+    device = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    return f"{platform.machine()}-{device}"
+
+
+def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile) -> dict[tuple[str, int], Plan]:
+    plans = {}
+    for chosen in methods:
+        for budget in budgets:
+            spec = chosen.spec(budget)
+            if spec is None:
+                continue
+            try:
+                plans[(chosen.name, budget)] = compile(spec, model, profile=profile)
+            except SpecError as error:
+                raise PolykvError(f"method {chosen.name} at budget {budget}:\n{error.format()}") from None
+    return plans
+
+
+def _full(methods: Sequence[Method]) -> Method:
+    return next((m for m in methods if m.template is None), Method("full", None))
+
+
+def _key(sample: Sample, method: Method, budget: int) -> tuple:
+    return (sample.task, sample.format, sample.seed, method.name, budget)

@@ -1,0 +1,218 @@
+"""One full prefill, captured, so that many compressed caches can be built from it without another prefill.
+
+A policy compresses a layer after the prefill's attention has run on every token, from the layer's
+keys and values and a few queries. So one prefill with every layer kept whole can record all of
+that for every layer (``capture``), and the cache any plan would have made from the same prompt is
+then a matter of choosing indices (``Capture.cache``): calibration measures one compressed layer
+at a time this way, and the evaluation shares one prefill across many methods.
+
+Exactness: ``Capture.cache(plan_selections(...))`` holds the same tokens as ``plan.make_cache()``
+after an unchunked prefill of the same prompt, because both run the same policy on the same view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from polykv.cache.cache import PolyCache
+from polykv.cache.inputs import grouped, window_attention
+from polykv.cache.layer import Lease, PhaseRule, PolyLayer
+from polykv.cache.selection import Selection, choose
+from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
+from polykv.registry import Registry, default_registry
+
+if TYPE_CHECKING:
+    from polykv.plan.plan import Plan
+    from polykv.signals import LayerObservation
+
+
+class Capture:
+    """Every layer of one prefilled batch, kept whole, with the queries and attention policies need."""
+
+    def __init__(
+        self,
+        cache: PolyCache,
+        logits: torch.Tensor,
+        hidden: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        modules: Mapping[int, torch.nn.Module] | None = None,
+    ):
+        self._cache = cache
+        self.logits = logits  # (B, V) the prefill's last-position logits
+        self.layers: list[PolyLayer] = list(cache.layers)
+        # Per layer: the residual stream entering it and its attention block's output, (B, W, E) each.
+        self.hidden = dict(hidden or {})
+        self.modules = dict(modules or {})
+        self._leases = [0]
+
+    def observation(self, layer: int) -> LayerObservation:
+        """What a signal sees of ``layer`` (the capture must have been made with ``hidden=True``)."""
+        from polykv.signals import LayerObservation
+
+        if layer not in self.hidden:
+            raise ValueError("this capture recorded no hidden states: make it with capture(..., hidden=True)")
+        captured = self.layers[layer]
+        positions = captured.storage.positions_or_slots()
+        window = captured.recent_queries.shape[-2]
+        queries = grouped(captured.recent_queries, captured.kv_heads)
+        token_mask = captured.token_mask(positions)
+        hidden, output = self.hidden[layer]
+        return LayerObservation(
+            index=layer,
+            keys=captured.storage.keys,
+            values=captured.storage.values,
+            token_mask=token_mask,
+            positions=positions,
+            queries=queries,
+            window_attention=window_attention(
+                queries,
+                captured.recent_query_positions[-window:],
+                captured.storage.keys,
+                positions,
+                token_mask,
+                captured.scaling,
+                captured.visibility,
+            ),
+            scaling=captured.scaling,
+            hidden=hidden,
+            attention_output=output,
+            output_projection=self.modules[layer].o_proj,
+        )
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    def view(self, layer: int, policy: Policy, budget: int) -> LayerView:
+        """What ``policy`` would see compressing ``layer`` to ``budget`` tokens after this prefill."""
+        captured = self.layers[layer]
+        positions = captured.storage.positions_or_slots()
+        rule = PhaseRule(policy, None)
+        return captured.view(rule, budget, positions, captured.scaling, captured.visibility)
+
+    def select(self, layer: int, policy: Policy, budget: int, *, where: str = "") -> Selection:
+        """The tokens ``policy`` keeps in ``layer`` at ``budget`` (checked as the cache checks them)."""
+        view = self.view(layer, policy, budget)
+        return choose(policy, view, where=where or f"policy {policy!r} on layer {layer} (captured prefill)")
+
+    def budget(self, layer: int, rule: PhaseRule) -> int | None:
+        """The tokens ``rule`` keeps in ``layer`` after this prefill (None: it keeps everything there)."""
+        captured = self.layers[layer]
+        budget = rule.tokens(captured.prompt_length)
+        if budget is not None and captured.sliding_window:
+            budget = min(budget, captured.sliding_window - 1)
+        return budget if budget is not None and budget < captured.storage.size else None
+
+    def cache_for(self, plan: Plan, registry: Registry | None = None) -> PolyCache:
+        """The cache ``plan.make_cache()`` would hold after prefilling the captured prompt, without a prefill.
+
+        The capture must have recorded what the plan's policies need (``capture(..., needs=plan.needs())``).
+        """
+        registry = registry or default_registry()
+        keep, decode = {}, {}
+        for layer in plan.resolved(self.seen, registry).layers:
+            rule = layer.prefill.rule(registry)
+            budget = self.budget(layer.index, rule)
+            if budget is not None:
+                keep[layer.index] = self.select(layer.index, rule.policy, budget).indices
+            if layer.decode is not None:
+                decode[layer.index] = layer.decode.rule(registry)
+        return self.cache(keep, decode)
+
+    def cache(
+        self,
+        keep: Mapping[int, torch.Tensor] | None = None,
+        decode: Mapping[int, PhaseRule] | None = None,
+        *,
+        share_room: bool = False,
+    ) -> PolyCache:
+        """A cache in its decoding phase: every layer whole, except those in ``keep`` (sorted indices (B, H, K)).
+
+        The captured tensors are shared, not copied, and the capture stays usable for the next
+        cache: appending allocates new storage, or with ``share_room`` writes into the spare room
+        the capture reserved (no copy, for one cache at a time: an older cache that appends after
+        a newer one was made raises). ``decode`` gives layers a decode-time rule.
+        """
+        keep, decode = keep or {}, decode or {}
+        lease = Lease(self._leases) if share_room else None
+        layers = []
+        for captured in self.layers:
+            rule = decode.get(captured.index)
+            layer = PolyLayer(captured.index, captured.prefill, rule, sliding_window=captured.sliding_window)
+            layer.adopt(captured, keep.get(captured.index), lease)
+            layers.append(layer)
+        return PolyCache(layers)
+
+
+def capture(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    needs: Needs = NOTHING_MORE,
+    room: int = 0,
+    hidden: bool = False,
+) -> Capture:
+    """Prefill ``input_ids`` once with every layer whole, recording what policies with ``needs`` use.
+
+    ``needs.window`` queries are kept per layer (the most any policy to be tried looks at), and
+    attention accumulated over every query when ``needs.accumulated_attention``. ``room`` reserves
+    space for that many more tokens, which caches made with ``share_room`` append into. ``hidden``
+    also records, at the last ``needs.window`` positions, the residual stream entering each layer
+    and its attention block's output, which signals read. The model must be prepared
+    (``polykv.prepare_model``).
+    """
+    from polykv.model import attention_modules, describe_model
+
+    full = default_registry().create("full")
+    _info, placement = describe_model(model)
+    layers = [
+        PolyLayer(index, PhaseRule(full, None), sliding_window=where.sliding_window, observe=needs)
+        for index, where in sorted(placement.items())
+    ]
+    cache = PolyCache(layers)
+    modules = attention_modules(model)
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    recording = _recording_hidden(model, modules, needs.window, recorded) if hidden else contextlib.nullcontext()
+    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), recording:  # positions from the mask, as generate gives them to padded rows
+        output = model(
+            input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        )
+    for layer in layers:
+        layer.storage.reserve(room)
+    return Capture(cache, output.logits[:, -1], recorded, modules)
+
+
+@contextlib.contextmanager
+def _recording_hidden(
+    model: torch.nn.Module,
+    modules: Mapping[int, torch.nn.Module],
+    window: int,
+    into: dict[int, tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[None]:
+    """Record each decoder layer's input and its attention block's output at the last ``window`` positions."""
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    entering: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index, attention in modules.items():
+        layer = parents[id(attention)]
+
+        def before_layer(_module, args, kwargs, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            entering[index] = hidden[:, -window:].detach()
+
+        def after_attention(_module, _args, output, index=index):
+            block = output[0] if isinstance(output, tuple) else output
+            into[index] = (entering.pop(index), block[:, -window:].detach())
+
+        hooks.append(layer.register_forward_pre_hook(before_layer, with_kwargs=True))
+        hooks.append(attention.register_forward_hook(after_attention))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -1,0 +1,693 @@
+"""Semantic checks of a spec: policies, parameters, budgets, and which layer gets what.
+
+``check`` runs every check and raises one SpecError with all findings. What it returns keeps
+each rule's checked policies and, when the layer count is known (from ``model layers N``, an
+argument, or a model), one entry per layer: the table the compiler, the router and the budget
+solver work from.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from polykv.language import ast
+from polykv.language.diagnostics import Diagnostic, Note, SpecError, suggest
+from polykv.language.parse import parse_recovering
+from polykv.language.printer import format_budget
+from polykv.language.source import Span
+from polykv.limits import MAX_LAYERS
+from polykv.parameters import Configurable, ParameterError
+from polykv.policy import Policy
+from polykv.registry import Registry, default_registry
+from polykv.values import Value, format_use
+
+
+@attrs.frozen
+class PhaseChoice:
+    """A checked policy use: its policy (or ``auto``), full typed parameters and budget."""
+
+    policy: str
+    budget: ast.Budget | None
+    params: Mapping[str, Value] = attrs.field(factory=dict)
+    candidates: tuple[str, ...] = ()
+    use: ast.PolicyUse | None = attrs.field(default=None, eq=False, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "params": dict(self.params),
+            "budget": budget_to_dict(self.budget),
+            "candidates": list(self.candidates),
+        }
+
+    def describe(self) -> str:
+        """``snapkv@256(window=32, kernel=7, pooling="max")``: every parameter, defaults included."""
+        budget = None if self.budget is None else format_budget(self.budget)
+        return format_use(self.policy, budget, self.params, self.candidates)
+
+
+def budget_to_dict(budget: ast.Budget | None) -> dict | None:
+    """A budget as JSON: ``{"tokens": 64}``, ``{"percent": 10}``, ``{"auto": true}`` or None."""
+    if budget is None:
+        return None
+    if isinstance(budget, ast.Tokens):
+        return {"tokens": budget.count}
+    if isinstance(budget, ast.Percent):
+        return {"percent": budget.value}
+    return {"auto": True}
+
+
+@attrs.frozen
+class CheckedRule:
+    """A rule whose policies passed their checks."""
+
+    rule: ast.Rule
+    prefill: PhaseChoice
+    decode: PhaseChoice | None
+
+
+@attrs.frozen
+class LayerEntry:
+    """What the spec says one layer does in each phase (``auto`` and ``@auto`` still open)."""
+
+    index: int
+    prefill: PhaseChoice
+    decode: PhaseChoice | None = None
+    rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen
+class CheckedSpec:
+    """A spec that passed every check; ``layers`` is None when the layer count is unknown."""
+
+    spec: ast.Spec
+    rules: tuple[CheckedRule, ...]
+    layer_count: int | None
+    layers: tuple[LayerEntry, ...] | None
+    solver: SolverChoice | None = None
+
+    @property
+    def budget(self) -> ast.BudgetDecl | None:
+        return self.spec.budget
+
+    @property
+    def has_auto(self) -> bool:
+        """Whether some layer leaves its policy or its budget to routing and solving."""
+        return any(
+            choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget)
+            for rule in self.rules
+            for choice in (rule.prefill, rule.decode)
+            if choice is not None
+        )
+
+
+@attrs.frozen
+class SolverChoice:
+    """A checked ``solver`` statement: the solver's name and every parameter."""
+
+    name: str
+    params: Mapping[str, Value] = attrs.field(factory=dict)
+
+
+def check(
+    spec: ast.Spec,
+    *,
+    layers: int | None = None,
+    layers_from: str = "the model",
+    registry: Registry | None = None,
+    complete: bool = True,
+) -> CheckedSpec:
+    """Check ``spec`` against the installed policies and, if given, a layer count.
+
+    ``layers_from`` says where ``layers`` came from, for messages ("the model", "--layers").
+    ``complete=False`` says statements were lost to syntax errors, so layers nothing covers are
+    not reported (the lost statement may have named them). Raises SpecError with every finding.
+    """
+    checker = _Checker(spec, registry or default_registry(), layers, layers_from, complete)
+    checked = checker.run()
+    if checker.diagnostics:
+        raise SpecError(_in_order(checker.diagnostics))
+    return checked
+
+
+def check_text(
+    text: str,
+    source: str = "<string>",
+    *,
+    layers: int | None = None,
+    layers_from: str = "the model",
+    registry: Registry | None = None,
+) -> CheckedSpec:
+    """Parse and check ``text``, reporting syntax and semantic errors together."""
+    spec, diagnostics = parse_recovering(text, source)
+    try:
+        checked = check(spec, layers=layers, layers_from=layers_from, registry=registry, complete=not diagnostics)
+    except SpecError as error:
+        diagnostics = diagnostics + list(error.diagnostics)
+    if diagnostics:
+        raise SpecError(_in_order(diagnostics))
+    return checked
+
+
+def _in_order(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diagnostics, key=lambda d: (d.span.start, d.span.end) if d.span else (-1, -1))
+
+
+class _Checker:
+    def __init__(self, spec: ast.Spec, registry: Registry, layers: int | None, layers_from: str, complete: bool):
+        self.complete = complete
+        self.spec = spec
+        self.registry = registry
+        self.given_layers = layers
+        self.layers_from = layers_from
+        self.diagnostics: list[Diagnostic] = []
+
+    def error(
+        self,
+        code: str,
+        message: str,
+        span: Span | None,
+        hint: str | None = None,
+        notes: Iterable[Note] = (),
+    ) -> None:
+        self.diagnostics.append(Diagnostic(code, message, span or self._file_start(), hint, tuple(notes)))
+
+    def _file_start(self) -> Span | None:
+        for item in self.spec.items:
+            if item.span is not None:
+                return Span.at(item.span.source, 0, 0)
+        return None
+
+    def run(self) -> CheckedSpec:
+        self._single_settings()
+        count = self._layer_count()
+        self._total_budget()
+        rules = [self._rule(rule) for rule in self.spec.rules]
+        checked_rules = tuple(r for r in rules if r is not None)
+        self._static_selectors()
+        layers = None
+        if count is not None:
+            layers = self._layers(count, rules)
+            if layers is not None:
+                self._budget_sum(count, layers)
+        checked = CheckedSpec(self.spec, checked_rules, count, layers)
+        return attrs.evolve(checked, solver=self._solver(checked))
+
+    # --- settings -----------------------------------------------------------------------------
+
+    def _solver(self, checked: CheckedSpec) -> SolverChoice | None:
+        decl = self.spec.solver
+        if decl is None:
+            return None
+        solvers = [entry.name for entry in self.registry.solvers()]
+        if decl.name not in solvers:
+            self.error(
+                "unknown-solver",
+                f"unknown solver '{decl.name}'",
+                decl.name_span or decl.span,
+                hint=_unknown_hint(decl.name, solvers, "solvers"),
+            )
+            return None
+        solver_class = self.registry.get_solver(decl.name).cls
+        values = self._parameters(decl.name, decl.parameters, solver_class)
+        if values is None:
+            return None
+        if not checked.has_auto and len(checked.rules) == len(self.spec.rules):
+            self.error(
+                "nothing-to-solve",
+                f"`solver {decl.name}` has nothing to decide: no layer has an @auto budget or an auto policy",
+                decl.span,
+                hint="write @auto budgets (snapkv@auto) or auto policies (auto@256), or drop the solver line",
+            )
+            return None
+        return SolverChoice(decl.name, values)
+
+    def _single_settings(self) -> None:
+        for kind, words in ((ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers"), (ast.SolverDecl, "solver")):
+            found = [s for s in self.spec.statements if isinstance(s, kind)]
+            for repeat in found[1:]:
+                self.error(
+                    "duplicate-setting",
+                    f"`{words}` is set twice",
+                    repeat.span,
+                    hint=f"keep one `{words}` line",
+                    notes=[Note("first set here", found[0].span)] if found[0].span else [],
+                )
+
+    def _layer_count(self) -> int | None:
+        declared = self.spec.model_layers
+        if declared is not None and declared.count < 1:
+            self.error("bad-layer-count", f"a model has at least 1 layer, not {declared.count}", declared.span)
+            declared = None
+        elif declared is not None and declared.count > MAX_LAYERS:
+            self.error(
+                "bad-layer-count",
+                f"polykv works with models of up to {MAX_LAYERS:,} layers, not {declared.count}",
+                declared.span,
+                hint="write the layer count of the model the spec is for, or drop the line",
+            )
+            declared = None
+        if self.given_layers is not None and not 1 <= self.given_layers <= MAX_LAYERS:
+            raise ValueError(f"layer count must be from 1 to {MAX_LAYERS:,}, got {self.given_layers}")
+        if declared is not None and self.given_layers is not None and declared.count != self.given_layers:
+            self.error(
+                "layer-count-mismatch",
+                f"this spec is written for {declared.count} layers, but {self.layers_from} has {self.given_layers}",
+                declared.span,
+                hint=f"write `model layers {self.given_layers}` or drop the line to use the spec with any model",
+            )
+            return None  # the layer-level findings would only repeat this one
+        if self.given_layers is not None:
+            return self.given_layers
+        return declared.count if declared is not None else None
+
+    def _total_budget(self) -> None:
+        decl = self.spec.budget
+        if decl is None:
+            return
+        amount = decl.amount
+        if isinstance(amount, ast.Percent):
+            if decl.total:
+                self.error(
+                    "bad-budget",
+                    "a percentage budget is already an average per layer; `total` does not apply",
+                    decl.span,
+                    hint=f"write `budget {format_budget(amount)}`",
+                )
+            self._percent_in_range(amount)
+        elif amount.count < 1:
+            self.error("bad-budget", f"a total budget keeps at least 1 token, not {amount.count}", amount.span)
+
+    def _percent_in_range(self, percent: ast.Percent) -> bool:
+        if 0 < percent.value <= 100:
+            return True
+        self.error(
+            "bad-budget",
+            f"a percentage budget is more than 0% and at most 100%, not {format_budget(percent)}",
+            percent.span,
+        )
+        return False
+
+    # --- rules and their policies -------------------------------------------------------------
+
+    def _rule(self, rule: ast.Rule) -> CheckedRule | None:
+        prefill = self._policy_use(rule.prefill, decode=False)
+        decode = self._policy_use(rule.decode, decode=True) if rule.decode is not None else None
+        if prefill is None or (rule.decode is not None and decode is None):
+            return None
+        return CheckedRule(rule, prefill, decode)
+
+    def _policy_use(self, use: ast.PolicyUse, *, decode: bool) -> PhaseChoice | None:
+        if decode and (use.is_auto or isinstance(use.budget, ast.AutoBudget)):
+            self.error(
+                "auto-while-decoding",
+                "routing and budget solving choose how the prompt is compressed; a decode policy is named "
+                "with a fixed budget",
+                use.span,
+                hint="write for example `decode streaming@1024`",
+            )
+            return None
+        if use.is_auto:
+            return self._auto_use(use)
+        if use.name not in self.registry:
+            installed = self.registry.names()
+            self.error(
+                "unknown-policy",
+                f"unknown policy '{use.name}'",
+                use.name_span or use.span,
+                hint=_unknown_hint(use.name, installed, "policies"),
+            )
+            return None
+        policy_class = self.registry.get(use.name).policy
+        values = self._parameters(use.name, use.parameters, policy_class)
+        if values is None:
+            return None
+        try:
+            policy = policy_class(**values)
+        except ParameterError as error:
+            self.error("bad-parameter", f"{use.name}: {error}", use.span, hint=error.hint)
+            return None
+        if not self._budget(use, policy) or (decode and not self._decode_policy(use, policy)):
+            return None
+        return PhaseChoice(use.name, use.budget, dict(policy.values), use=use)
+
+    def _auto_use(self, use: ast.PolicyUse) -> PhaseChoice | None:
+        ok = True
+        seen: set[str] = set()
+        for name in use.candidates:
+            if name in seen:
+                self.error("duplicate-candidate", f"'{name}' is listed twice", use.span, hint="list each policy once")
+                ok = False
+            elif name not in self.registry:
+                self.error(
+                    "unknown-policy",
+                    f"unknown policy '{name}' among the candidates of auto",
+                    use.span,
+                    hint=suggest(name, self.registry.names()),
+                )
+                ok = False
+            seen.add(name)
+        if use.parameters:
+            self.error(
+                "bad-parameter",
+                "auto takes no parameters: the router picks the policy and uses its defaults",
+                use.parameters[0].span,
+                hint="name a policy to set its parameters",
+            )
+            ok = False
+        if use.budget is None:
+            self.error(
+                "missing-budget",
+                "auto needs a budget",
+                use.span,
+                hint="write auto@256 (tokens), auto@10% (of the context) or auto@auto",
+            )
+            ok = False
+        elif not self._budget_value(use.budget):
+            ok = False
+        return PhaseChoice(ast.AUTO, use.budget, {}, use.candidates, use=use) if ok else None
+
+    def _parameters(
+        self, name: str, parameters: Iterable[ast.Parameter], declaring: type[Configurable]
+    ) -> dict[str, Value] | None:
+        declared = {p.name: p for p in declaring.parameters}
+        values: dict[str, Value] = {}
+        ok = True
+        for parameter in parameters:
+            if parameter.name in values:
+                self.error("duplicate-parameter", f"parameter '{parameter.name}' is given twice", parameter.span)
+                ok = False
+            elif parameter.name not in declared:
+                known = sorted(declared)
+                hint = suggest(parameter.name, known) or (
+                    f"its parameters: {', '.join(known)}" if known else f"{name} takes no parameters"
+                )
+                self.error(
+                    "unknown-parameter",
+                    f"{name} has no parameter '{parameter.name}'",
+                    parameter.span,
+                    hint=hint,
+                )
+                ok = False
+            else:
+                try:
+                    values[parameter.name] = declared[parameter.name].coerce(parameter.value)
+                except ParameterError as error:
+                    self.error(
+                        "bad-parameter",
+                        f"{name}: {error}",
+                        parameter.value_span or parameter.span,
+                        hint=error.hint,
+                    )
+                    ok = False
+        return values if ok else None
+
+    def _budget(self, use: ast.PolicyUse, policy: Policy) -> bool:
+        if not policy.budgeted:
+            if use.budget is None:
+                return True
+            self.error(
+                "unexpected-budget",
+                f"{use.name} keeps every token; it takes no budget",
+                use.budget.span,
+                hint=f"write `{use.name}` alone",
+            )
+            return False
+        if use.budget is None:
+            self.error(
+                "missing-budget",
+                f"{use.name} needs a budget",
+                use.span,
+                hint=f"write {use.name}@256 (tokens), {use.name}@10% (of the context) or {use.name}@auto",
+            )
+            return False
+        if not self._budget_value(use.budget):
+            return False
+        needed = policy.min_budget()
+        if isinstance(use.budget, ast.Tokens) and use.budget.count < needed:
+            self.error(
+                "budget-too-small",
+                f"a budget of {use.budget.count} is too small for {policy!r}: it needs at least {needed}",
+                use.budget.span,
+                hint=f"raise the budget to {needed} or more, or lower the policy's parameters",
+            )
+            return False
+        return True
+
+    def _budget_value(self, budget: ast.Budget) -> bool:
+        if isinstance(budget, ast.Tokens) and budget.count < 1:
+            self.error(
+                "budget-too-small",
+                f"a budget of {budget.count} keeps nothing",
+                budget.span,
+                hint="give at least 1 token",
+            )
+            return False
+        if isinstance(budget, ast.Percent):
+            return self._percent_in_range(budget)
+        if isinstance(budget, ast.AutoBudget) and self.spec.budget is None:
+            self.error(
+                "auto-budget-without-total",
+                "an @auto budget needs a total budget to share",
+                budget.span,
+                hint="add a line such as `budget 512` (average tokens per layer), or pass budget= to polykv.compile",
+            )
+            return False
+        return True
+
+    def _decode_policy(self, use: ast.PolicyUse, policy: Policy) -> bool:
+        if not policy.budgeted:
+            self.error(
+                "useless-decode-policy",
+                f"`decode {use.name}` changes nothing: "
+                "a layer keeps what it generates unless a decode policy bounds it",
+                use.span,
+                hint=f"drop `decode {use.name}`",
+            )
+            return False
+        if policy.needs().accumulated_attention:
+            self.error(
+                "prefill-only-policy",
+                f"{use.name} needs attention accumulated over the whole prompt, which exists only at prefill",
+                use.name_span or use.span,
+                hint="use it before `decode`; while decoding use a policy such as streaming or tova",
+            )
+            return False
+        return True
+
+    # --- layers -------------------------------------------------------------------------------
+
+    def _static_selectors(self) -> None:
+        """Checks that need no layer count: backwards ranges and a second `*`."""
+        every = [r for r in self.spec.rules if isinstance(r.selector, ast.EveryLayer)]
+        for repeat in every[1:]:
+            self.error(
+                "duplicate-every",
+                "only one statement can use `*`",
+                repeat.selector.span,
+                notes=[Note("`*` is first used here", every[0].selector.span)] if every[0].selector.span else [],
+            )
+        for rule in self.spec.rules:
+            if isinstance(rule.selector, ast.LayerList):
+                for item in rule.selector.items:
+                    same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
+                    if same_sign and item.start > item.stop:
+                        self.error(
+                            "backwards-range",
+                            f"the range {item.start}-{item.stop} runs backwards",
+                            item.span,
+                            hint=f"write {item.stop}-{item.start}",
+                        )
+
+    def _layers(self, count: int, rules: list[CheckedRule | None]) -> tuple[LayerEntry, ...] | None:
+        """One entry per layer, or None (after errors) when a layer is named twice, not at all, or does not exist.
+
+        Selectors are checked as intervals, so the cost follows the statements, not the layer count.
+        """
+        claims = _Claims()
+        assigned: list[tuple[int, int, CheckedRule | None]] = []
+        every_rule: tuple[ast.Rule, CheckedRule | None] | None = None
+        ok = True
+        for rule, checked in zip(self.spec.rules, rules):
+            if isinstance(rule.selector, ast.EveryLayer):
+                every_rule = every_rule or (rule, checked)
+                continue
+            for item in rule.selector.items:
+                bounds = self._resolve(item, count)
+                if bounds is None:
+                    ok = False
+                    continue
+                taken, first, fresh = claims.claim(*bounds, (rule, item.span))
+                if taken:
+                    first_rule, first_span = first
+                    several = len(taken) > 1 or taken[0][0] != taken[0][1]
+                    words = "layers {} are" if several else "layer {} is"
+                    where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
+                    self.error(
+                        "overlap",
+                        f"{words.format(_interval_words(taken))} already given a policy {where}",
+                        item.span,
+                        hint="name each layer in one statement only",
+                        notes=[Note("first given here", first_span)] if first_span else [],
+                    )
+                    ok = False
+                assigned += [(start, stop, checked) for start, stop in fresh]
+        uncovered = claims.gaps(count)
+        if every_rule is not None:
+            assigned += [(start, stop, every_rule[1]) for start, stop in uncovered]
+        elif uncovered and not self.complete:
+            ok = False
+        elif uncovered:
+            anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
+            listed = _interval_words(uncovered)
+            several = len(uncovered) > 1 or uncovered[0][0] != uncovered[0][1]
+            words = "layers {} of {} have" if several else "layer {} of {} has"
+            self.error(
+                "uncovered-layers",
+                f"{words.format(listed, count)} no policy",
+                anchor.span if anchor else None,
+                hint=f"add `layers {listed}: POLICY`, or `*: POLICY` for every layer not named",
+            )
+            ok = False
+        if not ok or any(checked is None for _start, _stop, checked in assigned):
+            return None
+        entries: list[LayerEntry | None] = [None] * count
+        for start, stop, checked in assigned:
+            for index in range(start, stop + 1):
+                entries[index] = _entry(index, checked)
+        return tuple(entries)
+
+    def _resolve(self, item: ast.LayerIndex | ast.LayerRange, count: int) -> tuple[int, int] | None:
+        """The first and last layer ``item`` names, or None (after an error) when one does not exist."""
+        bounds = [item.index] if isinstance(item, ast.LayerIndex) else [item.start, item.stop]
+        resolved = []
+        for index in bounds:
+            actual = index + count if index < 0 else index
+            if not 0 <= actual < count:
+                self.error(
+                    "layer-out-of-range",
+                    f"layer {index} does not exist: {self.layers_from} has {count} layers ({_index_words(count)})",
+                    item.span,
+                )
+                return None
+            resolved.append(actual)
+        if len(resolved) == 2 and resolved[0] > resolved[1]:
+            if (item.start < 0) != (item.stop < 0):  # same-sign ranges were reported already
+                self.error(
+                    "backwards-range",
+                    f"the range {item.start}-{item.stop} runs backwards: "
+                    f"with {count} layers it is {resolved[0]} to {resolved[1]}",
+                    item.span,
+                )
+            return None
+        return resolved[0], resolved[-1]
+
+    def _budget_sum(self, count: int, layers: tuple[LayerEntry, ...]) -> None:
+        """Fixed budgets must fit in the total budget, where both are in the same unit."""
+        decl = self.spec.budget
+        if decl is None:
+            return
+        if isinstance(decl.amount, ast.Tokens):
+            total = decl.amount.count if decl.total else decl.amount.count * count
+            fixed = sum(e.prefill.budget.count for e in layers if isinstance(e.prefill.budget, ast.Tokens))
+            if fixed > total:
+                self.error(
+                    "budget-exceeds-total",
+                    f"the fixed budgets add up to {fixed} tokens, more than the total budget of {total}",
+                    decl.span,
+                    hint="lower the fixed budgets or raise the total",
+                )
+        elif not decl.total:
+            shares = [_percent_share(e.prefill) for e in layers]
+            if all(share is not None for share in shares):
+                average = sum(shares) / count
+                if average > decl.amount.value:
+                    self.error(
+                        "budget-exceeds-total",
+                        f"the budgets keep {average:g}% of the context per layer on average, "
+                        f"more than the total budget of {format_budget(decl.amount)}",
+                        decl.span,
+                        hint="lower the budgets or raise the total",
+                    )
+
+
+class _Claims:
+    """The layers statements have named so far: disjoint intervals in order, each with where it was named."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._stops: list[int] = []  # inclusive
+        self._where: list[tuple[ast.Rule, Span | None]] = []
+
+    def claim(self, start: int, stop: int, where: tuple[ast.Rule, Span | None]):
+        """Claim layers ``start``..``stop``: the parts named before (intervals), where the first of them was
+        named, and the parts newly claimed (intervals)."""
+        first = bisect.bisect_left(self._stops, start)
+        last = first
+        taken, fresh = [], []
+        cursor = start
+        while last < len(self._starts) and self._starts[last] <= stop:
+            if self._starts[last] > cursor:
+                fresh.append((cursor, self._starts[last] - 1))
+            taken.append((max(self._starts[last], start), min(self._stops[last], stop)))
+            cursor = self._stops[last] + 1
+            last += 1
+        if cursor <= stop:
+            fresh.append((cursor, stop))
+        owner = self._where[first] if taken else None
+        merged = sorted(
+            [(s, e, w) for s, e, w in zip(self._starts[first:last], self._stops[first:last], self._where[first:last])]
+            + [(s, e, where) for s, e in fresh],
+            key=lambda interval: interval[0],
+        )
+        self._starts[first:last] = [s for s, _e, _w in merged]
+        self._stops[first:last] = [e for _s, e, _w in merged]
+        self._where[first:last] = [w for _s, _e, w in merged]
+        return taken, owner, fresh
+
+    def gaps(self, count: int) -> list[tuple[int, int]]:
+        """The intervals of layers 0..count-1 that nothing claimed."""
+        found, cursor = [], 0
+        for start, stop in zip(self._starts, self._stops):
+            if start > cursor:
+                found.append((cursor, start - 1))
+            cursor = stop + 1
+        if cursor < count:
+            found.append((cursor, count - 1))
+        return found
+
+
+def _interval_words(intervals: list[tuple[int, int]]) -> str:
+    """``0-3,5,7-9``: ordered intervals of layers as the language writes a selector (touching ones joined)."""
+    joined: list[list[int]] = []
+    for start, stop in intervals:
+        if joined and joined[-1][1] + 1 == start:
+            joined[-1][1] = stop
+        else:
+            joined.append([start, stop])
+    return ",".join(str(start) if start == stop else f"{start}-{stop}" for start, stop in joined)
+
+
+def _entry(index: int, checked: CheckedRule) -> LayerEntry:
+    return LayerEntry(index, checked.prefill, checked.decode, rule=checked.rule)
+
+
+def _percent_share(choice: PhaseChoice) -> float | None:
+    """A layer's budget as a percentage of the context (full layers keep 100%), if known statically."""
+    if choice.budget is None:
+        return 100.0
+    if isinstance(choice.budget, ast.Percent):
+        return float(choice.budget.value)
+    return None
+
+
+def _unknown_hint(name: str, installed: list[str], kind: str) -> str:
+    """A close installed name, or the list of what is installed."""
+    return suggest(name, installed) or f"installed {kind}: {', '.join(installed) or 'none'}"
+
+
+def _index_words(count: int) -> str:
+    return "0" if count == 1 else f"0-{count - 1}, or -{count}--1 from the end"

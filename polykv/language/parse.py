@@ -1,0 +1,424 @@
+"""Text to syntax tree: the Lark grammar, syntax errors in plain words, and recovery.
+
+On a syntax error the parser reports it, blanks the statement it occurred in (keeping every
+other character where it was, so later positions stay right) and parses again, so one run
+reports the syntax errors of every statement and still returns the statements that parse.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib.resources
+import itertools
+import json
+import math
+from pathlib import Path
+
+import attrs
+import lark
+from lark import Token, Transformer, v_args
+
+from polykv.language import ast
+from polykv.language.diagnostics import Diagnostic, SpecError
+from polykv.language.source import Source, Span, UnreadableSource, read_source
+
+#: Syntax errors reported before parsing gives up on a text.
+MAX_SYNTAX_ERRORS = 50
+
+_COMMENTS: contextvars.ContextVar[list[Token]] = contextvars.ContextVar("polykv_comments")
+
+
+def _collect_comment(token: Token) -> Token:
+    _COMMENTS.get().append(token)
+    return token
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    grammar = importlib.resources.files("polykv.grammar").joinpath("polykv.lark").read_text()
+    return lark.Lark(
+        grammar,
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        lexer_callbacks={"COMMENT": _collect_comment},
+    )
+
+
+def parse(text: str, source: str = "<string>") -> ast.Spec:
+    """Parse spec ``text``; ``source`` names it in messages. Raises SpecError listing every syntax error."""
+    spec, diagnostics = parse_recovering(text, source)
+    if diagnostics:
+        raise SpecError(diagnostics)
+    return spec
+
+
+def load(path: str | Path) -> ast.Spec:
+    """Parse the spec file at ``path`` (any suffix; ``-`` reads standard input)."""
+    return parse(*_read(path))
+
+
+def _read(path: str | Path) -> tuple[str, str]:
+    try:
+        source = read_source(path)
+    except UnreadableSource as error:
+        raise SpecError([Diagnostic("unreadable-file", str(error))]) from None
+    return source.text, source.name
+
+
+def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, list[Diagnostic]]:
+    """Parse as much of ``text`` as possible: the spec of the statements that parse, and the syntax errors."""
+    src = Source(source, text)
+    diagnostics: list[Diagnostic] = []
+    working = text
+    while True:
+        comments: list[Token] = []
+        token = _COMMENTS.set(comments)
+        try:
+            tree = _parser().parse(working)
+            return _Builder(src, comments).build(tree), diagnostics
+        except (lark.UnexpectedInput, lark.exceptions.VisitError) as error:
+            diagnostic, offset = _diagnostic(error, src, working)
+            diagnostics.append(diagnostic)
+            blanked = _blank_statement(working, offset)
+            if blanked == working:  # nothing left to take out: report what was found
+                return ast.Spec(source_name=source), diagnostics
+            if len(diagnostics) == MAX_SYNTAX_ERRORS:  # each retry parses the whole text: stop in time
+                diagnostics.append(
+                    Diagnostic(
+                        "too-many-errors",
+                        f"stopped after {MAX_SYNTAX_ERRORS} syntax errors",
+                        Span.at(src, offset, offset),
+                        hint="fix these and check again",
+                    )
+                )
+                return ast.Spec(source_name=source), diagnostics
+            working = blanked
+        finally:
+            _COMMENTS.reset(token)
+
+
+# --- syntax errors in words a user knows ----------------------------------------------------------
+
+# Terminal groups that mean one thing together, tried in order; what is left is named one by one.
+_GROUPS: list[tuple[frozenset[str], str]] = [
+    (
+        frozenset({"LAYERS", "MODEL", "BUDGET", "SOLVER", "INT", "STAR"}),
+        "a statement such as `layers 0-3: snapkv@256`, `budget 512`, `solver pyramid` or `model layers 32`",
+    ),
+    (
+        frozenset({"INT", "PERCENT", "AUTO"}),
+        "a budget: a number of tokens such as 64, a percentage such as 10%, or `auto`",
+    ),
+    (
+        frozenset({"INT", "PERCENT", "TOTAL"}),
+        "a budget: a number of tokens per layer such as 512, `total` and a number, or a percentage such as 10%",
+    ),
+    (frozenset({"INT", "STAR"}), "a layer selector such as 3, 0-3, 0,2,5, -1 or *"),
+    (frozenset({"NAME", "AUTO"}), "a policy name (or `auto`)"),
+    (
+        frozenset({"INT", "FLOAT", "STRING", "TRUE", "FALSE"}),
+        "a value: a number, `true`, `false` or a string in double quotes",
+    ),
+    (frozenset({"NAME", "RPAR"}), "a parameter name or `)`"),
+    (frozenset({"_SEP", "$END"}), "the end of the statement"),
+]
+
+_NAMES: dict[str, str] = {
+    "INT": "a number",
+    "FLOAT": "a number",
+    "PERCENT": "a percentage such as 10%",
+    "NAME": "a name",
+    "STRING": "a string in double quotes",
+    "_SEP": "the end of the statement",
+    "$END": "the end of the statement",
+}
+_PUNCTUATION = {
+    "STAR": "*", "COLON": ":", "MINUS": "-", "COMMA": ",", "AT": "@", "LPAR": "(", "RPAR": ")",
+    "LSQB": "[", "RSQB": "]", "EQUAL": "=", "LAYERS": "layers", "MODEL": "model",
+    "BUDGET": "budget", "SOLVER": "solver", "TOTAL": "total", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
+    "FALSE": "false",
+}  # fmt: skip
+
+
+def _expected_words(expected: set[str]) -> str:
+    remaining = set(expected)
+    if _GROUPS[0][0] <= remaining:  # at the start of a statement, its end is no news
+        remaining -= {"_SEP", "$END"}
+    phrases: list[str] = []
+    for group, phrase in _GROUPS:
+        if group <= remaining:
+            phrases.append(phrase)
+            remaining -= group
+    for name in sorted(remaining, key=lambda n: (n not in _PUNCTUATION, n)):
+        phrase = f"`{_PUNCTUATION[name]}`" if name in _PUNCTUATION else _NAMES.get(name, name)
+        if phrase not in phrases:
+            phrases.append(phrase)
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " or " + phrases[-1]
+
+
+def _token_words(token: Token) -> str:
+    if token.type == "$END":
+        return "end of input"
+    if token.type == "_SEP":
+        return "`;`" if token.value == ";" else "end of line"
+    if token.type in _PUNCTUATION:
+        return f"`{token.value}`"
+    kind = {"INT": "number", "FLOAT": "number", "NAME": "name", "STRING": "string", "PERCENT": "percentage"}
+    return (
+        f"{kind.get(token.type, token.type.lower())} {token.value}" if token.type != "NAME" else f"name '{token.value}'"
+    )
+
+
+def _hint(found: str, expected: set[str]) -> str | None:
+    if "COLON" in expected and found in {"NAME", "AUTO"}:
+        return "put `:` between the layers and the policy, as in `layers 0-3: snapkv@256`"
+    if {"INT", "PERCENT", "AUTO"} <= expected and found == "NAME":
+        return "a budget is a token count (64), a percentage of the context (10%) or auto"
+    if "NAME" in expected and "AUTO" in expected and found in {"INT", "PERCENT"}:
+        return "name the policy before its budget, as in `snapkv@64`"
+    if "DECODE" in expected and found == "NAME":
+        return "to use another policy while decoding, write `decode` before it; separate statements with `;`"
+    if found == "_SEP" and "RPAR" in expected:
+        return "a statement fits on one line: close the parameters with `)` on the same line"
+    if "EQUAL" in expected:
+        return "parameters are written name=value, as in `(window=32, kernel=7)`"
+    return None
+
+
+class _Invalid(Exception):
+    """A token that fits the grammar but not the language (a keyword as a name, an infinite number)."""
+
+    def __init__(self, message: str, token: Token, hint: str | None = None):
+        super().__init__(message)
+        self.token = token
+        self.hint = hint
+
+
+def _diagnostic(error: Exception, src: Source, working: str) -> tuple[Diagnostic, int]:
+    """The diagnostic for ``error`` and the offset its statement is found at."""
+    if isinstance(error, lark.exceptions.VisitError):
+        if not isinstance(error.orig_exc, _Invalid):
+            raise error.orig_exc
+        invalid = error.orig_exc
+        span = Span.at(src, invalid.token.start_pos, invalid.token.end_pos)
+        return Diagnostic("syntax", str(invalid), span, hint=invalid.hint), invalid.token.start_pos
+    return _syntax_diagnostic(error, src, working)
+
+
+def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -> tuple[Diagnostic, int]:
+    if isinstance(error, lark.UnexpectedCharacters):
+        offset = error.pos_in_stream
+        char = working[offset]
+        expected = set(error.allowed or ())
+        message = f"unexpected character {char!r}"
+        if expected:
+            message += f"; expected {_expected_words(expected)}"
+        hint = "strings are written in double quotes" if char == "'" else None
+        return Diagnostic("syntax", message, Span.at(src, offset, offset + 1), hint=hint), offset
+    if isinstance(error, lark.UnexpectedToken):
+        token = error.token
+        # `accepts()` tries every terminal in the parser state; `expected` leaves out keywords.
+        expected = set(error.interactive_parser.accepts()) if error.interactive_parser else set(error.expected)
+        if token.type == "$END":
+            offset = len(working)
+            span = Span.at(src, offset, offset)
+        else:
+            offset = token.start_pos
+            end = token.end_pos if token.type != "_SEP" or token.value == ";" else offset + 1
+            span = Span.at(src, offset, max(end, offset + 1) if token.value != "\n" else offset + 1)
+        message = f"unexpected {_token_words(token)}; expected {_expected_words(expected)}"
+        return Diagnostic("syntax", message, span, hint=_hint(token.type, expected)), offset
+    if isinstance(error, lark.UnexpectedEOF):
+        offset = len(working)
+        message = f"unexpected end of input; expected {_expected_words(set(error.expected))}"
+        return Diagnostic("syntax", message, Span.at(src, offset, offset)), offset
+    raise error
+
+
+def _blank_statement(text: str, offset: int) -> str:
+    """``text`` with the statement around ``offset`` replaced by spaces (newlines kept, so positions hold)."""
+    start, end = _statement_bounds(text, offset)
+    return text[:start] + " " * (end - start) + text[end:]
+
+
+def _statement_bounds(text: str, offset: int) -> tuple[int, int]:
+    """The statement containing ``offset``: between the separators around it, outside strings and comments.
+
+    An offset on a `;` belongs to the statement that the `;` ends.
+    """
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    line_end = len(text) if line_end == -1 else line_end
+    separators = [line_start - 1]
+    in_string = escaped = False
+    for position in range(line_start, line_end):
+        char = text[position]
+        if in_string:
+            escaped = not escaped and char == "\\"
+            in_string = escaped or char != '"'
+        elif char == '"':
+            in_string = True
+        elif char == "#":
+            line_end = position
+            break
+        elif char == ";":
+            separators.append(position)
+    separators.append(line_end)
+    for left, right in itertools.pairwise(separators):
+        if left < offset <= right:
+            return left + 1, right
+    return line_start, line_end
+
+
+# --- parse tree to syntax tree ------------------------------------------------------------------
+
+
+@v_args(meta=True, inline=True)
+class _ToAst(Transformer):
+    """Builds the attrs nodes; every node gets the span of the text it came from."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self._source = source
+
+    def _span(self, meta) -> Span:
+        return Span.at(self._source, meta.start_pos, meta.end_pos)
+
+    def _token_span(self, token: Token) -> Span:
+        return Span.at(self._source, token.start_pos, token.end_pos)
+
+    def start(self, meta, *statements):
+        return list(statements)
+
+    def model_layers(self, meta, count: Token):
+        return ast.ModelLayers(int(count), span=self._span(meta))
+
+    def budget_decl(self, meta, *children):
+        total = len(children) == 2
+        return ast.BudgetDecl(children[-1], total=total, span=self._span(meta))
+
+    def solver_decl(self, meta, name: Token, *parameters):
+        return ast.SolverDecl(
+            str(name), parameters[0] if parameters else (), span=self._span(meta), name_span=self._token_span(name)
+        )
+
+    def tokens(self, meta, count: Token):
+        return ast.Tokens(int(count), span=self._span(meta))
+
+    def percent(self, meta, value: Token):
+        return ast.Percent(_finite(_number(value.value[:-1]), value, "percentage"), span=self._span(meta))
+
+    def auto_budget(self, meta, _auto: Token):
+        return ast.AutoBudget(span=self._span(meta))
+
+    def rule(self, meta, selector, prefill, *decode):
+        return ast.Rule(selector, prefill, decode[-1] if decode else None, span=self._span(meta))
+
+    def every_layer(self, meta):
+        return ast.EveryLayer(span=self._span(meta))
+
+    def layer_list(self, meta, *items):
+        return ast.LayerList(items, span=self._span(meta))
+
+    def layer_index(self, meta, index: Token):
+        return ast.LayerIndex(int(index), span=self._span(meta))
+
+    def layer_range(self, meta, start: Token, stop: Token):
+        return ast.LayerRange(int(start), int(stop), span=self._span(meta))
+
+    def policy_use(self, meta, policy, *rest):
+        name, candidates, name_span = policy
+        budget = next((r for r in rest if not isinstance(r, list)), None)
+        parameters = next((r for r in rest if isinstance(r, list)), [])
+        return ast.PolicyUse(name, budget, parameters, candidates, span=self._span(meta), name_span=name_span)
+
+    def named_policy(self, meta, name: Token):
+        return (_policy_name(name), (), self._token_span(name))
+
+    def auto_policy(self, meta, auto: Token, *candidates):
+        return (ast.AUTO, tuple(candidates[0]) if candidates else (), self._token_span(auto))
+
+    def candidates(self, meta, *names: Token):
+        return [_policy_name(n) for n in names]
+
+    def parameters(self, meta, *parameters):
+        return list(parameters)
+
+    def parameter(self, meta, name: Token, value):
+        literal, value_span = value
+        return ast.Parameter(str(name), literal, span=self._span(meta), value_span=value_span)
+
+    def integer(self, meta, token: Token):
+        return int(token), self._token_span(token)
+
+    def real(self, meta, token: Token):
+        return _finite(float(token), token, "number"), self._token_span(token)
+
+    def string(self, meta, token: Token):
+        return json.loads(token, strict=False), self._token_span(token)
+
+    def true(self, meta, token: Token):
+        return True, self._token_span(token)
+
+    def false(self, meta, token: Token):
+        return False, self._token_span(token)
+
+
+def _finite(value: int | float, token: Token, what: str) -> int | float:
+    if not math.isfinite(value):
+        raise _Invalid(f"the {what} {token} is too large", token)
+    return value
+
+
+def _policy_name(token: Token) -> str:
+    if token in ast.KEYWORDS:
+        raise _Invalid(
+            f"'{token}' is a keyword of the language, not a policy name",
+            token,
+            hint="keywords: " + ", ".join(sorted(ast.KEYWORDS)),
+        )
+    return str(token)
+
+
+def _number(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
+class _Builder:
+    """Turns the parse tree into a Spec, placing comments and paragraph breaks between statements."""
+
+    def __init__(self, source: Source, comments: list[Token]):
+        self._source = source
+        self._comments = comments
+
+    def build(self, tree: lark.Tree) -> ast.Spec:
+        statements = _ToAst(self._source).transform(tree) if tree.children else []
+        statement_ends = {s.span.end_line for s in statements}
+        last_on_line = {s.span.end_line: s for s in statements}
+        trailing: dict[int, str] = {}
+        positioned: list[tuple[int, int, ast.Item]] = []
+        for token in self._comments:
+            text = token.value[1:].replace("\r", "").rstrip()
+            if token.line in statement_ends:
+                trailing[id(last_on_line[token.line])] = text
+            else:
+                span = Span.at(self._source, token.start_pos, token.end_pos)
+                positioned.append((token.line, token.line, ast.Comment(text, span=span)))
+        for statement in statements:
+            if id(statement) in trailing:
+                statement = attrs.evolve(statement, comment=trailing[id(statement)])
+            positioned.append((statement.span.line, statement.span.end_line, statement))
+        positioned.sort(key=lambda entry: (entry[0], entry[2].span.start))
+        items: list[ast.Item] = []
+        previous_end = None
+        for line, end_line, item in positioned:
+            if previous_end is not None and line - previous_end > 1:
+                items.append(ast.BlankLine())
+            items.append(item)
+            previous_end = end_line
+        return ast.Spec(tuple(items), source_name=self._source.name)

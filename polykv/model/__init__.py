@@ -1,0 +1,29 @@
+"""Models: finding and loading them offline (``load``), and describing a loaded one (``describe``)."""
+
+from polykv.model.describe import LayerPlacement, ModelInfo, attention_modules, describe_model, sliding_windows
+from polykv.model.load import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_PACKAGE,
+    ModelLocation,
+    default_model_location,
+    layer_count,
+    load_default_model,
+    load_model,
+    locate,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "DEFAULT_MODEL_PACKAGE",
+    "LayerPlacement",
+    "ModelInfo",
+    "ModelLocation",
+    "attention_modules",
+    "default_model_location",
+    "describe_model",
+    "layer_count",
+    "load_default_model",
+    "load_model",
+    "locate",
+    "sliding_windows",
+]

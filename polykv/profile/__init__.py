@@ -1,0 +1,13 @@
+"""Profiles: what calibration measured of one model, kept on disk and read by resolution."""
+
+from polykv.profile.profile import (
+    DEFAULT_PROFILE,
+    Profile,
+    ProfileError,
+    TunedRegime,
+    as_profile,
+    default_profile,
+    fingerprint,
+)
+
+__all__ = ["DEFAULT_PROFILE", "Profile", "ProfileError", "TunedRegime", "as_profile", "default_profile", "fingerprint"]

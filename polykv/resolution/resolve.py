@@ -1,0 +1,433 @@
+"""Resolution: every layer's choice made concrete — a policy, its parameters and a token budget.
+
+``compile`` is check -> resolve -> plan. A checked spec says per layer what is fixed (a named
+policy, a budget of tokens or of the prompt, or ``full``) and what is left open (``auto``
+policies, ``@auto`` budgets). Resolution closes what is open, for a given prompt length:
+
+- ``auto@256`` (routing only): the candidate policy whose calibrated loss is least at that budget;
+- ``snapkv@auto`` (budgets only) and ``auto@auto`` (both): one budget problem for the whole model,
+  solved by the spec's solver (polykv's exact knapsack by default): per layer, the candidate
+  policies at every budget of the grid with their calibrated losses, keeping the layer whole, and
+  the fixed layers, under the total number of stored tokens.
+
+The total counts every layer's stored tokens, a layer kept whole counting the prompt length, so it
+depends on the prompt length whenever some layer may be whole or a budget is a share of the
+prompt: a plan that needs solving is solved again for each prompt length it meets (the cache asks
+before its first layer runs; solving takes milliseconds).
+
+Calibrated losses are measured at a few budgets; between them they are interpolated linearly in
+log(budget) on tables first made non-increasing, and the solver works on the resulting grid of
+``step``-token budgets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from polykv.budget import Budget, Share, Tokens, budget_from_dict, budget_to_dict
+from polykv.language import ast
+from polykv.language.check import CheckedSpec, PhaseChoice
+from polykv.language.diagnostics import Diagnostic, SpecError
+from polykv.profile import Profile
+from polykv.registry import Registry
+from polykv.solver import BudgetProblem, LayerOptions, Solution, monotone
+from polykv.values import Value
+
+#: Budgets the solver chooses among are multiples of this many tokens.
+STEP = 16
+
+
+@attrs.frozen
+class LayerRequest:
+    """What the spec asks of one layer's prefill: a fixed choice, or what is left to decide.
+
+    ``candidates`` are the policies routing may choose (one for a named policy with an @auto
+    budget). ``budget`` is the fixed budget (None with ``open_budget``, or for ``full``).
+    """
+
+    policy: str
+    params: Mapping[str, Value]
+    budget: Budget | None
+    candidates: tuple[str, ...] = ()
+    open_budget: bool = False
+
+    @property
+    def decided(self) -> bool:
+        return self.policy != ast.AUTO and not self.open_budget
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "params": dict(self.params),
+            "budget": budget_to_dict(self.budget),
+            "candidates": list(self.candidates),
+            "open_budget": self.open_budget,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LayerRequest:
+        return cls(
+            data["policy"],
+            dict(data["params"]),
+            budget_from_dict(data["budget"]),
+            tuple(data["candidates"]),
+            data["open_budget"],
+        )
+
+
+@attrs.frozen
+class Decision:
+    """One layer resolved: its policy, parameters, budget (None: whole) and what decided it."""
+
+    policy: str
+    params: Mapping[str, Value]
+    budget: Budget | None
+    measurements: Mapping[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Regime:
+    """How to solve around one level of compression: per-layer loss tables and the smallest budget.
+
+    Calibration tunes these on held-out prompts (``polykv.calibration.calibrate``): which task weights and
+    which floor give the least measured loss when many layers are compressed together, for each
+    of a few average budgets; ``ratio`` is that average over the prompt length.
+    """
+
+    ratio: float
+    floor: int
+    tables: tuple[Mapping[str, tuple[float, ...]], ...] = attrs.field(converter=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "floor": self.floor,
+            "tables": [
+                {p: [None if math.isinf(x) else x for x in t] for p, t in table.items()} for table in self.tables
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Regime:
+        tables = [
+            {p: tuple(math.inf if x is None else x for x in t) for p, t in table.items()} for table in data["tables"]
+        ]
+        return cls(float(data["ratio"]), int(data["floor"]), tables)
+
+
+@attrs.frozen
+class Resolver:
+    """Everything needed to resolve a spec for any prompt length; plans carry it and it round-trips JSON."""
+
+    requests: tuple[LayerRequest, ...] = attrs.field(converter=tuple)
+    total: Mapping[str, float] | None  # {"tokens": N} over all layers, or {"percent": p} of the prompt per layer
+    solver: str
+    solver_params: Mapping[str, Value]
+    grid: tuple[int, ...] = attrs.field(converter=tuple)
+    regimes: tuple[Regime, ...] = attrs.field(converter=tuple)
+    policy_params: Mapping[str, Mapping[str, Value]]
+    signals: Mapping[str, tuple[float, ...]]
+
+    def decide(self, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
+        """Every layer's decision for a prompt of ``prompt_length`` tokens."""
+        return _decide(self, prompt_length, registry)
+
+    def regime(self, prompt_length: int) -> Regime:
+        """The regime tuned nearest (in log ratio) to this spec's compression for ``prompt_length`` tokens."""
+        average = self.average_budget(prompt_length)
+        if average is None or len(self.regimes) == 1:
+            return self.regimes[0]
+        ratio = max(average, 1) / prompt_length
+        return min(self.regimes, key=lambda r: abs(math.log(r.ratio / ratio)))
+
+    def average_budget(self, prompt_length: int) -> float | None:
+        """Tokens per layer the spec allows on average for ``prompt_length`` tokens (None: not a budget spec)."""
+        if self.total is None:
+            fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget is not None]
+            return sum(fixed) / len(fixed) if fixed else None
+        return self.total_tokens(prompt_length) / len(self.requests)
+
+    def total_tokens(self, prompt_length: int) -> int:
+        """The total budget over all layers for ``prompt_length`` tokens (a share counts per layer)."""
+        if self.total is None:
+            raise ValueError("an @auto budget needs a total budget")
+        if "percent" in self.total:
+            return len(self.requests) * Share(self.total["percent"]).tokens(prompt_length)
+        return int(self.total["tokens"])
+
+    def to_dict(self) -> dict:
+        return {
+            "requests": [r.to_dict() for r in self.requests],
+            "total": dict(self.total) if self.total else None,
+            "solver": self.solver,
+            "solver_params": dict(self.solver_params),
+            "grid": list(self.grid),
+            "regimes": [regime.to_dict() for regime in self.regimes],
+            "policy_params": {p: dict(v) for p, v in self.policy_params.items()},
+            "signals": {name: list(values) for name, values in self.signals.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Resolver:
+        return cls(
+            [LayerRequest.from_dict(r) for r in data["requests"]],
+            data["total"],
+            data["solver"],
+            dict(data["solver_params"]),
+            data["grid"],
+            [Regime.from_dict(regime) for regime in data["regimes"]],
+            {p: dict(v) for p, v in data["policy_params"].items()},
+            {name: tuple(values) for name, values in data["signals"].items()},
+        )
+
+
+def requests(checked: CheckedSpec) -> list[LayerRequest]:
+    """The per-layer requests of a checked spec (prefill phase)."""
+    return [_request(entry.prefill) for entry in checked.layers]
+
+
+def _request(choice: PhaseChoice) -> LayerRequest:
+    open_budget = isinstance(choice.budget, ast.AutoBudget)
+    budget = fixed_budget(choice.budget)
+    if choice.policy == ast.AUTO:
+        return LayerRequest(ast.AUTO, {}, budget, choice.candidates or (), open_budget)
+    return LayerRequest(
+        choice.policy, dict(choice.params), budget, (choice.policy,) if open_budget else (), open_budget
+    )
+
+
+def fixed_budget(budget: ast.Budget | None) -> Budget | None:
+    """A written budget as a resolved one: tokens or a share of the prompt; None for none or ``@auto``."""
+    if budget is None or isinstance(budget, ast.AutoBudget):
+        return None
+    if isinstance(budget, ast.Tokens):
+        return Tokens(budget.count)
+    return Share(budget.value)
+
+
+def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) -> Resolver:
+    """A Resolver for ``checked`` (which leaves something open), reading losses and signals from ``profile``."""
+    found = requests(checked)
+    solver = checked.solver.name if checked.solver else "polykv"
+    solver_params = dict(checked.solver.params) if checked.solver else {}
+    needs_tables = solver == "polykv" or any(r.policy == ast.AUTO for r in found)
+    everything = tuple(sorted(registry.names()))
+    problems: list[Diagnostic] = []
+    if profile is None:
+        if needs_tables or solver == "cake":
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "no-profile",
+                        "routing and polykv's solver need a calibration profile of this model",
+                        _first_open_span(checked),
+                        hint="make one with `polykv calibrate --model DIR --out PROFILE.json` and pass "
+                        "profile=PROFILE.json (or --profile), or choose `solver uniform` or `solver pyramid`",
+                    )
+                ]
+            )
+        grid, policy_params, signals = (STEP,), {}, {}
+        regimes = [Regime(1.0, 1, [{} for _ in found])]
+    else:
+        grid = dense_grid(profile.grid)
+        regimes = [
+            Regime(tuned.budget / profile.prompt_length, tuned.floor, _tables(profile, tuned.weights, grid, len(found)))
+            for tuned in profile.solved_regimes()
+        ]
+        policy_params = {name: dict(params) for name, params in profile.policies.items()}
+        signals = {name: tuple(profile.signal(name)) for name in profile.signals}
+        problems += _parameter_mismatches(checked, found, profile)
+    for index, request in enumerate(found):
+        wanted = request.candidates if request.policy != ast.AUTO else (request.candidates or everything)
+        if request.decided:
+            continue
+        measured = [name for name in wanted if name in regimes[0].tables[index]]
+        if not measured and (needs_tables or request.policy == ast.AUTO):
+            problems.append(_unmeasured(checked, index, wanted, profile))
+        found[index] = attrs.evolve(
+            request, candidates=tuple(measured) if request.policy == ast.AUTO else request.candidates
+        )
+    if problems:
+        raise SpecError(_unique(problems))
+    decl = checked.budget
+    total = None
+    if decl is not None:
+        if isinstance(decl.amount, ast.Percent):
+            total = {"percent": float(decl.amount.value)}
+        else:
+            total = {"tokens": decl.amount.count * (1 if decl.total else len(found))}
+    return Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
+
+
+def _tables(profile: Profile, weights: Mapping[str, float], grid: Sequence[int], layers: int) -> list[dict]:
+    """Per-layer tables over ``grid`` from ``profile`` with task ``weights``: made monotone, interpolated."""
+    combined = profile.table(weights)
+    return [
+        {name: interpolate(profile.grid, monotone(combined[layer][p]), grid) for p, name in enumerate(profile.policies)}
+        for layer in range(layers)
+    ]
+
+
+def dense_grid(measured: Sequence[int], step: int = STEP) -> tuple[int, ...]:
+    """The measured budgets, and every ``step`` tokens from the smallest to the largest of them."""
+    every = range(-(-measured[0] // step) * step, measured[-1] + 1, step)
+    return tuple(sorted({*measured, *every}))
+
+
+def interpolate(measured: Sequence[int], table: Sequence[float], grid: Sequence[int]) -> tuple[float, ...]:
+    """``table`` (losses at ``measured`` budgets) at every budget of ``grid``, linear in log(budget)."""
+    result = []
+    for budget in grid:
+        right = bisect.bisect_left(measured, budget)
+        if right < len(measured) and measured[right] == budget:
+            result.append(table[right])
+        elif right == 0:
+            result.append(math.inf)  # below what was measured: unknown, so not offered
+        elif right == len(measured):
+            result.append(table[-1])
+        else:
+            low, high = table[right - 1], table[right]
+            if math.isinf(low) or math.isinf(high):  # the policy's minimum lies in between: not offered
+                result.append(math.inf)
+                continue
+            share = math.log(budget / measured[right - 1]) / math.log(measured[right] / measured[right - 1])
+            result.append(low + share * (high - low))
+    return tuple(result)
+
+
+def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
+    decisions: list[Decision | None] = [None] * len(resolver.requests)
+    options: list[LayerOptions] = []
+    open_layers = []
+    regime = resolver.regime(prompt_length)
+    for index, request in enumerate(resolver.requests):
+        table = regime.tables[index]
+        if request.decided:
+            decisions[index] = Decision(request.policy, request.params, request.budget)
+            options.append(LayerOptions(fixed=(request.policy, _tokens(request.budget, prompt_length))))
+        elif not request.open_budget:  # auto@N: route at a fixed budget
+            tokens = _tokens(request.budget, prompt_length)
+            decision = _route(resolver, request, table, tokens, prompt_length)
+            decisions[index] = decision
+            options.append(LayerOptions(fixed=(decision.policy, tokens)))
+        else:
+            open_layers.append(index)
+            options.append(_layer_options(resolver, request, table, regime.floor, registry))
+    if open_layers:
+        solution = _solve(resolver, options, prompt_length, registry)
+        for index in open_layers:
+            choice = solution.layers[index]
+            request = resolver.requests[index]
+            if choice.whole:
+                decisions[index] = Decision("full", {}, None, {"loss": 0.0})
+                continue
+            params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(choice.policy, {})
+            decisions[index] = Decision(
+                choice.policy, params, Tokens(choice.tokens), _measured(resolver, regime, index, choice)
+            )
+    return tuple(decisions)
+
+
+def _tokens(budget: Budget | None, prompt_length: int) -> int | None:
+    return None if budget is None else budget.tokens(prompt_length)
+
+
+def _route(resolver: Resolver, request: LayerRequest, table, tokens: int | None, prompt_length: int) -> Decision:
+    """The candidate policy with the least loss at ``tokens`` (the first candidate on ties)."""
+    if tokens is None or tokens >= prompt_length:
+        name = request.candidates[0]
+        return Decision(name, resolver.policy_params.get(name, {}), request.budget, {"loss": 0.0})
+    options = LayerOptions({name: table[name] for name in request.candidates})
+    losses = {name: options.loss_at(name, tokens, resolver.grid) for name in request.candidates}
+    name = min(request.candidates, key=lambda n: (losses[n], request.candidates.index(n)))
+    return Decision(name, resolver.policy_params.get(name, {}), request.budget, {"loss": losses[name]})
+
+
+def _layer_options(resolver: Resolver, request: LayerRequest, table, floor: int, registry: Registry) -> LayerOptions:
+    losses = {}
+    for name in request.candidates:
+        params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(name, {})
+        minimum = registry.create(name, dict(params)).min_budget()
+        measured = table.get(name, tuple(0.0 for _ in resolver.grid))  # rule solvers need no table
+        losses[name] = tuple(math.inf if budget < minimum else loss for budget, loss in zip(resolver.grid, measured))
+    return LayerOptions(losses, whole=0.0, min_budget=floor)
+
+
+@functools.lru_cache(maxsize=64)
+def _solver(registry: Registry, name: str, params: tuple):
+    return registry.create_solver(name, dict(params))
+
+
+def _solve(resolver: Resolver, options: list[LayerOptions], prompt_length: int, registry: Registry) -> Solution:
+    problem = BudgetProblem(resolver.grid, options, resolver.total_tokens(prompt_length), prompt_length, step=STEP)
+    solver = _solver(registry, resolver.solver, tuple(sorted(resolver.solver_params.items())))
+    return solver.solve(problem, resolver.signals)
+
+
+def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[str, float]:
+    """What decided a layer, for `polykv plan`: its predicted loss and the loss one grid step lower."""
+    found = {"loss": choice.loss}
+    table = regime.tables[index].get(choice.policy)
+    if table:
+        lower = choice.tokens - STEP
+        if lower >= resolver.grid[0]:
+            found["loss_one_step_less"] = LayerOptions({choice.policy: table}).loss_at(
+                choice.policy, lower, resolver.grid
+            )
+    for name, values in resolver.signals.items():
+        found[name] = values[index]
+    return found
+
+
+def _parameter_mismatches(checked: CheckedSpec, found: list[LayerRequest], profile: Profile) -> list[Diagnostic]:
+    """A named policy solved from the profile must have the parameters the profile measured it with."""
+    problems = []
+    for entry, request in zip(checked.layers, found):
+        if not request.open_budget or request.policy == ast.AUTO or request.policy not in profile.policies:
+            continue
+        measured = dict(profile.policies[request.policy])
+        if dict(request.params) != measured:
+            shown = ", ".join(f"{k}={v!r}" for k, v in measured.items())
+            problems.append(
+                Diagnostic(
+                    "profile-mismatch",
+                    f"the profile measured {request.policy} with {shown}; this layer asks for other parameters",
+                    entry.prefill.use.span if entry.prefill.use else None,
+                    hint="drop the parameters to use the measured ones, or calibrate with these",
+                )
+            )
+    return problems
+
+
+def _unmeasured(checked: CheckedSpec, index: int, wanted: Sequence[str], profile: Profile | None) -> Diagnostic:
+    use = checked.layers[index].prefill.use
+    measured = ", ".join(profile.policies) if profile else "none"
+    return Diagnostic(
+        "not-calibrated",
+        f"the profile has no measurements for {', '.join(wanted)}",
+        use.span if use is not None else None,
+        hint=f"its policies: {measured}; calibrate with these policies, or use a rule: `solver pyramid`",
+    )
+
+
+def _first_open_span(checked: CheckedSpec):
+    for entry in checked.layers:
+        choice = entry.prefill
+        if choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget):
+            return choice.use.span if choice.use is not None else None
+    return None
+
+
+def _unique(problems: list[Diagnostic]) -> list[Diagnostic]:
+    seen, kept = set(), []
+    for problem in problems:
+        key = (problem.code, problem.message, problem.span.start if problem.span else None)
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept

@@ -1,0 +1,76 @@
+"""Evaluation samples from JSON lines users have locally, in LongBench's or RULER's style.
+
+One JSON object per line. Fields read:
+
+- ``context`` (text, required): the long document;
+- ``input`` (text, optional): the question, placed after the context;
+- ``answers`` (list of texts, or ``outputs`` as RULER names it; required): a greedy answer is
+  correct for the share of them it contains; the first is also the scored target;
+- ``_id`` or ``index`` (optional): kept as the sample's seed when it is a number, else the line
+  number is;
+- ``task`` (optional, default the file's name): groups samples in the report.
+
+The prompt is ``context``, a blank line, then ``input``; the model's chat template is applied with
+``format="chat"``. Prompts longer than ``max_length`` tokens keep their first and last halves, as
+LongBench truncates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from polykv.errors import PolykvError
+from polykv.tasks.tasks import Sample
+
+
+def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: int | None = None) -> list[Sample]:
+    """The samples in ``path``; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolykvError(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}") from None
+    samples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
+        if not isinstance(record, dict):
+            raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        samples.append(_sample(record, path, number, tokenizer, format, max_length))
+    if not samples:
+        raise PolykvError(f"{path}: no samples")
+    return samples
+
+
+def _sample(record: dict, path: Path, number: int, tokenizer, format: str, max_length: int | None) -> Sample:
+    where = f"{path}:{number}"
+    context = record.get("context")
+    answers = record.get("answers", record.get("outputs"))
+    if not isinstance(context, str):
+        raise PolykvError(f"{where}: `context` must be a text")
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+        raise PolykvError(f"{where}: `answers` (or `outputs`) must be a list of non-empty texts")
+    question = record.get("input") or ""
+    if not isinstance(question, str):
+        raise PolykvError(f"{where}: `input` must be a text")
+    text = f"{context}\n\n{question}".strip()
+    if format == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    prompt = tokenizer(text, add_special_tokens=format != "chat")["input_ids"]
+    if max_length is not None and len(prompt) > max_length:
+        half = max_length // 2
+        prompt = prompt[:half] + prompt[len(prompt) - (max_length - half) :]
+    identifier = record.get("_id", record.get("index"))
+    seed = identifier if isinstance(identifier, int) else number
+    target = tokenizer(" " + answers[0].strip(), add_special_tokens=False)["input_ids"]
+    task = str(record.get("task") or path.stem)
+    return Sample(task, format, seed, "local", prompt, target, tuple(a.strip() for a in answers))
