@@ -1,26 +1,32 @@
 """The built-in policies, signals and solvers of polykv.
 
-They register through the ``polykv.policies`` entry point like any third-party package, so
+They register through the ``polykv`` entry point like any third-party package, so
 nothing in polykv itself knows their names.
 """
 
 from polykv_plugins.cake import CakeSolver
+from polykv_plugins.entropy import AttentionEntropy
 from polykv_plugins.full import Full
 from polykv_plugins.h2o import H2O
+from polykv_plugins.hidden_change import HiddenChange
 from polykv_plugins.knapsack import KnapsackSolver
 from polykv_plugins.knorm import KeyNorm
+from polykv_plugins.output_deviation import OutputDeviation
 from polykv_plugins.pyramid import PyramidSolver
 from polykv_plugins.pyramidkv import PyramidKV
 from polykv_plugins.random import RandomEviction
-from polykv_plugins.signals import BUILTIN_SIGNALS
+from polykv_plugins.recency_mass import RecencyMass
+from polykv_plugins.sink_mass import SinkMass
 from polykv_plugins.snapkv import SnapKV
 from polykv_plugins.streaming import Streaming
 from polykv_plugins.tova import TOVA
 from polykv_plugins.uniform import UniformSolver
+from polykv_plugins.variance import AttentionVariance
 
 from polykv.hooks import hookimpl
 
 BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
+BUILTIN_SIGNALS = (AttentionEntropy, AttentionVariance, SinkMass, RecencyMass, HiddenChange, OutputDeviation)
 BUILTIN_SOLVERS = (KnapsackSolver, UniformSolver, PyramidSolver, CakeSolver)
 
 

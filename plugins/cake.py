@@ -18,13 +18,14 @@ class CakeSolver(Solver):
     """
 
     name = "cake"
+    reads_signals = ("entropy", "variance")
     description = "Budgets in proportion to attention entropy^(1/tau1) x variance^(1/tau2) (CAKE)."
     tau1: float = parameter(1.0, "temperature of the entropy (spatial dispersion)", min=0.01, max=100.0)
     tau2: float = parameter(1.0, "temperature of the variance (temporal shift)", min=0.01, max=100.0)
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:
         signals = signals or {}
-        missing = [name for name in ("entropy", "variance") if name not in signals]
+        missing = [name for name in self.reads_signals if name not in signals]
         if missing:
             raise ValueError(f"cake needs the {' and '.join(missing)} signal(s) of every layer (from a profile)")
         entropy, variance = signals["entropy"], signals["variance"]

@@ -31,6 +31,7 @@ class KnapsackSolver(Solver):
     """Exact: minimise the summed calibrated loss under the total (polykv's default)."""
 
     name = "polykv"
+    reads_losses = True
     description = "Chooses policy and budget per layer to minimise the calibrated loss under the total (exact DP)."
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:

@@ -54,7 +54,6 @@ _EXPORTS = {
     "Profile": "polykv.profile",
     "default_profile": "polykv.profile",
     "PluginFailure": "polykv.registry",
-    "PolicyEntry": "polykv.registry",
     "Registry": "polykv.registry",
     "default_registry": "polykv.registry",
 }
@@ -74,7 +73,6 @@ __all__ = [
     "Plan",
     "PluginFailure",
     "Policy",
-    "PolicyEntry",
     "PolicyError",
     "PolyCache",
     "PolykvError",
@@ -137,4 +135,4 @@ if TYPE_CHECKING:
     from polykv.plan import LayerPlan, Plan, compile
     from polykv.policy import LayerView, Needs, Phase, Policy, ScoringPolicy
     from polykv.profile import Profile, default_profile
-    from polykv.registry import PluginFailure, PolicyEntry, Registry, default_registry
+    from polykv.registry import PluginFailure, Registry, default_registry

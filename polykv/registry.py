@@ -1,10 +1,14 @@
 """What is installed: policies, signals and solvers, loaded from plugins with failures reported, not raised.
 
-Entry points of the group ``polykv.policies`` are loaded one by one, the built-in distribution
-first and the others sorted by name, so a third party can never replace a built-in. Each plugin
-may implement any of the hooks in ``polykv.hooks`` (policies, signals, solvers). A plugin that
-fails to import, whose hook raises, that registers nothing, or that registers something malformed
-or a name already taken is skipped and recorded with its distribution and the reason; the rest load.
+Entry points of the group ``polykv`` are loaded one by one, the built-in distribution first and
+the others sorted by name, so a third party can never replace a built-in. Each plugin may
+implement any of the hooks in ``polykv.hooks`` (policies, signals, solvers). A plugin that fails
+to import, whose hook raises, that registers nothing, or that registers something malformed or a
+name already taken is skipped and recorded with its distribution and the reason; the rest load.
+The group's old name, ``polykv.policies``, is still read, with a note asking to rename it.
+
+The three kinds are looked up alike: ``registry.policies``, ``registry.signals`` and
+``registry.solvers`` are catalogues with ``names()``, ``get(name)`` and ``create(name, values)``.
 
 ``POLYKV_PLUGINS`` controls third-party loading: unset loads every plugin, ``none`` loads the
 built-ins only, and a comma list of distribution names (``polykv-keydiff,other``) loads the
@@ -19,18 +23,20 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 import pluggy
 from packaging.utils import canonicalize_name
 
-from polykv.hooks import PROJECT, PolicyHooks
+from polykv import hooks
 from polykv.parameters import Configurable, Param, ParameterError
 from polykv.policy import Policy
 from polykv.values import KEYWORDS, Value
 
-ENTRY_POINT_GROUP = "polykv.policies"
+ENTRY_POINT_GROUP = "polykv"
+#: The group's name before signals and solvers existed; read too, with a note to rename it.
+OLD_ENTRY_POINT_GROUP = "polykv.policies"
 ENVIRONMENT_VARIABLE = "POLYKV_PLUGINS"
 BUILTIN_DISTRIBUTION = "polykv-core"
 
@@ -53,14 +59,6 @@ class Entry:
     @property
     def name(self) -> str:
         return self.cls.name
-
-    @property
-    def policy(self) -> type[Policy]:
-        """The class, named for the common case of a policy entry."""
-        return self.cls
-
-
-PolicyEntry = Entry
 
 
 @attrs.frozen
@@ -85,18 +83,57 @@ class Kind:
     problem: Callable[[object], str | None]
 
 
-class Registry:
-    """The installed policies (and signals and solvers) by name, and the plugins that failed to load.
+class Catalogue:
+    """The installed things of one kind (policies, signals or solvers), by name."""
 
-    Iterating, ``names``, ``get`` and ``create`` are about policies; ``signals()``, ``solvers()``,
-    ``get_signal``/``get_solver`` and ``create_solver`` about the other kinds.
-    """
+    def __init__(self, kind: Kind):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def names(self) -> list[str]:
+        """Their names, sorted."""
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            installed = ", ".join(self.names()) or "none"
+            raise KeyError(f"no {self.kind.word} named {name!r}; installed: {installed}") from None
+
+    def create(self, name: str, values: Mapping[str, Value] | None = None):
+        """An instance of ``name`` with ``values`` (checked; missing ones take their defaults)."""
+        return self.get(name).cls(**(values or {}))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter([self._entries[name] for name in self.names()])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _add(self, entry: Entry) -> None:
+        self._entries[entry.name] = entry
+
+    def _forget_plugin(self, plugin: str) -> None:
+        self._entries = {name: entry for name, entry in self._entries.items() if entry.plugin != plugin}
+
+
+class Registry:
+    """The installed policies, signals and solvers (``policies``, ``signals``, ``solvers``: catalogues
+    by name), the plugins that failed to load, and notes about plugins that still load but should change."""
 
     def __init__(self) -> None:
-        self._manager = pluggy.PluginManager(PROJECT)
-        self._manager.add_hookspecs(PolicyHooks)
-        self._entries: dict[str, dict[str, Entry]] = {kind.plural: {} for kind in KINDS}
+        self._manager = pluggy.PluginManager(hooks.PROJECT)
+        self._manager.add_hookspecs(hooks)
+        self.policies, self.signals, self.solvers = (Catalogue(kind) for kind in KINDS)
         self._failures: list[PluginFailure] = []
+        self._notes: list[PluginFailure] = []
+
+    def catalogues(self) -> tuple[Catalogue, ...]:
+        return (self.policies, self.signals, self.solvers)
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -115,13 +152,22 @@ class Registry:
     def load_entry_points(self, only: set[str] | None = None) -> None:
         """Load the built-in plugins and every other plugin (or those of the distributions in ``only``)."""
         found: set[str] = set()
-        for entry_point in _sorted_entry_points():
+        for entry_point, group in _sorted_entry_points():
             distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
             version = entry_point.dist.version if entry_point.dist else ""
             normal = canonicalize_name(distribution)
             if only is not None and normal not in only and normal != BUILTIN_DISTRIBUTION:
                 continue
             found.add(normal)
+            if group == OLD_ENTRY_POINT_GROUP:
+                self._notes.append(
+                    PluginFailure(
+                        distribution,
+                        entry_point.name,
+                        f"declares its entry point in the group {OLD_ENTRY_POINT_GROUP!r}, which polykv still reads "
+                        f"but will stop reading: rename it [project.entry-points.{ENTRY_POINT_GROUP}]",
+                    )
+                )
             try:
                 plugin = entry_point.load()
             except Exception as error:  # any failure to import a plugin is reported, never raised
@@ -164,17 +210,17 @@ class Registry:
                 "(are its hooks spelt register_policies, ... and marked @hookimpl?)",
             )
             return
-        for kind in KINDS:
-            taken = self._entries[kind.plural]
+        for catalogue in self.catalogues():
+            kind = catalogue.kind
             for thing in offered[kind.plural]:
                 problem = kind.problem(thing)
-                if problem is None and thing.name in taken:
-                    first = taken[thing.name]
+                if problem is None and thing.name in catalogue:
+                    first = catalogue.get(thing.name)
                     problem = f"{kind.word} '{thing.name}' is already provided by {first.distribution} {first.version}"
                 if problem:
                     self._fail(distribution, name, problem.rstrip())
                     continue
-                taken[thing.name] = Entry(thing, distribution, version, name)
+                catalogue._add(Entry(thing, distribution, version, name))
 
     def remove_plugin(self, name: str) -> None:
         """Unregister the plugin added under ``name`` and forget what it provided."""
@@ -182,62 +228,33 @@ class Registry:
         if plugin is None:
             raise KeyError(f"no plugin named {name!r}")
         self._manager.unregister(plugin)
-        for plural, entries in self._entries.items():
-            self._entries[plural] = {k: e for k, e in entries.items() if e.plugin != name}
+        for catalogue in self.catalogues():
+            catalogue._forget_plugin(name)
 
     def _fail(self, distribution: str, plugin: str, reason: str) -> None:
         failure = PluginFailure(distribution, plugin, reason)
         self._failures.append(failure)
         warnings.warn(f"polykv skipped a plugin: {failure}", PluginWarning, stacklevel=3)
 
-    # --- lookup -----------------------------------------------------------------------------
+    # --- what went wrong ------------------------------------------------------------------------
 
     @property
     def failures(self) -> tuple[PluginFailure, ...]:
+        """The plugins (or things they registered) that were skipped, and why."""
         return tuple(self._failures)
 
-    def names(self) -> list[str]:
-        """The installed policies' names, sorted."""
-        return sorted(self._entries["policies"])
+    @property
+    def notes(self) -> tuple[PluginFailure, ...]:
+        """Plugins that loaded but should change (an entry point in the old group)."""
+        return tuple(self._notes)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries["policies"]
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self._entries["policies"][name] for name in self.names())
-
-    def __len__(self) -> int:
-        return len(self._entries["policies"])
-
-    def get(self, name: str) -> Entry:
-        return self._get("policies", "policy", name)
-
-    def create(self, name: str, values: dict[str, Value] | None = None) -> Policy:
-        """An instance of policy ``name`` with ``values`` (checked; missing ones take defaults)."""
-        return self.get(name).cls(**(values or {}))
-
-    def signals(self) -> list[Entry]:
-        return [self._entries["signals"][name] for name in sorted(self._entries["signals"])]
-
-    def solvers(self) -> list[Entry]:
-        return [self._entries["solvers"][name] for name in sorted(self._entries["solvers"])]
-
-    def get_signal(self, name: str) -> Entry:
-        return self._get("signals", "signal", name)
-
-    def get_solver(self, name: str) -> Entry:
-        return self._get("solvers", "solver", name)
-
-    def create_solver(self, name: str, values: dict[str, Value] | None = None):
-        """An instance of solver ``name`` with ``values`` (checked; missing ones take defaults)."""
-        return self.get_solver(name).cls(**(values or {}))
-
-    def _get(self, plural: str, word: str, name: str) -> Entry:
-        try:
-            return self._entries[plural][name]
-        except KeyError:
-            installed = ", ".join(sorted(self._entries[plural])) or "none"
-            raise KeyError(f"no {word} named {name!r}; installed: {installed}") from None
+    def provider(self, cls: type) -> str:
+        """The distribution that registered ``cls`` ("" when it was not registered), for messages."""
+        for catalogue in self.catalogues():
+            for entry in catalogue:
+                if entry.cls is cls:
+                    return entry.distribution
+        return ""
 
 
 @functools.cache
@@ -307,16 +324,19 @@ KINDS = (
 )
 
 
-def _sorted_entry_points() -> list[importlib.metadata.EntryPoint]:
-    def order(entry_point: importlib.metadata.EntryPoint) -> tuple:
+def _sorted_entry_points() -> list[tuple[importlib.metadata.EntryPoint, str]]:
+    """Every plugin entry point with its group: the built-in distribution first, then by distribution."""
+
+    def order(found: tuple[importlib.metadata.EntryPoint, str]) -> tuple:
+        entry_point = found[0]
         distribution = canonicalize_name(entry_point.dist.name) if entry_point.dist else ""
         return (distribution != BUILTIN_DISTRIBUTION, distribution, entry_point.name)
 
     # A distribution found twice on the path (an editable install, say) lists its entry points twice.
-    unique = {
-        (ep.dist.name if ep.dist else "", ep.name, ep.value): ep
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    }
+    unique: dict[tuple, tuple[importlib.metadata.EntryPoint, str]] = {}
+    for group in (OLD_ENTRY_POINT_GROUP, ENTRY_POINT_GROUP):  # the new group wins where both name a plugin
+        for ep in importlib.metadata.entry_points(group=group):
+            unique[(ep.dist.name if ep.dist else "", ep.name, ep.value)] = (ep, group)
     return sorted(unique.values(), key=order)
 
 

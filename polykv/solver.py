@@ -174,10 +174,13 @@ class Solver(Configurable, abc.ABC):
     parameters with ``parameter`` (``solver pyramid(beta=20)`` sets them), and implement ``solve``.
 
     ``signals`` are per-layer measurements by name (``entropy``, ``variance``, ...), for rules
-    that read them.
+    that read them. ``reads_losses`` says the solver chooses from the calibrated loss tables, and
+    ``reads_signals`` which signals it needs: either needs a profile of the model.
     """
 
     description: ClassVar[str]
+    reads_losses: ClassVar[bool] = False
+    reads_signals: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:

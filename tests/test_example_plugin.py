@@ -101,6 +101,30 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_load(broken_plugin_path)
     assert "polykv_broken_missing_module" in broken[0]["reason"], broken[0]
 
 
+def test_a_plugin_in_the_old_entry_group_loads_with_a_note_to_rename_it(tmp_path):
+    dist_info = tmp_path / "polykv_oldgroup-0.0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: polykv-oldgroup\nVersion: 0.0.1\n")
+    (dist_info / "entry_points.txt").write_text("[polykv.policies]\noldgroup = polykv_oldgroup\n")
+    (tmp_path / "polykv_oldgroup.py").write_text(
+        "import polykv\n\n"
+        "class Newest(polykv.ScoringPolicy):\n"
+        "    name = 'newest'\n"
+        "    description = 'Keeps the newest tokens.'\n\n"
+        "    def score(self, view):\n"
+        "        return view.positions.float()\n\n"
+        "@polykv.hookimpl\n"
+        "def register_policies(register):\n"
+        "    register(Newest)\n"
+    )
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    listing = policies_json(clean_environment(PYTHONPATH=path))
+    assert "newest" in {p["name"] for p in listing["policies"]}, listing
+    assert listing["failures"] == [], listing
+    [note] = [n for n in listing["notes"] if n["distribution"] == "polykv-oldgroup"]
+    assert "rename it [project.entry-points.polykv]" in note["reason"], note
+
+
 def test_polykv_plugins_selects_which_distributions_load(broken_plugin_path):
     only_builtins = policies_json(clean_environment(PYTHONPATH=broken_plugin_path, POLYKV_PLUGINS="polykv-core"))
     assert {p["name"] for p in only_builtins["policies"]} == BUILTIN_NAMES, only_builtins

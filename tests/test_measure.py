@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_llama
-from polykv_plugins.signals import BUILTIN_SIGNALS
+from polykv_plugins import BUILTIN_SIGNALS
 
 import polykv
 from polykv.calibration import measure as measure_module

@@ -56,7 +56,7 @@ def test_wheel_contents(wheel):
     } <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "[polykv.policies]\nbuiltin = polykv_plugins" in text
+    assert "[polykv]\nbuiltin = polykv_plugins" in text
     assert "[console_scripts]\npolykv = polykv.cli:main" in text
     assert not any(n.startswith(("tests/", "examples/", "grammar/")) for n in names)
 
@@ -74,7 +74,7 @@ def test_the_installed_wheel_parses_and_lists_policies(wheel, tmp_path):
         "import json, polykv\n"
         "spec = polykv.parse('layers 0-3: streaming@64; 4-27: snapkv@auto')\n"
         "checked = polykv.check(spec.with_budget(polykv.parse('budget 512').budget), layers=28)\n"
-        "print(json.dumps({'file': polykv.__file__, 'policies': polykv.default_registry().names(),"
+        "print(json.dumps({'file': polykv.__file__, 'policies': polykv.default_registry().policies.names(),"
         " 'layers': len(checked.layers)}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

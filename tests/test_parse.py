@@ -308,8 +308,8 @@ def test_what_a_plan_prints_for_a_layer_parses_back_to_the_same_choice(name, bud
     registry = polykv.registry.default_registry()
 
     def phase(policy: str) -> PhasePlan:
-        params = dict(registry.create(policy).values)
-        for parameter in registry.get(policy).cls.parameters:  # any value in bounds, not only the defaults
+        params = dict(registry.policies.create(policy).values)
+        for parameter in registry.policies.get(policy).cls.parameters:  # any value in bounds, not only the defaults
             if parameter.type is int:
                 params[parameter.name] = data.draw(st.integers(parameter.min, parameter.max))
         return PhasePlan(policy, params, None if policy == "full" else budget)

@@ -22,7 +22,7 @@ from polykv.cache.checks import raise_for
 from polykv.policy import first_tokens, most_recent
 
 REGISTRY = polykv.default_registry()
-BUDGETED = sorted(entry.name for entry in REGISTRY if entry.policy.budgeted)
+BUDGETED = sorted(entry.name for entry in REGISTRY.policies if entry.cls.budgeted)
 DEVICES = ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -84,7 +84,7 @@ def accumulated(queries, keys, mask, scaling):
 
 
 def create(name: str, **values) -> Policy:
-    return REGISTRY.create(name, values)
+    return REGISTRY.policies.create(name, values)
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -548,7 +548,7 @@ def random_view(policy: Policy, data, seed: int) -> LayerView:
 @pytest.mark.parametrize("name", BUDGETED)
 @given(seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_every_policy_keeps_a_valid_selection(name, seed, data):
-    parameters = REGISTRY.get(name).policy.parameters
+    parameters = REGISTRY.policies.get(name).cls.parameters
     values = {p.name: data.draw(value_strategy(p), label=p.name) for p in parameters}
     policy = create(name, **values)
     layer_view = random_view(policy, data, seed)

@@ -20,8 +20,8 @@ from polykv.registry import Registry, default_registry
 
 def _registry_with(*policies) -> Registry:
     registry = Registry()
-    for entry in default_registry():
-        registry.add_plugin(_Offers(entry.policy), name=f"builtin-{entry.name}", distribution="polykv-core")
+    for entry in default_registry().policies:
+        registry.add_plugin(_Offers(entry.cls), name=f"builtin-{entry.name}", distribution="polykv-core")
 
     registry.add_plugin(_Offers(*policies), name="test-plugin", distribution="polykv-misbehaving")
     return registry

@@ -29,16 +29,16 @@ def _third_party_distributions() -> set[str]:
 
 def _assert_builtins_only_from_polykv(registry: Registry) -> None:
     version = importlib.metadata.version("polykv-core")
-    builtin = {entry.name for entry in registry if entry.distribution == "polykv-core"}
+    builtin = {entry.name for entry in registry.policies if entry.distribution == "polykv-core"}
     assert builtin == BUILTINS
-    for entry in registry:
+    for entry in registry.policies:
         if entry.name in BUILTINS:
             assert (entry.distribution, entry.version, entry.plugin) == ("polykv-core", version, "polykv-core:builtin")
         else:  # only a third-party plugin installed next to polykv can add more
             assert entry.distribution in _third_party_distributions()
     if not _third_party_distributions():
-        assert set(registry.names()) == BUILTINS
-        assert len(registry) == 8
+        assert set(registry.policies.names()) == BUILTINS
+        assert len(registry.policies) == 8
 
 
 # --- small policies and plugins made up for the tests ------------------------------------------
@@ -157,22 +157,22 @@ def test_default_registry_holds_the_builtins():
     assert registry.failures == ()
     _assert_builtins_only_from_polykv(registry)
     for name in BUILTINS:
-        entry = registry.get(name)
-        assert entry.policy.name == name
-        assert issubclass(entry.policy, polykv.Policy)
-        assert polykv.registry.policy_problem(entry.policy) is None
+        entry = registry.policies.get(name)
+        assert entry.cls.name == name
+        assert issubclass(entry.cls, polykv.Policy)
+        assert polykv.registry.policy_problem(entry.cls) is None
 
 
 def test_builtins_are_budgeted_except_full():
     registry = polykv.default_registry()
-    assert {name for name in BUILTINS if not registry.get(name).policy.budgeted} == {"full"}
+    assert {name for name in BUILTINS if not registry.policies.get(name).cls.budgeted} == {"full"}
 
 
 def test_unknown_policy_is_a_key_error_listing_what_is_installed():
     with pytest.raises(KeyError, match=r"no policy named 'nope'; installed: .*snapkv"):
-        polykv.default_registry().get("nope")
-    assert "nope" not in polykv.default_registry()
-    assert "snapkv" in polykv.default_registry()
+        polykv.default_registry().policies.get("nope")
+    assert "nope" not in polykv.default_registry().policies
+    assert "snapkv" in polykv.default_registry().policies
 
 
 # --- plugins added in code -------------------------------------------------------------------------
@@ -180,27 +180,27 @@ def test_unknown_policy_is_a_key_error_listing_what_is_installed():
 
 def test_plugin_added_in_code_adds_and_removes_its_policies():
     registry = Registry()
-    assert len(registry) == 0
+    assert len(registry.policies) == 0
     registry.add_plugin(Offers(Alpha), name="first")
     registry.add_plugin(Offers(Beta), name="mine", distribution="polykv-mine", version="1.2")
     try:
-        assert registry.names() == ["alpha", "beta"]
-        entry = registry.get("beta")
-        assert (entry.policy, entry.distribution, entry.version, entry.plugin) == (Beta, "polykv-mine", "1.2", "mine")
-        assert registry.get("alpha").distribution == "<local>"
-        assert isinstance(registry.create("beta"), Beta)
-        assert [e.name for e in registry] == ["alpha", "beta"]
+        assert registry.policies.names() == ["alpha", "beta"]
+        entry = registry.policies.get("beta")
+        assert (entry.cls, entry.distribution, entry.version, entry.plugin) == (Beta, "polykv-mine", "1.2", "mine")
+        assert registry.policies.get("alpha").distribution == "<local>"
+        assert isinstance(registry.policies.create("beta"), Beta)
+        assert [e.name for e in registry.policies] == ["alpha", "beta"]
     finally:
         registry.remove_plugin("mine")
-    assert registry.names() == ["alpha"]
-    assert "beta" not in registry
+    assert registry.policies.names() == ["alpha"]
+    assert "beta" not in registry.policies
     with pytest.raises(KeyError):
-        registry.get("beta")
+        registry.policies.get("beta")
     with pytest.raises(KeyError, match="no plugin named 'mine'"):
         registry.remove_plugin("mine")
     # Once removed, the same name can be added again.
     registry.add_plugin(Offers(Beta), name="mine")
-    assert registry.names() == ["alpha", "beta"]
+    assert registry.policies.names() == ["alpha", "beta"]
     assert registry.failures == ()
 
 
@@ -209,7 +209,7 @@ def test_plugin_added_next_to_the_builtins(monkeypatch):
     registry = Registry.from_environment()
     registry.add_plugin(Offers(Beta), name="extra")
     try:
-        assert set(registry.names()) >= BUILTINS | {"beta"}
+        assert set(registry.policies.names()) >= BUILTINS | {"beta"}
     finally:
         registry.remove_plugin("extra")
     _assert_builtins_only_from_polykv(registry)
@@ -298,8 +298,8 @@ def test_malformed_policy_is_skipped_and_reported(bad, reason):
     assert registry.failures == (polykv.PluginFailure("polykv-bad", "bad", reason),)
     assert str(registry.failures[0]) == f"polykv-bad (bad): {reason}"
     # The good policy of the same plugin, and the other plugin, still load.
-    assert registry.names() == ["alpha", "beta"]
-    assert registry.get("beta").plugin == "bad"
+    assert registry.policies.names() == ["alpha", "beta"]
+    assert registry.policies.get("beta").plugin == "bad"
 
 
 def test_hook_that_raises_skips_the_whole_plugin():
@@ -310,10 +310,10 @@ def test_hook_that_raises_skips_the_whole_plugin():
     assert registry.failures == (
         polykv.PluginFailure("polykv-raise", "raiser", "register_policies raised RuntimeError: boom"),
     )
-    assert registry.names() == ["alpha"]  # what it registered before raising is dropped too
+    assert registry.policies.names() == ["alpha"]  # what it registered before raising is dropped too
     # The plugin is not left registered: a later plugin's hook call does not run it again.
     registry.add_plugin(Offers(Beta), name="later")
-    assert registry.names() == ["alpha", "beta"]
+    assert registry.policies.names() == ["alpha", "beta"]
     assert len(registry.failures) == 1
     with pytest.raises(KeyError):
         registry.remove_plugin("raiser")
@@ -331,7 +331,7 @@ def test_invalid_hook_signature_is_reported():
     [failure] = registry.failures
     assert (failure.distribution, failure.plugin) == ("polykv-wrong", "wrong")
     assert failure.reason.startswith("not a valid plugin: PluginValidationError")
-    assert len(registry) == 0
+    assert len(registry.policies) == 0
 
 
 def test_plugin_that_registers_nothing_is_reported():
@@ -355,11 +355,11 @@ def test_plugin_that_registers_nothing_is_reported():
         polykv.PluginFailure("polykv-empty", "empty", reason),
         polykv.PluginFailure("polykv-empty", "unmarked", reason),
     )
-    assert len(registry) == 0
+    assert len(registry.policies) == 0
     with pytest.raises(KeyError):  # not left registered
         registry.remove_plugin("empty")
     registry.add_plugin(Offers(Beta), name="empty")
-    assert registry.names() == ["beta"]
+    assert registry.policies.names() == ["beta"]
 
 
 def test_duplicate_name_first_provider_wins():
@@ -370,9 +370,9 @@ def test_duplicate_name_first_provider_wins():
     assert registry.failures == (
         polykv.PluginFailure("dist-two", "two", "policy 'beta' is already provided by dist-one 1.0"),
     )
-    assert registry.get("beta").policy is Beta
-    assert registry.get("beta").distribution == "dist-one"
-    assert registry.names() == ["alpha", "beta"]
+    assert registry.policies.get("beta").cls is Beta
+    assert registry.policies.get("beta").distribution == "dist-one"
+    assert registry.policies.names() == ["alpha", "beta"]
 
 
 def test_duplicate_name_without_a_version_names_the_distribution_alone():
@@ -395,9 +395,9 @@ def test_plugin_cannot_replace_a_builtin(monkeypatch):
     assert failure == polykv.PluginFailure(
         "polykv-usurper", "usurper", f"policy 'streaming' is already provided by polykv-core {version}"
     )
-    assert registry.get("streaming").policy is not StreamingAgain
-    assert registry.get("streaming").distribution == "polykv-core"
-    assert "beta" in registry
+    assert registry.policies.get("streaming").cls is not StreamingAgain
+    assert registry.policies.get("streaming").distribution == "polykv-core"
+    assert "beta" in registry.policies
 
 
 # --- POLYKV_PLUGINS ---------------------------------------------------------------------------------------
@@ -415,8 +415,8 @@ def test_environment_unset_loads_every_plugin(monkeypatch, recwarn):
 def test_environment_none_loads_only_the_builtins(monkeypatch, setting):
     monkeypatch.setenv("POLYKV_PLUGINS", setting)
     registry = Registry.from_environment()
-    assert set(registry.names()) == BUILTINS
-    assert {e.distribution for e in registry} == {"polykv-core"}
+    assert set(registry.policies.names()) == BUILTINS
+    assert {e.distribution for e in registry.policies} == {"polykv-core"}
     assert registry.failures == ()
 
 
@@ -427,7 +427,7 @@ def test_environment_none_loads_only_the_builtins(monkeypatch, setting):
 def test_environment_naming_polykv_core_loads_the_builtins(monkeypatch, setting):
     monkeypatch.setenv("POLYKV_PLUGINS", setting)
     registry = Registry.from_environment()
-    assert set(registry.names()) == BUILTINS
+    assert set(registry.policies.names()) == BUILTINS
     assert registry.failures == ()
 
 
@@ -435,7 +435,7 @@ def test_environment_naming_a_missing_distribution_reports_it(monkeypatch):
     monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core,not-installed-pkg")
     with pytest.warns(PluginWarning, match="not-installed-pkg"):
         registry = Registry.from_environment()
-    assert set(registry.names()) == BUILTINS
+    assert set(registry.policies.names()) == BUILTINS
     assert registry.failures == (
         polykv.PluginFailure(
             "not-installed-pkg",
@@ -449,7 +449,7 @@ def test_environment_names_are_normalised(monkeypatch):
     monkeypatch.setenv("POLYKV_PLUGINS", "Not_Installed.Pkg")
     with pytest.warns(PluginWarning):
         registry = Registry.from_environment()
-    assert set(registry.names()) == BUILTINS
+    assert set(registry.policies.names()) == BUILTINS
     [failure] = registry.failures
     assert failure.distribution == "not-installed-pkg"
 
@@ -459,21 +459,21 @@ def test_environment_names_are_normalised(monkeypatch):
 
 def test_create_coerces_values():
     registry = polykv.default_registry()
-    h2o = registry.create("h2o", {"recent": 1})
+    h2o = registry.policies.create("h2o", {"recent": 1})
     assert h2o.recent == 1.0
     assert type(h2o.recent) is float
     assert type(h2o.values["recent"]) is float
-    snap = registry.create("snapkv", {"window": 4, "pooling": "avg"})
+    snap = registry.policies.create("snapkv", {"window": 4, "pooling": "avg"})
     assert (snap.window, snap.kernel, snap.pooling) == (4, 7, "avg")
     assert dict(snap.values) == {"window": 4, "kernel": 7, "pooling": "avg"}
     assert repr(snap) == 'snapkv(window=4, kernel=7, pooling="avg")'
-    assert registry.create("snapkv").values == {"window": 32, "kernel": 7, "pooling": "max"}
-    assert registry.create("snapkv", None).window == 32
-    assert repr(registry.create("knorm")) == "knorm"
+    assert registry.policies.create("snapkv").values == {"window": 32, "kernel": 7, "pooling": "max"}
+    assert registry.policies.create("snapkv", None).window == 32
+    assert repr(registry.policies.create("knorm")) == "knorm"
 
 
 def test_policy_values_are_read_only():
-    snap = polykv.default_registry().create("snapkv")
+    snap = polykv.default_registry().policies.create("snapkv")
     with pytest.raises(TypeError):
         snap.values["window"] = 3
 
@@ -494,7 +494,7 @@ def test_policy_values_are_read_only():
 )
 def test_create_rejects_bad_values(name, values, message):
     with pytest.raises(polykv.ParameterError) as raised:
-        polykv.default_registry().create(name, values)
+        polykv.default_registry().policies.create(name, values)
     assert str(raised.value) == message
 
 

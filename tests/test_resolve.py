@@ -26,7 +26,7 @@ def profile_for(model, losses: dict[str, list[tuple[float, ...]]], **extra) -> P
         fingerprint=fingerprint(model),
         settings={"prompt_length": 200},
         grid=GRID,
-        policies={name: dict(polykv.default_registry().create(name).values) for name in names},
+        policies={name: dict(polykv.default_registry().policies.create(name).values) for name in names},
         losses={"task": table},
         signals={"entropy": {"task": [1.0, 2.0, 3.0, 4.0]}, "variance": {"task": [1.0, 1.0, 1.0, 1.0]}},
         **extra,

@@ -40,8 +40,8 @@ def calibrate(
     from polykv.model import describe_model
 
     registry = registry or default_registry()
-    chosen: dict[str, dict[str, Value]] = {name: dict(registry.create(name).values) for name in policies}
-    signals = [entry.cls() for entry in registry.signals()]
+    chosen: dict[str, dict[str, Value]] = {name: dict(registry.policies.create(name).values) for name in policies}
+    signals = [entry.cls() for entry in registry.signals]
     measured = measure(
         model,
         samples,

@@ -74,7 +74,7 @@ def measure(
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring."""
     registry = registry or default_registry()
     prepare_model(model)
-    created = {name: registry.create(name, dict(params)) for name, params in policies.items()}
+    created = {name: registry.policies.create(name, dict(params)) for name, params in policies.items()}
     grid = tuple(sorted(set(grid)))
     batches = list(_batches(samples, batch_size))
     layers = model.config.get_text_config().num_hidden_layers

@@ -167,7 +167,7 @@ def capture(
     """
     from polykv.model import attention_modules, describe_model
 
-    full = default_registry().create("full")
+    full = default_registry().policies.create("full")
     _info, placement = describe_model(model)
     layers = [
         PolyLayer(index, PhaseRule(full, None), sliding_window=where.sliding_window, observe=needs)

@@ -202,7 +202,7 @@ class _Checker:
         decl = self.spec.solver
         if decl is None:
             return None
-        solvers = [entry.name for entry in self.registry.solvers()]
+        solvers = [entry.name for entry in self.registry.solvers]
         if decl.name not in solvers:
             self.error(
                 "unknown-solver",
@@ -211,7 +211,7 @@ class _Checker:
                 hint=_unknown_hint(decl.name, solvers, "solvers"),
             )
             return None
-        solver_class = self.registry.get_solver(decl.name).cls
+        solver_class = self.registry.solvers.get(decl.name).cls
         values = self._parameters(decl.name, decl.parameters, solver_class)
         if values is None:
             return None
@@ -312,8 +312,8 @@ class _Checker:
             return None
         if use.is_auto:
             return self._auto_use(use)
-        if use.name not in self.registry:
-            installed = self.registry.names()
+        if use.name not in self.registry.policies:
+            installed = self.registry.policies.names()
             self.error(
                 "unknown-policy",
                 f"unknown policy '{use.name}'",
@@ -321,7 +321,7 @@ class _Checker:
                 hint=_unknown_hint(use.name, installed, "policies"),
             )
             return None
-        policy_class = self.registry.get(use.name).policy
+        policy_class = self.registry.policies.get(use.name).cls
         values = self._parameters(use.name, use.parameters, policy_class)
         if values is None:
             return None
@@ -341,12 +341,12 @@ class _Checker:
             if name in seen:
                 self.error("duplicate-candidate", f"'{name}' is listed twice", use.span, hint="list each policy once")
                 ok = False
-            elif name not in self.registry:
+            elif name not in self.registry.policies:
                 self.error(
                     "unknown-policy",
                     f"unknown policy '{name}' among the candidates of auto",
                     use.span,
-                    hint=suggest(name, self.registry.names()),
+                    hint=suggest(name, self.registry.policies.names()),
                 )
                 ok = False
             seen.add(name)

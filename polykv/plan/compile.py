@@ -108,7 +108,7 @@ def _check_windows(layers: list[LayerPlan], checked, registry: Registry) -> None
         for phase, choice in ((layer.prefill, entry.prefill), (layer.decode, entry.decode)):
             if phase is None:
                 continue
-            needed = registry.create(phase.policy, dict(phase.params)).min_budget()
+            needed = registry.policies.create(phase.policy, dict(phase.params)).min_budget()
             if layer.sliding_window - 1 < needed:
                 use = choice.use
                 problems.append(

@@ -42,8 +42,8 @@ class PhasePlan:
         return format_use(self.policy, None if self.budget is None else str(self.budget), self.params)
 
     def rule(self, registry: Registry) -> PhaseRule:
-        entry = registry.get(self.policy)
-        return PhaseRule(entry.policy(**self.params), self.budget, entry.distribution)
+        entry = registry.policies.get(self.policy)
+        return PhaseRule(entry.cls(**self.params), self.budget, entry.distribution)
 
     def to_dict(self) -> dict:
         return {"policy": self.policy, "params": dict(self.params), "budget": budget_to_dict(self.budget)}
@@ -159,7 +159,7 @@ class Plan:
                 for name in request.candidates:
                     params = request.params if request.policy != "auto" else self.resolver.policy_params.get(name, {})
                     names.add((name, tuple(params.items())))
-        needs = [registry.create(name, dict(params)).needs() for name, params in names]
+        needs = [registry.policies.create(name, dict(params)).needs() for name, params in names]
         return Needs(
             window=max(n.window for n in needs),
             window_attention=any(n.window_attention for n in needs),

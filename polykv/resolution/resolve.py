@@ -40,6 +40,8 @@ from polykv.values import Value
 
 #: Budgets the solver chooses among are multiples of this many tokens.
 STEP = 16
+#: The solver of a spec without a ``solver`` line: polykv's exact knapsack over the calibrated losses.
+DEFAULT_SOLVER = "polykv"
 
 
 @attrs.frozen
@@ -213,13 +215,14 @@ def fixed_budget(budget: ast.Budget | None) -> Budget | None:
 def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) -> Resolver:
     """A Resolver for ``checked`` (which leaves something open), reading losses and signals from ``profile``."""
     found = requests(checked)
-    solver = checked.solver.name if checked.solver else "polykv"
+    solver = checked.solver.name if checked.solver else DEFAULT_SOLVER
     solver_params = dict(checked.solver.params) if checked.solver else {}
-    needs_tables = solver == "polykv" or any(r.policy == ast.AUTO for r in found)
-    everything = tuple(sorted(registry.names()))
+    solver_class = registry.solvers.get(solver).cls
+    needs_tables = solver_class.reads_losses or any(r.policy == ast.AUTO for r in found)
+    everything = tuple(sorted(registry.policies.names()))
     problems: list[Diagnostic] = []
     if profile is None:
-        if needs_tables or solver == "cake":
+        if needs_tables or solver_class.reads_signals:
             raise SpecError(
                 [
                     Diagnostic(
@@ -352,7 +355,7 @@ def _layer_options(resolver: Resolver, request: LayerRequest, table, floor: int,
     losses = {}
     for name in request.candidates:
         params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(name, {})
-        minimum = registry.create(name, dict(params)).min_budget()
+        minimum = registry.policies.create(name, dict(params)).min_budget()
         measured = table.get(name, tuple(0.0 for _ in resolver.grid))  # rule solvers need no table
         losses[name] = tuple(math.inf if budget < minimum else loss for budget, loss in zip(resolver.grid, measured))
     return LayerOptions(losses, whole=0.0, min_budget=floor)
@@ -360,7 +363,7 @@ def _layer_options(resolver: Resolver, request: LayerRequest, table, floor: int,
 
 @functools.lru_cache(maxsize=64)
 def _solver(registry: Registry, name: str, params: tuple):
-    return registry.create_solver(name, dict(params))
+    return registry.solvers.create(name, dict(params))
 
 
 def _solve(resolver: Resolver, options: list[LayerOptions], prompt_length: int, registry: Registry) -> Solution:

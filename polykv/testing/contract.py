@@ -235,7 +235,7 @@ class PolicyContract:
 
         registry = Registry()
         registry.add_plugin(_Offering(self.policy), name="contract", distribution="under-test")
-        full = polykv.registry.default_registry().get("full").cls
+        full = polykv.registry.default_registry().policies.get("full").cls
         if self.policy.name != "full":
             registry.add_plugin(_Offering(full), name="contract-full", distribution="polykv-core")
         return polykv.compile(spec, model, registry=registry), registry

@@ -17,9 +17,10 @@ def run(args: argparse.Namespace) -> int:
 
     registry = default_registry()
     policies = args.policies or list(POLICIES)
-    unknown = [name for name in policies if name not in registry]
+    unknown = [name for name in policies if name not in registry.policies]
     if unknown:
-        raise PolykvError(f"--policies: unknown policy {unknown[0]!r}; installed: {', '.join(registry.names())}")
+        installed = ", ".join(registry.policies.names())
+        raise PolykvError(f"--policies: unknown policy {unknown[0]!r}; installed: {installed}")
     if args.length < 64:
         raise PolykvError("--length: generated prompts are at least 64 tokens")
     setup.writable(args.out, "--out")

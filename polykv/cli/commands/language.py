@@ -153,23 +153,26 @@ def policies(args: argparse.Namespace) -> int:
         print(json.dumps(_listing_json(registry), indent=2))
         return 0
     lines = []
-    for entry in registry:
+    for entry in registry.policies:
         lines.append(f"{entry.name}  ({entry.distribution} {entry.version})".replace("  ()", ""))
-        lines.append(f"    {entry.policy.description}")
-        for param in entry.policy.parameters:
+        lines.append(f"    {entry.cls.description}")
+        for param in entry.cls.parameters:
             bounds = f", {param.range_words()}" if param.min is not None or param.max is not None else ""
             choices = f", one of {', '.join(param.choices)}" if param.choices else ""
             default = json.dumps(param.default)
             lines.append(f"    {param.name}: {param.type.__name__} = {default}{bounds}{choices}  {param.description}")
-    if not len(registry):
+    if not len(registry.policies):
         lines.append("no policies installed")
     if args.all:
-        for word, entries in (("signals", registry.signals()), ("solvers", registry.solvers())):
+        for word, entries in (("signals", registry.signals), ("solvers", registry.solvers)):
             lines += ["", f"{word}:"]
             lines += [f"    {e.name}  ({e.distribution})  {e.cls.description}" for e in entries]
     if registry.failures:
         lines += ["", "failed to load:"]
         lines.extend(f"    {failure}" for failure in registry.failures)
+    if registry.notes:
+        lines += ["", "loaded, but should change:"]
+        lines.extend(f"    {note}" for note in registry.notes)
     print("\n".join(lines))
     return 0
 
@@ -197,10 +200,13 @@ def _listing_json(registry: Registry) -> dict:
         }
 
     return {
-        "policies": [{**described(e), "budgeted": e.policy.budgeted} for e in registry],
-        "signals": [described(e) for e in registry.signals()],
-        "solvers": [described(e) for e in registry.solvers()],
+        "policies": [{**described(e), "budgeted": e.cls.budgeted} for e in registry.policies],
+        "signals": [described(e) for e in registry.signals],
+        "solvers": [described(e) for e in registry.solvers],
         "failures": [
             {"distribution": f.distribution, "plugin": f.plugin, "reason": f.reason} for f in registry.failures
+        ],
+        "notes": [
+            {"distribution": n.distribution, "plugin": n.plugin, "reason": n.reason} for n in registry.notes
         ],
     }
