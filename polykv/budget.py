@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import decimal
 import math
-from collections.abc import Mapping
 
 import attrs
 
@@ -53,22 +52,3 @@ class Share:
 
 
 Budget = Tokens | Share
-
-
-def budget_to_dict(budget: Budget | None) -> dict | None:
-    """JSON form: ``{"tokens": 64}``, ``{"percent": 10}``, or None for "keep everything"."""
-    if budget is None:
-        return None
-    if isinstance(budget, Tokens):
-        return {"tokens": budget.count}
-    return {"percent": budget.percent}
-
-
-def budget_from_dict(data: Mapping | None) -> Budget | None:
-    if data is None:
-        return None
-    if "tokens" in data:
-        return Tokens(int(data["tokens"]))
-    if "percent" in data:
-        return Share(data["percent"])
-    raise ValueError(f"not a resolved budget: {data!r}")

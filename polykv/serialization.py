@@ -81,6 +81,9 @@ def _structure_budget(data: object, _type: object) -> Budget:
 for _kind in (Tokens, Share):
     converter.register_unstructure_hook(_kind, _unstructure_budget)
 converter.register_structure_hook(Budget, _structure_budget)
+converter.register_structure_hook(
+    Budget | None, lambda data, _type: None if data is None else _structure_budget(data, _type)
+)
 
 
 def _structure_loss(value: object, _type: object) -> float:
@@ -91,9 +94,14 @@ converter.register_structure_hook(Loss, _structure_loss)
 converter.register_unstructure_hook(float, lambda value: None if math.isinf(value) else value)
 
 
-def dumps(document: object, *, format: int) -> str:
-    """``document`` (an attrs record) as indented JSON text, with its format number first."""
-    return json.dumps({"format": format, **converter.unstructure(document)}, indent=1) + "\n"
+def document(record: object, *, format: int) -> dict:
+    """``record`` (an attrs record) as a JSON-ready dict, with its format number first."""
+    return {"format": format, **converter.unstructure(record)}
+
+
+def dumps(record: object, *, format: int) -> str:
+    """``record`` as indented JSON text (see ``document``)."""
+    return json.dumps(document(record, format=format), indent=1) + "\n"
 
 
 def loads(text: str | bytes, cls: type[T], *, format: int, what: str, source: str = "<string>") -> T:
@@ -112,10 +120,10 @@ def structure(data: object, cls: type[T], *, format: int, what: str, source: str
     if not isinstance(data, dict):
         raise FormatError(f"{source}: not a polykv {what}: expected a JSON object, got {_shown(data)}")
     if data.get("format") != format:
-        found = data.get("format", "none")
+        found = json.dumps(data["format"]) if "format" in data else "none"
         raise FormatError(
-            f"{source}: a polykv {what} of format {found!r}; this polykv reads format {format} "
-            f"(make it again with this version)"
+            f"{source}: not a polykv {what} of format {format}, the one this polykv reads "
+            f"(found format {found}): make it again with this version of polykv"
         )
     fields = {key: value for key, value in data.items() if key != "format"}
     try:
@@ -127,9 +135,11 @@ def structure(data: object, cls: type[T], *, format: int, what: str, source: str
 
 
 def _first_problem(error: Exception) -> str:
+    """``$.layers[3].index: expected a whole number, got "1"``: the first problem, path first."""
     problems = cattrs.transform_error(error, path="$", format_exception=_described)
+    message, _, path = problems[0].rpartition(" @ ")
     extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return problems[0] + extra
+    return f"{path}: {message}{extra}"
 
 
 def _described(error: BaseException, _type: object) -> str:

@@ -303,16 +303,17 @@ plan_budgets = st.one_of(
 
 @given(st.sampled_from(BUILT_INS), plan_budgets, st.none() | st.sampled_from(["streaming", "tova"]), st.data())
 def test_what_a_plan_prints_for_a_layer_parses_back_to_the_same_choice(name, budget, decode_name, data):
-    from polykv.plan import LayerPlan, PhasePlan
+    from polykv.choice import Choice
+    from polykv.plan import LayerPlan
 
     registry = polykv.registry.default_registry()
 
-    def phase(policy: str) -> PhasePlan:
+    def phase(policy: str) -> Choice:
         params = dict(registry.policies.create(policy).values)
         for parameter in registry.policies.get(policy).cls.parameters:  # any value in bounds, not only the defaults
             if parameter.type is int:
                 params[parameter.name] = data.draw(st.integers(parameter.min, parameter.max))
-        return PhasePlan(policy, params, None if policy == "full" else budget)
+        return Choice(policy, params, None if policy == "full" else budget)
 
     decode = None if decode_name is None else phase(decode_name)
     layer = LayerPlan(0, phase(name), decode, "cpu", "float32")

@@ -29,21 +29,27 @@ from polykv.cache.kernels import column_sums
 from polykv.cache.selection import Selection, choose
 from polykv.cache.static import StaticDecoding
 from polykv.cache.storage import Storage
+from polykv.choice import Choice
 from polykv.errors import CacheError
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
+from polykv.registry import Registry
 from polykv.values import format_use
 
 
 @attrs.frozen
 class PhaseRule:
-    """A policy and its budget for one phase; ``budget`` None means keep everything.
-
-    ``provider`` names where the policy comes from (its distribution), for error messages.
-    """
+    """A choice as the layer runs it: the policy made from it, its budget (None: keep everything), and
+    ``provider``, the distribution the policy comes from (for error messages)."""
 
     policy: Policy
     budget: Budget | None
     provider: str = ""
+
+    @classmethod
+    def of(cls, choice: Choice, registry: Registry) -> PhaseRule:
+        """The rule that runs ``choice``, its policy made by ``registry``."""
+        entry = registry.policies.get(choice.policy)
+        return cls(entry.cls(**choice.params), choice.budget, entry.distribution)
 
     def tokens(self, prompt_length: int) -> int | None:
         """The budget in tokens for a prompt of ``prompt_length`` (None: no limit)."""

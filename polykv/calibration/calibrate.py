@@ -39,7 +39,7 @@ def calibrate(
     """
     from polykv.model import describe_model
 
-    registry = registry or default_registry()
+    registry = default_registry() if registry is None else registry
     chosen: dict[str, dict[str, Value]] = {name: dict(registry.policies.create(name).values) for name in policies}
     signals = [entry.cls() for entry in registry.signals]
     measured = measure(

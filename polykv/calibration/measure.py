@@ -72,7 +72,7 @@ def measure(
     progress: bool = True,
 ) -> Measurements:
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring."""
-    registry = registry or default_registry()
+    registry = default_registry() if registry is None else registry
     prepare_model(model)
     created = {name: registry.policies.create(name, dict(params)) for name, params in policies.items()}
     grid = tuple(sorted(set(grid)))

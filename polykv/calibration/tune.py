@@ -41,7 +41,7 @@ def tune(
     from polykv.plan import compile
     from polykv.profile import TunedRegime
 
-    registry = registry or default_registry()
+    registry = default_registry() if registry is None else registry
     budgets = [b for b in budgets if b < profile.prompt_length]  # a budget over the prompt compresses nothing
     if not budgets:
         return profile

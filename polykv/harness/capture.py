@@ -22,6 +22,7 @@ from polykv.cache.cache import PolyCache
 from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
 from polykv.cache.selection import Selection, choose
+from polykv.choice import Choice
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
 from polykv.registry import Registry, default_registry
 
@@ -111,15 +112,15 @@ class Capture:
 
         The capture must have recorded what the plan's policies need (``capture(..., needs=plan.needs())``).
         """
-        registry = registry or default_registry()
+        registry = default_registry() if registry is None else registry
         keep, decode = {}, {}
         for layer in plan.resolved(self.seen, registry).layers:
-            rule = layer.prefill.rule(registry)
+            rule = PhaseRule.of(layer.prefill, registry)
             budget = self.budget(layer.index, rule)
             if budget is not None:
                 keep[layer.index] = self.select(layer.index, rule.policy, budget).indices
             if layer.decode is not None:
-                decode[layer.index] = layer.decode.rule(registry)
+                decode[layer.index] = PhaseRule.of(layer.decode, registry)
         return self.cache(keep, decode)
 
     def cache(
@@ -167,10 +168,10 @@ def capture(
     """
     from polykv.model import attention_modules, describe_model
 
-    full = default_registry().policies.create("full")
+    whole = PhaseRule.of(Choice.whole(), default_registry())
     _info, placement = describe_model(model)
     layers = [
-        PolyLayer(index, PhaseRule(full, None), sliding_window=where.sliding_window, observe=needs)
+        PolyLayer(index, whole, sliding_window=where.sliding_window, observe=needs)
         for index, where in sorted(placement.items())
     ]
     cache = PolyCache(layers)

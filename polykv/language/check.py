@@ -9,7 +9,7 @@ solver work from.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -35,29 +35,10 @@ class PhaseChoice:
     candidates: tuple[str, ...] = ()
     use: ast.PolicyUse | None = attrs.field(default=None, eq=False, repr=False)
 
-    def to_dict(self) -> dict:
-        return {
-            "policy": self.policy,
-            "params": dict(self.params),
-            "budget": budget_to_dict(self.budget),
-            "candidates": list(self.candidates),
-        }
-
     def describe(self) -> str:
         """``snapkv@256(window=32, kernel=7, pooling="max")``: every parameter, defaults included."""
         budget = None if self.budget is None else format_budget(self.budget)
         return format_use(self.policy, budget, self.params, self.candidates)
-
-
-def budget_to_dict(budget: ast.Budget | None) -> dict | None:
-    """A budget as JSON: ``{"tokens": 64}``, ``{"percent": 10}``, ``{"auto": true}`` or None."""
-    if budget is None:
-        return None
-    if isinstance(budget, ast.Tokens):
-        return {"tokens": budget.count}
-    if isinstance(budget, ast.Percent):
-        return {"percent": budget.value}
-    return {"auto": True}
 
 
 @attrs.frozen
@@ -119,14 +100,18 @@ def check(
     layers_from: str = "the model",
     registry: Registry | None = None,
     complete: bool = True,
+    windows: Sequence[int | None] | None = None,
 ) -> CheckedSpec:
     """Check ``spec`` against the installed policies and, if given, a layer count.
 
     ``layers_from`` says where ``layers`` came from, for messages ("the model", "--layers").
+    ``windows`` are the layers' sliding windows (None for full attention), when the model is known:
+    a policy on a sliding-window layer must work with the tokens the window holds.
     ``complete=False`` says statements were lost to syntax errors, so layers nothing covers are
     not reported (the lost statement may have named them). Raises SpecError with every finding.
     """
-    checker = _Checker(spec, registry or default_registry(), layers, layers_from, complete)
+    registry = default_registry() if registry is None else registry
+    checker = _Checker(spec, registry, layers, layers_from, complete, windows)
     checked = checker.run()
     if checker.diagnostics:
         raise SpecError(_in_order(checker.diagnostics))
@@ -157,8 +142,17 @@ def _in_order(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
 
 
 class _Checker:
-    def __init__(self, spec: ast.Spec, registry: Registry, layers: int | None, layers_from: str, complete: bool):
+    def __init__(
+        self,
+        spec: ast.Spec,
+        registry: Registry,
+        layers: int | None,
+        layers_from: str,
+        complete: bool,
+        windows: Sequence[int | None] | None,
+    ):
         self.complete = complete
+        self.windows = windows
         self.spec = spec
         self.registry = registry
         self.given_layers = layers
@@ -193,6 +187,7 @@ class _Checker:
             layers = self._layers(count, rules)
             if layers is not None:
                 self._budget_sum(count, layers)
+                self._sliding_windows(layers)
         checked = CheckedSpec(self.spec, checked_rules, count, layers)
         return attrs.evolve(checked, solver=self._solver(checked))
 
@@ -584,6 +579,24 @@ class _Checker:
                 )
             return None
         return resolved[0], resolved[-1]
+
+    def _sliding_windows(self, layers: tuple[LayerEntry, ...]) -> None:
+        """A sliding-window layer never holds more than its window: a named policy must work with that."""
+        if not self.windows:
+            return
+        for entry, window in zip(layers, self.windows):
+            for choice in (entry.prefill, entry.decode):
+                if window is None or choice is None or choice.policy == ast.AUTO:
+                    continue
+                needed = self.registry.policies.create(choice.policy, dict(choice.params)).min_budget()
+                if window - 1 < needed:
+                    self.error(
+                        "budget-too-small",
+                        f"layer {entry.index} is a sliding-window layer that keeps at most {window - 1} tokens, "
+                        f"fewer than the {needed} {choice.policy} needs",
+                        choice.use.span if choice.use is not None else None,
+                        hint="lower the policy's window parameter for these layers, or give them another policy",
+                    )
 
     def _budget_sum(self, count: int, layers: tuple[LayerEntry, ...]) -> None:
         """Fixed budgets must fit in the total budget, where both are in the same unit."""

@@ -1,8 +1,8 @@
 """Compiling: a spec checked against a model, every layer's choice resolved, the model prepared.
 
-``compile`` is language -> resolution -> plan: the checker reads the spec against the model's layer
-count, resolution decides what the spec leaves open (from a profile), and the plan records every
-layer's choice with where the layer lives.
+``compile`` is language -> resolution -> plan: the checker reads the spec against the model (its
+layers and their sliding windows), resolution decides what the spec leaves open (from a profile),
+and the plan records every layer's choice with where the layer lives.
 """
 
 from __future__ import annotations
@@ -10,60 +10,83 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import attrs
 import torch
 
+from polykv.budget import Budget, Share, Tokens
+from polykv.choice import Choice
 from polykv.language import ast
 from polykv.language.check import PhaseChoice, check
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.parse import load, parse
 from polykv.language.printer import print_spec
-from polykv.model import LayerPlacement, describe_model
-from polykv.plan.plan import LayerPlan, PhasePlan, Plan
+from polykv.model import describe_model
+from polykv.plan.plan import LayerPlan, Plan
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
-from polykv.resolution.resolve import fixed_budget, resolver
+from polykv.resolution.resolve import Decision, fixed_budget, resolver
+
+#: The prompt length a plan without a profile shows its decisions for.
+DEFAULT_CONTEXT = 1024
 
 
 def compile(
     spec: ast.Spec | str | os.PathLike,
     model: torch.nn.Module,
     *,
-    budget: int | str | None = None,
+    budget: int | Budget | str | None = None,
     profile: Profile | str | os.PathLike | None = None,
     context_length: int | None = None,
     registry: Registry | None = None,
 ) -> Plan:
     """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
-    ``spec`` is a Spec, spec text (``"layers 0-1: full; *: snapkv@256"``) or the path of a spec
-    file. ``budget`` is the total budget for a spec without a ``budget`` line: tokens per layer on
-    average (512), or the text after ``budget`` (``"total 16384"``, ``"10%"``). ``auto`` policies
-    and ``@auto`` budgets are decided from ``profile`` (a Profile or the path of one; by default
-    the profile shipped for the bundled model, when ``model`` is that model); the plan's layers
-    show the decisions for ``context_length`` tokens (default: the profile's prompt length), and
-    each cache decides again for its own prompt. The model is prepared as ``plan.apply(model)``
-    does. Raises SpecError with every problem found.
+    ``spec`` is a Spec, spec text (``"layers 0-1: full; *: snapkv@256"``) or a ``pathlib.Path`` of a
+    spec file. ``budget`` is the total budget for a spec without a ``budget`` line: tokens per layer
+    on average (``512`` or ``Tokens(512)``), a share of the prompt per layer (``Share(10)``), or the
+    words after ``budget`` in the language (``"total 16384"``, ``"10%"``). ``auto`` policies and
+    ``@auto`` budgets are decided from ``profile`` (a Profile or the path of one; by default the
+    profile shipped for the bundled model, when ``model`` is that model); the plan's layers show
+    the decisions for ``context_length`` tokens (default: the profile's prompt length), and each
+    cache decides again for its own prompt. The model is prepared as ``plan.apply(model)`` does.
+    Raises SpecError with every problem found.
     """
-    registry = registry or default_registry()
+    registry = default_registry() if registry is None else registry
     spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
     info, placement = describe_model(model)
-    checked = check(spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry)
-    layers = [_layer_plan(entry.index, entry.prefill, entry.decode, placement[entry.index]) for entry in checked.layers]
-    plan = Plan(print_spec(spec), info, layers)
-    if checked.has_auto:
+    windows = [placement[index].sliding_window for index in range(info.layers)]
+    checked = check(
+        spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry, windows=windows
+    )
+    if checked.has_auto:  # resolution decides what is open, shown for one prompt length
         found = _profile_for(model, profile)
-        length = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
-        plan = attrs.evolve(plan, resolver=resolver(checked, found, registry)).resolved(length, registry)
-    _check_windows(plan.layers, checked, registry)
+        context = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
+        deciding = resolver(checked, found, registry, windows=windows)
+        decisions = deciding.decide(context, registry)
+    else:
+        deciding, context = None, None
+        decisions = [Decision(_choice(entry.prefill)) for entry in checked.layers]
+    layers = [
+        LayerPlan(
+            entry.index,
+            decision.choice,
+            _choice(entry.decode) if entry.decode is not None else None,
+            placement[entry.index].device,
+            placement[entry.index].dtype,
+            placement[entry.index].sliding_window,
+            decision.measurements,
+        )
+        for entry, decision in zip(checked.layers, decisions)
+    ]
+    plan = Plan(print_spec(spec), info, layers, deciding, context)
     plan.apply(model)
     return plan
 
 
-#: The prompt length a plan without a profile shows its decisions for.
-DEFAULT_CONTEXT = 1024
+def _choice(choice: PhaseChoice) -> Choice:
+    """A checked policy use that leaves nothing open, as the plan records it."""
+    return Choice(choice.policy, dict(choice.params), fixed_budget(choice.budget))
 
 
 def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | None) -> Profile | None:
@@ -81,60 +104,28 @@ def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | 
     return found
 
 
-def _layer_plan(index: int, prefill: PhaseChoice, decode: PhaseChoice | None, placement: LayerPlacement) -> LayerPlan:
-    """A layer as the spec says; open choices (auto) stay as written until resolution decides them."""
-    return LayerPlan(
-        index,
-        _phase_plan(prefill),
-        _phase_plan(decode) if decode is not None else None,
-        placement.device,
-        placement.dtype,
-        placement.sliding_window,
-    )
-
-
-def _phase_plan(choice: PhaseChoice) -> PhasePlan:
-    budget = fixed_budget(choice.budget)
-    policy = "full" if choice.policy == ast.AUTO else choice.policy  # decided by resolution
-    return PhasePlan(policy, dict(choice.params) if choice.policy != ast.AUTO else {}, budget)
-
-
-def _check_windows(layers: list[LayerPlan], checked, registry: Registry) -> None:
-    """A sliding-window layer never holds more than its window: the policy must work with that."""
-    problems = []
-    for layer, entry in zip(layers, checked.layers):
-        if layer.sliding_window is None:
-            continue
-        for phase, choice in ((layer.prefill, entry.prefill), (layer.decode, entry.decode)):
-            if phase is None:
-                continue
-            needed = registry.policies.create(phase.policy, dict(phase.params)).min_budget()
-            if layer.sliding_window - 1 < needed:
-                use = choice.use
-                problems.append(
-                    Diagnostic(
-                        "budget-too-small",
-                        f"layer {layer.index} is a sliding-window layer that keeps at most {layer.sliding_window - 1} "
-                        f"tokens, fewer than the {needed} {phase.policy} needs",
-                        use.span if use is not None else None,
-                        hint="lower the policy's window parameter for these layers, or give them another policy",
-                    )
-                )
-    if problems:
-        raise SpecError(problems)
-
-
 def as_spec(spec: ast.Spec | str | os.PathLike, source: str = "<string>") -> ast.Spec:
-    """A Spec from a Spec, a ``.pkv`` path, or spec text (named ``source`` in messages)."""
+    """A Spec from a Spec, a path (``pathlib.Path``: a spec file, any suffix), or spec text named ``source``."""
     if isinstance(spec, ast.Spec):
         return spec
-    if isinstance(spec, os.PathLike) or spec.endswith(".pkv"):
+    if isinstance(spec, os.PathLike):
         return load(Path(spec))
-    return parse(spec, source=source)
+    if not isinstance(spec, str):
+        raise TypeError(f"a spec is spec text (str), a pathlib.Path of a spec file or a polykv.Spec, not {spec!r}")
+    try:
+        return parse(spec, source=source)
+    except SpecError as error:
+        if "\n" not in spec and len(spec) < 4096 and Path(spec).is_file():
+            hint = Diagnostic(
+                "text-names-a-file",
+                f"this spec text is the name of a file: pass pathlib.Path({spec!r}) to read the file",
+            )
+            raise SpecError([hint, *error.diagnostics]) from None
+        raise
 
 
-def with_total_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:
-    """``spec`` with a total budget from code: tokens per layer (512) or budget text ("total 16384", "10%")."""
+def with_total_budget(spec: ast.Spec, budget: int | Budget | str) -> ast.Spec:
+    """``spec`` with a total budget from code (see ``compile``), as if it had a ``budget`` line."""
     if spec.budget is not None:
         raise SpecError(
             [
@@ -146,11 +137,24 @@ def with_total_budget(spec: ast.Spec, budget: int | str) -> ast.Spec:
                 )
             ]
         )
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise TypeError(f"budget= takes tokens per layer (an int) or budget text such as '10%', not {budget!r}")
-    declaration = parse(f"budget {budget}", source="budget=").statements
-    if len(declaration) != 1 or not isinstance(declaration[0], ast.BudgetDecl):
+    return spec.with_budget(_declaration(budget))
+
+
+def _declaration(budget: int | Budget | str) -> ast.BudgetDecl:
+    if isinstance(budget, Tokens):
+        return ast.BudgetDecl(ast.Tokens(budget.count))
+    if isinstance(budget, Share):
+        return ast.BudgetDecl(ast.Percent(budget.percent))
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return ast.BudgetDecl(ast.Tokens(budget))
+    if isinstance(budget, str):
+        statements = parse(f"budget {budget}", source="budget=").statements
+        if len(statements) == 1 and isinstance(statements[0], ast.BudgetDecl):
+            return statements[0]
         raise SpecError(
             [Diagnostic("bad-budget", f"budget={budget!r} is not one budget", hint="for example 512 or '10%'")]
         )
-    return spec.with_budget(declaration[0])
+    raise TypeError(
+        f"budget= takes tokens per layer (an int or polykv.Tokens), a share of the prompt (polykv.Share) "
+        f"or budget words such as 'total 16384', not {budget!r}"
+    )

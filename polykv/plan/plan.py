@@ -9,57 +9,33 @@ context manager, gives the model back its own attention afterwards).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 import attrs
 import torch
 
-from polykv.budget import Budget, budget_from_dict, budget_to_dict
+from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
 from polykv.cache.attention import prepare_model, restore_model
+from polykv.choice import Choice
 from polykv.errors import ModelError
 from polykv.language.printer import layer_runs
 from polykv.model import ModelInfo, describe_model
 from polykv.policy import Needs
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Resolver
-from polykv.values import Value, format_use
 
-FORMAT_VERSION = 2
-
-
-@attrs.frozen
-class PhasePlan:
-    """A layer's policy for one phase, resolved: its name, every parameter, and its budget (None: all)."""
-
-    policy: str
-    params: Mapping[str, Value] = attrs.field(factory=dict)
-    budget: Budget | None = None
-
-    def describe(self) -> str:
-        """``snapkv@256(window=32, kernel=7, pooling="max")``: what the layer does, as the language writes it."""
-        return format_use(self.policy, None if self.budget is None else str(self.budget), self.params)
-
-    def rule(self, registry: Registry) -> PhaseRule:
-        entry = registry.policies.get(self.policy)
-        return PhaseRule(entry.cls(**self.params), self.budget, entry.distribution)
-
-    def to_dict(self) -> dict:
-        return {"policy": self.policy, "params": dict(self.params), "budget": budget_to_dict(self.budget)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> PhasePlan:
-        return cls(data["policy"], dict(data["params"]), budget_from_dict(data["budget"]))
+#: The plan JSON this polykv writes and reads (3: decided choices and requests with ``auto`` budgets).
+FORMAT_VERSION = 3
 
 
 @attrs.frozen
 class LayerPlan:
-    """What one layer does, where it lives, what it can see, and the measurements that decided it."""
+    """What one layer does in each phase, where it lives, what it can see, and the measurements that decided it."""
 
     index: int
-    prefill: PhasePlan
-    decode: PhasePlan | None
+    prefill: Choice
+    decode: Choice | None
     device: str
     dtype: str
     sliding_window: int | None = None
@@ -67,29 +43,6 @@ class LayerPlan:
 
     def describe(self) -> str:
         return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
-
-    def to_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "prefill": self.prefill.to_dict(),
-            "decode": self.decode.to_dict() if self.decode else None,
-            "device": self.device,
-            "dtype": self.dtype,
-            "sliding_window": self.sliding_window,
-            "measurements": dict(self.measurements),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> LayerPlan:
-        return cls(
-            data["index"],
-            PhasePlan.from_dict(data["prefill"]),
-            PhasePlan.from_dict(data["decode"]) if data.get("decode") else None,
-            data["device"],
-            data["dtype"],
-            data.get("sliding_window"),
-            dict(data.get("measurements", {})),
-        )
 
 
 @attrs.frozen
@@ -112,12 +65,12 @@ class Plan:
         A plan that solves per prompt length solves when the first forward starts; give
         ``prompt_length`` when the prompt comes in chunks, so that it solves for the whole prompt.
         """
-        registry = registry or default_registry()
+        registry = default_registry() if registry is None else registry
         layers = [
             PolyLayer(
                 layer.index,
-                layer.prefill.rule(registry),
-                layer.decode.rule(registry) if layer.decode else None,
+                PhaseRule.of(layer.prefill, registry),
+                PhaseRule.of(layer.decode, registry) if layer.decode else None,
                 sliding_window=layer.sliding_window,
             )
             for layer in self.layers
@@ -133,11 +86,9 @@ class Plan:
         """This plan with every layer decided for a prompt of ``prompt_length`` tokens."""
         if self.resolver is None:
             return self
-        decisions = self.resolver.decide(prompt_length, registry or default_registry())
+        decisions = self.resolver.decide(prompt_length, default_registry() if registry is None else registry)
         layers = [
-            attrs.evolve(
-                layer, prefill=PhasePlan(d.policy, dict(d.params), d.budget), measurements=dict(d.measurements)
-            )
+            attrs.evolve(layer, prefill=d.choice, measurements=dict(d.measurements))
             for layer, d in zip(self.layers, decisions)
         ]
         return attrs.evolve(self, layers=layers, context_length=prompt_length)
@@ -146,13 +97,13 @@ class Plan:
         """Every layer's rules for a prompt of ``prompt_length`` tokens."""
         resolved = self.resolved(prompt_length, registry)
         return [
-            (layer.prefill.rule(registry), layer.decode.rule(registry) if layer.decode else None)
+            (PhaseRule.of(layer.prefill, registry), PhaseRule.of(layer.decode, registry) if layer.decode else None)
             for layer in resolved.layers
         ]
 
     def needs(self, registry: Registry | None = None) -> Needs:
         """What a capture must record for this plan's prefill policies (any routing may choose)."""
-        registry = registry or default_registry()
+        registry = default_registry() if registry is None else registry
         names = {(layer.prefill.policy, tuple(layer.prefill.params.items())) for layer in self.layers}
         if self.resolver is not None:
             for request in self.resolver.requests:
@@ -189,33 +140,17 @@ class Plan:
         return layer_runs([layer.describe() for layer in self.layers])
 
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT_VERSION,
-            "spec": self.spec,
-            "model": attrs.asdict(self.model),
-            "context_length": self.context_length,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "resolver": self.resolver.to_dict() if self.resolver else None,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Plan:
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"plan format {data.get('format')!r} is not {FORMAT_VERSION}, the one this polykv reads")
-        return cls(
-            data["spec"],
-            ModelInfo(**data["model"]),
-            [LayerPlan.from_dict(d) for d in data["layers"]],
-            Resolver.from_dict(data["resolver"]) if data.get("resolver") else None,
-            data.get("context_length"),
-        )
+        """The plan as a JSON-ready dict (what ``to_json`` writes)."""
+        return serialization.document(self, format=FORMAT_VERSION)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """The plan as JSON (``Plan.from_json`` reads it back)."""
+        return serialization.dumps(self, format=FORMAT_VERSION)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
+        """A plan from ``to_json``'s text; FormatError names the field that is wrong."""
+        return serialization.loads(text, cls, format=FORMAT_VERSION, what="plan", source=source)
 
 
 class Applied:

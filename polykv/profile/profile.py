@@ -11,20 +11,23 @@ there out of the box; ``polykv calibrate`` makes one for any model.
 from __future__ import annotations
 
 import importlib.resources
-import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
 
+from polykv import serialization
 from polykv.errors import PolykvError
 from polykv.model import ModelInfo, describe_model
+from polykv.serialization import Loss
 from polykv.values import Value
 
 FORMAT = 1
+#: Losses per [layer][policy][budget] (math.inf where a policy cannot take a budget).
+LossTable = list[list[list[Loss]]]
 #: The profile that ships for the bundled default model (see ``polykv calibrate --help`` for its command).
 DEFAULT_PROFILE = "smollm2-135m-instruct.json"
 #: Embedding rows whose norms identify a model's weights, and the relative tolerance across dtypes.
@@ -44,18 +47,6 @@ class TunedRegime:
     floor: int
     measured: Mapping[str, float] = attrs.field(factory=dict)  # the composed losses it was chosen on
 
-    def to_dict(self) -> dict:
-        return {
-            "budget": self.budget,
-            "weights": dict(self.weights),
-            "floor": self.floor,
-            "measured": dict(self.measured),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> TunedRegime:
-        return cls(int(data["budget"]), dict(data["weights"]), int(data["floor"]), dict(data.get("measured", {})))
-
 
 @attrs.frozen
 class Profile:
@@ -63,12 +54,12 @@ class Profile:
 
     model: ModelInfo
     fingerprint: tuple[float, ...]
-    settings: Mapping[str, object]
+    settings: Mapping[str, Any]
     grid: tuple[int, ...] = attrs.field(converter=tuple)
     policies: Mapping[str, Mapping[str, Value]]
-    losses: Mapping[str, list]
-    signals: Mapping[str, Mapping[str, list]] = attrs.field(factory=dict)
-    curves: Mapping[str, Mapping[str, list]] = attrs.field(factory=dict)
+    losses: Mapping[str, LossTable]
+    signals: Mapping[str, Mapping[str, list[float]]] = attrs.field(factory=dict)
+    curves: Mapping[str, Mapping[str, LossTable]] = attrs.field(factory=dict)
     weights: Mapping[str, float] = attrs.field(factory=dict)
     regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
 
@@ -125,61 +116,30 @@ class Profile:
     # --- files ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
-            "model": attrs.asdict(self.model),
-            "fingerprint": list(self.fingerprint),
-            "settings": dict(self.settings),
-            "grid": list(self.grid),
-            "policies": {name: dict(params) for name, params in self.policies.items()},
-            "weights": dict(self.weights),
-            "regimes": [regime.to_dict() for regime in self.regimes],
-            "losses": {task: _finite_json(table) for task, table in self.losses.items()},
-            "signals": {name: dict(per_task) for name, per_task in self.signals.items()},
-            "curves": {
-                name: {t: _finite_json(v) for t, v in per_task.items()} for name, per_task in self.curves.items()
-            },
-        }
+        """The profile as a JSON-ready dict (what ``to_json`` writes)."""
+        return serialization.document(self, format=FORMAT)
+
+    def to_json(self) -> str:
+        return serialization.dumps(self, format=FORMAT)
 
     @classmethod
-    def from_dict(cls, data: Mapping, source: str = "<profile>") -> Profile:
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ProfileError(f"{source}: not a polykv profile of format {FORMAT} (found {found!r})")
+    def from_json(cls, text: str | bytes, source: str = "<profile>") -> Profile:
+        """A profile from its JSON text; ProfileError names the source and the field that is wrong."""
         try:
-            return cls(
-                model=ModelInfo(**data["model"]),
-                fingerprint=tuple(data["fingerprint"]),
-                settings=dict(data["settings"]),
-                grid=tuple(int(b) for b in data["grid"]),
-                policies={name: dict(params) for name, params in data["policies"].items()},
-                losses={task: _infinite(table) for task, table in data["losses"].items()},
-                signals={name: dict(per_task) for name, per_task in data.get("signals", {}).items()},
-                curves={
-                    n: {t: _infinite(v) for t, v in per_task.items()} for n, per_task in data.get("curves", {}).items()
-                },
-                weights=dict(data.get("weights", {})),
-                regimes=[TunedRegime.from_dict(regime) for regime in data.get("regimes", [])],
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ProfileError(f"{source}: malformed profile ({type(error).__name__}: {error})") from None
+            return serialization.loads(text, cls, format=FORMAT, what="profile", source=source)
+        except serialization.FormatError as error:
+            raise ProfileError(str(error)) from None
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ProfileError(
-                f"{path}: cannot read the profile: {getattr(error, 'strerror', None) or error}"
-            ) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ProfileError(f"{path}:{error.lineno}:{error.colno}: not JSON: {error.msg}") from None
-        return cls.from_dict(data, source=str(path))
+            text = Path(path).read_bytes()
+        except OSError as error:
+            raise ProfileError(f"{path}: cannot read the profile: {error.strerror or error}") from None
+        return cls.from_json(text, source=str(path))
 
 
 def default_profile() -> Profile:
@@ -189,7 +149,7 @@ def default_profile() -> Profile:
         text = resource.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProfileError(f"this polykv ships no {DEFAULT_PROFILE}: calibrate with `polykv calibrate`") from None
-    return Profile.from_dict(json.loads(text), source=DEFAULT_PROFILE)
+    return Profile.from_json(text, source=DEFAULT_PROFILE)
 
 
 def as_profile(profile: Profile | str | os.PathLike | None) -> Profile:
@@ -210,16 +170,3 @@ def fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
 
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_TOLERANCE * max(abs(y), 1e-6) for x, y in zip(a, b))
-
-
-def _finite_json(table):
-    """JSON has no infinity: a budget a policy cannot take is written as null."""
-    if isinstance(table, list):
-        return [_finite_json(item) for item in table]
-    return None if math.isinf(table) else table
-
-
-def _infinite(table):
-    if isinstance(table, list):
-        return [_infinite(item) for item in table]
-    return math.inf if table is None else float(table)

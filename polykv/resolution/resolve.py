@@ -26,17 +26,20 @@ import bisect
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import attrs
 
-from polykv.budget import Budget, Share, Tokens, budget_from_dict, budget_to_dict
+from polykv.budget import Budget, Share, Tokens
+from polykv.choice import Choice
 from polykv.language import ast
 from polykv.language.check import CheckedSpec, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.profile import Profile
 from polykv.registry import Registry
+from polykv.serialization import Loss, converter
 from polykv.solver import BudgetProblem, LayerOptions, Solution, monotone
-from polykv.values import Value
+from polykv.values import AUTO, Value
 
 #: Budgets the solver chooses among are multiples of this many tokens.
 STEP = 16
@@ -44,51 +47,49 @@ STEP = 16
 DEFAULT_SOLVER = "polykv"
 
 
-@attrs.frozen
-class LayerRequest:
-    """What the spec asks of one layer's prefill: a fixed choice, or what is left to decide.
+#: What a request's budget may be: tokens or a share of the prompt, ``auto`` (the solver decides), or
+#: None (keep everything).
+RequestBudget = Budget | Literal["auto"] | None
 
-    ``candidates`` are the policies routing may choose (one for a named policy with an @auto
-    budget). ``budget`` is the fixed budget (None with ``open_budget``, or for ``full``).
+
+@attrs.frozen
+class Request:
+    """What the spec asks of one layer's prefill, as resolution reads it.
+
+    ``policy`` is a policy name or ``auto``; ``candidates`` are the policies routing may choose (for
+    a named policy with an @auto budget: that one). ``budget`` is fixed, ``auto``, or None.
     """
 
     policy: str
-    params: Mapping[str, Value]
-    budget: Budget | None
+    params: Mapping[str, Value] = attrs.field(factory=dict)
+    budget: RequestBudget = None
     candidates: tuple[str, ...] = ()
-    open_budget: bool = False
+
+    @property
+    def open_budget(self) -> bool:
+        return self.budget == AUTO
 
     @property
     def decided(self) -> bool:
-        return self.policy != ast.AUTO and not self.open_budget
+        return self.policy != AUTO and not self.open_budget
 
-    def to_dict(self) -> dict:
-        return {
-            "policy": self.policy,
-            "params": dict(self.params),
-            "budget": budget_to_dict(self.budget),
-            "candidates": list(self.candidates),
-            "open_budget": self.open_budget,
-        }
+    def choice(self) -> Choice:
+        """The choice of a decided request."""
+        return Choice(self.policy, self.params, self.budget)
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> LayerRequest:
-        return cls(
-            data["policy"],
-            dict(data["params"]),
-            budget_from_dict(data["budget"]),
-            tuple(data["candidates"]),
-            data["open_budget"],
-        )
+
+def _structure_request_budget(data: object, _type: object) -> RequestBudget:
+    return data if data is None or data == AUTO else converter.structure(data, Budget)
+
+
+converter.register_structure_hook(RequestBudget, _structure_request_budget)
 
 
 @attrs.frozen
 class Decision:
-    """One layer resolved: its policy, parameters, budget (None: whole) and what decided it."""
+    """One layer resolved: its choice, and the measurements that decided it (for `polykv plan`)."""
 
-    policy: str
-    params: Mapping[str, Value]
-    budget: Budget | None
+    choice: Choice
     measurements: Mapping[str, float] = attrs.field(factory=dict)
 
 
@@ -96,38 +97,25 @@ class Decision:
 class Regime:
     """How to solve around one level of compression: per-layer loss tables and the smallest budget.
 
-    Calibration tunes these on held-out prompts (``polykv.calibration.calibrate``): which task weights and
+    Calibration tunes these on held-out prompts (``polykv.calibration.tune``): which task weights and
     which floor give the least measured loss when many layers are compressed together, for each
     of a few average budgets; ``ratio`` is that average over the prompt length.
     """
 
     ratio: float
     floor: int
-    tables: tuple[Mapping[str, tuple[float, ...]], ...] = attrs.field(converter=tuple)
-
-    def to_dict(self) -> dict:
-        return {
-            "ratio": self.ratio,
-            "floor": self.floor,
-            "tables": [
-                {p: [None if math.isinf(x) else x for x in t] for p, t in table.items()} for table in self.tables
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Regime:
-        tables = [
-            {p: tuple(math.inf if x is None else x for x in t) for p, t in table.items()} for table in data["tables"]
-        ]
-        return cls(float(data["ratio"]), int(data["floor"]), tables)
+    tables: tuple[Mapping[str, tuple[Loss, ...]], ...] = attrs.field(converter=tuple)
 
 
 @attrs.frozen
 class Resolver:
-    """Everything needed to resolve a spec for any prompt length; plans carry it and it round-trips JSON."""
+    """Everything needed to resolve a spec for any prompt length; plans carry it and it round-trips JSON.
 
-    requests: tuple[LayerRequest, ...] = attrs.field(converter=tuple)
-    total: Mapping[str, float] | None  # {"tokens": N} over all layers, or {"percent": p} of the prompt per layer
+    ``total`` is the spec's total budget: tokens over all layers, or a share of the prompt per layer.
+    """
+
+    requests: tuple[Request, ...] = attrs.field(converter=tuple)
+    total: Budget | None
     solver: str
     solver_params: Mapping[str, Value]
     grid: tuple[int, ...] = attrs.field(converter=tuple)
@@ -150,7 +138,7 @@ class Resolver:
     def average_budget(self, prompt_length: int) -> float | None:
         """Tokens per layer the spec allows on average for ``prompt_length`` tokens (None: not a budget spec)."""
         if self.total is None:
-            fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget is not None]
+            fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget not in (None, AUTO)]
             return sum(fixed) / len(fixed) if fixed else None
         return self.total_tokens(prompt_length) / len(self.requests)
 
@@ -158,49 +146,21 @@ class Resolver:
         """The total budget over all layers for ``prompt_length`` tokens (a share counts per layer)."""
         if self.total is None:
             raise ValueError("an @auto budget needs a total budget")
-        if "percent" in self.total:
-            return len(self.requests) * Share(self.total["percent"]).tokens(prompt_length)
-        return int(self.total["tokens"])
-
-    def to_dict(self) -> dict:
-        return {
-            "requests": [r.to_dict() for r in self.requests],
-            "total": dict(self.total) if self.total else None,
-            "solver": self.solver,
-            "solver_params": dict(self.solver_params),
-            "grid": list(self.grid),
-            "regimes": [regime.to_dict() for regime in self.regimes],
-            "policy_params": {p: dict(v) for p, v in self.policy_params.items()},
-            "signals": {name: list(values) for name, values in self.signals.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Resolver:
-        return cls(
-            [LayerRequest.from_dict(r) for r in data["requests"]],
-            data["total"],
-            data["solver"],
-            dict(data["solver_params"]),
-            data["grid"],
-            [Regime.from_dict(regime) for regime in data["regimes"]],
-            {p: dict(v) for p, v in data["policy_params"].items()},
-            {name: tuple(values) for name, values in data["signals"].items()},
-        )
+        if isinstance(self.total, Share):
+            return len(self.requests) * self.total.tokens(prompt_length)
+        return self.total.count
 
 
-def requests(checked: CheckedSpec) -> list[LayerRequest]:
+def requests(checked: CheckedSpec) -> list[Request]:
     """The per-layer requests of a checked spec (prefill phase)."""
     return [_request(entry.prefill) for entry in checked.layers]
 
 
-def _request(choice: PhaseChoice) -> LayerRequest:
-    open_budget = isinstance(choice.budget, ast.AutoBudget)
-    budget = fixed_budget(choice.budget)
+def _request(choice: PhaseChoice) -> Request:
+    budget = AUTO if isinstance(choice.budget, ast.AutoBudget) else fixed_budget(choice.budget)
     if choice.policy == ast.AUTO:
-        return LayerRequest(ast.AUTO, {}, budget, choice.candidates or (), open_budget)
-    return LayerRequest(
-        choice.policy, dict(choice.params), budget, (choice.policy,) if open_budget else (), open_budget
-    )
+        return Request(ast.AUTO, {}, budget, choice.candidates or ())
+    return Request(choice.policy, dict(choice.params), budget, (choice.policy,) if budget == AUTO else ())
 
 
 def fixed_budget(budget: ast.Budget | None) -> Budget | None:
@@ -212,8 +172,18 @@ def fixed_budget(budget: ast.Budget | None) -> Budget | None:
     return Share(budget.value)
 
 
-def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) -> Resolver:
-    """A Resolver for ``checked`` (which leaves something open), reading losses and signals from ``profile``."""
+def resolver(
+    checked: CheckedSpec,
+    profile: Profile | None,
+    registry: Registry,
+    *,
+    windows: Sequence[int | None] | None = None,
+) -> Resolver:
+    """A Resolver for ``checked`` (which leaves something open), reading losses and signals from ``profile``.
+
+    ``windows`` are the layers' sliding windows: routing never picks a policy that needs more tokens
+    than a sliding-window layer can hold.
+    """
     found = requests(checked)
     solver = checked.solver.name if checked.solver else DEFAULT_SOLVER
     solver_params = dict(checked.solver.params) if checked.solver else {}
@@ -249,6 +219,8 @@ def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) 
         wanted = request.candidates if request.policy != ast.AUTO else (request.candidates or everything)
         if request.decided:
             continue
+        if request.policy == ast.AUTO and windows and windows[index] is not None:
+            wanted = _fitting(wanted, windows[index] - 1, policy_params, registry)
         measured = [name for name in wanted if name in regimes[0].tables[index]]
         if not measured and (needs_tables or request.policy == ast.AUTO):
             problems.append(_unmeasured(checked, index, wanted, profile))
@@ -261,10 +233,17 @@ def resolver(checked: CheckedSpec, profile: Profile | None, registry: Registry) 
     total = None
     if decl is not None:
         if isinstance(decl.amount, ast.Percent):
-            total = {"percent": float(decl.amount.value)}
+            total = Share(decl.amount.value)
         else:
-            total = {"tokens": decl.amount.count * (1 if decl.total else len(found))}
+            total = Tokens(decl.amount.count * (1 if decl.total else len(found)))
     return Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
+
+
+def _fitting(names: Sequence[str], room: int, policy_params: Mapping, registry: Registry) -> tuple[str, ...]:
+    """The policies among ``names`` that can work within ``room`` tokens (a sliding-window layer's)."""
+    return tuple(
+        name for name in names if registry.policies.create(name, dict(policy_params.get(name, {}))).min_budget() <= room
+    )
 
 
 def _tables(profile: Profile, weights: Mapping[str, float], grid: Sequence[int], layers: int) -> list[dict]:
@@ -311,13 +290,13 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
     for index, request in enumerate(resolver.requests):
         table = regime.tables[index]
         if request.decided:
-            decisions[index] = Decision(request.policy, request.params, request.budget)
+            decisions[index] = Decision(request.choice())
             options.append(LayerOptions(fixed=(request.policy, _tokens(request.budget, prompt_length))))
         elif not request.open_budget:  # auto@N: route at a fixed budget
             tokens = _tokens(request.budget, prompt_length)
             decision = _route(resolver, request, table, tokens, prompt_length)
             decisions[index] = decision
-            options.append(LayerOptions(fixed=(decision.policy, tokens)))
+            options.append(LayerOptions(fixed=(decision.choice.policy, tokens)))
         else:
             open_layers.append(index)
             options.append(_layer_options(resolver, request, table, regime.floor, registry))
@@ -327,11 +306,11 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
             choice = solution.layers[index]
             request = resolver.requests[index]
             if choice.whole:
-                decisions[index] = Decision("full", {}, None, {"loss": 0.0})
+                decisions[index] = Decision(Choice.whole(), {"loss": 0.0})
                 continue
             params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(choice.policy, {})
             decisions[index] = Decision(
-                choice.policy, params, Tokens(choice.tokens), _measured(resolver, regime, index, choice)
+                Choice(choice.policy, params, Tokens(choice.tokens)), _measured(resolver, regime, index, choice)
             )
     return tuple(decisions)
 
@@ -340,18 +319,18 @@ def _tokens(budget: Budget | None, prompt_length: int) -> int | None:
     return None if budget is None else budget.tokens(prompt_length)
 
 
-def _route(resolver: Resolver, request: LayerRequest, table, tokens: int | None, prompt_length: int) -> Decision:
+def _route(resolver: Resolver, request: Request, table, tokens: int | None, prompt_length: int) -> Decision:
     """The candidate policy with the least loss at ``tokens`` (the first candidate on ties)."""
     if tokens is None or tokens >= prompt_length:
         name = request.candidates[0]
-        return Decision(name, resolver.policy_params.get(name, {}), request.budget, {"loss": 0.0})
+        return Decision(Choice(name, resolver.policy_params.get(name, {}), request.budget), {"loss": 0.0})
     options = LayerOptions({name: table[name] for name in request.candidates})
     losses = {name: options.loss_at(name, tokens, resolver.grid) for name in request.candidates}
     name = min(request.candidates, key=lambda n: (losses[n], request.candidates.index(n)))
-    return Decision(name, resolver.policy_params.get(name, {}), request.budget, {"loss": losses[name]})
+    return Decision(Choice(name, resolver.policy_params.get(name, {}), request.budget), {"loss": losses[name]})
 
 
-def _layer_options(resolver: Resolver, request: LayerRequest, table, floor: int, registry: Registry) -> LayerOptions:
+def _layer_options(resolver: Resolver, request: Request, table, floor: int, registry: Registry) -> LayerOptions:
     losses = {}
     for name in request.candidates:
         params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(name, {})
@@ -387,7 +366,7 @@ def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[st
     return found
 
 
-def _parameter_mismatches(checked: CheckedSpec, found: list[LayerRequest], profile: Profile) -> list[Diagnostic]:
+def _parameter_mismatches(checked: CheckedSpec, found: list[Request], profile: Profile) -> list[Diagnostic]:
     """A named policy solved from the profile must have the parameters the profile measured it with."""
     problems = []
     for entry, request in zip(checked.layers, found):

@@ -94,10 +94,8 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
     if error is not None:
         return {"file": name, "ok": False, "errors": [d.to_dict() for d in error.diagnostics]}
     result: dict = {"file": name, "ok": True, "layer_count": checked.layer_count}
-    from polykv.language.check import budget_to_dict
-
     decl = checked.budget
-    result["budget"] = None if decl is None else {"total": decl.total, **budget_to_dict(decl.amount)}
+    result["budget"] = None if decl is None else {"total": decl.total, **_budget_json(decl.amount)}
     result["solver"] = (
         None if checked.solver is None else {"name": checked.solver.name, "params": dict(checked.solver.params)}
     )
@@ -119,7 +117,26 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
 
 
 def _choice_json(choice: PhaseChoice | None) -> dict | None:
-    return None if choice is None else {**choice.to_dict(), "text": choice.describe()}
+    if choice is None:
+        return None
+    return {
+        "policy": choice.policy,
+        "params": dict(choice.params),
+        "budget": _budget_json(choice.budget),
+        "candidates": list(choice.candidates),
+        "text": choice.describe(),
+    }
+
+
+def _budget_json(budget: ast.Budget | None) -> dict | None:
+    """A written budget as --json prints it: ``{"tokens": 64}``, ``{"percent": 10}``, ``{"auto": true}``."""
+    if budget is None:
+        return None
+    if isinstance(budget, ast.Tokens):
+        return {"tokens": budget.count}
+    if isinstance(budget, ast.Percent):
+        return {"percent": budget.value}
+    return {"auto": True}
 
 
 def fmt(args: argparse.Namespace) -> int:

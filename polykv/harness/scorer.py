@@ -1,0 +1,238 @@
+"""The capture-and-score harness: a batch of samples prefilled once, then scored under any compressed cache.
+
+Calibration, the solver's tuning and evaluation all ask one question many times: how far does a
+compressed cache move the model's predictions on these prompts? A policy compresses a layer after
+the prefill's attention has run, so one prefill with every layer whole (``capture``) serves every
+cache anyone wants to try: a plan's (``records``: what evaluation and tuning score) or one with a
+single layer compressed (``layer_loss``: an entry of calibration's table). Each is scored
+teacher-forced on the samples' target tokens against the full cache (``reference``), and, with a
+tokenizer, by a greedy answer.
+
+Samples of a batch are left-padded to one length; their targets are cut to the shortest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import attrs
+import torch
+
+from polykv.cache.positions import continuation_positions
+from polykv.harness.capture import Capture, capture
+from polykv.harness.divergence import kl_divergence, negative_log_likelihood
+from polykv.model import attention_modules
+from polykv.plan.plan import Plan
+from polykv.policy import Needs, Policy
+from polykv.tasks.tasks import Sample
+
+
+@attrs.frozen
+class Record:
+    """One sample scored with one method at one budget."""
+
+    task: str
+    format: str
+    seed: int
+    method: str
+    budget: int
+    kl: float
+    nll: float
+    accuracy: float | None
+    stored: float  # tokens stored per layer after prefill, on average over layers
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.format, self.seed, self.method, self.budget)
+
+
+class Scorer:
+    """One batch of samples, prefilled once with the full cache, scored under any cache built from the capture.
+
+    ``needs`` is what the policies to be tried need captured (``needs_of``). ``hidden`` also keeps
+    what signals read and lets ``layer_loss`` start its passes at the compressed layer. With a
+    ``tokenizer``, ``records`` include greedy answers (accuracy).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        samples: Sequence[Sample],
+        needs: Needs,
+        *,
+        pad_token_id: int = 0,
+        tokenizer=None,
+        hidden: bool = False,
+    ):
+        self.model, self.samples, self.tokenizer = model, list(samples), tokenizer
+        device = next(model.parameters()).device
+        width = max(sample.length for sample in samples)
+        ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sample in enumerate(samples):
+            ids[row, width - sample.length :] = torch.tensor(sample.prompt)
+            mask[row, width - sample.length :] = 1
+        self.mask = mask.to(device)
+        shortest = min(len(sample.target) for sample in samples)
+        if shortest < 2:
+            raise ValueError("a scored sample needs at least 2 target tokens (the first is predicted by the prefill)")
+        self.targets = torch.tensor([sample.target[:shortest] for sample in samples], device=device)
+        self.steps = max(len(sample.target) for sample in samples) + 2  # greedy answers: the target and a little
+        room = max(shortest, self.steps) if tokenizer is not None else shortest
+        self.captured: Capture = capture(model, ids.to(device), self.mask, needs=needs, room=room, hidden=hidden)
+        inputs = self.targets[:, :-1]  # each target token predicts the next
+        self._inputs = inputs
+        self._input_mask = torch.cat([self.mask, torch.ones_like(inputs)], dim=1)
+        self._positions = continuation_positions(self.mask, inputs.shape[1])
+        with torch.no_grad():
+            reference = self._forward(self.captured.cache(share_room=True), hidden_states=hidden)
+        self.reference = reference.logits
+        self._entering = reference.hidden_states if hidden else None  # hidden_states[l]: the input of layer l
+        self._skips = _LayerSkipper(model) if hidden else None
+        self._skip_ok: dict[int, bool] = {}
+
+    # --- a plan's cache ------------------------------------------------------------------------------
+
+    def records(self, method: str, budget: int, plan: Plan | None) -> Iterator[Record]:
+        """Every sample scored under ``plan``'s cache (None: the full cache), labelled ``method`` at ``budget``."""
+        if plan is None:
+            logits, stored = self.reference, float(self.captured.seen)
+        else:
+            cache = self.captured.cache_for(plan)
+            stored = sum(cache.layer_lengths()) / len(cache.layers)
+            with torch.no_grad():
+                logits = self._forward(cache).logits
+        answers = self.answers(plan) if self.tokenizer is not None else [None] * len(self.samples)
+        kl = kl_divergence(self.reference, logits)
+        nll = negative_log_likelihood(logits, self.targets[:, 1:])
+        for row, sample in enumerate(self.samples):
+            accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
+            yield Record(
+                sample.task,
+                sample.format,
+                sample.seed,
+                method,
+                budget,
+                float(kl[row]),
+                float(nll[row]),
+                accuracy,
+                stored,
+            )
+
+    def answers(self, plan: Plan | None) -> list[str]:
+        """Each sample's greedy answer under ``plan``'s cache (None: the full cache)."""
+        cache = self.captured.cache() if plan is None else self.captured.cache_for(plan)
+        token = self.captured.logits.argmax(-1, keepdim=True)
+        produced, mask = [token], self.mask
+        with torch.no_grad():
+            for step in range(self.steps - 1):
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                positions = continuation_positions(self.mask, 1) + step
+                logits = self.model(token, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                produced.append(token)
+        tokens = torch.cat(produced, dim=1)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+
+    # --- one layer compressed ------------------------------------------------------------------------
+
+    def layer_loss(self, layer: int, policy: Policy, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample KL (B,) with only ``layer`` compressed by ``policy`` to ``budget``, and the kept indices.
+
+        KL is infinite where the policy cannot take the budget, and 0 where the budget covers the
+        prompt (the layer is kept whole).
+        """
+        rows = self.targets.shape[0]
+        if budget < policy.min_budget():
+            return torch.full((rows,), math.inf), None
+        if budget >= self.captured.layers[layer].storage.size:
+            return torch.zeros(rows), None
+        kept = self.captured.select(layer, policy, budget).indices
+        cache = self.captured.cache({layer: kept}, share_room=True)
+        with torch.no_grad():
+            if self._starts_at(layer):
+                with self._skips.from_layer(layer):
+                    logits = self._forward(cache, embeddings=self._entering[layer]).logits
+            else:
+                logits = self._forward(cache).logits
+        return kl_divergence(self.reference, logits).cpu(), kept
+
+    def _starts_at(self, layer: int) -> bool:
+        """Whether starting at ``layer`` reproduces the full pass on this model (checked once per layer):
+        layers below it compute the same whatever ``layer`` keeps, so their work is skipped."""
+        if self._skips is None or not self._skips.possible or layer == 0:
+            return False
+        if layer not in self._skip_ok:
+            with torch.no_grad(), self._skips.from_layer(layer):
+                logits = self._forward(self.captured.cache(share_room=True), embeddings=self._entering[layer]).logits
+            expected = torch.softmax(self.reference.float(), dim=-1)
+            self._skip_ok[layer] = torch.allclose(torch.softmax(logits.float(), -1), expected, rtol=1e-3, atol=1e-5)
+        return self._skip_ok[layer]
+
+    def _forward(self, cache, *, embeddings: torch.Tensor | None = None, hidden_states: bool = False):
+        """The teacher-forced pass over the targets through ``cache`` (from ``embeddings`` when given)."""
+        tokens = {"input_ids": self._inputs} if embeddings is None else {"inputs_embeds": embeddings}
+        return self.model(
+            **tokens,
+            attention_mask=self._input_mask,
+            position_ids=self._positions,
+            past_key_values=cache,
+            output_hidden_states=hidden_states,
+        )
+
+
+class _LayerSkipper:
+    """Runs a model from decoder layer l on: its layer list shortened for the duration of a pass."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.owner, self.attribute, self.layers = _decoder_layer_list(model)
+        self.possible = self.owner is not None
+
+    @contextlib.contextmanager
+    def from_layer(self, layer: int) -> Iterator[None]:
+        setattr(self.owner, self.attribute, torch.nn.ModuleList(list(self.layers)[layer:]))
+        try:
+            yield
+        finally:
+            setattr(self.owner, self.attribute, self.layers)
+
+
+def _decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str, torch.nn.ModuleList | None]:
+    """The module holding the decoder layers as a ModuleList, the attribute's name, and the list."""
+    attention = list(attention_modules(model).values())
+    for owner in model.modules():
+        for name, child in owner.named_children():
+            holds_layers = isinstance(child, torch.nn.ModuleList) and len(child) == len(attention)
+            if holds_layers and all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
+                return owner, name, child
+    return None, "", None
+
+
+def needs_of(plans, *, window: int = 1) -> Needs:
+    """What to capture so that every plan's cache (and any of the policies' in ``needs``) can be built."""
+    needs = [plan if isinstance(plan, Needs) else plan.needs() for plan in plans]
+    return Needs(
+        window=max([window, *(n.window for n in needs)]),
+        window_attention=True,
+        accumulated_attention=any(n.accumulated_attention for n in needs),
+    )
+
+
+def by_group(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
+    """Batches of at most ``size`` samples, each of one task and format (prompts of similar length)."""
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault((sample.task, sample.format), []).append(sample)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def group_sizes(samples: Sequence[Sample]) -> Mapping[str, int]:
+    """How many samples each group (``task:format``) holds."""
+    found: dict[str, int] = {}
+    for sample in samples:
+        found[sample.group] = found.get(sample.group, 0) + 1
+    return found
