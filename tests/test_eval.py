@@ -15,7 +15,7 @@ from polykv.evaluation import runner as runner_module
 from polykv.evaluation.report import markdown, summary
 from polykv.evaluation.runner import Method, read, run
 from polykv.evaluation.scoring import bootstrap_recovery, gap_recovery
-from polykv.harness import batch as batch_module
+from polykv.harness import scorer as scorer_module
 from polykv.harness.divergence import kl_divergence, negative_log_likelihood
 from polykv.tasks.loader import read_jsonl
 from polykv.tasks.tasks import Sample, make, samples
@@ -100,7 +100,7 @@ def test_the_runner_scores_every_cell_resumes_and_matches_a_fresh_prefill(tmp_pa
     expected = float(_Tokens().decode(alone[0, len(sample.prompt) :]).split()[0] == sample.expected[0])
     assert by[("full", 0, 1)].accuracy == expected
     # A second run computes nothing; after losing lines, only the lost ones come back.
-    monkeypatch.setattr(batch_module, "capture", lambda *a, **k: pytest.fail("recomputed a finished batch"))
+    monkeypatch.setattr(scorer_module, "capture", lambda *a, **k: pytest.fail("recomputed a finished batch"))
     assert len(run(model, _Tokens(), _hand_made(), methods, [8, 16], tmp_path, progress=False)) == len(records)
     monkeypatch.undo()
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:-4]) + "\n")

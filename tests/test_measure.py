@@ -11,35 +11,35 @@ from conftest import tiny_llama
 from polykv_plugins import BUILTIN_SIGNALS
 
 import polykv
-from polykv.calibration import measure as measure_module
 from polykv.calibration.calibrate import calibrate
-from polykv.calibration.measure import CalibrationSample, measure
+from polykv.calibration.measure import measure
 from polykv.calibration.samples import read_samples
 from polykv.errors import PolykvError
+from polykv.harness import scorer as scorer_module
+from polykv.tasks.tasks import Sample
 
 
-def _samples(count: int = 4, length: int = 48) -> list[CalibrationSample]:
+def _sample(task: str, seed: int, length: int, generator: torch.Generator, target: int = 6) -> Sample:
+    """A sample of random tokens: ``length`` of prompt and ``target`` scored after it."""
+    prompt = torch.randint(3, 128, (length,), generator=generator).tolist()
+    return Sample(task, "raw", seed, "calibration", prompt, torch.randint(3, 128, (target,), generator=generator), ())
+
+
+def _samples(count: int = 4, length: int = 48) -> list[Sample]:
     generator = torch.Generator().manual_seed(3)
-    return [
-        CalibrationSample(
-            "a" if n % 2 else "b",
-            torch.randint(3, 128, (length,), generator=generator),
-            torch.randint(3, 128, (6,), generator=generator),
-        )
-        for n in range(count)
-    ]
+    return [_sample("a" if n % 2 else "b", n, length, generator) for n in range(count)]
 
 
-def _entry_by_hand(model, sample: CalibrationSample, layer: int, spec_policy: str, budget: int) -> float:
+def _entry_by_hand(model, sample: Sample, layer: int, spec_policy: str, budget: int) -> float:
     """KL of the continuation with only ``layer`` compressed, through plan caches and plain forwards."""
     spec = f"layers {layer}: {spec_policy}@{budget}; *: full"
     plan = polykv.compile(spec, model)
     full, compressed = polykv.compile("layers *: full", model).make_cache(), plan.make_cache()
-    inputs = sample.continuation[None, :-1]
+    inputs = torch.tensor(sample.target)[None, :-1]
     with torch.no_grad():
         logits = []
         for cache in (full, compressed):
-            model(sample.context[None], past_key_values=cache)
+            model(torch.tensor(sample.prompt)[None], past_key_values=cache)
             logits.append(torch.log_softmax(model(inputs, past_key_values=cache).logits.float(), -1))
     return float((logits[0].exp() * (logits[0] - logits[1])).sum(-1).mean())
 
@@ -48,7 +48,7 @@ def test_an_entry_is_the_kl_with_only_that_layer_compressed():
     model = tiny_llama("sdpa")
     samples = _samples(count=1)
     measured = measure(model, samples, policies={"knorm": {}, "tova": {}}, grid=[8, 16, 64], progress=False)
-    task = samples[0].task
+    task = samples[0].group
     table = measured.losses[task]
     assert len(table) == 4 and len(table[0]) == 2 and len(table[0][0]) == 3
     for layer in (0, 2):
@@ -60,7 +60,7 @@ def test_starting_at_the_compressed_layer_gives_the_full_pass_result(monkeypatch
     model = tiny_llama("sdpa")
     policies = {"tova": {}}
     shortcut = measure(model, _samples(), policies=policies, grid=[8], batch_size=2, progress=False)
-    monkeypatch.setattr(measure_module._LayerSkipper, "__init__", _no_skipping)
+    monkeypatch.setattr(scorer_module._LayerSkipper, "__init__", _no_skipping)
     full_passes = measure(model, _samples(), policies=policies, grid=[8], batch_size=2, progress=False)
     for task in shortcut.losses:
         for a, b in zip(shortcut.losses[task], full_passes.losses[task]):
@@ -87,7 +87,7 @@ def test_a_policy_below_its_minimum_budget_is_marked_infinite_and_signals_are_re
 def test_calibrate_makes_a_profile_the_resolver_can_use(tmp_path):
     model = tiny_llama("sdpa")
     profile = calibrate(model, _samples(), policies=["knorm", "tova"], grid=[8, 16, 32], progress=False)
-    assert profile.tasks == ("a", "b") and profile.settings["prompt_length"] == 48
+    assert profile.tasks == ("a:raw", "b:raw") and profile.settings["prompt_length"] == 48
     path = tmp_path / "profile.json"
     profile.save(path)
     plan = polykv.compile("budget 16\nlayers *: auto@auto", model, profile=path, context_length=48)
@@ -105,15 +105,13 @@ def test_calibration_data_from_json_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"task": "qa", "context": "one two three", "continuation": "four five"}) + "\n")
     [sample] = read_samples(path, _Words())
-    assert sample.task == "qa" and sample.context.tolist() == [6, 6, 8] and sample.continuation.tolist() == [7, 7]
+    assert sample.task == "qa" and sample.prompt == (6, 6, 8) and sample.target == (7, 7)
     path.write_text('{"task": "qa", "context": "x"}\n')
     with pytest.raises(PolykvError, match=r"data.jsonl:1: expected a JSON object with task, context and continuation"):
         read_samples(path, _Words())
 
 
 def test_tuning_picks_per_budget_the_candidate_that_loses_least_on_held_out_prompts():
-    from polykv.tasks.tasks import Sample
-
     model = tiny_model_for_tuning()
     generator = torch.Generator().manual_seed(9)
     held_out = [
@@ -121,13 +119,7 @@ def test_tuning_picks_per_budget_the_candidate_that_loses_least_on_held_out_prom
                torch.randint(3, 128, (6,), generator=generator).tolist(), ())
         for task in ("a", "b") for seed in range(2)
     ]  # fmt: skip
-    samples = [
-        CalibrationSample(
-            f"{task}:raw", torch.randint(3, 128, (300,), generator=generator), torch.randint(3, 128, (6,))
-        )
-        for task in ("a", "b")
-        for _ in range(2)
-    ]
+    samples = [_sample(task, seed, 300, generator) for task in ("a", "b") for seed in range(2)]
     profile = calibrate(model, samples, policies=["knorm", "tova"], grid=[8, 16, 32], tune_on=held_out, progress=False)
     assert [regime.budget for regime in profile.regimes] == [32, 64, 128, 256]
     for regime in profile.regimes:

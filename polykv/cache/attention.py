@@ -156,6 +156,27 @@ def prepare_model(model: torch.nn.Module) -> bool:
     return True
 
 
+class Prepared:
+    """A model prepared for polykv; as a context manager it gives the model its own attention back on exit
+    (only if preparing changed it: a model that was prepared before stays prepared)."""
+
+    def __init__(self, model: torch.nn.Module, changed: bool):
+        self.model = model
+        self.changed = changed
+
+    def __enter__(self) -> torch.nn.Module:
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.changed:
+            restore_model(self.model)
+
+
+def prepared(model: torch.nn.Module) -> Prepared:
+    """Prepare ``model`` (``prepare_model``) and return the handle that restores it."""
+    return Prepared(model, prepare_model(model))
+
+
 def restore_model(model: torch.nn.Module) -> None:
     """Give ``model`` back the attention implementation it had before ``prepare_model``."""
     if is_prepared(model):

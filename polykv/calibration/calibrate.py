@@ -11,24 +11,25 @@ from collections.abc import Sequence
 
 import torch
 
-from polykv.calibration.measure import CalibrationSample, measure
+from polykv.calibration.measure import measure
 from polykv.calibration.samples import GRID, POLICIES
 from polykv.calibration.tune import tune
 from polykv.profile import Profile, fingerprint
 from polykv.registry import Registry, default_registry
+from polykv.tasks.tasks import Sample
 from polykv.values import Value
 
 
 def calibrate(
     model: torch.nn.Module,
-    samples: Sequence[CalibrationSample],
+    samples: Sequence[Sample],
     *,
     policies: Sequence[str] = POLICIES,
     grid: Sequence[int] = GRID,
     registry: Registry | None = None,
     batch_size: int = 4,
     settings: dict | None = None,
-    tune_on: Sequence = (),
+    tune_on: Sequence[Sample] = (),
     pad_token_id: int = 0,
     progress: bool = True,
 ) -> Profile:

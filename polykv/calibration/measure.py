@@ -6,40 +6,27 @@ everything, measured as the KL divergence of the next-token distributions (full 
 compressed) on scored continuation tokens, averaged per task.
 
 It is cheap because compression happens after the prefill's attention: one prefill per batch of
-prompts is captured (``polykv.harness.capture``), each table entry then costs one short
-teacher-forced pass over the continuation through a cache built from the captured tensors. Layers
-below l compute the same thing in every entry of layer l, so where the model allows it the pass
-starts at layer l from the hidden states of the full-cache pass (checked against the full pass
-for each layer before it is used).
+prompts is captured, and each table entry then costs one short teacher-forced pass over the
+continuation (the harness's ``Scorer.layer_loss``), which starts at layer l where the model allows.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
 from tqdm import tqdm
 
-from polykv.cache.attention import prepare_model
-from polykv.cache.positions import continuation_positions
-from polykv.harness.capture import Capture, capture
-from polykv.model import attention_modules
-from polykv.policy import Needs, Policy
+from polykv.cache.attention import prepared
+from polykv.harness.scorer import Scorer, by_group, group_sizes, needs_of
 from polykv.registry import Registry, default_registry
 from polykv.signals import Signal
+from polykv.tasks.tasks import Sample
 from polykv.values import Value
 
-
-@attrs.frozen
-class CalibrationSample:
-    """A prompt and the tokens after it whose prediction is scored (teacher-forced)."""
-
-    task: str
-    context: torch.Tensor  # (L,) token ids
-    continuation: torch.Tensor  # (T,) token ids, T >= 2: the first is predicted by the prefill itself
+#: Signals look at a window of at least this many of the last queries.
+SIGNAL_WINDOW = 32
 
 
 @attrs.frozen
@@ -47,7 +34,8 @@ class Measurements:
     """What calibration measured, per task: ``losses[task][layer][policy][budget]`` and signals per layer.
 
     ``losses`` entries are math.inf where a policy cannot take a budget. ``signals[name][task][layer]``
-    holds scalar signals; ``curves[name][task][layer][policy][budget]`` the curve signals.
+    holds scalar signals; ``curves[name][task][layer][policy][budget]`` the curve signals. A task is
+    a samples' group, ``task:format``.
     """
 
     grid: tuple[int, ...]
@@ -62,7 +50,7 @@ class Measurements:
 
 def measure(
     model: torch.nn.Module,
-    samples: Sequence[CalibrationSample],
+    samples: Sequence[Sample],
     *,
     policies: Mapping[str, Mapping[str, Value]],
     grid: Sequence[int],
@@ -73,10 +61,10 @@ def measure(
 ) -> Measurements:
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring."""
     registry = default_registry() if registry is None else registry
-    prepare_model(model)
     created = {name: registry.policies.create(name, dict(params)) for name, params in policies.items()}
+    needs = needs_of([policy.needs() for policy in created.values()], window=SIGNAL_WINDOW)
     grid = tuple(sorted(set(grid)))
-    batches = list(_batches(samples, batch_size))
+    batches = list(by_group(samples, batch_size))
     layers = model.config.get_text_config().num_hidden_layers
     scalar = [s for s in signals if not s.curve]
     curve = [s for s in signals if s.curve]
@@ -87,27 +75,23 @@ def measure(
         unit="entry",
         disable=not progress,
     )
-    device = next(model.parameters()).device
-    with torch.no_grad(), bar:
-        for task, batch in batches:
-            ids, mask, continuation = _pad(batch, device)
-            captured = capture(
-                model, ids, mask, needs=_union(created.values()), room=continuation.shape[1], hidden=True
-            )
-            passes = _ContinuationPasses(model, captured, mask, continuation)
+    with prepared(model), torch.no_grad(), bar:
+        for batch in batches:
+            task = batch[0].group
+            scorer = Scorer(model, batch, needs, hidden=True)
             for layer in range(layers):
-                observation = captured.observation(layer)
+                observation = scorer.captured.observation(layer)
                 for signal in scalar:
                     sums.add(("signal", signal.name, task, layer), signal.measure(observation))
                 for p, policy in enumerate(created.values()):
                     for g, budget in enumerate(grid):
-                        loss, kept = passes.loss(layer, policy, budget)
+                        loss, kept = scorer.layer_loss(layer, policy, budget)
                         sums.add(("loss", task, layer, p, g), loss)
                         for signal in curve:
                             value = signal.measure(observation, kept) if kept is not None else torch.zeros_like(loss)
                             sums.add(("curve", signal.name, task, layer, p, g), value)
                         bar.update(1)
-    tasks = sorted({task for task, _ in batches})
+    tasks = sorted(group_sizes(samples))
     return Measurements(
         grid=grid,
         policies=tuple(created),
@@ -120,106 +104,10 @@ def measure(
             s.name: {t: _table(sums, ("curve", s.name, t), layers, len(created), len(grid)) for t in tasks}
             for s in curve
         },
-        samples={t: sum(len(b) for task, b in batches if task == t) for t in tasks},
-        prompt_length=round(sum(len(s.context) for s in samples) / len(samples)),
-        continuation_length=max(len(s.continuation) for s in samples),
+        samples=dict(sorted(group_sizes(samples).items())),
+        prompt_length=round(sum(s.length for s in samples) / len(samples)),
+        continuation_length=max(len(s.target) for s in samples),
     )
-
-
-class _ContinuationPasses:
-    """Teacher-forced passes over one batch's continuation, through caches built from one capture."""
-
-    def __init__(self, model: torch.nn.Module, captured: Capture, mask: torch.Tensor, continuation: torch.Tensor):
-        self.model = model
-        self.captured = captured
-        self.inputs = continuation[:, :-1]  # each position predicts the next continuation token
-        self.mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)[:, : mask.shape[1] + self.inputs.shape[1]]
-        self.positions = continuation_positions(mask, self.inputs.shape[1])
-        reference = model(
-            self.inputs,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=captured.cache(share_room=True),
-            output_hidden_states=True,
-        )
-        self.reference = torch.log_softmax(reference.logits.float(), dim=-1)
-        self.entering = reference.hidden_states  # hidden_states[l]: the input of layer l
-        self.skips = _LayerSkipper(model)
-        self.skip_ok: dict[int, bool] = {}
-
-    def loss(self, layer: int, policy: Policy, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample KL (B,) with only ``layer`` compressed by ``policy`` to ``budget``, and the kept indices."""
-        batch = self.inputs.shape[0]
-        if budget < policy.min_budget():
-            return torch.full((batch,), math.inf), None
-        rule_budget = budget if budget < self.captured.layers[layer].storage.size else None
-        if rule_budget is None:  # the budget covers the prompt: the layer is kept whole
-            return torch.zeros(batch), None
-        kept = self.captured.select(layer, policy, budget).indices
-        logits = self._logits(layer, {layer: kept})
-        compressed = torch.log_softmax(logits.float(), dim=-1)
-        kl = (self.reference.exp() * (self.reference - compressed)).sum(-1)  # (B, T-1)
-        return kl.mean(-1).cpu(), kept
-
-    def _logits(self, layer: int, keep: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        if self._can_skip(layer):
-            with self.skips.from_layer(layer):
-                return self.model(
-                    inputs_embeds=self.entering[layer],
-                    attention_mask=self.mask,
-                    position_ids=self.positions,
-                    past_key_values=self.captured.cache(keep, share_room=True),
-                ).logits
-        return self.model(
-            self.inputs,
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.captured.cache(keep, share_room=True),
-        ).logits
-
-    def _can_skip(self, layer: int) -> bool:
-        """Whether starting at ``layer`` reproduces the full pass on this model (checked once per layer)."""
-        if layer not in self.skip_ok:
-            ok = False
-            if layer > 0 and self.skips.possible:
-                with self.skips.from_layer(layer):
-                    logits = self.model(
-                        inputs_embeds=self.entering[layer],
-                        attention_mask=self.mask,
-                        position_ids=self.positions,
-                        past_key_values=self.captured.cache(share_room=True),
-                    ).logits
-                expected = self.reference.exp()
-                ok = torch.allclose(torch.softmax(logits.float(), dim=-1), expected, rtol=1e-3, atol=1e-5)
-            self.skip_ok[layer] = ok
-        return self.skip_ok[layer]
-
-
-class _LayerSkipper:
-    """Runs a model from decoder layer l on: its layer list shortened for the duration of a pass."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.owner, self.attribute, self.layers = _decoder_layer_list(model)
-        self.possible = self.owner is not None
-
-    @contextlib.contextmanager
-    def from_layer(self, layer: int) -> Iterator[None]:
-        setattr(self.owner, self.attribute, torch.nn.ModuleList(list(self.layers)[layer:]))
-        try:
-            yield
-        finally:
-            setattr(self.owner, self.attribute, self.layers)
-
-
-def _decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str, torch.nn.ModuleList | None]:
-    """The module holding the decoder layers as a ModuleList, the attribute's name, and the list."""
-    attention = list(attention_modules(model).values())
-    for owner in model.modules():
-        for name, child in owner.named_children():
-            holds_layers = isinstance(child, torch.nn.ModuleList) and len(child) == len(attention)
-            if holds_layers and all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
-                return owner, name, child
-    return None, "", None
 
 
 class _Sums:
@@ -243,38 +131,3 @@ def _table(sums: _Sums, prefix: tuple, layers: int, policies: int, budgets: int)
         [[sums.mean((*prefix, layer, p, g)) for g in range(budgets)] for p in range(policies)]
         for layer in range(layers)
     ]
-
-
-def _union(policies) -> Needs:
-    needs = [policy.needs() for policy in policies]
-    return Needs(
-        window=max([32, *(n.window for n in needs)]),  # signals look at a window of 32 queries at least
-        window_attention=True,
-        accumulated_attention=any(n.accumulated_attention for n in needs),
-    )
-
-
-def _batches(samples: Sequence[CalibrationSample], size: int) -> Iterator[tuple[str, list[CalibrationSample]]]:
-    """Samples of one task at a time, ``size`` per batch, in a fixed order."""
-    by_task: dict[str, list[CalibrationSample]] = {}
-    for sample in samples:
-        by_task.setdefault(sample.task, []).append(sample)
-    for task in sorted(by_task):
-        group = by_task[task]
-        for start in range(0, len(group), size):
-            yield task, group[start : start + size]
-
-
-def _pad(batch: list[CalibrationSample], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded contexts (B, L) with their mask, and the continuations (B, T) cut to the shortest."""
-    width = max(len(s.context) for s in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, sample in enumerate(batch):
-        ids[row, width - len(sample.context) :] = sample.context
-        mask[row, width - len(sample.context) :] = 1
-    shortest = min(len(s.continuation) for s in batch)
-    if shortest < 2:
-        raise ValueError("a calibration sample needs at least 2 continuation tokens (the first is not scored)")
-    continuation = torch.stack([s.continuation[:shortest] for s in batch])
-    return ids.to(device), mask.to(device), continuation.to(device)

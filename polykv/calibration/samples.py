@@ -4,7 +4,8 @@ The calibration set mixes retrieval (passkey, multi-key, span copy) with natural
 continuation, generated offline from a seed and from the calibration half of the text
 (``polykv.tasks.text``), so a profile never sees the evaluation's prompts. Or bring your own with
 ``--data``: JSON lines ``{"task": ..., "context": ..., "continuation": ...}`` (texts; the
-continuation is scored, teacher-forced).
+continuation is scored, teacher-forced). Either way a sample is a ``polykv.tasks.Sample``, as
+evaluation's are, and its table is kept under its group, ``task:format``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import attrs
 
-from polykv.calibration.measure import CalibrationSample
 from polykv.errors import PolykvError
+from polykv.tasks.tasks import Sample, make
 
 #: The default calibration: tasks (with their formats), samples of each, prompt tokens, policies, budgets.
 TASKS = (
@@ -31,25 +32,19 @@ SCORED = 16
 TUNE_SAMPLES = 2
 
 
-def calibration_samples(
-    tokenizer, *, count: int = SAMPLES, length: int = LENGTH, seed: int = 0
-) -> list[CalibrationSample]:
+def calibration_samples(tokenizer, *, count: int = SAMPLES, length: int = LENGTH, seed: int = 0) -> list[Sample]:
     """The default calibration set: ``count`` samples of each task, from the calibration text."""
-    from polykv.tasks.tasks import make
-
     return [
-        CalibrationSample(f"{task}:{form}", torch.tensor(s.prompt), torch.tensor(s.target[:SCORED]))
+        attrs.evolve(sample, target=sample.target[:SCORED])
         for task, form in TASKS
-        for s in (
+        for sample in (
             make(task, tokenizer, length=length, seed=seed + n, split="calibration", format=form) for n in range(count)
         )
     ]
 
 
-def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH, seed: int = 0) -> list:
+def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH, seed: int = 0) -> list[Sample]:
     """Held-out prompts for tuning the solver: the calibration tasks with seeds the measurement never uses."""
-    from polykv.tasks.tasks import make
-
     return [
         make(task, tokenizer, length=length, seed=seed + 10_000 + n, split="calibration", format=form)
         for task, form in TASKS
@@ -57,7 +52,7 @@ def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH
     ]
 
 
-def read_samples(path: Path, tokenizer) -> list[CalibrationSample]:
+def read_samples(path: Path, tokenizer) -> list[Sample]:
     """Calibration samples from JSON lines with ``task``, ``context`` and ``continuation`` texts."""
     found = []
     try:
@@ -78,7 +73,7 @@ def read_samples(path: Path, tokenizer) -> list[CalibrationSample]:
         scored = tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if len(scored) < 2:
             raise PolykvError(f"{path}:{number}: the continuation needs at least 2 tokens, it has {len(scored)}")
-        found.append(CalibrationSample(str(task), ids, scored))
+        found.append(Sample(str(task), "raw", number, "local", ids.tolist(), scored.tolist(), ()))
     if not found:
         raise PolykvError(f"{path}: no calibration samples")
     return found

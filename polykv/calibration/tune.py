@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import torch
+from tqdm import tqdm
 
-from polykv.profile import Profile
+from polykv.cache.attention import prepared
+from polykv.harness.scorer import Scorer, by_group, needs_of
+from polykv.plan import compile
+from polykv.profile import Profile, TunedRegime
 from polykv.registry import Registry, default_registry
+from polykv.resolution.resolve import interpolate
+from polykv.tasks.tasks import Sample
 
 #: Average budgets (tokens per layer at the calibration prompt length) at which the solver is tuned.
 TUNE_BUDGETS = (32, 64, 128, 256)
@@ -16,7 +23,7 @@ TUNE_BUDGETS = (32, 64, 128, 256)
 def tune(
     model: torch.nn.Module,
     profile: Profile,
-    samples: Sequence,
+    samples: Sequence[Sample],
     *,
     budgets: Sequence[int] = TUNE_BUDGETS,
     registry: Registry | None = None,
@@ -34,27 +41,25 @@ def tune(
     budgets of the grid as a floor, and the one with the least measured loss (task-balanced, on
     ``samples``, which the tables never saw) is kept per budget.
     """
-    import attrs
-    from tqdm import tqdm
-
-    from polykv.harness.batch import BatchScorer, by_task, needs_of
-    from polykv.plan import compile
-    from polykv.profile import TunedRegime
-
     registry = default_registry() if registry is None else registry
+    with prepared(model):  # compiling the candidates prepares the model: give it back as it was
+        return _tune(model, profile, samples, budgets, registry, batch_size, pad_token_id, progress)
+
+
+def _tune(model, profile, samples, budgets, registry, batch_size, pad_token_id, progress) -> Profile:
     budgets = [b for b in budgets if b < profile.prompt_length]  # a budget over the prompt compresses nothing
     if not budgets:
         return profile
     baseline = "pyramidkv" if "pyramidkv" in profile.policies else next(iter(profile.policies))
-    batches = list(by_task(samples, batch_size))
+    batches = list(by_group(samples, batch_size))
     losses: dict[tuple, list[float]] = {}
 
     def score(plans: dict) -> None:
         needs = needs_of(plans.values())
         for batch in tqdm(batches, desc="tuning", unit="batch", disable=not progress, leave=False):
-            scorer = BatchScorer(model, batch, needs, pad_token_id=pad_token_id)
+            scorer = Scorer(model, batch, needs, pad_token_id=pad_token_id)
             for key, plan in plans.items():
-                for record in scorer.score(str(key), 0, plan):
+                for record in scorer.records(str(key), 0, plan):
                     losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)
 
     def balanced(key) -> float:
@@ -92,8 +97,6 @@ def tune(
 
 def _predicted(profile: Profile, task: str, policy: str, budget: int) -> float:
     """The task's loss the single-layer table predicts for every layer at ``policy`` and ``budget``."""
-    from polykv.resolution.resolve import interpolate
-
     column = list(profile.policies).index(policy)
     return sum(interpolate(profile.grid, layer[column], [budget])[0] for layer in profile.losses[task])
 

@@ -13,8 +13,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from polykv.evaluation.runner import SINGLES, Record
+from polykv.evaluation.runner import SINGLES
 from polykv.evaluation.scoring import bootstrap_recovery
+from polykv.harness.scorer import Record
 
 FULL = "full"
 

@@ -26,9 +26,9 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from polykv.cache.attention import prepare_model
+from polykv.cache.attention import prepared
 from polykv.errors import PolykvError
-from polykv.harness.batch import BatchScorer, Record, by_task, needs_of
+from polykv.harness.scorer import Record, Scorer, by_group, needs_of
 from polykv.language.diagnostics import SpecError
 from polykv.plan import Plan, compile
 from polykv.tasks.tasks import Sample
@@ -90,10 +90,15 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     done = {record.key: record for record in read(path)}
-    prepare_model(model)
+    with prepared(model):  # compiling the methods prepares the model: give it back as it was
+        _score(model, tokenizer, samples, methods, budgets, path, done, profile, batch_size, answers, progress)
+    return list(done.values())
+
+
+def _score(model, tokenizer, samples, methods, budgets, path, done, profile, batch_size, answers, progress) -> None:
     plans = _plans(model, methods, budgets, profile)
     cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
-    batches = list(by_task(samples, batch_size))
+    batches = list(by_group(samples, batch_size))
     todo = sum(1 for batch in batches for s in batch for m, b in cells if _key(s, m, b) not in done)
     with (
         path.open("a", encoding="utf-8") as sink,
@@ -103,7 +108,7 @@ def run(
             missing = [(m, b) for m, b in cells if any(_key(s, m, b) not in done for s in batch)]
             if not missing:
                 continue
-            scorer = BatchScorer(
+            scorer = Scorer(
                 model,
                 batch,
                 needs_of(plans.values()),
@@ -112,13 +117,12 @@ def run(
             )
             for chosen, budget in missing:
                 plan = plans.get((chosen.name, budget))
-                for record in scorer.score(chosen.name, budget, plan):
+                for record in scorer.records(chosen.name, budget, plan):
                     if record.key not in done:
                         done[record.key] = record
                         sink.write(json.dumps(attrs.asdict(record)) + "\n")
                         bar.update(1)
                 sink.flush()
-    return list(done.values())
 
 
 def read(path: Path) -> list[Record]:

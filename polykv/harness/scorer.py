@@ -150,9 +150,10 @@ class Scorer:
         if budget >= self.captured.layers[layer].storage.size:
             return torch.zeros(rows), None
         kept = self.captured.select(layer, policy, budget).indices
+        skip = self._starts_at(layer)  # before the cache below: both write into the capture's spare room
         cache = self.captured.cache({layer: kept}, share_room=True)
         with torch.no_grad():
-            if self._starts_at(layer):
+            if skip:
                 with self._skips.from_layer(layer):
                     logits = self._forward(cache, embeddings=self._entering[layer]).logits
             else:

@@ -16,7 +16,7 @@ import torch
 
 from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
-from polykv.cache.attention import prepare_model, restore_model
+from polykv.cache.attention import Prepared, prepared
 from polykv.choice import Choice
 from polykv.errors import ModelError
 from polykv.language.printer import layer_runs
@@ -117,7 +117,7 @@ class Plan:
             accumulated_attention=any(n.accumulated_attention for n in needs),
         )
 
-    def apply(self, model: torch.nn.Module) -> Applied:
+    def apply(self, model: torch.nn.Module) -> Prepared:
         """Prepare ``model`` for this plan's caches, after checking the plan was made for its geometry.
 
         The model is prepared at once; used as ``with plan.apply(model): ...`` it gets its own
@@ -133,7 +133,7 @@ class Plan:
         windows = [placement[layer.index].sliding_window for layer in self.layers]
         if windows != [layer.sliding_window for layer in self.layers]:
             raise ModelError("this plan's sliding windows differ from the model's: compile the spec against it")
-        return Applied(model, prepare_model(model))
+        return prepared(model)
 
     def runs(self) -> list[tuple[list[int], str]]:
         """(layer indices, what they do) for each run of consecutive layers that do the same."""
@@ -151,18 +151,3 @@ class Plan:
     def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
         """A plan from ``to_json``'s text; FormatError names the field that is wrong."""
         return serialization.loads(text, cls, format=FORMAT_VERSION, what="plan", source=source)
-
-
-class Applied:
-    """A model prepared for a plan; as a context manager it restores the model's attention on exit."""
-
-    def __init__(self, model: torch.nn.Module, changed: bool):
-        self.model = model
-        self.changed = changed
-
-    def __enter__(self) -> torch.nn.Module:
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        if self.changed:
-            restore_model(self.model)

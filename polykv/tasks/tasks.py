@@ -58,6 +58,11 @@ class Sample:
     def length(self) -> int:
         return len(self.prompt)
 
+    @property
+    def group(self) -> str:
+        """``task:format``: what calibration measures a loss table for, and evaluation reports by."""
+        return f"{self.task}:{self.format}"
+
     def correct(self, answer: str) -> float:
         """The share of expected strings found in ``answer`` (RULER's score)."""
         if not self.expected:
