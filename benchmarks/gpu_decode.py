@@ -40,6 +40,7 @@ from shapes import load
 
 import polykv
 from polykv.decoding import StaticDecoder
+from polykv.model.describe import cache_argument
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +65,7 @@ def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repe
     device = model.device
     token = torch.ones(batch, dtype=torch.long, device=device)
     with torch.no_grad():
-        model(token[:, None], past_key_values=cache, logits_to_keep=1)  # the ordinary first step
+        model(token[:, None], **cache_argument(model, cache), logits_to_keep=1)  # the ordinary first step
     positions = torch.full((batch, 1), prompt_length + 1, device=device)
     walls, gpus = [], []
     room = 1 + steps * (repeats + 1)

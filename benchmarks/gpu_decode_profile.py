@@ -16,6 +16,7 @@ from shapes import llama_8b
 from torch.profiler import ProfilerActivity, profile
 
 import polykv
+from polykv.model.describe import cache_argument
 
 
 def main() -> None:
@@ -26,12 +27,12 @@ def main() -> None:
         with torch.no_grad():
             tok = torch.ones(8, 1, dtype=torch.long, device="cuda")
             for _ in range(4):
-                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tok = model(tok, **cache_argument(model, cache)).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             t = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(8):
-                    tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    tok = model(tok, **cache_argument(model, cache)).logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
             step_ms = (time.perf_counter() - t) / 8 * 1000
             print(f"{spec} {step_ms:.1f} ms/step (profiled) on {torch.cuda.get_device_name(0)}")

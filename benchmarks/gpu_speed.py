@@ -33,6 +33,7 @@ from shapes import load
 from transformers import DynamicCache
 
 import polykv
+from polykv.model.describe import cache_argument
 
 RESULTS = Path(__file__).parent / "results"
 CHUNK = 4096
@@ -87,7 +88,7 @@ def prefill(model, plan, ids, chunk: int | None = None):
     with torch.no_grad():
         step = chunk or ids.shape[1]
         for start in range(0, ids.shape[1], step):
-            model(ids[:, start : start + step], past_key_values=cache, logits_to_keep=1)
+            model(ids[:, start : start + step], **cache_argument(model, cache), logits_to_keep=1)
     return cache
 
 
@@ -97,7 +98,7 @@ def decode(model, cache, batch: int, steps: int) -> tuple[float, float | None]:
 
     def step() -> None:
         nonlocal token
-        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(token, **cache_argument(model, cache)).logits[:, -1:].argmax(-1)
 
     with torch.no_grad():
         for _ in range(2):  # the first steps meet new shapes

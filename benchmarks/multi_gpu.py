@@ -28,6 +28,7 @@ from shapes import LLAMA_8B, llama_8b
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import polykv
+from polykv.model.describe import cache_argument
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = "layers 0-1: full; *: snapkv@512"
@@ -58,11 +59,11 @@ def exactness(devices: int) -> dict:
     options = {"max_new_tokens": 16, "do_sample": False}
     single = small_model().to("cuda:0")
     plan = polykv.compile(spec, single)
-    expected = single.generate(ids.to("cuda:0"), past_key_values=plan.make_cache(), **options).cpu()
+    expected = single.generate(ids.to("cuda:0"), **cache_argument(single, plan.make_cache()), **options).cpu()
     split = dispatch_model(small_model(), device_map=split_map(8, devices))
     plan = polykv.compile(spec, split)
     cache = plan.make_cache()
-    got = split.generate(ids.to("cuda:0"), past_key_values=cache, **options).cpu()
+    got = split.generate(ids.to("cuda:0"), **cache_argument(split, cache), **options).cpu()
     placed = [str(layer.keys.device) for layer in cache.layers]
     return {
         "same_tokens": bool(torch.equal(got, expected)),
@@ -81,12 +82,12 @@ def copies_per_step(model, plan, ids, steps: int = 8) -> dict:
     for name, make in (("polykv", plan.make_cache), ("DynamicCache", lambda: DynamicCache(config=model.config))):
         cache = make()
         with torch.no_grad():
-            logits = model(ids.to("cuda:0"), past_key_values=cache).logits
+            logits = model(ids.to("cuda:0"), **cache_argument(model, cache)).logits
             token = logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as profiler:
                 for _ in range(steps):
-                    token = model(token.to("cuda:0"), past_key_values=cache).logits[:, -1:].argmax(-1)
+                    token = model(token.to("cuda:0"), **cache_argument(model, cache)).logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
         kinds = Counter(event.name for event in profiler.events() if "Memcpy" in event.name)
         found[name] = {kind: count / steps for kind, count in kinds.items()}
@@ -101,7 +102,7 @@ def memory(devices: int, context: int) -> dict:
     ids = torch.randint(1, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(2))
     cache = plan.make_cache()
     with torch.no_grad():
-        model(ids.to("cuda:0"), past_key_values=cache, logits_to_keep=1)
+        model(ids.to("cuda:0"), **cache_argument(model, cache), logits_to_keep=1)
     per_token = kv_bytes_per_token(config, bytes_per_value=2)  # bf16
     predicted, stored = kv_bytes_by_device(plan, cache, context, per_token)
     return {
@@ -123,7 +124,9 @@ def routed(devices: int) -> dict:
     single, tokenizer = polykv.load_default_model(device="cuda:0")
     ids = tokenizer(passkey_prompt(40, 0.4, 72514), return_tensors="pt").input_ids.to("cuda:0")
     options = {"max_new_tokens": 12, "do_sample": False}
-    expected = single.generate(ids, past_key_values=polykv.compile(spec, single).make_cache(), **options).cpu()
+    expected = single.generate(
+        ids, **cache_argument(single, polykv.compile(spec, single).make_cache()), **options
+    ).cpu()
     del single
     split, _ = polykv.load_default_model()
     mapping = split_map(split.config.num_hidden_layers, devices)
@@ -131,7 +134,7 @@ def routed(devices: int) -> dict:
     split = dispatch_model(split, device_map=mapping)
     plan = polykv.compile(spec, split)
     cache = plan.make_cache()
-    got = split.generate(ids, past_key_values=cache, **options).cpu()
+    got = split.generate(ids, **cache_argument(split, cache), **options).cpu()
     predicted, stored = kv_bytes_by_device(
         plan,
         cache,

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import polykv
+from polykv.model.describe import cache_argument
 from polykv.tasks.tasks import passkey_prompt
 
 SPECS = {
@@ -96,7 +97,7 @@ def _prefill(model, plan, ids):
     _sync(model)
     started = time.perf_counter()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(model, cache))
     _sync(model)
     return time.perf_counter() - started, cache
 
@@ -108,7 +109,7 @@ def _decode(model, cache, ids, steps: int) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_argument(model, cache)).logits[:, -1:].argmax(-1)
     _sync(model)
     return time.perf_counter() - started
 

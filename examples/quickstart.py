@@ -12,12 +12,14 @@ import polykv
 from polykv.language.printer import layer_ranges
 
 model, tokenizer = polykv.load_default_model()  # or polykv.load_model("path/to/a/local/model")
-plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)  # also a path to a spec file
+plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)  # or a pathlib.Path of a spec file
 
 prompt = (Path(__file__).parent / "prompts" / "passkey-1k.txt").read_text()
 ids = tokenizer(prompt, return_tensors="pt").input_ids
 cache = plan.make_cache()  # one cache per request; the plan is reusable
-out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+# The cache goes in as cache=cache (transformers 5.24 and later) or past_key_values=cache (earlier);
+# polykv.cache_argument picks the keyword the installed transformers takes.
+out = model.generate(ids, **polykv.cache_argument(model, cache), max_new_tokens=8, do_sample=False)
 
 print("answer:", tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 print("tokens stored per layer:", cache.layer_lengths())
@@ -32,11 +34,11 @@ for indices, what in routed.runs():
 context = prompt.rsplit("\n", 1)[0]  # the passkey text without its question
 context_ids = tokenizer(context, return_tensors="pt").input_ids
 cache = routed.make_cache()
-model(context_ids, past_key_values=cache)
+model(context_ids, **polykv.cache_argument(model, cache))
 cache.end_prefill()  # later forwards append: the context stays compressed as it is
 for question in ["\nWhat is the pass key? The pass key is", "\nRepeat the pass key: "]:
     question_ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids
     ids = torch.cat([context_ids, question_ids], dim=1)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **polykv.cache_argument(model, cache), max_new_tokens=8, do_sample=False)
     print(repr(question.strip()), "->", tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     cache.rewind(context_ids.shape[1])  # forget the question and answer; keep the compressed context

@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it.
+#: The public API, one name per line: name -> the module that defines it. ``__all__`` is its keys; a
+#: test imports every one.
 _EXPORTS = {
     "PolyCache": "polykv.cache",
+    "Prepared": "polykv.cache",
     "is_prepared": "polykv.cache",
     "prepare_model": "polykv.cache",
+    "prepared": "polykv.cache",
     "restore_model": "polykv.cache",
     "Sampling": "polykv.decoding",
     "StaticDecoder": "polykv.decoding",
@@ -28,7 +31,29 @@ _EXPORTS = {
     "ModelError": "polykv.errors",
     "PolicyError": "polykv.errors",
     "PolykvError": "polykv.errors",
+    "FormatError": "polykv.serialization",
+    "Tokens": "polykv.budget",
+    "Share": "polykv.budget",
+    "Choice": "polykv.choice",
     "hookimpl": "polykv.hooks",
+    "PluginFailure": "polykv.registry",
+    "Registry": "polykv.registry",
+    "default_registry": "polykv.registry",
+    "Param": "polykv.parameters",
+    "ParameterError": "polykv.parameters",
+    "parameter": "polykv.parameters",
+    "LayerView": "polykv.policy",
+    "Needs": "polykv.policy",
+    "Phase": "polykv.policy",
+    "Policy": "polykv.policy",
+    "ScoringPolicy": "polykv.policy",
+    "LayerObservation": "polykv.signals",
+    "Signal": "polykv.signals",
+    "BudgetProblem": "polykv.solver",
+    "LayerChoice": "polykv.solver",
+    "LayerOptions": "polykv.solver",
+    "Solution": "polykv.solver",
+    "Solver": "polykv.solver",
     "Spec": "polykv.language.ast",
     "CheckedSpec": "polykv.language.check",
     "LayerEntry": "polykv.language.check",
@@ -38,71 +63,22 @@ _EXPORTS = {
     "load": "polykv.language.parse",
     "parse": "polykv.language.parse",
     "print_spec": "polykv.language.printer",
+    "cache_argument": "polykv.model",
     "load_default_model": "polykv.model",
     "load_model": "polykv.model",
-    "Param": "polykv.parameters",
-    "ParameterError": "polykv.parameters",
-    "parameter": "polykv.parameters",
     "LayerPlan": "polykv.plan",
     "Plan": "polykv.plan",
     "compile": "polykv.plan",
-    "LayerView": "polykv.policy",
-    "Needs": "polykv.policy",
-    "Phase": "polykv.policy",
-    "Policy": "polykv.policy",
-    "ScoringPolicy": "polykv.policy",
     "Profile": "polykv.profile",
+    "ProfileError": "polykv.profile",
     "default_profile": "polykv.profile",
-    "PluginFailure": "polykv.registry",
-    "Registry": "polykv.registry",
-    "default_registry": "polykv.registry",
 }
 
-__all__ = [
-    "CacheError",
-    "CheckedSpec",
-    "Diagnostic",
-    "LayerEntry",
-    "LayerPlan",
-    "LayerView",
-    "ModelError",
-    "Needs",
-    "Param",
-    "ParameterError",
-    "Phase",
-    "Plan",
-    "PluginFailure",
-    "Policy",
-    "PolicyError",
-    "PolyCache",
-    "PolykvError",
-    "Profile",
-    "Registry",
-    "Sampling",
-    "ScoringPolicy",
-    "Spec",
-    "SpecError",
-    "StaticDecoder",
-    "check",
-    "compile",
-    "default_profile",
-    "default_registry",
-    "hookimpl",
-    "is_prepared",
-    "load",
-    "load_default_model",
-    "load_model",
-    "parameter",
-    "parse",
-    "prepare_model",
-    "print_spec",
-    "restore_model",
-    "static_generate",
-]
+__all__ = sorted(_EXPORTS)
 
-_SUBMODULES = {"budget", "cache", "calibration", "cli", "decoding", "errors", "evaluation", "harness", "hooks",
-               "language", "limits", "model", "parameters", "plan", "policy", "profile", "registry",
-               "resolution", "signals", "solver", "tasks", "testing", "values"}  # fmt: skip
+_SUBMODULES = {"budget", "cache", "calibration", "choice", "cli", "decoding", "errors", "evaluation", "harness",
+               "hooks", "language", "limits", "model", "parameters", "plan", "policy", "profile", "registry",
+               "resolution", "serialization", "signals", "solver", "tasks", "testing", "values"}  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -120,19 +96,56 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-if TYPE_CHECKING:
-    from polykv.cache import PolyCache, is_prepared, prepare_model, restore_model
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from polykv.budget import Share, Tokens
+    from polykv.cache import (
+        PolyCache,
+        Prepared,
+        is_prepared,
+        prepare_model,
+        prepared,
+        restore_model,
+    )
+    from polykv.choice import Choice
     from polykv.decoding import Sampling, StaticDecoder, static_generate
-    from polykv.errors import CacheError, ModelError, PolicyError, PolykvError
+    from polykv.errors import (
+        CacheError,
+        ModelError,
+        PolicyError,
+        PolykvError,
+    )
     from polykv.hooks import hookimpl
     from polykv.language.ast import Spec
     from polykv.language.check import CheckedSpec, LayerEntry, check
     from polykv.language.diagnostics import Diagnostic, SpecError
     from polykv.language.parse import load, parse
     from polykv.language.printer import print_spec
-    from polykv.model import load_default_model, load_model
+    from polykv.model import (
+        cache_argument,
+        load_default_model,
+        load_model,
+    )
     from polykv.parameters import Param, ParameterError, parameter
     from polykv.plan import LayerPlan, Plan, compile
-    from polykv.policy import LayerView, Needs, Phase, Policy, ScoringPolicy
-    from polykv.profile import Profile, default_profile
-    from polykv.registry import PluginFailure, Registry, default_registry
+    from polykv.policy import (
+        LayerView,
+        Needs,
+        Phase,
+        Policy,
+        ScoringPolicy,
+    )
+    from polykv.profile import Profile, ProfileError, default_profile
+    from polykv.registry import (
+        PluginFailure,
+        Registry,
+        default_registry,
+    )
+    from polykv.serialization import FormatError
+    from polykv.signals import LayerObservation, Signal
+    from polykv.solver import (
+        BudgetProblem,
+        LayerChoice,
+        LayerOptions,
+        Solution,
+        Solver,
+    )

@@ -281,7 +281,9 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     assert main(["generate", "--spec", "*: full", "--prompt-file", "no-such-prompt.txt"]) == 1
     assert "no-such-prompt.txt: cannot read: No such file or directory" in capsys.readouterr().err
     assert main(["generate", "--spec", "no/such/spec.pkv", "--prompt", "hi"]) == 1
-    assert "--spec no/such/spec.pkv: no such file" in capsys.readouterr().err
+    assert "--spec no/such/spec.pkv: not spec text (it reads like a file name)" in capsys.readouterr().err
+    assert main(["generate", "--spec-file", "no/such/spec.pkv", "--prompt", "hi"]) == 1
+    assert "no/such/spec.pkv: cannot read: No such file or directory" in capsys.readouterr().err
     assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--model", "/no/such/model"]) == 1
     assert "/no/such/model: no such model directory" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -302,3 +304,19 @@ def test_language_commands_start_without_transformers(command):
     torch_loaded, transformers_loaded = result.stdout.split()[-2:]
     assert transformers_loaded == "False"
     assert torch_loaded == ("False" if command[0] == "fmt" else "True")
+
+
+def test_spec_text_is_text_and_a_spec_file_is_named_as_one(tmp_path):
+    from argparse import Namespace
+
+    from polykv.cli.commands.setup import spec_argument
+
+    text = "*: snapkv@16(window=4) # 1/2 of it"
+    assert polykv.print_spec(spec_argument(Namespace(spec=text, spec_file=None), "--spec")) == (
+        'layers *: snapkv@16(window=4)  # 1/2 of it\n'
+    )
+    path = tmp_path / "spec.txt"
+    path.write_text("layers 0: full\n*: knorm@8\n")
+    assert spec_argument(Namespace(spec=None, spec_file=path), "--spec") == polykv.parse("layers 0: full; *: knorm@8")
+    with pytest.raises(polykv.PolykvError, match=r"a spec file is given with --spec-file examples/uniform-snapkv\.pkv"):
+        spec_argument(Namespace(spec="examples/uniform-snapkv.pkv", spec_file=None), "--spec")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import grammar_text
+from polykv.testing.strategies import grammar_text
 
 from polykv.cli import main
 from polykv.language.check import check_text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import grammar_text, specs
+from polykv.testing.strategies import grammar_text, specs
 
 import polykv
 from polykv.language import ast

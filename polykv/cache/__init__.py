@@ -4,4 +4,13 @@ from polykv.cache.attention import Prepared, is_prepared, prepare_model, prepare
 from polykv.cache.cache import PolyCache
 from polykv.cache.layer import PhaseRule, PolyLayer
 
-__all__ = ["PhaseRule", "PolyCache", "PolyLayer", "Prepared", "is_prepared", "prepare_model", "prepared", "restore_model"]
+__all__ = [
+    "PhaseRule",
+    "PolyCache",
+    "PolyLayer",
+    "Prepared",
+    "is_prepared",
+    "prepare_model",
+    "prepared",
+    "restore_model",
+]

@@ -14,7 +14,8 @@ from polykv.errors import CacheError
 
 
 class PolyCache(Cache):
-    """A per-layer compressed KV cache for ``model.generate(..., past_key_values=cache)``.
+    """A per-layer compressed KV cache for ``model.generate(..., cache=cache)`` (``past_key_values=`` before
+    transformers 5.24; ``polykv.cache_argument`` picks the keyword).
 
     Make one per request with ``plan.make_cache()``; the model must be prepared (``plan.apply``
     or ``polykv.compile``). ``get_seq_length`` counts every token seen, so positions stay those of

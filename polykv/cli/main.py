@@ -79,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     policies.set_defaults(run="polykv.cli.commands.language:policies")
 
     generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
-    generate.add_argument(
-        "--spec", required=True, help="a spec file, or spec text such as 'layers 0-1: full; *: snapkv@256'"
-    )
+    _spec_arguments(generate, "--spec", "spec text such as 'layers 0-1: full; *: snapkv@256'")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
@@ -133,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run="polykv.cli.commands.calibrate:run")
 
     plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")
-    plan.add_argument("spec", help="a spec file, or spec text such as 'budget 128; *: auto@auto'")
+    _spec_arguments(plan, "spec", "spec text such as 'budget 128; *: auto@auto'")
     _model_arguments(plan)
     plan.add_argument("--profile", metavar="FILE", help="calibration profile (default: the bundled model's)")
     plan.add_argument(
@@ -185,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
     evaluate.set_defaults(run="polykv.cli.commands.eval:run")
     return parser
+
+
+def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> None:
+    """The spec, as text (``name``) or a file (``--spec-file``): one of the two, never guessed from the text."""
+    given = command.add_mutually_exclusive_group(required=True)
+    if name.startswith("--"):
+        given.add_argument(name, dest="spec", metavar="SPEC", help=text)
+    else:
+        given.add_argument(name, nargs="?", metavar="SPEC", help=text)
+    given.add_argument(
+        "--spec-file", type=Path, metavar="FILE", help="a spec file (any suffix; - reads standard input)"
+    )
 
 
 def _model_arguments(command: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ import torch
 from polykv.cache.cache import PolyCache
 from polykv.cache.positions import prompt_positions
 from polykv.errors import CacheError
+from polykv.model.describe import cache_argument
 
 
 @torch.no_grad()
@@ -187,7 +188,7 @@ def _next_token(model, cache: PolyCache, stops: _Stops, ids, position_ids, mask=
         input_ids=ids,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **cache_argument(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )

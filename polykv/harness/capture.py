@@ -23,6 +23,7 @@ from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
 from polykv.cache.selection import Selection, choose
 from polykv.choice import Choice
+from polykv.model.describe import cache_argument
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
 from polykv.registry import Registry, default_registry
 
@@ -181,7 +182,11 @@ def capture(
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), recording:  # positions from the mask, as generate gives them to padded rows
         output = model(
-            input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            **cache_argument(model, cache),
+            logits_to_keep=1,
         )
     for layer in layers:
         layer.storage.reserve(room)

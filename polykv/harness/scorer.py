@@ -24,6 +24,7 @@ from polykv.cache.positions import continuation_positions
 from polykv.harness.capture import Capture, capture
 from polykv.harness.divergence import kl_divergence, negative_log_likelihood
 from polykv.model import attention_modules
+from polykv.model.describe import cache_argument
 from polykv.plan.plan import Plan
 from polykv.policy import Needs, Policy
 from polykv.tasks.tasks import Sample
@@ -130,7 +131,9 @@ class Scorer:
             for step in range(self.steps - 1):
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 positions = continuation_positions(self.mask, 1) + step
-                logits = self.model(token, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+                logits = self.model(
+                    token, attention_mask=mask, position_ids=positions, **cache_argument(self.model, cache)
+                ).logits
                 token = logits[:, -1].argmax(-1, keepdim=True)
                 produced.append(token)
         tokens = torch.cat(produced, dim=1)
@@ -179,7 +182,7 @@ class Scorer:
             **tokens,
             attention_mask=self._input_mask,
             position_ids=self._positions,
-            past_key_values=cache,
+            **cache_argument(self.model, cache),
             output_hidden_states=hidden_states,
         )
 

@@ -35,7 +35,8 @@ def _collect_comment(token: Token) -> Token:
 
 
 @functools.cache
-def _parser() -> lark.Lark:
+def lark_parser() -> lark.Lark:
+    """The language's Lark parser (LALR, with positions), built once from the grammar shipped in the package."""
     grammar = importlib.resources.files("polykv.grammar").joinpath("polykv.lark").read_text()
     return lark.Lark(
         grammar,
@@ -77,7 +78,7 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
         comments: list[Token] = []
         token = _COMMENTS.set(comments)
         try:
-            tree = _parser().parse(working)
+            tree = lark_parser().parse(working)
             return _Builder(src, comments).build(tree), diagnostics
         except (lark.UnexpectedInput, lark.exceptions.VisitError) as error:
             diagnostic, offset = _diagnostic(error, src, working)

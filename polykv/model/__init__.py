@@ -1,6 +1,13 @@
 """Models: finding and loading them offline (``load``), and describing a loaded one (``describe``)."""
 
-from polykv.model.describe import LayerPlacement, ModelInfo, attention_modules, describe_model, sliding_windows
+from polykv.model.describe import (
+    LayerPlacement,
+    ModelInfo,
+    attention_modules,
+    cache_argument,
+    describe_model,
+    sliding_windows,
+)
 from polykv.model.load import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_PACKAGE,
@@ -19,6 +26,7 @@ __all__ = [
     "ModelInfo",
     "ModelLocation",
     "attention_modules",
+    "cache_argument",
     "default_model_location",
     "describe_model",
     "layer_count",

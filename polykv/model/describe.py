@@ -5,6 +5,9 @@ Plans, profiles and captures describe a model this way; nothing here loads or ch
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import attrs
 import torch
 
@@ -123,3 +126,15 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
 def kernel_name(model) -> str:
     """The attention kernel the model runs (``sdpa`` or ``eager``), with or without polykv."""
     return model.config._attn_implementation.removeprefix(PREFIX)
+
+
+def cache_argument(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)``: transformers 5.24 takes the cache as
+    ``cache`` and warns about ``past_key_values``, which earlier releases take (``model(ids, **cache_argument(model,
+    cache))`` works with both)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

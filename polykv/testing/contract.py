@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from polykv.cache.checks import raise_for
 from polykv.cache.selection import choose
 from polykv.hooks import hookimpl
+from polykv.model.describe import cache_argument
 from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
@@ -257,8 +258,8 @@ class PolicyContract:
         plan, registry = self._plan(model, f"layers *: {self._use(500)}")
         ids = prompt(30, batch=2, seed=1)
         options = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
-        theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **options)
-        ours = model.generate(ids, past_key_values=plan.make_cache(registry), **options)
+        theirs = model.generate(ids, **cache_argument(model, DynamicCache(config=model.config)), **options)
+        ours = model.generate(ids, **cache_argument(model, plan.make_cache(registry)), **options)
         assert torch.equal(ours.sequences, theirs.sequences)
 
     @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -272,7 +273,9 @@ class PolicyContract:
         for length in prompt_lengths(budget + 8):
             cache = plan.make_cache(registry)
             ids = prompt(length, batch=2)
-            out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, past_key_values=cache)
+            out = model.generate(
+                ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, **cache_argument(model, cache)
+            )
             assert out.shape == (2, length + 5)
             stored = cache.layer_lengths()
             assert stored[0] == length + 4
@@ -293,7 +296,7 @@ class PolicyContract:
         try:
             ids = prompt(3 * (budget + 10))
             model.generate(
-                ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=budget + 10, past_key_values=cache
+                ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=budget + 10, **cache_argument(model, cache)
             )
         finally:
             hook.remove()

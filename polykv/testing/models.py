@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from polykv.model.describe import cache_argument
+
 #: The window of every sliding-window layer of these models.
 SLIDING_WINDOW = 8
 #: Family -> (config class, model class, extra config) in transformers.
@@ -87,7 +89,9 @@ def greedy_by_forwards(
     positions = prompt_positions(mask)
     out = ids
     for _ in range(new):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, **cache_argument(model, cache)
+        ).logits
         ids = logits[:, -1:].argmax(-1)
         out = torch.cat([out, ids], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

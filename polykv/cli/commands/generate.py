@@ -24,6 +24,7 @@ from polykv.errors import PolykvError
 from polykv.language.check import check
 from polykv.language.printer import layer_ranges
 from polykv.model import attention_modules, load_model
+from polykv.model.describe import cache_argument
 from polykv.plan import Plan, compile, with_total_budget
 
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     if not text.strip():
         raise PolykvError("the prompt is empty")
-    spec = spec_argument(args.spec, "--spec")
+    spec = spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
     check(spec)  # report mistakes in the spec before spending time on the model
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             output = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                past_key_values=cache,
+                **cache_argument(model, cache),
                 max_new_tokens=args.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -223,7 +223,5 @@ def _listing_json(registry: Registry) -> dict:
         "failures": [
             {"distribution": f.distribution, "plugin": f.plugin, "reason": f.reason} for f in registry.failures
         ],
-        "notes": [
-            {"distribution": n.distribution, "plugin": n.plugin, "reason": n.reason} for n in registry.notes
-        ],
+        "notes": [{"distribution": n.distribution, "plugin": n.plugin, "reason": n.reason} for n in registry.notes],
     }

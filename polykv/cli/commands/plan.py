@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.png is not None:
         setup.writable(args.png, "--png")
-    spec = setup.spec_argument(args.spec, "spec")
+    spec = setup.spec_argument(args, "spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
     check(spec)  # mistakes in the spec are reported before the model loads

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -25,16 +24,22 @@ def model_location(args: argparse.Namespace):
     return locate(args.model) if args.model else default_model_location()
 
 
-def spec_argument(text: str, source: str):
-    """A spec from an argument that names a file or holds spec text."""
-    from polykv.plan import as_spec
+def spec_argument(args: argparse.Namespace, source: str):
+    """The spec the command line gives: ``--spec-file FILE``, or spec text (named ``source`` in messages)."""
+    from polykv.language.diagnostics import SpecError
+    from polykv.language.parse import load, parse
 
-    path = Path(text)
-    if os.sep in text or text.endswith(".pkv") or path.is_file():
-        if not path.is_file():
-            raise PolykvError(f"{source} {text}: no such file (give a spec file, or spec text such as '*: snapkv@256')")
-        return as_spec(path)
-    return as_spec(text, source=source)
+    if args.spec_file is not None:
+        return load(args.spec_file)
+    try:
+        return parse(args.spec, source=source)
+    except SpecError:
+        if ":" not in args.spec and (args.spec.endswith(".pkv") or "/" in args.spec or Path(args.spec).is_file()):
+            raise PolykvError(
+                f"{source} {args.spec}: not spec text (it reads like a file name): a spec file is given with "
+                f"--spec-file {args.spec}"
+            ) from None
+        raise
 
 
 def writable(path: Path, option: str) -> None:

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for polykv specs: syntax trees built directly, and text from the grammar."""
+"""Hypothesis strategies for polykv specs: syntax trees built directly (``specs``), and text from the grammar
+(``grammar_text``), for tests of the language and of tools that read specs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hypothesis.strategies as st
 from hypothesis.extra.lark import from_lark
 
 from polykv.language import ast
-from polykv.language.parse import _parser
+from polykv.language.parse import lark_parser
 
 _NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
 policy_names = _NAMES.filter(lambda name: name not in ast.KEYWORDS)
@@ -76,7 +77,7 @@ def _spaced(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 def _grammar_terminals() -> dict[str, st.SearchStrategy[str]]:
     """Every terminal followed by a space, so generated tokens never run together; no comments."""
     explicit = {}
-    for terminal in _parser().terminals:
+    for terminal in lark_parser().terminals:
         if terminal.name in {"_SEP", "COMMENT"} or terminal.name.startswith("__IGNORE"):
             continue
         if terminal.pattern.type == "str":
@@ -91,4 +92,4 @@ def _grammar_terminals() -> dict[str, st.SearchStrategy[str]]:
 
 def grammar_text() -> st.SearchStrategy[str]:
     """Text the grammar accepts (it may still fail semantic checks)."""
-    return from_lark(_parser(), explicit=_grammar_terminals())
+    return from_lark(lark_parser(), explicit=_grammar_terminals())
