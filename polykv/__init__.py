@@ -27,6 +27,8 @@ _EXPORTS = {
     "Sampling": "polykv.decoding",
     "StaticDecoder": "polykv.decoding",
     "static_generate": "polykv.decoding",
+    "ArgumentError": "polykv.errors",
+    "ArgumentTypeError": "polykv.errors",
     "CacheError": "polykv.errors",
     "ModelError": "polykv.errors",
     "PolicyError": "polykv.errors",
@@ -109,6 +111,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from polykv.choice import Choice
     from polykv.decoding import Sampling, StaticDecoder, static_generate
     from polykv.errors import (
+        ArgumentError,
+        ArgumentTypeError,
         CacheError,
         ModelError,
         PolicyError,

@@ -31,7 +31,7 @@ from packaging.utils import canonicalize_name
 
 from polykv import hooks
 from polykv.parameters import Configurable, Param, ParameterError
-from polykv.policy import Policy
+from polykv.policy import Needs, Policy
 from polykv.values import KEYWORDS, Value
 
 ENTRY_POINT_GROUP = "polykv"
@@ -311,9 +311,24 @@ def _class_problem(thing: object, base: type, word: str) -> str | None:
             except ParameterError as error:
                 return f"{word} '{name}': default of {error}"
     try:
-        thing()
+        made = thing()
     except Exception as error:  # a class that cannot be built with its defaults is malformed
         return f"{word} '{name}' cannot be created with its defaults: {_reason(error)}"
+    if isinstance(made, Policy):
+        return _policy_answers(made, name)
+    return None
+
+
+def _policy_answers(policy: Policy, name: str) -> str | None:
+    """Why the cache could not use what ``policy`` says of itself (needs and minimum budget), or None."""
+    try:
+        needs, minimum = policy.needs(), policy.min_budget()
+    except Exception as error:
+        return f"policy '{name}': needs() or min_budget() raised {_reason(error)}"
+    if not isinstance(needs, Needs):
+        return f"policy '{name}': needs() returned {needs!r}, expected a polykv.Needs"
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        return f"policy '{name}': min_budget() returned {minimum!r}, expected a whole number of at least 1"
     return None
 
 

@@ -33,19 +33,19 @@ class Reference:
         self.seen, self.prefilling = 0, True
         self.held: list[list[int]] = [[], [], [], []]
 
-    def forward(self, new: int) -> None:
-        if self.seen and new == 1:
-            self.prefilling = False
+    def forward(self, new: int, *, ends_prompt: bool) -> None:
+        """``new`` tokens: of the prompt (compressed when it ends) or, after it, decoded."""
         added = list(range(self.seen, self.seen + new))
         self.seen += new
         for layer in range(4):
             self.held[layer] += added
-            if layer >= 1:
-                bound = (
-                    PREFILL_BUDGET if self.prefilling and layer >= 2 else (None if self.prefilling else DECODE_BUDGET)
-                )
-                if bound is not None and len(self.held[layer]) > bound:
-                    self.held[layer] = self.held[layer][:SINK] + self.held[layer][-(bound - SINK) :]
+        if self.prefilling and not ends_prompt:
+            return
+        for layer in range(1, 4):
+            bound = PREFILL_BUDGET if self.prefilling and layer >= 2 else (None if self.prefilling else DECODE_BUDGET)
+            if bound is not None and len(self.held[layer]) > bound:
+                self.held[layer] = self.held[layer][:SINK] + self.held[layer][-(bound - SINK) :]
+        self.prefilling = False
 
     def rewind(self, length: int) -> None:
         self.seen = min(self.seen, length)
@@ -68,13 +68,13 @@ class CacheMachine(RuleBasedStateMachine):
         self.reference = Reference()
         self.step = 0
 
-    def _forward(self, new: torch.Tensor) -> None:
+    def _forward(self, new: torch.Tensor, *, ends_prompt: bool = True) -> None:
         """One forward of both models; the reference (with its own full cache) hides what ours evicted."""
         self.tokens = torch.cat([self.tokens, new], dim=1)
         with hide_evicted(self.cache, new.shape[1]), torch.no_grad():
             ours = self.model(new, past_key_values=self.cache).logits
             theirs = self.reference_model(new, past_key_values=self.full).logits
-        self.reference.forward(new.shape[1])
+        self.reference.forward(new.shape[1], ends_prompt=ends_prompt)
         torch.testing.assert_close(ours[:, -1], theirs[:, -1], rtol=1e-4, atol=1e-5)
 
     def _new(self, count: int) -> torch.Tensor:
@@ -82,14 +82,15 @@ class CacheMachine(RuleBasedStateMachine):
         return torch.randint(3, 128, (self.batch, count), generator=torch.Generator().manual_seed(self.step))
 
     @precondition(lambda self: self.reference.seen == 0)
-    @rule(length=st.integers(1, 30), chunk=st.sampled_from([None, 7, 12]))
+    @rule(length=st.integers(1, 30), chunk=st.sampled_from([None, 1, 7, 12]))
     def prefill(self, length, chunk):
         ids = self._new(length)
-        for start in range(0, length, chunk or length):
-            piece = ids[:, start : start + (chunk or length)]
-            if piece.shape[1] == 1 and start > 0:
-                break  # a single token after the first chunk would be a decoding step
-            self._forward(piece)
+        if chunk is None:  # one forward on a fresh cache: the whole prompt
+            self._forward(ids)
+            return
+        with self.cache.prompt():  # chunks of any size, the last one included, make one prompt
+            for start in range(0, length, chunk):
+                self._forward(ids[:, start : start + chunk], ends_prompt=start + chunk >= length)
 
     @precondition(lambda self: self.reference.seen > 0)
     @rule()
@@ -102,7 +103,7 @@ class CacheMachine(RuleBasedStateMachine):
         length = max(1, self.reference.seen - back)
         if not self._rewindable(length):
             return
-        self.cache.crop(length)
+        self.cache.crop(length - self.reference.seen)  # transformers' meaning: the newest tokens to remove
         self._crop_reference(length)
         self.reference.rewind(length)
         self.tokens = self.tokens[:, :length]

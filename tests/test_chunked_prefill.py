@@ -1,14 +1,17 @@
-"""Chunked prefill: every multi-token forward before decoding is compressed, so memory stays bounded.
+"""Chunked prefill: a prompt in chunks keeps what the whole prompt keeps; or, asked for, memory stays bounded.
 
-``model.generate(..., prefill_chunk_size=N)`` feeds the prompt N tokens at a time. Each chunk
-attends to what the earlier chunks left, then the layer is compressed back to its budget with
-that chunk's queries.
+``model.generate(..., prefill_chunk_size=N)`` feeds the prompt N tokens at a time; the cache knows
+the prompt's end (generate says so; by hand, ``with cache.prompt(): ...``), and compresses it then,
+with the queries and attention it kept: the same tokens as an unchunked prefill, whatever the
+chunks (the contract checks it for every policy). With ``make_cache(compress_chunks=True)`` each
+chunk attends to what the earlier chunks left, then the layer is compressed back to its budget
+with that chunk's queries, so memory stays bounded.
 
-Where chunked and unchunked prefill must agree: with budgets that cover the prompt nothing is
-evicted, so they are the same computation; and a layer whose inputs do not depend on an eviction
-(layer 0's keys come straight from the embeddings, and every layer's when all earlier layers keep
-everything) keeps the same tokens under a policy whose choice decomposes over chunks (the most
-recent tokens, the lowest key norms).
+Where bounded chunks and an unchunked prefill must agree: with budgets that cover the prompt nothing
+is evicted, so they are the same computation; and a layer whose inputs do not depend on an
+eviction (layer 0's keys come straight from the embeddings, and every layer's when all earlier
+layers keep everything) keeps the same tokens under a policy whose choice decomposes over chunks
+(the most recent tokens, the lowest key norms).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _lengths_after_each_forward(model, cache) -> list[list[int]]:
 def test_every_chunk_is_compressed_to_the_budget(spec):
     model = tiny_llama("sdpa")
     plan = polykv.compile(f"layers *: {spec}", model)
-    cache = plan.make_cache()
+    cache = plan.make_cache(compress_chunks=True)
     seen, hook = _lengths_after_each_forward(model, cache)
     try:
         model.generate(_prompt(96), max_new_tokens=3, do_sample=False, prefill_chunk_size=32, past_key_values=cache)
@@ -49,9 +52,25 @@ def test_every_chunk_is_compressed_to_the_budget(spec):
 
 def test_the_issue_example_keeps_17_tokens_not_81():
     model = tiny_llama("sdpa")
-    cache = polykv.compile("layers *: snapkv@16(window=8)", model).make_cache()
-    model.generate(_prompt(96), max_new_tokens=2, do_sample=False, prefill_chunk_size=32, past_key_values=cache)
-    assert cache.layer_lengths() == [17] * 4
+    for bounded in (False, True):
+        cache = polykv.compile("layers *: snapkv@16(window=8)", model).make_cache(compress_chunks=bounded)
+        model.generate(_prompt(96), max_new_tokens=2, do_sample=False, prefill_chunk_size=32, past_key_values=cache)
+        assert cache.layer_lengths() == [17] * 4
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 39])
+def test_chunks_of_any_size_keep_what_the_whole_prompt_keeps(chunk):
+    """The issue's cases: chunks of one token, and a last chunk of one token (40 = 8 * 5, 39 + 1)."""
+    model = tiny_llama("sdpa")
+    plan = polykv.compile("layers 0: full; *: snapkv@16(window=4)", model)
+    ids = _prompt(40)
+    whole, chunked = plan.make_cache(), plan.make_cache()
+    options = {"max_new_tokens": 2, "do_sample": False}
+    expected = model.generate(ids, past_key_values=whole, **options)
+    assert torch.equal(model.generate(ids, past_key_values=chunked, prefill_chunk_size=chunk, **options), expected)
+    assert chunked.layer_lengths() == whole.layer_lengths() == [41, 17, 17, 17]
+    for a, b in zip(whole.layers[1:], chunked.layers[1:]):
+        assert torch.equal(a.positions, b.positions)
 
 
 @pytest.mark.parametrize("spec", ["full", "snapkv@200", "h2o@200", "tova@200", "streaming@200", "knorm@200"])
@@ -76,11 +95,12 @@ def test_a_decomposable_policy_keeps_the_same_tokens_chunk_by_chunk(policy, spec
     plan = polykv.compile(spec.format(policy=policy), model)
     compressed = 0 if spec.startswith("layers 0:") else 3
     ids = _prompt(90, batch=2)
-    whole, chunked = plan.make_cache(), plan.make_cache()
+    whole, chunked = plan.make_cache(), plan.make_cache(compress_chunks=True)
     with torch.no_grad():
         model(ids, past_key_values=whole)
-        for start in range(0, 90, 25):
-            model(ids[:, start : start + 25], past_key_values=chunked)
+        with chunked.prompt():
+            for start in range(0, 90, 25):
+                model(ids[:, start : start + 25], past_key_values=chunked)
     a, b = whole.layers[compressed], chunked.layers[compressed]
     assert torch.equal(a.positions, b.positions)
     torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-6)
@@ -89,7 +109,7 @@ def test_a_decomposable_policy_keeps_the_same_tokens_chunk_by_chunk(policy, spec
 
 def test_percent_budgets_follow_the_tokens_seen_so_far():
     model = tiny_llama("sdpa")
-    cache = polykv.compile("layers *: knorm@25%", model).make_cache()
+    cache = polykv.compile("layers *: knorm@25%", model).make_cache(prompt_length=100, compress_chunks=True)
     seen, hook = _lengths_after_each_forward(model, cache)
     try:
         with torch.no_grad():
@@ -105,11 +125,12 @@ def test_h2o_adds_up_attention_across_chunks():
     model = tiny_llama("sdpa")
     plan = polykv.compile("layers 0: h2o@40; *: full", model)
     ids = _prompt(60)
-    whole, chunked = plan.make_cache(), plan.make_cache()
+    whole, chunked = plan.make_cache(), plan.make_cache(compress_chunks=True)
     with torch.no_grad():
         model(ids, past_key_values=whole)
-        model(ids[:, :30], past_key_values=chunked)
-        model(ids[:, 30:], past_key_values=chunked)
+        with chunked.prompt():
+            model(ids[:, :30], past_key_values=chunked)
+            model(ids[:, 30:], past_key_values=chunked)
     assert torch.equal(whole.layers[0].positions, chunked.layers[0].positions)
 
 

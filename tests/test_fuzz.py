@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from polykv.testing.strategies import grammar_text
 
 from polykv.cli import main
 from polykv.language.check import check_text
 from polykv.language.diagnostics import SpecError
+from polykv.testing.strategies import grammar_text
 
 EXAMPLES = [path.read_text() for path in sorted((Path(__file__).parent.parent / "examples").glob("*.pkv"))]
 VALID = [

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from polykv.testing.strategies import grammar_text, specs
 
 import polykv
 from polykv.language import ast
 from polykv.language.parse import parse_recovering
 from polykv.language.printer import print_spec
+from polykv.testing.strategies import grammar_text, specs
 
 FILE_FORM = """\
 # LLaMA-3.1-8B, 512 tokens per layer on average

@@ -166,9 +166,12 @@ def test_static_decoding_starts_after_the_prefill():
     plan = polykv.compile("*: full", model)
     with plan.apply(model):
         cache = plan.make_cache()
-        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
         with pytest.raises(CacheError, match="after the prefill"):
-            cache.begin_static(room=4)
+            cache.begin_static(room=4)  # fresh
+        with cache.prompt():
+            model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+            with pytest.raises(CacheError, match="after the prefill"):
+                cache.begin_static(room=4)  # taking a prompt
 
 
 @requires_real_model

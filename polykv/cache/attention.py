@@ -6,11 +6,9 @@ attention function (``polykv_sdpa`` or ``polykv_eager``, wrapping the model's ke
 layer of a PolyCache it fits the mask to that layer, runs the kernel, then hands the layer the
 queries it needs to choose what to keep. For anything else it is the wrapped kernel, unchanged.
 
-Preparing a model is explicit: ``prepare_model`` switches its attention implementation to the
-wrapper and ``restore_model`` switches it back (``Plan.apply`` does both as a context manager,
-``polykv.compile`` prepares). A cache used with a model that was not prepared notices in the
-same forward pass: every layer's update must be followed by this function before the next
-layer's update.
+Preparing a model (``polykv.cache.preparation``) switches its attention implementation to this
+wrapper. A cache used with a model that was not prepared notices in the same forward pass: every
+layer's update must be followed by this function before the next layer's update.
 
 The cache tells the function which layer it is serving through a context variable set in
 ``PolyCache.update``: the function checks that the keys it received are the very tensor that
@@ -32,7 +30,7 @@ from polykv.cache.inputs import Visibility
 from polykv.cache.kernels import column_sums
 from polykv.cache.kernels.decode_attention import decode_attention
 from polykv.errors import ModelError
-from polykv.model.describe import PREFIX, kernel_name
+from polykv.model.describe import PREFIX
 
 SUPPORTED = ("sdpa", "eager")
 
@@ -94,7 +92,7 @@ def _attention_with_log_normalisers(query, key, value, scaling: float):
     return (output.transpose(1, 2).contiguous(), None), lse
 
 
-def _attention_function(inner: str) -> Callable:
+def attention_function(inner: str) -> Callable:
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
         handoff = _HANDOFF.get()
@@ -128,60 +126,3 @@ def _attention_function(inner: str) -> Callable:
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"
     return polykv_attention
-
-
-def prepare_model(model: torch.nn.Module) -> bool:
-    """Route ``model``'s attention through polykv (SDPA or eager kept as the kernel).
-
-    Returns True if the model was changed, False if it was already prepared. Outputs without a
-    PolyCache are unchanged; ``restore_model`` undoes it.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    current = model.config._attn_implementation
-    if current.startswith(PREFIX):
-        return False
-    if current not in SUPPORTED:
-        raise ModelError(
-            f"the model uses {current!r} attention; polykv works with {' or '.join(SUPPORTED)} "
-            "(load it with attn_implementation='sdpa')"
-        )
-    name = PREFIX + current
-    AttentionInterface.register(name, _attention_function(current))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise ModelError(f"{type(model).__name__} does not let polykv set its attention function")
-    return True
-
-
-class Prepared:
-    """A model prepared for polykv; as a context manager it gives the model its own attention back on exit
-    (only if preparing changed it: a model that was prepared before stays prepared)."""
-
-    def __init__(self, model: torch.nn.Module, changed: bool):
-        self.model = model
-        self.changed = changed
-
-    def __enter__(self) -> torch.nn.Module:
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        if self.changed:
-            restore_model(self.model)
-
-
-def prepared(model: torch.nn.Module) -> Prepared:
-    """Prepare ``model`` (``prepare_model``) and return the handle that restores it."""
-    return Prepared(model, prepare_model(model))
-
-
-def restore_model(model: torch.nn.Module) -> None:
-    """Give ``model`` back the attention implementation it had before ``prepare_model``."""
-    if is_prepared(model):
-        model.set_attn_implementation(kernel_name(model))
-
-
-def is_prepared(model: torch.nn.Module) -> bool:
-    return model.config._attn_implementation.startswith(PREFIX)

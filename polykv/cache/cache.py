@@ -1,16 +1,43 @@
-"""PolyCache: a transformers ``Cache`` whose layers each keep their own budget of tokens."""
+"""PolyCache: a transformers ``Cache`` whose layers each keep their own budget of tokens.
+
+A cache's life is a small state machine, and it always knows which state it is in (``state``):
+
+- ``FRESH``: nothing stored. The next forward starts a prompt.
+- ``PROMPT``: a prompt is arriving in chunks: inside ``model.generate`` (chunked or not), inside
+  ``with cache.prompt(): ...``, or until the length given to ``plan.make_cache(prompt_length=L)``
+  is reached. The prompt is compressed when it ends; a chunk's size never decides it.
+- ``DECODING``: the prompt is compressed; forwards append (decoding steps, or a question about a
+  compressed context), bounded only by a decode policy.
+
+A forward on a fresh cache outside all three is the whole prompt: it is compressed at once (a
+prefill with ``model(ids)`` followed by decoding steps needs no call). ``end_prefill`` ends a
+prompt; ``rewind(n)`` forgets everything after the first n tokens (``rewind(0)`` makes the cache
+fresh again, so that a new prompt is compressed like the first); ``reset`` empties it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import enum
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers.cache_utils import Cache
 
+from polykv.arguments import whole_number
 from polykv.cache.attention import hand_over
 from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PhaseRule, PolyLayer
-from polykv.errors import CacheError
+from polykv.errors import ArgumentError, CacheError
+from polykv.policy import Phase
+
+
+class CacheState(enum.Enum):
+    """Where a PolyCache is in its life (see the module docstring)."""
+
+    FRESH = "fresh"
+    PROMPT = "taking a prompt"
+    DECODING = "decoding"
 
 
 class PolyCache(Cache):
@@ -19,20 +46,34 @@ class PolyCache(Cache):
 
     Make one per request with ``plan.make_cache()``; the model must be prepared (``plan.apply``
     or ``polykv.compile``). ``get_seq_length`` counts every token seen, so positions stay those of
-    the full cache, while each layer stores only what its policy kept.
+    the full cache, while each layer stores only what its policy kept. Its states are described
+    in ``polykv.cache.cache``.
     """
 
     def __init__(
         self,
         layers: Sequence[PolyLayer],
         resolve: Callable[[int], Sequence[tuple[PhaseRule, PhaseRule | None]]] | None = None,
+        *,
+        prompt_length: int | None = None,
+        holding_prompt: bool = False,
     ):
-        """``resolve`` gives every layer's rules for a prompt length; it is called once, before the
-        first layer of the first forward runs (a plan whose budgets depend on the prompt length)."""
+        """``resolve`` gives every layer's rules for a prompt length; it is called once per prompt, before
+        the first layer of its first forward runs (a plan whose budgets depend on the prompt length).
+        ``prompt_length`` says how long the prompt will be: the prompt ends when that many tokens came.
+        ``holding_prompt`` makes a cache of layers that already hold a compressed prompt (built from a
+        capture): it starts in DECODING."""
         super().__init__(layers=list(layers))
         self._awaiting: PolyLayer | None = None
         self._resolve = resolve
         self._resolved = resolve is None
+        self.state = CacheState.DECODING if holding_prompt else CacheState.FRESH
+        if prompt_length is not None:
+            prompt_length = whole_number(prompt_length, "prompt_length", least=1)
+        self._prompt_length = prompt_length
+        self._open_prompt = False  # inside generate's prefill or ``with cache.prompt()``
+        if self._prompt_length is not None and resolve is not None:
+            self.resolve(self._prompt_length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):
@@ -49,26 +90,63 @@ class PolyCache(Cache):
             )
         if layer_idx == 0:
             self.check()
-            if not self._resolved:
-                self.resolve(key_states.shape[-2])
+            self._start_forward(key_states.shape[-2])
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._awaiting = self.layers[layer_idx]
         hand_over(self, self.layers[layer_idx], keys)
         return keys, values
 
-    def resolve(self, prompt_length: int) -> None:
-        """Set every layer's rules for a prompt of ``prompt_length`` tokens (once, before the first forward).
+    def _start_forward(self, new: int) -> None:
+        """Decide what this forward is to the layers: part of the prompt (its last part?) or decoding."""
+        if new == 0:
+            raise CacheError("the prompt is empty: a cache needs at least one token to compress")
+        if self.state is CacheState.DECODING:
+            return
+        if self.state is CacheState.FRESH:
+            self.state = CacheState.PROMPT
+            if not self._resolved:
+                self.resolve(self._prompt_length or new)
+        seen = self.get_seq_length() + new
+        if self._prompt_length is not None and seen > self._prompt_length:
+            raise CacheError(
+                f"this cache was made for a prompt of {self._prompt_length} tokens (make_cache(prompt_length=...)), "
+                f"but its forwards brought {seen}: give the prompt's whole length, or none"
+            )
+        # A declared length ends the prompt; without one, a forward outside generate or prompt() is all of it.
+        closing = seen == self._prompt_length if self._prompt_length is not None else not self._open_prompt
+        for layer in self.layers:
+            layer.closing = closing
+        if closing:
+            self.state = CacheState.DECODING  # the layers compress as this forward reaches them
 
-        Called by the first forward with its own length; call it first when the prompt comes in
-        chunks (``generate(..., prefill_chunk_size=N)``), so that budgets follow the whole prompt.
+    def resolve(self, prompt_length: int) -> None:
+        """Set every layer's rules for a prompt of ``prompt_length`` tokens (once per prompt, before it starts).
+
+        Called by the first forward of a prompt with its own length, or with the length given to
+        ``make_cache(prompt_length=...)``.
         """
         if self._resolve is None:
             return
+        prompt_length = whole_number(prompt_length, "prompt_length", least=1)
         if any(layer.is_initialized for layer in self.layers):
             raise CacheError("a cache is resolved for its prompt before the first forward pass, not after")
         for layer, (prefill, decode) in zip(self.layers, self._resolve(prompt_length)):
             layer.set_rules(prefill, decode)
         self._resolved = True
+
+    @contextlib.contextmanager
+    def prompt(self) -> Iterator[PolyCache]:
+        """``with cache.prompt(): model(chunk) ...``: the forwards inside are one prompt, which ends (and is
+        compressed) when the block ends. ``model.generate`` wraps its prefill this way. On a cache that
+        already decodes (a question about a compressed context), the forwards inside simply append."""
+        if self._open_prompt:
+            raise CacheError("a prompt is already open on this cache")
+        self._open_prompt = True
+        try:
+            yield self
+        finally:
+            self._open_prompt = False
+        self.end_prefill()
 
     def attended(self, layer: PolyLayer) -> None:
         """Called by polykv's attention function once ``layer`` has attended."""
@@ -87,6 +165,8 @@ class PolyCache(Cache):
 
         ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time.
         """
+        if self.state is not CacheState.DECODING:
+            raise CacheError(f"static decoding starts after the prefill, but this cache is {self.state.value}")
         self.check()
         for layer in self.layers:
             layer.begin_static(room, slack)
@@ -106,18 +186,44 @@ class PolyCache(Cache):
             layer.end_static(steps)
 
     def end_prefill(self) -> None:
-        """End the prefill: later forwards append (to ask several questions about one compressed context)."""
+        """End the prompt: compress it, and let later forwards append (to ask several questions about one
+        compressed context). Nothing to do on a fresh cache or one that already decodes."""
+        if self.state is CacheState.FRESH:
+            return
         for layer in self.layers:
             layer.end_prefill()
+        self.state = CacheState.DECODING
 
     def rewind(self, length: int) -> None:
-        """Forget everything after the first ``length`` tokens, e.g. an answer, to ask again."""
+        """Forget everything after the first ``length`` tokens, e.g. an answer, to ask again.
+
+        ``rewind(0)`` makes the cache fresh: the next forward starts a new prompt.
+        """
+        length = whole_number(length, "length", least=0)
+        if length == 0:
+            self.reset()
+            return
         for layer in self.layers:
             layer.rewind(length)
+        if self.state is CacheState.PROMPT:
+            self.end_prefill()
+
+    def crop(self, max_length: int) -> None:
+        """transformers' crop: ``crop(-n)`` removes the newest n tokens, ``crop(0)`` keeps them all."""
+        count = whole_number(max_length, "crop's count")
+        if count > 0:
+            raise ArgumentError(
+                f"crop takes the number of newest tokens to remove as a negative count (crop(-3)), as transformers' "
+                f"caches do, got {count}: to keep the first {count} tokens, call rewind({count})"
+            )
+        if count < 0:
+            self.rewind(max(0, self.get_seq_length() + count))
 
     def reset(self) -> None:
         self._awaiting = None
         self._resolved = self._resolve is None
+        self._open_prompt = False
+        self.state = CacheState.FRESH
         super().reset()
 
     def layer_lengths(self) -> list[int]:
@@ -139,3 +245,6 @@ class PolyCache(Cache):
                 tokens = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
                 total += 2 * layer.batch_size * layer.kv_heads * tokens * layer.head_dim * layer.dtype.itemsize
         return total
+
+
+__all__ = ["CacheState", "Phase", "PolyCache"]

@@ -9,10 +9,13 @@ attends with a mask fitted to this layer (``attention_mask``) and calls ``after_
 drops what the model can no longer see (sliding-window layers) and, when the layer holds more than
 its budget, runs the policy with the queries at hand and keeps the chosen tokens.
 
-Phases: every multi-token forward before decoding is prefill, so a prompt fed in chunks
-(``generate(..., prefill_chunk_size=N)``) is compressed chunk by chunk and memory stays bounded
-while it streams in. The first single-token forward starts decoding (or ``end_prefill``); from then
-on new tokens are appended, and a decode policy, if the layer has one, bounds the layer.
+Phases: the cache says which forwards carry the prompt (see ``PolyCache``); the layer never
+guesses from a chunk's size. A prompt is compressed when it ends (``closing`` marks its last
+forward, or ``end_prefill`` is called), with the queries and attention it kept along the way, so
+a prompt that came in chunks keeps what it would keep whole. With ``compress_chunks`` the layer
+is compressed after every chunk instead, so memory stays bounded while a long prompt streams in.
+After the prompt, new tokens are appended, and a decode policy, if the layer has one, bounds the
+layer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from polykv.cache.selection import Selection, choose
 from polykv.cache.static import StaticDecoding
 from polykv.cache.storage import Storage
 from polykv.choice import Choice
-from polykv.errors import CacheError
+from polykv.errors import ArgumentError, CacheError
+from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
 from polykv.registry import Registry
 from polykv.values import format_use
@@ -48,8 +52,18 @@ class PhaseRule:
     @classmethod
     def of(cls, choice: Choice, registry: Registry) -> PhaseRule:
         """The rule that runs ``choice``, its policy made by ``registry``."""
+        if choice.policy not in registry.policies:
+            installed = ", ".join(registry.policies.names()) or "none"
+            raise ArgumentError(
+                f"the registry has no policy {choice.policy!r}, which the plan's {choice.describe()} uses "
+                f"(installed: {installed})"
+            )
         entry = registry.policies.get(choice.policy)
-        return cls(entry.cls(**choice.params), choice.budget, entry.distribution)
+        try:
+            policy = entry.cls(**choice.params)
+        except ParameterError as error:
+            raise ArgumentError(f"the plan's {choice.describe()}: {error}") from None
+        return cls(policy, choice.budget, entry.distribution)
 
     def tokens(self, prompt_length: int) -> int | None:
         """The budget in tokens for a prompt of ``prompt_length`` (None: no limit)."""
@@ -88,11 +102,14 @@ class PolyLayer(CacheLayerMixin):
         *,
         sliding_window: int | None = None,
         observe: Needs = NOTHING_MORE,
+        compress_chunks: bool = False,
     ):
         """``observe`` asks the layer to keep more queries and attention than its own policies need
-        (a capture records what other policies would need, see ``capture``)."""
+        (a capture records what other policies would need, see ``polykv.harness.capture``).
+        ``compress_chunks`` compresses every chunk of a prompt as it comes (see the module docstring)."""
         super().__init__()
         self.index = index
+        self.compress_chunks = compress_chunks
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self._observe = observe
@@ -114,6 +131,7 @@ class PolyLayer(CacheLayerMixin):
         self.seen = 0
         self.prompt_length = 0
         self.phase = Phase.PREFILL
+        self.closing = False  # set by the cache when the current forward is the prompt's last
         self.lease: Lease | None = None  # set when the storage shares a capture's spare room
         self.static: StaticDecoding | None = None  # set between begin_static and end_static
         # Which positions hold real tokens (False: padding), (B, seen); None while all are real.
@@ -179,8 +197,6 @@ class PolyLayer(CacheLayerMixin):
                     "this cache shares its capture's spare room with a newer cache made from the same capture; "
                     "use one such cache at a time, or make it with capture.cache(..., share_room=False)"
                 )
-            if self.phase is Phase.PREFILL and new == 1:
-                self.end_prefill()
         self.storage.append(key_states, value_states, self.seen, limit=self._memory_limit(new))
         self.seen += new
         if self.phase is Phase.PREFILL:
@@ -201,8 +217,9 @@ class PolyLayer(CacheLayerMixin):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """transformers' crop: a negative count removes the newest tokens; a positive one is a length."""
-        self.rewind(self.seen + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
+        """transformers' crop: a negative count removes that many of the newest tokens (the cache checks it)."""
+        if tokens_to_remove < 0:
+            self.rewind(max(0, self.seen + tokens_to_remove))
 
     def rewind(self, length: int) -> None:
         """Forget every token at position ``length`` or later (stored tokens before it stay)."""
@@ -263,9 +280,14 @@ class PolyLayer(CacheLayerMixin):
         static.finish(steps)
 
     def end_prefill(self) -> None:
-        """Start decoding: later forwards append tokens (bounded only by a decode policy)."""
+        """End the prompt: compress it to its budget (with the queries and attention it kept), then decode:
+        later forwards append tokens (bounded only by a decode policy)."""
+        if self.phase is Phase.PREFILL and self.is_initialized:
+            self._compress(self.prefill)
         self.phase = Phase.DECODE
-        self.accumulated = None  # prefill attention totals mean nothing to decoding
+        self.closing = False
+        if not self._observe.accumulated_attention:  # a capture keeps them for the policies it serves
+            self.accumulated = None  # prefill attention totals mean nothing to decoding
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -348,13 +370,21 @@ class PolyLayer(CacheLayerMixin):
             self._accumulate(queries, scaling, visibility, lse)
         if self.sliding_window and self.storage.size > self.sliding_window - 1:
             self._keep_newest(self.sliding_window - 1)
-        rule = self.prefill if self.phase is Phase.PREFILL else self.decode
+        if self.phase is Phase.DECODE:
+            self._compress(self.decode)
+        elif self.closing:
+            self.end_prefill()
+        elif self.compress_chunks:
+            self._compress(self.prefill)
+
+    def _compress(self, rule: PhaseRule | None) -> None:
+        """Evict down to ``rule``'s budget (for the prompt so far), if the layer holds more."""
         budget = rule.tokens(self.prompt_length) if rule is not None else None
         if budget is not None and self.sliding_window:
             budget = min(budget, self.sliding_window - 1)
         if budget is not None and self.storage.size > budget:
             self._check_budget(rule, budget)
-            self._evict(rule, budget, scaling, visibility)
+            self._evict(rule, budget, self.scaling, self.visibility)
 
     # --- eviction -------------------------------------------------------------------------------
 

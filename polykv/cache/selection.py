@@ -7,8 +7,11 @@ which with left padding are every real token plus the latest padding (masked in 
 What a policy returns is checked without a host round trip: the checks run on the device and
 leave a bit mask of problems (``Selection.problems``) that the cache reads at its next point of
 synchronisation (the start of the next forward pass, or right away on the CPU, where reading it
-costs nothing; see ``checks``). Shapes and dtypes are host metadata and are checked at once. A policy that raises
-fails the request with a PolicyError naming the policy, its plugin and the layer.
+costs nothing; see ``checks``). Shapes, dtypes and devices are host metadata and are checked at
+once. A policy that raises (even SystemExit) fails the request with a PolicyError naming the
+policy, its plugin and the layer. Views are read-only: a policy that writes into the keys, values,
+positions or mask it was shown is caught by the tensors' version counters (no copy, no sync) and
+fails the same way, before the cache keeps anything.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ class Selection:
     problems: torch.Tensor
 
 
+#: The tensors of a view a policy must not change, by the name its messages use.
+READ_ONLY = ("keys", "values", "positions", "token_mask")
+
+
 def choose(policy: Policy, view: LayerView, *, where: str) -> Selection:
     """Run ``policy`` on ``view``; ``where`` names the policy and layer in errors."""
+    versions = [getattr(view, name)._version for name in READ_ONLY]
     try:
         if isinstance(policy, ScoringPolicy):
             keep, problems = _top_scores(policy, view, where)
@@ -38,8 +46,14 @@ def choose(policy: Policy, view: LayerView, *, where: str) -> Selection:
             keep, problems = _selected(policy, view, where)
     except PolykvError:
         raise
-    except Exception as error:  # a policy's own failure is reported with its name and layer
+    except (Exception, SystemExit) as error:  # a policy's own failure is reported with its name and layer
         raise PolicyError(f"{where} raised {type(error).__name__}: {error}") from error
+    changed = [name for name, version in zip(READ_ONLY, versions) if getattr(view, name)._version != version]
+    if changed:
+        raise PolicyError(
+            f"{where} changed the view's {' and '.join(changed)} in place; a policy reads its view and returns "
+            "scores or indices (copy a tensor before changing it)"
+        )
     real = view.token_mask.sum(dim=-1)  # (B, H)
     short = real <= view.budget
     batch, heads, length = view.token_mask.shape
@@ -58,6 +72,8 @@ def _top_scores(policy: ScoringPolicy, view: LayerView, where: str) -> tuple[tor
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
         found = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise PolicyError(f"{where}: score() returned {found}, expected a tensor of shape {expected} (B, H, L)")
+    if scores.device != view.token_mask.device:
+        raise PolicyError(f"{where}: score() returned a tensor on {scores.device}, expected {view.token_mask.device}")
     if scores.is_complex():
         raise PolicyError(f"{where}: score() returned {scores.dtype}, expected real numbers")
     scores = scores.float()
@@ -76,6 +92,8 @@ def _selected(policy: Policy, view: LayerView, where: str) -> tuple[torch.Tensor
         raise PolicyError(f"{where}: select() returned {found}, expected a tensor of shape {expected}")
     if keep.dtype != torch.long:
         raise PolicyError(f"{where}: select() returned {keep.dtype} indices, expected torch.long")
+    if keep.device != view.token_mask.device:
+        raise PolicyError(f"{where}: select() returned indices on {keep.device}, expected {view.token_mask.device}")
     length = view.token_mask.shape[-1]
     outside = ((keep < 0) | (keep >= length)).any()
     return keep.clamp(0, length - 1), outside.int() * OUT_OF_RANGE

@@ -14,10 +14,26 @@ import torch
 from polykv.calibration.measure import measure
 from polykv.calibration.samples import GRID, POLICIES
 from polykv.calibration.tune import tune
+from polykv.errors import ArgumentError
 from polykv.profile import Profile, fingerprint
 from polykv.registry import Registry, default_registry
 from polykv.tasks.tasks import Sample
 from polykv.values import Value
+
+
+def check_policies(policies: Sequence[str], registry: Registry, name: str = "policies") -> None:
+    """Refuse what calibration cannot measure: an unknown policy, or one that takes no budget (``full``)."""
+    installed = registry.policies.names()
+    for policy in policies:
+        if policy not in registry.policies:
+            raise ArgumentError(f"{name}: unknown policy {policy!r}; installed: {', '.join(installed)}")
+        if not registry.policies.get(policy).cls.budgeted:
+            raise ArgumentError(
+                f"{name}: {policy} keeps every token and takes no budget; calibration measures how policies lose "
+                "as their budget shrinks (a layer kept whole is always an option of the solver)"
+            )
+    if not policies:
+        raise ArgumentError(f"{name}: name at least one policy to measure")
 
 
 def calibrate(
@@ -41,6 +57,7 @@ def calibrate(
     from polykv.model import describe_model
 
     registry = default_registry() if registry is None else registry
+    check_policies(policies, registry)
     chosen: dict[str, dict[str, Value]] = {name: dict(registry.policies.create(name).values) for name in policies}
     signals = [entry.cls() for entry in registry.signals]
     measured = measure(

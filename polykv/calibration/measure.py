@@ -18,7 +18,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from polykv.cache.attention import prepared
+from polykv.cache.preparation import prepared
 from polykv.harness.scorer import Scorer, by_group, group_sizes, needs_of
 from polykv.registry import Registry, default_registry
 from polykv.signals import Signal

@@ -8,7 +8,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from polykv.cache.attention import prepared
+from polykv.cache.preparation import prepared
 from polykv.harness.scorer import Scorer, by_group, needs_of
 from polykv.plan import compile
 from polykv.profile import Profile, TunedRegime

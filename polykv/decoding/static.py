@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
-from polykv.cache.cache import PolyCache
+from polykv.cache.cache import CacheState, PolyCache
 from polykv.cache.positions import prompt_positions
-from polykv.errors import CacheError
+from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
 
 
@@ -53,8 +53,14 @@ def static_generate(
     from the device). ``sampling`` samples instead of choosing greedily (see ``Sampling``).
     """
     on_token = on_token or (lambda: None)
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
+    if cache.state is not CacheState.FRESH:
+        raise CacheError(
+            f"static_generate needs a fresh cache (this one is {cache.state.value}): make one with plan.make_cache()"
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ArgumentError(f"max_new_tokens is a whole number of at least 1, got {max_new_tokens!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ArgumentError(f"check_every is a whole number of steps of at least 1, got {check_every!r}")
     stops = _Stops(eos_token_id, pad_token_id, input_ids, sampling)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -26,7 +26,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from polykv.cache.attention import prepared
+from polykv.cache.preparation import prepared
 from polykv.errors import PolykvError
 from polykv.harness.scorer import Record, Scorer, by_group, needs_of
 from polykv.language.diagnostics import SpecError

@@ -146,7 +146,7 @@ class Capture:
             layer = PolyLayer(captured.index, captured.prefill, rule, sliding_window=captured.sliding_window)
             layer.adopt(captured, keep.get(captured.index), lease)
             layers.append(layer)
-        return PolyCache(layers)
+        return PolyCache(layers, holding_prompt=True)
 
 
 def capture(

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
+from polykv.arguments import instance, whole_number
+from polykv.errors import ArgumentTypeError
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.language.parse import parse_recovering
@@ -111,6 +113,12 @@ def check(
     not reported (the lost statement may have named them). Raises SpecError with every finding.
     """
     registry = default_registry() if registry is None else registry
+    if isinstance(spec, str):
+        raise ArgumentTypeError("spec is a polykv.Spec: parse the text first, polykv.check(polykv.parse(text), ...)")
+    instance(spec, ast.Spec, "spec", "a polykv.Spec (from polykv.parse)")
+    instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
+    if layers is not None:
+        layers = whole_number(layers, "layers", least=1, most=MAX_LAYERS)
     checker = _Checker(spec, registry, layers, layers_from, complete, windows)
     checked = checker.run()
     if checker.diagnostics:
@@ -245,8 +253,6 @@ class _Checker:
                 hint="write the layer count of the model the spec is for, or drop the line",
             )
             declared = None
-        if self.given_layers is not None and not 1 <= self.given_layers <= MAX_LAYERS:
-            raise ValueError(f"layer count must be from 1 to {MAX_LAYERS:,}, got {self.given_layers}")
         if declared is not None and self.given_layers is not None and declared.count != self.given_layers:
             self.error(
                 "layer-count-mismatch",

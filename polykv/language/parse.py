@@ -19,6 +19,8 @@ import attrs
 import lark
 from lark import Token, Transformer, v_args
 
+from polykv.arguments import instance
+from polykv.errors import ArgumentTypeError
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.source import Source, Span, UnreadableSource, read_source
@@ -50,6 +52,10 @@ def lark_parser() -> lark.Lark:
 
 def parse(text: str, source: str = "<string>") -> ast.Spec:
     """Parse spec ``text``; ``source`` names it in messages. Raises SpecError listing every syntax error."""
+    if isinstance(text, bytes):
+        raise ArgumentTypeError("text is a str, not bytes: decode it first, text.decode('utf-8')")
+    instance(text, str, "text", "spec text (a str)")
+    instance(source, str, "source", "a name for messages (a str)")
     spec, diagnostics = parse_recovering(text, source)
     if diagnostics:
         raise SpecError(diagnostics)
@@ -58,6 +64,7 @@ def parse(text: str, source: str = "<string>") -> ast.Spec:
 
 def load(path: str | Path) -> ast.Spec:
     """Parse the spec file at ``path`` (any suffix; ``-`` reads standard input)."""
+    instance(path, (str, Path), "path", "the path of a spec file (a str or pathlib.Path)")
     return parse(*_read(path))
 
 

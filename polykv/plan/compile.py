@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from polykv.arguments import instance, whole_number
 from polykv.budget import Budget, Share, Tokens
 from polykv.choice import Choice
+from polykv.errors import ArgumentTypeError
 from polykv.language import ast
 from polykv.language.check import PhaseChoice, check
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -51,6 +53,12 @@ def compile(
     Raises SpecError with every problem found.
     """
     registry = default_registry() if registry is None else registry
+    instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise ArgumentTypeError(f"model is a transformers model (loaded with polykv.load_model, say), got {model!r}")
+    if context_length is not None:
+        context_length = whole_number(context_length, "context_length", least=1)
+    instance(profile, (Profile, str, os.PathLike, type(None)), "profile", "a Profile, the path of one, or None")
     spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
@@ -110,8 +118,9 @@ def as_spec(spec: ast.Spec | str | os.PathLike, source: str = "<string>") -> ast
         return spec
     if isinstance(spec, os.PathLike):
         return load(Path(spec))
-    if not isinstance(spec, str):
-        raise TypeError(f"a spec is spec text (str), a pathlib.Path of a spec file or a polykv.Spec, not {spec!r}")
+    if isinstance(spec, bytes):
+        raise ArgumentTypeError("spec is text (str), not bytes: decode it first, spec.decode('utf-8')")
+    instance(spec, str, "spec", "spec text (a str), a pathlib.Path of a spec file, or a polykv.Spec")
     try:
         return parse(spec, source=source)
     except SpecError as error:
@@ -154,7 +163,7 @@ def _declaration(budget: int | Budget | str) -> ast.BudgetDecl:
         raise SpecError(
             [Diagnostic("bad-budget", f"budget={budget!r} is not one budget", hint="for example 512 or '10%'")]
         )
-    raise TypeError(
-        f"budget= takes tokens per layer (an int or polykv.Tokens), a share of the prompt (polykv.Share) "
-        f"or budget words such as 'total 16384', not {budget!r}"
+    raise ArgumentTypeError(
+        f"budget is tokens per layer (an int or polykv.Tokens), a share of the prompt (polykv.Share) "
+        f"or budget words such as 'total 16384', got {budget!r}"
     )

@@ -16,14 +16,15 @@ import torch
 
 from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
-from polykv.cache.attention import Prepared, prepared
+from polykv.cache.preparation import Prepared, prepared
 from polykv.choice import Choice
-from polykv.errors import ModelError
+from polykv.errors import ArgumentTypeError, ModelError
 from polykv.language.printer import layer_runs
 from polykv.model import ModelInfo, describe_model
 from polykv.policy import Needs
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Resolver
+from polykv.serialization import FormatError
 
 #: The plan JSON this polykv writes and reads (3: decided choices and requests with ``auto`` budgets).
 FORMAT_VERSION = 3
@@ -59,28 +60,47 @@ class Plan:
     resolver: Resolver | None = None
     context_length: int | None = None
 
-    def make_cache(self, registry: Registry | None = None, *, prompt_length: int | None = None) -> PolyCache:
+    def __attrs_post_init__(self) -> None:
+        indices = [layer.index for layer in self.layers]
+        if indices != list(range(self.model.layers)):
+            raise FormatError(
+                f"$.layers: a plan has one entry per layer of the model, in order (0 to {self.model.layers - 1}), "
+                f"got the layers {indices[:12]}{'...' if len(indices) > 12 else ''}"
+            )
+        if self.resolver is not None and len(self.resolver.requests) != self.model.layers:
+            raise FormatError(
+                f"$.resolver.requests: one request per layer ({self.model.layers}), got {len(self.resolver.requests)}"
+            )
+        if self.context_length is not None and self.context_length < 1:
+            raise FormatError(f"$.context_length: a prompt length of at least 1 token, got {self.context_length}")
+
+    def make_cache(
+        self, registry: Registry | None = None, *, prompt_length: int | None = None, compress_chunks: bool = False
+    ) -> PolyCache:
         """A new, empty cache for one request (a batch of prompts) with this plan.
 
-        A plan that solves per prompt length solves when the first forward starts; give
-        ``prompt_length`` when the prompt comes in chunks, so that it solves for the whole prompt.
+        ``prompt_length`` says how long the prompt is: forwards outside ``generate`` then make one
+        prompt until that many tokens came, and a plan that solves per prompt length solves for it
+        (otherwise for the first forward's length). ``compress_chunks`` compresses each chunk of a
+        prompt as it comes, so memory stays bounded while a long prompt streams in, instead of once
+        when the prompt ends (query-aware policies then score each chunk with its own last queries).
         """
         registry = default_registry() if registry is None else registry
+        if not isinstance(registry, Registry):
+            raise ArgumentTypeError(f"registry is a polykv.Registry (or None for the default one), got {registry!r}")
         layers = [
             PolyLayer(
                 layer.index,
                 PhaseRule.of(layer.prefill, registry),
                 PhaseRule.of(layer.decode, registry) if layer.decode else None,
                 sliding_window=layer.sliding_window,
+                compress_chunks=bool(compress_chunks),
             )
             for layer in self.layers
         ]
         if self.resolver is None:
-            return PolyCache(layers)
-        cache = PolyCache(layers, resolve=lambda length: self.rules_for(length, registry))
-        if prompt_length is not None:
-            cache.resolve(prompt_length)
-        return cache
+            return PolyCache(layers, prompt_length=prompt_length)
+        return PolyCache(layers, resolve=lambda length: self.rules_for(length, registry), prompt_length=prompt_length)
 
     def resolved(self, prompt_length: int, registry: Registry | None = None) -> Plan:
         """This plan with every layer decided for a prompt of ``prompt_length`` tokens."""

@@ -11,6 +11,7 @@ there out of the box; ``polykv calibrate`` makes one for any model.
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,8 +35,8 @@ DEFAULT_PROFILE = "smollm2-135m-instruct.json"
 FINGERPRINT_ROWS, FINGERPRINT_TOLERANCE = 16, 0.02
 
 
-class ProfileError(PolykvError):
-    """A profile that cannot be read, or that does not belong to the model it is used with."""
+class ProfileError(PolykvError, ValueError):
+    """A profile that cannot be read, is not well formed, or does not belong to the model it is used with."""
 
 
 @attrs.frozen
@@ -62,6 +63,11 @@ class Profile:
     curves: Mapping[str, Mapping[str, LossTable]] = attrs.field(factory=dict)
     weights: Mapping[str, float] = attrs.field(factory=dict)
     regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        problem = _malformed(self)
+        if problem:
+            raise ProfileError(problem)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -166,6 +172,69 @@ def fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
     weight = model.get_input_embeddings().weight
     rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).long().to(weight.device)
     return tuple(round(float(n), 4) for n in weight[rows].detach().float().norm(dim=-1).cpu())
+
+
+def _malformed(profile: Profile) -> str | None:
+    """What makes ``profile`` unusable, as ``$.field: problem`` (None when it is well formed)."""
+    grid, layers, policies = profile.grid, profile.model.layers, list(profile.policies)
+    if not grid or any(isinstance(b, bool) or b < 1 for b in grid) or list(grid) != sorted(set(grid)):
+        return f"$.grid: budgets are strictly ascending whole numbers of at least 1, got {list(grid)}"
+    length = profile.settings.get("prompt_length")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        return f"$.settings.prompt_length: the calibration prompts' length in tokens (at least 1), got {length!r}"
+    if not profile.losses:
+        return "$.losses: no task was measured"
+    if not policies:
+        return "$.policies: no policy was measured"
+    shape = (layers, len(policies), len(grid))
+    tables = [("losses", profile.losses), *((f"curves['{curve}']", t) for curve, t in profile.curves.items())]
+    for name, per_task in tables:
+        for task, table in per_task.items():
+            problem = _table_problem(table, shape)
+            if problem:
+                return f"$.{name}['{task}']{problem}"
+    for signal, per_task in profile.signals.items():
+        for task, values in per_task.items():
+            if len(values) != layers or not all(math.isfinite(v) for v in values):
+                return f"$.signals['{signal}']['{task}']: {layers} finite numbers (one per layer), got {len(values)}"
+    tasks = set(profile.losses)
+    weighted = [("$.weights", profile.weights)]
+    weighted += [(f"$.regimes[{n}].weights", regime.weights) for n, regime in enumerate(profile.regimes)]
+    for path, weights in weighted:
+        problem = _weights_problem(weights, tasks)
+        if problem:
+            return f"{path}: {problem}"
+    for number, regime in enumerate(profile.regimes):
+        if regime.budget < 1 or regime.floor < 1:
+            return f"$.regimes[{number}]: budget and floor are at least 1 token, got {regime.budget} and {regime.floor}"
+    return None
+
+
+def _table_problem(table: list, shape: tuple[int, int, int]) -> str | None:
+    """Where a loss table (layers x policies x budgets) breaks its shape or holds a NaN or a negative loss."""
+    layers, policies, budgets = shape
+    if len(table) != layers:
+        return f": {len(table)} layers of losses for a model of {layers}"
+    for layer, rows in enumerate(table):
+        if len(rows) != policies:
+            return f"[{layer}]: {len(rows)} policies' losses for {policies} policies"
+        for policy, row in enumerate(rows):
+            if len(row) != budgets:
+                return f"[{layer}][{policy}]: {len(row)} losses for {budgets} budgets of the grid"
+            if any(math.isnan(x) or x < 0 for x in row):
+                return f"[{layer}][{policy}]: losses are non-negative numbers (or null: not measurable), got {row}"
+    return None
+
+
+def _weights_problem(weights: Mapping[str, float], tasks: set[str]) -> str | None:
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - tasks)
+    if unknown:
+        return f"no task {unknown[0]!r} was measured"
+    if any(not math.isfinite(w) or w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        return f"task weights are non-negative numbers, not all zero, got {dict(weights)}"
+    return None
 
 
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -35,7 +35,7 @@ from polykv.choice import Choice
 from polykv.language import ast
 from polykv.language.check import CheckedSpec, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
-from polykv.profile import Profile
+from polykv.profile import Profile, ProfileError
 from polykv.registry import Registry
 from polykv.serialization import Loss, converter
 from polykv.solver import BudgetProblem, LayerOptions, Solution, monotone
@@ -207,6 +207,12 @@ def resolver(
         grid, policy_params, signals = (STEP,), {}, {}
         regimes = [Regime(1.0, 1, [{} for _ in found])]
     else:
+        missing = [name for name in profile.policies if name not in registry.policies]
+        if missing:
+            raise ProfileError(
+                f"the profile measured {', '.join(missing)}, which is not installed here: install the plugin that "
+                f"provides it, or calibrate with the installed policies ({', '.join(everything)})"
+            )
         grid = dense_grid(profile.grid)
         regimes = [
             Regime(tuned.budget / profile.prompt_length, tuned.floor, _tables(profile, tuned.weights, grid, len(found)))

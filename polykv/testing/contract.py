@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import run_state_machine_as_test
 
 from polykv.cache.checks import raise_for
 from polykv.cache.selection import choose
@@ -29,6 +30,7 @@ from polykv.model.describe import cache_argument
 from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
+from polykv.testing.machine import cache_machine
 from polykv.testing.models import greedy_by_forwards, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
 
@@ -231,14 +233,21 @@ class PolicyContract:
 
     # --- in a cache, on tiny real models --------------------------------------------------------------
 
-    def _plan(self, model, spec: str):
-        import polykv
+    def _registry(self) -> Registry:
+        """The policy under test, with the built-ins the tests combine it with (full, streaming)."""
+        from polykv.registry import default_registry
 
         registry = Registry()
         registry.add_plugin(_Offering(self.policy), name="contract", distribution="under-test")
-        full = polykv.registry.default_registry().policies.get("full").cls
-        if self.policy.name != "full":
-            registry.add_plugin(_Offering(full), name="contract-full", distribution="polykv-core")
+        builtins = [default_registry().policies.get(name).cls for name in ("full", "streaming")]
+        others = [cls for cls in builtins if cls.name != self.policy.name]
+        registry.add_plugin(_Offering(*others), name="contract-builtins", distribution="polykv-core")
+        return registry
+
+    def _plan(self, model, spec: str):
+        import polykv
+
+        registry = self._registry()
         return polykv.compile(spec, model, registry=registry), registry
 
     def _use(self, budget: int | None) -> str:
@@ -290,7 +299,7 @@ class PolicyContract:
         budget = max(policy.min_budget(), 4)
         model = tiny_model("llama")
         plan, registry = self._plan(model, f"layers *: {self._use(budget)}")
-        cache = plan.make_cache(registry)
+        cache = plan.make_cache(registry, compress_chunks=True)
         stored = []
         hook = model.register_forward_hook(lambda *_: stored.append(max(cache.layer_lengths())))
         try:
@@ -302,16 +311,43 @@ class PolicyContract:
             hook.remove()
         assert stored[:3] == [budget] * 3
 
+    def test_the_cache_keeps_its_promise_in_every_use(self):
+        """Prompts whole, chunked, through generate or static_generate; decoding; questions; rewinds (see
+        ``polykv.testing.machine``): the cache holds what its plan says, and a covering budget is the full cache."""
+        machine = cache_machine(self.make(), self._registry())
+        options = settings(_PROPERTY, max_examples=12, stateful_step_count=8)
+        run_state_machine_as_test(machine, settings=options)
+
+    @settings(_PROPERTY, max_examples=8)
+    @given(chunk=st.integers(1, 40), extra=st.integers(0, 3))
+    def test_a_prompt_in_chunks_keeps_what_the_whole_prompt_keeps(self, chunk, extra):
+        """Chunks of any size, the last one of a single token included: the prompt's end is known."""
+        policy = self.make()
+        budget = max(policy.min_budget(), 4)
+        model = tiny_model("llama")
+        plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)}")
+        ids = prompt(2 * budget + 12 + extra, batch=2)
+        whole, chunked = plan.make_cache(registry), plan.make_cache(registry)
+        options = {"max_new_tokens": 2, "do_sample": False}
+        expected = model.generate(ids, **options, **cache_argument(model, whole))
+        got = model.generate(ids, prefill_chunk_size=chunk, **options, **cache_argument(model, chunked))
+        assert torch.equal(expected, got)
+        for a, b in zip(whole.layers, chunked.layers):
+            assert (a.positions is None) == (b.positions is None)
+            if a.positions is not None:
+                assert torch.equal(a.positions, b.positions), a.index
+
 
 class _Offering:
-    """A plugin that registers one policy, for a contract's own registry."""
+    """A plugin that registers policies, for a contract's own registry."""
 
-    def __init__(self, policy: type[Policy]):
-        self.policy = policy
+    def __init__(self, *policies: type[Policy]):
+        self.policies = policies
 
     @hookimpl
     def register_policies(self, register):
-        register(self.policy)
+        for policy in self.policies:
+            register(policy)
 
 
 def _tensors(view: LayerView) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polykv.calibration.calibrate import calibrate
+from polykv.calibration.calibrate import calibrate, check_policies
 from polykv.calibration.samples import GRID, POLICIES, TASKS, calibration_samples, read_samples, tuning_samples
 from polykv.cli.commands import setup
 from polykv.errors import PolykvError
@@ -17,10 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     registry = default_registry()
     policies = args.policies or list(POLICIES)
-    unknown = [name for name in policies if name not in registry.policies]
-    if unknown:
-        installed = ", ".join(registry.policies.names())
-        raise PolykvError(f"--policies: unknown policy {unknown[0]!r}; installed: {installed}")
+    check_policies(policies, registry, "--policies")
     if args.length < 64:
         raise PolykvError("--length: generated prompts are at least 64 tokens")
     setup.writable(args.out, "--out")
