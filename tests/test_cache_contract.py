@@ -384,3 +384,10 @@ def test_null_is_read_as_a_loss_a_policy_cannot_reach(profile_document):
     document = json.loads(json.dumps(profile_document))
     document["losses"]["passkey:raw"][2][1][3] = None
     assert math.isinf(polykv.Profile.from_json(json.dumps(document)).losses["passkey:raw"][2][1][3])
+
+
+@pytest.mark.parametrize(("ids", "message"), [(torch.zeros(1, 0, dtype=torch.long), "the prompt is empty"),
+                                              (torch.zeros(0, 5, dtype=torch.long), "the batch is empty")])  # fmt: skip
+def test_generate_names_an_empty_prompt_or_batch(model, plan, ids, message):
+    with pytest.raises(polykv.CacheError, match=message):
+        _generate(model, plan.make_cache(), ids)
