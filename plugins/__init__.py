@@ -6,11 +6,13 @@ nothing in polykv itself knows their names.
 
 from polykv_plugins.cake import CakeSolver
 from polykv_plugins.entropy import AttentionEntropy
+from polykv_plugins.expected import ExpectedAttention
 from polykv_plugins.full import Full
 from polykv_plugins.h2o import H2O
 from polykv_plugins.hidden_change import HiddenChange
 from polykv_plugins.knapsack import KnapsackSolver
 from polykv_plugins.knorm import KeyNorm
+from polykv_plugins.observed import ObservedAttention
 from polykv_plugins.output_deviation import OutputDeviation
 from polykv_plugins.pyramid import PyramidSolver
 from polykv_plugins.pyramidkv import PyramidKV
@@ -25,7 +27,9 @@ from polykv_plugins.variance import AttentionVariance
 
 from polykv.hooks import hookimpl
 
-BUILTIN_POLICIES = (Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction)
+BUILTIN_POLICIES = (
+    Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction, ObservedAttention, ExpectedAttention,
+)  # fmt: skip
 BUILTIN_SIGNALS = (AttentionEntropy, AttentionVariance, SinkMass, RecencyMass, HiddenChange, OutputDeviation)
 BUILTIN_SOLVERS = (KnapsackSolver, UniformSolver, PyramidSolver, CakeSolver)
 

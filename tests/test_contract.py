@@ -4,7 +4,18 @@ from typing import ClassVar
 
 import pytest
 import torch
-from polykv_plugins import H2O, TOVA, Full, KeyNorm, PyramidKV, RandomEviction, SnapKV, Streaming
+from polykv_plugins import (
+    H2O,
+    TOVA,
+    ExpectedAttention,
+    Full,
+    KeyNorm,
+    ObservedAttention,
+    PyramidKV,
+    RandomEviction,
+    SnapKV,
+    Streaming,
+)
 
 from polykv.policy import ScoringPolicy
 from polykv.testing import PolicyContract
@@ -56,6 +67,15 @@ class TestKeyNorm(PolicyContract):
 
 class TestRandom(PolicyContract):
     policy = RandomEviction
+
+
+class TestObservedAttention(PolicyContract):
+    policy = ObservedAttention
+
+
+class TestExpectedAttention(PolicyContract):
+    policy = ExpectedAttention
+    parameters: ClassVar[dict] = {"window": 4}
 
 
 class _RanksBySlot(ScoringPolicy):

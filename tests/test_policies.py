@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -413,6 +414,36 @@ def tova_attention() -> torch.Tensor:
     return groups[None, :, :, None, :]
 
 
+def test_observed_divides_accumulated_attention_by_the_queries_that_saw_each_token():
+    """A late token with a little attention outranks an early one that was seen by many queries."""
+    length = 10
+    base = torch.ones(length)
+    base[0], base[8] = 5.0, 0.9  # token 0: 5 over 10 queries (0.5 each); token 8: 0.9 over 2 (0.45 each)
+    scores = create("observed").score(h2o_view(base, budget=3))
+    per_query = base / torch.arange(length, 0, -1)
+    assert torch.allclose(scores[0, 0], per_query)
+    assert kept(create("observed"), h2o_view(base, budget=3)) == [[sorted(per_query.topk(3).indices.tolist())]]
+    assert create("h2o", recent=0).score(h2o_view(base, budget=3)).argmax() == 0  # the sum favours the early token
+
+
+def test_observed_counts_the_real_queries_of_a_padded_row():
+    base = torch.ones(8)
+    scores = create("observed").score(h2o_view(base, budget=3, pads=[3]))
+    assert torch.allclose(scores[0, 0, 3:], 1 / torch.arange(5, 0, -1).float())
+
+
+def test_expected_attention_keeps_the_keys_recent_queries_point_at():
+    length, dim = 24, 8
+    keys = torch.randn(1, 1, length, dim, generator=torch.Generator().manual_seed(3))
+    direction = keys[0, 0, 15] / keys[0, 0, 15].norm()
+    queries = (direction * 6 + 0.1 * torch.randn(1, 1, 2, 4, dim, generator=torch.Generator().manual_seed(4)))
+    layer_view = view(length=length, budget=6, keys=keys, dim=dim, queries=queries)
+    layer_view = attrs.evolve(layer_view, values=torch.ones_like(keys))
+    chosen = kept(create("expected", window=4, sink=2), layer_view)[0][0]
+    assert {0, 1, 15} <= set(chosen)  # the sinks, and the key the queries point at
+    assert create("expected").needs() == Needs(window=64)
+
+
 def test_tova_default_keeps_the_same_tokens_on_every_kv_head():
     attention = tova_attention()
     layer_view = view(length=8, budget=2, heads=2, window_attention=attention)
@@ -571,7 +602,7 @@ def test_every_policy_keeps_a_valid_selection(name, seed, data):
 
 
 def test_the_builtins_are_covered():
-    assert set(BUDGETED) == {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random"}
+    assert set(BUDGETED) == {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected"}
 
 
 # --- choose rejects what it cannot use ------------------------------------------------------------------
