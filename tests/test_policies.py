@@ -602,7 +602,8 @@ def test_every_policy_keeps_a_valid_selection(name, seed, data):
 
 
 def test_the_builtins_are_covered():
-    assert set(BUDGETED) == {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected"}
+    expected = {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected"}
+    assert set(BUDGETED) == expected
 
 
 # --- choose rejects what it cannot use ------------------------------------------------------------------
