@@ -12,6 +12,7 @@ from polykv_plugins.h2o import H2O
 from polykv_plugins.hidden_change import HiddenChange
 from polykv_plugins.knapsack import KnapsackSolver
 from polykv_plugins.knorm import KeyNorm
+from polykv_plugins.kvzip import KVzip
 from polykv_plugins.observed import ObservedAttention
 from polykv_plugins.output_deviation import OutputDeviation
 from polykv_plugins.pyramid import PyramidSolver
@@ -28,7 +29,7 @@ from polykv_plugins.variance import AttentionVariance
 from polykv.hooks import hookimpl
 
 BUILTIN_POLICIES = (
-    Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction, ObservedAttention, ExpectedAttention,
+    Full, Streaming, SnapKV, PyramidKV, H2O, TOVA, KeyNorm, RandomEviction, ObservedAttention, ExpectedAttention, KVzip,
 )  # fmt: skip
 BUILTIN_SIGNALS = (AttentionEntropy, AttentionVariance, SinkMass, RecencyMass, HiddenChange, OutputDeviation)
 BUILTIN_SOLVERS = (KnapsackSolver, UniformSolver, PyramidSolver, CakeSolver)

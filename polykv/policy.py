@@ -65,11 +65,20 @@ class Needs:
     ``window``: how many of the last queries it wants (0: none). ``window_attention``: the
     softmax attention of those queries over all tokens. ``accumulated_attention``: attention
     summed over every query of the prompt, computed in chunks (prefill only).
+    ``reconstruction``: an extra pass after the prompt, in which the model repeats it; each
+    token's score is the most attention a repeating query pays it (prefill only; see
+    ``polykv.cache.reconstruction``). The pass costs about one more prefill.
     """
 
     window: int = 0
     window_attention: bool = False
     accumulated_attention: bool = False
+    reconstruction: bool = False
+
+    @property
+    def prefill_only(self) -> bool:
+        """Whether the policy can only run on a prompt (what it needs exists only there)."""
+        return self.accumulated_attention or self.reconstruction
 
     def __attrs_post_init__(self) -> None:
         if self.window < 0:
@@ -101,6 +110,7 @@ class LayerView:
     queries: torch.Tensor | None = None  # (B, H, G, window, D), rotated like the keys
     window_attention: torch.Tensor | None = None  # (B, H, G, window, L), float32
     accumulated_attention: torch.Tensor | None = None  # (B, H, G, L), float32
+    reconstruction_attention: torch.Tensor | None = None  # (B, H, L), float32: most attention while repeating
 
     @property
     def length(self) -> int:

@@ -10,6 +10,7 @@ from polykv_plugins import (
     ExpectedAttention,
     Full,
     KeyNorm,
+    KVzip,
     ObservedAttention,
     PyramidKV,
     RandomEviction,
@@ -71,6 +72,10 @@ class TestRandom(PolicyContract):
 
 class TestObservedAttention(PolicyContract):
     policy = ObservedAttention
+
+
+class TestKVzip(PolicyContract):
+    policy = KVzip
 
 
 class TestExpectedAttention(PolicyContract):

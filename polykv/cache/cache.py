@@ -13,12 +13,18 @@ A forward on a fresh cache outside all three is the whole prompt: it is compress
 prefill with ``model(ids)`` followed by decoding steps needs no call). ``end_prefill`` ends a
 prompt; ``rewind(n)`` forgets everything after the first n tokens (``rewind(0)`` makes the cache
 fresh again, so that a new prompt is compressed like the first); ``reset`` empties it.
+
+A policy that scores by reconstruction (``Needs.reconstruction``) needs one more thing when the
+prompt ends: the model repeats the prompt (see ``reconstruction``). The cache learns its model and
+the prompt's token ids from the forwards it serves (a prepared model tells it), so this happens in
+``end_prefill``, or right after the forward that was the whole prompt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -28,7 +34,9 @@ from polykv.arguments import whole_number
 from polykv.cache.attention import hand_over
 from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PhaseRule, PolyLayer
+from polykv.cache.reconstruction import Reconstruction
 from polykv.errors import ArgumentError, CacheError
+from polykv.model.describe import cache_argument
 from polykv.policy import Phase
 
 
@@ -57,12 +65,14 @@ class PolyCache(Cache):
         *,
         prompt_length: int | None = None,
         holding_prompt: bool = False,
+        reconstruction: Reconstruction | None = None,
     ):
         """``resolve`` gives every layer's rules for a prompt length; it is called once per prompt, before
         the first layer of its first forward runs (a plan whose budgets depend on the prompt length).
         ``prompt_length`` says how long the prompt will be: the prompt ends when that many tokens came.
         ``holding_prompt`` makes a cache of layers that already hold a compressed prompt (built from a
-        capture): it starts in DECODING."""
+        capture): it starts in DECODING. ``reconstruction`` says how to ask the model to repeat its
+        prompt, for policies that score that way."""
         super().__init__(layers=list(layers))
         self._awaiting: PolyLayer | None = None
         self._resolve = resolve
@@ -72,6 +82,11 @@ class PolyCache(Cache):
             prompt_length = whole_number(prompt_length, "prompt_length", least=1)
         self._prompt_length = prompt_length
         self._open_prompt = False  # inside generate's prefill or ``with cache.prompt()``
+        self.reconstruction = reconstruction
+        self._model: weakref.ref | None = None  # the model whose forwards this cache serves
+        self._prompt_ids: list[tuple[torch.Tensor, torch.Tensor]] = []  # the prompt, for its repeat
+        self._scoring = False  # the model is repeating the prompt
+        self._finish_after_forward = False  # the forward that is the whole prompt ends it when it returns
         if self._prompt_length is not None and resolve is not None:
             self.resolve(self._prompt_length)
 
@@ -98,6 +113,8 @@ class PolyCache(Cache):
 
     def _start_forward(self, new: int) -> None:
         """Decide what this forward is to the layers: part of the prompt (its last part?) or decoding."""
+        if self._scoring:
+            return
         if new == 0:
             raise CacheError("the prompt is empty: a cache needs at least one token to compress")
         if self.state is CacheState.DECODING:
@@ -114,10 +131,60 @@ class PolyCache(Cache):
             )
         # A declared length ends the prompt; without one, a forward outside generate or prompt() is all of it.
         closing = seen == self._prompt_length if self._prompt_length is not None else not self._open_prompt
+        if closing and self._reconstructs():  # the model must repeat the prompt first, after this forward
+            self._finish_after_forward = True
+            return
         for layer in self.layers:
             layer.closing = closing
         if closing:
             self.state = CacheState.DECODING  # the layers compress as this forward reaches them
+
+    def _reconstructs(self) -> bool:
+        return any(layer.reconstructs for layer in self.layers)
+
+    def before_forward(self, model: torch.nn.Module, input_ids: torch.Tensor | None, attention_mask) -> None:
+        """Called by a prepared model before each forward with this cache: remember the model, and the
+        prompt's tokens while a prompt comes in (a policy that scores by reconstruction repeats them)."""
+        self._model = weakref.ref(model)
+        if self._scoring or self.state is CacheState.DECODING or self.reconstruction is None:
+            return
+        if input_ids is None:
+            raise CacheError("a cache that may score by reconstruction needs the prompt's input_ids, not embeddings")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
+        self._prompt_ids.append((input_ids, mask))
+
+    def after_forward(self) -> None:
+        """Called by a prepared model after each forward with this cache."""
+        if self._finish_after_forward:
+            self._finish_after_forward = False
+            self.end_prefill()
+
+    def _reconstruct(self) -> None:
+        """Let the model repeat the prompt, chunk by chunk, while the layers that need it score its tokens."""
+        model = self._model() if self._model is not None else None
+        if model is None or not self._prompt_ids:
+            raise CacheError("a policy scores by reconstruction, but this cache never saw its model run the prompt")
+        if self.reconstruction is None:
+            raise CacheError(
+                "a policy scores by reconstruction, but this cache has no reconstruction request: compile the "
+                "spec with its tokenizer (polykv.compile(spec, model, tokenizer=tokenizer))"
+            )
+        prompt = torch.cat([ids for ids, _ in self._prompt_ids], dim=1)
+        mask = torch.cat([mask for _, mask in self._prompt_ids], dim=1)
+        self._scoring = True
+        try:
+            for start, end in self.reconstruction.chunks(prompt.shape[1]):
+                for layer in self.layers:
+                    layer.begin_scoring(start, end)
+                ids, attention, positions = self.reconstruction.inputs(prompt, mask, start, end)
+                with torch.no_grad():
+                    model(ids, attention_mask=attention, position_ids=positions, logits_to_keep=1,
+                          **cache_argument(model, self))  # fmt: skip
+                for layer in self.layers:
+                    layer.end_scoring()
+        finally:
+            self._scoring = False
+            self._prompt_ids = []
 
     def resolve(self, prompt_length: int) -> None:
         """Set every layer's rules for a prompt of ``prompt_length`` tokens (once per prompt, before it starts).
@@ -190,6 +257,8 @@ class PolyCache(Cache):
         compressed context). Nothing to do on a fresh cache or one that already decodes."""
         if self.state is CacheState.FRESH:
             return
+        if self.state is CacheState.PROMPT and self._reconstructs():
+            self._reconstruct()
         for layer in self.layers:
             layer.end_prefill()
         self.state = CacheState.DECODING
@@ -221,6 +290,7 @@ class PolyCache(Cache):
 
     def reset(self) -> None:
         self._awaiting = None
+        self._prompt_ids, self._finish_after_forward = [], False
         self._resolved = self._resolve is None
         self._open_prompt = False
         self.state = CacheState.FRESH

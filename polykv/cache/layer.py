@@ -29,6 +29,7 @@ from polykv.cache import inputs
 from polykv.cache.checks import RIGHT_PADDING, raise_for
 from polykv.cache.inputs import Visibility
 from polykv.cache.kernels import column_sums
+from polykv.cache.reconstruction import Scoring
 from polykv.cache.selection import Selection, choose
 from polykv.cache.static import StaticDecoding
 from polykv.cache.storage import Storage
@@ -124,6 +125,7 @@ class PolyLayer(CacheLayerMixin):
         # Decoding steps keep no queries unless a decode policy scores with them (a cost every step).
         self._decode_keeps_queries = decode is not None and decode.policy.needs().window > 0
         self._accumulates = prefill.policy.needs().accumulated_attention or self._observe.accumulated_attention
+        self.reconstructs = prefill.policy.needs().reconstruction or self._observe.reconstruction
 
     def _clear(self) -> None:
         self.storage = Storage()
@@ -141,6 +143,11 @@ class PolyLayer(CacheLayerMixin):
         self.recent_query_positions: torch.Tensor | None = None  # (n,)
         # Attention each stored token received from every prefill query so far (B, H, G, S), for H2O.
         self.accumulated: torch.Tensor | None = None
+        # While the model repeats the prompt: whether it does, the chunk being scored (on layers whose policy
+        # scores that way), and the scores by position (B, H, prompt).
+        self.repeating = False
+        self.scoring: Scoring | None = None
+        self.reconstruction_scores: torch.Tensor | None = None
         # Problems found by checks that run on the device, read at the cache's next check.
         self.problems: list[tuple[torch.Tensor, str]] = []
         # How the last forward attended (softmax scale, window, soft-cap), to score as the model does.
@@ -185,6 +192,10 @@ class PolyLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:
             return self.static.append(key_states, value_states)
+        if self.repeating:  # the repeat of the prompt: held until end_scoring, never the prompt
+            self.storage.append(key_states, value_states, self.seen)
+            self.seen += key_states.shape[-2]
+            return self.storage.keys, self.storage.values
         new = key_states.shape[-2]
         if not self.is_initialized:
             if new == 0:
@@ -279,6 +290,22 @@ class PolyLayer(CacheLayerMixin):
         static, self.static = self.static, None
         static.finish(steps)
 
+    def begin_scoring(self, start: int, end: int) -> None:
+        """The coming forward is the model repeating prompt positions ``start:end``: score them with its queries
+        (if this layer's policy scores that way)."""
+        self.repeating = True
+        if not self.reconstructs:
+            return
+        if self.reconstruction_scores is None:
+            shape = (self.batch_size, self.kv_heads, self.prompt_length)
+            self.reconstruction_scores = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.scoring = Scoring(self.prompt_length, start, end, self.reconstruction_scores)
+
+    def end_scoring(self) -> None:
+        """Forget the repeat: the layer holds the prompt again."""
+        self.repeating, self.scoring = False, None
+        self.rewind(self.prompt_length)
+
     def end_prefill(self) -> None:
         """End the prompt: compress it to its budget (with the queries and attention it kept), then decode:
         later forwards append tokens (bounded only by a decode policy)."""
@@ -288,6 +315,8 @@ class PolyLayer(CacheLayerMixin):
         self.closing = False
         if not self._observe.accumulated_attention:  # a capture keeps them for the policies it serves
             self.accumulated = None  # prefill attention totals mean nothing to decoding
+        if not self._observe.reconstruction:
+            self.reconstruction_scores = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -361,7 +390,12 @@ class PolyLayer(CacheLayerMixin):
         """Drop what no later query can see, and evict down to the budget with this forward's queries.
 
         ``lse`` (B, Hq, n) are the log-normalisers of this forward's attention, where
-        ``wants_log_normalisers`` asked for them."""
+        ``wants_log_normalisers`` asked for them. While the model repeats the prompt, the forward only
+        scores the prompt's tokens (on layers whose policy asks for it)."""
+        if self.repeating:
+            if self.scoring is not None:
+                self._score_reconstruction(queries, full_mask, scaling)
+            return
         new = queries.shape[-2]
         self.scaling, self.visibility = scaling, visibility
         self._note_real_tokens(full_mask, new)
@@ -385,6 +419,18 @@ class PolyLayer(CacheLayerMixin):
         if budget is not None and self.storage.size > budget:
             self._check_budget(rule, budget)
             self._evict(rule, budget, self.scaling, self.visibility)
+
+    def _score_reconstruction(self, queries: torch.Tensor, full_mask: torch.Tensor | None, scaling: float) -> None:
+        """Add this forward's queries (the model repeating the prompt) to the prompt tokens' scores."""
+        new = queries.shape[-2]
+        prompt = self.real if self.real is not None else queries.new_ones(self.batch_size, self.prompt_length)
+        if full_mask is None:
+            repeat = torch.ones(self.batch_size, new, dtype=torch.bool, device=queries.device)
+        else:
+            block = full_mask[:, 0, -new:, self.seen - new : self.seen].diagonal(dim1=-2, dim2=-1)
+            repeat = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+        real = torch.cat([prompt[:, : self.prompt_length].bool(), repeat], dim=1)
+        self.scoring.add(queries, self.storage.keys, self.storage.positions_or_slots(), real, scaling)
 
     # --- eviction -------------------------------------------------------------------------------
 
@@ -532,6 +578,11 @@ class PolyLayer(CacheLayerMixin):
             if self.accumulated is None:
                 raise CacheError(f"layer {self.index}: accumulated attention exists only at prefill")
             found["accumulated_attention"] = self.accumulated
+        if needs.reconstruction:
+            if self.reconstruction_scores is None:
+                raise CacheError(f"layer {self.index}: reconstruction scores exist only after a prompt was repeated")
+            index = positions.clamp(max=self.reconstruction_scores.shape[-1] - 1)
+            found["reconstruction_attention"] = self.reconstruction_scores.gather(-1, index)
         return LayerView(
             layer=self.index,
             phase=self.phase,

@@ -1,10 +1,12 @@
 """Preparing a model for PolyCaches, and giving it back as it was.
 
-Two things change on a prepared model: its attention implementation becomes polykv's wrapper
+Three things change on a prepared model: its attention implementation becomes polykv's wrapper
 around the same kernel (``polykv_sdpa``, see ``attention``), which fits the mask to each layer and
-hands the layer its queries; and ``generate``'s prefill tells a PolyCache where the prompt starts
-and ends (``PolyCache.prompt``), so the cache never guesses it from the size of a chunk. Without a
-PolyCache a prepared model computes exactly what it did before. ``restore_model`` undoes both;
+hands the layer its queries; ``generate``'s prefill tells a PolyCache where the prompt starts and
+ends (``PolyCache.prompt``), so the cache never guesses it from the size of a chunk; and each
+forward tells the PolyCache it is given which model runs it (hooks), so that the cache can ask
+the model to repeat a prompt when a policy scores that way. Without a PolyCache a prepared model
+computes exactly what it did before. ``restore_model`` undoes both;
 ``prepared(model)`` returns a handle that does it on exit from a ``with`` block.
 """
 
@@ -46,6 +48,10 @@ def prepare_model(model: torch.nn.Module) -> bool:
         raise ModelError(f"{type(model).__name__} does not let polykv set its attention function")
     if hasattr(type(model), "_prefill"):
         model._prefill = _announcing(type(model)._prefill.__get__(model))
+    model._polykv_hooks = (
+        model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        model.register_forward_hook(_after_forward, with_kwargs=True),
+    )
     return True
 
 
@@ -54,6 +60,8 @@ def restore_model(model: torch.nn.Module) -> None:
     if is_prepared(model):
         model.set_attn_implementation(kernel_name(model))
     model.__dict__.pop("_prefill", None)
+    for hook in model.__dict__.pop("_polykv_hooks", ()):
+        hook.remove()
 
 
 def is_prepared(model: torch.nn.Module) -> bool:
@@ -86,14 +94,32 @@ def _announcing(prefill):
 
     @functools.wraps(prefill)
     def announced(input_ids, generation_config, model_kwargs, *args, **kwargs):
-        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        if not isinstance(cache, PolyCache):
+        cache = _cache_in(model_kwargs)
+        if cache is None:
             return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
         _check_generate_inputs(input_ids, getattr(generation_config, "prefill_chunk_size", None), cache)
         with cache.prompt():
             return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     return announced
+
+
+def _cache_in(kwargs: dict) -> PolyCache | None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache if isinstance(cache, PolyCache) else None
+
+
+def _before_forward(model, args, kwargs):
+    cache = _cache_in(kwargs)
+    if cache is not None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.before_forward(model, ids, kwargs.get("attention_mask"))
+
+
+def _after_forward(model, args, kwargs, output):
+    cache = _cache_in(kwargs)
+    if cache is not None:
+        cache.after_forward()
 
 
 def _check_generate_inputs(input_ids: torch.Tensor, chunk: object, cache: PolyCache) -> None:

@@ -21,6 +21,7 @@ import torch
 from polykv.cache.cache import PolyCache
 from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
+from polykv.cache.reconstruction import Reconstruction
 from polykv.cache.selection import Selection, choose
 from polykv.choice import Choice
 from polykv.model.describe import cache_argument
@@ -157,6 +158,7 @@ def capture(
     needs: Needs = NOTHING_MORE,
     room: int = 0,
     hidden: bool = False,
+    reconstruction: Reconstruction | None = None,
 ) -> Capture:
     """Prefill ``input_ids`` once with every layer whole, recording what policies with ``needs`` use.
 
@@ -164,7 +166,8 @@ def capture(
     attention accumulated over every query when ``needs.accumulated_attention``. ``room`` reserves
     space for that many more tokens, which caches made with ``share_room`` append into. ``hidden``
     also records, at the last ``needs.window`` positions, the residual stream entering each layer
-    and its attention block's output, which signals read. The model must be prepared
+    and its attention block's output, which signals read. ``reconstruction`` lets the model repeat
+    the prompt after the prefill, for ``needs.reconstruction`` (kvzip). The model must be prepared
     (``polykv.prepare_model``).
     """
     from polykv.model import attention_modules, describe_model
@@ -175,12 +178,13 @@ def capture(
         PolyLayer(index, whole, sliding_window=where.sliding_window, observe=needs)
         for index, where in sorted(placement.items())
     ]
-    cache = PolyCache(layers)
+    cache = PolyCache(layers, reconstruction=reconstruction)
     modules = attention_modules(model)
     recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     recording = _recording_hidden(model, modules, needs.window, recorded) if hidden else contextlib.nullcontext()
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), recording:  # positions from the mask, as generate gives them to padded rows
+    # One prompt, ended (and repeated, for reconstruction) after the recording of hidden states stops.
+    with torch.no_grad(), cache.prompt(), recording:  # positions from the mask, as generate gives padded rows
         output = model(
             input_ids,
             attention_mask=attention_mask,

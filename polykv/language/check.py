@@ -469,10 +469,15 @@ class _Checker:
                 hint=f"drop `decode {use.name}`",
             )
             return False
-        if policy.needs().accumulated_attention:
+        if policy.needs().prefill_only:
+            what = (
+                "attention accumulated over the whole prompt"
+                if policy.needs().accumulated_attention
+                else "the model to repeat the prompt"
+            )
             self.error(
                 "prefill-only-policy",
-                f"{use.name} needs attention accumulated over the whole prompt, which exists only at prefill",
+                f"{use.name} needs {what}, which exists only at prefill",
                 use.name_span or use.span,
                 hint="use it before `decode`; while decoding use a policy such as streaming or tova",
             )

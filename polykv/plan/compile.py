@@ -14,8 +14,9 @@ import torch
 
 from polykv.arguments import instance, whole_number
 from polykv.budget import Budget, Share, Tokens
+from polykv.cache.reconstruction import Reconstruction
 from polykv.choice import Choice
-from polykv.errors import ArgumentTypeError
+from polykv.errors import ArgumentError, ArgumentTypeError
 from polykv.language import ast
 from polykv.language.check import PhaseChoice, check
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -39,6 +40,7 @@ def compile(
     profile: Profile | str | os.PathLike | None = None,
     context_length: int | None = None,
     registry: Registry | None = None,
+    tokenizer=None,
 ) -> Plan:
     """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
@@ -49,8 +51,9 @@ def compile(
     ``@auto`` budgets are decided from ``profile`` (a Profile or the path of one; by default the
     profile shipped for the bundled model, when ``model`` is that model); the plan's layers show
     the decisions for ``context_length`` tokens (default: the profile's prompt length), and each
-    cache decides again for its own prompt. The model is prepared as ``plan.apply(model)`` does.
-    Raises SpecError with every problem found.
+    cache decides again for its own prompt. ``tokenizer`` (the model's) lets caches ask the model to
+    repeat a prompt, which policies that score by reconstruction (kvzip) need. The model is
+    prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
     """
     registry = default_registry() if registry is None else registry
     instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
@@ -87,7 +90,13 @@ def compile(
         )
         for entry, decision in zip(checked.layers, decisions)
     ]
-    plan = Plan(print_spec(spec), info, layers, deciding, context)
+    reconstruction = Reconstruction.for_tokenizer(tokenizer) if tokenizer is not None else None
+    plan = Plan(print_spec(spec), info, layers, deciding, context, reconstruction)
+    if reconstruction is None and plan.needs(registry).reconstruction:
+        raise ArgumentError(
+            "a policy of this spec scores by reconstruction (the model repeats the prompt), which needs the "
+            "tokenizer to ask it: polykv.compile(spec, model, tokenizer=tokenizer)"
+        )
     plan.apply(model)
     return plan
 

@@ -17,8 +17,9 @@ import torch
 from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
 from polykv.cache.preparation import Prepared, prepared
+from polykv.cache.reconstruction import Reconstruction
 from polykv.choice import Choice
-from polykv.errors import ArgumentTypeError, ModelError
+from polykv.errors import ArgumentError, ArgumentTypeError, ModelError
 from polykv.language.printer import layer_runs
 from polykv.model import ModelInfo, describe_model
 from polykv.policy import Needs
@@ -59,6 +60,7 @@ class Plan:
     layers: tuple[LayerPlan, ...] = attrs.field(converter=tuple)
     resolver: Resolver | None = None
     context_length: int | None = None
+    reconstruction: Reconstruction | None = None  # how to ask the model to repeat a prompt (kvzip)
 
     def __attrs_post_init__(self) -> None:
         indices = [layer.index for layer in self.layers]
@@ -88,6 +90,11 @@ class Plan:
         registry = default_registry() if registry is None else registry
         if not isinstance(registry, Registry):
             raise ArgumentTypeError(f"registry is a polykv.Registry (or None for the default one), got {registry!r}")
+        if compress_chunks and self.needs(registry).reconstruction:
+            raise ArgumentError(
+                "compress_chunks compresses each chunk as it comes, but a policy of this plan scores by letting "
+                "the model repeat the whole prompt: make the cache without compress_chunks"
+            )
         layers = [
             PolyLayer(
                 layer.index,
@@ -99,8 +106,13 @@ class Plan:
             for layer in self.layers
         ]
         if self.resolver is None:
-            return PolyCache(layers, prompt_length=prompt_length)
-        return PolyCache(layers, resolve=lambda length: self.rules_for(length, registry), prompt_length=prompt_length)
+            return PolyCache(layers, prompt_length=prompt_length, reconstruction=self.reconstruction)
+        return PolyCache(
+            layers,
+            resolve=lambda length: self.rules_for(length, registry),
+            prompt_length=prompt_length,
+            reconstruction=self.reconstruction,
+        )
 
     def resolved(self, prompt_length: int, registry: Registry | None = None) -> Plan:
         """This plan with every layer decided for a prompt of ``prompt_length`` tokens."""
@@ -135,6 +147,7 @@ class Plan:
             window=max(n.window for n in needs),
             window_attention=any(n.window_attention for n in needs),
             accumulated_attention=any(n.accumulated_attention for n in needs),
+            reconstruction=any(n.reconstruction for n in needs),
         )
 
     def apply(self, model: torch.nn.Module) -> Prepared:

@@ -11,7 +11,7 @@ polykv registers the ``gpu`` and ``slow`` markers and the hypothesis profiles ``
 """
 
 from polykv.testing.contract import PolicyContract
-from polykv.testing.models import FAMILIES, prompt, prompt_lengths, tiny_model
+from polykv.testing.models import FAMILIES, WordTokenizer, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
 
-__all__ = ["FAMILIES", "PolicyContract", "prompt", "prompt_lengths", "random_view", "tiny_model"]
+__all__ = ["FAMILIES", "PolicyContract", "WordTokenizer", "prompt", "prompt_lengths", "random_view", "tiny_model"]

@@ -31,7 +31,7 @@ from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
 from polykv.testing.machine import cache_machine
-from polykv.testing.models import greedy_by_forwards, prompt, prompt_lengths, tiny_model
+from polykv.testing.models import WordTokenizer, greedy_by_forwards, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
 
 _PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
@@ -159,8 +159,8 @@ class PolicyContract:
 
     def test_works_at_decode_time_where_it_can(self):
         policy = self.make()
-        if policy.needs().accumulated_attention:
-            pytest.skip("needs attention accumulated over the prompt: a prefill-only policy")
+        if policy.needs().prefill_only:
+            pytest.skip("needs what exists only at prefill (accumulated attention, or the prompt repeated)")
         view = random_view(policy, budget=policy.min_budget(), length=policy.min_budget() + 9, phase=Phase.DECODE)
         assert self.choose(view).shape[-1] == policy.min_budget()
 
@@ -248,7 +248,7 @@ class PolicyContract:
         import polykv
 
         registry = self._registry()
-        return polykv.compile(spec, model, registry=registry), registry
+        return polykv.compile(spec, model, registry=registry, tokenizer=WordTokenizer()), registry
 
     def _use(self, budget: int | None) -> str:
         from polykv.values import format_use
@@ -275,7 +275,7 @@ class PolicyContract:
     def test_compresses_inside_generate(self, attention):
         policy = self.make()
         budget = max(policy.min_budget(), 4)
-        evicts_in_decode = self.policy.budgeted and not policy.needs().accumulated_attention
+        evicts_in_decode = self.policy.budgeted and not policy.needs().prefill_only
         decode = f" decode {self._use(budget + 3)}" if evicts_in_decode else ""
         model = tiny_model("llama", attention)
         plan, registry = self._plan(model, f"layers 0: full; *: {self._use(budget)}{decode}")
@@ -296,6 +296,8 @@ class PolicyContract:
         policy = self.make()
         if not self.policy.budgeted:
             pytest.skip("keeps everything: nothing to bound")
+        if policy.needs().reconstruction:
+            pytest.skip("scores by repeating the whole prompt: cannot compress chunk by chunk")
         budget = max(policy.min_budget(), 4)
         model = tiny_model("llama")
         plan, registry = self._plan(model, f"layers *: {self._use(budget)}")
@@ -351,7 +353,10 @@ class _Offering:
 
 
 def _tensors(view: LayerView) -> dict[str, torch.Tensor]:
-    names = ("keys", "values", "token_mask", "positions", "queries", "window_attention", "accumulated_attention")
+    names = (
+        "keys", "values", "token_mask", "positions", "queries", "window_attention", "accumulated_attention",
+        "reconstruction_attention",
+    )  # fmt: skip
     return {name: getattr(view, name) for name in names if getattr(view, name) is not None}
 
 

@@ -25,7 +25,7 @@ from polykv.cache.cache import CacheState
 from polykv.model.describe import cache_argument
 from polykv.policy import Policy
 from polykv.registry import Registry
-from polykv.testing.models import prompt, tiny_model
+from polykv.testing.models import WordTokenizer, prompt, tiny_model
 
 #: Layer 1's decoding bound and its attention sinks (streaming keeps them, and the newest tokens).
 DECODE_BOUND, SINKS = 20, 2
@@ -46,8 +46,8 @@ def cache_machine(policy: Policy, registry: Registry) -> type[RuleBasedStateMach
         def __init__(self):
             super().__init__()
             self.model = tiny_model("llama", seed=5)
-            self.plan = polykv.compile(compressing, self.model, registry=registry)
-            self.covering = polykv.compile(covering, self.model, registry=registry)
+            self.plan = polykv.compile(compressing, self.model, registry=registry, tokenizer=WordTokenizer())
+            self.covering = polykv.compile(covering, self.model, registry=registry, tokenizer=WordTokenizer())
             self.budget = budget if policy.budgeted else None
 
         # --- the story ------------------------------------------------------------------------------

@@ -67,6 +67,18 @@ def tiny_model(
     return getattr(transformers, model_name)(config).to(device=device, dtype=dtype).eval()
 
 
+class WordTokenizer:
+    """A stand-in tokenizer for tiny models: one id per word (3 + its length), no chat template.
+
+    Enough for what polykv asks of a tokenizer when a policy scores by reconstruction.
+    """
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [3 + min(len(word), 100) for word in text.split()]
+
+
 def prompt_lengths(budget: int) -> list[int]:
     """Prompt lengths at the edges of ``budget``: 1, budget - 1, budget and budget + 1 (those >= 1)."""
     return sorted({length for length in (1, budget - 1, budget, budget + 1) if length >= 1})

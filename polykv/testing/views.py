@@ -71,6 +71,10 @@ def random_view(
         found["accumulated_attention"] = inputs.accumulated_attention(
             queries, torch.arange(length), token_mask[:, 0], keys, positions, token_mask, scaling
         )
+    if needs.reconstruction:  # every real query posed again: the most attention each token receives
+        attention = inputs.window_attention(queries, torch.arange(length), keys, positions, token_mask, scaling)
+        attention = attention * token_mask[:, :, None, :, None]
+        found["reconstruction_attention"] = attention.amax(dim=(2, 3))
     to = {"device": device}
     return LayerView(
         layer=layer,
