@@ -65,12 +65,22 @@ def _sample(record: dict, path: Path, number: int, tokenizer, format: str, max_l
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
         )
-    prompt = tokenizer(text, add_special_tokens=format != "chat")["input_ids"]
-    if max_length is not None and len(prompt) > max_length:
-        half = max_length // 2
-        prompt = prompt[:half] + prompt[len(prompt) - (max_length - half) :]
+    prompt = _halves(tokenizer(text, add_special_tokens=format != "chat")["input_ids"], max_length)
+    cut = text.rfind("\n\n" + question) if question else len(text)  # the question, asked later in that setting
+    asked = tokenizer(text[cut:], add_special_tokens=False)["input_ids"] if question else []
+    before = tokenizer(text[:cut], add_special_tokens=format != "chat")["input_ids"]
+    context = _halves(before, None if max_length is None else max(1, max_length - len(asked)))
     identifier = record.get("_id", record.get("index"))
     seed = identifier if isinstance(identifier, int) else number
     target = tokenizer(" " + answers[0].strip(), add_special_tokens=False)["input_ids"]
     task = str(record.get("task") or path.stem)
-    return Sample(task, format, seed, "local", prompt, target, tuple(a.strip() for a in answers))
+    expected = tuple(a.strip() for a in answers)
+    return Sample(task, format, seed, "local", prompt, target, expected, context=context, question=asked)
+
+
+def _halves(ids: list[int], most: int | None) -> list[int]:
+    """``ids``, or their first and last halves when longer than ``most`` (as LongBench truncates)."""
+    if most is None or len(ids) <= most:
+        return ids
+    half = most // 2
+    return ids[:half] + ids[len(ids) - (most - half) :]

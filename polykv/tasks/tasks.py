@@ -53,10 +53,18 @@ class Sample:
     target: tuple[int, ...] = attrs.field(converter=tuple, repr=False)
     expected: tuple[str, ...] = attrs.field(converter=tuple)
     depth: float | None = None
+    # The prompt cut where the question starts, each part tokenized alone: for asking after the context
+    # was compressed (an empty question: the prompt has none, all of it is context).
+    context: tuple[int, ...] = attrs.field(default=(), converter=tuple, repr=False)
+    question: tuple[int, ...] = attrs.field(default=(), converter=tuple, repr=False)
 
     @property
     def length(self) -> int:
         return len(self.prompt)
+
+    def parts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The context and the question asked after it (the question may be empty)."""
+        return (self.context, self.question) if self.context else (self.prompt, ())
 
     @property
     def group(self) -> str:
@@ -128,8 +136,9 @@ class _Builder:
 
     def prompt(
         self, instruction: str, needles: Sequence[tuple[float, str]], question: str, lead_in: str, length: int
-    ) -> tuple[list[int], str]:
-        """Prompt ids of about ``length`` tokens: prose with ``needles`` (depth, sentence) inside; and its text."""
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Prompt ids of about ``length`` tokens, prose with ``needles`` (depth, sentence) inside; and the same
+        text cut where the question starts, each part tokenized alone (context, question)."""
         fixed = self._wrap(instruction, "", question, lead_in)
         room = max(0, length - len(self.encode(fixed)) - sum(len(self.encode(n)) + 1 for _, n in needles))
         prose = self._prose(room)
@@ -137,7 +146,8 @@ class _Builder:
             cut = self._sentence_boundary(prose, depth)
             prose = prose[:cut] + " " + needle + " " + prose[cut:]
         text = self._wrap(instruction, prose.strip(), question, lead_in)
-        return self.encode(text), text
+        cut = text.rfind("\n\n" + question)
+        return self.encode(text), self.encode(text[:cut]), self.encode(text[cut:])
 
     def _wrap(self, instruction: str, context: str, question: str, lead_in: str) -> str:
         body = f"{instruction}\n\n{context}\n\n{question}".strip() if instruction else f"{context}\n\n{question}"
@@ -200,8 +210,9 @@ def _passkey(b: _Builder, length: int, identity) -> Sample:
     key = b.number(5)
     depth = b.rng.random()
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    ids, _ = b.prompt(_HAYSTACK, [(depth, needle)], "What is the pass key?", "The pass key is", length)
-    return Sample(*identity, ids, b.target(f" {key}."), (key,), depth)
+    question = "What is the pass key?"
+    prompt, context, question_ids = b.prompt(_HAYSTACK, [(depth, needle)], question, "The pass key is", length)
+    return Sample(*identity, prompt, b.target(f" {key}."), (key,), depth, context=context, question=question_ids)
 
 
 def _niah(b: _Builder, length: int, identity) -> Sample:
@@ -211,8 +222,8 @@ def _niah(b: _Builder, length: int, identity) -> Sample:
     needle = f"One of the special magic numbers for {word} is: {value}."
     question = f"What is the special magic number for {word} mentioned in the provided text?"
     lead_in = f"The special magic number for {word} mentioned in the provided text is"
-    ids, _ = b.prompt(_HAYSTACK, [(depth, needle)], question, lead_in, length)
-    return Sample(*identity, ids, b.target(f" {value}."), (value,), depth)
+    prompt, context, question_ids = b.prompt(_HAYSTACK, [(depth, needle)], question, lead_in, length)
+    return Sample(*identity, prompt, b.target(f" {value}."), (value,), depth, context=context, question=question_ids)
 
 
 def _multikey(b: _Builder, length: int, identity) -> Sample:
@@ -224,8 +235,10 @@ def _multikey(b: _Builder, length: int, identity) -> Sample:
     word, value = words[asked], values[asked]
     question = f"What is the special magic number for {word} mentioned in the provided text?"
     lead_in = f"The special magic number for {word} mentioned in the provided text is"
-    ids, _ = b.prompt(_HAYSTACK, needles, question, lead_in, length)
-    return Sample(*identity, ids, b.target(f" {value}."), (value,), depths[asked])
+    prompt, context, question_ids = b.prompt(_HAYSTACK, needles, question, lead_in, length)
+    return Sample(
+        *identity, prompt, b.target(f" {value}."), (value,), depths[asked], context=context, question=question_ids
+    )
 
 
 def _multivalue(b: _Builder, length: int, identity) -> Sample:
@@ -235,8 +248,16 @@ def _multivalue(b: _Builder, length: int, identity) -> Sample:
     needles = [(d, f"One of the special magic numbers for {word} is: {v}.") for d, v in zip(depths, values)]
     question = f"What are all the special magic numbers for {word} mentioned in the provided text?"
     lead_in = f"The special magic numbers for {word} mentioned in the provided text are"
-    ids, _ = b.prompt(_HAYSTACK, needles, question, lead_in, length)
-    return Sample(*identity, ids, b.target(" " + ", ".join(values) + "."), values, depths[0])
+    prompt, context, question_ids = b.prompt(_HAYSTACK, needles, question, lead_in, length)
+    return Sample(
+        *identity,
+        prompt,
+        b.target(" " + ", ".join(values) + "."),
+        values,
+        depths[0],
+        context=context,
+        question=question_ids,
+    )
 
 
 def _vartrack(b: _Builder, length: int, identity) -> Sample:
@@ -253,8 +274,16 @@ def _vartrack(b: _Builder, length: int, identity) -> Sample:
     instruction = "Memorize and track the chain(s) of variable assignment hidden in the following text."
     question = f"Find all variables that are assigned the value {value} in the text above."
     lead_in = f"Answer: the variables that are assigned the value {value} are"
-    ids, _ = b.prompt(instruction, needles, question, lead_in, length)
-    return Sample(*identity, ids, b.target(" " + ", ".join(chain) + "."), chain, depths[0])
+    prompt, context, question_ids = b.prompt(instruction, needles, question, lead_in, length)
+    return Sample(
+        *identity,
+        prompt,
+        b.target(" " + ", ".join(chain) + "."),
+        chain,
+        depths[0],
+        context=context,
+        question=question_ids,
+    )
 
 
 def _copy(b: _Builder, length: int, identity) -> Sample:
@@ -264,8 +293,8 @@ def _copy(b: _Builder, length: int, identity) -> Sample:
     start, rest = " ".join(words[:6]), " " + " ".join(words[6:])
     depth = b.rng.random()
     question = f'Repeat the paragraph of the text above that begins "{start}", word for word.'
-    ids, _ = b.prompt(_HAYSTACK, [(depth, source)], question, start, length)
-    return Sample(*identity, ids, b.target(rest)[:CONTINUATION], (), depth)
+    prompt, context, question_ids = b.prompt(_HAYSTACK, [(depth, source)], question, start, length)
+    return Sample(*identity, prompt, b.target(rest)[:CONTINUATION], (), depth, context=context, question=question_ids)
 
 
 def _continue(b: _Builder, length: int, identity) -> Sample:
