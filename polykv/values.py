@@ -13,6 +13,10 @@ from collections.abc import Mapping, Sequence
 #: A parameter value as the language writes it: `true`, `3`, `0.5`, `"max"`.
 Value = bool | int | float | str
 
+#: Where the question is when a cache is compressed: inside the compressed prompt, or asked after the
+#: compressed context (as when one context serves several questions). Profiles are measured for one.
+SETTINGS = ("question", "context")
+
 #: The keyword that asks the router (or the budget solver) to decide.
 AUTO = "auto"
 

@@ -227,3 +227,36 @@ def test_calibration_samples_come_from_the_calibration_text(real_model):
     for sample in samples(["continue", "niah"], tokenizer, length=400, count=2, split="calibration"):
         text = tokenizer.decode(sample.prompt)
         assert not any(paragraph[:80] in text for paragraph in evaluation)
+
+
+def _asked_later(count: int = 2) -> list[Sample]:
+    """Samples whose prompt is a context then a question (of different lengths per sample)."""
+    generator = torch.Generator().manual_seed(11)
+    found = []
+    for seed in range(count):
+        context = torch.randint(3, 128, (40,), generator=generator).tolist()
+        question = torch.randint(3, 128, (4 + 3 * seed,), generator=generator).tolist()
+        target = torch.randint(3, 128, (5,), generator=generator).tolist()
+        found.append(Sample("t", "raw", seed, "x", context + question, target, (), context=context, question=question))
+    return found
+
+
+def test_in_the_context_setting_the_question_comes_after_the_compressed_context():
+    from transformers import DynamicCache
+
+    from polykv.harness.scorer import Scorer, needs_of
+
+    model = tiny_llama("sdpa")
+    batch = _asked_later()
+    covering = polykv.compile("*: snapkv@500(window=4)", model)
+    compressing = polykv.compile("layers 0: full; *: snapkv@8(window=4)", model)
+    scorer = Scorer(model, batch, needs_of([covering, compressing]), setting="context")
+    for row, sample in enumerate(batch):  # the reference is the full cache on context, question, answer
+        ids = torch.tensor([sample.context + sample.question + sample.target[:-1]])
+        with torch.no_grad():
+            alone = model(ids, past_key_values=DynamicCache(config=model.config)).logits[0, -len(sample.target) :]
+        torch.testing.assert_close(scorer.reference[row, -len(sample.target) :], alone, rtol=1e-4, atol=1e-5)
+    assert all(r.kl < 1e-6 and r.setting == "context" for r in scorer.records("covering", 500, covering))
+    compressed = list(scorer.records("compressing", 8, compressing))
+    assert all(r.kl > 1e-4 for r in compressed)
+    assert compressed[0].stored < 40  # the context was compressed; the question came after

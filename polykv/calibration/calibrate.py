@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from polykv.cache.reconstruction import Reconstruction
 from polykv.calibration.measure import measure
 from polykv.calibration.samples import GRID, POLICIES
 from polykv.calibration.tune import tune
@@ -48,11 +49,16 @@ def calibrate(
     tune_on: Sequence[Sample] = (),
     pad_token_id: int = 0,
     progress: bool = True,
+    setting: str = "question",
+    tokenizer=None,
 ) -> Profile:
     """Measure ``model`` on ``samples`` and return the profile (tables, signals, and where they came from).
 
     With ``tune_on`` (evaluation samples of the same tasks, held out from ``samples``) the solver is
-    also tuned per budget regime (``tune``).
+    also tuned per budget regime (``tune``). ``setting`` says where the question is when the cache
+    is compressed (``question`` inside the prompt, or ``context``: asked after it); the profile
+    records it, and routing uses a profile of the setting it is asked for. ``tokenizer`` is needed
+    when a policy scores by reconstruction (kvzip).
     """
     from polykv.model import describe_model
 
@@ -60,6 +66,11 @@ def calibrate(
     check_policies(policies, registry)
     chosen: dict[str, dict[str, Value]] = {name: dict(registry.policies.create(name).values) for name in policies}
     signals = [entry.cls() for entry in registry.signals]
+    reconstruction = None
+    if any(registry.policies.create(name).needs().reconstruction for name in policies):
+        if tokenizer is None:
+            raise ArgumentError("a policy to measure scores by reconstruction: calibrate(..., tokenizer=tokenizer)")
+        reconstruction = Reconstruction.for_tokenizer(tokenizer)
     measured = measure(
         model,
         samples,
@@ -69,6 +80,8 @@ def calibrate(
         batch_size=batch_size,
         registry=registry,
         progress=progress,
+        setting=setting,
+        reconstruction=reconstruction,
     )
     info, _ = describe_model(model)
     profile = Profile(
@@ -81,6 +94,7 @@ def calibrate(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "setting": setting,
             **(settings or {}),
         },
         grid=measured.grid,
@@ -98,5 +112,7 @@ def calibrate(
             batch_size=batch_size,
             pad_token_id=pad_token_id,
             progress=progress,
+            setting=setting,
+            tokenizer=tokenizer,
         )
     return profile

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
+from polykv.cache.reconstruction import Reconstruction
 from polykv.harness.scorer import Scorer, by_group, group_sizes, needs_of
 from polykv.registry import Registry, default_registry
 from polykv.signals import Signal
@@ -58,8 +59,13 @@ def measure(
     batch_size: int = 8,
     registry: Registry | None = None,
     progress: bool = True,
+    setting: str = "question",
+    reconstruction: Reconstruction | None = None,
 ) -> Measurements:
-    """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring."""
+    """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring.
+
+    ``setting`` says where the question is when the cache is compressed (``polykv.harness.scorer``);
+    ``reconstruction`` lets the model repeat each prompt, for policies that score that way."""
     registry = default_registry() if registry is None else registry
     created = {name: registry.policies.create(name, dict(params)) for name, params in policies.items()}
     needs = needs_of([policy.needs() for policy in created.values()], window=SIGNAL_WINDOW)
@@ -78,7 +84,7 @@ def measure(
     with prepared(model), torch.no_grad(), bar:
         for batch in batches:
             task = batch[0].group
-            scorer = Scorer(model, batch, needs, hidden=True)
+            scorer = Scorer(model, batch, needs, hidden=True, setting=setting, reconstruction=reconstruction)
             for layer in range(layers):
                 observation = scorer.captured.observation(layer)
                 for signal in scalar:

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
+from polykv.cache.reconstruction import Reconstruction
 from polykv.harness.scorer import Scorer, by_group, needs_of
 from polykv.plan import compile
 from polykv.profile import Profile, TunedRegime
@@ -30,6 +31,8 @@ def tune(
     batch_size: int = 4,
     pad_token_id: int = 0,
     progress: bool = True,
+    setting: str = "question",
+    tokenizer=None,
 ) -> Profile:
     """Choose, for each average budget, the task weights and floor whose solution loses least on ``samples``.
 
@@ -39,60 +42,84 @@ def tune(
     every task gets a composition factor, its measured loss under uniform compression over the sum
     its table predicts. The candidates are equal weights and these factors, each with the smallest
     budgets of the grid as a floor, and the one with the least measured loss (task-balanced, on
-    ``samples``, which the tables never saw) is kept per budget.
+    ``samples``, which the tables never saw, in the profile's ``setting``) is kept per budget.
     """
-    registry = default_registry() if registry is None else registry
+    tuning = _Tuning(
+        model, profile, samples, default_registry() if registry is None else registry, batch_size, pad_token_id,
+        progress, setting, tokenizer,
+    )  # fmt: skip
     with prepared(model):  # compiling the candidates prepares the model: give it back as it was
-        return _tune(model, profile, samples, budgets, registry, batch_size, pad_token_id, progress)
+        return tuning.run([b for b in budgets if b < profile.prompt_length])  # a budget over the prompt: nothing
 
 
-def _tune(model, profile, samples, budgets, registry, batch_size, pad_token_id, progress) -> Profile:
-    budgets = [b for b in budgets if b < profile.prompt_length]  # a budget over the prompt compresses nothing
-    if not budgets:
-        return profile
-    baseline = "pyramidkv" if "pyramidkv" in profile.policies else next(iter(profile.policies))
-    batches = list(by_group(samples, batch_size))
-    losses: dict[tuple, list[float]] = {}
+@attrs.define
+class _Tuning:
+    model: torch.nn.Module
+    profile: Profile
+    samples: Sequence[Sample]
+    registry: Registry
+    batch_size: int
+    pad_token_id: int
+    progress: bool
+    setting: str
+    tokenizer: object
+    losses: dict[tuple, list[float]] = attrs.field(factory=dict)
 
-    def score(plans: dict) -> None:
+    def run(self, budgets: list[int]) -> Profile:
+        profile = self.profile
+        if not budgets:
+            return profile
+        baseline = "pyramidkv" if "pyramidkv" in profile.policies else next(iter(profile.policies))
+        self.score({("uniform", b): self.compile(f"layers *: {baseline}@{b}") for b in budgets})
+        equal = {task: 1.0 for task in profile.tasks}
+        factors = {
+            budget: {
+                task: max(_mean(self.losses[(("uniform", budget), task)]), 1e-6)
+                / max(_predicted(profile, task, baseline, budget), 1e-6)
+                for task in profile.tasks
+            }
+            for budget in budgets
+        }
+        candidates = {}
+        for budget in budgets:
+            for name, chosen in (("equal", equal), ("composition", factors[budget])):
+                plan = self.compile(
+                    f"budget {budget}\nlayers *: auto@auto", attrs.evolve(profile, weights=chosen, regimes=())
+                )
+                for floor in [b for b in profile.grid[:3] if b <= budget]:
+                    regimes = [attrs.evolve(regime, floor=floor) for regime in plan.resolver.regimes]
+                    resolver = attrs.evolve(plan.resolver, regimes=regimes)
+                    candidates[(name, budget, floor)] = attrs.evolve(plan, resolver=resolver)
+        self.score(candidates)
+        tuned = []
+        for budget in budgets:
+            keys = [key for key in candidates if key[1] == budget]
+            measured = {f"{name} weights, floor {floor}": self.balanced((name, b, floor)) for name, b, floor in keys}
+            measured[f"uniform {baseline}"] = self.balanced(("uniform", budget))
+            best = min(keys, key=self.balanced)
+            tuned.append(TunedRegime(budget, equal if best[0] == "equal" else factors[budget], best[2], measured))
+        return attrs.evolve(profile, regimes=tuned, settings={**profile.settings, "composition_factors": factors})
+
+    def compile(self, spec: str, profile: Profile | None = None):
+        return compile(spec, self.model, profile=profile, registry=self.registry, tokenizer=self.tokenizer,
+                       setting=self.setting)  # fmt: skip
+
+    def score(self, plans: dict) -> None:
         needs = needs_of(plans.values())
-        for batch in tqdm(batches, desc="tuning", unit="batch", disable=not progress, leave=False):
-            scorer = Scorer(model, batch, needs, pad_token_id=pad_token_id)
+        reconstruction = Reconstruction.for_tokenizer(self.tokenizer) if needs.reconstruction else None
+        batches = list(by_group(self.samples, self.batch_size))
+        for batch in tqdm(batches, desc="tuning", unit="batch", disable=not self.progress, leave=False):
+            scorer = Scorer(
+                self.model, batch, needs, pad_token_id=self.pad_token_id, setting=self.setting,
+                reconstruction=reconstruction,
+            )  # fmt: skip
             for key, plan in plans.items():
                 for record in scorer.records(str(key), 0, plan):
-                    losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)
+                    self.losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)
 
-    def balanced(key) -> float:
-        return sum(_mean(losses[(key, task)]) for task in profile.tasks) / len(profile.tasks)
-
-    score({("uniform", b): compile(f"layers *: {baseline}@{b}", model, registry=registry) for b in budgets})
-    equal = {task: 1.0 for task in profile.tasks}
-    factors = {
-        budget: {
-            task: max(_mean(losses[(("uniform", budget), task)]), 1e-6)
-            / max(_predicted(profile, task, baseline, budget), 1e-6)
-            for task in profile.tasks
-        }
-        for budget in budgets
-    }
-    candidates = {}
-    for budget in budgets:
-        for name, chosen in (("equal", equal), ("composition", factors[budget])):
-            variant = attrs.evolve(profile, weights=chosen, regimes=())
-            plan = compile(f"budget {budget}\nlayers *: auto@auto", model, profile=variant, registry=registry)
-            for floor in [b for b in profile.grid[:3] if b <= budget]:
-                regimes = [attrs.evolve(regime, floor=floor) for regime in plan.resolver.regimes]
-                resolver = attrs.evolve(plan.resolver, regimes=regimes)
-                candidates[(name, budget, floor)] = attrs.evolve(plan, resolver=resolver)
-    score(candidates)
-    tuned = []
-    for budget in budgets:
-        keys = [key for key in candidates if key[1] == budget]
-        measured = {f"{name} weights, floor {floor}": balanced((name, b, floor)) for name, b, floor in keys}
-        measured[f"uniform {baseline}"] = balanced(("uniform", budget))
-        best = min(keys, key=balanced)
-        tuned.append(TunedRegime(budget, equal if best[0] == "equal" else factors[budget], best[2], measured))
-    return attrs.evolve(profile, regimes=tuned, settings={**profile.settings, "composition_factors": factors})
+    def balanced(self, key) -> float:
+        tasks = self.profile.tasks
+        return sum(_mean(self.losses[(key, task)]) for task in tasks) / len(tasks)
 
 
 def _predicted(profile: Profile, task: str, policy: str, budget: int) -> float:

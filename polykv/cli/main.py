@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
         "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 8 16 32 64 128 256 512)"
     )
     calibrate.add_argument("--batch", type=_count(1024), default=4, help="prompts per captured prefill (default 4)")
+    calibrate.add_argument(
+        "--setting",
+        choices=("question", "context"),
+        default="question",
+        help="measure with the question inside the compressed prompt (default), or asked after the compressed "
+        "context; routing uses a profile of the setting it is asked for",
+    )
     calibrate.set_defaults(run="polykv.cli.commands.calibrate:run")
 
     plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")
@@ -139,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--budget", type=_budget, help="total budget for a spec without one (128, 'total 4096', '10%%')")
     plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
+    plan.add_argument(
+        "--setting",
+        choices=("question", "context"),
+        default="question",
+        help="plan for the question inside the compressed prompt (default), or asked after the compressed context",
+    )
     plan.set_defaults(run="polykv.cli.commands.plan:run")
 
     evaluate = commands.add_parser("eval", help="compare methods at equal stored tokens on generated tasks")
@@ -179,6 +192,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--graded-only", action="store_true", help="skip greedy answers (accuracy): graded scores only"
+    )
+    evaluate.add_argument(
+        "--settings",
+        nargs="+",
+        choices=("question", "context"),
+        default=("question", "context"),
+        help="where the question is when the cache is compressed: inside the prompt, or asked after the "
+        "compressed context (default: both, reported apart)",
     )
     evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
     evaluate.set_defaults(run="polykv.cli.commands.eval:run")

@@ -108,8 +108,8 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(data: dict, folder: Path) -> list[Path]:
-    """score_vs_budget.png and recovery.png (needs matplotlib: pip install polykv-core[bench])."""
+def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
+    """score_vs_budget{suffix}.png and recovery{suffix}.png (needs matplotlib: pip install polykv-core[bench])."""
     try:
         import matplotlib
 
@@ -138,7 +138,7 @@ def plots(data: dict, folder: Path) -> list[Path]:
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=7)
     figure.tight_layout()
-    path = folder / "score_vs_budget.png"
+    path = folder / f"score_vs_budget{suffix}.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)
@@ -161,7 +161,7 @@ def plots(data: dict, folder: Path) -> list[Path]:
     axis.set_ylabel("gap recovery (1 = full cache, 0 = best single)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path = folder / "recovery.png"
+    path = folder / f"recovery{suffix}.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)

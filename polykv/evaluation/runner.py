@@ -27,11 +27,13 @@ import torch
 from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
+from polykv.cache.reconstruction import Reconstruction
 from polykv.errors import PolykvError
 from polykv.harness.scorer import Record, Scorer, by_group, needs_of
 from polykv.language.diagnostics import SpecError
-from polykv.plan import Plan, compile
+from polykv.plan import compile
 from polykv.tasks.tasks import Sample
+from polykv.values import SETTINGS
 
 #: Single policies applied uniformly: the baselines "best single" is chosen among.
 SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm")
@@ -82,47 +84,51 @@ def run(
     batch_size: int = 8,
     answers: bool = True,
     progress: bool = True,
+    settings: Sequence[str] = ("question",),
 ) -> list[Record]:
     """Score every method at every budget on ``samples``; results in ``out/results.jsonl`` (resumed).
 
     ``answers=False`` skips the greedy answers (accuracy), which cost more than the graded scores.
+    ``settings`` says where the question is when the cache is compressed (``polykv.harness.scorer``:
+    ``question`` inside the prompt, ``context`` asked after it); each setting is scored apart.
     """
+    unknown = [setting for setting in settings if setting not in SETTINGS]
+    if unknown:
+        raise PolykvError(f"setting {unknown[0]!r}: settings are {', '.join(SETTINGS)}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     done = {record.key: record for record in read(path)}
-    with prepared(model):  # compiling the methods prepares the model: give it back as it was
-        _score(model, tokenizer, samples, methods, budgets, path, done, profile, batch_size, answers, progress)
+    with prepared(model), path.open("a", encoding="utf-8") as sink:  # give the model back as it was
+        plans = {setting: _plans(model, methods, budgets, profile, tokenizer, setting) for setting in settings}
+        cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
+        batches = [(batch, setting) for setting in settings for batch in by_group(samples, batch_size)]
+        todo = sum(
+            1 for batch, setting in batches for s in batch for m, b in cells if _key(s, m, b, setting) not in done
+        )
+        needs = needs_of([plan for chosen in plans.values() for plan in chosen.values()])
+        reconstruction = Reconstruction.for_tokenizer(tokenizer) if needs.reconstruction else None
+        with tqdm(total=todo, desc="evaluating", unit="score", disable=not progress) as bar:
+            for batch, setting in batches:
+                missing = [(m, b) for m, b in cells if any(_key(s, m, b, setting) not in done for s in batch)]
+                if not missing:
+                    continue
+                scorer = Scorer(
+                    model,
+                    batch,
+                    needs,
+                    pad_token_id=tokenizer.pad_token_id,
+                    tokenizer=tokenizer if answers else None,
+                    setting=setting,
+                    reconstruction=reconstruction,
+                )
+                for chosen, budget in missing:
+                    for record in scorer.records(chosen.name, budget, plans[setting].get((chosen.name, budget))):
+                        if record.key not in done:
+                            done[record.key] = record
+                            sink.write(json.dumps(attrs.asdict(record)) + "\n")
+                            bar.update(1)
+                    sink.flush()
     return list(done.values())
-
-
-def _score(model, tokenizer, samples, methods, budgets, path, done, profile, batch_size, answers, progress) -> None:
-    plans = _plans(model, methods, budgets, profile)
-    cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
-    batches = list(by_group(samples, batch_size))
-    todo = sum(1 for batch in batches for s in batch for m, b in cells if _key(s, m, b) not in done)
-    with (
-        path.open("a", encoding="utf-8") as sink,
-        tqdm(total=todo, desc="evaluating", unit="score", disable=not progress) as bar,
-    ):
-        for batch in batches:
-            missing = [(m, b) for m, b in cells if any(_key(s, m, b) not in done for s in batch)]
-            if not missing:
-                continue
-            scorer = Scorer(
-                model,
-                batch,
-                needs_of(plans.values()),
-                pad_token_id=tokenizer.pad_token_id,
-                tokenizer=tokenizer if answers else None,
-            )
-            for chosen, budget in missing:
-                plan = plans.get((chosen.name, budget))
-                for record in scorer.records(chosen.name, budget, plan):
-                    if record.key not in done:
-                        done[record.key] = record
-                        sink.write(json.dumps(attrs.asdict(record)) + "\n")
-                        bar.update(1)
-                sink.flush()
 
 
 def read(path: Path) -> list[Record]:
@@ -148,7 +154,7 @@ def machine() -> str:
     return f"{platform.machine()}-{device}"
 
 
-def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile) -> dict[tuple[str, int], Plan]:
+def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile, tokenizer, setting: str) -> dict:
     plans = {}
     for chosen in methods:
         for budget in budgets:
@@ -156,7 +162,9 @@ def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile) ->
             if spec is None:
                 continue
             try:
-                plans[(chosen.name, budget)] = compile(spec, model, profile=profile)
+                plans[(chosen.name, budget)] = compile(
+                    spec, model, profile=profile, tokenizer=tokenizer, setting=setting
+                )
             except SpecError as error:
                 raise PolykvError(f"method {chosen.name} at budget {budget}:\n{error.format()}") from None
     return plans
@@ -166,5 +174,5 @@ def _full(methods: Sequence[Method]) -> Method:
     return next((m for m in methods if m.template is None), Method("full", None))
 
 
-def _key(sample: Sample, method: Method, budget: int) -> tuple:
-    return (sample.task, sample.format, sample.seed, method.name, budget)
+def _key(sample: Sample, method: Method, budget: int, setting: str) -> tuple:
+    return (sample.task, sample.format, sample.seed, method.name, budget, setting)

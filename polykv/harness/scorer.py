@@ -8,7 +8,13 @@ single layer compressed (``layer_loss``: an entry of calibration's table). Each 
 teacher-forced on the samples' target tokens against the full cache (``reference``), and, with a
 tokenizer, by a greedy answer.
 
-Samples of a batch are left-padded to one length; their targets are cut to the shortest.
+Two settings (``SETTINGS``): with ``question`` the compressed prompt holds the question (the whole
+``Sample.prompt``), as in most benchmarks; with ``context`` only the context is compressed, and the
+question arrives after it, uncompressed, as when one compressed context serves several questions
+(kvpress's pipeline; where query-aware policies have no query to go by).
+
+Samples of a batch are left-padded to one length; their targets are cut to the shortest; in the
+context setting the questions are left-padded to the longest, between context and answer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import torch
 
-from polykv.cache.positions import continuation_positions
+from polykv.cache.positions import prompt_positions
+from polykv.cache.reconstruction import Reconstruction
 from polykv.harness.capture import Capture, capture
 from polykv.harness.divergence import kl_divergence, negative_log_likelihood
 from polykv.model import attention_modules
@@ -28,6 +35,7 @@ from polykv.model.describe import cache_argument
 from polykv.plan.plan import Plan
 from polykv.policy import Needs, Policy
 from polykv.tasks.tasks import Sample
+from polykv.values import SETTINGS
 
 
 @attrs.frozen
@@ -43,10 +51,11 @@ class Record:
     nll: float
     accuracy: float | None
     stored: float  # tokens stored per layer after prefill, on average over layers
+    setting: str = "question"
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.format, self.seed, self.method, self.budget)
+        return (self.task, self.format, self.seed, self.method, self.budget, self.setting)
 
 
 class Scorer:
@@ -54,7 +63,9 @@ class Scorer:
 
     ``needs`` is what the policies to be tried need captured (``needs_of``). ``hidden`` also keeps
     what signals read and lets ``layer_loss`` start its passes at the compressed layer. With a
-    ``tokenizer``, ``records`` include greedy answers (accuracy).
+    ``tokenizer``, ``records`` include greedy answers (accuracy). ``setting`` says where the
+    question is (see ``SETTINGS``); ``reconstruction`` lets the model repeat the prompt after the
+    prefill, for policies that score that way.
     """
 
     def __init__(
@@ -66,27 +77,36 @@ class Scorer:
         pad_token_id: int = 0,
         tokenizer=None,
         hidden: bool = False,
+        setting: str = "question",
+        reconstruction: Reconstruction | None = None,
     ):
-        self.model, self.samples, self.tokenizer = model, list(samples), tokenizer
+        if setting not in SETTINGS:
+            raise ValueError(f"setting is one of {', '.join(SETTINGS)}, not {setting!r}")
+        self.model, self.samples, self.tokenizer, self.setting = model, list(samples), tokenizer, setting
         device = next(model.parameters()).device
-        width = max(sample.length for sample in samples)
-        ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sample in enumerate(samples):
-            ids[row, width - sample.length :] = torch.tensor(sample.prompt)
-            mask[row, width - sample.length :] = 1
-        self.mask = mask.to(device)
+        compressed = [s.prompt if setting == "question" else s.parts()[0] for s in samples]
+        ids, self.mask = _left_padded(compressed, pad_token_id, device)
         shortest = min(len(sample.target) for sample in samples)
         if shortest < 2:
             raise ValueError("a scored sample needs at least 2 target tokens (the first is predicted by the prefill)")
         self.targets = torch.tensor([sample.target[:shortest] for sample in samples], device=device)
         self.steps = max(len(sample.target) for sample in samples) + 2  # greedy answers: the target and a little
-        room = max(shortest, self.steps) if tokenizer is not None else shortest
-        self.captured: Capture = capture(model, ids.to(device), self.mask, needs=needs, room=room, hidden=hidden)
-        inputs = self.targets[:, :-1]  # each target token predicts the next
+        if setting == "question":  # each target token predicts the next; the prefill predicts the first
+            questions = torch.zeros(len(samples), 0, dtype=torch.long, device=device)
+            asked = torch.zeros_like(questions)
+            self._scored = self.targets[:, 1:]
+        else:  # the question's last token predicts the first target token
+            questions, asked = _left_padded([s.parts()[1] for s in samples], pad_token_id, device)
+            self._scored = self.targets
+        self._question, self._question_mask = questions, asked
+        inputs = torch.cat([questions, self.targets[:, :-1]], dim=1)
+        room = inputs.shape[1] + (self.steps if tokenizer is not None else 0)
+        self.captured: Capture = capture(
+            model, ids, self.mask, needs=needs, room=room, hidden=hidden, reconstruction=reconstruction
+        )
         self._inputs = inputs
-        self._input_mask = torch.cat([self.mask, torch.ones_like(inputs)], dim=1)
-        self._positions = continuation_positions(self.mask, inputs.shape[1])
+        self._input_mask = torch.cat([self.mask, asked, torch.ones_like(self.targets[:, :-1])], dim=1)
+        self._positions = prompt_positions(self._input_mask)[:, -inputs.shape[1] :]
         with torch.no_grad():
             reference = self._forward(self.captured.cache(share_room=True), hidden_states=hidden)
         self.reference = reference.logits
@@ -106,8 +126,9 @@ class Scorer:
             with torch.no_grad():
                 logits = self._forward(cache).logits
         answers = self.answers(plan) if self.tokenizer is not None else [None] * len(self.samples)
-        kl = kl_divergence(self.reference, logits)
-        nll = negative_log_likelihood(logits, self.targets[:, 1:])
+        scored = self._scored.shape[1]
+        kl = kl_divergence(self.reference[:, -scored:], logits[:, -scored:])
+        nll = negative_log_likelihood(logits[:, -scored:], self._scored)
         for row, sample in enumerate(self.samples):
             accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
             yield Record(
@@ -120,24 +141,31 @@ class Scorer:
                 float(nll[row]),
                 accuracy,
                 stored,
+                self.setting,
             )
 
     def answers(self, plan: Plan | None) -> list[str]:
         """Each sample's greedy answer under ``plan``'s cache (None: the full cache)."""
         cache = self.captured.cache() if plan is None else self.captured.cache_for(plan)
-        token = self.captured.logits.argmax(-1, keepdim=True)
-        produced, mask = [token], self.mask
+        mask = torch.cat([self.mask, self._question_mask], dim=1)
         with torch.no_grad():
-            for step in range(self.steps - 1):
+            # In the context setting the question comes now, after the compressed context.
+            asked = self._question.shape[1] > 0
+            logits = self._step(cache, self._question, mask) if asked else self.captured.logits
+            token = logits.argmax(-1, keepdim=True)
+            produced = [token]
+            for _ in range(self.steps - 1):
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                positions = continuation_positions(self.mask, 1) + step
-                logits = self.model(
-                    token, attention_mask=mask, position_ids=positions, **cache_argument(self.model, cache)
-                ).logits
-                token = logits[:, -1].argmax(-1, keepdim=True)
+                token = self._step(cache, token, mask).argmax(-1, keepdim=True)
                 produced.append(token)
         tokens = torch.cat(produced, dim=1)
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+
+    def _step(self, cache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next-token logits (B, V) after ``tokens``, whose attention ``mask`` ends the full one."""
+        positions = prompt_positions(mask)[:, -tokens.shape[1] :]
+        output = self.model(tokens, attention_mask=mask, position_ids=positions, **cache_argument(self.model, cache))
+        return output.logits[:, -1]
 
     # --- one layer compressed ------------------------------------------------------------------------
 
@@ -161,7 +189,8 @@ class Scorer:
                     logits = self._forward(cache, embeddings=self._entering[layer]).logits
             else:
                 logits = self._forward(cache).logits
-        return kl_divergence(self.reference, logits).cpu(), kept
+        scored = self._scored.shape[1]
+        return kl_divergence(self.reference[:, -scored:], logits[:, -scored:]).cpu(), kept
 
     def _starts_at(self, layer: int) -> bool:
         """Whether starting at ``layer`` reproduces the full pass on this model (checked once per layer):
@@ -214,6 +243,18 @@ def _decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module | None,
     return None, "", None
 
 
+def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest: ids (B, W) and mask (B, W)."""
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for number, row in enumerate(rows):
+        if len(row):
+            ids[number, width - len(row) :] = torch.tensor(row)
+            mask[number, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def needs_of(plans, *, window: int = 1) -> Needs:
     """What to capture so that every plan's cache (and any of the policies' in ``needs``) can be built."""
     needs = [plan if isinstance(plan, Needs) else plan.needs() for plan in plans]
@@ -221,6 +262,7 @@ def needs_of(plans, *, window: int = 1) -> Needs:
         window=max([window, *(n.window for n in needs)]),
         window_attention=True,
         accumulated_attention=any(n.accumulated_attention for n in needs),
+        reconstruction=any(n.reconstruction for n in needs),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import attrs
 import torch
 
 from polykv.arguments import instance, whole_number
@@ -27,6 +28,7 @@ from polykv.plan.plan import LayerPlan, Plan
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Decision, fixed_budget, resolver
+from polykv.values import SETTINGS
 
 #: The prompt length a plan without a profile shows its decisions for.
 DEFAULT_CONTEXT = 1024
@@ -41,6 +43,7 @@ def compile(
     context_length: int | None = None,
     registry: Registry | None = None,
     tokenizer=None,
+    setting: str = "question",
 ) -> Plan:
     """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
@@ -51,9 +54,11 @@ def compile(
     ``@auto`` budgets are decided from ``profile`` (a Profile or the path of one; by default the
     profile shipped for the bundled model, when ``model`` is that model); the plan's layers show
     the decisions for ``context_length`` tokens (default: the profile's prompt length), and each
-    cache decides again for its own prompt. ``tokenizer`` (the model's) lets caches ask the model to
-    repeat a prompt, which policies that score by reconstruction (kvzip) need. The model is
-    prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
+    cache decides again for its own prompt. ``setting`` says where the question will be when the
+    cache is compressed: ``question`` (inside the prompt) or ``context`` (asked after the compressed
+    context); routing reads a profile measured for it. ``tokenizer`` (the model's) lets caches ask
+    the model to repeat a prompt, which policies that score by reconstruction (kvzip) need. The
+    model is prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
     """
     registry = default_registry() if registry is None else registry
     instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
@@ -62,6 +67,8 @@ def compile(
     if context_length is not None:
         context_length = whole_number(context_length, "context_length", least=1)
     instance(profile, (Profile, str, os.PathLike, type(None)), "profile", "a Profile, the path of one, or None")
+    if setting not in SETTINGS:
+        raise ArgumentError(f"setting is one of {', '.join(SETTINGS)}, got {setting!r}")
     spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
@@ -71,7 +78,7 @@ def compile(
         spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry, windows=windows
     )
     if checked.has_auto:  # resolution decides what is open, shown for one prompt length
-        found = _profile_for(model, profile)
+        found = _profile_for(model, profile, setting)
         context = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
         deciding = resolver(checked, found, registry, windows=windows)
         decisions = deciding.decide(context, registry)
@@ -90,13 +97,14 @@ def compile(
         )
         for entry, decision in zip(checked.layers, decisions)
     ]
-    reconstruction = Reconstruction.for_tokenizer(tokenizer) if tokenizer is not None else None
-    plan = Plan(print_spec(spec), info, layers, deciding, context, reconstruction)
-    if reconstruction is None and plan.needs(registry).reconstruction:
-        raise ArgumentError(
-            "a policy of this spec scores by reconstruction (the model repeats the prompt), which needs the "
-            "tokenizer to ask it: polykv.compile(spec, model, tokenizer=tokenizer)"
-        )
+    plan = Plan(print_spec(spec), info, layers, deciding, context)
+    if plan.needs(registry).reconstruction:  # a policy scores by letting the model repeat the prompt
+        if tokenizer is None:
+            raise ArgumentError(
+                "a policy of this spec scores by reconstruction (the model repeats the prompt), which needs the "
+                "tokenizer to ask it: polykv.compile(spec, model, tokenizer=tokenizer)"
+            )
+        plan = attrs.evolve(plan, reconstruction=Reconstruction.for_tokenizer(tokenizer))
     plan.apply(model)
     return plan
 
@@ -106,15 +114,16 @@ def _choice(choice: PhaseChoice) -> Choice:
     return Choice(choice.policy, dict(choice.params), fixed_budget(choice.budget))
 
 
-def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | None) -> Profile | None:
-    """The profile to route and solve with: the one given (checked against the model), or the bundled
-    model's when ``model`` is it, or None."""
+def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str) -> Profile | None:
+    """The profile to route and solve with: the one given (checked against the model and the setting), or the
+    bundled model's for the setting when ``model`` is it, or None."""
     if profile is not None:
         found = as_profile(profile)
         found.check_model(model)
+        found.check_setting(setting)
         return found
     try:
-        found = default_profile()
+        found = default_profile(setting)
         found.check_model(model)
     except ProfileError:
         return None

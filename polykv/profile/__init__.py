@@ -2,6 +2,7 @@
 
 from polykv.profile.profile import (
     DEFAULT_PROFILE,
+    DEFAULT_PROFILES,
     Profile,
     ProfileError,
     TunedRegime,
@@ -10,4 +11,13 @@ from polykv.profile.profile import (
     fingerprint,
 )
 
-__all__ = ["DEFAULT_PROFILE", "Profile", "ProfileError", "TunedRegime", "as_profile", "default_profile", "fingerprint"]
+__all__ = [
+    "DEFAULT_PROFILE",
+    "DEFAULT_PROFILES",
+    "Profile",
+    "ProfileError",
+    "TunedRegime",
+    "as_profile",
+    "default_profile",
+    "fingerprint",
+]

@@ -24,13 +24,15 @@ from polykv import serialization
 from polykv.errors import PolykvError
 from polykv.model import ModelInfo, describe_model
 from polykv.serialization import Loss
-from polykv.values import Value
+from polykv.values import SETTINGS, Value
 
 FORMAT = 1
 #: Losses per [layer][policy][budget] (math.inf where a policy cannot take a budget).
 LossTable = list[list[list[Loss]]]
-#: The profile that ships for the bundled default model (see ``polykv calibrate --help`` for its command).
-DEFAULT_PROFILE = "smollm2-135m-instruct.json"
+#: The profiles that ship for the bundled default model, per setting (see docs/routing.md for their commands).
+DEFAULT_PROFILES = {"question": "smollm2-135m-instruct.json", "context": "smollm2-135m-instruct-context.json"}
+DEFAULT_PROFILE = DEFAULT_PROFILES["question"]
+
 #: Embedding rows whose norms identify a model's weights, and the relative tolerance across dtypes.
 FINGERPRINT_ROWS, FINGERPRINT_TOLERANCE = 16, 0.02
 
@@ -76,6 +78,19 @@ class Profile:
     @property
     def prompt_length(self) -> int:
         return int(self.settings["prompt_length"])
+
+    @property
+    def setting(self) -> str:
+        """Where the question was when the losses were measured (profiles before settings: in the prompt)."""
+        return self.settings.get("setting", "question")
+
+    def check_setting(self, setting: str) -> None:
+        """Raise ProfileError unless this profile was measured for ``setting``."""
+        if setting != self.setting:
+            raise ProfileError(
+                f"this profile was measured with {_SETTING_WORDS[self.setting]}, not with {_SETTING_WORDS[setting]}: "
+                f"calibrate for it with `polykv calibrate --setting {setting}`"
+            )
 
     def table(self, weights: Mapping[str, float] | None = None) -> list[list[list[float]]]:
         """Losses per [layer][policy][budget], averaged over tasks with ``weights`` (default: the profile's)."""
@@ -148,14 +163,28 @@ class Profile:
         return cls.from_json(text, source=str(path))
 
 
-def default_profile() -> Profile:
-    """The profile measured on the bundled default model (SmolLM2-135M-Instruct), shipped with polykv."""
-    resource = importlib.resources.files("polykv.profile").joinpath(DEFAULT_PROFILE)
+#: How messages name each setting.
+_SETTING_WORDS = {
+    "question": "the question inside the compressed prompt",
+    "context": "the context compressed before the question",
+}
+
+
+def default_profile(setting: str = "question") -> Profile:
+    """The profile measured on the bundled default model (SmolLM2-135M-Instruct) for ``setting``, shipped with
+    polykv."""
+    if setting not in DEFAULT_PROFILES:
+        raise ProfileError(f"setting is one of {', '.join(SETTINGS)}, not {setting!r}")
+    name = DEFAULT_PROFILES[setting]
+    resource = importlib.resources.files("polykv.profile").joinpath(name)
     try:
         text = resource.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ProfileError(f"this polykv ships no {DEFAULT_PROFILE}: calibrate with `polykv calibrate`") from None
-    return Profile.from_json(text, source=DEFAULT_PROFILE)
+        raise ProfileError(
+            f"this polykv ships no profile of its bundled model for {_SETTING_WORDS[setting]}: calibrate one with "
+            f"`polykv calibrate --setting {setting}`"
+        ) from None
+    return Profile.from_json(text, source=name)
 
 
 def as_profile(profile: Profile | str | os.PathLike | None) -> Profile:

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         tune_on=tune_on,
         pad_token_id=tokenizer.pad_token_id,
         settings={"data": data, "model_path": str(location), "command": setup.command_line()},
+        setting=args.setting,
+        tokenizer=tokenizer,
     )
     profile.save(args.out)
     print(f"wrote {args.out}: {len(profile.tasks)} tasks, {len(profile.policies)} policies, grid {list(profile.grid)}")

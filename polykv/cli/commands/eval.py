@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         batch_size=args.batch,
         answers=not args.graded_only,
+        settings=args.settings,
     )
-    data = summary(records)
-    data["settings"] = {
+    settings = {
         "model": str(location),
         "tasks": [f"{t}:{f}" for t, f in parsed],
         "count": count,
@@ -80,10 +80,24 @@ def run(args: argparse.Namespace) -> int:
         "profile": args.profile or "bundled",
         "command": setup.command_line(),
     }
-    text = markdown(data)
+    sections, written = [], []
+    for setting in args.settings:  # one report per setting: question inside the compressed prompt, or after
+        data = summary([r for r in records if r.setting == setting])
+        data["settings"] = {**settings, "setting": setting}
+        suffix = "" if setting == "question" else f"-{setting}"
+        sections.append(f"## {SETTING_TITLES[setting]}\n\n{markdown(data)}")
+        (args.out / f"summary{suffix}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        written.append(args.out / f"summary{suffix}.json")
+        written += plots(data, args.out, suffix=suffix)
+    text = "\n".join(sections)
     (args.out / "report.md").write_text(text, encoding="utf-8")
-    (args.out / "summary.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    written = plots(data, args.out)
     print(text)
-    print(f"wrote {args.out / 'report.md'}, {args.out / 'summary.json'}" + "".join(f", {p}" for p in written))
+    print(f"wrote {args.out / 'report.md'}" + "".join(f", {p}" for p in written))
     return 0
+
+
+#: How the report names each setting.
+SETTING_TITLES = {
+    "question": "Question inside the compressed prompt",
+    "context": "Context compressed first, question asked after it",
+}

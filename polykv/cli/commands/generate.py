@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
     model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
     loaded = time.perf_counter() - started
-    plan = compile(spec, model, profile=args.profile)
+    plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer)
 
     input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])

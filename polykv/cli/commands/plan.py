@@ -86,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     device = setup.device(args)
     location = setup.model_location(args)
     print(f"loading {location}", file=sys.stderr)
-    model, _ = load_model(location, device=device)
-    plan = compile(spec, model, profile=profile, context_length=args.context)
+    model, tokenizer = load_model(location, device=device)
+    plan = compile(
+        spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting
+    )
     sys.stdout.write(plan_text(plan))
     if args.png is not None:
         draw(plan, args.png, _sensitivity(plan))
