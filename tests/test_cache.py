@@ -13,6 +13,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.models.llama.modeling_llama import repeat_kv
 
 import polykv
+from polykv import cache_argument
 from polykv.cache import inputs
 
 BUILTIN = ["full", "streaming@200", "snapkv@200", "pyramidkv@200", "h2o@200", "tova@200", "knorm@200", "random@200"]
@@ -32,7 +33,9 @@ def _greedy(model, cache, ids, attention_mask=None, steps: int = 6) -> tuple[tor
     for _ in range(steps):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
         with torch.no_grad():
-            logits = model(new, attention_mask=attention_mask, position_ids=positions, past_key_values=cache).logits
+            logits = model(
+                new, attention_mask=attention_mask, position_ids=positions, **cache_argument(model, cache)
+            ).logits
         logits_per_step.append(logits[:, -1].float())
         new = logits[:, -1:].argmax(-1)
         tokens = torch.cat([tokens, new], 1)
@@ -46,13 +49,14 @@ def _greedy(model, cache, ids, attention_mask=None, steps: int = 6) -> tuple[tor
 @pytest.mark.parametrize("policy", BUILTIN)
 def test_full_budget_equals_the_full_cache(tiny_model, policy):
     ids = _prompt(batch=2)
-    expected = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
+    expected = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, **cache_argument(tiny_model, DynamicCache()))
     expected_logits = tiny_model(ids).logits
     plan = polykv.compile(f"layers *: {policy} decode streaming@500", tiny_model)
     assert torch.equal(
-        tiny_model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=plan.make_cache()), expected
+        tiny_model.generate(ids, max_new_tokens=8, do_sample=False, **cache_argument(tiny_model, plan.make_cache())),
+        expected,
     )
-    assert torch.equal(tiny_model(ids, past_key_values=plan.make_cache()).logits, expected_logits)
+    assert torch.equal(tiny_model(ids, **cache_argument(tiny_model, plan.make_cache())).logits, expected_logits)
 
 
 def test_preparing_a_model_leaves_its_outputs_alone(tiny_model):
@@ -61,7 +65,7 @@ def test_preparing_a_model_leaves_its_outputs_alone(tiny_model):
     polykv.prepare_model(tiny_model)
     assert tiny_model.config._attn_implementation.startswith("polykv_")
     assert torch.equal(tiny_model(ids).logits, before)
-    assert torch.equal(tiny_model(ids, past_key_values=DynamicCache()).logits, before)
+    assert torch.equal(tiny_model(ids, **cache_argument(tiny_model, DynamicCache())).logits, before)
 
 
 # --- real memory savings -----------------------------------------------------------------------------
@@ -73,7 +77,7 @@ def test_each_layer_stores_exactly_its_budget(tiny_model, policy):
     cache = plan.make_cache()
     ids = _prompt(batch=3, length=40)
     with torch.no_grad():
-        tiny_model(ids, past_key_values=cache)
+        tiny_model(ids, **cache_argument(tiny_model, cache))
     assert cache.layer_lengths() == [40, 30, 12, 20]
     for layer, length in zip(cache.layers, [40, 30, 12, 20]):
         assert layer.keys.shape == layer.values.shape == (3, 2, length, 16)  # dense, nothing masked
@@ -89,7 +93,7 @@ def test_each_layer_stores_exactly_its_budget(tiny_model, policy):
 def test_a_prompt_shorter_than_the_budget_keeps_everything(tiny_model):
     cache = polykv.compile("layers *: snapkv@64(window=4)", tiny_model).make_cache()
     with torch.no_grad():
-        tiny_model(_prompt(length=20), past_key_values=cache)
+        tiny_model(_prompt(length=20), **cache_argument(tiny_model, cache))
     assert cache.layer_lengths() == [20, 20, 20, 20]
     assert all(layer.positions is None for layer in cache.layers)
 
@@ -97,7 +101,7 @@ def test_a_prompt_shorter_than_the_budget_keeps_everything(tiny_model):
 def test_percent_budgets_follow_the_prompt(tiny_model):
     cache = polykv.compile("layers *: knorm@25%", tiny_model).make_cache()
     with torch.no_grad():
-        tiny_model(_prompt(length=41), past_key_values=cache)
+        tiny_model(_prompt(length=41), **cache_argument(tiny_model, cache))
     assert cache.layer_lengths() == [math.ceil(41 / 4)] * 4
 
 
@@ -181,8 +185,12 @@ def test_real_eviction_equals_masking_the_evicted_tokens(policy, padded):
             if step:
                 _HIDDEN.update(_hidden_from(cache, new.shape[1]))
             with torch.no_grad():
-                ours = model(new, attention_mask=step_mask, position_ids=positions, past_key_values=cache).logits
-                theirs = reference(new, attention_mask=step_mask, position_ids=positions, past_key_values=full).logits
+                ours = model(
+                    new, attention_mask=step_mask, position_ids=positions, **cache_argument(model, cache)
+                ).logits
+                theirs = reference(
+                    new, attention_mask=step_mask, position_ids=positions, **cache_argument(reference, full)
+                ).logits
             torch.testing.assert_close(ours[:, -1], theirs[:, -1], rtol=1e-4, atol=1e-5)
             new = ours[:, -1:].argmax(-1)
             step_mask = torch.cat([step_mask, torch.ones_like(new)], 1)
@@ -198,7 +206,7 @@ def test_padding_is_never_kept_in_place_of_real_tokens(tiny_model):
     mask[1, :12] = 0  # 18 real tokens: compressed to 10 real ones
     mask[2, :25] = 0  # 5 real tokens: all kept, plus the 5 latest padding tokens (masked)
     with torch.no_grad():
-        tiny_model(ids, attention_mask=mask, past_key_values=cache)
+        tiny_model(ids, attention_mask=mask, **cache_argument(tiny_model, cache))
     for layer in cache.layers:
         assert (layer.positions[1] >= 12).all()
         assert (layer.positions[2] == torch.arange(20, 30)).all()
@@ -210,7 +218,7 @@ def test_right_padding_is_refused(tiny_model):
     mask = torch.ones_like(ids)
     mask[0, -5:] = 0
     with pytest.raises(polykv.CacheError, match="left padding"):
-        tiny_model(ids, attention_mask=mask, past_key_values=cache)
+        tiny_model(ids, attention_mask=mask, **cache_argument(tiny_model, cache))
 
 
 def test_a_padded_batch_answers_like_each_prompt_alone(tiny_model):
@@ -233,7 +241,9 @@ def test_a_decode_policy_bounds_memory_during_long_generation(tiny_model):
     plan = polykv.compile("layers 0: full decode streaming@30(sink=4); *: knorm@12 decode streaming@24", tiny_model)
     cache = plan.make_cache()
     ids = _prompt(length=40)
-    out = tiny_model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, past_key_values=cache)
+    out = tiny_model.generate(
+        ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, **cache_argument(tiny_model, cache)
+    )
     assert out.shape[1] == 100
     assert cache.get_seq_length() == 99  # the last token is never fed back
     assert cache.layer_lengths() == [30, 24, 24, 24]
@@ -244,7 +254,7 @@ def test_a_decode_policy_bounds_memory_during_long_generation(tiny_model):
 def test_query_aware_decode_policies_see_recent_queries(tiny_model):
     plan = polykv.compile("layers *: snapkv@10(window=4) decode snapkv@16(window=6)", tiny_model)
     cache = plan.make_cache()
-    tiny_model.generate(_prompt(length=30), max_new_tokens=20, do_sample=False, past_key_values=cache)
+    tiny_model.generate(_prompt(length=30), max_new_tokens=20, do_sample=False, **cache_argument(tiny_model, cache))
     assert cache.layer_lengths() == [16] * 4
     assert all(layer.recent_queries.shape[2] == 6 for layer in cache.layers)
     assert cache.layers[0].recent_query_positions.tolist() == list(range(43, 49))
@@ -253,7 +263,7 @@ def test_query_aware_decode_policies_see_recent_queries(tiny_model):
 def test_decoding_keeps_no_queries_when_no_decode_policy_scores_with_them(tiny_model):
     plan = polykv.compile("layers *: snapkv@10(window=4)", tiny_model)
     cache = plan.make_cache()
-    tiny_model.generate(_prompt(length=30), max_new_tokens=20, do_sample=False, past_key_values=cache)
+    tiny_model.generate(_prompt(length=30), max_new_tokens=20, do_sample=False, **cache_argument(tiny_model, cache))
     assert cache.layers[0].recent_query_positions.tolist() == list(range(26, 30))  # the prompt's last window
 
 
@@ -262,24 +272,26 @@ def test_one_compressed_context_answers_several_questions(tiny_model):
     context, questions = _prompt(length=50, seed=7), [_prompt(length=n, seed=n) for n in (5, 9, 3)]
     cache = plan.make_cache()
     with torch.no_grad():
-        tiny_model(context, past_key_values=cache)
+        tiny_model(context, **cache_argument(tiny_model, cache))
     cache.end_prefill()  # the questions are appended, not compressed with the context
     compressed = cache.layer_lengths()
     for question in questions:
         ids = torch.cat([context, question], 1)
-        answer = tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        answer = tiny_model.generate(ids, max_new_tokens=5, do_sample=False, **cache_argument(tiny_model, cache))
         cache.rewind(context.shape[1])
         assert cache.layer_lengths() == compressed and cache.get_seq_length() == 50
         fresh = plan.make_cache()
         with torch.no_grad():
-            tiny_model(context, past_key_values=fresh)
+            tiny_model(context, **cache_argument(tiny_model, fresh))
         fresh.end_prefill()
-        assert torch.equal(tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=fresh), answer)
+        assert torch.equal(
+            tiny_model.generate(ids, max_new_tokens=5, do_sample=False, **cache_argument(tiny_model, fresh)), answer
+        )
 
 
 def test_crop_follows_transformers_convention(tiny_model):
     cache = polykv.compile("layers *: knorm@10", tiny_model).make_cache()
-    tiny_model.generate(_prompt(length=30), max_new_tokens=6, do_sample=False, past_key_values=cache)
+    tiny_model.generate(_prompt(length=30), max_new_tokens=6, do_sample=False, **cache_argument(tiny_model, cache))
     assert cache.get_seq_length() == 35
     cache.crop(-3)
     assert cache.get_seq_length() == 32 and cache.layer_lengths() == [12] * 4
@@ -288,7 +300,7 @@ def test_crop_follows_transformers_convention(tiny_model):
 def test_rewinding_into_the_compressed_context(tiny_model):
     cache = polykv.compile("layers *: streaming@10(sink=2)", tiny_model).make_cache()
     with torch.no_grad():
-        tiny_model(_prompt(length=30), past_key_values=cache)
+        tiny_model(_prompt(length=30), **cache_argument(tiny_model, cache))
     cache.rewind(25)  # streaming kept 0, 1 and 22-29: heads agree, so 5 remain
     assert cache.layer_lengths() == [5] * 4 and cache.get_seq_length() == 25
 
@@ -302,12 +314,12 @@ def test_query_aware_scoring_keeps_sdpa_and_computes_attention_in_chunks(monkeyp
     ids = _prompt(batch=2, length=50)
     cache = plan.make_cache()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(model, cache))
     assert model.config._attn_implementation == "polykv_sdpa"
     monkeypatch.setattr(inputs, "CHUNK_ELEMENTS", 2 * 6 * 50 * 3)  # three queries per chunk
     chunked = plan.make_cache()
     with torch.no_grad():
-        model(ids, past_key_values=chunked)
+        model(ids, **cache_argument(model, chunked))
     for whole, pieces in zip(cache.layers, chunked.layers):
         assert torch.equal(whole.positions, pieces.positions)
 
@@ -327,7 +339,7 @@ def test_an_unprepared_model_fails_in_the_very_forward_that_should_compress():
     unprepared = tiny_llama("sdpa")
     expected = r"layer 0's attention did not go through polykv.*plan.apply\(model\)"
     with pytest.raises(polykv.CacheError, match=expected), torch.no_grad():
-        unprepared(_prompt(length=30), past_key_values=plan.make_cache())  # a lone prefill
+        unprepared(_prompt(length=30), **cache_argument(unprepared, plan.make_cache()))  # a lone prefill
 
 
 def test_apply_prepares_and_restores_the_model():
@@ -338,7 +350,7 @@ def test_apply_prepares_and_restores_the_model():
         assert prepared is model and model.config._attn_implementation == "polykv_sdpa"
         cache = plan.make_cache()
         with torch.no_grad():
-            model(_prompt(length=30), past_key_values=cache)
+            model(_prompt(length=30), **cache_argument(model, cache))
         assert cache.layer_lengths() == [10] * 4
     assert model.config._attn_implementation == "sdpa"
     polykv.prepare_model(model)
@@ -359,19 +371,19 @@ def test_a_cache_serves_one_model_and_one_batch():
     model = tiny_llama("sdpa")
     cache = polykv.compile("layers *: knorm@10", model).make_cache()
     with torch.no_grad():
-        model(_prompt(length=30), past_key_values=cache)
+        model(_prompt(length=30), **cache_argument(model, cache))
         with pytest.raises(polykv.CacheError, match="holds 1 batch rows but received 2"):
-            model(_prompt(batch=2, length=3), past_key_values=cache)
+            model(_prompt(batch=2, length=3), **cache_argument(model, cache))
     cache.reset()
     with torch.no_grad():
-        model(_prompt(batch=2, length=30), past_key_values=cache)
+        model(_prompt(batch=2, length=30), **cache_argument(model, cache))
     assert cache.layer_lengths() == [10] * 4
 
 
 def test_a_percent_budget_below_the_policy_minimum_is_caught_at_prefill(tiny_model):
     cache = polykv.compile("layers *: streaming@10%(sink=4)", tiny_model).make_cache()
     with pytest.raises(polykv.CacheError, match=r"streaming@10%\(sink=4\) gives 3 tokens for this 30-token prompt"):
-        tiny_model(_prompt(length=30), past_key_values=cache)
+        tiny_model(_prompt(length=30), **cache_argument(tiny_model, cache))
 
 
 def test_unsupported_attention_is_refused():
@@ -393,14 +405,16 @@ def test_devices_and_dtypes(device, dtype):
     assert plan.layers[1].device.startswith(device) and plan.layers[1].dtype == str(dtype).removeprefix("torch.")
     full = plan.make_cache() if dtype is torch.float32 else None
     cache = plan.make_cache()
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_argument(model, cache))
     assert out.shape == (2, 52)
     assert cache.layer_lengths() == [51, 23, 23, 20]  # only the `*` rule bounds decoding
     assert all(layer.keys.dtype == dtype and layer.keys.device.type == device for layer in cache.layers)
     if full is not None:
         wide = polykv.compile("layers *: snapkv@100(window=4)", model).make_cache()
-        expected = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache())
-        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=wide), expected)
+        expected = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_argument(model, DynamicCache()))
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=12, do_sample=False, **cache_argument(model, wide)), expected
+        )
 
 
 # --- plans, and what generate asks of a cache ----------------------------------------------------------
@@ -412,8 +426,8 @@ def test_a_plan_round_trips_through_json_and_generates_the_same_tokens(tiny_mode
     assert loaded == plan
     ids = _prompt(batch=2)
     options = {"max_new_tokens": 10, "do_sample": False}
-    expected = tiny_model.generate(ids, past_key_values=plan.make_cache(), **options)
-    assert torch.equal(tiny_model.generate(ids, past_key_values=loaded.make_cache(), **options), expected)
+    expected = tiny_model.generate(ids, **cache_argument(tiny_model, plan.make_cache()), **options)
+    assert torch.equal(tiny_model.generate(ids, **cache_argument(tiny_model, loaded.make_cache()), **options), expected)
 
 
 def test_compile_takes_a_total_budget(tiny_model):
@@ -428,12 +442,12 @@ def test_beam_search_and_several_returned_sequences(tiny_model, spec):
     plan = polykv.compile(spec, tiny_model)
     ids = _prompt(batch=2, length=30)
     options = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
-    out = tiny_model.generate(ids, past_key_values=plan.make_cache(), **options)
+    out = tiny_model.generate(ids, **cache_argument(tiny_model, plan.make_cache()), **options)
     assert out.shape == (4, 38)
     if spec == "layers *: full":
         assert torch.equal(out, tiny_model.generate(ids, **options))
     sampled = tiny_model.generate(
-        ids, past_key_values=plan.make_cache(), max_new_tokens=4, do_sample=True, num_return_sequences=3
+        ids, **cache_argument(tiny_model, plan.make_cache()), max_new_tokens=4, do_sample=True, num_return_sequences=3
     )
     assert sampled.shape == (6, 34)
     assert torch.equal(sampled[0::3, :30], ids) and torch.equal(sampled[2::3, :30], ids)
@@ -442,17 +456,19 @@ def test_beam_search_and_several_returned_sequences(tiny_model, spec):
 def test_reset_makes_the_cache_new_again(tiny_model):
     cache = polykv.compile("layers *: knorm@10", tiny_model).make_cache()
     ids = _prompt(length=30)
-    first = tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    first = tiny_model.generate(ids, max_new_tokens=5, do_sample=False, **cache_argument(tiny_model, cache))
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.layer_lengths() == [0] * 4
-    assert torch.equal(tiny_model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), first)
+    assert torch.equal(
+        tiny_model.generate(ids, max_new_tokens=5, do_sample=False, **cache_argument(tiny_model, cache)), first
+    )
 
 
 def test_decoding_appends_in_place_with_headroom(tiny_model):
     """Decoding does not copy the whole layer each step: storage grows in steps, and nbytes counts it."""
     cache = polykv.compile("layers 0: full; *: knorm@10", tiny_model).make_cache()
     tiny_model.generate(
-        _prompt(length=30), max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache
+        _prompt(length=30), max_new_tokens=20, min_new_tokens=20, do_sample=False, **cache_argument(tiny_model, cache)
     )
     full, compressed = cache.layers[0].storage, cache.layers[1].storage
     assert (full.size, compressed.size) == (49, 29)
@@ -468,6 +484,6 @@ def test_decoding_appends_in_place_with_headroom(tiny_model):
 def test_a_decode_budget_bounds_the_memory_allocated(tiny_model):
     cache = polykv.compile("layers *: knorm@12 decode streaming@24", tiny_model).make_cache()
     tiny_model.generate(
-        _prompt(length=40), max_new_tokens=50, min_new_tokens=50, do_sample=False, past_key_values=cache
+        _prompt(length=40), max_new_tokens=50, min_new_tokens=50, do_sample=False, **cache_argument(tiny_model, cache)
     )
     assert all(layer.storage.capacity <= 25 for layer in cache.layers)

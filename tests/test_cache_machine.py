@@ -17,6 +17,7 @@ from test_cache import _masked_reference_model, hide_evicted
 from transformers import DynamicCache
 
 import polykv
+from polykv import cache_argument
 from polykv.testing import tiny_model
 
 SINK, PREFILL_BUDGET, DECODE_BUDGET = 2, 10, 16
@@ -72,8 +73,8 @@ class CacheMachine(RuleBasedStateMachine):
         """One forward of both models; the reference (with its own full cache) hides what ours evicted."""
         self.tokens = torch.cat([self.tokens, new], dim=1)
         with hide_evicted(self.cache, new.shape[1]), torch.no_grad():
-            ours = self.model(new, past_key_values=self.cache).logits
-            theirs = self.reference_model(new, past_key_values=self.full).logits
+            ours = self.model(new, **cache_argument(self.model, self.cache)).logits
+            theirs = self.reference_model(new, **cache_argument(self.reference_model, self.full)).logits
         self.reference.forward(new.shape[1], ends_prompt=ends_prompt)
         torch.testing.assert_close(ours[:, -1], theirs[:, -1], rtol=1e-4, atol=1e-5)
 

@@ -8,6 +8,7 @@ from conftest import tiny_llama
 from test_families import build
 
 import polykv
+from polykv import cache_argument
 from polykv.harness.capture import capture
 
 SPECS = [
@@ -30,7 +31,9 @@ def test_a_cache_from_a_capture_equals_the_plans_own(spec):
     theirs = plan.make_cache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate (and capture) count padded rows
     with torch.no_grad():
-        reference = model(ids, attention_mask=mask, position_ids=positions, past_key_values=theirs).logits[:, -1]
+        reference = model(ids, attention_mask=mask, position_ids=positions, **cache_argument(model, theirs)).logits[
+            :, -1
+        ]
     torch.testing.assert_close(captured.logits, reference, rtol=1e-5, atol=1e-6)
     assert ours.layer_lengths() == theirs.layer_lengths()
     for a, b in zip(ours.layers, theirs.layers):
@@ -45,7 +48,7 @@ def test_a_cache_from_a_capture_equals_the_plans_own(spec):
     with torch.no_grad():
         for cache in (ours, theirs):
             cache.logits = model(
-                step, attention_mask=full_mask, position_ids=step_positions, past_key_values=cache
+                step, attention_mask=full_mask, position_ids=step_positions, **cache_argument(model, cache)
             ).logits
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
 
@@ -60,7 +63,7 @@ def test_one_capture_serves_many_caches_and_is_left_untouched():
     for _ in range(2):
         cache = captured.cache_for(plan)
         with torch.no_grad():
-            model(continuation, past_key_values=cache)  # teacher-forced, as calibration and evaluation do
+            model(continuation, **cache_argument(model, cache))  # teacher-forced, as calibration and evaluation do
         assert cache.layer_lengths() == [8 + 5] * 4 and cache.get_seq_length() == 35
     whole = captured.cache()
     assert whole.layer_lengths() == [30] * 4
@@ -79,7 +82,7 @@ def test_a_capture_of_a_sliding_window_model_keeps_the_windows():
 def plan_lengths(model, plan, ids) -> list[int]:
     cache = plan.make_cache()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_argument(model, cache))
     return cache.layer_lengths()
 
 
@@ -90,14 +93,14 @@ def test_caches_sharing_the_spare_room_compute_the_same_and_only_one_at_a_time()
     continuation = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(8))
     captured = capture(model, ids, needs=plan.needs(), room=6)
     with torch.no_grad():
-        copied = model(continuation, past_key_values=captured.cache_for(plan)).logits
+        copied = model(continuation, **cache_argument(model, captured.cache_for(plan))).logits
         first = captured.cache(share_room=True)
-        shared = model(continuation, past_key_values=first).logits
-        whole = model(continuation, past_key_values=captured.cache()).logits
+        shared = model(continuation, **cache_argument(model, first)).logits
+        whole = model(continuation, **cache_argument(model, captured.cache())).logits
         torch.testing.assert_close(shared, whole, rtol=0, atol=0)
         assert not torch.equal(copied, whole)  # layer 0 compressed changes the output
         second = captured.cache(share_room=True)
-        model(continuation, past_key_values=second)
+        model(continuation, **cache_argument(model, second))
         with pytest.raises(polykv.CacheError, match="shares its capture's spare room with a newer cache"):
-            model(continuation[:, :1], past_key_values=first)
+            model(continuation[:, :1], **cache_argument(model, first))
     assert captured.layers[1].storage.capacity == 36 and captured.layers[1].storage.size == 30

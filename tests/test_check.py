@@ -38,7 +38,8 @@ def test_unknown_policy_with_suggestion():
 
 
 def test_unknown_policy_without_a_close_name_lists_the_installed_ones():
-    assert _only("layers 0: zzzzz@5").hint.startswith("installed policies: full, h2o, knorm, pyramidkv, random")
+    hint = _only("layers 0: zzzzz@5").hint
+    assert hint.startswith("installed policies: expected, full, h2o, knorm, kvzip, observed, pyramidkv, random")
 
 
 def test_unknown_parameter():

@@ -21,6 +21,7 @@ import torch
 from conftest import tiny_llama
 
 import polykv
+from polykv import cache_argument
 
 COMPRESSING = ["streaming@16", "snapkv@16(window=4)", "pyramidkv@16", "h2o@16", "tova@16", "knorm@16", "random@16"]
 
@@ -42,7 +43,9 @@ def test_every_chunk_is_compressed_to_the_budget(spec):
     cache = plan.make_cache(compress_chunks=True)
     seen, hook = _lengths_after_each_forward(model, cache)
     try:
-        model.generate(_prompt(96), max_new_tokens=3, do_sample=False, prefill_chunk_size=32, past_key_values=cache)
+        model.generate(
+            _prompt(96), max_new_tokens=3, do_sample=False, prefill_chunk_size=32, **cache_argument(model, cache)
+        )
     finally:
         hook.remove()
     # Three prefill chunks of 32 and two decoding steps: after every chunk each layer holds its budget.
@@ -54,7 +57,9 @@ def test_the_issue_example_keeps_17_tokens_not_81():
     model = tiny_llama("sdpa")
     for bounded in (False, True):
         cache = polykv.compile("layers *: snapkv@16(window=8)", model).make_cache(compress_chunks=bounded)
-        model.generate(_prompt(96), max_new_tokens=2, do_sample=False, prefill_chunk_size=32, past_key_values=cache)
+        model.generate(
+            _prompt(96), max_new_tokens=2, do_sample=False, prefill_chunk_size=32, **cache_argument(model, cache)
+        )
         assert cache.layer_lengths() == [17] * 4
 
 
@@ -66,8 +71,10 @@ def test_chunks_of_any_size_keep_what_the_whole_prompt_keeps(chunk):
     ids = _prompt(40)
     whole, chunked = plan.make_cache(), plan.make_cache()
     options = {"max_new_tokens": 2, "do_sample": False}
-    expected = model.generate(ids, past_key_values=whole, **options)
-    assert torch.equal(model.generate(ids, past_key_values=chunked, prefill_chunk_size=chunk, **options), expected)
+    expected = model.generate(ids, **cache_argument(model, whole), **options)
+    assert torch.equal(
+        model.generate(ids, **cache_argument(model, chunked), prefill_chunk_size=chunk, **options), expected
+    )
     assert chunked.layer_lengths() == whole.layer_lengths() == [41, 17, 17, 17]
     for a, b in zip(whole.layers[1:], chunked.layers[1:]):
         assert torch.equal(a.positions, b.positions)
@@ -80,8 +87,8 @@ def test_budgets_that_cover_the_prompt_give_the_unchunked_result(spec, attention
     plan = polykv.compile(f"layers *: {spec}", model)
     ids = _prompt(96, batch=2)
     options = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
-    whole = model.generate(ids, past_key_values=plan.make_cache(), **options)
-    chunked = model.generate(ids, past_key_values=plan.make_cache(), prefill_chunk_size=20, **options)
+    whole = model.generate(ids, **cache_argument(model, plan.make_cache()), **options)
+    chunked = model.generate(ids, **cache_argument(model, plan.make_cache()), prefill_chunk_size=20, **options)
     assert torch.equal(whole.sequences, chunked.sequences)
     for a, b in zip(whole.logits, chunked.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -97,10 +104,10 @@ def test_a_decomposable_policy_keeps_the_same_tokens_chunk_by_chunk(policy, spec
     ids = _prompt(90, batch=2)
     whole, chunked = plan.make_cache(), plan.make_cache(compress_chunks=True)
     with torch.no_grad():
-        model(ids, past_key_values=whole)
+        model(ids, **cache_argument(model, whole))
         with chunked.prompt():
             for start in range(0, 90, 25):
-                model(ids[:, start : start + 25], past_key_values=chunked)
+                model(ids[:, start : start + 25], **cache_argument(model, chunked))
     a, b = whole.layers[compressed], chunked.layers[compressed]
     assert torch.equal(a.positions, b.positions)
     torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-6)
@@ -114,7 +121,7 @@ def test_percent_budgets_follow_the_tokens_seen_so_far():
     try:
         with torch.no_grad():
             for start in range(0, 100, 40):
-                model(_prompt(100)[:, start : start + 40], past_key_values=cache)
+                model(_prompt(100)[:, start : start + 40], **cache_argument(model, cache))
     finally:
         hook.remove()
     assert [lengths[0] for lengths in seen] == [10, 20, 25]
@@ -127,10 +134,10 @@ def test_h2o_adds_up_attention_across_chunks():
     ids = _prompt(60)
     whole, chunked = plan.make_cache(), plan.make_cache(compress_chunks=True)
     with torch.no_grad():
-        model(ids, past_key_values=whole)
+        model(ids, **cache_argument(model, whole))
         with chunked.prompt():
-            model(ids[:, :30], past_key_values=chunked)
-            model(ids[:, 30:], past_key_values=chunked)
+            model(ids[:, :30], **cache_argument(model, chunked))
+            model(ids[:, 30:], **cache_argument(model, chunked))
     assert torch.equal(whole.layers[0].positions, chunked.layers[0].positions)
 
 
@@ -142,11 +149,11 @@ def test_a_left_padded_batch_streams_in_like_each_prompt_alone():
     batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
     mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
     options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-    together = model.generate(batch, attention_mask=mask, past_key_values=plan.make_cache(), **options)
+    together = model.generate(batch, attention_mask=mask, **cache_argument(model, plan.make_cache()), **options)
     for row, prompt in enumerate(prompts):
-        alone = model.generate(prompt[None], past_key_values=plan.make_cache(), **options)
+        alone = model.generate(prompt[None], **cache_argument(model, plan.make_cache()), **options)
         assert torch.equal(together[row, -5:], alone[0, -5:])
     chunked = model.generate(
-        batch, attention_mask=mask, past_key_values=plan.make_cache(), prefill_chunk_size=16, **options
+        batch, attention_mask=mask, **cache_argument(model, plan.make_cache()), prefill_chunk_size=16, **options
     )
     assert chunked.shape == together.shape

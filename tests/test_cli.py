@@ -313,7 +313,7 @@ def test_spec_text_is_text_and_a_spec_file_is_named_as_one(tmp_path):
 
     text = "*: snapkv@16(window=4) # 1/2 of it"
     assert polykv.print_spec(spec_argument(Namespace(spec=text, spec_file=None), "--spec")) == (
-        'layers *: snapkv@16(window=4)  # 1/2 of it\n'
+        "layers *: snapkv@16(window=4)  # 1/2 of it\n"
     )
     path = tmp_path / "spec.txt"
     path.write_text("layers 0: full\n*: knorm@8\n")

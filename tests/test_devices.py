@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import polykv
+from polykv import cache_argument
 from polykv.testing import prompt, tiny_model
 
 SPEC = "layers 0: full; *: snapkv@12(window=4)"
@@ -25,7 +26,7 @@ def test_a_cache_layer_refuses_keys_from_another_device_than_its_own():
     plan = polykv.compile(SPEC, model)
     cache = plan.make_cache()
     ids = prompt(20)
-    model(ids, past_key_values=cache)
+    model(ids, **cache_argument(model, cache))
     layer = cache.layers[1]
     keys = torch.zeros(1, model.config.num_key_value_heads, 1, layer.head_dim, device="meta")
     with pytest.raises(
@@ -45,9 +46,10 @@ def test_hooks_that_run_a_layer_elsewhere_decide_where_its_cache_lives():
     ids = prompt(40, batch=2, seed=1)
     options = {"max_new_tokens": 6, "do_sample": False}
     cache = plan.make_cache()
-    ours = hooked.generate(ids, past_key_values=cache, **options)
+    ours = hooked.generate(ids, **cache_argument(hooked, cache), **options)
     assert torch.equal(
-        ours, reference.generate(ids, past_key_values=polykv.compile(SPEC, reference).make_cache(), **options)
+        ours,
+        reference.generate(ids, **cache_argument(reference, polykv.compile(SPEC, reference).make_cache()), **options),
     )
     assert cache.layer_lengths() == [45, 17, 17, 17]
 
@@ -75,10 +77,12 @@ def test_layers_offloaded_to_the_cpu_keep_their_cache_where_they_compute():
     ids = prompt(40, batch=2, seed=1)
     options = {"max_new_tokens": 6, "do_sample": False}
     cache = plan.make_cache()
-    ours = split.generate(ids.to("cuda"), past_key_values=cache, **options)
-    theirs = reference.generate(ids, past_key_values=polykv.compile(SPEC, reference).make_cache(), **options)
+    ours = split.generate(ids.to("cuda"), **cache_argument(split, cache), **options)
+    theirs = reference.generate(
+        ids, **cache_argument(reference, polykv.compile(SPEC, reference).make_cache()), **options
+    )
     assert torch.equal(ours.cpu(), theirs)
     assert [layer.keys.device.type for layer in cache.layers] == ["cuda"] * 4
     assert cache.layer_lengths() == [45, 17, 17, 17]
-    full = split.generate(ids.to("cuda"), past_key_values=DynamicCache(config=split.config), **options)
+    full = split.generate(ids.to("cuda"), **cache_argument(split, DynamicCache(config=split.config)), **options)
     assert full.shape == ours.shape

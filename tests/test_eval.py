@@ -10,6 +10,7 @@ import torch
 from conftest import requires_real_model, tiny_llama
 
 import polykv
+from polykv import cache_argument
 from polykv.errors import PolykvError
 from polykv.evaluation import runner as runner_module
 from polykv.evaluation.report import markdown, summary
@@ -121,8 +122,8 @@ def test_a_method_cache_from_the_shared_prefill_scores_like_its_own_prefill(tmp_
         full = model(ids).logits[:, len(sample.prompt) :]
         plan = polykv.compile("layers *: tova@10", model)
         cache = plan.make_cache()
-        model(torch.tensor([sample.prompt]), past_key_values=cache)
-        ours = model(torch.tensor([sample.target[:-1]]), past_key_values=cache).logits
+        model(torch.tensor([sample.prompt]), **cache_argument(model, cache))
+        ours = model(torch.tensor([sample.target[:-1]]), **cache_argument(model, cache)).logits
     assert record.kl == pytest.approx(float(kl_divergence(full, ours)[0]), rel=1e-4, abs=1e-6)
 
 
@@ -254,7 +255,9 @@ def test_in_the_context_setting_the_question_comes_after_the_compressed_context(
     for row, sample in enumerate(batch):  # the reference is the full cache on context, question, answer
         ids = torch.tensor([sample.context + sample.question + sample.target[:-1]])
         with torch.no_grad():
-            alone = model(ids, past_key_values=DynamicCache(config=model.config)).logits[0, -len(sample.target) :]
+            alone = model(ids, **cache_argument(model, DynamicCache(config=model.config))).logits[
+                0, -len(sample.target) :
+            ]
         torch.testing.assert_close(scorer.reference[row, -len(sample.target) :], alone, rtol=1e-4, atol=1e-5)
     assert all(r.kl < 1e-6 and r.setting == "context" for r in scorer.records("covering", 500, covering))
     compressed = list(scorer.records("compressing", 8, compressing))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import polykv
+from polykv import cache_argument
 from polykv.testing.models import FAMILIES, SLIDING_WINDOW, tiny_model
 
 WINDOW = SLIDING_WINDOW
@@ -54,7 +55,7 @@ def test_full_budgets_equal_the_models_own_cache(family, attention, spec):
     }
     theirs = model.generate(ids, **options)  # transformers' own cache for this config
     plan = polykv.compile(spec, model)
-    ours = model.generate(ids, past_key_values=plan.make_cache(), **options)
+    ours = model.generate(ids, **cache_argument(model, plan.make_cache()), **options)
     assert torch.equal(ours.sequences, theirs.sequences)
     for a, b in zip(ours.logits, theirs.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -65,7 +66,7 @@ def test_a_compressing_spec_stores_what_the_budget_says(family):
     model = build(family)
     cache = polykv.compile("layers 0: full; *: snapkv@12(window=3) decode streaming@20(sink=2)", model).make_cache()
     prompt = _prompt(40)
-    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, past_key_values=cache)
+    model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, **cache_argument(model, cache))
     expected_prefill = [
         (40 if w is None else w - 1) if i == 0 else (12 if w is None else min(12, w - 1))
         for i, w in enumerate(windows(model))
@@ -85,7 +86,7 @@ def test_sliding_layers_score_only_what_the_window_sees():
     model = build("mistral-sliding")
     cache = polykv.compile("layers *: tova@4", model).make_cache()
     with torch.no_grad():
-        model(_prompt(40), past_key_values=cache)
+        model(_prompt(40), **cache_argument(model, cache))
     for layer in cache.layers:
         assert (layer.positions >= 40 - (WINDOW - 1)).all()
 
@@ -106,7 +107,7 @@ def test_gemma2_eager_scoring_uses_the_soft_capped_logits():
     tova.score = lambda self, view: (views.setdefault(view.layer, view), score(self, view))[1]
     try:
         with torch.no_grad():
-            model(_prompt(30, batch=1), past_key_values=cache)
+            model(_prompt(30, batch=1), **cache_argument(model, cache))
     finally:
         tova.score = score
     view = views[1]  # a full-attention layer: the last query sees all 30 tokens

@@ -11,6 +11,7 @@ from conftest import tiny_llama
 from polykv_plugins import BUILTIN_SIGNALS
 
 import polykv
+from polykv import cache_argument
 from polykv.calibration.calibrate import calibrate
 from polykv.calibration.measure import measure
 from polykv.calibration.samples import read_samples
@@ -39,8 +40,8 @@ def _entry_by_hand(model, sample: Sample, layer: int, spec_policy: str, budget: 
     with torch.no_grad():
         logits = []
         for cache in (full, compressed):
-            model(torch.tensor(sample.prompt)[None], past_key_values=cache)
-            logits.append(torch.log_softmax(model(inputs, past_key_values=cache).logits.float(), -1))
+            model(torch.tensor(sample.prompt)[None], **cache_argument(model, cache))
+            logits.append(torch.log_softmax(model(inputs, **cache_argument(model, cache)).logits.float(), -1))
     return float((logits[0].exp() * (logits[0] - logits[1])).sum(-1).mean())
 
 

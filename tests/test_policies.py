@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import polykv
 import polykv.cache.inputs as inputs
-from polykv import LayerView, Needs, Phase, Policy
+from polykv import LayerView, Needs, Phase, Policy, cache_argument
 from polykv.cache import selection
 from polykv.cache.checks import raise_for
 from polykv.policy import first_tokens, most_recent
@@ -436,7 +436,7 @@ def test_expected_attention_keeps_the_keys_recent_queries_point_at():
     length, dim = 24, 8
     keys = torch.randn(1, 1, length, dim, generator=torch.Generator().manual_seed(3))
     direction = keys[0, 0, 15] / keys[0, 0, 15].norm()
-    queries = (direction * 6 + 0.1 * torch.randn(1, 1, 2, 4, dim, generator=torch.Generator().manual_seed(4)))
+    queries = direction * 6 + 0.1 * torch.randn(1, 1, 2, 4, dim, generator=torch.Generator().manual_seed(4))
     layer_view = view(length=length, budget=6, keys=keys, dim=dim, queries=queries)
     layer_view = attrs.evolve(layer_view, values=torch.ones_like(keys))
     chosen = kept(create("expected", window=4, sink=2), layer_view)[0][0]
@@ -858,7 +858,7 @@ def test_h2o_takes_the_prefill_attention_normalisers_on_cuda(monkeypatch):
         calls.clear()
         with plan.apply(model), torch.no_grad():
             cache = plan.make_cache()
-            model(ids, past_key_values=cache)
+            model(ids, **cache_argument(model, cache))
         assert len(calls) == (4 if fused else 0)
         totals[fused] = [layer.storage.positions.sort(dim=-1).values for layer in cache.layers]
     for fused, chunked in zip(totals[True], totals[False]):

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_llama
 
 import polykv
+from polykv import cache_argument
 from polykv.cache.checks import DUPLICATE, NAN_SCORE, raise_pending
 from polykv.registry import Registry, default_registry
 
@@ -99,7 +100,7 @@ def _run(policy: str, *, padded: bool = False):
     if padded:
         mask[1, :10] = 0
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=plan.make_cache(registry))
+        model(ids, attention_mask=mask, **cache_argument(model, plan.make_cache(registry)))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import torch.nn.attention
 from transformers import DynamicCache
 
 import polykv
+from polykv import cache_argument
 from polykv.tasks.tasks import passkey_prompt
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,8 @@ def test_full_budget_gives_the_full_cache_logits_exactly(real_model, policy):
     ids = _ids(tokenizer, passkey_prompt(8, 0.5, 31337))
     plan = polykv.compile(f"layers *: {policy} decode streaming@4000", model)
     options = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
-    full = model.generate(ids, past_key_values=DynamicCache(), **options)
-    ours = model.generate(ids, past_key_values=plan.make_cache(), **options)
+    full = model.generate(ids, **cache_argument(model, DynamicCache()), **options)
+    ours = model.generate(ids, **cache_argument(model, plan.make_cache()), **options)
     assert torch.equal(ours.sequences, full.sequences)
     for step_ours, step_full in zip(ours.logits, full.logits, strict=True):
         assert torch.equal(step_ours, step_full)
@@ -57,7 +58,7 @@ def test_passkey_at_1k_tokens_with_snapkv_256(real_model, depth):
     assert 1000 < ids.shape[1] < 1100
     plan = polykv.compile("layers 0-1: full; *: snapkv@256", model)
     cache = plan.make_cache()
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, **cache_argument(model, cache))
     assert str(key) in tokenizer.decode(out[0, ids.shape[1] :])
     assert cache.layer_lengths()[:3] == [ids.shape[1] + 7, ids.shape[1] + 7, 256 + 7]
 
@@ -71,10 +72,10 @@ def test_a_left_padded_batch_answers_like_each_prompt_alone(real_model):
     plan = polykv.compile("layers 0-1: full; *: snapkv@128 decode streaming@132", model)
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     assert tokenizer.padding_side == "left" and (batch.attention_mask[1:, 0] == 0).all()
-    together = model.generate(**batch, max_new_tokens=8, do_sample=False, past_key_values=plan.make_cache())
+    together = model.generate(**batch, max_new_tokens=8, do_sample=False, **cache_argument(model, plan.make_cache()))
     for row, text in enumerate(texts):
         ids = _ids(tokenizer, text)
-        alone = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=plan.make_cache())
+        alone = model.generate(ids, max_new_tokens=8, do_sample=False, **cache_argument(model, plan.make_cache()))
         assert torch.equal(together[row, -8:], alone[0, -8:]), (
             tokenizer.decode(together[row, -8:]),
             tokenizer.decode(alone[0, -8:]),
@@ -86,7 +87,7 @@ def test_a_long_generation_stays_within_its_decode_budget(real_model):
     ids = _ids(tokenizer, passkey_prompt(10, 0.5, 12345))
     plan = polykv.compile("layers 0-1: full decode streaming@280; *: snapkv@128 decode streaming@150(sink=4)", model)
     cache = plan.make_cache()
-    model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, past_key_values=cache)
+    model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, **cache_argument(model, cache))
     lengths = cache.layer_lengths()
     assert ids.shape[1] + 59 > 280
     assert lengths[:2] == [280, 280] and set(lengths[2:]) == {150}
@@ -173,8 +174,10 @@ def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(c
     model, tokenizer = cuda_model
     ids = _ids(tokenizer, passkey_prompt(40, 0.3, 60221)).to("cuda")
     options = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
-    full = model.generate(ids, past_key_values=DynamicCache(), **options)
-    wide = model.generate(ids, past_key_values=polykv.compile("layers *: snapkv@2000", model).make_cache(), **options)
+    full = model.generate(ids, **cache_argument(model, DynamicCache()), **options)
+    wide = model.generate(
+        ids, **cache_argument(model, polykv.compile("layers *: snapkv@2000", model).make_cache()), **options
+    )
     if model.dtype == torch.float32:
         assert torch.equal(wide.sequences, full.sequences)
         for ours, theirs in zip(wide.logits, full.logits, strict=True):
@@ -183,9 +186,9 @@ def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(c
         # In half precision, kernels round differently and are not run-to-run deterministic, and polykv
         # decodes without cuDNN (attention.CUDA_BACKENDS): compare with the full cache's own spread
         # between two runs and between those SDPA backends.
-        again = model.generate(ids, past_key_values=DynamicCache(), **options)
+        again = model.generate(ids, **cache_argument(model, DynamicCache()), **options)
         with torch.nn.attention.sdpa_kernel(list(polykv.cache.attention.CUDA_BACKENDS)):
-            other_kernel = model.generate(ids, past_key_values=DynamicCache(), **options)
+            other_kernel = model.generate(ids, **cache_argument(model, DynamicCache()), **options)
 
         def spread(run) -> float:
             return max((a - b).abs().max().item() for a, b in zip(run.logits, full.logits, strict=True))
@@ -194,7 +197,7 @@ def test_on_cuda_a_full_budget_is_the_full_cache_and_a_small_one_still_answers(c
         drift = spread(wide)
         assert drift <= 2 * noise + 0.02, (drift, noise)
     cache = polykv.compile("layers 0-1: full; *: snapkv@256", model).make_cache()
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, **cache_argument(model, cache))
     assert "60221" in tokenizer.decode(out[0, ids.shape[1] :])
     assert cache.layer_lengths()[2] == 256 + 7
     assert all(layer.keys.is_cuda and layer.keys.dtype == model.dtype for layer in cache.layers)

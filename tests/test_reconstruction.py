@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 import polykv
+from polykv import cache_argument
 from polykv.cache.reconstruction import SINKS, Reconstruction
 from polykv.harness.capture import capture
 from polykv.policy import Needs
@@ -56,10 +57,10 @@ def reference_scores(model, ids: torch.Tensor, request: Reconstruction) -> list[
     scores = [torch.zeros(1, kv_heads, length) for _ in range(layers)]
     with torch.no_grad():
         cache = DynamicCache(config=reference.config)
-        reference(ids, past_key_values=cache)
+        reference(ids, **cache_argument(reference, cache))
         for start, end in request.chunks(length):
             repeat, mask, positions = request.inputs(ids, torch.ones_like(ids), start, end)
-            reference(repeat, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            reference(repeat, attention_mask=mask, position_ids=positions, **cache_argument(reference, cache))
             new = repeat.shape[1]
             for layer in range(layers):
                 query, key = _SEEN[layer]

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_llama
 
 import polykv
+from polykv import cache_argument
 from polykv.model import describe_model
 from polykv.profile import Profile, ProfileError, fingerprint
 from polykv.resolution.resolve import dense_grid, interpolate
@@ -92,7 +93,7 @@ def test_a_share_total_is_solved_for_each_prompt_length(model):
     for length in (80, 160):
         cache = plan.make_cache()
         with torch.no_grad():
-            model(torch.randint(3, 128, (1, length)), past_key_values=cache)
+            model(torch.randint(3, 128, (1, length)), **cache_argument(model, cache))
         assert sum(cache.layer_lengths()) <= 4 * math.ceil(length / 4)
         assert sum(cache.layer_lengths()) >= 4 * math.ceil(length / 4) - 16 * 4
 
@@ -106,7 +107,7 @@ def test_a_solved_plan_round_trips_and_its_caches_solve_for_their_prompt(model):
     caches = [plan.make_cache(), loaded.make_cache()]
     with torch.no_grad():
         for cache in caches:
-            model(ids, past_key_values=cache)
+            model(ids, **cache_argument(model, cache))
     assert caches[0].layer_lengths() == caches[1].layer_lengths()
     assert sum(caches[0].layer_lengths()) <= 4 * 32
     policies = [[layer.prefill.policy for layer in p.resolved(90).layers] for p in (plan, loaded)]

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import polykv
+from polykv import cache_argument
 from polykv.decoding import Sampling, static_generate
 from polykv.errors import CacheError
 from polykv.testing.models import greedy_by_forwards, tiny_model
@@ -88,7 +89,7 @@ def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
         evicting = []
         for _ in range(5):
             evicting.append(cache.plan_static_step())
-            model(input_ids=token, position_ids=position_ids, past_key_values=cache)
+            model(input_ids=token, position_ids=position_ids, **cache_argument(model, cache))
             cache.static_stepped()
             position_ids += 1
         # Held 17 after the ordinary step: the second step fills the last free slot and evicts, and so on.
@@ -169,7 +170,7 @@ def test_static_decoding_starts_after_the_prefill():
         with pytest.raises(CacheError, match="after the prefill"):
             cache.begin_static(room=4)  # fresh
         with cache.prompt():
-            model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+            model(input_ids=torch.tensor([[5, 6, 7]]), **cache_argument(model, cache))
             with pytest.raises(CacheError, match="after the prefill"):
                 cache.begin_static(room=4)  # taking a prompt
 
@@ -187,7 +188,7 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
         expected = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=plan.make_cache(prompt_length=ids.shape[1]),
+            **cache_argument(model, plan.make_cache(prompt_length=ids.shape[1])),
             max_new_tokens=12,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

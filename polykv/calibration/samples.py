@@ -24,7 +24,7 @@ TASKS = (
     ("copy", "raw"), ("continue", "raw"),
 )  # fmt: skip
 SAMPLES, LENGTH = 4, 1024
-POLICIES = ("pyramidkv", "tova", "h2o", "streaming")
+POLICIES = ("pyramidkv", "tova", "h2o", "streaming", "observed", "kvzip")
 GRID = (8, 16, 32, 64, 128, 256, 512)
 #: Continuation tokens scored per sample: enough to see a layer's effect, few enough to keep passes cheap.
 SCORED = 16

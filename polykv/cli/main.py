@@ -22,7 +22,8 @@ from polykv.limits import MAX_LAYERS
 #: Defaults of the evaluation (see polykv.cli.commands.eval for why these tasks).
 EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
 EVAL_METHODS = (
-    "full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "pyramid", "cake", "polykv", "polykv-budgets",
+    "full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "observed", "expected", "kvzip", "pyramid",
+    "cake", "polykv", "polykv-budgets",
 )  # fmt: skip
 EVAL_BUDGETS = (32, 64, 128, 256)
 
@@ -123,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="held-out samples per task that tune the solver (default 2; 0 skips tuning)",
     )
-    calibrate.add_argument("--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming")
+    calibrate.add_argument(
+        "--policies", nargs="+", metavar="POLICY", help="default: pyramidkv tova h2o streaming observed kvzip"
+    )
     calibrate.add_argument(
         "--grid", nargs="+", type=_count(1_000_000), metavar="N", help="budgets (default: 8 16 32 64 128 256 512)"
     )

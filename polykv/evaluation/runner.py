@@ -36,7 +36,7 @@ from polykv.tasks.tasks import Sample
 from polykv.values import SETTINGS
 
 #: Single policies applied uniformly: the baselines "best single" is chosen among.
-SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm")
+SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "observed", "expected", "kvzip")
 METHODS = {
     "full": None,
     **{name: f"layers *: {name}@{{budget}}" for name in SINGLES},

@@ -5,6 +5,7 @@ import torch
 from polykv_keydiff import KeyDiff
 
 import polykv
+from polykv import cache_argument
 from polykv.policy import LayerView, Phase
 from polykv.testing import PolicyContract, prompt, tiny_model
 
@@ -64,7 +65,9 @@ def test_runs_in_a_spec_during_generation():
     model = tiny_model("llama")
     plan = polykv.compile("layers 0: full; *: keydiff@16", model)
     cache = plan.make_cache()
-    output = model.generate(prompt(40), max_new_tokens=4, min_new_tokens=4, do_sample=False, past_key_values=cache)
+    output = model.generate(
+        prompt(40), max_new_tokens=4, min_new_tokens=4, do_sample=False, **cache_argument(model, cache)
+    )
     assert output.shape == (1, 44)
     assert cache.layer_lengths() == [43, 19, 19, 19]
 
