@@ -564,6 +564,9 @@ def random_view(policy: Policy, data, seed: int) -> LayerView:
     if needs.accumulated_attention:
         all_queries = torch.randn(batch, heads, groups, length, dim, generator=generator)
         extra["accumulated_attention"] = accumulated(all_queries, keys, mask, scaling)
+    if needs.reconstruction:  # any non-negative score per token; padding scores nothing
+        scores = torch.rand(batch, heads, length, generator=generator)
+        extra["reconstruction_attention"] = scores * mask
     return LayerView(
         layer=draw(st.integers(0, 40)),
         phase=Phase.PREFILL,
@@ -602,7 +605,7 @@ def test_every_policy_keeps_a_valid_selection(name, seed, data):
 
 
 def test_the_builtins_are_covered():
-    expected = {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected"}
+    expected = {"streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected", "kvzip"}
     assert set(BUDGETED) == expected
 
 

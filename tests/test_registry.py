@@ -15,7 +15,19 @@ import polykv
 from polykv.parameters import parameter
 from polykv.registry import ENTRY_POINT_GROUP, PluginWarning, Registry
 
-BUILTINS = {"full", "streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "random", "observed", "expected"}
+BUILTINS = {
+    "full",
+    "streaming",
+    "snapkv",
+    "pyramidkv",
+    "h2o",
+    "tova",
+    "knorm",
+    "random",
+    "observed",
+    "expected",
+    "kvzip",
+}
 
 
 def _third_party_distributions() -> set[str]:
