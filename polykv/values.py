@@ -21,7 +21,7 @@ SETTINGS = ("question", "context")
 AUTO = "auto"
 
 #: Words of the language that cannot name a policy.
-KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false", "solver"})
+KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false", "solver", "prefill"})
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

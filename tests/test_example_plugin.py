@@ -183,7 +183,9 @@ GENERATE_WITH_KEYDIFF = textwrap.dedent(
     plan = polykv.compile("layers 0: full; *: keydiff@16", model)
     cache = plan.make_cache()
     ids = prompt(40)
-    output = model.generate(ids, **polykv.cache_argument(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    output = model.generate(
+        ids, **polykv.cache_argument(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
     print(json.dumps({
         "prompt": ids.shape[1],
         "generated": output.shape[1] - ids.shape[1],

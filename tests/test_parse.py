@@ -261,7 +261,7 @@ def test_unclosed_parameters():
 def test_unknown_statement():
     assert _error("foo").startswith(
         "spec.pkv:1:1: error: unexpected name 'foo'; expected a statement such as "
-        "`layers 0-3: snapkv@256`, `budget 512`, `solver pyramid` or `model layers 32`\n"
+        "`layers 0-3: snapkv@256`, `budget 512`, `prefill <= 1.5x`, `solver pyramid` or `model layers 32`\n"
     )
 
 

@@ -159,3 +159,47 @@ def test_interpolation_is_log_linear_between_measured_budgets_and_unknown_below(
     assert values[0] == 1.0 and values[-1] == 0.0
     assert values[1] == pytest.approx(0.5)  # 32 is halfway between 16 and 64 in log(budget)
     assert interpolate((32, 64), (1.0, 0.5), (16, 32))[0] == math.inf
+
+
+def test_a_prefill_limit_routes_around_costly_policies(model):
+    """tova loses least everywhere but costs 2x; under `prefill <= 1.5x` the solver may use it on half the layers."""
+    losses = {"tova": [FLAT] * 4, "knorm": [STEEP] * 4}
+    profile = profile_for(model, losses, costs={"tova": 2.0, "knorm": 1.0})
+    free = polykv.compile("layers *: auto@32", model, profile=profile)
+    assert [layer.prefill.policy for layer in free.layers] == ["tova"] * 4
+    assert free.resolver.prefill_cost([layer.prefill for layer in free.layers]) == pytest.approx(2.0)
+    limited = polykv.compile("prefill <= 1.5x; layers *: auto@32", model, profile=profile)
+    chosen = [layer.prefill.policy for layer in limited.layers]
+    assert chosen == ["knorm"] * 4  # tova is taken from every auto layer's candidates once it overspends
+    assert limited.resolver.prefill_cost([layer.prefill for layer in limited.layers]) <= 1.5
+    assert polykv.compile("layers *: auto@32", model, profile=profile, prefill_limit=1.5).layers == limited.layers
+
+
+def test_a_reconstruction_pass_costs_once_however_many_layers_use_it(model):
+    losses = {"kvzip": [FLAT] * 4, "knorm": [STEEP] * 4}
+    profile = profile_for(model, losses, costs={"kvzip": 1.8, "knorm": 1.0})
+    plan = polykv.compile(
+        "layers 0: kvzip@32; *: auto@32", model, profile=profile, tokenizer=polykv.testing.WordTokenizer()
+    )
+    assert plan.resolver.passes == ("kvzip",)
+    assert plan.resolver.prefill_cost([layer.prefill for layer in plan.layers]) == pytest.approx(1.8)
+    limited = polykv.compile(
+        "prefill <= 1.9x; layers 0: kvzip@32; *: auto@32", model, profile=profile,
+        tokenizer=polykv.testing.WordTokenizer(),
+    )  # fmt: skip
+    assert [layer.prefill.policy for layer in limited.layers] == ["kvzip"] * 4  # the pass is paid already
+
+
+def test_a_prefill_limit_that_cannot_be_met_or_checked_is_an_error(model):
+    profile = profile_for(model, {"tova": [FLAT] * 4}, costs={"tova": 2.0})
+    with pytest.raises(polykv.SpecError, match=r"prefill <= 1.2x cannot be met: the cheapest routing .* 2.00x"):
+        polykv.compile("prefill <= 1.2x; layers 0-1: tova@32; *: auto@32", model, profile=profile)
+    unmeasured = profile_for(model, {"tova": [FLAT] * 4})
+    with pytest.raises(polykv.SpecError, match="the profile has no prefill cost of tova"):
+        polykv.compile("prefill <= 1.2x; layers *: auto@32", model, profile=unmeasured)
+    with pytest.raises(polykv.SpecError, match="sets its own prefill limit, and prefill_limit= sets another"):
+        polykv.compile("prefill <= 1.2x; layers *: auto@32", model, profile=profile, prefill_limit=2)
+    with pytest.raises(polykv.SpecError, match="has nothing to decide"):
+        polykv.compile("prefill <= 1.2x; layers *: tova@32", model, profile=profile)
+    with pytest.raises(ProfileError, match=r"\$.costs\['knorm'\]: a cost of a policy that was not measured"):
+        profile_for(model, {"tova": [FLAT] * 4}, costs={"knorm": 1.0})

@@ -1,7 +1,8 @@
 """Calibration: measure a model's per-layer sensitivity and keep it as a profile (``polykv calibrate``).
 
-``calibrate`` measures the loss tables on the calibration samples (``samples``, ``measure``),
-records where they came from, and tunes the solver on held-out prompts (``tune``).
+``calibrate`` measures the loss tables on the calibration samples (``samples``, ``measure``) and
+each policy's prefill cost (``cost``), records where they came from, and tunes the solver on
+held-out prompts (``tune``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from polykv.cache.reconstruction import Reconstruction
+from polykv.calibration.cost import prefill_costs
 from polykv.calibration.measure import measure
 from polykv.calibration.samples import GRID, POLICIES
 from polykv.calibration.tune import tune
@@ -102,6 +104,7 @@ def calibrate(
         losses=measured.losses,
         signals=measured.signals,
         curves=measured.curves,
+        costs=prefill_costs(model, samples, policies, registry=registry, tokenizer=tokenizer, setting=setting),
     )
     if tune_on:
         profile = tune(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -148,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         "--context", type=_count(10_000_000), metavar="N", help="prompt length to plan for (default: the profile's)"
     )
     plan.add_argument("--budget", type=_budget, help="total budget for a spec without one (128, 'total 4096', '10%%')")
+    plan.add_argument(
+        "--prefill-limit",
+        type=_factor,
+        metavar="F",
+        help="route auto layers so the prefill costs at most F times the full cache's (a spec without `prefill <=`)",
+    )
     plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
     plan.add_argument(
         "--setting",
@@ -239,6 +246,17 @@ def _count(most: int, least: int = 1):
         return value
 
     return parse
+
+
+def _factor(text: str) -> float:
+    """--prefill-limit: a multiple of the full cache's prefill time, at least 1 (1.5 or 1.5x)."""
+    try:
+        value = float(text.removesuffix("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a factor such as 1.5, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"a prefill limit is at least 1 (the full cache's own prefill), got {text!r}")
+    return value
 
 
 def _budget(text: str) -> int | str:

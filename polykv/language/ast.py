@@ -191,6 +191,19 @@ class BudgetDecl:
 
 
 @attrs.frozen
+class PrefillLimit:
+    """``prefill <= 1.5x``: auto layers are routed so the prefill costs at most this many times the full cache's.
+
+    Costs are what calibration measured per policy; a limit lets a user who cares about prefill time
+    forbid costly scorers where they would not pay for themselves.
+    """
+
+    factor: float
+    comment: str | None = attrs.field(default=None, validator=_comment_text)
+    span: Span | None = _span()
+
+
+@attrs.frozen
 class SolverDecl:
     """``solver pyramid(beta=20)``: who shares out @auto budgets and routes auto layers."""
 
@@ -212,7 +225,7 @@ class Rule:
     span: Span | None = _span()
 
 
-Statement = ModelLayers | BudgetDecl | SolverDecl | Rule
+Statement = ModelLayers | BudgetDecl | PrefillLimit | SolverDecl | Rule
 
 
 @attrs.frozen
@@ -230,7 +243,7 @@ class BlankLine:
     span: Span | None = _span()
 
 
-Item = ModelLayers | BudgetDecl | SolverDecl | Rule | Comment | BlankLine
+Item = ModelLayers | BudgetDecl | PrefillLimit | SolverDecl | Rule | Comment | BlankLine
 
 
 def _canonical_items(items: tuple[Item, ...]) -> tuple[Item, ...]:
@@ -254,7 +267,7 @@ class Spec:
 
     @property
     def statements(self) -> tuple[Statement, ...]:
-        return tuple(i for i in self.items if isinstance(i, (ModelLayers, BudgetDecl, SolverDecl, Rule)))
+        return tuple(i for i in self.items if isinstance(i, (ModelLayers, BudgetDecl, PrefillLimit, SolverDecl, Rule)))
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -264,6 +277,11 @@ class Spec:
     def budget(self) -> BudgetDecl | None:
         """The (first) budget declaration, if any."""
         return next((i for i in self.items if isinstance(i, BudgetDecl)), None)
+
+    @property
+    def prefill_limit(self) -> PrefillLimit | None:
+        """The (first) prefill limit, if any."""
+        return next((i for i in self.items if isinstance(i, PrefillLimit)), None)
 
     @property
     def solver(self) -> SolverDecl | None:
@@ -277,7 +295,14 @@ class Spec:
 
     def with_budget(self, budget: BudgetDecl) -> Spec:
         """This spec with ``budget`` declared before its first rule."""
+        return self._with_setting(budget)
+
+    def with_prefill_limit(self, limit: PrefillLimit) -> Spec:
+        """This spec with ``limit`` declared before its first rule."""
+        return self._with_setting(limit)
+
+    def _with_setting(self, setting: BudgetDecl | PrefillLimit) -> Spec:
         items = list(self.items)
         first_rule = next((n for n, i in enumerate(items) if isinstance(i, Rule)), len(items))
-        items.insert(first_rule, budget)
+        items.insert(first_rule, setting)
         return Spec(tuple(items), source_name=self.source_name)

@@ -77,6 +77,11 @@ class CheckedSpec:
         return self.spec.budget
 
     @property
+    def prefill_limit(self) -> float | None:
+        """``prefill <= Fx``: at most F times the full cache's prefill time (None: no limit)."""
+        return None if self.spec.prefill_limit is None else self.spec.prefill_limit.factor
+
+    @property
     def has_auto(self) -> bool:
         """Whether some layer leaves its policy or its budget to routing and solving."""
         return any(
@@ -197,6 +202,7 @@ class _Checker:
                 self._budget_sum(count, layers)
                 self._sliding_windows(layers)
         checked = CheckedSpec(self.spec, checked_rules, count, layers)
+        self._prefill_limit(checked)
         return attrs.evolve(checked, solver=self._solver(checked))
 
     # --- settings -----------------------------------------------------------------------------
@@ -228,8 +234,33 @@ class _Checker:
             return None
         return SolverChoice(decl.name, values)
 
+    def _prefill_limit(self, checked: CheckedSpec) -> None:
+        decl = self.spec.prefill_limit
+        if decl is None:
+            return
+        if decl.factor < 1:
+            self.error(
+                "bad-prefill-limit",
+                f"a prefill limit below 1x cannot be met: {decl.factor:g}x (the full cache's own prefill is 1x)",
+                decl.span,
+                hint="write a factor of at least 1, such as `prefill <= 1.5x`",
+            )
+        routed = any(rule.prefill.policy == ast.AUTO for rule in checked.rules)
+        if not routed and len(checked.rules) == len(self.spec.rules):
+            self.error(
+                "nothing-to-limit",
+                "`prefill <=` has nothing to decide: it limits which policies auto layers are routed to, and no "
+                "layer has an auto policy",
+                decl.span,
+                hint="route some layers (`auto@auto`, `auto[snapkv, kvzip]@128`), or drop the line",
+            )
+
     def _single_settings(self) -> None:
-        for kind, words in ((ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers"), (ast.SolverDecl, "solver")):
+        settings = (
+            (ast.BudgetDecl, "budget"), (ast.ModelLayers, "model layers"), (ast.SolverDecl, "solver"),
+            (ast.PrefillLimit, "prefill <="),
+        )  # fmt: skip
+        for kind, words in settings:
             found = [s for s in self.spec.statements if isinstance(s, kind)]
             for repeat in found[1:]:
                 self.error(

@@ -113,8 +113,9 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
 # Terminal groups that mean one thing together, tried in order; what is left is named one by one.
 _GROUPS: list[tuple[frozenset[str], str]] = [
     (
-        frozenset({"LAYERS", "MODEL", "BUDGET", "SOLVER", "INT", "STAR"}),
-        "a statement such as `layers 0-3: snapkv@256`, `budget 512`, `solver pyramid` or `model layers 32`",
+        frozenset({"LAYERS", "MODEL", "BUDGET", "PREFILL", "SOLVER", "INT", "STAR"}),
+        "a statement such as `layers 0-3: snapkv@256`, `budget 512`, `prefill <= 1.5x`, `solver pyramid` or "
+        "`model layers 32`",
     ),
     (
         frozenset({"INT", "PERCENT", "AUTO"}),
@@ -138,6 +139,7 @@ _NAMES: dict[str, str] = {
     "INT": "a number",
     "FLOAT": "a number",
     "PERCENT": "a percentage such as 10%",
+    "FACTOR": "a multiple of the full cache's cost such as 1.5x",
     "NAME": "a name",
     "STRING": "a string in double quotes",
     "_SEP": "the end of the statement",
@@ -146,7 +148,8 @@ _NAMES: dict[str, str] = {
 _PUNCTUATION = {
     "STAR": "*", "COLON": ":", "MINUS": "-", "COMMA": ",", "AT": "@", "LPAR": "(", "RPAR": ")",
     "LSQB": "[", "RSQB": "]", "EQUAL": "=", "LAYERS": "layers", "MODEL": "model",
-    "BUDGET": "budget", "SOLVER": "solver", "TOTAL": "total", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
+    "BUDGET": "budget", "PREFILL": "prefill", "AT_MOST": "<=", "SOLVER": "solver", "TOTAL": "total",
+    "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
     "FALSE": "false",
 }  # fmt: skip
 
@@ -176,7 +179,10 @@ def _token_words(token: Token) -> str:
         return "`;`" if token.value == ";" else "end of line"
     if token.type in _PUNCTUATION:
         return f"`{token.value}`"
-    kind = {"INT": "number", "FLOAT": "number", "NAME": "name", "STRING": "string", "PERCENT": "percentage"}
+    kind = {
+        "INT": "number", "FLOAT": "number", "NAME": "name", "STRING": "string", "PERCENT": "percentage",
+        "FACTOR": "factor",
+    }  # fmt: skip
     return (
         f"{kind.get(token.type, token.type.lower())} {token.value}" if token.type != "NAME" else f"name '{token.value}'"
     )
@@ -193,6 +199,8 @@ def _hint(found: str, expected: set[str]) -> str | None:
         return "to use another policy while decoding, write `decode` before it; separate statements with `;`"
     if found == "_SEP" and "RPAR" in expected:
         return "a statement fits on one line: close the parameters with `)` on the same line"
+    if "FACTOR" in expected and found in {"INT", "FLOAT"}:
+        return "a prefill limit is a multiple of the full cache's prefill, written with an x: `prefill <= 1.5x`"
     if "EQUAL" in expected:
         return "parameters are written name=value, as in `(window=32, kernel=7)`"
     return None
@@ -309,6 +317,9 @@ class _ToAst(Transformer):
     def budget_decl(self, meta, *children):
         total = len(children) == 2
         return ast.BudgetDecl(children[-1], total=total, span=self._span(meta))
+
+    def prefill_limit(self, meta, _at_most: Token, factor: Token):
+        return ast.PrefillLimit(float(_finite(_number(factor.value[:-1]), factor, "factor")), span=self._span(meta))
 
     def solver_decl(self, meta, name: Token, *parameters):
         return ast.SolverDecl(

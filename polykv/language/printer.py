@@ -91,6 +91,8 @@ def _statement(statement: ast.Statement) -> str:
     if isinstance(statement, ast.SolverDecl):
         parameters = ", ".join(f"{p.name}={format_value(p.value)}" for p in statement.parameters)
         return f"solver {statement.name}" + (f"({parameters})" if statement.parameters else "")
+    if isinstance(statement, ast.PrefillLimit):
+        return f"prefill <= {_positional(statement.factor).removesuffix('.0')}x"
     if isinstance(statement, ast.BudgetDecl):
         total = "total " if statement.total else ""
         return f"budget {total}{format_budget(statement.amount)}"

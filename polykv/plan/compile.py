@@ -7,6 +7,7 @@ and the plan records every layer's choice with where the layer lives.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def compile(
     registry: Registry | None = None,
     tokenizer=None,
     setting: str = "question",
+    prefill_limit: float | None = None,
 ) -> Plan:
     """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
@@ -57,7 +59,9 @@ def compile(
     cache decides again for its own prompt. ``setting`` says where the question will be when the
     cache is compressed: ``question`` (inside the prompt) or ``context`` (asked after the compressed
     context); routing reads a profile measured for it. ``tokenizer`` (the model's) lets caches ask
-    the model to repeat a prompt, which policies that score by reconstruction (kvzip) need. The
+    the model to repeat a prompt, which policies that score by reconstruction (kvzip) need.
+    ``prefill_limit`` (for a spec without a ``prefill <=`` line) bounds the prefill time routing may
+    spend, as a multiple of the full cache's by the profile's measured costs (1.5: at most 1.5x). The
     model is prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
     """
     registry = default_registry() if registry is None else registry
@@ -72,6 +76,8 @@ def compile(
     spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
+    if prefill_limit is not None:
+        spec = with_prefill_limit(spec, prefill_limit)
     info, placement = describe_model(model)
     windows = [placement[index].sliding_window for index in range(info.layers)]
     checked = check(
@@ -165,6 +171,28 @@ def with_total_budget(spec: ast.Spec, budget: int | Budget | str) -> ast.Spec:
             ]
         )
     return spec.with_budget(_declaration(budget))
+
+
+def with_prefill_limit(spec: ast.Spec, factor: float) -> ast.Spec:
+    """``spec`` with a prefill limit from code (see ``compile``), as if it had a ``prefill <=`` line."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise ArgumentTypeError(
+            f"prefill_limit is a number (1.5: at most 1.5x the full cache's prefill), got {factor!r}"
+        )
+    if spec.prefill_limit is not None:
+        raise SpecError(
+            [
+                Diagnostic(
+                    "duplicate-setting",
+                    "the spec sets its own prefill limit, and prefill_limit= sets another",
+                    spec.prefill_limit.span,
+                    hint="drop the prefill_limit= argument or the `prefill <=` line",
+                )
+            ]
+        )
+    if not math.isfinite(factor):
+        raise ArgumentError(f"prefill_limit is a finite number, got {factor!r}")
+    return spec.with_prefill_limit(ast.PrefillLimit(float(factor)))
 
 
 def _declaration(budget: int | Budget | str) -> ast.BudgetDecl:

@@ -65,6 +65,8 @@ class Profile:
     curves: Mapping[str, Mapping[str, LossTable]] = attrs.field(factory=dict)
     weights: Mapping[str, float] = attrs.field(factory=dict)
     regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
+    #: Prefill time with each policy on every layer over the full cache's, on the calibration prompts.
+    costs: Mapping[str, float] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         problem = _malformed(self)
@@ -233,6 +235,11 @@ def _malformed(profile: Profile) -> str | None:
         problem = _weights_problem(weights, tasks)
         if problem:
             return f"{path}: {problem}"
+    for policy, cost in profile.costs.items():
+        if policy not in profile.policies:
+            return f"$.costs['{policy}']: a cost of a policy that was not measured"
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost <= 0:
+            return f"$.costs['{policy}']: prefill time over the full cache's, a positive number, got {cost!r}"
     for number, regime in enumerate(profile.regimes):
         if regime.budget < 1 or regime.floor < 1:
             return f"$.regimes[{number}]: budget and floor are at least 1 token, got {regime.budget} and {regime.floor}"

@@ -15,6 +15,10 @@ depends on the prompt length whenever some layer may be whole or a budget is a s
 prompt: a plan that needs solving is solved again for each prompt length it meets (the cache asks
 before its first layer runs; solving takes milliseconds).
 
+A ``prefill <= Fx`` limit bounds the prefill time the calibrated costs predict (a multiple of the
+full cache's): when the solution would cost more, the costliest policy auto layers were routed to
+is taken from their candidates and the spec is solved again, until it fits.
+
 Calibrated losses are measured at a few budgets; between them they are interpolated linearly in
 log(budget) on tables first made non-increasing, and the solver works on the resulting grid of
 ``step``-token budgets.
@@ -31,7 +35,7 @@ from typing import Literal
 import attrs
 
 from polykv.budget import Budget, Share, Tokens
-from polykv.choice import Choice
+from polykv.choice import WHOLE, Choice
 from polykv.language import ast
 from polykv.language.check import CheckedSpec, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -122,10 +126,23 @@ class Resolver:
     regimes: tuple[Regime, ...] = attrs.field(converter=tuple)
     policy_params: Mapping[str, Mapping[str, Value]]
     signals: Mapping[str, tuple[float, ...]]
+    prefill_limit: float | None = None
+    #: Calibrated prefill time per policy over the full cache's; ``passes`` cost a pass of the whole
+    #: model (reconstruction), paid once however many layers use them.
+    costs: Mapping[str, float] = attrs.field(factory=dict)
+    passes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def decide(self, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
         """Every layer's decision for a prompt of ``prompt_length`` tokens."""
         return _decide(self, prompt_length, registry)
+
+    def prefill_cost(self, choices: Sequence[Choice]) -> float:
+        """The prefill time ``choices`` (one per layer) predict, as a multiple of the full cache's.
+
+        Raises KeyError for a policy whose cost the profile did not measure."""
+        running = [c.policy for c in choices if c.budget is not None]
+        per_layer = sum(self.costs[name] - 1 for name in running if name not in self.passes) / len(choices)
+        return 1 + per_layer + sum(self.costs[name] - 1 for name in set(running) & set(self.passes))
 
     def regime(self, prompt_length: int) -> Regime:
         """The regime tuned nearest (in log ratio) to this spec's compression for ``prompt_length`` tokens."""
@@ -242,7 +259,57 @@ def resolver(
             total = Share(decl.amount.value)
         else:
             total = Tokens(decl.amount.count * (1 if decl.total else len(found)))
-    return Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
+    built = Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
+    return built if profile is None else _with_costs(built, checked, profile, registry)
+
+
+def _with_costs(built: Resolver, checked: CheckedSpec, profile: Profile, registry: Registry) -> Resolver:
+    """``built`` with the profile's prefill costs and the spec's limit on them; SpecError if it cannot be met."""
+    used = {name for r in built.requests for name in (*r.candidates, r.policy) if name not in (ast.AUTO, WHOLE)}
+    costs = {name: profile.costs[name] for name in sorted(used) if name in profile.costs}
+    passes = tuple(name for name in costs if registry.policies.create(name).needs().reconstruction)
+    limited = attrs.evolve(built, prefill_limit=checked.prefill_limit, costs=costs, passes=passes)
+    limit, decl = checked.prefill_limit, checked.spec.prefill_limit
+    if limit is None:
+        return limited
+    unmeasured = sorted(used - set(costs))
+    if unmeasured:
+        raise SpecError(
+            [
+                Diagnostic(
+                    "no-prefill-cost",
+                    f"the profile has no prefill cost of {', '.join(unmeasured)}",
+                    decl.span,
+                    hint="calibrate with this polykv (`polykv calibrate` measures each policy's prefill), or drop "
+                    "the limit",
+                )
+            ]
+        )
+    least = limited.prefill_cost([_cheapest_choice(limited, request) for request in limited.requests])
+    if least > limit + 1e-9:
+        raise SpecError(
+            [
+                Diagnostic(
+                    "prefill-limit-unmet",
+                    f"prefill <= {limit:g}x cannot be met: the cheapest routing this spec allows costs {least:.2f}x "
+                    "by the profile's costs",
+                    decl.span,
+                    hint="raise the limit, or let more layers route (`auto`) or use cheaper named policies; "
+                    f"the costs: {', '.join(f'{name} {cost:.2f}x' for name, cost in costs.items())}",
+                )
+            ]
+        )
+    return limited
+
+
+def _cheapest_choice(resolver: Resolver, request: Request) -> Choice:
+    """The least costly choice ``request`` allows (a layer whose budget is open may be kept whole)."""
+    if request.decided:
+        return request.choice()
+    if request.open_budget:
+        return Choice.whole()
+    names = request.candidates if request.policy == ast.AUTO else (request.policy,)
+    return Choice(min(names, key=lambda name: resolver.costs[name]), budget=Tokens(1))
 
 
 def _fitting(names: Sequence[str], room: int, policy_params: Mapping, registry: Registry) -> tuple[str, ...]:
@@ -289,11 +356,51 @@ def interpolate(measured: Sequence[int], table: Sequence[float], grid: Sequence[
 
 
 def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
-    decisions: list[Decision | None] = [None] * len(resolver.requests)
+    found = resolver.requests
+    while True:
+        decisions = _decide_requests(resolver, found, prompt_length, registry)
+        limit = resolver.prefill_limit
+        if limit is None or resolver.prefill_cost([d.choice for d in decisions]) <= limit + 1e-9:
+            return decisions
+        found = _without_costliest(resolver, found, decisions)
+
+
+def _without_costliest(
+    resolver: Resolver, found: tuple[Request, ...], decisions: Sequence[Decision]
+) -> tuple[Request, ...]:
+    """``found`` with the routed policy that adds most to the prefill taken from every auto layer's candidates."""
+    routed = [d.choice.policy for r, d in zip(found, decisions) if r.policy == ast.AUTO and d.choice.budget is not None]
+    share = {name: (resolver.costs[name] - 1) / len(found) * routed.count(name) for name in set(routed)}
+    share.update({name: resolver.costs[name] - 1 for name in share if name in resolver.passes})
+    for name in sorted(share, key=lambda n: (-share[n], n)):
+        if any(r.policy == ast.AUTO and name in r.candidates and len(r.candidates) > 1 for r in found):
+            return tuple(
+                attrs.evolve(r, candidates=tuple(c for c in r.candidates if c != name))
+                if r.policy == ast.AUTO and len(r.candidates) > 1
+                else r
+                for r in found
+            )
+    raise SpecError(
+        [
+            Diagnostic(
+                "prefill-limit-unmet",
+                f"prefill <= {resolver.prefill_limit:g}x cannot be met at this budget: every auto layer is down to "
+                "one policy",
+                None,
+                hint="raise the limit or the budget",
+            )
+        ]
+    )
+
+
+def _decide_requests(
+    resolver: Resolver, found: Sequence[Request], prompt_length: int, registry: Registry
+) -> tuple[Decision, ...]:
+    decisions: list[Decision | None] = [None] * len(found)
     options: list[LayerOptions] = []
     open_layers = []
     regime = resolver.regime(prompt_length)
-    for index, request in enumerate(resolver.requests):
+    for index, request in enumerate(found):
         table = regime.tables[index]
         if request.decided:
             decisions[index] = Decision(request.choice())
@@ -310,7 +417,7 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
         solution = _solve(resolver, options, prompt_length, registry)
         for index in open_layers:
             choice = solution.layers[index]
-            request = resolver.requests[index]
+            request = found[index]
             if choice.whole:
                 decisions[index] = Decision(Choice.whole(), {"loss": 0.0})
                 continue

@@ -68,6 +68,8 @@ def summary(name: str, checked: CheckedSpec) -> str:
     lines = [header]
     if checked.budget is not None:
         lines.append("  " + _budget_statement(checked.budget, checked.layer_count))
+    if checked.prefill_limit is not None:
+        lines.append(f"  prefill <= {checked.prefill_limit:g}x  # auto layers route within this prefill time")
     if checked.solver is not None:
         lines.append("  " + _solver_statement(checked.solver))
     for selector, prefill, decode in rules:
@@ -96,6 +98,7 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
     result: dict = {"file": name, "ok": True, "layer_count": checked.layer_count}
     decl = checked.budget
     result["budget"] = None if decl is None else {"total": decl.total, **_budget_json(decl.amount)}
+    result["prefill_limit"] = checked.prefill_limit
     result["solver"] = (
         None if checked.solver is None else {"name": checked.solver.name, "params": dict(checked.solver.params)}
     )

@@ -24,6 +24,7 @@ def plan_text(plan: Plan) -> str:
         f"# {plan.model.name}: the plan for a {length}-token prompt" if length else f"# {plan.model.name}",
         f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip())}",
         f"# stored tokens: {stored} in all, {stored / len(plan.layers):.1f} per layer on average",
+        *_prefill_notes(plan),
         f"model layers {len(plan.layers)}",
     ]
     for layer in plan.layers:
@@ -31,6 +32,22 @@ def plan_text(plan: Plan) -> str:
         notes = ", ".join(f"{k} {_number(v)}" for k, v in layer.measurements.items())
         lines.append(f"{statement}  # {notes}" if notes else statement)
     return "\n".join(lines) + "\n"
+
+
+def _prefill_notes(plan: Plan) -> list[str]:
+    """What the prefill costs: a reconstruction pass when a layer scores by it; the profile's estimate."""
+    notes = []
+    if plan.reconstruction is not None:
+        notes.append("# prefill: the model also repeats the prompt once, for the scores of reconstruction")
+    resolver = plan.resolver
+    if resolver is not None:
+        try:
+            cost = resolver.prefill_cost([layer.prefill for layer in plan.layers])
+        except KeyError:  # a policy whose cost the profile did not measure
+            return notes
+        limit = f" (limit {resolver.prefill_limit:g}x)" if resolver.prefill_limit is not None else ""
+        notes.append(f"# prefill time: about {cost:.2f}x the full cache's, by the profile's costs{limit}")
+    return notes
 
 
 def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
@@ -73,7 +90,7 @@ def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None
 def run(args: argparse.Namespace) -> int:
     from polykv.language.check import check
     from polykv.model import load_model
-    from polykv.plan import compile, with_total_budget
+    from polykv.plan import compile, with_prefill_limit, with_total_budget
     from polykv.profile import as_profile
 
     if args.png is not None:
@@ -81,15 +98,15 @@ def run(args: argparse.Namespace) -> int:
     spec = setup.spec_argument(args, "spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
+    if args.prefill_limit is not None:
+        spec = with_prefill_limit(spec, args.prefill_limit)
     check(spec)  # mistakes in the spec are reported before the model loads
     profile = as_profile(args.profile) if args.profile else None
     device = setup.device(args)
     location = setup.model_location(args)
     print(f"loading {location}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
-    plan = compile(
-        spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting
-    )
+    plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting)
     sys.stdout.write(plan_text(plan))
     if args.png is not None:
         draw(plan, args.png, _sensitivity(plan))
