@@ -263,3 +263,24 @@ def test_in_the_context_setting_the_question_comes_after_the_compressed_context(
     compressed = list(scorer.records("compressing", 8, compressing))
     assert all(r.kl > 1e-4 for r in compressed)
     assert compressed[0].stored < 40  # the context was compressed; the question came after
+
+
+def test_a_sample_with_no_question_is_scored_in_the_context_setting_as_in_the_question_setting():
+    from polykv.harness.scorer import Scorer, by_group, needs_of
+
+    model = tiny_llama("sdpa")
+    generator = torch.Generator().manual_seed(5)
+    plain = [
+        Sample("t", "raw", seed, "x", torch.randint(3, 128, (40,), generator=generator).tolist(), (5, 6, 7), ())
+        for seed in range(2)
+    ]
+    compressing = polykv.compile("*: snapkv@8(window=4)", model)
+    found = {}
+    for setting in ("question", "context"):
+        scorer = Scorer(model, plain, needs_of([compressing]), setting=setting)
+        found[setting] = [v for r in scorer.records("snapkv", 8, compressing) for v in (r.kl, r.nll)]
+    assert found["context"] == pytest.approx(found["question"])
+    mixed = [*plain, *_asked_later(1)]
+    assert [len(batch) for batch in by_group(mixed, 8)] == [2, 1]  # one batch asks questions, the other none
+    with pytest.raises(ValueError, match="all have a question or none"):
+        Scorer(model, mixed, needs_of([compressing]), setting="context")

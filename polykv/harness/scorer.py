@@ -91,13 +91,15 @@ class Scorer:
             raise ValueError("a scored sample needs at least 2 target tokens (the first is predicted by the prefill)")
         self.targets = torch.tensor([sample.target[:shortest] for sample in samples], device=device)
         self.steps = max(len(sample.target) for sample in samples) + 2  # greedy answers: the target and a little
-        if setting == "question":  # each target token predicts the next; the prefill predicts the first
-            questions = torch.zeros(len(samples), 0, dtype=torch.long, device=device)
-            asked = torch.zeros_like(questions)
+        questions, asked = _left_padded(
+            [s.parts()[1] if setting == "context" else () for s in samples], pad_token_id, device
+        )
+        if questions.shape[1] == 0:  # each target token predicts the next; the prefill predicts the first
             self._scored = self.targets[:, 1:]
-        else:  # the question's last token predicts the first target token
-            questions, asked = _left_padded([s.parts()[1] for s in samples], pad_token_id, device)
+        elif all(s.parts()[1] for s in samples):  # the question's last token predicts the first target token
             self._scored = self.targets
+        else:
+            raise ValueError("in the context setting a batch's samples all have a question or none does")
         self._question, self._question_mask = questions, asked
         inputs = torch.cat([questions, self.targets[:, :-1]], dim=1)
         room = inputs.shape[1] + (self.steps if tokenizer is not None else 0)
@@ -267,10 +269,11 @@ def needs_of(plans, *, window: int = 1) -> Needs:
 
 
 def by_group(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
-    """Batches of at most ``size`` samples, each of one task and format (prompts of similar length)."""
-    groups: dict[tuple[str, str], list[Sample]] = {}
+    """Batches of at most ``size`` samples, each of one task and format (prompts of similar length), and
+    either all with a question to ask after the context or none (the context setting scores them apart)."""
+    groups: dict[tuple[str, str, bool], list[Sample]] = {}
     for sample in samples:
-        groups.setdefault((sample.task, sample.format), []).append(sample)
+        groups.setdefault((sample.task, sample.format, bool(sample.parts()[1])), []).append(sample)
     for group in groups.values():
         for start in range(0, len(group), size):
             yield group[start : start + size]
