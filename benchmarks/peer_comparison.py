@@ -56,7 +56,9 @@ def merged(ours: Sequence[Record], theirs: Sequence[Record], setting: str) -> tu
     """Both sides' records of ``setting`` on the samples both hold, and how many each side had and kept."""
     mine = [r for r in ours if r.setting == setting]
     peer = [r for r in theirs if r.setting == setting]
-    common = {(r.task, r.format, r.seed) for r in mine} & {(r.task, r.format, r.seed) for r in peer}
+    # A sample counts once both sides scored its full cache (each run writes it with the sample's first scores).
+    common = {(r.task, r.format, r.seed) for r in mine if r.method == FULL}
+    common &= {(r.task, r.format, r.seed) for r in peer if r.method == PEER_FULL}
     kept = [r for r in [*mine, *peer] if (r.task, r.format, r.seed) in common]
     counts = {
         "samples": len(common),
@@ -132,7 +134,7 @@ def markdown(comparison: dict) -> str:
             f"### {TITLES[setting]}",
             "",
             f"{data['samples']} samples ({', '.join(data['tasks'])}); KL task-balanced, accuracy over the tasks "
-            "with an answer; budgets are average stored tokens per layer.",
+            "with an answer; budgets are average stored tokens per layer; lowest KL in bold.",
             "",
             "| method | "
             + " | ".join(f"KL @{b}" for b in budgets)
@@ -146,7 +148,7 @@ def markdown(comparison: dict) -> str:
             if method in (FULL, PEER_FULL):
                 continue
             cells = [table.get(f"{method}@{b}") for b in budgets]
-            kl = [_kl(c, lowest[b]) for c, b in zip(cells, budgets)]
+            kl = [_kl(c, lowest[b], data["samples"]) for c, b in zip(cells, budgets)]
             accuracy = [f"{c['accuracy']:.2f}" if c and c["accuracy"] is not None else "" for c in cells]
             lines.append(f"| {method} | " + " | ".join(kl) + " | " + " | ".join(accuracy) + " |")
         lines += ["", "Best by KL at each budget:", ""]
@@ -185,19 +187,20 @@ def plot(comparison: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    everyone = dict.fromkeys(m for data in comparison.values() for m in _ordered(data["methods"]))
+    colours = {m: plt.cm.tab20(n % 20) for n, m in enumerate(m for m in everyone if m not in (FULL, PEER_FULL))}
     figure, axes = plt.subplots(len(comparison), 2, figsize=(12, 4.5 * len(comparison)), squeeze=False)
     for row, (setting, data) in enumerate(comparison.items()):
         budgets, table = data["budgets"], data["table"]
-        for method in _ordered(data["methods"]):
-            if method in (FULL, PEER_FULL):
-                continue
+        shown = [m for m in _ordered(data["methods"]) if m not in (FULL, PEER_FULL)]
+        for method in shown:
             cells = [table.get(f"{method}@{b}") for b in budgets]
-            style = "--" if method.startswith(PEER) else "-"
+            look = {"linestyle": "--" if method.startswith(PEER) else "-", "color": colours[method]}
             kl = [c["kl"] if c else None for c in cells]
-            axes[row][0].plot(budgets, kl, style, marker="o", markersize=3, label=method)
+            axes[row][0].plot(budgets, kl, marker="o", markersize=3, label=method, **look)
             accuracy = [c["accuracy"] if c else None for c in cells]
             if any(a is not None for a in accuracy):
-                axes[row][1].plot(budgets, accuracy, style, marker="o", markersize=3, label=method)
+                axes[row][1].plot(budgets, accuracy, marker="o", markersize=3, label=method, **look)
         full = data["full_check"].get(FULL, {}).get("accuracy")
         if full is not None:
             axes[row][1].axhline(full, color="black", linewidth=1, label="full cache")
@@ -230,11 +233,13 @@ def _cells(data: dict, budget: int):
             yield method, cell
 
 
-def _kl(cell: dict | None, lowest: float | None) -> str:
+def _kl(cell: dict | None, lowest: float | None, samples: int) -> str:
+    """A KL cell: bold where lowest, with the number of samples where the run did not score them all yet."""
     if not cell:
         return ""
     text = f"{cell['kl']:.3f}"
-    return f"**{text}**" if cell["kl"] == lowest else text
+    text = f"**{text}**" if cell["kl"] == lowest else text
+    return text if cell["samples"] == samples else f"{text} ({cell['samples']} samples)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
