@@ -55,3 +55,12 @@ def test_gpu_decode_runs_on_the_cpu(tmp_path):
         assert row["snapkv@512"]["cache_bytes"] < row["full"]["cache_bytes"]
         assert row["snapkv@512"]["bound_ms"] < row["full"]["bound_ms"]
     assert result["largest_batch"] == []  # CUDA only
+
+
+def test_calibration_cost_runs_on_the_cpu(tmp_path):
+    result = run("calibration_cost.py", "--quick", "--prompts", "4", out=tmp_path)
+    batch = result["batch_s"]
+    assert batch["measured"] > 0 and batch["extrapolated"] > 0
+    assert result["profile"]["entries"] == 7 * 4 * len(result["meta"]["policies"]) * len(result["meta"]["grid"])
+    by_processes = result["profile"]["seconds_by_processes"]
+    assert by_processes["2"] < by_processes["1"]  # sharing the batches: each process measures half

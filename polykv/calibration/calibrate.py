@@ -18,6 +18,7 @@ from polykv.calibration.measure import measure
 from polykv.calibration.samples import GRID, POLICIES
 from polykv.calibration.tune import tune
 from polykv.errors import ArgumentError
+from polykv.harness.processes import ONE, Processes
 from polykv.profile import Profile, fingerprint
 from polykv.registry import Registry, default_registry
 from polykv.tasks.tasks import Sample
@@ -53,6 +54,7 @@ def calibrate(
     progress: bool = True,
     setting: str = "question",
     tokenizer=None,
+    processes: Processes = ONE,
 ) -> Profile:
     """Measure ``model`` on ``samples`` and return the profile (tables, signals, and where they came from).
 
@@ -60,7 +62,9 @@ def calibrate(
     also tuned per budget regime (``tune``). ``setting`` says where the question is when the cache
     is compressed (``question`` inside the prompt, or ``context``: asked after it); the profile
     records it, and routing uses a profile of the setting it is asked for. ``tokenizer`` is needed
-    when a policy scores by reconstruction (kvzip).
+    when a policy scores by reconstruction (kvzip). With several ``processes`` (torchrun) each
+    measures a share of the prompts, the prefill costs are timed on the first alone, and every
+    process returns the profile one process would (``polykv.harness.processes``).
     """
     from polykv.model import describe_model
 
@@ -84,6 +88,7 @@ def calibrate(
         progress=progress,
         setting=setting,
         reconstruction=reconstruction,
+        processes=processes,
     )
     info, _ = describe_model(model)
     profile = Profile(
@@ -104,7 +109,9 @@ def calibrate(
         losses=measured.losses,
         signals=measured.signals,
         curves=measured.curves,
-        costs=prefill_costs(model, samples, policies, registry=registry, tokenizer=tokenizer, setting=setting),
+        costs=processes.from_main(  # timings: one process, undisturbed by the others
+            lambda: prefill_costs(model, samples, policies, registry=registry, tokenizer=tokenizer, setting=setting)
+        ),
     )
     if tune_on:
         profile = tune(
@@ -117,5 +124,6 @@ def calibrate(
             progress=progress,
             setting=setting,
             tokenizer=tokenizer,
+            processes=processes,
         )
     return profile

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction
+from polykv.harness.processes import ONE, Processes
 from polykv.harness.scorer import Scorer, by_group, group_sizes, needs_of
 from polykv.registry import Registry, default_registry
 from polykv.signals import Signal
@@ -61,11 +62,14 @@ def measure(
     progress: bool = True,
     setting: str = "question",
     reconstruction: Reconstruction | None = None,
+    processes: Processes = ONE,
 ) -> Measurements:
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring.
 
     ``setting`` says where the question is when the cache is compressed (``polykv.harness.scorer``);
-    ``reconstruction`` lets the model repeat each prompt, for policies that score that way."""
+    ``reconstruction`` lets the model repeat each prompt, for policies that score that way. With several
+    ``processes`` (torchrun), each measures a share of the batches and every one returns the whole table,
+    equal to one process's (``polykv.harness.processes``)."""
     registry = default_registry() if registry is None else registry
     created = {name: registry.policies.create(name, dict(params)) for name, params in policies.items()}
     needs = needs_of([policy.needs() for policy in created.values()], window=SIGNAL_WINDOW)
@@ -74,29 +78,36 @@ def measure(
     layers = model.config.get_text_config().num_hidden_layers
     scalar = [s for s in signals if not s.curve]
     curve = [s for s in signals if s.curve]
-    sums = _Sums()
+    mine = processes.share(len(batches))
     bar = tqdm(
-        total=len(batches) * layers * len(created) * len(grid),
+        total=len(mine) * layers * len(created) * len(grid),
         desc="calibrating",
         unit="entry",
-        disable=not progress,
+        disable=not (progress and processes.main),
     )
+    added: dict[int, list[tuple[tuple, float, int]]] = {}  # batch -> its (key, sum, count), in the order measured
     with prepared(model), torch.no_grad(), bar:
-        for batch in batches:
-            task = batch[0].group
+        for index in mine:
+            batch = batches[index]
+            task, entries = batch[0].group, added.setdefault(index, [])
             scorer = Scorer(model, batch, needs, hidden=True, setting=setting, reconstruction=reconstruction)
             for layer in range(layers):
                 observation = scorer.captured.observation(layer)
                 for signal in scalar:
-                    sums.add(("signal", signal.name, task, layer), signal.measure(observation))
+                    entries.append(_summed(("signal", signal.name, task, layer), signal.measure(observation)))
                 for p, policy in enumerate(created.values()):
                     for g, budget in enumerate(grid):
                         loss, kept = scorer.layer_loss(layer, policy, budget)
-                        sums.add(("loss", task, layer, p, g), loss)
+                        entries.append(_summed(("loss", task, layer, p, g), loss))
                         for signal in curve:
                             value = signal.measure(observation, kept) if kept is not None else torch.zeros_like(loss)
-                            sums.add(("curve", signal.name, task, layer, p, g), value)
+                            entries.append(_summed(("curve", signal.name, task, layer, p, g), value))
                         bar.update(1)
+    sums = _Sums()
+    merged = {index: entries for part in processes.gather(added) for index, entries in part.items()}
+    for index in range(len(batches)):  # in batch order, as one process adds them
+        for key, total, count in merged[index]:
+            sums.add(key, total, count)
     tasks = sorted(group_sizes(samples))
     return Measurements(
         grid=grid,
@@ -116,6 +127,12 @@ def measure(
     )
 
 
+def _summed(key: tuple, values: torch.Tensor) -> tuple[tuple, float, int]:
+    """One batch's part of a mean: its key, the sum of its values, and their count."""
+    values = values.detach().float().cpu()
+    return key, float(values.sum()), values.numel()
+
+
 class _Sums:
     """Running per-sample sums, averaged at the end."""
 
@@ -123,10 +140,9 @@ class _Sums:
         self.total: dict[tuple, float] = {}
         self.count: dict[tuple, int] = {}
 
-    def add(self, key: tuple, values: torch.Tensor) -> None:
-        values = values.detach().float().cpu()
-        self.total[key] = self.total.get(key, 0.0) + float(values.sum())
-        self.count[key] = self.count.get(key, 0) + values.numel()
+    def add(self, key: tuple, total: float, count: int) -> None:
+        self.total[key] = self.total.get(key, 0.0) + total
+        self.count[key] = self.count.get(key, 0) + count
 
     def mean(self, key: tuple) -> float:
         return self.total[key] / self.count[key]

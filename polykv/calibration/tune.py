@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction
+from polykv.harness.processes import ONE, Processes
 from polykv.harness.scorer import Scorer, by_group, needs_of
 from polykv.plan import compile
 from polykv.profile import Profile, TunedRegime
@@ -33,6 +34,7 @@ def tune(
     progress: bool = True,
     setting: str = "question",
     tokenizer=None,
+    processes: Processes = ONE,
 ) -> Profile:
     """Choose, for each average budget, the task weights and floor whose solution loses least on ``samples``.
 
@@ -42,11 +44,12 @@ def tune(
     every task gets a composition factor, its measured loss under uniform compression over the sum
     its table predicts. The candidates are equal weights and these factors, each with the smallest
     budgets of the grid as a floor, and the one with the least measured loss (task-balanced, on
-    ``samples``, which the tables never saw, in the profile's ``setting``) is kept per budget.
+    ``samples``, which the tables never saw, in the profile's ``setting``) is kept per budget. Several
+    ``processes`` (torchrun) score a share of the batches each and all return the same profile.
     """
     tuning = _Tuning(
         model, profile, samples, default_registry() if registry is None else registry, batch_size, pad_token_id,
-        progress, setting, tokenizer,
+        progress, setting, tokenizer, processes,
     )  # fmt: skip
     with prepared(model):  # compiling the candidates prepares the model: give it back as it was
         return tuning.run([b for b in budgets if b < profile.prompt_length])  # a budget over the prompt: nothing
@@ -63,6 +66,7 @@ class _Tuning:
     progress: bool
     setting: str
     tokenizer: object
+    processes: Processes
     losses: dict[tuple, list[float]] = attrs.field(factory=dict)
 
     def run(self, budgets: list[int]) -> Profile:
@@ -108,14 +112,23 @@ class _Tuning:
         needs = needs_of(plans.values())
         reconstruction = Reconstruction.for_tokenizer(self.tokenizer) if needs.reconstruction else None
         batches = list(by_group(self.samples, self.batch_size))
-        for batch in tqdm(batches, desc="tuning", unit="batch", disable=not self.progress, leave=False):
+        mine = self.processes.share(len(batches))
+        scored: dict[int, list[tuple[tuple, float]]] = {}  # batch -> its ((plan, task), KL), in the order scored
+        shown = self.progress and self.processes.main
+        for index in tqdm(mine, desc="tuning", unit="batch", disable=not shown, leave=False):
             scorer = Scorer(
-                self.model, batch, needs, pad_token_id=self.pad_token_id, setting=self.setting,
+                self.model, batches[index], needs, pad_token_id=self.pad_token_id, setting=self.setting,
                 reconstruction=reconstruction,
             )  # fmt: skip
-            for key, plan in plans.items():
-                for record in scorer.records(str(key), 0, plan):
-                    self.losses.setdefault((key, f"{record.task}:{record.format}"), []).append(record.kl)
+            scored[index] = [
+                ((key, f"{record.task}:{record.format}"), record.kl)
+                for key, plan in plans.items()
+                for record in scorer.records(str(key), 0, plan)
+            ]
+        merged = {index: entries for part in self.processes.gather(scored) for index, entries in part.items()}
+        for index in range(len(batches)):  # in batch order, as one process appends them
+            for key, kl in merged[index]:
+                self.losses.setdefault(key, []).append(kl)
 
     def balanced(self, key) -> float:
         tasks = self.profile.tasks

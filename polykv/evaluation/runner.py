@@ -17,6 +17,7 @@ the sample's seed; a second run skips what is there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction
 from polykv.errors import PolykvError
+from polykv.harness.processes import ONE, Processes
 from polykv.harness.scorer import Record, Scorer, by_group, needs_of
 from polykv.language.diagnostics import SpecError
 from polykv.plan import compile
@@ -85,48 +87,68 @@ def run(
     answers: bool = True,
     progress: bool = True,
     settings: Sequence[str] = ("question",),
+    processes: Processes = ONE,
 ) -> list[Record]:
     """Score every method at every budget on ``samples``; results in ``out/results.jsonl`` (resumed).
 
     ``answers=False`` skips the greedy answers (accuracy), which cost more than the graded scores.
     ``settings`` says where the question is when the cache is compressed (``polykv.harness.scorer``:
-    ``question`` inside the prompt, ``context`` asked after it); each setting is scored apart.
+    ``question`` inside the prompt, ``context`` asked after it); each setting is scored apart. With
+    several ``processes`` (torchrun) each scores a share of the batches, the first writes the file,
+    and every one returns the records one process would, in its order (``polykv.harness.processes``).
     """
     unknown = [setting for setting in settings if setting not in SETTINGS]
     if unknown:
         raise PolykvError(f"setting {unknown[0]!r}: settings are {', '.join(SETTINGS)}")
-    out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
-    done = {record.key: record for record in read(path)}
-    with prepared(model), path.open("a", encoding="utf-8") as sink:  # give the model back as it was
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+    done = processes.from_main(lambda: {record.key: record for record in read(path)})  # all agree on what is left
+    sink = path.open("a", encoding="utf-8") if processes.main else contextlib.nullcontext()
+    with prepared(model), sink:  # give the model back as it was
         plans = {setting: _plans(model, methods, budgets, profile, tokenizer, setting) for setting in settings}
         cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
         batches = [(batch, setting) for setting in settings for batch in by_group(samples, batch_size)]
         todo = sum(
             1 for batch, setting in batches for s in batch for m, b in cells if _key(s, m, b, setting) not in done
         )
+        work = [
+            (batch, setting, missing)
+            for batch, setting in batches
+            if (missing := [(m, b) for m, b in cells if any(_key(s, m, b, setting) not in done for s in batch)])
+        ]
         needs = needs_of([plan for chosen in plans.values() for plan in chosen.values()])
         reconstruction = Reconstruction.for_tokenizer(tokenizer) if needs.reconstruction else None
-        with tqdm(total=todo, desc="evaluating", unit="score", disable=not progress) as bar:
-            for batch, setting in batches:
-                missing = [(m, b) for m, b in cells if any(_key(s, m, b, setting) not in done for s in batch)]
-                if not missing:
-                    continue
-                scorer = Scorer(
-                    model,
-                    batch,
-                    needs,
-                    pad_token_id=tokenizer.pad_token_id,
-                    tokenizer=tokenizer if answers else None,
-                    setting=setting,
-                    reconstruction=reconstruction,
-                )
-                for chosen, budget in missing:
-                    for record in scorer.records(chosen.name, budget, plans[setting].get((chosen.name, budget))):
-                        if record.key not in done:
-                            done[record.key] = record
+        shown = progress and processes.main
+
+        def score(batch: list[Sample], setting: str, missing: list) -> list[Record]:
+            """One batch's records for its ``missing`` cells: one prefill, then every method's cache scored."""
+            scorer = Scorer(
+                model,
+                batch,
+                needs,
+                pad_token_id=tokenizer.pad_token_id,
+                tokenizer=tokenizer if answers else None,
+                setting=setting,
+                reconstruction=reconstruction,
+            )
+            return [
+                record
+                for chosen, budget in missing
+                for record in scorer.records(chosen.name, budget, plans[setting].get((chosen.name, budget)))
+            ]
+
+        with tqdm(total=todo, desc="evaluating", unit="score", disable=not shown) as bar:
+            # A round: every process scores one batch; the round's records are kept (and written) in batch order.
+            for index in processes.rounds(len(work)):
+                scored = [] if index is None else score(*work[index])
+                for record in (record for part in processes.gather(scored) for record in part):
+                    if record.key not in done:
+                        done[record.key] = record
+                        if processes.main:
                             sink.write(json.dumps(attrs.asdict(record)) + "\n")
-                            bar.update(1)
+                        bar.update(1)
+                if processes.main:
                     sink.flush()
     return list(done.values())
 

@@ -9,6 +9,7 @@ from polykv.calibration.calibrate import calibrate, check_policies
 from polykv.calibration.samples import GRID, POLICIES, TASKS, calibration_samples, read_samples, tuning_samples
 from polykv.cli.commands import setup
 from polykv.errors import PolykvError
+from polykv.harness.processes import joined
 from polykv.registry import default_registry
 
 
@@ -21,31 +22,35 @@ def run(args: argparse.Namespace) -> int:
     if args.length < 64:
         raise PolykvError("--length: generated prompts are at least 64 tokens")
     setup.writable(args.out, "--out")
-    device = setup.device(args)
-    location = setup.model_location(args)
-    print(f"loading {location}", file=sys.stderr)
-    model, tokenizer = load_model(location, device=device)
-    tune_on = []
-    if args.data:
-        samples, data = read_samples(args.data, tokenizer), str(args.data)
-    else:
-        samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
-        if args.tune_samples:
-            tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
-        data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
-    profile = calibrate(
-        model,
-        samples,
-        policies=policies,
-        grid=args.grid or GRID,
-        registry=registry,
-        batch_size=args.batch,
-        tune_on=tune_on,
-        pad_token_id=tokenizer.pad_token_id,
-        settings={"data": data, "model_path": str(location), "command": setup.command_line()},
-        setting=args.setting,
-        tokenizer=tokenizer,
-    )
-    profile.save(args.out)
-    print(f"wrote {args.out}: {len(profile.tasks)} tasks, {len(profile.policies)} policies, grid {list(profile.grid)}")
+    with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the prompts
+        location = setup.model_location(args)
+        if processes.main:
+            print(f"loading {location}", file=sys.stderr)
+        model, tokenizer = load_model(location, device=device)
+        tune_on = []
+        if args.data:
+            samples, data = read_samples(args.data, tokenizer), str(args.data)
+        else:
+            samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
+            if args.tune_samples:
+                tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
+            data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
+        profile = calibrate(
+            model,
+            samples,
+            policies=policies,
+            grid=args.grid or GRID,
+            registry=registry,
+            batch_size=args.batch,
+            tune_on=tune_on,
+            pad_token_id=tokenizer.pad_token_id,
+            settings={"data": data, "model_path": str(location), "command": setup.command_line()},
+            setting=args.setting,
+            tokenizer=tokenizer,
+            processes=processes,
+        )
+        if processes.main:
+            profile.save(args.out)
+            counts = f"{len(profile.tasks)} tasks, {len(profile.policies)} policies"
+            print(f"wrote {args.out}: {counts}, grid {list(profile.grid)}")
     return 0

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from polykv.evaluation.report import markdown, plots, summary
     from polykv.evaluation.runner import method
     from polykv.evaluation.runner import run as evaluate
+    from polykv.harness.processes import joined
     from polykv.model import load_model
     from polykv.tasks.loader import read_jsonl
     from polykv.tasks.tasks import FORMATS, TASKS, samples
@@ -46,31 +47,37 @@ def run(args: argparse.Namespace) -> int:
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
     setup.writable(args.out, "--out")  # the folder itself is made when missing
-    device = setup.device(args)
-    location = setup.model_location(args)
-    print(f"loading {location}", file=sys.stderr)
-    model, tokenizer = load_model(location, device=device)
-    if args.data:
-        chosen = read_jsonl(args.data, tokenizer, max_length=length)
-        parsed = sorted({(s.task, s.format) for s in chosen})
-    else:
-        chosen = [
-            sample
-            for task, form in parsed
-            for sample in samples([task], tokenizer, length=length, count=count, formats=(form,), first_seed=args.seed)
-        ]
-    records = evaluate(
-        model,
-        tokenizer,
-        chosen,
-        methods,
-        budgets,
-        args.out,
-        profile=args.profile,
-        batch_size=args.batch,
-        answers=not args.graded_only,
-        settings=args.settings,
-    )
+    with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches
+        location = setup.model_location(args)
+        if processes.main:
+            print(f"loading {location}", file=sys.stderr)
+        model, tokenizer = load_model(location, device=device)
+        if args.data:
+            chosen = read_jsonl(args.data, tokenizer, max_length=length)
+            parsed = sorted({(s.task, s.format) for s in chosen})
+        else:
+            chosen = [
+                sample
+                for task, form in parsed
+                for sample in samples(
+                    [task], tokenizer, length=length, count=count, formats=(form,), first_seed=args.seed
+                )
+            ]
+        records = evaluate(
+            model,
+            tokenizer,
+            chosen,
+            methods,
+            budgets,
+            args.out,
+            profile=args.profile,
+            batch_size=args.batch,
+            answers=not args.graded_only,
+            settings=args.settings,
+            processes=processes,
+        )
+        if not processes.main:
+            return 0
     settings = {
         "model": str(location),
         "tasks": [f"{t}:{f}" for t, f in parsed],
