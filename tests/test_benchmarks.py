@@ -55,3 +55,12 @@ def test_gpu_decode_runs_on_the_cpu(tmp_path):
         assert row["snapkv@512"]["cache_bytes"] < row["full"]["cache_bytes"]
         assert row["snapkv@512"]["bound_ms"] < row["full"]["bound_ms"]
     assert result["largest_batch"] == []  # CUDA only
+
+
+def test_speculation_runs_on_the_cpu(tmp_path):
+    result = run("speculation.py", "--quick", "--batches", "1", "--lookaheads", "2", "--new-tokens", "6", out=tmp_path)
+    drafts = [(row["spec"], row["lookahead"]) for row in result["rows"]]
+    assert drafts == [("plain", 0), ("*: streaming@64", 2), ("budget 64; *: auto@auto", 2)]
+    for row in result["rows"][1:]:
+        assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
+        assert row["draft_cache_bytes"] < row["full_cache_bytes"]

@@ -17,6 +17,7 @@ each row's output is still exactly its own; the statistics say how much the batc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import attrs
@@ -38,7 +39,9 @@ class Speculation:
     ``tokens``: the prompt and its continuation (B, L + new). ``drafted``: proposals made (per row),
     ``accepted``: proposals the batch kept; ``accepted_per_step``: kept at each verification.
     ``row_accepted``: proposals each row would have kept alone, summed over rows (what a batch of
-    one would have kept; equal to ``accepted`` for a single row).
+    one would have kept; equal to ``accepted`` for a single row). ``full_nbytes`` and
+    ``draft_nbytes``: what the two caches held after the prefill. ``prefill_seconds`` and
+    ``decode_seconds``: wall time of the prefill (both caches) and of the rest, the device synchronised.
     """
 
     tokens: torch.Tensor
@@ -47,6 +50,10 @@ class Speculation:
     accepted_per_step: tuple[int, ...]
     row_accepted: int
     rows: int
+    full_nbytes: int
+    draft_nbytes: int
+    prefill_seconds: float
+    decode_seconds: float
 
     @property
     def steps(self) -> int:
@@ -94,6 +101,7 @@ def speculative_generate(
     for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
+    clock = _Clock(input_ids.device)
     with draft.apply(model):
         captured = capture(
             model,
@@ -109,7 +117,7 @@ def speculative_generate(
             cache.activate_past_recording()  # sliding windows keep what a crop needs
         run = _Run(model, input_ids, attention_mask, eos_token_id, pad_token_id, sampling)
         generated = run.choose(captured.logits[:, None])[:, 0][:, None]
-        statistics = _Statistics()
+        statistics = _Statistics(full.nbytes(), drafting.nbytes(), clock.lap())
         in_draft = 0  # generated tokens the draft cache holds
         while generated.shape[1] < max_new_tokens and not run.all_ended(generated):
             count = min(lookahead, max_new_tokens - generated.shape[1] - 1)
@@ -124,14 +132,34 @@ def speculative_generate(
             generated = torch.cat([generated, new], dim=1)
             statistics.add(count, kept, alone)
     tokens = torch.cat([input_ids, run.finished(generated)], dim=1)
-    return statistics.result(tokens)
+    return statistics.result(tokens, clock.lap())
+
+
+class _Clock:
+    """Wall time between laps, the device's queued work included."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        seconds, self.last = now - self.last, now
+        return seconds
 
 
 class _Statistics:
-    def __init__(self):
+    def __init__(self, full_nbytes: int, draft_nbytes: int, prefill_seconds: float):
         self.drafted = self.accepted = self.row_accepted = 0
         self.per_step: list[int] = []
         self.rows = 1
+        self.nbytes = (full_nbytes, draft_nbytes)
+        self.prefill_seconds = prefill_seconds
 
     def add(self, drafted: int, kept: int, alone: torch.Tensor) -> None:
         self.drafted += drafted
@@ -140,8 +168,18 @@ class _Statistics:
         self.row_accepted += int(alone.sum())
         self.rows = alone.shape[0]
 
-    def result(self, tokens: torch.Tensor) -> Speculation:
-        return Speculation(tokens, self.drafted, self.accepted, tuple(self.per_step), self.row_accepted, self.rows)
+    def result(self, tokens: torch.Tensor, decode_seconds: float) -> Speculation:
+        return Speculation(
+            tokens,
+            self.drafted,
+            self.accepted,
+            tuple(self.per_step),
+            self.row_accepted,
+            self.rows,
+            *self.nbytes,
+            self.prefill_seconds,
+            decode_seconds,
+        )
 
 
 class _Run:
