@@ -44,13 +44,12 @@ def _greedy(model, ids, new, **options):
 @pytest.mark.parametrize("lookahead", [1, 4])
 def test_the_output_is_greedy_full_cache_decoding(model, spec, lookahead):
     ids = prompt(40, batch=2)
-    result = polykv.speculative_generate(
-        model, ids, draft=polykv.compile(spec, model), max_new_tokens=16, lookahead=lookahead
-    )
+    plan = polykv.compile(spec, model)
+    result = polykv.speculative_generate(model, ids, draft=plan, max_new_tokens=16, lookahead=lookahead)
     assert torch.equal(result.tokens, _greedy(model, ids, 16))
-    # One token from the prefill, then each check gives what it kept and one more.
-    assert 1 + result.accepted + result.steps == 16 and result.accepted == sum(result.accepted_per_step)
-    assert result.accepted <= result.drafted and 2 * result.accepted <= result.row_accepted <= 2 * result.drafted
+    assert result.accepted == sum(result.accepted_per_step) <= result.row_accepted <= result.drafted
+    if not any(layer.sliding_window for layer in plan.layers):
+        assert result.accepted == result.row_accepted  # each row keeps what it accepted
 
 
 _POLICIES = st.sampled_from(["streaming@{b}(sink=2)", "snapkv@{b}(window=4)", "tova@{b}", "knorm@{b}", "h2o@{b}"])
@@ -105,9 +104,10 @@ def test_a_left_padded_batch_with_an_end_token_is_generates(llama):
     assert torch.equal(result.tokens, expected)
 
 
-def test_sampling_follows_the_full_caches_distribution():
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])  # rows keep what each accepted, or what all did
+def test_sampling_follows_the_full_caches_distribution(family):
     """The first drafted token of many rows, drawn from a poor draft, is distributed as the full cache says."""
-    model = tiny_model("llama", dtype=torch.float64, seed=5)
+    model = tiny_model(family, dtype=torch.float64, seed=5)
     rows = 3000
     ids = prompt(24).expand(rows, -1)
     sampling = polykv.Sampling(temperature=0.5, top_k=8)

@@ -11,8 +11,11 @@ what p has beyond q).
 
 Both caches come from one prefill (``polykv.harness.capture``): every layer is kept whole, and the
 draft's policies choose their tokens from it as ``draft.make_cache()`` would after the same
-prefill. In a batch every row keeps the proposals that all rows kept, then its own next token, so
-each row's output is still exactly its own; the statistics say how much the batch gave up.
+prefill. In a batch each row keeps what it accepted: a proposal another row kept and this one
+refused stays in the caches as a hole that the attention mask hides (slots no row kept are
+cropped). Sliding windows count slots, not tokens, so where the model has them every row keeps
+what all rows kept instead; each row's output is still exactly its own, and the statistics say
+what the batch gave up.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from polykv.registry import Registry
 class Speculation:
     """What ``speculative_generate`` produced, and how well the draft guessed.
 
-    ``tokens``: the prompt and its continuation (B, L + new). ``drafted``: proposals made (per row),
-    ``accepted``: proposals the batch kept; ``accepted_per_step``: kept at each verification.
-    ``row_accepted``: proposals each row would have kept alone, summed over rows (what a batch of
-    one would have kept; equal to ``accepted`` for a single row). ``full_nbytes`` and
-    ``draft_nbytes``: what the two caches held after the prefill. ``prefill_seconds`` and
+    ``tokens``: the prompt and its continuation (B, L + new). Counts are summed over the rows still
+    generating at each check: ``drafted`` proposals made, ``accepted`` proposals kept (per check in
+    ``accepted_per_step``), ``row_accepted`` proposals each row would have kept alone (more than
+    ``accepted`` only where rows keep what all rows kept), ``row_steps`` checks. ``full_nbytes``
+    and ``draft_nbytes``: what the two caches held after the prefill. ``prefill_seconds`` and
     ``decode_seconds``: wall time of the prefill (both caches) and of the rest, the device synchronised.
     """
 
@@ -49,7 +52,7 @@ class Speculation:
     accepted: int
     accepted_per_step: tuple[int, ...]
     row_accepted: int
-    rows: int
+    row_steps: int
     full_nbytes: int
     draft_nbytes: int
     prefill_seconds: float
@@ -57,23 +60,23 @@ class Speculation:
 
     @property
     def steps(self) -> int:
-        """Verification forwards of the full cache (each gives one token beyond the proposals it kept)."""
+        """Forwards over the full cache after the prefill (checks)."""
         return len(self.accepted_per_step)
 
     @property
     def acceptance(self) -> float:
-        """The share of proposals the batch kept."""
+        """The share of proposals kept."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def row_acceptance(self) -> float:
-        """The share of proposals a row kept on its own."""
-        return self.row_accepted / (self.drafted * self.rows) if self.drafted else 0.0
+        """The share of proposals a row would have kept alone."""
+        return self.row_accepted / self.drafted if self.drafted else 0.0
 
     @property
     def tokens_per_step(self) -> float:
-        """New tokens per verification forward (1 means the draft never helped)."""
-        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+        """New tokens per row and check (1 means the draft never helped)."""
+        return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
 
 
 @torch.no_grad()
@@ -111,27 +114,35 @@ def speculative_generate(
             room=max_new_tokens + lookahead + 1,
             reconstruction=draft.reconstruction,
         )
-        full = captured.cache(share_room=True)  # appends go into the capture's spare room
-        drafting = captured.cache_for(draft, registry)
-        for cache in (full, drafting):
-            cache.activate_past_recording()  # sliding windows keep what a crop needs
-        run = _Run(model, input_ids, attention_mask, eos_token_id, pad_token_id, sampling)
-        generated = run.choose(captured.logits[:, None])[:, 0][:, None]
-        statistics = _Statistics(full.nbytes(), drafting.nbytes(), clock.lap())
-        in_draft = 0  # generated tokens the draft cache holds
-        while generated.shape[1] < max_new_tokens and not run.all_ended(generated):
-            count = min(lookahead, max_new_tokens - generated.shape[1] - 1)
-            proposals, draft_probabilities = run.propose(drafting, generated[:, in_draft:], count)
-            verified = run.forward(full, torch.cat([generated[:, -1:], proposals], dim=1), count + 1)
-            new, kept, alone = run.accept(proposals, draft_probabilities, verified, run.active(generated))
-            full.crop(-(count - kept))
+        full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
+        drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
+        ragged = not any(layer.sliding_window for layer in draft.layers)
+        run = _Run(input_ids, max_new_tokens, eos_token_id, pad_token_id, sampling)
+        newest = run.choose(captured.logits)  # each row's newest token, in neither cache yet
+        run.record(newest[:, None], torch.zeros_like(newest))
+        behind, behind_real = newest[:, None], torch.ones_like(newest[:, None], dtype=torch.bool)  # not in the draft
+        statistics = _Statistics(full.cache.nbytes(), drafting.cache.nbytes(), clock.lap())
+        while run.active().any():
+            active = run.active()
+            count = min(lookahead, run.most_remaining() - 1)
+            proposals, draft_probabilities = run.propose(model, drafting, behind, behind_real, count)
+            verified = full.forward(model, torch.cat([newest[:, None], proposals], dim=1), count + 1)
+            kept, alone, newest = run.accept(proposals, draft_probabilities, verified, active, ragged)
+            full.keep(kept + 1, count + 1)  # the previous newest token and the proposals kept
             if count:
-                held = min(kept, count - 1)  # the last proposal never went into the draft cache
-                drafting.crop(-(count - 1 - held))
-                in_draft = generated.shape[1] + held
-            generated = torch.cat([generated, new], dim=1)
-            statistics.add(count, kept, alone)
-    tokens = torch.cat([input_ids, run.finished(generated)], dim=1)
+                drafting.keep(kept.clamp(max=count - 1), count - 1)  # the last proposal never went in
+                waiting = kept == count  # the last proposal was kept: the draft still needs it
+                behind = torch.stack([proposals[:, -1], newest], dim=1)
+                behind_real = torch.stack([waiting, torch.ones_like(waiting)], dim=1)
+                if not bool(waiting.any()):
+                    behind, behind_real = behind[:, 1:], behind_real[:, 1:]
+            else:
+                behind = torch.cat([behind, newest[:, None]], dim=1)
+                behind_real = torch.cat([behind_real, torch.ones_like(behind_real[:, :1])], dim=1)
+            statistics.add(count, kept, alone, active)
+            tokens = torch.cat([proposals, proposals.new_zeros(proposals.shape[0], 1)], dim=1)
+            run.record(tokens.scatter(1, kept[:, None], newest[:, None]), kept, active)
+    tokens = torch.cat([input_ids, run.finished()], dim=1)
     return statistics.result(tokens, clock.lap())
 
 
@@ -155,18 +166,18 @@ class _Clock:
 
 class _Statistics:
     def __init__(self, full_nbytes: int, draft_nbytes: int, prefill_seconds: float):
-        self.drafted = self.accepted = self.row_accepted = 0
+        self.drafted = self.accepted = self.row_accepted = self.row_steps = 0
         self.per_step: list[int] = []
-        self.rows = 1
         self.nbytes = (full_nbytes, draft_nbytes)
         self.prefill_seconds = prefill_seconds
 
-    def add(self, drafted: int, kept: int, alone: torch.Tensor) -> None:
-        self.drafted += drafted
-        self.accepted += kept
-        self.per_step.append(kept)
-        self.row_accepted += int(alone.sum())
-        self.rows = alone.shape[0]
+    def add(self, count: int, kept: torch.Tensor, alone: torch.Tensor, active: torch.Tensor) -> None:
+        rows = int(active.sum())
+        self.drafted += count * rows
+        self.per_step.append(int(kept[active].sum()))
+        self.accepted += self.per_step[-1]
+        self.row_accepted += int(alone[active].sum())
+        self.row_steps += rows
 
     def result(self, tokens: torch.Tensor, decode_seconds: float) -> Speculation:
         return Speculation(
@@ -175,65 +186,118 @@ class _Statistics:
             self.accepted,
             tuple(self.per_step),
             self.row_accepted,
-            self.rows,
+            self.row_steps,
             *self.nbytes,
             self.prefill_seconds,
             decode_seconds,
         )
 
 
-class _Run:
-    """The forwards of one speculative generation: positions and masks as tokens come, proposals, acceptance."""
+class _Track:
+    """A cache, and which of its slots hold the row's tokens (not padding, nor a proposal the row refused)."""
 
-    def __init__(self, model, input_ids, attention_mask, eos_token_id, pad_token_id, sampling):
-        self.model = model
-        self.sampling = sampling
-        self.prompt_length = input_ids.shape[1]
-        self.mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        self.first_position = self.mask.long().sum(dim=-1, keepdim=True)  # of the first generated token
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
-        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    def __init__(self, cache: PolyCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        self.cache = cache
+        self.real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        cache.activate_past_recording()  # sliding windows keep what a crop needs
 
-    def forward(self, cache: PolyCache, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """Logits (B, keep, V) of the last ``keep`` of ``ids``, which follow what ``cache`` holds."""
-        start, count = cache.get_seq_length(), ids.shape[1]
-        generated = start + count - self.prompt_length
-        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], generated)], dim=1)
-        positions = self.first_position + torch.arange(start - self.prompt_length, generated, device=ids.device)
-        output = self.model(
-            ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cache_argument(self.model, cache)
+    def forward(self, model, ids: torch.Tensor, keep: int, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, keep, V) of the last ``keep`` of ``ids``; ``real`` (B, n) marks holes among them."""
+        real = torch.ones_like(ids, dtype=torch.bool) if real is None else real
+        before = self.real.sum(dim=-1, keepdim=True)  # a token's position: the row's tokens before it
+        positions = (before + real.long().cumsum(dim=-1) - 1).clamp(min=0)
+        self.real = torch.cat([self.real, real], dim=1)
+        output = model(
+            ids,
+            attention_mask=self.real.long(),
+            position_ids=positions,
+            logits_to_keep=keep,
+            **cache_argument(model, self.cache),
         )
         return output.logits
 
+    def keep(self, kept: torch.Tensor, fed: int) -> None:
+        """Of the last ``fed`` slots, row b keeps the first ``kept[b]``: the others become holes, and the
+        slots no row keeps are cropped."""
+        if fed == 0:
+            return
+        slots = self.real.shape[1]
+        refused = torch.arange(fed, device=kept.device)[None, :] >= kept[:, None]
+        self.real[:, slots - fed :] &= ~refused
+        unused = fed - int(kept.max())
+        if unused:
+            self.cache.crop(-unused)
+            self.real = self.real[:, : slots - unused]
+
+
+class _Run:
+    """The rows' generated tokens, the choice of tokens, and what each row accepts."""
+
+    def __init__(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id, sampling: Sampling | None):
+        self.sampling = sampling
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        rows = input_ids.shape[0]
+        self.generated = input_ids.new_full((rows, max_new_tokens), self.pad)
+        self.lengths = input_ids.new_zeros(rows)
+        self.ended = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """The token the full cache picks after each of ``logits`` (B, n, V)."""
+        """The full cache's token after ``logits`` (B, V)."""
         return logits.argmax(dim=-1) if self.sampling is None else self.sampling.choose(logits)
 
-    def propose(self, cache: PolyCache, behind: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``count`` proposals (B, count) after feeding ``behind`` to the draft cache, and (when sampling) the
-        draft's distribution at each (B, count, V)."""
+    def active(self) -> torch.Tensor:
+        """Rows still generating: no end-of-sequence token yet, and room for more, (B,)."""
+        return ~self.ended & (self.lengths < self.generated.shape[1])
+
+    def most_remaining(self) -> int:
+        return int((self.generated.shape[1] - self.lengths)[self.active()].max())
+
+    def record(self, tokens: torch.Tensor, kept: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Row b gains ``tokens[b, : kept[b] + 1]`` (as far as ``max_new_tokens`` reaches), if ``active``."""
+        active = self.active() if active is None else active
+        limit = self.generated.shape[1]
+        offsets = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        columns = self.lengths[:, None] + offsets
+        valid = (offsets <= kept[:, None]) & (columns < limit) & active[:, None]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(columns)
+        self.generated[rows[valid], columns[valid]] = tokens[valid]
+        self.lengths += valid.sum(dim=1)
+        if len(self.eos):
+            self.ended |= (torch.isin(tokens, self.eos) & valid).any(dim=1)
+
+    def propose(
+        self, model, track: _Track, behind: torch.Tensor, real: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``count`` proposals (B, count) after feeding ``behind`` (``real`` marks its holes) to the draft
+        cache, and (when sampling) the draft's distribution at each (B, count, V)."""
         proposals, probabilities = [], []
-        feed = behind
         for _ in range(count):
-            logits = self.forward(cache, feed, 1)[:, -1]
+            logits = track.forward(model, behind, 1, real)[:, -1]
             if self.sampling is None:
                 token = logits.argmax(dim=-1)
             else:
                 probabilities.append(self.sampling.probabilities(logits))
                 token = torch.multinomial(probabilities[-1], 1)[:, 0]
             proposals.append(token)
-            feed = token[:, None]
+            behind, real = token[:, None], None
         stacked = torch.stack(proposals, dim=1) if proposals else behind.new_zeros(behind.shape[0], 0)
         return stacked, torch.stack(probabilities, dim=1) if probabilities else None
 
     def accept(
-        self, proposals: torch.Tensor, draft: torch.Tensor | None, logits: torch.Tensor, active: torch.Tensor
-    ) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """The new tokens (B, kept + 1), how many proposals the batch kept, and how many each row would keep.
+        self,
+        proposals: torch.Tensor,
+        draft: torch.Tensor | None,
+        logits: torch.Tensor,
+        active: torch.Tensor,
+        ragged: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """How many proposals each row keeps, how many it would keep alone, and its next token (each (B,)).
 
-        ``logits`` (B, count + 1, V) are the full cache's after the last generated token and each
-        proposal; rows that already ended (not ``active``) do not hold the batch back.
+        ``logits`` (B, count + 1, V) are the full cache's after the newest token and each proposal.
+        Rows keep what they accepted (``ragged``) or what every active row accepted; rows that no
+        longer generate keep nothing and hold nobody back.
         """
         count = proposals.shape[1]
         if self.sampling is None:
@@ -241,38 +305,35 @@ class _Run:
             agrees = proposals == chosen[:, :count]
         else:
             target = self.sampling.probabilities(logits)
-            agrees = proposals.new_zeros(proposals.shape, dtype=torch.bool)
+            agrees = torch.zeros_like(proposals, dtype=torch.bool)
             if count:
                 offered = proposals[..., None]
                 ratio = target[:, :count].gather(-1, offered)[..., 0] / draft.gather(-1, offered)[..., 0]
                 agrees = torch.rand_like(ratio) < ratio
         alone = agrees.int().cumprod(dim=1).sum(dim=1)
-        kept = int(alone[active].min()) if bool(active.any()) else count
+        kept = alone if ragged or not bool(active.any()) else torch.full_like(alone, int(alone[active].min()))
+        kept = kept.masked_fill(~active, 0)
         if self.sampling is None:
-            return chosen[:, : kept + 1], kept, alone
-        # At the first place some row refused: rows that kept the proposal there keep it; the others draw
-        # from what the full cache's distribution has beyond the draft's (all of it after the last proposal).
-        after = target[:, kept]
-        if kept < count:
-            beyond = (after - draft[:, kept]).clamp(min=0)
+            return kept, alone, chosen.gather(1, kept[:, None])[:, 0]
+        # Where a row refused a proposal it draws from what the full cache has beyond the draft there; a row that
+        # accepted it (kept short by the others) keeps it; after the last proposal it draws from the full cache.
+        vocabulary = target.shape[-1]
+        after = target.gather(1, kept[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+        if count:
+            at = kept.clamp(max=count - 1)
+            offered = draft.gather(1, at[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+            beyond = (after - offered).clamp(min=0)
             mass = beyond.sum(dim=-1, keepdim=True)
-            after = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
+            residual = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
+            after = torch.where((kept < count)[:, None], residual, after)
         drawn = torch.multinomial(after, 1)[:, 0]
-        if kept < count:
-            drawn = torch.where(alone > kept, proposals[:, kept], drawn)
-        return torch.cat([proposals[:, :kept], drawn[:, None]], dim=1), kept, alone
+        if count:
+            drawn = torch.where(alone > kept, proposals.gather(1, at[:, None])[:, 0], drawn)
+        return kept, alone, drawn
 
-    def active(self, generated: torch.Tensor) -> torch.Tensor:
-        """Rows that have not produced an end-of-sequence token, (B,)."""
-        if not len(self.eos):
-            return torch.ones(generated.shape[0], dtype=torch.bool, device=generated.device)
-        return ~torch.isin(generated, self.eos).any(dim=1)
-
-    def all_ended(self, generated: torch.Tensor) -> bool:
-        return bool(len(self.eos)) and not bool(self.active(generated).any())
-
-    def finished(self, generated: torch.Tensor) -> torch.Tensor:
-        """``generated`` with the pad token after each row's end, cut where the last row ended."""
+    def finished(self) -> torch.Tensor:
+        """The generated tokens, the pad token after each row's end, cut where the last row ended."""
+        generated = self.generated
         if not len(self.eos):
             return generated
         ends = torch.isin(generated, self.eos)
