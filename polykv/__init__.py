@@ -25,8 +25,10 @@ _EXPORTS = {
     "prepared": "polykv.cache",
     "restore_model": "polykv.cache",
     "Sampling": "polykv.decoding",
+    "Speculation": "polykv.decoding",
     "StaticDecoder": "polykv.decoding",
     "static_generate": "polykv.decoding",
+    "speculative_generate": "polykv.decoding",
     "ArgumentError": "polykv.errors",
     "ArgumentTypeError": "polykv.errors",
     "CacheError": "polykv.errors",
@@ -109,7 +111,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         restore_model,
     )
     from polykv.choice import Choice
-    from polykv.decoding import Sampling, StaticDecoder, static_generate
+    from polykv.decoding import Sampling, Speculation, StaticDecoder, speculative_generate, static_generate
     from polykv.errors import (
         ArgumentError,
         ArgumentTypeError,

@@ -197,6 +197,14 @@ class Configurable:
         settings = ", ".join(f"{k}={format_value(v)}" for k, v in self.values.items())
         return f"{self.name}({settings})" if settings else self.name
 
+    def __reduce__(self) -> tuple:
+        # Made again from its values, so that copy.deepcopy and pickle work (a cache holds its policies).
+        return _configured, (type(self), dict(self.values))
+
+
+def _configured(cls: type[Configurable], values: dict[str, Value]) -> Configurable:
+    return cls(**values)
+
 
 def _param(cls: type, attribute: str, annotation: object, declared: _Declared) -> Param:
     kind = _TYPES.get(annotation)

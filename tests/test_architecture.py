@@ -32,7 +32,7 @@ ALLOWED = {
     "harness": {"plan", "cache", "model", "tasks"},
     "calibration": {"harness", "plan", "resolution", "profile", "cache", "model", "tasks"},
     "evaluation": {"harness", "plan", "language", "cache", "tasks"},
-    "decoding": {"cache", "model"},
+    "decoding": {"harness", "plan", "cache", "model"},
     "plugins": set(),
 }
 #: Entry points: they may import any stage.

@@ -64,3 +64,12 @@ def test_calibration_cost_runs_on_the_cpu(tmp_path):
     assert result["profile"]["entries"] == 7 * 4 * len(result["meta"]["policies"]) * len(result["meta"]["grid"])
     by_processes = result["profile"]["seconds_by_processes"]
     assert by_processes["2"] < by_processes["1"]  # sharing the batches: each process measures half
+
+
+def test_speculation_runs_on_the_cpu(tmp_path):
+    result = run("speculation.py", "--quick", "--batches", "1", "--lookaheads", "2", "--new-tokens", "6", out=tmp_path)
+    drafts = [(row["spec"], row["lookahead"]) for row in result["rows"]]
+    assert drafts == [("plain", 0), ("*: streaming@64", 2), ("budget 64; *: auto@auto", 2)]
+    for row in result["rows"][1:]:
+        assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
+        assert row["draft_cache_bytes"] < row["full_cache_bytes"]

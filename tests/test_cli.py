@@ -178,6 +178,8 @@ def test_bad_command_lines_exit_2(capsys):
         ["generate", "--spec", "*: full", "--prompt", "hi", "--max-new-tokens", "0"],
         ["generate", "--spec", "*: full", "--prompt", "hi", "--budget", "lots"],
         ["generate", "--spec", "*: full", "--prompt", "hi", "--device", "tpu"],
+        ["generate", "--spec", "*: full", "--draft-spec", "*: full", "--prompt", "hi"],
+        ["generate", "--draft-spec", "*: full", "--prompt", "hi", "--lookahead", "0"],
     ]
     for argv in bad:
         with pytest.raises(SystemExit) as raised:
@@ -284,6 +286,10 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     assert "--spec no/such/spec.pkv: not spec text (it reads like a file name)" in capsys.readouterr().err
     assert main(["generate", "--spec-file", "no/such/spec.pkv", "--prompt", "hi"]) == 1
     assert "no/such/spec.pkv: cannot read: No such file or directory" in capsys.readouterr().err
+    assert main(["generate", "--draft-spec", "*: snapvk@3", "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err.startswith("--draft-spec:1:4: error: unknown policy 'snapvk'\n")
+    assert main(["generate", "--draft-spec", "*: full", "--static", "--prompt", "hi"]) == 1
+    assert "--draft-spec decodes with ordinary forwards" in capsys.readouterr().err
     assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--model", "/no/such/model"]) == 1
     assert "/no/such/model: no such model directory" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -144,6 +144,17 @@ def test_the_main_command(real_model):
     assert "prefill 1027 tokens" in result.stderr  # the progress bar
 
 
+def test_the_main_command_with_a_draft(real_model):
+    """``--draft-spec``: the full cache's own answer, drafted by a compressed cache, with how well it guessed."""
+    command = [sys.executable, "-m", "polykv.cli", "generate", "--draft-spec", "layers 0-1: full; *: snapkv@256"]
+    command += ["--prompt-file", str(ROOT / "examples/prompts/passkey-1k.txt"), "--max-new-tokens", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    answer, _, report = result.stdout.partition("\n\n")
+    assert "72514" in answer
+    assert "2-29    snapkv@256" in report and "drafted tokens accepted" in report and "tokens/s" in report
+
+
 def test_the_main_command_with_static_decoding(real_model):
     """``--static`` decodes with fixed-shape steps (eager on the CPU): the same answer and report."""
     command = [sys.executable, "-m", "polykv.cli", "generate", "--spec", "budget 128; layers *: auto@auto"]

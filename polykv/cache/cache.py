@@ -23,6 +23,7 @@ the prompt's token ids from the forwards it serves (a prepared model tells it), 
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -278,15 +279,53 @@ class PolyCache(Cache):
             self.end_prefill()
 
     def crop(self, max_length: int) -> None:
-        """transformers' crop: ``crop(-n)`` removes the newest n tokens, ``crop(0)`` keeps them all."""
+        """transformers' crop: ``crop(-n)`` removes the newest n tokens, ``crop(0)`` keeps them all (a sliding
+        window that recorded its past since ``activate_past_recording`` drops what it no longer needs).
+
+        The cache is then exactly as it was before those tokens came, where ``is_croppable`` says so
+        (assisted decoding checks it); a crop that could not leave the cache consistent is refused
+        before anything changes.
+        """
         count = whole_number(max_length, "crop's count")
         if count > 0:
             raise ArgumentError(
                 f"crop takes the number of newest tokens to remove as a negative count (crop(-3)), as transformers' "
                 f"caches do, got {count}: to keep the first {count} tokens, call rewind({count})"
             )
-        if count < 0:
-            self.rewind(max(0, self.get_seq_length() + count))
+        length = max(0, self.get_seq_length() + count)
+        for layer in self.layers:
+            problem = layer.crop_problem(length)
+            if problem is not None:
+                raise CacheError(f"cannot crop the newest {-count} tokens: {problem}")
+        if length == 0 and count < 0:
+            self.reset()
+            return
+        for layer in self.layers:
+            layer.crop(count)
+        if count < 0 and self.state is CacheState.PROMPT:
+            self.end_prefill()
+
+    def fork(self) -> PolyCache:
+        """A cache in this one's state that shares its stored tokens until either appends (each then copies
+        its buffers once): transformers' prefix recipe, prefill a shared prefix once and give every request
+        its own cache, without copying the prefix per request. ``copy.deepcopy`` copies everything now."""
+        if self._open_prompt:
+            raise CacheError("a prompt is open on this cache (inside cache.prompt()): fork it after the block")
+        twin = copy.copy(self)
+        twin.layers = [layer.fork() for layer in self.layers]
+        twin._prompt_ids = list(self._prompt_ids)
+        return twin
+
+    def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """transformers' prefetch: bring back the first offloaded layer from ``layer_idx`` on (circling back to the
+        first layer), skipping sliding-window layers if ``only_non_sliding``."""
+        count = len(self.layers)
+        for index in [(layer_idx + step) % count for step in range(count)]:
+            layer = self.layers[index]
+            away = layer.is_initialized and layer.storage.device not in (None, layer.device)
+            if away and not (only_non_sliding and layer.is_sliding):
+                layer.prefetch()
+                return
 
     def reset(self) -> None:
         self._awaiting = None

@@ -20,6 +20,8 @@ layer.
 
 from __future__ import annotations
 
+import copy
+
 import attrs
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -39,6 +41,9 @@ from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Phase, Policy
 from polykv.registry import Registry
 from polykv.values import format_use
+
+#: The layer's tensors, besides its storage, that have a batch dimension.
+_ROW_TENSORS = ("real", "recent_queries", "accumulated")
 
 
 @attrs.frozen
@@ -93,7 +98,6 @@ class PolyLayer(CacheLayerMixin):
     """A cache layer that keeps at most its budget of tokens, chosen by its own policy."""
 
     is_compileable = False
-    is_croppable = False  # evicted tokens cannot come back, so generation must not rely on rollbacks
 
     def __init__(
         self,
@@ -114,6 +118,8 @@ class PolyLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self._observe = observe
+        # Keep what the sliding window drops until the next crop, so that a crop rolls back exactly.
+        self.record_past = False
         self.set_rules(prefill, decode)
         self._clear()
 
@@ -192,6 +198,8 @@ class PolyLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:
             return self.static.append(key_states, value_states)
+        if self.is_initialized and self.storage.device not in (None, self.device):
+            self.prefetch()  # offloaded, and not brought back ahead of this forward: bring it back now
         if self.repeating:  # the repeat of the prompt: held until end_scoring, never the prompt
             self.storage.append(key_states, value_states, self.seen)
             self.seen += key_states.shape[-2]
@@ -227,10 +235,55 @@ class PolyLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether ``crop`` puts the layer back exactly as it was before the removed tokens came: true unless
+        a decode policy evicts while decoding (what it evicted to make room for them cannot come back)."""
+        return not self._evicts_while_decoding()
+
+    def _evicts_while_decoding(self) -> bool:
+        return self.decode is not None and self.decode.budget is not None and self.decode.policy.budgeted
+
+    def activate_past_recording(self) -> None:
+        """Keep what the sliding window would drop until the next ``crop`` (transformers asks before assisted
+        decoding), so that removing the newest tokens leaves the window the earlier tokens need."""
+        self.record_past = True
+
     def crop(self, tokens_to_remove: int) -> None:
-        """transformers' crop: a negative count removes that many of the newest tokens (the cache checks it)."""
+        """transformers' crop: remove the ``-tokens_to_remove`` newest tokens, then let a sliding window drop what
+        no later token can see. The cache checks the count and ``crop_problem`` first."""
+        if not self.is_initialized:
+            return
         if tokens_to_remove < 0:
             self.rewind(max(0, self.seen + tokens_to_remove))
+        if self.sliding_window and self.storage.size > self.sliding_window - 1:
+            self._keep_newest(self.sliding_window - 1)
+
+    def crop_problem(self, length: int) -> str | None:
+        """Why cropping this layer to its first ``length`` tokens could not leave it as it was then, if so."""
+        if not self.is_initialized or length >= self.seen:
+            return None
+        if self.static is not None:
+            return f"layer {self.index} is in static decoding: end it (end_static) before cropping"
+        if self.sliding_window and not self.record_past and self.seen >= self.sliding_window:
+            return (
+                f"layer {self.index}'s sliding window of {self.sliding_window} already dropped tokens that the "
+                f"{length}th would see again; call cache.activate_past_recording() before the forwards to roll back, "
+                "as transformers' assisted decoding does"
+            )
+        return self._rewind_problem(length)
+
+    def _rewind_problem(self, length: int) -> str | None:
+        positions = self.storage.positions
+        if positions is None:
+            return None
+        counts = (positions < length).sum(dim=-1)
+        if not (counts == counts.flatten()[0]).all():
+            return (
+                f"layer {self.index}: cannot rewind to {length} tokens because its rows and heads kept different "
+                "numbers of them"
+            )
+        return None
 
     def rewind(self, length: int) -> None:
         """Forget every token at position ``length`` or later (stored tokens before it stay)."""
@@ -238,17 +291,11 @@ class PolyLayer(CacheLayerMixin):
             return
         if length < 0:
             raise CacheError(f"cannot rewind to {length} tokens")
+        problem = self._rewind_problem(length)
+        if problem is not None:
+            raise CacheError(problem)
         positions = self.storage.positions
-        if positions is None:
-            kept = length
-        else:
-            counts = (positions < length).sum(dim=-1)
-            if not (counts == counts.flatten()[0]).all():
-                raise CacheError(
-                    f"layer {self.index}: cannot rewind to {length} tokens because its rows and heads kept "
-                    "different numbers of them"
-                )
-            kept = int(counts.flatten()[0])
+        kept = length if positions is None else int((positions[0, 0] < length).sum())
         self.storage.truncate(kept)
         if self.accumulated is not None:
             self.accumulated = self.accumulated[..., :kept]
@@ -260,6 +307,39 @@ class PolyLayer(CacheLayerMixin):
             still = self.recent_query_positions < length
             self.recent_queries = self.recent_queries[:, :, still]
             self.recent_query_positions = self.recent_query_positions[still]
+
+    def offload(self) -> None:
+        """Move what the layer stores to the CPU until ``prefetch`` (or its next forward) brings it back."""
+        self._move("cpu", "offload")
+
+    def prefetch(self) -> None:
+        """Bring what the layer stores back to the device it computes on."""
+        if self.is_initialized and self.storage.device not in (None, self.device):
+            self._move(self.device, "prefetch")
+
+    def _move(self, device: torch.device | str, action: str) -> None:
+        if not self.is_initialized:
+            return
+        if self.static is not None:
+            raise CacheError(
+                f"cannot {action} layer {self.index}: in static decoding its buffers stay where the captured steps "
+                "read them; end static decoding first"
+            )
+        self.storage.to(device)
+        for name in (*_ROW_TENSORS, "recent_query_positions", "reconstruction_scores"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.to(device, non_blocking=True))
+
+    def fork(self) -> PolyLayer:
+        """A layer in this state that shares its stored tokens until either appends (see ``Storage.fork``)."""
+        if self.static is not None:
+            raise CacheError(f"layer {self.index} is in static decoding: end it before forking the cache")
+        twin = copy.copy(self)
+        twin.storage = self.storage.fork()
+        twin.problems = list(self.problems)
+        twin.lease = None  # the capture's spare room stays this layer's; the twin copies before it appends
+        return twin
 
     def adopt(self, other: PolyLayer, keep: torch.Tensor | None = None, lease: Lease | None = None) -> None:
         """Take over ``other``'s tokens (shared, not copied) in the decoding phase, keeping ``keep`` if given.
@@ -334,7 +414,7 @@ class PolyLayer(CacheLayerMixin):
         self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def _map_rows(self, change) -> None:
-        for name in ("real", "recent_queries", "accumulated"):
+        for name in _ROW_TENSORS:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, change(tensor))
@@ -402,7 +482,7 @@ class PolyLayer(CacheLayerMixin):
         self._remember_queries(queries)
         if self.phase is Phase.PREFILL and self._accumulates:
             self._accumulate(queries, scaling, visibility, lse)
-        if self.sliding_window and self.storage.size > self.sliding_window - 1:
+        if self.sliding_window and not self.record_past and self.storage.size > self.sliding_window - 1:
             self._keep_newest(self.sliding_window - 1)
         if self.phase is Phase.DECODE:
             self._compress(self.decode)

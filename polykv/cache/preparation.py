@@ -112,6 +112,11 @@ def _cache_in(kwargs: dict) -> PolyCache | None:
 def _before_forward(model, args, kwargs):
     cache = _cache_in(kwargs)
     if cache is not None:
+        if kwargs.get("use_cache") is False:
+            raise CacheError(
+                "use_cache=False was given with a PolyCache: without a cache every step feeds the whole sequence "
+                "again, and the cache would store it again; drop use_cache=False, or pass no cache"
+            )
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache.before_forward(model, ids, kwargs.get("attention_mask"))
 

@@ -32,6 +32,7 @@ class Storage:
         self._values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self.size = 0
+        self._shared = False  # the buffers are a fork's too: the next append copies them first
 
     # --- what is stored ---------------------------------------------------------------------------
 
@@ -77,7 +78,7 @@ class Storage:
             self.size = new
             return
         needed = self.size + new
-        if needed > self.capacity:
+        if needed > self.capacity or self._shared:
             self._grow(needed, limit)
         self._keys[:, :, self.size : needed] = keys
         self._values[:, :, self.size : needed] = values
@@ -95,6 +96,7 @@ class Storage:
         """Hold exactly these (B, H, S, D) keys and values at ``positions`` (B, H, S); ``keep`` then picks."""
         self._keys, self._values, self._positions = keys, values, positions.to(POSITION)
         self.size = keys.shape[2]
+        self._shared = False
 
     def keep_newest(self, count: int) -> None:
         """Keep the last ``count`` slots (the newest tokens of every row and head)."""
@@ -132,9 +134,27 @@ class Storage:
             self._keys, self._values, self._positions = other.keys, other.values, other.positions
         self.size = other.size
 
+    def fork(self) -> Storage:
+        """A storage holding the same tokens in the same buffers, until either one appends (it copies first)."""
+        twin = Storage()
+        twin._keys, twin._values, twin._positions, twin.size = self._keys, self._values, self._positions, self.size
+        self._shared = twin._shared = self._keys is not None
+        return twin
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the buffers to ``device`` (to offload a layer, and to bring it back)."""
+        for name in ("_keys", "_values", "_positions"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.to(device, non_blocking=True))
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self._keys is None else self._keys.device
+
     def reserve(self, room: int) -> None:
         """Make room for ``room`` more tokens without growing later (one copy now)."""
-        if self._keys is not None and self.capacity < self.size + room:
+        if self._keys is not None and (self.capacity < self.size + room or self._shared):
             self._grow(self.size + room, self.size + room)
 
     def clear(self) -> None:
@@ -158,6 +178,7 @@ class Storage:
         self._values = _resized(self.values, capacity)
         if self._positions is not None:
             self._positions = _resized(self.positions, capacity)
+        self._shared = False
 
 
 def _resized(stored: torch.Tensor, capacity: int) -> torch.Tensor:

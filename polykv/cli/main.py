@@ -81,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     policies.set_defaults(run="polykv.cli.commands.language:policies")
 
     generate = commands.add_parser("generate", help="answer a prompt with a compressed cache and report its savings")
-    _spec_arguments(generate, "--spec", "spec text such as 'layers 0-1: full; *: snapkv@256'")
+    spec = _spec_arguments(generate, "--spec", "spec text such as 'layers 0-1: full; *: snapkv@256'")
+    spec.add_argument(
+        "--draft-spec",
+        metavar="SPEC",
+        help="self-speculation: draft with a cache of this spec, keep what the full cache confirms (its exact output)",
+    )
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", type=Path, metavar="FILE", help="a file holding the prompt")
@@ -102,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
         "--static",
         action="store_true",
         help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy)",
+    )
+    generate.add_argument(
+        "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"
     )
     generate.set_defaults(run="polykv.cli.commands.generate:run")
 
@@ -216,8 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> None:
-    """The spec, as text (``name``) or a file (``--spec-file``): one of the two, never guessed from the text."""
+def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> argparse._MutuallyExclusiveGroup:
+    """The spec, as text (``name``) or a file (``--spec-file``): one of the two, never guessed from the text.
+    Returns the group, for a command that takes its spec another way too."""
     given = command.add_mutually_exclusive_group(required=True)
     if name.startswith("--"):
         given.add_argument(name, dest="spec", metavar="SPEC", help=text)
@@ -226,6 +235,7 @@ def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> N
     given.add_argument(
         "--spec-file", type=Path, metavar="FILE", help="a spec file (any suffix; - reads standard input)"
     )
+    return given
 
 
 def _model_arguments(command: argparse.ArgumentParser) -> None:

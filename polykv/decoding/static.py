@@ -231,6 +231,16 @@ class Sampling:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of ``logits`` (B, V)."""
+        scores = self.scores(logits)
+        uniform = torch.rand_like(scores).clamp(min=torch.finfo(torch.float32).tiny)
+        return (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution ``choose`` draws from, over the last dimension of ``logits``."""
+        return self.scores(logits).softmax(dim=-1)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` tempered, with the tokens outside top-k and top-p at minus infinity."""
         scores = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
             kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
@@ -240,8 +250,7 @@ class Sampling:
             before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)  # mass of likelier tokens
             outside = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
             scores = scores.masked_fill(outside, -math.inf)
-        uniform = torch.rand_like(scores).clamp(min=torch.finfo(torch.float32).tiny)
-        return (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)
+        return scores
 
 
 class _Stops:

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from polykv.cli.commands import setup
 from polykv.cli.commands.output import mib, table
 from polykv.cli.commands.setup import spec_argument
-from polykv.decoding import static_generate
+from polykv.decoding import speculative_generate, static_generate
 from polykv.errors import PolykvError
 from polykv.language.check import check
+from polykv.language.parse import parse
 from polykv.language.printer import layer_ranges
 from polykv.model import attention_modules, load_model
 from polykv.model.describe import cache_argument
@@ -32,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     if not text.strip():
         raise PolykvError("the prompt is empty")
-    spec = spec_argument(args, "--spec")
+    drafting = args.draft_spec is not None
+    if drafting and args.static:
+        raise PolykvError("--draft-spec decodes with ordinary forwards; it does not combine with --static yet")
+    spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
     check(spec)  # report mistakes in the spec before spending time on the model
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer)
 
     input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
+    if drafting:
+        return _speculate(args, model, tokenizer, plan, input_ids, loaded)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])
     progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static)
     with progress, torch.no_grad():
@@ -73,6 +79,35 @@ def run(args: argparse.Namespace) -> int:
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     print()
     print(_report(plan.resolved(input_ids.shape[1]), progress, loaded, len(new_tokens)))
+    return 0
+
+
+def _speculate(args: argparse.Namespace, model, tokenizer, draft: Plan, input_ids: torch.Tensor, loaded: float) -> int:
+    """Self-speculation: the full cache's own output, drafted by ``draft``'s cache; report how well it guessed."""
+    started = time.perf_counter()
+    result = speculative_generate(
+        model,
+        input_ids,
+        draft=draft,
+        max_new_tokens=args.max_new_tokens,
+        lookahead=args.lookahead,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
+    seconds = time.perf_counter() - started
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    print()
+    runs = draft.resolved(input_ids.shape[1]).runs()
+    print(table([("layers", "draft policy")] + [(layer_ranges(indices), what) for indices, what in runs]))
+    print(
+        f"speculation: lookahead {args.lookahead}, {result.accepted} of {result.drafted} drafted tokens accepted "
+        f"({100 * result.acceptance:.1f}%), {result.tokens_per_step:.2f} tokens per check of the full cache"
+    )
+    print(
+        f"time: load {loaded:.1f} s, prefill and generate {seconds:.2f} s "
+        f"({len(new_tokens)} tokens, {len(new_tokens) / seconds:.1f} tokens/s)"
+    )
     return 0
 
 

@@ -1,0 +1,344 @@
+"""Self-speculative decoding: the model drafts with a compressed cache and checks with its full one.
+
+A compressed cache makes a decoding step cheaper at some cost in quality. As a draft it costs no
+quality at all: the model proposes ``lookahead`` tokens reading the compressed cache, then reads
+the full cache once for all of them (one forward of lookahead + 1 tokens, which costs about what
+one step costs where reading the cache dominates) and keeps the proposals up to the first it would
+not have chosen, plus its own choice after them. Greedy output is the full cache's greedy output
+token for token; sampled output has the full cache's distribution (speculative sampling: a
+proposal drawn from q is kept with probability min(1, p/q), otherwise the token is drawn from
+what p has beyond q).
+
+Both caches come from one prefill (``polykv.harness.capture``): every layer is kept whole, and the
+draft's policies choose their tokens from it as ``draft.make_cache()`` would after the same
+prefill. In a batch each row keeps what it accepted: a proposal another row kept and this one
+refused stays in the caches as a hole that the attention mask hides (slots no row kept are
+cropped). Sliding windows count slots, not tokens, so where the model has them every row keeps
+what all rows kept instead; each row's output is still exactly its own, and the statistics say
+what the batch gave up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from polykv.cache.cache import PolyCache
+from polykv.decoding.static import Sampling
+from polykv.errors import ArgumentError, ArgumentTypeError
+from polykv.harness.capture import capture
+from polykv.model.describe import cache_argument
+from polykv.plan.plan import Plan
+from polykv.registry import Registry
+
+
+@attrs.frozen
+class Speculation:
+    """What ``speculative_generate`` produced, and how well the draft guessed.
+
+    ``tokens``: the prompt and its continuation (B, L + new). Counts are summed over the rows still
+    generating at each check: ``drafted`` proposals made, ``accepted`` proposals kept (per check in
+    ``accepted_per_step``), ``row_accepted`` proposals each row would have kept alone (more than
+    ``accepted`` only where rows keep what all rows kept), ``row_steps`` checks. ``full_nbytes``
+    and ``draft_nbytes``: what the two caches held after the prefill. ``prefill_seconds`` and
+    ``decode_seconds``: wall time of the prefill (both caches) and of the rest, the device synchronised.
+    """
+
+    tokens: torch.Tensor
+    drafted: int
+    accepted: int
+    accepted_per_step: tuple[int, ...]
+    row_accepted: int
+    row_steps: int
+    full_nbytes: int
+    draft_nbytes: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def steps(self) -> int:
+        """Forwards over the full cache after the prefill (checks)."""
+        return len(self.accepted_per_step)
+
+    @property
+    def acceptance(self) -> float:
+        """The share of proposals kept."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def row_acceptance(self) -> float:
+        """The share of proposals a row would have kept alone."""
+        return self.row_accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """New tokens per row and check (1 means the draft never helped)."""
+        return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    draft: Plan,
+    max_new_tokens: int,
+    lookahead: int = 4,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    sampling: Sampling | None = None,
+    registry: Registry | None = None,
+) -> Speculation:
+    """Continue ``input_ids`` (B, L, left-padded as ``attention_mask`` says) by ``max_new_tokens`` tokens,
+    drafting ``lookahead`` at a time with ``draft``'s compressed cache and keeping what the full cache
+    confirms (see the module docstring). ``draft`` is a plan for this model (``polykv.compile``); the
+    model is prepared for it while this runs. Greedy unless ``sampling`` is given. A row that produced
+    an end-of-sequence token continues with ``pad_token_id``; generation stops when every row has.
+    """
+    if not isinstance(draft, Plan):
+        raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
+    for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
+    clock = _Clock(input_ids.device)
+    with draft.apply(model):
+        captured = capture(
+            model,
+            input_ids,
+            attention_mask,
+            needs=draft.needs(registry),
+            room=max_new_tokens + lookahead + 1,
+            reconstruction=draft.reconstruction,
+        )
+        full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
+        drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
+        ragged = not any(layer.sliding_window for layer in draft.layers)
+        run = _Run(input_ids, max_new_tokens, eos_token_id, pad_token_id, sampling)
+        newest = run.choose(captured.logits)  # each row's newest token, in neither cache yet
+        run.record(newest[:, None], torch.zeros_like(newest))
+        behind, behind_real = newest[:, None], torch.ones_like(newest[:, None], dtype=torch.bool)  # not in the draft
+        statistics = _Statistics(full.cache.nbytes(), drafting.cache.nbytes(), clock.lap())
+        while run.active().any():
+            active = run.active()
+            count = min(lookahead, run.most_remaining() - 1)
+            proposals, draft_probabilities = run.propose(model, drafting, behind, behind_real, count)
+            verified = full.forward(model, torch.cat([newest[:, None], proposals], dim=1), count + 1)
+            kept, alone, newest = run.accept(proposals, draft_probabilities, verified, active, ragged)
+            full.keep(kept + 1, count + 1)  # the previous newest token and the proposals kept
+            if count:
+                drafting.keep(kept.clamp(max=count - 1), count - 1)  # the last proposal never went in
+                waiting = kept == count  # the last proposal was kept: the draft still needs it
+                behind = torch.stack([proposals[:, -1], newest], dim=1)
+                behind_real = torch.stack([waiting, torch.ones_like(waiting)], dim=1)
+                if not bool(waiting.any()):
+                    behind, behind_real = behind[:, 1:], behind_real[:, 1:]
+            else:
+                behind = torch.cat([behind, newest[:, None]], dim=1)
+                behind_real = torch.cat([behind_real, torch.ones_like(behind_real[:, :1])], dim=1)
+            statistics.add(count, kept, alone, active)
+            tokens = torch.cat([proposals, proposals.new_zeros(proposals.shape[0], 1)], dim=1)
+            run.record(tokens.scatter(1, kept[:, None], newest[:, None]), kept, active)
+    tokens = torch.cat([input_ids, run.finished()], dim=1)
+    return statistics.result(tokens, clock.lap())
+
+
+class _Clock:
+    """Wall time between laps, the device's queued work included."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+class _Statistics:
+    def __init__(self, full_nbytes: int, draft_nbytes: int, prefill_seconds: float):
+        self.drafted = self.accepted = self.row_accepted = self.row_steps = 0
+        self.per_step: list[int] = []
+        self.nbytes = (full_nbytes, draft_nbytes)
+        self.prefill_seconds = prefill_seconds
+
+    def add(self, count: int, kept: torch.Tensor, alone: torch.Tensor, active: torch.Tensor) -> None:
+        rows = int(active.sum())
+        self.drafted += count * rows
+        self.per_step.append(int(kept[active].sum()))
+        self.accepted += self.per_step[-1]
+        self.row_accepted += int(alone[active].sum())
+        self.row_steps += rows
+
+    def result(self, tokens: torch.Tensor, decode_seconds: float) -> Speculation:
+        return Speculation(
+            tokens,
+            self.drafted,
+            self.accepted,
+            tuple(self.per_step),
+            self.row_accepted,
+            self.row_steps,
+            *self.nbytes,
+            self.prefill_seconds,
+            decode_seconds,
+        )
+
+
+class _Track:
+    """A cache, and which of its slots hold the row's tokens (not padding, nor a proposal the row refused)."""
+
+    def __init__(self, cache: PolyCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        self.cache = cache
+        self.real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        cache.activate_past_recording()  # sliding windows keep what a crop needs
+
+    def forward(self, model, ids: torch.Tensor, keep: int, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, keep, V) of the last ``keep`` of ``ids``; ``real`` (B, n) marks holes among them."""
+        real = torch.ones_like(ids, dtype=torch.bool) if real is None else real
+        before = self.real.sum(dim=-1, keepdim=True)  # a token's position: the row's tokens before it
+        positions = (before + real.long().cumsum(dim=-1) - 1).clamp(min=0)
+        self.real = torch.cat([self.real, real], dim=1)
+        output = model(
+            ids,
+            attention_mask=self.real.long(),
+            position_ids=positions,
+            logits_to_keep=keep,
+            **cache_argument(model, self.cache),
+        )
+        return output.logits
+
+    def keep(self, kept: torch.Tensor, fed: int) -> None:
+        """Of the last ``fed`` slots, row b keeps the first ``kept[b]``: the others become holes, and the
+        slots no row keeps are cropped."""
+        if fed == 0:
+            return
+        slots = self.real.shape[1]
+        refused = torch.arange(fed, device=kept.device)[None, :] >= kept[:, None]
+        self.real[:, slots - fed :] &= ~refused
+        unused = fed - int(kept.max())
+        if unused:
+            self.cache.crop(-unused)
+            self.real = self.real[:, : slots - unused]
+
+
+class _Run:
+    """The rows' generated tokens, the choice of tokens, and what each row accepts."""
+
+    def __init__(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id, sampling: Sampling | None):
+        self.sampling = sampling
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        rows = input_ids.shape[0]
+        self.generated = input_ids.new_full((rows, max_new_tokens), self.pad)
+        self.lengths = input_ids.new_zeros(rows)
+        self.ended = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The full cache's token after ``logits`` (B, V)."""
+        return logits.argmax(dim=-1) if self.sampling is None else self.sampling.choose(logits)
+
+    def active(self) -> torch.Tensor:
+        """Rows still generating: no end-of-sequence token yet, and room for more, (B,)."""
+        return ~self.ended & (self.lengths < self.generated.shape[1])
+
+    def most_remaining(self) -> int:
+        return int((self.generated.shape[1] - self.lengths)[self.active()].max())
+
+    def record(self, tokens: torch.Tensor, kept: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Row b gains ``tokens[b, : kept[b] + 1]`` (as far as ``max_new_tokens`` reaches), if ``active``."""
+        active = self.active() if active is None else active
+        limit = self.generated.shape[1]
+        offsets = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        columns = self.lengths[:, None] + offsets
+        valid = (offsets <= kept[:, None]) & (columns < limit) & active[:, None]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(columns)
+        self.generated[rows[valid], columns[valid]] = tokens[valid]
+        self.lengths += valid.sum(dim=1)
+        if len(self.eos):
+            self.ended |= (torch.isin(tokens, self.eos) & valid).any(dim=1)
+
+    def propose(
+        self, model, track: _Track, behind: torch.Tensor, real: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``count`` proposals (B, count) after feeding ``behind`` (``real`` marks its holes) to the draft
+        cache, and (when sampling) the draft's distribution at each (B, count, V)."""
+        proposals, probabilities = [], []
+        for _ in range(count):
+            logits = track.forward(model, behind, 1, real)[:, -1]
+            if self.sampling is None:
+                token = logits.argmax(dim=-1)
+            else:
+                probabilities.append(self.sampling.probabilities(logits))
+                token = torch.multinomial(probabilities[-1], 1)[:, 0]
+            proposals.append(token)
+            behind, real = token[:, None], None
+        stacked = torch.stack(proposals, dim=1) if proposals else behind.new_zeros(behind.shape[0], 0)
+        return stacked, torch.stack(probabilities, dim=1) if probabilities else None
+
+    def accept(
+        self,
+        proposals: torch.Tensor,
+        draft: torch.Tensor | None,
+        logits: torch.Tensor,
+        active: torch.Tensor,
+        ragged: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """How many proposals each row keeps, how many it would keep alone, and its next token (each (B,)).
+
+        ``logits`` (B, count + 1, V) are the full cache's after the newest token and each proposal.
+        Rows keep what they accepted (``ragged``) or what every active row accepted; rows that no
+        longer generate keep nothing and hold nobody back.
+        """
+        count = proposals.shape[1]
+        if self.sampling is None:
+            chosen = logits.argmax(dim=-1)
+            agrees = proposals == chosen[:, :count]
+        else:
+            target = self.sampling.probabilities(logits)
+            agrees = torch.zeros_like(proposals, dtype=torch.bool)
+            if count:
+                offered = proposals[..., None]
+                ratio = target[:, :count].gather(-1, offered)[..., 0] / draft.gather(-1, offered)[..., 0]
+                agrees = torch.rand_like(ratio) < ratio
+        alone = agrees.int().cumprod(dim=1).sum(dim=1)
+        kept = alone if ragged or not bool(active.any()) else torch.full_like(alone, int(alone[active].min()))
+        kept = kept.masked_fill(~active, 0)
+        if self.sampling is None:
+            return kept, alone, chosen.gather(1, kept[:, None])[:, 0]
+        # Where a row refused a proposal it draws from what the full cache has beyond the draft there; a row that
+        # accepted it (kept short by the others) keeps it; after the last proposal it draws from the full cache.
+        vocabulary = target.shape[-1]
+        after = target.gather(1, kept[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+        if count:
+            at = kept.clamp(max=count - 1)
+            offered = draft.gather(1, at[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+            beyond = (after - offered).clamp(min=0)
+            mass = beyond.sum(dim=-1, keepdim=True)
+            residual = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
+            after = torch.where((kept < count)[:, None], residual, after)
+        drawn = torch.multinomial(after, 1)[:, 0]
+        if count:
+            drawn = torch.where(alone > kept, proposals.gather(1, at[:, None])[:, 0], drawn)
+        return kept, alone, drawn
+
+    def finished(self) -> torch.Tensor:
+        """The generated tokens, the pad token after each row's end, cut where the last row ended."""
+        generated = self.generated
+        if not len(self.eos):
+            return generated
+        ends = torch.isin(generated, self.eos)
+        after = (ends.int().cumsum(dim=1) - ends.int()) > 0
+        generated = generated.masked_fill(after, self.pad)
+        if bool(ends.any(dim=1).all()):
+            generated = generated[:, : int(ends.int().argmax(dim=1).max()) + 1]
+        return generated

@@ -1,0 +1,148 @@
+"""Self-speculation: whatever the draft, the output is the full cache's.
+
+The tiny models run in float64, so that a forward of several tokens and several forwards of one
+token agree to far below any gap between two logits, and greedy outputs can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import polykv
+from polykv.testing import prompt, tiny_model
+
+SPECS = [
+    "*: streaming@8(sink=2)",
+    "layers 0: full; *: snapkv@12(window=4)",
+    "*: h2o@10(recent=0.4)",
+    "layers 0: full; *: streaming@10(sink=2) decode streaming@14(sink=2)",
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2-sliding", "mistral-sliding"])
+def model(request):
+    return tiny_model(request.param, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", dtype=torch.float64, seed=2)
+
+
+def _greedy(model, ids, new, **options):
+    mask = options.pop("attention_mask", torch.ones_like(ids))
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, cache=DynamicCache(), **options
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_the_output_is_greedy_full_cache_decoding(model, spec, lookahead):
+    ids = prompt(40, batch=2)
+    plan = polykv.compile(spec, model)
+    result = polykv.speculative_generate(model, ids, draft=plan, max_new_tokens=16, lookahead=lookahead)
+    assert torch.equal(result.tokens, _greedy(model, ids, 16))
+    assert result.accepted == sum(result.accepted_per_step) <= result.row_accepted <= result.drafted
+    if not any(layer.sliding_window for layer in plan.layers):
+        assert result.accepted == result.row_accepted  # each row keeps what it accepted
+
+
+_POLICIES = st.sampled_from(["streaming@{b}(sink=2)", "snapkv@{b}(window=4)", "tova@{b}", "knorm@{b}", "h2o@{b}"])
+
+
+@st.composite
+def draft_specs(draw) -> str:
+    """A draft spec for the tiny models: some layers whole, the rest compressed, perhaps bounded while decoding."""
+    whole = draw(st.sampled_from(["", "layers 0: full; ", "layers 0-1: full; "]))
+    policy = draw(_POLICIES).format(b=draw(st.integers(6, 40)))
+    decode = draw(st.sampled_from(["", " decode streaming@{b}(sink=2)"])).format(b=draw(st.integers(8, 48)))
+    return f"{whole}*: {policy}{decode}"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=draft_specs(), lookahead=st.integers(0, 7), length=st.integers(1, 48), batch=st.integers(1, 3))
+def test_any_draft_and_lookahead_give_the_full_caches_output(llama, spec, lookahead, length, batch):
+    ids = prompt(length, batch=batch, seed=length)
+    result = polykv.speculative_generate(
+        llama, ids, draft=polykv.compile(spec, llama), max_new_tokens=12, lookahead=lookahead
+    )
+    assert torch.equal(result.tokens, _greedy(llama, ids, 12))
+
+
+def test_a_whole_draft_is_always_right():
+    model = tiny_model("llama", dtype=torch.float64)
+    result = polykv.speculative_generate(
+        model, prompt(30), draft=polykv.compile("*: full", model), max_new_tokens=21, lookahead=4
+    )
+    assert result.acceptance == 1.0 and result.accepted_per_step == (4, 4, 4, 4)
+    assert result.tokens_per_step == 5.0 and result.row_acceptance == 1.0
+
+
+def test_a_left_padded_batch_with_an_end_token_is_generates(llama):
+    ids = prompt(30, batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, :7], mask[2, :19] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    free = _greedy(llama, ids, 16, attention_mask=mask)
+    eos = int(free[0, 30 + 5])  # a token row 0 produces midway: rows end at different steps
+    expected = _greedy(llama, ids, 16, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    result = polykv.speculative_generate(
+        llama,
+        ids,
+        attention_mask=mask,
+        draft=polykv.compile("layers 0: full; *: snapkv@12(window=4)", llama),
+        max_new_tokens=16,
+        lookahead=3,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    assert torch.equal(result.tokens, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding"])  # rows keep what each accepted, or what all did
+def test_sampling_follows_the_full_caches_distribution(family):
+    """The first drafted token of many rows, drawn from a poor draft, is distributed as the full cache says."""
+    model = tiny_model(family, dtype=torch.float64, seed=5)
+    rows = 3000
+    ids = prompt(24).expand(rows, -1)
+    sampling = polykv.Sampling(temperature=0.5, top_k=8)
+    torch.manual_seed(0)
+    result = polykv.speculative_generate(
+        model, ids, draft=polykv.compile("*: random@3", model), max_new_tokens=3, lookahead=1, sampling=sampling
+    )
+    first, second = result.tokens[:, 24], result.tokens[:, 25]
+    with torch.no_grad():
+        logits = model(torch.cat([ids, first[:, None]], dim=1)).logits[:, -1]
+    expected = sampling.probabilities(logits).mean(dim=0)
+    observed = torch.bincount(second, minlength=expected.shape[0]).double() / rows
+    assert 0.2 < result.row_acceptance < 0.8  # rows that kept the proposal and rows that drew again
+    # Sampling noise alone is about 0.03 in total variation here; the draft's own distribution is 0.48 away.
+    assert (observed - expected).abs().sum() / 2 < 0.08
+
+
+def test_arguments_are_named(llama):
+    plan = polykv.compile("*: full", llama)
+    with pytest.raises(polykv.ArgumentTypeError, match=r"draft is a polykv\.Plan"):
+        polykv.speculative_generate(llama, prompt(8), draft="*: full", max_new_tokens=4)
+    with pytest.raises(polykv.ArgumentError, match="lookahead"):
+        polykv.speculative_generate(llama, prompt(8), draft=plan, max_new_tokens=4, lookahead=-1)
+    with pytest.raises(polykv.ArgumentError, match="max_new_tokens"):
+        polykv.speculative_generate(llama, prompt(8), draft=plan, max_new_tokens=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["layers 0-1: full; *: streaming@32", "layers 0-1: full; *: snapkv@32"])
+def test_on_the_bundled_model_the_output_is_greedy_decoding(real_model, spec):
+    model, tokenizer = real_model
+    text = "Write a short story about a robot who learns to paint. Once upon a time, in a small town by the sea,"
+    ids = torch.tensor([tokenizer.encode(text)])
+    with polykv.prepared(model):
+        expected = _greedy(model, ids, 24)
+    result = polykv.speculative_generate(model, ids, draft=polykv.compile(spec, model), max_new_tokens=24)
+    assert torch.equal(result.tokens, expected)
+    assert result.accepted > 0
