@@ -4,6 +4,7 @@ each head's evicted tokens masked out."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 import transformers
@@ -243,3 +244,13 @@ def test_the_bundled_model_gives_the_full_cache_logits_with_covering_head_budget
     assert torch.equal(ours.sequences, full.sequences)
     for step_ours, step_full in zip(ours.logits, full.logits, strict=True):
         assert torch.equal(step_ours, step_full)
+
+
+def test_plan_text_writes_a_statement_per_run_of_heads(model):
+    from polykv.cli.commands.plan import plan_text
+
+    plan = attrs.evolve(polykv.compile(SPLIT.format(budget=8, other=16), model), context_length=100)
+    lines = plan_text(plan).splitlines()
+    assert "layers 1 heads 0: full" in lines
+    assert 'layers 1 heads 1: snapkv@8(window=4, kernel=7, pooling="max")' in lines
+    assert "# stored tokens: 102 in all, 25.5 per layer on average" in lines
