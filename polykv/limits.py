@@ -8,3 +8,6 @@ allocate without limit.
 #: Decoder layers of a model, from ``model layers N``, ``--layers N``, ``check(layers=N)`` or a model's
 #: configuration. The largest released models have a few hundred.
 MAX_LAYERS = 10_000
+
+#: KV heads of a layer, from ``model layers N heads H``, ``--heads H``, ``check(heads=H)`` or a model's configuration.
+MAX_HEADS = 4_096

@@ -21,7 +21,9 @@ SETTINGS = ("question", "context")
 AUTO = "auto"
 
 #: Words of the language that cannot name a policy.
-KEYWORDS = frozenset({"layers", "model", "budget", "total", "decode", "auto", "true", "false", "solver", "prefill"})
+KEYWORDS = frozenset(
+    {"layers", "model", "budget", "total", "decode", "auto", "true", "false", "solver", "prefill", "heads"}
+)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

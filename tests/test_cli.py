@@ -69,7 +69,7 @@ def test_validate_reports_every_error_and_exits_1(spec_file, capsys):
         "      |           ^^^^^^\n"
         "  hint: did you mean 'snapkv'?\n"
         "\n"
-        f"{path}:2:10: error: unexpected name 'full'; expected `:`, `,` or `-`\n"
+        f"{path}:2:10: error: unexpected name 'full'; expected `:`, `,`, `heads` or `-`\n"
         "    2 | layers 1 full\n"
         "      |          ^^^^\n"
         "  hint: put `:` between the layers and the policy, as in `layers 0-3: snapkv@256`\n"

@@ -214,7 +214,7 @@ def _error(text: str) -> str:
 
 def test_missing_colon():
     assert _error("layers 0-3 snapkv@64") == (
-        "spec.pkv:1:12: error: unexpected name 'snapkv'; expected `:` or `,`\n"
+        "spec.pkv:1:12: error: unexpected name 'snapkv'; expected `:`, `,` or `heads`\n"
         "    1 | layers 0-3 snapkv@64\n"
         "      |            ^^^^^^\n"
         "  hint: put `:` between the layers and the policy, as in `layers 0-3: snapkv@256`\n"

@@ -92,6 +92,20 @@ def _attention_with_log_normalisers(query, key, value, scaling: float):
     return (output.transpose(1, 2).contiguous(), None), lse
 
 
+def _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs):
+    """Attend ``query`` to what ``layer`` (a PolyLayer) holds, then let the layer compress."""
+    lse = None
+    if inner == "sdpa" and attention_mask is None and layer.wants_log_normalisers(query):
+        output, lse = _attention_with_log_normalisers(query, key, value, scaling)
+    if lse is None:
+        mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
+        with _backends(inner, query):
+            output = kernel(module, query, key, value, mask, **kwargs)
+    visibility = Visibility(sliding_window=layer.sliding_window, softcap=softcap)
+    layer.after_attention(query, attention_mask, scaling, visibility, lse=lse)
+    return output
+
+
 def attention_function(inner: str) -> Callable:
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
@@ -113,16 +127,21 @@ def attention_function(inner: str) -> Callable:
             )
             static.after_attention()
             return output, None
-        lse = None
-        if inner == "sdpa" and attention_mask is None and layer.wants_log_normalisers(query):
-            output, lse = _attention_with_log_normalisers(query, key, value, scaling)
-        if lse is None:
-            mask = layer.attention_mask(attention_mask, query.shape[-2], query.shape[1])
-            with _backends(inner, query):
-                output = kernel(module, query, key, value, mask, **kwargs)
-        visibility = Visibility(sliding_window=layer.sliding_window, softcap=softcap)
-        layer.after_attention(query, attention_mask, scaling, visibility, lse=lse)
-        return output
+        parts = getattr(layer, "groups", None)  # a SplitLayer: each group of heads attends to its own tokens
+        if parts is None:
+            return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
+        batch, query_heads, length, _dim = query.shape
+        output = None
+        for heads, part in parts:
+            chosen = layer.query_heads(heads, query_heads)
+            found = _attend(
+                part, kernel, inner, module, query[:, chosen], part.keys, part.values, attention_mask, scaling,
+                softcap, kwargs,
+            )[0]  # fmt: skip
+            if output is None:
+                output = found.new_empty(batch, length, query_heads, found.shape[-1])
+            output[:, :, chosen] = found
+        return output, None
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"
     return polykv_attention

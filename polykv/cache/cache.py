@@ -36,9 +36,13 @@ from polykv.cache.attention import hand_over
 from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.cache.reconstruction import Reconstruction
+from polykv.cache.split import HeadGroup, SplitLayer
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
 from polykv.policy import Phase
+
+#: What a layer's ``set_rules`` takes: (prefill, decode) for a PolyLayer, (groups,) for a SplitLayer.
+LayerRules = tuple[PhaseRule, PhaseRule | None] | tuple[Sequence[HeadGroup]]
 
 
 class CacheState(enum.Enum):
@@ -61,15 +65,16 @@ class PolyCache(Cache):
 
     def __init__(
         self,
-        layers: Sequence[PolyLayer],
-        resolve: Callable[[int], Sequence[tuple[PhaseRule, PhaseRule | None]]] | None = None,
+        layers: Sequence[PolyLayer | SplitLayer],
+        resolve: Callable[[int], Sequence[LayerRules]] | None = None,
         *,
         prompt_length: int | None = None,
         holding_prompt: bool = False,
         reconstruction: Reconstruction | None = None,
     ):
-        """``resolve`` gives every layer's rules for a prompt length; it is called once per prompt, before
-        the first layer of its first forward runs (a plan whose budgets depend on the prompt length).
+        """``resolve`` gives every layer's rules for a prompt length (what its ``set_rules`` takes); it is
+        called once per prompt, before the first layer of its first forward runs (a plan whose budgets
+        depend on the prompt length).
         ``prompt_length`` says how long the prompt will be: the prompt ends when that many tokens came.
         ``holding_prompt`` makes a cache of layers that already hold a compressed prompt (built from a
         capture): it starts in DECODING. ``reconstruction`` says how to ask the model to repeat its
@@ -198,8 +203,8 @@ class PolyCache(Cache):
         prompt_length = whole_number(prompt_length, "prompt_length", least=1)
         if any(layer.is_initialized for layer in self.layers):
             raise CacheError("a cache is resolved for its prompt before the first forward pass, not after")
-        for layer, (prefill, decode) in zip(self.layers, self._resolve(prompt_length)):
-            layer.set_rules(prefill, decode)
+        for layer, rules in zip(self.layers, self._resolve(prompt_length)):
+            layer.set_rules(*rules)
         self._resolved = True
 
     @contextlib.contextmanager
@@ -335,16 +340,43 @@ class PolyCache(Cache):
         self.state = CacheState.FRESH
         super().reset()
 
-    def layer_lengths(self) -> list[int]:
-        """Tokens stored per row and KV head in each layer."""
+    def layer_lengths(self) -> list[int | float]:
+        """Tokens stored per row and KV head in each layer (the mean over its KV heads where they differ)."""
+        self._check_lengths()
+        return [
+            layer.storage.size
+            if isinstance(layer, PolyLayer)
+            else layer.head_lengths().float().mean().item()
+            if layer.is_initialized
+            else 0
+            for layer in self.layers
+        ]
+
+    def head_lengths(self) -> list[torch.Tensor]:
+        """Tokens stored in each layer per batch row and KV head: one (B, H) tensor per layer (rows of a
+        layer keep equal counts; heads differ where a spec gives them different budgets)."""
+        self._check_lengths()
+        if not all(layer.is_initialized for layer in self.layers):
+            raise CacheError("the lengths of a cache's heads are known once a prompt went through every layer")
+        return [
+            torch.full((layer.batch_size, layer.kv_heads), layer.storage.size, dtype=torch.long)
+            if isinstance(layer, PolyLayer)
+            else layer.head_lengths()
+            for layer in self.layers
+        ]
+
+    def _check_lengths(self) -> None:
         if any(layer.static for layer in self.layers):
             raise CacheError("the lengths of a cache in static decoding are known after end_static")
         self.check()
-        return [layer.storage.size for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes the cache holds: keys, values, positions of evicted layers, and headroom for appending."""
-        return sum(layer.static.nbytes() if layer.static else layer.storage.nbytes() for layer in self.layers)
+        return sum(
+            layer.static.nbytes() if layer.static else layer.nbytes() if isinstance(layer, SplitLayer)
+            else layer.storage.nbytes()
+            for layer in self.layers
+        )  # fmt: skip
 
     def full_nbytes(self) -> int:
         """Bytes transformers' own cache would hold for the same tokens (a sliding layer keeps its window)."""

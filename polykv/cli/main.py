@@ -18,7 +18,7 @@ from pathlib import Path
 
 from polykv.errors import PolykvError
 from polykv.language.diagnostics import SpecError
-from polykv.limits import MAX_LAYERS
+from polykv.limits import MAX_HEADS, MAX_LAYERS
 
 #: Defaults of the evaluation (see polykv.cli.commands.eval for why these tasks).
 EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE", help="spec files (any suffix); - reads standard input")
     count = validate.add_mutually_exclusive_group()
     count.add_argument("--layers", type=_count(MAX_LAYERS), metavar="N", help="check against a model of N layers")
-    count.add_argument("--model", metavar="DIR", help="check against the layer count of the model in DIR")
+    count.add_argument("--model", metavar="DIR", help="check against the layer and KV head counts of the model in DIR")
+    validate.add_argument(
+        "--heads", type=_count(MAX_HEADS), metavar="H", help="with --layers: check head selectors against H KV heads"
+    )
     validate.add_argument("--json", action="store_true", help="print results as JSON")
     validate.set_defaults(run="polykv.cli.commands.language:validate")
 

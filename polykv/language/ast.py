@@ -130,6 +130,19 @@ class EveryLayer:
 Selector = LayerList | EveryLayer
 
 
+@attrs.frozen
+class HeadList:
+    """``heads 0,2-3``: KV heads of the selected layers, written as layers are (``-1`` is the last head)."""
+
+    items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=tuple)
+    span: Span | None = _span()
+
+    @items.validator
+    def _not_empty(self, _attribute: attrs.Attribute, value: tuple) -> None:
+        if not value:
+            raise ValueError("a head list names at least one head")
+
+
 # --- policies ----------------------------------------------------------------------------------
 
 
@@ -173,9 +186,10 @@ class PolicyUse:
 
 @attrs.frozen
 class ModelLayers:
-    """``model layers 32``: the layer count the spec is written for."""
+    """``model layers 32`` (``model layers 32 heads 8``): the layer (and KV head) count the spec is written for."""
 
     count: int
+    heads: int | None = attrs.field(default=None, kw_only=True)
     comment: str | None = attrs.field(default=None, validator=_comment_text)
     span: Span | None = _span()
 
@@ -216,12 +230,16 @@ class SolverDecl:
 
 @attrs.frozen
 class Rule:
-    """``layers SELECTOR: POLICY [decode POLICY]``: which policy (per phase) the selected layers use."""
+    """``layers SELECTOR [heads HEADS]: POLICY [decode POLICY]``: which policy (per phase) the selected layers use.
+
+    ``heads`` (None: every head) narrows the statement to some KV heads of those layers.
+    """
 
     selector: Selector
     prefill: PolicyUse
     decode: PolicyUse | None = None
     comment: str | None = attrs.field(default=None, validator=_comment_text)
+    heads: HeadList | None = attrs.field(default=None, kw_only=True)
     span: Span | None = _span()
 
 

@@ -20,7 +20,7 @@ from polykv.language.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.language.parse import parse_recovering
 from polykv.language.printer import format_budget
 from polykv.language.source import Span
-from polykv.limits import MAX_LAYERS
+from polykv.limits import MAX_HEADS, MAX_LAYERS
 from polykv.parameters import Configurable, ParameterError
 from polykv.policy import Policy
 from polykv.registry import Registry, default_registry
@@ -53,24 +53,53 @@ class CheckedRule:
 
 
 @attrs.frozen
-class LayerEntry:
-    """What the spec says one layer does in each phase (``auto`` and ``@auto`` still open)."""
+class HeadEntry:
+    """What the spec says one KV head of a layer does in each phase."""
 
-    index: int
+    head: int
     prefill: PhaseChoice
     decode: PhaseChoice | None = None
     rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
+class LayerEntry:
+    """What the spec says one layer does in each phase (``auto`` and ``@auto`` still open).
+
+    ``heads`` has one entry per KV head when the layer's heads do different things (``prefill`` and
+    ``decode`` are then its first head's); it is empty when every head does what the layer does.
+    """
+
+    index: int
+    prefill: PhaseChoice
+    decode: PhaseChoice | None = None
+    rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
+    heads: tuple[HeadEntry, ...] = attrs.field(default=(), converter=tuple)
+
+    @property
+    def choices(self) -> tuple[tuple[PhaseChoice, PhaseChoice | None], ...]:
+        """(prefill, decode) of each head that chooses for itself, or of the whole layer."""
+        if self.heads:
+            return tuple((head.prefill, head.decode) for head in self.heads)
+        return ((self.prefill, self.decode),)
+
+
+@attrs.frozen
 class CheckedSpec:
-    """A spec that passed every check; ``layers`` is None when the layer count is unknown."""
+    """A spec that passed every check; ``layers`` is None when the layer count is unknown (or the KV head
+    count, for a spec that selects heads)."""
 
     spec: ast.Spec
     rules: tuple[CheckedRule, ...]
     layer_count: int | None
     layers: tuple[LayerEntry, ...] | None
     solver: SolverChoice | None = None
+    head_count: int | None = None
+
+    @property
+    def selects_heads(self) -> bool:
+        """Whether some statement names KV heads."""
+        return any(rule.heads is not None for rule in self.spec.rules)
 
     @property
     def budget(self) -> ast.BudgetDecl | None:
@@ -108,10 +137,11 @@ def check(
     registry: Registry | None = None,
     complete: bool = True,
     windows: Sequence[int | None] | None = None,
+    heads: int | None = None,
 ) -> CheckedSpec:
-    """Check ``spec`` against the installed policies and, if given, a layer count.
+    """Check ``spec`` against the installed policies and, if given, a layer count and a KV head count.
 
-    ``layers_from`` says where ``layers`` came from, for messages ("the model", "--layers").
+    ``layers_from`` says where ``layers`` (and ``heads``) came from, for messages ("the model", "--layers").
     ``windows`` are the layers' sliding windows (None for full attention), when the model is known:
     a policy on a sliding-window layer must work with the tokens the window holds.
     ``complete=False`` says statements were lost to syntax errors, so layers nothing covers are
@@ -124,7 +154,9 @@ def check(
     instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
     if layers is not None:
         layers = whole_number(layers, "layers", least=1, most=MAX_LAYERS)
-    checker = _Checker(spec, registry, layers, layers_from, complete, windows)
+    if heads is not None:
+        heads = whole_number(heads, "heads", least=1, most=MAX_HEADS)
+    checker = _Checker(spec, registry, layers, layers_from, complete, windows, heads)
     checked = checker.run()
     if checker.diagnostics:
         raise SpecError(_in_order(checker.diagnostics))
@@ -138,11 +170,14 @@ def check_text(
     layers: int | None = None,
     layers_from: str = "the model",
     registry: Registry | None = None,
+    heads: int | None = None,
 ) -> CheckedSpec:
     """Parse and check ``text``, reporting syntax and semantic errors together."""
     spec, diagnostics = parse_recovering(text, source)
     try:
-        checked = check(spec, layers=layers, layers_from=layers_from, registry=registry, complete=not diagnostics)
+        checked = check(
+            spec, layers=layers, layers_from=layers_from, registry=registry, complete=not diagnostics, heads=heads
+        )
     except SpecError as error:
         diagnostics = diagnostics + list(error.diagnostics)
     if diagnostics:
@@ -163,7 +198,9 @@ class _Checker:
         layers_from: str,
         complete: bool,
         windows: Sequence[int | None] | None,
+        heads: int | None = None,
     ):
+        self.given_heads = heads
         self.complete = complete
         self.windows = windows
         self.spec = spec
@@ -191,17 +228,19 @@ class _Checker:
     def run(self) -> CheckedSpec:
         self._single_settings()
         count = self._layer_count()
+        head_count = self._head_count()
         self._total_budget()
         rules = [self._rule(rule) for rule in self.spec.rules]
         checked_rules = tuple(r for r in rules if r is not None)
         self._static_selectors()
         layers = None
-        if count is not None:
-            layers = self._layers(count, rules)
+        selects_heads = any(rule.heads is not None for rule in self.spec.rules)
+        if count is not None and (head_count is not None or not selects_heads):
+            layers = self._layers(count, rules, head_count)
             if layers is not None:
                 self._budget_sum(count, layers)
                 self._sliding_windows(layers)
-        checked = CheckedSpec(self.spec, checked_rules, count, layers)
+        checked = CheckedSpec(self.spec, checked_rules, count, layers, head_count=head_count)
         self._prefill_limit(checked)
         return attrs.evolve(checked, solver=self._solver(checked))
 
@@ -295,6 +334,28 @@ class _Checker:
         if self.given_layers is not None:
             return self.given_layers
         return declared.count if declared is not None else None
+
+    def _head_count(self) -> int | None:
+        """The KV heads per layer: given with the model, or declared by ``model layers N heads H``."""
+        declared = self.spec.model_layers
+        written = None if declared is None else declared.heads
+        if written is not None and not 1 <= written <= MAX_HEADS:
+            self.error(
+                "bad-head-count",
+                f"a layer has 1 to {MAX_HEADS:,} KV heads, not {written}",
+                declared.span,
+                hint="write the KV head count of the model the spec is for, or drop `heads`",
+            )
+            return self.given_heads
+        if written is not None and self.given_heads is not None and written != self.given_heads:
+            self.error(
+                "head-count-mismatch",
+                f"this spec is written for {written} KV heads per layer, but {self.layers_from} has {self.given_heads}",
+                declared.span,
+                hint=f"write `heads {self.given_heads}` or drop it to use the spec with any model",
+            )
+            return None
+        return self.given_heads if self.given_heads is not None else written
 
     def _total_budget(self) -> None:
         decl = self.spec.budget
@@ -518,69 +579,210 @@ class _Checker:
     # --- layers -------------------------------------------------------------------------------
 
     def _static_selectors(self) -> None:
-        """Checks that need no layer count: backwards ranges and a second `*`."""
+        """Checks that need no layer count: backwards ranges, and `*` used twice for the same heads."""
         every = [r for r in self.spec.rules if isinstance(r.selector, ast.EveryLayer)]
+        whole = [r for r in every if r.heads is None]
         for repeat in every[1:]:
-            self.error(
-                "duplicate-every",
-                "only one statement can use `*`",
-                repeat.selector.span,
-                notes=[Note("`*` is first used here", every[0].selector.span)] if every[0].selector.span else [],
-            )
+            if whole and (repeat.heads is None or repeat is not whole[0]):
+                first = every[0]
+                self.error(
+                    "duplicate-every",
+                    "only one statement can use `*`" + (" for the same heads" if repeat.heads is not None else ""),
+                    repeat.selector.span,
+                    hint="`* heads ...` statements may share out the heads, each naming different ones"
+                    if first.heads is not None or repeat.heads is not None
+                    else None,
+                    notes=[Note("`*` is first used here", first.selector.span)] if first.selector.span else [],
+                )
         for rule in self.spec.rules:
-            if isinstance(rule.selector, ast.LayerList):
-                for item in rule.selector.items:
-                    same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
-                    if same_sign and item.start > item.stop:
-                        self.error(
-                            "backwards-range",
-                            f"the range {item.start}-{item.stop} runs backwards",
-                            item.span,
-                            hint=f"write {item.stop}-{item.start}",
-                        )
+            items = list(rule.selector.items) if isinstance(rule.selector, ast.LayerList) else []
+            items += list(rule.heads.items) if rule.heads is not None else []
+            for item in items:
+                same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
+                if same_sign and item.start > item.stop:
+                    self.error(
+                        "backwards-range",
+                        f"the range {item.start}-{item.stop} runs backwards",
+                        item.span,
+                        hint=f"write {item.stop}-{item.start}",
+                    )
 
-    def _layers(self, count: int, rules: list[CheckedRule | None]) -> tuple[LayerEntry, ...] | None:
-        """One entry per layer, or None (after errors) when a layer is named twice, not at all, or does not exist.
+    def _layers(
+        self, count: int, rules: list[CheckedRule | None], head_count: int | None
+    ) -> tuple[LayerEntry, ...] | None:
+        """One entry per layer, or None (after errors) when a layer or head is named twice, not at all, or does
+        not exist.
 
-        Selectors are checked as intervals, so the cost follows the statements, not the layer count.
+        Selectors of whole layers are checked as intervals, so their cost follows the statements, not the
+        layer count; statements that name heads claim each (layer, head) they name.
         """
         claims = _Claims()
         assigned: list[tuple[int, int, CheckedRule | None]] = []
-        every_rule: tuple[ast.Rule, CheckedRule | None] | None = None
+        units: dict[int, dict[int, tuple[ast.Rule, Span | None, CheckedRule | None]]] = {}
+        headed_layers: list[int] = []  # the keys of ``units``, in order
+        everies: list[tuple[ast.Rule, CheckedRule | None, frozenset[int] | None]] = []
         ok = True
         for rule, checked in zip(self.spec.rules, rules):
+            heads = None
+            if rule.heads is not None:
+                heads = self._head_set(rule.heads, head_count)
+                if heads is None:
+                    ok = False
+                    continue
             if isinstance(rule.selector, ast.EveryLayer):
-                every_rule = every_rule or (rule, checked)
+                everies.append((rule, checked, heads))
                 continue
             for item in rule.selector.items:
                 bounds = self._resolve(item, count)
                 if bounds is None:
                     ok = False
-                    continue
-                taken, first, fresh = claims.claim(*bounds, (rule, item.span))
-                if taken:
-                    first_rule, first_span = first
-                    several = len(taken) > 1 or taken[0][0] != taken[0][1]
-                    words = "layers {} are" if several else "layer {} is"
-                    where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
-                    self.error(
-                        "overlap",
-                        f"{words.format(_interval_words(taken))} already given a policy {where}",
-                        item.span,
-                        hint="name each layer in one statement only",
-                        notes=[Note("first given here", first_span)] if first_span else [],
-                    )
-                    ok = False
-                assigned += [(start, stop, checked) for start, stop in fresh]
-        uncovered = claims.gaps(count)
-        if every_rule is not None:
-            assigned += [(start, stop, every_rule[1]) for start, stop in uncovered]
-        elif uncovered and not self.complete:
-            ok = False
-        elif uncovered:
-            anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
-            listed = _interval_words(uncovered)
-            several = len(uncovered) > 1 or uncovered[0][0] != uncovered[0][1]
+                elif heads is None:
+                    ok &= self._claim_layers(claims, units, headed_layers, bounds, rule, item, checked, assigned)
+                else:
+                    ok &= self._claim_heads(claims, units, headed_layers, bounds, heads, rule, item, checked)
+        ok &= self._every_heads_disjoint(everies)
+        whole_every = next(((rule, checked) for rule, checked, heads in everies if heads is None), None)
+        head_everies = [(rule, checked, heads) for rule, checked, heads in everies if heads is not None]
+        uncovered: list[tuple[int, int]] = []  # intervals of layers nothing covers
+        missing: list[tuple[int, frozenset[int]]] = []  # layers some of whose heads nothing covers
+        for start, stop in claims.gaps(count):
+            first = bisect.bisect_left(headed_layers, start)
+            last = bisect.bisect_right(headed_layers, stop)
+            inside = headed_layers[first:last]
+            cursor = start
+            for layer in [*inside, stop + 1]:
+                if cursor < layer:  # layers nothing names
+                    if whole_every is not None:
+                        assigned.append((cursor, layer - 1, whole_every[1]))
+                    elif head_everies:
+                        for index in range(cursor, layer):
+                            units[index] = {}
+                            missing += self._fill_heads(index, units[index], head_everies, None, head_count)
+                    else:
+                        uncovered.append((cursor, layer - 1))
+                if layer <= stop:
+                    missing += self._fill_heads(layer, units[layer], head_everies, whole_every, head_count)
+                cursor = layer + 1
+        ok &= self._report_uncovered(uncovered, missing, count, head_count)
+        if not ok:
+            return None
+        entries: list[LayerEntry | None] = [None] * count
+        for start, stop, checked in assigned:
+            if checked is None:
+                return None
+            for index in range(start, stop + 1):
+                entries[index] = _entry(index, checked)
+        for index, slots in units.items():
+            if any(checked is None for _rule, _span, checked in slots.values()):
+                return None
+            entries[index] = _head_entries(index, [slots[head][2] for head in range(head_count)])
+        return tuple(entries)
+
+    def _claim_layers(self, claims, units, headed_layers, bounds, rule, item, checked, assigned) -> bool:
+        """Claim whole layers; an error (False) where a statement named them, or some of their heads, before."""
+        taken, first, fresh = claims.claim(*bounds, (rule, item.span))
+        low, high = bisect.bisect_left(headed_layers, bounds[0]), bisect.bisect_right(headed_layers, bounds[1])
+        headed = headed_layers[low:high]
+        if not taken and not headed:
+            assigned += [(start, stop, checked) for start, stop in fresh]
+            return True
+        if taken:
+            several = len(taken) > 1 or taken[0][0] != taken[0][1]
+            words = ("layers {} are" if several else "layer {} is").format(_interval_words(taken))
+            hint = "name each layer in one statement only"
+        else:
+            first_rule, span, _checked = next(iter(units[headed[0]].values()))
+            first = (first_rule, span)
+            words = f"heads of layer{'s' if len(headed) > 1 else ''} {_interval_words([(i, i) for i in headed])} are"
+            hint = "name each head of a layer in one statement only: `layers N heads ...` or `layers N`, not both"
+        first_rule, first_span = first
+        where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
+        self.error(
+            "overlap",
+            f"{words} already given a policy {where}",
+            item.span,
+            hint=hint,
+            notes=[Note("first given here", first_span)] if first_span else [],
+        )
+        return False
+
+    def _claim_heads(self, claims, units, headed_layers, bounds, heads, rule, item, checked) -> bool:
+        for layer in range(bounds[0], bounds[1] + 1):
+            owner = claims.owner(layer)
+            slots = units.get(layer, {})
+            repeated = sorted(heads & slots.keys())
+            if owner is None and not repeated:
+                if layer not in units:
+                    bisect.insort(headed_layers, layer)
+                units.setdefault(layer, {}).update({head: (rule, item.span, checked) for head in heads})
+                continue
+            first_rule, first_span = owner if owner is not None else slots[repeated[0]][:2]
+            what = f"layer {layer}" if owner is not None else f"layer {layer} head{'s' if len(repeated) > 1 else ''} "
+            if owner is None:
+                what += _interval_words([(head, head) for head in repeated])
+            where = "earlier in this statement" if first_rule is rule else "by an earlier statement"
+            self.error(
+                "overlap",
+                f"{what} {'are' if owner is None and len(repeated) > 1 else 'is'} already given a policy {where}",
+                rule.heads.span if owner is None and rule.heads is not None else item.span,
+                hint="name each head of a layer in one statement only: `layers N heads ...` or `layers N`, not both",
+                notes=[Note("first given here", first_span)] if first_span else [],
+            )
+            return False
+        return True
+
+    def _every_heads_disjoint(self, everies) -> bool:
+        """`* heads ...` statements share out the heads: no head may be named by two of them."""
+        ok = True
+        seen: dict[int, ast.Rule] = {}
+        for rule, _checked, heads in everies:
+            if heads is None:
+                continue
+            repeated = sorted(head for head in heads if head in seen)
+            if repeated:
+                self.error(
+                    "overlap",
+                    f"head{'s' if len(repeated) > 1 else ''} {_interval_words([(h, h) for h in repeated])} of the "
+                    "layers `*` stands for already given a policy by an earlier `*` statement",
+                    rule.heads.span,
+                    hint="give each head to one `* heads ...` statement",
+                    notes=[Note("first given here", seen[repeated[0]].heads.span)] if seen[repeated[0]].heads else [],
+                )
+                ok = False
+            seen.update({head: rule for head in heads})
+        return ok
+
+    @staticmethod
+    def _fill_heads(layer, slots, head_everies, whole_every, head_count) -> list[tuple[int, frozenset[int]]]:
+        """Give the heads of ``layer`` that no statement names to the `*` statements; the heads left over."""
+        for rule, checked, heads in head_everies:
+            slots.update({head: (rule, None, checked) for head in heads if head not in slots})
+        if whole_every is not None:
+            slots.update(
+                {head: (whole_every[0], None, whole_every[1]) for head in range(head_count) if head not in slots}
+            )
+        left = frozenset(range(head_count)).difference(slots)
+        return [(layer, left)] if left else []
+
+    def _report_uncovered(
+        self,
+        uncovered: list[tuple[int, int]],
+        missing: list[tuple[int, frozenset[int]]],
+        count: int,
+        head_count: int | None,
+    ) -> bool:
+        """Report layers (and heads of layers) that no statement covers; True when there are none."""
+        if not uncovered and not missing:
+            return True
+        if not self.complete:
+            return False
+        anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
+        whole = uncovered + [(layer, layer) for layer, heads in missing if len(heads) == head_count]
+        partial = [(layer, heads) for layer, heads in missing if len(heads) < head_count]
+        if whole:
+            whole.sort()
+            listed = _interval_words(whole)
+            several = len(whole) > 1 or whole[0][0] != whole[0][1]
             words = "layers {} of {} have" if several else "layer {} of {} has"
             self.error(
                 "uncovered-layers",
@@ -588,27 +790,45 @@ class _Checker:
                 anchor.span if anchor else None,
                 hint=f"add `layers {listed}: POLICY`, or `*: POLICY` for every layer not named",
             )
-            ok = False
-        if not ok or any(checked is None for _start, _stop, checked in assigned):
-            return None
-        entries: list[LayerEntry | None] = [None] * count
-        for start, stop, checked in assigned:
-            for index in range(start, stop + 1):
-                entries[index] = _entry(index, checked)
-        return tuple(entries)
+        for heads, layers in _grouped(partial):
+            named = _interval_words([(head, head) for head in sorted(heads)])
+            several = len(heads) > 1
+            self.error(
+                "uncovered-heads",
+                f"head{'s' if several else ''} {named} of layer{'s' if len(layers) > 1 else ''} "
+                f"{_interval_words([(layer, layer) for layer in layers])} {'have' if several else 'has'} no policy "
+                f"({head_count} KV heads per layer)",
+                anchor.span if anchor else None,
+                hint=f"add `layers {_interval_words([(layer, layer) for layer in layers])} heads {named}: POLICY`, "
+                "or `*: POLICY` for every head not named",
+            )
+        return False
 
-    def _resolve(self, item: ast.LayerIndex | ast.LayerRange, count: int) -> tuple[int, int] | None:
-        """The first and last layer ``item`` names, or None (after an error) when one does not exist."""
+    def _head_set(self, heads: ast.HeadList, head_count: int | None) -> frozenset[int] | None:
+        """The KV heads ``heads`` names, or None (after an error) when one does not exist."""
+        found: set[int] = set()
+        for item in heads.items:
+            bounds = self._resolve(item, head_count, what="head")
+            if bounds is None:
+                return None
+            found.update(range(bounds[0], bounds[1] + 1))
+        return frozenset(found)
+
+    def _resolve(
+        self, item: ast.LayerIndex | ast.LayerRange, count: int, what: str = "layer"
+    ) -> tuple[int, int] | None:
+        """The first and last layer (or head) ``item`` names, or None (after an error) when one does not exist."""
         bounds = [item.index] if isinstance(item, ast.LayerIndex) else [item.start, item.stop]
         resolved = []
         for index in bounds:
             actual = index + count if index < 0 else index
             if not 0 <= actual < count:
-                self.error(
-                    "layer-out-of-range",
-                    f"layer {index} does not exist: {self.layers_from} has {count} layers ({_index_words(count)})",
-                    item.span,
-                )
+                if what == "head":
+                    source = self.layers_from if self.given_heads is not None else "this spec (`model ... heads H`)"
+                    message = f"KV head {index} does not exist: {source} has {count} KV heads per layer"
+                else:
+                    message = f"layer {index} does not exist: {self.layers_from} has {count} layers"
+                self.error(f"{what}-out-of-range", f"{message} ({_index_words(count)})", item.span)
                 return None
             resolved.append(actual)
         if len(resolved) == 2 and resolved[0] > resolved[1]:
@@ -616,7 +836,7 @@ class _Checker:
                 self.error(
                     "backwards-range",
                     f"the range {item.start}-{item.stop} runs backwards: "
-                    f"with {count} layers it is {resolved[0]} to {resolved[1]}",
+                    f"with {count} {what}s it is {resolved[0]} to {resolved[1]}",
                     item.span,
                 )
             return None
@@ -627,7 +847,7 @@ class _Checker:
         if not self.windows:
             return
         for entry, window in zip(layers, self.windows):
-            for choice in (entry.prefill, entry.decode):
+            for choice in _distinct(choice for pair in entry.choices for choice in pair):
                 if window is None or choice is None or choice.policy == ast.AUTO:
                     continue
                 needed = self.registry.policies.create(choice.policy, dict(choice.params)).min_budget()
@@ -647,16 +867,16 @@ class _Checker:
             return
         if isinstance(decl.amount, ast.Tokens):
             total = decl.amount.count if decl.total else decl.amount.count * count
-            fixed = sum(e.prefill.budget.count for e in layers if isinstance(e.prefill.budget, ast.Tokens))
+            fixed = sum(_fixed_tokens(e) for e in layers)
             if fixed > total:
                 self.error(
                     "budget-exceeds-total",
-                    f"the fixed budgets add up to {fixed} tokens, more than the total budget of {total}",
+                    f"the fixed budgets add up to {fixed:g} tokens, more than the total budget of {total}",
                     decl.span,
                     hint="lower the fixed budgets or raise the total",
                 )
         elif not decl.total:
-            shares = [_percent_share(e.prefill) for e in layers]
+            shares = [_mean([_percent_share(prefill) for prefill, _decode in e.choices]) for e in layers]
             if all(share is not None for share in shares):
                 average = sum(shares) / count
                 if average > decl.amount.value:
@@ -703,6 +923,13 @@ class _Claims:
         self._where[first:last] = [w for _s, _e, w in merged]
         return taken, owner, fresh
 
+    def owner(self, index: int) -> tuple[ast.Rule, Span | None] | None:
+        """Where layer ``index`` was named, or None if it was not."""
+        found = bisect.bisect_left(self._stops, index)
+        if found < len(self._starts) and self._starts[found] <= index:
+            return self._where[found]
+        return None
+
     def gaps(self, count: int) -> list[tuple[int, int]]:
         """The intervals of layers 0..count-1 that nothing claimed."""
         found, cursor = [], 0
@@ -728,6 +955,41 @@ def _interval_words(intervals: list[tuple[int, int]]) -> str:
 
 def _entry(index: int, checked: CheckedRule) -> LayerEntry:
     return LayerEntry(index, checked.prefill, checked.decode, rule=checked.rule)
+
+
+def _head_entries(index: int, heads: list[CheckedRule]) -> LayerEntry:
+    """A layer whose heads were named by statements: one entry per head, unless they all do the same."""
+    first = heads[0]
+    if all((h.prefill, h.decode) == (first.prefill, first.decode) for h in heads):
+        return _entry(index, first)
+    entries = [HeadEntry(head, h.prefill, h.decode, rule=h.rule) for head, h in enumerate(heads)]
+    return LayerEntry(index, first.prefill, first.decode, rule=first.rule, heads=entries)
+
+
+def _grouped(partial: list[tuple[int, frozenset[int]]]) -> list[tuple[frozenset[int], list[int]]]:
+    """Layers grouped by the set of heads they lack, in order of their first layer."""
+    groups: dict[frozenset[int], list[int]] = {}
+    for layer, heads in sorted(partial, key=lambda entry: entry[0]):
+        groups.setdefault(heads, []).append(layer)
+    return list(groups.items())
+
+
+def _distinct(choices: Iterable[PhaseChoice | None]) -> list[PhaseChoice | None]:
+    found: list[PhaseChoice | None] = []
+    for choice in choices:
+        if choice not in found:
+            found.append(choice)
+    return found
+
+
+def _fixed_tokens(entry: LayerEntry) -> float:
+    """The tokens a layer keeps per head on average by its fixed token budgets (others count nothing)."""
+    choices = entry.choices
+    return sum(p.budget.count for p, _d in choices if isinstance(p.budget, ast.Tokens)) / len(choices)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def _percent_share(choice: PhaseChoice) -> float | None:

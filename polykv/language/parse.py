@@ -149,7 +149,7 @@ _PUNCTUATION = {
     "STAR": "*", "COLON": ":", "MINUS": "-", "COMMA": ",", "AT": "@", "LPAR": "(", "RPAR": ")",
     "LSQB": "[", "RSQB": "]", "EQUAL": "=", "LAYERS": "layers", "MODEL": "model",
     "BUDGET": "budget", "PREFILL": "prefill", "AT_MOST": "<=", "SOLVER": "solver", "TOTAL": "total",
-    "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
+    "HEADS": "heads", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
     "FALSE": "false",
 }  # fmt: skip
 
@@ -311,8 +311,8 @@ class _ToAst(Transformer):
     def start(self, meta, *statements):
         return list(statements)
 
-    def model_layers(self, meta, count: Token):
-        return ast.ModelLayers(int(count), span=self._span(meta))
+    def model_layers(self, meta, count: Token, *heads: Token):
+        return ast.ModelLayers(int(count), heads=int(heads[-1]) if heads else None, span=self._span(meta))
 
     def budget_decl(self, meta, *children):
         total = len(children) == 2
@@ -335,8 +335,13 @@ class _ToAst(Transformer):
     def auto_budget(self, meta, _auto: Token):
         return ast.AutoBudget(span=self._span(meta))
 
-    def rule(self, meta, selector, prefill, *decode):
-        return ast.Rule(selector, prefill, decode[-1] if decode else None, span=self._span(meta))
+    def rule(self, meta, selector, *rest):
+        heads = rest[0] if isinstance(rest[0], ast.HeadList) else None
+        prefill, *decode = rest[1:] if heads is not None else rest
+        return ast.Rule(selector, prefill, decode[-1] if decode else None, heads=heads, span=self._span(meta))
+
+    def head_selector(self, meta, _heads: Token, *items):
+        return ast.HeadList(items, span=self._span(meta))
 
     def every_layer(self, meta):
         return ast.EveryLayer(span=self._span(meta))

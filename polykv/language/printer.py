@@ -61,7 +61,7 @@ def format_budget(budget: ast.Budget) -> str:
     return ast.AUTO
 
 
-def format_selector(selector: ast.Selector) -> str:
+def format_selector(selector: ast.Selector | ast.HeadList) -> str:
     if isinstance(selector, ast.EveryLayer):
         return "*"
     return ",".join(
@@ -87,7 +87,8 @@ def _item(item: ast.Item) -> str:
 
 def _statement(statement: ast.Statement) -> str:
     if isinstance(statement, ast.ModelLayers):
-        return f"model layers {statement.count}"
+        heads = "" if statement.heads is None else f" heads {statement.heads}"
+        return f"model layers {statement.count}{heads}"
     if isinstance(statement, ast.SolverDecl):
         parameters = ", ".join(f"{p.name}={format_value(p.value)}" for p in statement.parameters)
         return f"solver {statement.name}" + (f"({parameters})" if statement.parameters else "")
@@ -96,7 +97,8 @@ def _statement(statement: ast.Statement) -> str:
     if isinstance(statement, ast.BudgetDecl):
         total = "total " if statement.total else ""
         return f"budget {total}{format_budget(statement.amount)}"
-    text = f"layers {format_selector(statement.selector)}: {format_policy(statement.prefill)}"
+    heads = "" if statement.heads is None else f" heads {format_selector(statement.heads)}"
+    text = f"layers {format_selector(statement.selector)}{heads}: {format_policy(statement.prefill)}"
     if statement.decode is not None:
         text += f" decode {format_policy(statement.decode)}"
     return text

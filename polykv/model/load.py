@@ -66,6 +66,16 @@ def locate(path: str | Path) -> ModelLocation:
 
 def layer_count(path: str | Path) -> int:
     """The number of decoder layers of the model at ``path``, read from its configuration only."""
+    return _text_config(path).num_hidden_layers
+
+
+def kv_head_count(path: str | Path) -> int:
+    """The number of KV heads per layer of the model at ``path``, read from its configuration only."""
+    config = _text_config(path)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _text_config(path: str | Path):
     from transformers import AutoConfig
 
     location = locate(path)
@@ -73,7 +83,7 @@ def layer_count(path: str | Path) -> int:
         config = AutoConfig.from_pretrained(location.directory, **location.loading_arguments())
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read the configuration of {location}: {error}") from None
-    return config.get_text_config().num_hidden_layers
+    return config.get_text_config()
 
 
 def load_model(

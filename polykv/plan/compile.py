@@ -25,7 +25,7 @@ from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.parse import load, parse
 from polykv.language.printer import print_spec
 from polykv.model import describe_model
-from polykv.plan.plan import LayerPlan, Plan
+from polykv.plan.plan import HeadPlan, LayerPlan, Plan
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Decision, fixed_budget, resolver
@@ -81,7 +81,12 @@ def compile(
     info, placement = describe_model(model)
     windows = [placement[index].sliding_window for index in range(info.layers)]
     checked = check(
-        spec, layers=info.layers, layers_from=f"the model ({info.name})", registry=registry, windows=windows
+        spec,
+        layers=info.layers,
+        layers_from=f"the model ({info.name})",
+        registry=registry,
+        windows=windows,
+        heads=info.kv_heads,
     )
     if checked.has_auto:  # resolution decides what is open, shown for one prompt length
         found = _profile_for(model, profile, setting)
@@ -100,6 +105,7 @@ def compile(
             placement[entry.index].dtype,
             placement[entry.index].sliding_window,
             decision.measurements,
+            heads=[HeadPlan(_choice(h.prefill), None if h.decode is None else _choice(h.decode)) for h in entry.heads],
         )
         for entry, decision in zip(checked.layers, decisions)
     ]

@@ -18,9 +18,10 @@ from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
 from polykv.cache.preparation import Prepared, prepared
 from polykv.cache.reconstruction import Reconstruction
+from polykv.cache.split import HeadGroup, SplitLayer
 from polykv.choice import Choice
 from polykv.errors import ArgumentError, ArgumentTypeError, ModelError
-from polykv.language.printer import layer_runs
+from polykv.language.printer import layer_ranges, layer_runs
 from polykv.model import ModelInfo, describe_model
 from polykv.policy import Needs
 from polykv.registry import Registry, default_registry
@@ -32,8 +33,23 @@ FORMAT_VERSION = 3
 
 
 @attrs.frozen
+class HeadPlan:
+    """What one KV head of a layer does in each phase."""
+
+    prefill: Choice
+    decode: Choice | None = None
+
+    def describe(self) -> str:
+        return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
+
+
+@attrs.frozen
 class LayerPlan:
-    """What one layer does in each phase, where it lives, what it can see, and the measurements that decided it."""
+    """What one layer does in each phase, where it lives, what it can see, and the measurements that decided it.
+
+    ``heads`` has one entry per KV head where the layer's heads do different things (``prefill`` and
+    ``decode`` are then its first head's); it is empty when every head does what the layer does.
+    """
 
     index: int
     prefill: Choice
@@ -42,9 +58,30 @@ class LayerPlan:
     dtype: str
     sliding_window: int | None = None
     measurements: Mapping[str, float] = attrs.field(factory=dict)
+    heads: tuple[HeadPlan, ...] = attrs.field(default=(), converter=tuple)
 
     def describe(self) -> str:
+        if self.heads:
+            return "; ".join(
+                f"heads {layer_ranges(heads)}: {what}" for heads, what in layer_runs([h.describe() for h in self.heads])
+            )
         return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
+
+    def head_groups(self) -> list[tuple[tuple[int, ...], HeadPlan]]:
+        """The KV heads that do the same, with what they do (in order of their first head)."""
+        groups: list[tuple[list[int], HeadPlan]] = []
+        for head, plan in enumerate(self.heads):
+            found = next((group for group in groups if group[1] == plan), None)
+            if found is None:
+                groups.append(([head], plan))
+            else:
+                found[0].append(head)
+        return [(tuple(heads), plan) for heads, plan in groups]
+
+    def tokens(self, prompt_length: int) -> float:
+        """Tokens the layer keeps per row and KV head (the mean over heads), a head kept whole counting the prompt."""
+        choices = [h.prefill for h in self.heads] or [self.prefill]
+        return sum(min(c.tokens(prompt_length) or prompt_length, prompt_length) for c in choices) / len(choices)
 
 
 @attrs.frozen
@@ -96,7 +133,14 @@ class Plan:
                 "the model repeat the whole prompt: make the cache without compress_chunks"
             )
         layers = [
-            PolyLayer(
+            SplitLayer(
+                layer.index,
+                _head_groups(layer, registry),
+                sliding_window=layer.sliding_window,
+                compress_chunks=bool(compress_chunks),
+            )
+            if layer.heads
+            else PolyLayer(
                 layer.index,
                 PhaseRule.of(layer.prefill, registry),
                 PhaseRule.of(layer.decode, registry) if layer.decode else None,
@@ -125,18 +169,24 @@ class Plan:
         ]
         return attrs.evolve(self, layers=layers, context_length=prompt_length)
 
-    def rules_for(self, prompt_length: int, registry: Registry) -> list[tuple[PhaseRule, PhaseRule | None]]:
-        """Every layer's rules for a prompt of ``prompt_length`` tokens."""
+    def rules_for(self, prompt_length: int, registry: Registry) -> list[tuple]:
+        """Every layer's rules for ``prompt_length`` tokens, as its cache layer's ``set_rules`` takes them."""
         resolved = self.resolved(prompt_length, registry)
         return [
-            (PhaseRule.of(layer.prefill, registry), PhaseRule.of(layer.decode, registry) if layer.decode else None)
+            (_head_groups(layer, registry),)
+            if layer.heads
+            else (PhaseRule.of(layer.prefill, registry), PhaseRule.of(layer.decode, registry) if layer.decode else None)
             for layer in resolved.layers
         ]
 
     def needs(self, registry: Registry | None = None) -> Needs:
         """What a capture must record for this plan's prefill policies (any routing may choose)."""
         registry = default_registry() if registry is None else registry
-        names = {(layer.prefill.policy, tuple(layer.prefill.params.items())) for layer in self.layers}
+        names = {
+            (choice.policy, tuple(choice.params.items()))
+            for layer in self.layers
+            for choice in [layer.prefill, *(head.prefill for head in layer.heads)]
+        }
         if self.resolver is not None:
             for request in self.resolver.requests:
                 for name in request.candidates:
@@ -149,6 +199,18 @@ class Plan:
             accumulated_attention=any(n.accumulated_attention for n in needs),
             reconstruction=any(n.reconstruction for n in needs),
         )
+
+    def head_budgets(self, prompt_length: int | None = None) -> list[list[int]]:
+        """Tokens each KV head keeps, per layer (a head kept whole counting the prompt), for ``prompt_length``
+        tokens (default: the plan's context length)."""
+        length = prompt_length or self.context_length
+        if length is None:
+            raise ArgumentError("head_budgets needs a prompt length: head_budgets(prompt_length=...)")
+        layers = self.resolved(length).layers if self.resolver is not None else self.layers
+        return [
+            [min(choice.tokens(length) or length, length) for choice in _head_choices(layer, self.model.kv_heads)]
+            for layer in layers
+        ]
 
     def apply(self, model: torch.nn.Module) -> Prepared:
         """Prepare ``model`` for this plan's caches, after checking the plan was made for its geometry.
@@ -184,3 +246,15 @@ class Plan:
     def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
         """A plan from ``to_json``'s text; FormatError names the field that is wrong."""
         return serialization.loads(text, cls, format=FORMAT_VERSION, what="plan", source=source)
+
+
+def _head_choices(layer: LayerPlan, kv_heads: int) -> list[Choice]:
+    return [head.prefill for head in layer.heads] if layer.heads else [layer.prefill] * kv_heads
+
+
+def _head_groups(layer: LayerPlan, registry: Registry) -> list[HeadGroup]:
+    """The groups of a layer whose heads do different things, with the rules the cache runs."""
+    return [
+        (heads, PhaseRule.of(plan.prefill, registry), PhaseRule.of(plan.decode, registry) if plan.decode else None)
+        for heads, plan in layer.head_groups()
+    ]

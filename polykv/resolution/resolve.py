@@ -37,7 +37,7 @@ import attrs
 from polykv.budget import Budget, Share, Tokens
 from polykv.choice import WHOLE, Choice
 from polykv.language import ast
-from polykv.language.check import CheckedSpec, PhaseChoice
+from polykv.language.check import CheckedSpec, HeadEntry, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.profile import Profile, ProfileError
 from polykv.registry import Registry
@@ -68,6 +68,8 @@ class Request:
     params: Mapping[str, Value] = attrs.field(factory=dict)
     budget: RequestBudget = None
     candidates: tuple[str, ...] = ()
+    #: Each KV head's decided prefill choice, for a layer whose heads differ (the layer is then decided).
+    heads: tuple[Choice, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def open_budget(self) -> bool:
@@ -78,8 +80,16 @@ class Request:
         return self.policy != AUTO and not self.open_budget
 
     def choice(self) -> Choice:
-        """The choice of a decided request."""
+        """The choice of a decided request (its first head's, where heads differ)."""
         return Choice(self.policy, self.params, self.budget)
+
+    def tokens(self, prompt_length: int) -> int | None:
+        """What a decided request stores per row and KV head (None: the whole prompt); where heads differ, the
+        mean over heads rounded up, a head kept whole counting the prompt."""
+        if not self.heads:
+            return _tokens(self.budget, prompt_length)
+        kept = [min(c.tokens(prompt_length) or prompt_length, prompt_length) for c in self.heads]
+        return -(-sum(kept) // len(kept))
 
 
 def _structure_request_budget(data: object, _type: object) -> RequestBudget:
@@ -155,7 +165,7 @@ class Resolver:
     def average_budget(self, prompt_length: int) -> float | None:
         """Tokens per layer the spec allows on average for ``prompt_length`` tokens (None: not a budget spec)."""
         if self.total is None:
-            fixed = [r.budget.tokens(prompt_length) for r in self.requests if r.budget not in (None, AUTO)]
+            fixed = [r.tokens(prompt_length) for r in self.requests if r.heads or r.budget not in (None, AUTO)]
             return sum(fixed) / len(fixed) if fixed else None
         return self.total_tokens(prompt_length) / len(self.requests)
 
@@ -170,14 +180,35 @@ class Resolver:
 
 def requests(checked: CheckedSpec) -> list[Request]:
     """The per-layer requests of a checked spec (prefill phase)."""
-    return [_request(entry.prefill) for entry in checked.layers]
+    return [_request(entry.prefill, entry.heads) for entry in checked.layers]
 
 
-def _request(choice: PhaseChoice) -> Request:
+def _request(choice: PhaseChoice, heads: Sequence[HeadEntry] = ()) -> Request:
+    if heads:
+        unresolved = next((h.prefill for h in heads if _open(h.prefill)), None)
+        if unresolved is not None:
+            raise SpecError(
+                [
+                    Diagnostic(
+                        "open-head-choice",
+                        "a statement that names heads takes a named policy with a fixed budget: routing and "
+                        "budget solving decide whole layers",
+                        unresolved.use.span if unresolved.use is not None else None,
+                        hint="name the policy and its budget (`snapkv@64`, `full`), or drop `heads` to let the "
+                        "layer be routed or solved",
+                    )
+                ]
+            )
+        chosen = [Choice(h.prefill.policy, dict(h.prefill.params), fixed_budget(h.prefill.budget)) for h in heads]
+        return Request(chosen[0].policy, chosen[0].params, chosen[0].budget, heads=chosen)
     budget = AUTO if isinstance(choice.budget, ast.AutoBudget) else fixed_budget(choice.budget)
     if choice.policy == ast.AUTO:
         return Request(ast.AUTO, {}, budget, choice.candidates or ())
     return Request(choice.policy, dict(choice.params), budget, (choice.policy,) if budget == AUTO else ())
+
+
+def _open(choice: PhaseChoice) -> bool:
+    return choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget)
 
 
 def fixed_budget(budget: ast.Budget | None) -> Budget | None:
@@ -404,7 +435,7 @@ def _decide_requests(
         table = regime.tables[index]
         if request.decided:
             decisions[index] = Decision(request.choice())
-            options.append(LayerOptions(fixed=(request.policy, _tokens(request.budget, prompt_length))))
+            options.append(LayerOptions(fixed=(request.policy, request.tokens(prompt_length))))
         elif not request.open_budget:  # auto@N: route at a fixed budget
             tokens = _tokens(request.budget, prompt_length)
             decision = _route(resolver, request, table, tokens, prompt_length)

@@ -24,17 +24,13 @@ tokens = st.builds(ast.Tokens, st.integers())
 percents = st.builds(ast.Percent, st.integers(min_value=0) | st.floats(min_value=0, max_value=1e6, allow_nan=False))
 budgets = st.one_of(tokens, percents, st.builds(ast.AutoBudget))
 
-selectors = st.one_of(
-    st.builds(ast.EveryLayer),
-    st.builds(
-        ast.LayerList,
-        st.lists(
-            st.builds(ast.LayerIndex, st.integers()) | st.builds(ast.LayerRange, st.integers(), st.integers()),
-            min_size=1,
-            max_size=4,
-        ),
-    ),
+_index_lists = st.lists(
+    st.builds(ast.LayerIndex, st.integers()) | st.builds(ast.LayerRange, st.integers(), st.integers()),
+    min_size=1,
+    max_size=4,
 )
+selectors = st.one_of(st.builds(ast.EveryLayer), st.builds(ast.LayerList, _index_lists))
+head_lists = st.builds(ast.HeadList, _index_lists)
 
 parameters = st.lists(st.builds(ast.Parameter, parameter_names, values), max_size=3)
 
@@ -55,9 +51,9 @@ comment_texts = st.text(st.characters(exclude_categories=("Cs",), exclude_charac
 comments = st.none() | comment_texts
 
 statements = st.one_of(
-    st.builds(ast.ModelLayers, st.integers(), comments),
+    st.builds(ast.ModelLayers, st.integers(), comments, heads=st.none() | st.integers()),
     st.builds(ast.BudgetDecl, tokens | percents, st.booleans(), comments),
-    st.builds(ast.Rule, selectors, policy_uses, st.none() | policy_uses, comments),
+    st.builds(ast.Rule, selectors, policy_uses, st.none() | policy_uses, comments, heads=st.none() | head_lists),
 )
 
 items = st.one_of(

@@ -28,16 +28,20 @@ def validate(args: argparse.Namespace) -> int:
     from polykv.registry import default_registry
 
     layers, layers_from = args.layers, "the model given by --layers"
+    heads = args.heads
     if args.model:
-        from polykv.model import layer_count
+        from polykv.model import kv_head_count, layer_count
 
         layers, layers_from = layer_count(args.model), f"the model in {args.model}"
+        heads = kv_head_count(args.model)
     registry = default_registry()
     results = []
     for name in args.files:
         try:
             source = read_source(name)
-            checked = check_text(source.text, source.name, layers=layers, layers_from=layers_from, registry=registry)
+            checked = check_text(
+                source.text, source.name, layers=layers, layers_from=layers_from, registry=registry, heads=heads
+            )
         except UnreadableSource as error:
             results.append((name, None, SpecError([Diagnostic("unreadable-file", str(error))])))
         except SpecError as error:
@@ -59,12 +63,22 @@ def validate(args: argparse.Namespace) -> int:
 def summary(name: str, checked: CheckedSpec) -> str:
     """``NAME: ok (N layers)`` and what each run of layers does, as statements of the language."""
     if checked.layers is not None:
-        header = f"{name}: ok ({checked.layer_count} layers)"
-        runs = layer_runs([(entry.prefill, entry.decode) for entry in checked.layers])
-        rules = [(layer_ranges(indices), prefill, decode) for indices, (prefill, decode) in runs]
+        header = f"{name}: ok ({checked.layer_count} layers" + (
+            f", {checked.head_count} KV heads each)" if checked.selects_heads else ")"
+        )
+        runs = layer_runs([entry.choices for entry in checked.layers])
+        rules = [
+            (layer_ranges(indices) + heads, prefill, decode)
+            for indices, choices in runs
+            for heads, (prefill, decode) in _head_runs(choices)
+        ]
     else:
-        header = f"{name}: ok (layer count unknown: give --layers N or --model DIR to check coverage and ranges)"
-        rules = [(format_selector(r.rule.selector), r.prefill, r.decode) for r in checked.rules]
+        unknown = "layer count" if checked.layer_count is None else "KV head count"
+        give = "--layers N" if checked.layer_count is None else "--heads H"
+        header = f"{name}: ok ({unknown} unknown: give {give} or --model DIR to check coverage and ranges)"
+        rules = [
+            (format_selector(r.rule.selector) + _heads_words(r.rule.heads), r.prefill, r.decode) for r in checked.rules
+        ]
     lines = [header]
     if checked.budget is not None:
         lines.append("  " + _budget_statement(checked.budget, checked.layer_count))
@@ -76,6 +90,17 @@ def summary(name: str, checked: CheckedSpec) -> str:
         statement = f"layers {selector}: {prefill.describe()}"
         lines.append("  " + statement + (f" decode {decode.describe()}" if decode is not None else ""))
     return "\n".join(lines)
+
+
+def _head_runs(choices: tuple) -> list[tuple[str, tuple]]:
+    """`` heads 0-1`` and what those heads do, for each run of heads doing the same ("" for a whole layer)."""
+    if len(choices) == 1:
+        return [("", choices[0])]
+    return [(f" heads {layer_ranges(heads)}", choice) for heads, choice in layer_runs(list(choices))]
+
+
+def _heads_words(heads: ast.HeadList | None) -> str:
+    return "" if heads is None else f" heads {format_selector(heads)}"
 
 
 def _budget_statement(decl: ast.BudgetDecl, layer_count: int | None) -> str:
@@ -103,14 +128,29 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
         None if checked.solver is None else {"name": checked.solver.name, "params": dict(checked.solver.params)}
     )
     if checked.layers is not None:
+        result["head_count"] = checked.head_count
         result["layers"] = [
-            {"layer": e.index, "prefill": _choice_json(e.prefill), "decode": _choice_json(e.decode)}
+            {
+                "layer": e.index,
+                "prefill": _choice_json(e.prefill),
+                "decode": _choice_json(e.decode),
+                **(
+                    {
+                        "heads": [
+                            {"head": h.head, "prefill": _choice_json(h.prefill), "decode": _choice_json(h.decode)}
+                            for h in e.heads
+                        ]
+                    }
+                    if e.heads
+                    else {}
+                ),
+            }
             for e in checked.layers
         ]
     else:
         result["rules"] = [
             {
-                "selector": format_selector(r.rule.selector),
+                "selector": format_selector(r.rule.selector) + _heads_words(r.rule.heads),
                 "prefill": _choice_json(r.prefill),
                 "decode": _choice_json(r.decode),
             }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from polykv.cli.commands import setup
 from polykv.errors import PolykvError
+from polykv.language.printer import layer_ranges, layer_runs
 from polykv.plan import Plan
 
 
@@ -23,14 +24,15 @@ def plan_text(plan: Plan) -> str:
     lines = [
         f"# {plan.model.name}: the plan for a {length}-token prompt" if length else f"# {plan.model.name}",
         f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip())}",
-        f"# stored tokens: {stored} in all, {stored / len(plan.layers):.1f} per layer on average",
+        f"# stored tokens: {stored:g} in all, {stored / len(plan.layers):.1f} per layer on average",
         *_prefill_notes(plan),
         f"model layers {len(plan.layers)}",
     ]
     for layer in plan.layers:
-        statement = f"layers {layer.index}: {layer.describe()}"
         notes = ", ".join(f"{k} {_number(v)}" for k, v in layer.measurements.items())
-        lines.append(f"{statement}  # {notes}" if notes else statement)
+        for heads, what in _head_runs(layer):
+            statement = f"layers {layer.index}{heads}: {what}"
+            lines.append(f"{statement}  # {notes}" if notes else statement)
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +128,17 @@ def _sensitivity(plan: Plan) -> list[float] | None:
     return [min((table[position] for table in tables.values()), default=0.0) for tables in regime.tables]
 
 
-def _tokens(layer, length: int | None) -> int:
+def _head_runs(layer) -> list[tuple[str, str]]:
+    """`` heads 0-1`` and what those heads do, per run of heads doing the same ("" and the layer's choice when
+    its heads all do the same)."""
+    if not layer.heads:
+        return [("", layer.describe())]
+    return [(f" heads {layer_ranges(heads)}", what) for heads, what in layer_runs([h.describe() for h in layer.heads])]
+
+
+def _tokens(layer, length: int | None) -> float:
+    if layer.heads and length:
+        return layer.tokens(length)
     budget = layer.prefill.budget
     if budget is None:
         return length or 0

@@ -1,0 +1,231 @@
+"""A cache layer whose KV heads keep different numbers of tokens, each group of heads in its own storage.
+
+A spec can give heads of one layer different policies or budgets (``layers 18 heads 0: full``). A
+dense (B, H, S, D) buffer would then hold the largest head's count for every head; this layer
+stores the sum instead: the heads that share a choice form a group, and each group is an ordinary
+``PolyLayer`` over its heads (its own storage, positions, queries and eviction), so a group behaves
+for its heads exactly as a whole layer with its choice would. Memory is the sum over groups, that
+is the sum of the heads' budgets.
+
+Attention runs the model's kernel once per group, on the query heads that read the group's KV heads
+(``query_heads``), and writes each group's output into its place: a head attends to exactly its own
+stored tokens, which is what full attention with its evicted tokens masked out computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from polykv.cache.layer import PhaseRule, PolyLayer
+from polykv.errors import CacheError
+
+#: One group of heads: the KV heads it holds (ascending) and their prefill and decode rules.
+HeadGroup = tuple[tuple[int, ...], PhaseRule, PhaseRule | None]
+
+
+class SplitLayer(CacheLayerMixin):
+    """A layer of a PolyCache whose KV heads are grouped by what they keep; see the module docstring."""
+
+    is_compileable = False
+    is_croppable = False
+    static = None  # static decoding (fixed shapes) serves dense layers only
+
+    def __init__(
+        self,
+        index: int,
+        groups: Sequence[HeadGroup],
+        *,
+        sliding_window: int | None = None,
+        compress_chunks: bool = False,
+    ):
+        super().__init__()
+        heads = sorted(head for group, _prefill, _decode in groups for head in group)
+        if heads != list(range(len(heads))) or len(groups) < 2:
+            raise CacheError(f"layer {index}: head groups cover every KV head once, in two groups or more")
+        self.index = index
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.kv_heads = len(heads)
+        self.groups: list[tuple[tuple[int, ...], PolyLayer]] = [
+            (tuple(group), PolyLayer(index, prefill, decode, sliding_window=sliding_window,
+                                     compress_chunks=compress_chunks))
+            for group, prefill, decode in groups
+        ]  # fmt: skip
+        self._selectors: dict[torch.device, list[torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        parts = "; ".join(f"heads {','.join(map(str, heads))}: {part!r}" for heads, part in self.groups)
+        return f"SplitLayer({self.index}: {parts})"
+
+    # --- the parts ------------------------------------------------------------------------------
+
+    @property
+    def parts(self) -> list[PolyLayer]:
+        return [part for _heads, part in self.groups]
+
+    def query_heads(self, heads: tuple[int, ...], query_heads: int) -> list[int]:
+        """The query heads that read KV ``heads`` (each KV head serves ``query_heads / kv_heads`` in a row)."""
+        per = query_heads // self.kv_heads
+        return [head * per + offset for head in heads for offset in range(per)]
+
+    def _selector(self, number: int, device: torch.device) -> torch.Tensor:
+        if device not in self._selectors:
+            self._selectors[device] = [torch.tensor(heads, device=device) for heads, _part in self.groups]
+        return self._selectors[device][number]
+
+    def set_rules(self, groups: Sequence[HeadGroup]) -> None:
+        """Give each group its rules (a plan that solves per prompt length does it before the first forward)."""
+        if [tuple(heads) for heads, _p, _d in groups] != [heads for heads, _part in self.groups]:
+            raise CacheError(f"layer {self.index}: new rules must group the heads as the layer does")
+        for (_heads, prefill, decode), part in zip(groups, self.parts):
+            part.set_rules(prefill, decode)
+
+    # --- transformers' layer interface ----------------------------------------------------------
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.groups[0][1].is_initialized
+
+    @is_initialized.setter
+    def is_initialized(self, value: bool) -> None:  # CacheLayerMixin.__init__ assigns False
+        if value:
+            raise AttributeError("a SplitLayer is initialised by its parts")
+
+    @property
+    def keys(self) -> None:
+        return None
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a SplitLayer's keys live in its parts")
+
+    @property
+    def values(self) -> None:
+        return None
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("a SplitLayer's values live in its parts")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: each part initialises itself from its heads."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Give each group its heads of the new tokens. Returns the new tokens themselves: polykv's attention
+        function reads the groups, and recognises this layer by them."""
+        if key_states.shape[1] != self.kv_heads:
+            raise CacheError(
+                f"layer {self.index}: this cache holds {self.kv_heads} KV heads but received {key_states.shape[1]}"
+            )
+        for number, (_heads, part) in enumerate(self.groups):
+            selector = self._selector(number, key_states.device)
+            part.update(key_states.index_select(1, selector), value_states.index_select(1, selector))
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.parts[0].seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.parts[0].get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for part in self.parts:
+            part.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for part in self.parts:
+            part.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for part in self.parts:
+            part.reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for part in self.parts:
+            part.batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for part in self.parts:
+            part.batch_repeat_interleave(repeats)
+
+    # --- what the cache asks of every layer -------------------------------------------------------
+
+    @property
+    def seen(self) -> int:
+        return self.parts[0].seen
+
+    @property
+    def batch_size(self) -> int:
+        return self.parts[0].batch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.parts[0].head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def closing(self) -> bool:
+        return self.parts[0].closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        for part in self.parts:
+            part.closing = value
+
+    @property
+    def reconstructs(self) -> bool:
+        return any(part.reconstructs for part in self.parts)
+
+    @property
+    def problems(self) -> list:
+        return [found for part in self.parts for found in part.problems]
+
+    @problems.setter
+    def problems(self, value: list) -> None:
+        if value:
+            raise AttributeError("problems are found by the parts")
+        for part in self.parts:
+            part.problems = []
+
+    def head_lengths(self) -> torch.Tensor:
+        """(B, H) tokens stored per row and KV head."""
+        lengths = torch.zeros(self.batch_size, self.kv_heads, dtype=torch.long)
+        for heads, part in self.groups:
+            lengths[:, list(heads)] = part.storage.size
+        return lengths
+
+    def nbytes(self) -> int:
+        return sum(part.storage.nbytes() for part in self.parts)
+
+    def begin_scoring(self, start: int, end: int) -> None:
+        for part in self.parts:
+            part.begin_scoring(start, end)
+
+    def end_scoring(self) -> None:
+        for part in self.parts:
+            part.end_scoring()
+
+    def end_prefill(self) -> None:
+        for part in self.parts:
+            part.end_prefill()
+
+    def rewind(self, length: int) -> None:
+        for part in self.parts:
+            part.rewind(length)
+
+    def begin_static(self, room: int, slack: int = 0) -> None:
+        raise CacheError(
+            f"layer {self.index}: static decoding serves layers whose heads keep equal counts; this layer's heads "
+            "keep different ones: decode without static shapes"
+        )
