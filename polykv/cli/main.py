@@ -3,7 +3,8 @@
 Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed), 2 for
 a wrong command line, 130 when interrupted. Errors are messages, never tracebacks; set
 ``POLYKV_DEBUG=1`` to see the traceback of an internal error. Arguments are checked here, before
-a command imports torch or loads a model.
+a command imports torch or loads a model. What polykv logs as a warning (a plugin it skipped) is
+one line on standard error: ``polykv: skipped plugin polykv-x: why``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -27,10 +29,15 @@ EVAL_METHODS = (
     "cake", "polykv", "polykv-budgets",
 )  # fmt: skip
 EVAL_BUDGETS = (32, 64, 128, 256)
+#: What --model takes, wherever it is taken.
+MODEL_WORDS = "a folder, a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logger = logging.getLogger("polykv")
+    if _STDERR not in logger.handlers:
+        logger.addHandler(_STDERR)
     try:
         module, _, function = args.run.partition(":")
         return getattr(importlib.import_module(module), function)(args)
@@ -54,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+class _Stderr(logging.Handler):
+    """polykv's log lines as ``polykv: message`` on the standard error of the moment (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"polykv: {self.format(record)}", file=sys.stderr)
+
+
+_STDERR = _Stderr(logging.WARNING)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polykv", description="Per-layer KV-cache compression for transformers.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -62,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE", help="spec files (any suffix); - reads standard input")
     count = validate.add_mutually_exclusive_group()
     count.add_argument("--layers", type=_count(MAX_LAYERS), metavar="N", help="check against a model of N layers")
-    count.add_argument("--model", metavar="DIR", help="check against the layer count of the model in DIR")
+    count.add_argument("--model", metavar="MODEL", help=f"check against the layer count of a model ({MODEL_WORDS})")
     validate.add_argument("--json", action="store_true", help="print results as JSON")
     validate.set_defaults(run="polykv.cli.commands.language:validate")
 
@@ -75,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fmt.set_defaults(run="polykv.cli.commands.language:fmt")
 
-    policies = commands.add_parser("policies", help="list installed policies and plugins that failed to load")
+    policies = commands.add_parser("policies", help="list installed policies, and the plugins skipped with why")
     policies.add_argument("--json", action="store_true", help="print as JSON (with signals and solvers)")
     policies.add_argument("--all", action="store_true", help="also list the signals and solvers")
     policies.set_defaults(run="polykv.cli.commands.language:policies")
@@ -229,7 +246,7 @@ def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> N
 
 
 def _model_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    command.add_argument("--model", metavar="MODEL", help=f"the model ({MODEL_WORDS}; default: default)")
     command.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when present)")
 
 

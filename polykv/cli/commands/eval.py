@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     setup.writable(args.out, "--out")  # the folder itself is made when missing
     device = setup.device(args)
     location = setup.model_location(args)
-    print(f"loading {location}", file=sys.stderr)
+    print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
     if args.data:
         chosen = read_jsonl(args.data, tokenizer, max_length=length)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         settings=args.settings,
     )
     settings = {
-        "model": str(location),
+        "model": location.name,
         "tasks": [f"{t}:{f}" for t, f in parsed],
         "count": count,
         "length": length,

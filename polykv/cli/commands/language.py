@@ -29,9 +29,10 @@ def validate(args: argparse.Namespace) -> int:
 
     layers, layers_from = args.layers, "the model given by --layers"
     if args.model:
-        from polykv.model import layer_count
+        from polykv.model import layer_count, locate
 
-        layers, layers_from = layer_count(args.model), f"the model in {args.model}"
+        location = locate(args.model)
+        layers, layers_from = layer_count(location), f"the model ({location.name})"
     registry = default_registry()
     results = []
     for name in args.files:
@@ -63,7 +64,7 @@ def summary(name: str, checked: CheckedSpec) -> str:
         runs = layer_runs([(entry.prefill, entry.decode) for entry in checked.layers])
         rules = [(layer_ranges(indices), prefill, decode) for indices, (prefill, decode) in runs]
     else:
-        header = f"{name}: ok (layer count unknown: give --layers N or --model DIR to check coverage and ranges)"
+        header = f"{name}: ok (layer count unknown: give --layers N or --model MODEL to check coverage and ranges)"
         rules = [(format_selector(r.rule.selector), r.prefill, r.decode) for r in checked.rules]
     lines = [header]
     if checked.budget is not None:
@@ -188,7 +189,7 @@ def policies(args: argparse.Namespace) -> int:
             lines += ["", f"{word}:"]
             lines += [f"    {e.name}  ({e.distribution})  {e.cls.description}" for e in entries]
     if registry.failures:
-        lines += ["", "failed to load:"]
+        lines += ["", "skipped plugins:"]
         lines.extend(f"    {failure}" for failure in registry.failures)
     if registry.notes:
         lines += ["", "loaded, but should change:"]

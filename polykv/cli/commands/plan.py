@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     profile = as_profile(args.profile) if args.profile else None
     device = setup.device(args)
     location = setup.model_location(args)
-    print(f"loading {location}", file=sys.stderr)
+    print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
     plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting)
     sys.stdout.write(plan_text(plan))
