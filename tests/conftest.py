@@ -12,12 +12,13 @@ from hypothesis import settings
 
 # The suite tests polykv and its built-ins, whatever third-party plugins happen to be installed.
 os.environ["POLYKV_PLUGINS"] = "none"
+
+import polykv
+
 # The suite never writes into the user's cache folder: the bundled model is converted once per run, into a
 # temporary folder that this process and the commands it starts share, and that is removed at exit.
 _CACHE = tempfile.TemporaryDirectory(prefix="polykv-test-cache-")
 os.environ["POLYKV_CACHE_DIR"] = _CACHE.name
-
-import polykv
 
 # polykv's pytest plugin registers the polykv-ci and polykv-thorough profiles; HYPOTHESIS_PROFILE picks one.
 settings.register_profile("default", max_examples=100, deadline=None)
