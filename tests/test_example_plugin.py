@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from fake_plugins import KNORM_AGAIN, fake_distribution
 from polykv_plugins import BUILTIN_POLICIES
 
 pytestmark = pytest.mark.install
@@ -102,38 +103,9 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_load(broken_plugin_path)
     assert "polykv_broken_missing_module" in broken[0]["reason"], broken[0]
 
 
-def fake_plugin(folder: Path, distribution: str, module: str, source: str) -> str:
-    """A PYTHONPATH holding ``distribution`` 0.1.0 (a bare dist-info folder) whose entry point is ``module``."""
-    dist_info = folder / f"{distribution.replace('-', '_')}-0.1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1.0\n")
-    (dist_info / "entry_points.txt").write_text(f"[polykv]\n{module} = {module}\n")
-    (dist_info / "top_level.txt").write_text(f"{module}\n")
-    (folder / f"{module}.py").write_text(textwrap.dedent(source))
-    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
-
-
 def test_each_skipped_plugin_is_one_line_on_stderr_and_listed_with_why(broken_plugin_path, tmp_path):
-    clash = fake_plugin(
-        tmp_path,
-        "polykv-mynorm",
-        "polykv_mynorm",
-        """
-        import polykv
-
-        class KeyNorm(polykv.ScoringPolicy):
-            name = "knorm"
-            description = "Keeps the keys of lowest norm."
-
-            def score(self, view):
-                return -view.keys.float().norm(dim=-1)
-
-        @polykv.hookimpl
-        def register_policies(register):
-            register(KeyNorm)
-        """,
-    )
-    env = clean_environment(PYTHONPATH=os.pathsep.join([clash, broken_plugin_path]))
+    clash = fake_distribution(tmp_path, "polykv-mynorm", {"polykv_mynorm": KNORM_AGAIN}, {"knorm": "polykv_mynorm"})
+    env = clean_environment(PYTHONPATH=os.pathsep.join([str(clash), broken_plugin_path]))
     version = importlib.metadata.version("polykv-core")
     expected = [
         "polykv: skipped plugin polykv-broken: import failed: ModuleNotFoundError: "
