@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="F",
         help="route auto layers so the prefill costs at most F times the full cache's (a spec without `prefill <=`)",
     )
-    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
+    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan")
     plan.add_argument(
         "--setting",
         choices=("question", "context"),

@@ -9,8 +9,9 @@
 That class runs every property below on ``MyPolicy`` (with its defaults, or ``parameters``),
 through the same checks the cache applies, on random views of realistic shapes and on tiny real
 models, and checks that the installed package's entry point loads it next to polykv's built-ins
-(as ``polykv policies`` would: no name clash, no import error, no missing entry point). Set ``expected_failures`` to the names of tests known to fail while you work on them (they
-are marked xfail, strictly: a fixed one reminds you to take it off the list).
+(as ``polykv policies`` would: no name clash, no import error, no missing entry point). Set
+``expected_failures`` to the names of tests known to fail while you work on them (they are marked
+xfail, strictly: a fixed one reminds you to take it off the list).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from polykv.cli.commands import setup
-from polykv.errors import PolykvError
 from polykv.plan import Plan
 
 
@@ -51,14 +50,12 @@ def _prefill_notes(plan: Plan) -> list[str]:
 
 
 def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
-    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity (needs matplotlib)."""
-    try:
-        import matplotlib
+    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise PolykvError("--png needs matplotlib: pip install 'polykv-core[bench]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = 2 if sensitivity else 1
     figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False)
     policies = sorted({layer.prefill.policy for layer in plan.layers})
