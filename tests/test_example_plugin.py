@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -67,17 +66,9 @@ def policies_json(env: dict[str, str] | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict[str, str]:
-    """The example package installed into a temporary folder; the environment that sees it."""
-    source = tmp_path_factory.mktemp("example") / EXAMPLE.name
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("site")
-    install = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(target),
-        str(source),
-    ]  # fmt: skip
-    succeeded(run(install, timeout=300))
-    return with_path(target)
+def installed(example_package) -> dict[str, str]:
+    """The environment that sees the example package (installed into a temporary folder)."""
+    return with_path(Path(example_package))
 
 
 # --- a broken plugin (needs no install) ---------------------------------------------------------
