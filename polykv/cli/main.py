@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
