@@ -29,6 +29,7 @@ EVAL_METHODS = (
     "cake", "polykv", "polykv-budgets",
 )  # fmt: skip
 EVAL_BUDGETS = (32, 64, 128, 256)
+EVAL_SETTINGS = ("question", "context")
 #: What --model takes, wherever it is taken.
 MODEL_WORDS = "a folder, a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct"
 
@@ -223,12 +224,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--settings",
         nargs="+",
-        choices=("question", "context"),
-        default=("question", "context"),
+        choices=EVAL_SETTINGS,
         help="where the question is when the cache is compressed: inside the prompt, or asked after the "
-        "compressed context (default: both, reported apart)",
+        "compressed context (default: both, reported apart; --quick: the question inside)",
     )
-    evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
+    evaluate.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples; the question inside the prompt)",
+    )
     evaluate.set_defaults(run="polykv.cli.commands.eval:run")
     return parser
 

@@ -13,7 +13,7 @@ import json
 import sys
 
 from polykv.cli.commands import setup
-from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_TASKS
+from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
 from polykv.errors import PolykvError
 
 #: A small run, for the test suite and a first look.
@@ -23,6 +23,7 @@ QUICK = {
     "budgets": (64, 128),
     "count": 2,
     "length": 512,
+    "settings": ("question",),
 }
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = args.budgets or (QUICK["budgets"] if args.quick else EVAL_BUDGETS)
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
+    chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
     setup.writable(args.out, "--out")  # the folder itself is made when missing
     device = setup.device(args)
     location = setup.model_location(args)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         batch_size=args.batch,
         answers=not args.graded_only,
-        settings=args.settings,
+        settings=chosen_settings,
     )
     settings = {
         "model": location.name,
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "command": setup.command_line(),
     }
     sections, written = [], []
-    for setting in args.settings:  # one report per setting: question inside the compressed prompt, or after
+    for setting in chosen_settings:  # one report per setting: question inside the compressed prompt, or after
         data = summary([r for r in records if r.setting == setting])
         data["settings"] = {**settings, "setting": setting}
         suffix = "" if setting == "question" else f"-{setting}"
