@@ -11,7 +11,7 @@ only from a GPU.
     python benchmarks/prefill_overhead.py                       # CPU, float32
     python benchmarks/prefill_overhead.py --device cuda --dtype bfloat16
 
-Writes benchmarks/results/prefill_overhead_<device>.json and, when matplotlib is installed, the PNG beside it.
+Writes benchmarks/results/prefill_overhead_<device>.json and the PNG beside it.
 """
 
 from __future__ import annotations
@@ -168,14 +168,11 @@ def _line(row: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, (prefill, peak, memory) = plt.subplots(1, 3, figsize=(15, 4))
     for spec in dict.fromkeys(r["spec"] for r in rows):
         mine = [r for r in rows if r["spec"] == spec]

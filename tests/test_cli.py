@@ -55,7 +55,7 @@ def test_validate_without_a_layer_count_summarises_rules(spec_file, capsys):
     assert main(["validate", path]) == 0
     out = capsys.readouterr().out
     assert '  layers *: snapkv@256(window=32, kernel=7, pooling="max")' in out
-    assert "(layer count unknown: give --layers N or --model DIR to check coverage and ranges)" in out
+    assert "(layer count unknown: give --layers N or --model MODEL to check coverage and ranges)" in out
 
 
 def test_validate_reports_every_error_and_exits_1(spec_file, capsys):

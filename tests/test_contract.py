@@ -1,9 +1,13 @@
 """Every built-in policy honours the contract that policy packages run on theirs (polykv.testing)."""
 
+import importlib
+import importlib.metadata
+import sys
 from typing import ClassVar
 
 import pytest
 import torch
+from fake_plugins import KNORM_AGAIN, fake_distribution
 from polykv_plugins import (
     H2O,
     TOVA,
@@ -98,3 +102,109 @@ def test_the_contract_catches_a_static_policy_that_ranks_by_slot():
     contract = type("TestRanksBySlot", (PolicyContract,), {"policy": _RanksBySlot})()
     with pytest.raises(AssertionError, match="depend on the order of slots"):
         contract.test_static_scores_do_not_depend_on_slot_order()
+
+
+# --- the contract checks what users get: the package's entry point, next to the built-ins ---------------------
+
+NEWEST = """
+import polykv
+
+
+class Newest(polykv.ScoringPolicy):
+    name = "newest"
+    description = "Keeps the newest tokens."
+
+    def score(self, view):
+        return view.positions.float()
+"""
+HOOK = """
+import polykv
+from {module} import {cls}
+
+
+@polykv.hookimpl
+def register_policies(register):
+    register({cls})
+"""
+
+
+@pytest.fixture
+def on_the_path(tmp_path, monkeypatch):
+    """Put a made-up distribution on the path; return the contract for a policy class of one of its modules."""
+
+    def install(modules: dict[str, str], entry_points: dict[str, str] | None, policy: str):
+        for name in modules:
+            monkeypatch.delitem(sys.modules, name, raising=False)
+            monkeypatch.delitem(sys.modules, name.partition(".")[0], raising=False)
+        monkeypatch.syspath_prepend(str(fake_distribution(tmp_path, "polykv-mine", modules, entry_points)))
+        module, _, name = policy.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return type(f"Test{name}", (PolicyContract,), {"policy": cls})()
+
+    yield install
+    for name in [name for name in sys.modules if name.startswith("polykv_mine")]:
+        del sys.modules[name]
+
+
+def failure_of(contract) -> str:
+    with pytest.raises(pytest.fail.Exception) as failed:
+        contract.test_its_entry_point_loads_it_next_to_the_builtins()
+    return str(failed.value)
+
+
+def test_the_contract_passes_a_policy_its_entry_point_loads(on_the_path):
+    contract = on_the_path(
+        {"polykv_mine": NEWEST + HOOK.format(module="polykv_mine", cls="Newest")},
+        {"mine": "polykv_mine"},
+        "polykv_mine.Newest",
+    )
+    contract.test_its_entry_point_loads_it_next_to_the_builtins()
+
+
+def test_the_contract_fails_a_name_taken_by_a_builtin_as_polykv_says_it(on_the_path):
+    contract = on_the_path({"polykv_mine": KNORM_AGAIN}, {"mine": "polykv_mine"}, "polykv_mine.KeyNorm")
+    version = importlib.metadata.version("polykv-core")
+    assert failure_of(contract) == (
+        f"polykv: skipped plugin polykv-mine: policy 'knorm' is already provided by polykv-core {version}"
+    )
+
+
+def test_the_contract_fails_an_entry_point_that_cannot_be_imported(on_the_path):
+    contract = on_the_path(
+        {
+            "polykv_mine.policy": NEWEST,
+            "polykv_mine.hooks": "import polykv_mine_missing_dependency\n"
+            + HOOK.format(module="polykv_mine.policy", cls="Newest"),
+        },
+        {"mine": "polykv_mine.hooks"},
+        "polykv_mine.policy.Newest",
+    )
+    assert failure_of(contract) == (
+        "polykv: skipped plugin polykv-mine: import failed: ModuleNotFoundError: "
+        "No module named 'polykv_mine_missing_dependency'"
+    )
+
+
+def test_the_contract_fails_a_package_without_an_entry_point(on_the_path):
+    contract = on_the_path({"polykv_mine": NEWEST}, None, "polykv_mine.Newest")
+    assert failure_of(contract).startswith(
+        "polykv-mine declares no entry point in the group 'polykv', so polykv never loads 'newest'; add to its "
+        'pyproject.toml, then reinstall it:\n[project.entry-points.polykv]\nnewest = "polykv_mine"'
+    )
+
+
+def test_the_contract_fails_an_entry_point_that_registers_another_class(on_the_path):
+    oldest = NEWEST.replace("Newest", "Oldest").replace("newest", "oldest").replace("view.positions", "-view.positions")
+    contract = on_the_path(
+        {"polykv_mine": NEWEST + oldest + HOOK.format(module="polykv_mine", cls="Oldest")},
+        {"mine": "polykv_mine"},
+        "polykv_mine.Newest",
+    )
+    assert "registers no policy 'newest' of class Newest" in failure_of(contract)
+
+
+def test_the_contract_fails_a_policy_no_installed_package_provides():
+    contract = type("TestRanksBySlot", (PolicyContract,), {"policy": _RanksBySlot})()
+    assert failure_of(contract).startswith(
+        "_RanksBySlot comes from the module 'test_contract', which no installed distribution provides"
+    )

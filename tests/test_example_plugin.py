@@ -9,9 +9,9 @@ Also here: a broken plugin, faked as a bare dist-info folder, never breaks polyk
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from fake_plugins import KNORM_AGAIN, fake_distribution
 from polykv_plugins import BUILTIN_POLICIES
 
 pytestmark = pytest.mark.install
@@ -65,17 +66,9 @@ def policies_json(env: dict[str, str] | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict[str, str]:
-    """The example package installed into a temporary folder; the environment that sees it."""
-    source = tmp_path_factory.mktemp("example") / EXAMPLE.name
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("site")
-    install = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(target),
-        str(source),
-    ]  # fmt: skip
-    succeeded(run(install, timeout=300))
-    return with_path(target)
+def installed(example_package) -> dict[str, str]:
+    """The environment that sees the example package (installed into a temporary folder)."""
+    return with_path(Path(example_package))
 
 
 # --- a broken plugin (needs no install) ---------------------------------------------------------
@@ -99,6 +92,26 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_load(broken_plugin_path)
     assert len(broken) == 1, listing["failures"]
     assert "import failed" in broken[0]["reason"], broken[0]
     assert "polykv_broken_missing_module" in broken[0]["reason"], broken[0]
+
+
+def test_each_skipped_plugin_is_one_line_on_stderr_and_listed_with_why(broken_plugin_path, tmp_path):
+    clash = fake_distribution(tmp_path, "polykv-mynorm", {"polykv_mynorm": KNORM_AGAIN}, {"knorm": "polykv_mynorm"})
+    env = clean_environment(PYTHONPATH=os.pathsep.join([str(clash), broken_plugin_path]))
+    version = importlib.metadata.version("polykv-core")
+    expected = [
+        "polykv: skipped plugin polykv-broken: import failed: ModuleNotFoundError: "
+        "No module named 'polykv_broken_missing_module'",
+        f"polykv: skipped plugin polykv-mynorm: policy 'knorm' is already provided by polykv-core {version}",
+    ]
+    validate = succeeded(
+        run([sys.executable, "-m", "polykv.cli", "validate", "--layers", "4", "-"], input="*: full\n", env=env)
+    )
+    assert validate.stderr.splitlines() == expected, output_of(validate)
+
+    listing = succeeded(run([sys.executable, "-m", "polykv.cli", "policies"], env=env))
+    assert listing.stderr.splitlines() == expected, output_of(listing)
+    skipped = listing.stdout.split("\nskipped plugins:\n", 1)[1].split("\n\n")[0].splitlines()
+    assert skipped == [f"    {line.removeprefix('polykv: skipped plugin ')}" for line in expected], listing.stdout
 
 
 def test_a_plugin_in_the_old_entry_group_loads_with_a_note_to_rename_it(tmp_path):

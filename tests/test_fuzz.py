@@ -28,7 +28,7 @@ VALID = [
     "budget 64\nsolver pyramid(beta=10)\nlayers 0: full\nlayers *: auto[snapkv, tova]@auto decode streaming@128",
     'model layers 4\n0,2: h2o@10%(recent=0.25); 1: knorm@8; 3: snapkv@16(pooling="avg", window=8)',
 ]
-pytestmark = pytest.mark.memory_limit(1024)
+pytestmark = pytest.mark.memory_limit(512)
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import math
 import re
 
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 import polykv
 from polykv.parameters import parameter
-from polykv.registry import ENTRY_POINT_GROUP, PluginWarning, Registry
+from polykv.registry import ENTRY_POINT_GROUP, Registry
 
 BUILTINS = {
     "full",
@@ -28,6 +30,18 @@ BUILTINS = {
     "expected",
     "kvzip",
 }
+
+
+@contextlib.contextmanager
+def logs_skip(caplog, match: str = ""):
+    """Expect the block to log one line per skipped plugin on the polykv.registry logger, one matching ``match``."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="polykv.registry"):
+        yield
+    lines = [r.getMessage() for r in caplog.records if r.name == "polykv.registry"]
+    assert lines, "no skipped plugin was logged"
+    assert all(line.startswith("skipped plugin ") and "\n" not in line for line in lines), lines
+    assert any(re.search(match, line) for line in lines), lines
 
 
 def _third_party_distributions() -> set[str]:
@@ -302,22 +316,22 @@ def test_policies_are_immutable_and_compare_by_value():
 
 
 @pytest.mark.parametrize(("bad", "reason"), BAD_POLICIES)
-def test_malformed_policy_is_skipped_and_reported(bad, reason):
+def test_malformed_policy_is_skipped_and_reported(bad, reason, caplog):
     registry = Registry()
     registry.add_plugin(Offers(Alpha), name="good")
-    with pytest.warns(PluginWarning, match=re.escape(f"polykv skipped a plugin: polykv-bad (bad): {reason}")):
+    with logs_skip(caplog, re.escape(f"skipped plugin polykv-bad: {reason}")):
         registry.add_plugin(Offers(Beta, bad), name="bad", distribution="polykv-bad", version="0.3")
     assert registry.failures == (polykv.PluginFailure("polykv-bad", "bad", reason),)
-    assert str(registry.failures[0]) == f"polykv-bad (bad): {reason}"
+    assert str(registry.failures[0]) == f"polykv-bad: {reason}"
     # The good policy of the same plugin, and the other plugin, still load.
     assert registry.policies.names() == ["alpha", "beta"]
     assert registry.policies.get("beta").plugin == "bad"
 
 
-def test_hook_that_raises_skips_the_whole_plugin():
+def test_hook_that_raises_skips_the_whole_plugin(caplog):
     registry = Registry()
     registry.add_plugin(Offers(Alpha), name="good")
-    with pytest.warns(PluginWarning, match="polykv-raise \\(raiser\\): register_policies raised RuntimeError: boom"):
+    with logs_skip(caplog, "^skipped plugin polykv-raise: register_policies raised RuntimeError: boom$"):
         registry.add_plugin(Raises(), name="raiser", distribution="polykv-raise")
     assert registry.failures == (
         polykv.PluginFailure("polykv-raise", "raiser", "register_policies raised RuntimeError: boom"),
@@ -331,14 +345,14 @@ def test_hook_that_raises_skips_the_whole_plugin():
         registry.remove_plugin("raiser")
 
 
-def test_invalid_hook_signature_is_reported():
+def test_invalid_hook_signature_is_reported(caplog):
     class WrongArgument:
         @polykv.hookimpl
         def register_policies(self, reg):
             reg(Beta)
 
     registry = Registry()
-    with pytest.warns(PluginWarning, match="not a valid plugin"):
+    with logs_skip(caplog, "not a valid plugin"):
         registry.add_plugin(WrongArgument(), name="wrong", distribution="polykv-wrong")
     [failure] = registry.failures
     assert (failure.distribution, failure.plugin) == ("polykv-wrong", "wrong")
@@ -346,7 +360,7 @@ def test_invalid_hook_signature_is_reported():
     assert len(registry.policies) == 0
 
 
-def test_plugin_that_registers_nothing_is_reported():
+def test_plugin_that_registers_nothing_is_reported(caplog):
     class Misspelt:
         @polykv.hookimpl
         def register_policies(self, register):
@@ -358,7 +372,7 @@ def test_plugin_that_registers_nothing_is_reported():
 
     registry = Registry()
     for plugin, name in ((Misspelt(), "empty"), (Unmarked(), "unmarked")):
-        with pytest.warns(PluginWarning, match="registered no policies"):
+        with logs_skip(caplog, "registered no policies"):
             registry.add_plugin(plugin, name=name, distribution="polykv-empty")
     reason = (
         "registered no policies, signals or solvers (are its hooks spelt register_policies, ... and marked @hookimpl?)"
@@ -374,10 +388,10 @@ def test_plugin_that_registers_nothing_is_reported():
     assert registry.policies.names() == ["beta"]
 
 
-def test_duplicate_name_first_provider_wins():
+def test_duplicate_name_first_provider_wins(caplog):
     registry = Registry()
     registry.add_plugin(Offers(Beta), name="one", distribution="dist-one", version="1.0")
-    with pytest.warns(PluginWarning, match="policy 'beta' is already provided by dist-one 1.0"):
+    with logs_skip(caplog, "^skipped plugin dist-two: policy 'beta' is already provided by dist-one 1.0$"):
         registry.add_plugin(Offers(BetaAgain, Alpha), name="two", distribution="dist-two", version="2.0")
     assert registry.failures == (
         polykv.PluginFailure("dist-two", "two", "policy 'beta' is already provided by dist-one 1.0"),
@@ -387,21 +401,19 @@ def test_duplicate_name_first_provider_wins():
     assert registry.policies.names() == ["alpha", "beta"]
 
 
-def test_duplicate_name_without_a_version_names_the_distribution_alone():
+def test_duplicate_name_without_a_version_names_the_distribution_alone(caplog):
     registry = Registry()
     registry.add_plugin(Offers(Beta), name="one")
-    with pytest.warns(PluginWarning):
+    with logs_skip(caplog):
         registry.add_plugin(Offers(BetaAgain), name="two", distribution="dist-two")
     assert registry.failures[0].reason == "policy 'beta' is already provided by <local>"
 
 
-def test_plugin_cannot_replace_a_builtin(monkeypatch):
+def test_plugin_cannot_replace_a_builtin(monkeypatch, caplog):
     monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core")
     registry = Registry.from_environment()
     version = importlib.metadata.version("polykv-core")
-    with pytest.warns(
-        PluginWarning, match=f"policy 'streaming' is already provided by polykv-core {re.escape(version)}"
-    ):
+    with logs_skip(caplog, f"policy 'streaming' is already provided by polykv-core {re.escape(version)}"):
         registry.add_plugin(Offers(StreamingAgain, Beta), name="usurper", distribution="polykv-usurper")
     [failure] = registry.failures
     assert failure == polykv.PluginFailure(
@@ -415,12 +427,13 @@ def test_plugin_cannot_replace_a_builtin(monkeypatch):
 # --- POLYKV_PLUGINS ---------------------------------------------------------------------------------------
 
 
-def test_environment_unset_loads_every_plugin(monkeypatch, recwarn):
+def test_environment_unset_loads_every_plugin(monkeypatch, caplog):
     monkeypatch.delenv("POLYKV_PLUGINS", raising=False)
-    registry = Registry.from_environment()
+    with caplog.at_level(logging.WARNING, logger="polykv"):
+        registry = Registry.from_environment()
     assert registry.failures == ()
     _assert_builtins_only_from_polykv(registry)
-    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("setting", ["none", "NONE", " None "])
@@ -443,9 +456,9 @@ def test_environment_naming_polykv_core_loads_the_builtins(monkeypatch, setting)
     assert registry.failures == ()
 
 
-def test_environment_naming_a_missing_distribution_reports_it(monkeypatch):
+def test_environment_naming_a_missing_distribution_reports_it(monkeypatch, caplog):
     monkeypatch.setenv("POLYKV_PLUGINS", "polykv-core,not-installed-pkg")
-    with pytest.warns(PluginWarning, match="not-installed-pkg"):
+    with logs_skip(caplog, "not-installed-pkg"):
         registry = Registry.from_environment()
     assert set(registry.policies.names()) == BUILTINS
     assert registry.failures == (
@@ -457,9 +470,9 @@ def test_environment_naming_a_missing_distribution_reports_it(monkeypatch):
     )
 
 
-def test_environment_names_are_normalised(monkeypatch):
+def test_environment_names_are_normalised(monkeypatch, caplog):
     monkeypatch.setenv("POLYKV_PLUGINS", "Not_Installed.Pkg")
-    with pytest.warns(PluginWarning):
+    with logs_skip(caplog):
         registry = Registry.from_environment()
     assert set(registry.policies.names()) == BUILTINS
     [failure] = registry.failures

@@ -3,13 +3,15 @@
 Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed), 2 for
 a wrong command line, 130 when interrupted. Errors are messages, never tracebacks; set
 ``POLYKV_DEBUG=1`` to see the traceback of an internal error. Arguments are checked here, before
-a command imports torch or loads a model.
+a command imports torch or loads a model. What polykv logs as a warning (a plugin it skipped) is
+one line on standard error: ``polykv: skipped plugin polykv-x: why``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import os
 import sys
@@ -27,10 +29,16 @@ EVAL_METHODS = (
     "cake", "polykv", "polykv-budgets",
 )  # fmt: skip
 EVAL_BUDGETS = (32, 64, 128, 256)
+EVAL_SETTINGS = ("question", "context")
+#: What --model takes, wherever it is taken.
+MODEL_WORDS = "a folder, a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logger = logging.getLogger("polykv")
+    if _STDERR not in logger.handlers:
+        logger.addHandler(_STDERR)
     try:
         module, _, function = args.run.partition(":")
         return getattr(importlib.import_module(module), function)(args)
@@ -54,6 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+class _Stderr(logging.Handler):
+    """polykv's log lines as ``polykv: message`` on the standard error of the moment (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"polykv: {self.format(record)}", file=sys.stderr)
+
+
+_STDERR = _Stderr(logging.WARNING)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polykv", description="Per-layer KV-cache compression for transformers.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -62,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE", help="spec files (any suffix); - reads standard input")
     count = validate.add_mutually_exclusive_group()
     count.add_argument("--layers", type=_count(MAX_LAYERS), metavar="N", help="check against a model of N layers")
-    count.add_argument("--model", metavar="DIR", help="check against the layer and KV head counts of the model in DIR")
+    count.add_argument(
+        "--model", metavar="MODEL", help=f"check against the layer and KV head counts of a model ({MODEL_WORDS})"
+    )
     validate.add_argument(
         "--heads", type=_count(MAX_HEADS), metavar="H", help="with --layers: check head selectors against H KV heads"
     )
@@ -78,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fmt.set_defaults(run="polykv.cli.commands.language:fmt")
 
-    policies = commands.add_parser("policies", help="list installed policies and plugins that failed to load")
+    policies = commands.add_parser("policies", help="list installed policies, and the plugins skipped with why")
     policies.add_argument("--json", action="store_true", help="print as JSON (with signals and solvers)")
     policies.add_argument("--all", action="store_true", help="also list the signals and solvers")
     policies.set_defaults(run="polykv.cli.commands.language:policies")
@@ -166,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="F",
         help="route auto layers so the prefill costs at most F times the full cache's (a spec without `prefill <=`)",
     )
-    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan (needs matplotlib)")
+    plan.add_argument("--png", type=Path, metavar="FILE", help="also draw the plan")
     plan.add_argument(
         "--setting",
         choices=("question", "context"),
@@ -217,12 +237,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--settings",
         nargs="+",
-        choices=("question", "context"),
-        default=("question", "context"),
+        choices=EVAL_SETTINGS,
         help="where the question is when the cache is compressed: inside the prompt, or asked after the "
-        "compressed context (default: both, reported apart)",
+        "compressed context (default: both, reported apart; --quick: the question inside)",
     )
-    evaluate.add_argument("--quick", action="store_true", help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples)")
+    evaluate.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples; the question inside the prompt)",
+    )
     evaluate.set_defaults(run="polykv.cli.commands.eval:run")
     return parser
 
@@ -242,7 +265,7 @@ def _spec_arguments(command: argparse.ArgumentParser, name: str, text: str) -> a
 
 
 def _model_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", metavar="DIR", help="a local model (default: the bundled SmolLM2-135M-Instruct)")
+    command.add_argument("--model", metavar="MODEL", help=f"the model ({MODEL_WORDS}; default: default)")
     command.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when present)")
 
 

@@ -109,14 +109,12 @@ def markdown(data: dict) -> str:
 
 
 def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
-    """score_vs_budget{suffix}.png and recovery{suffix}.png (needs matplotlib: pip install polykv-core[bench])."""
-    try:
-        import matplotlib
+    """score_vs_budget{suffix}.png and recovery{suffix}.png."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     budgets, written = data["budgets"], []
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in data["methods"]:

@@ -1,4 +1,5 @@
-"""Models: finding and loading them offline (``load``), and describing a loaded one (``describe``)."""
+"""Models: finding and loading them offline (``load``, the bundled one converted once: ``converted``), and
+describing a loaded one (``describe``)."""
 
 from polykv.model.describe import (
     LayerPlacement,
@@ -6,10 +7,13 @@ from polykv.model.describe import (
     attention_modules,
     cache_argument,
     describe_model,
+    model_name,
     sliding_windows,
 )
 from polykv.model.load import (
+    DEFAULT,
     DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_PACKAGE,
     ModelLocation,
     default_model_location,
@@ -17,11 +21,15 @@ from polykv.model.load import (
     layer_count,
     load_default_model,
     load_model,
+    load_tokenizer,
+    load_weights,
     locate,
 )
 
 __all__ = [
+    "DEFAULT",
     "DEFAULT_MODEL_FILE",
+    "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_PACKAGE",
     "LayerPlacement",
     "ModelInfo",
@@ -34,6 +42,9 @@ __all__ = [
     "layer_count",
     "load_default_model",
     "load_model",
+    "load_tokenizer",
+    "load_weights",
     "locate",
+    "model_name",
     "sliding_windows",
 ]

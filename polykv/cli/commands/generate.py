@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     location = setup.model_location(args)
 
     started = time.perf_counter()
-    print(f"loading {location} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
+    print(f"loading {location.name} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
     model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
     loaded = time.perf_counter() - started
     plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer)

@@ -30,10 +30,11 @@ def validate(args: argparse.Namespace) -> int:
     layers, layers_from = args.layers, "the model given by --layers"
     heads = args.heads
     if args.model:
-        from polykv.model import kv_head_count, layer_count
+        from polykv.model import kv_head_count, layer_count, locate
 
-        layers, layers_from = layer_count(args.model), f"the model in {args.model}"
-        heads = kv_head_count(args.model)
+        location = locate(args.model)
+        layers, layers_from = layer_count(location), f"the model ({location.name})"
+        heads = kv_head_count(location)
     registry = default_registry()
     results = []
     for name in args.files:
@@ -75,7 +76,7 @@ def summary(name: str, checked: CheckedSpec) -> str:
     else:
         unknown = "layer count" if checked.layer_count is None else "KV head count"
         give = "--layers N" if checked.layer_count is None else "--heads H"
-        header = f"{name}: ok ({unknown} unknown: give {give} or --model DIR to check coverage and ranges)"
+        header = f"{name}: ok ({unknown} unknown: give {give} or --model MODEL to check coverage and ranges)"
         rules = [
             (format_selector(r.rule.selector) + _heads_words(r.rule.heads), r.prefill, r.decode) for r in checked.rules
         ]
@@ -228,7 +229,7 @@ def policies(args: argparse.Namespace) -> int:
             lines += ["", f"{word}:"]
             lines += [f"    {e.name}  ({e.distribution})  {e.cls.description}" for e in entries]
     if registry.failures:
-        lines += ["", "failed to load:"]
+        lines += ["", "skipped plugins:"]
         lines.extend(f"    {failure}" for failure in registry.failures)
     if registry.notes:
         lines += ["", "loaded, but should change:"]

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from polykv.cli.commands import setup
-from polykv.errors import PolykvError
 from polykv.language.printer import layer_ranges, layer_runs
 from polykv.plan import Plan
 
@@ -53,14 +52,12 @@ def _prefill_notes(plan: Plan) -> list[str]:
 
 
 def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
-    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity (needs matplotlib)."""
-    try:
-        import matplotlib
+    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise PolykvError("--png needs matplotlib: pip install 'polykv-core[bench]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = 2 if sensitivity else 1
     figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False)
     policies = sorted({layer.prefill.policy for layer in plan.layers})
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     profile = as_profile(args.profile) if args.profile else None
     device = setup.device(args)
     location = setup.model_location(args)
-    print(f"loading {location}", file=sys.stderr)
+    print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
     plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting)
     sys.stdout.write(plan_text(plan))

@@ -18,10 +18,10 @@ def device(args: argparse.Namespace) -> str:
 
 
 def model_location(args: argparse.Namespace):
-    """Where the model is (the bundled one by default), checked before it loads."""
-    from polykv.model import default_model_location, locate
+    """Where the model is (the bundled one by default, or ``--model default``), checked before it loads."""
+    from polykv.model import DEFAULT, locate
 
-    return locate(args.model) if args.model else default_model_location()
+    return locate(args.model or DEFAULT)
 
 
 def spec_argument(args: argparse.Namespace, source: str):
