@@ -151,8 +151,9 @@ def _steps(model, cache, ids, mask, new: int = 4) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_budgets_that_cover_the_prompt_give_the_full_cache_logits_bit_for_bit(attention):
-    """Bit for bit with SDPA; eager attention's batched matmul rounds a few heads differently from all of them
-    (a float32 ulp), so there the logits agree to rounding."""
+    """Bit for bit with SDPA on one thread. The split layer runs the kernel once per group of heads, and with
+    several threads (or eager attention's batched matmul) a few heads are reduced in another order than in one
+    call over all of them: a float32 ulp, so there the logits agree to rounding."""
     model = tiny_model("llama", attention)
     ids, mask = _padded()
     plan = polykv.compile(SPLIT.format(budget=64, other=64) + " decode streaming@100", model)
@@ -160,7 +161,7 @@ def test_budgets_that_cover_the_prompt_give_the_full_cache_logits_bit_for_bit(at
     full = _steps(model, DynamicCache(), ids, mask)
     ours = _steps(model, plan.make_cache(), ids, mask)
     for step_ours, step_full in zip(ours, full, strict=True):
-        if attention == "sdpa":
+        if attention == "sdpa" and torch.get_num_threads() == 1:
             assert torch.equal(step_ours, step_full)
         else:
             torch.testing.assert_close(step_ours, step_full, rtol=0, atol=1e-6)
