@@ -154,6 +154,7 @@ class _Progress:
             total=len(attention), desc=f"prefill {self.prompt_length} tokens", unit="layer", file=sys.stderr
         )
         self._tokens_bar = None
+        self._depth = 0  # model forwards under way: reconstruction runs its own inside the prompt's
         for module in attention:
             self._hooks.append(module.register_forward_hook(self._after_layer))
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
@@ -168,11 +169,13 @@ class _Progress:
             self._tokens_bar.close()
 
     def _after_layer(self, module, args, output) -> None:
-        if self.forwards == 0:
+        if self.forwards == 0 and self._depth == 1:  # the prompt's own pass, not a repeat inside it (kvzip)
             self._layers_bar.update(1)
 
     def _before_forward(self, module, args) -> None:
-        self._started = time.perf_counter()
+        self._depth += 1
+        if self._depth == 1:
+            self._started = time.perf_counter()
 
     def token(self) -> None:
         """One more token queued (static decoding)."""
@@ -184,6 +187,9 @@ class _Progress:
             self.decode_seconds = time.perf_counter() - self._prefilled
 
     def _after_forward(self, module, args, kwargs, output) -> None:
+        self._depth -= 1
+        if self._depth:  # a forward the model runs inside one of the caller's (the reconstruction's repeat)
+            return
         seconds = time.perf_counter() - self._started
         self.forwards += 1
         if self.forwards == 1:
