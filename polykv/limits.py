@@ -2,7 +2,7 @@
 
 Each bound is far above what a real model or spec needs, and low enough that checking an input at
 the bound stays cheap in time and memory: a spec or a command that passes them cannot make polykv
-allocate without limit.
+allocate without limit. docs/limits.md lists them with the error each one gives.
 """
 
 #: Decoder layers of a model, from ``model layers N``, ``--layers N``, ``check(layers=N)`` or a model's
@@ -11,3 +11,39 @@ MAX_LAYERS = 10_000
 
 #: KV heads of a layer, from ``model layers N heads H``, ``--heads H``, ``check(heads=H)`` or a model's configuration.
 MAX_HEADS = 4_096
+
+#: Statements in a spec. A valid spec names each layer in one statement at most, so it has at most one
+#: rule per layer and three settings (``model layers``, ``budget``, ``solver``).
+MAX_STATEMENTS = MAX_LAYERS + 3
+
+#: Bytes of a spec file or text: a spec of MAX_STATEMENTS statements with a comment on each fits easily.
+MAX_SPEC_BYTES = 8 * 2**20
+
+#: Digits of a whole number written in a spec. Counts, indices and parameters need a handful; converting a
+#: longer literal costs time quadratic in its length (Python refuses past 4,300 digits).
+MAX_NUMBER_DIGITS = 100
+
+#: Errors about one spec reported in full; the others are counted, so a spec that is all errors is
+#: reported in time linear in its size, and readably.
+MAX_REPORTED_ERRORS = 100
+
+#: Bytes of a prompt file, read before the model loads: some 16 million tokens, past any model's context.
+MAX_PROMPT_BYTES = 64 * 2**20
+
+#: Bytes of prompt text per position of the model, checked before tokenizing: a token of real text is
+#: about 4 bytes, so a prompt longer than this cannot fit the model's positions.
+PROMPT_BYTES_PER_POSITION = 32
+
+#: Bytes of a profile or plan document: the bundled profile is 0.3 MB, one for 10,000 layers some 100 MB.
+MAX_DOCUMENT_BYTES = 256 * 2**20
+
+#: Bytes of a JSON-lines data file (``eval --data``, ``calibrate --data``): LongBench's largest task is
+#: some 60 MB.
+MAX_DATA_BYTES = 256 * 2**20
+
+#: Bytes of a model's ``config.json``: a configuration is a few kilobytes.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+#: Cells (layers kept whole x token units) of one table of the budget solver's dynamic programme: 2**22
+#: float64 cells are 32 MiB. Past it the solver counts tokens in coarser units (see plugins/knapsack.py).
+MAX_SOLVER_CELLS = 2**22

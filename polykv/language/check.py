@@ -20,7 +20,7 @@ from polykv.language.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.language.parse import parse_recovering
 from polykv.language.printer import format_budget
 from polykv.language.source import Span
-from polykv.limits import MAX_HEADS, MAX_LAYERS
+from polykv.limits import MAX_HEADS, MAX_LAYERS, MAX_REPORTED_ERRORS
 from polykv.parameters import Configurable, ParameterError
 from polykv.policy import Policy
 from polykv.registry import Registry, default_registry
@@ -159,7 +159,7 @@ def check(
     checker = _Checker(spec, registry, layers, layers_from, complete, windows, heads)
     checked = checker.run()
     if checker.diagnostics:
-        raise SpecError(_in_order(checker.diagnostics))
+        raise SpecError(_in_order(checker.diagnostics), checker.unreported)
     return checked
 
 
@@ -174,14 +174,15 @@ def check_text(
 ) -> CheckedSpec:
     """Parse and check ``text``, reporting syntax and semantic errors together."""
     spec, diagnostics = parse_recovering(text, source)
+    unreported = 0
     try:
         checked = check(
             spec, layers=layers, layers_from=layers_from, registry=registry, complete=not diagnostics, heads=heads
         )
     except SpecError as error:
-        diagnostics = diagnostics + list(error.diagnostics)
+        diagnostics, unreported = diagnostics + list(error.diagnostics), error.unreported
     if diagnostics:
-        raise SpecError(_in_order(diagnostics))
+        raise SpecError(_in_order(diagnostics), unreported)
     return checked
 
 
@@ -208,6 +209,7 @@ class _Checker:
         self.given_layers = layers
         self.layers_from = layers_from
         self.diagnostics: list[Diagnostic] = []
+        self.unreported = 0  # errors found past MAX_REPORTED_ERRORS: counted, not kept
 
     def error(
         self,
@@ -217,6 +219,9 @@ class _Checker:
         hint: str | None = None,
         notes: Iterable[Note] = (),
     ) -> None:
+        if len(self.diagnostics) >= MAX_REPORTED_ERRORS:
+            self.unreported += 1
+            return
         self.diagnostics.append(Diagnostic(code, message, span or self._file_start(), hint, tuple(notes)))
 
     def _file_start(self) -> Span | None:

@@ -17,6 +17,10 @@ import attrs
 
 from polykv.errors import PolykvError
 from polykv.language.source import Span
+from polykv.limits import MAX_REPORTED_ERRORS
+
+#: Characters of a source line an excerpt shows, and how many of them come before the span.
+EXCERPT_WIDTH, EXCERPT_CONTEXT = 120, 40
 
 
 @attrs.frozen
@@ -75,32 +79,49 @@ def _located(span: Span | None, severity: str, message: str) -> str:
 
 
 def _excerpt(span: Span | None) -> list[str]:
-    """The span's first line with a caret row under the span (to the end of that line)."""
+    """The span's first line with a caret row under the span (to the end of that line); of a long
+    line, the EXCERPT_WIDTH characters from a little before the span."""
     if span is None:
         return []
     text = span.source.line(span.line).expandtabs(1)
     width = max(1, span.end_column - span.column) if span.end_line == span.line else max(1, len(text) - span.column + 1)
+    column = span.column
+    if len(text) > EXCERPT_WIDTH:
+        first = max(0, column - 1 - EXCERPT_CONTEXT)
+        shown = text[first : first + EXCERPT_WIDTH]
+        prefix = "..." if first else ""
+        text = prefix + shown + ("..." if first + EXCERPT_WIDTH < len(text) else "")
+        column = column - first + len(prefix)
+        width = min(width, len(shown) - (column - 1 - len(prefix)))
     gutter = str(span.line)
     pad = " " * len(gutter)
     return [
         f"    {gutter} | {text}",
-        f"    {pad} | {' ' * (span.column - 1)}{'^' * width}",
+        f"    {pad} | {' ' * (column - 1)}{'^' * max(1, width)}",
     ]
 
 
 class SpecError(PolykvError):
-    """Everything wrong with a spec, collected: nothing else escapes parsing or checking."""
+    """Everything wrong with a spec, collected: nothing else escapes parsing or checking.
 
-    def __init__(self, diagnostics: Sequence[Diagnostic]):
+    The first MAX_REPORTED_ERRORS diagnostics are kept; ``unreported`` counts the others, so a spec
+    that is all errors is reported in time and space linear in its size.
+    """
+
+    def __init__(self, diagnostics: Sequence[Diagnostic], unreported: int = 0):
         if not diagnostics:
             raise ValueError("a SpecError carries at least one diagnostic")
-        self.diagnostics: tuple[Diagnostic, ...] = tuple(diagnostics)
+        self.diagnostics: tuple[Diagnostic, ...] = tuple(diagnostics[:MAX_REPORTED_ERRORS])
+        self.unreported = unreported + len(diagnostics) - len(self.diagnostics)
         super().__init__(self.format())
 
     def format(self) -> str:
-        count = len(self.diagnostics)
-        summary = f"{count} error{'s' if count > 1 else ''} in spec"
-        return "\n\n".join([d.format() for d in self.diagnostics] + [summary])
+        count = len(self.diagnostics) + self.unreported
+        parts = [d.format() for d in self.diagnostics]
+        if self.unreported:
+            parts.append(f"... and {self.unreported:,} more error{'s' if self.unreported > 1 else ''} like these")
+        parts.append(f"{count:,} error{'s' if count > 1 else ''} in spec")
+        return "\n\n".join(parts)
 
 
 def suggest(name: str, known: Iterable[str]) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib.resources
-import itertools
 import json
 import math
 from pathlib import Path
@@ -21,9 +20,12 @@ from lark import Token, Transformer, v_args
 
 from polykv.arguments import instance
 from polykv.errors import ArgumentTypeError
+from polykv.files import UnreadableFile
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
-from polykv.language.source import Source, Span, UnreadableSource, read_source
+from polykv.language.source import Source, Span, read_source
+from polykv.language.statements import Statements
+from polykv.limits import MAX_NUMBER_DIGITS, MAX_STATEMENTS
 
 #: Syntax errors reported before parsing gives up on a text.
 MAX_SYNTAX_ERRORS = 50
@@ -71,29 +73,35 @@ def load(path: str | Path) -> ast.Spec:
 def _read(path: str | Path) -> tuple[str, str]:
     try:
         source = read_source(path)
-    except UnreadableSource as error:
+    except UnreadableFile as error:
         raise SpecError([Diagnostic("unreadable-file", str(error))]) from None
     return source.text, source.name
 
 
 def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, list[Diagnostic]]:
-    """Parse as much of ``text`` as possible: the spec of the statements that parse, and the syntax errors."""
+    """Parse as much of ``text`` as possible: the spec of the statements that parse, and the errors.
+
+    After a syntax error the parser blanks the statement it is in and goes on from that statement,
+    so the text is parsed about twice in all, however many errors it has.
+    """
     src = Source(source, text)
+    statements = Statements.of(text)
+    if statements.count() > MAX_STATEMENTS:
+        return ast.Spec(source_name=source), [_too_many_statements(src, statements)]
     diagnostics: list[Diagnostic] = []
-    working = text
+    working, start = text, 0  # the text before ``start`` is known to parse
     while True:
         comments: list[Token] = []
         token = _COMMENTS.set(comments)
         try:
-            tree = lark_parser().parse(working)
-            return _Builder(src, comments).build(tree), diagnostics
-        except (lark.UnexpectedInput, lark.exceptions.VisitError) as error:
-            diagnostic, offset = _diagnostic(error, src, working)
+            tree = lark_parser().parse(working[start:])
+        except lark.UnexpectedInput as error:
+            diagnostic, offset = _syntax_diagnostic(error, src, working, start)
             diagnostics.append(diagnostic)
-            blanked = _blank_statement(working, offset)
-            if blanked == working:  # nothing left to take out: report what was found
+            first, end = statements.bounds(offset)
+            if not working[first:end].strip():  # nothing left to take out: report what was found
                 return ast.Spec(source_name=source), diagnostics
-            if len(diagnostics) == MAX_SYNTAX_ERRORS:  # each retry parses the whole text: stop in time
+            if len(diagnostics) == MAX_SYNTAX_ERRORS:
                 diagnostics.append(
                     Diagnostic(
                         "too-many-errors",
@@ -103,9 +111,25 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
                     )
                 )
                 return ast.Spec(source_name=source), diagnostics
-            working = blanked
+            working, start = working[:first] + " " * (end - first) + working[end:], first
+            continue
         finally:
             _COMMENTS.reset(token)
+        if start == 0:
+            spec, invalid = _Builder(src, comments).build(tree)
+            return spec, sorted(diagnostics + invalid, key=lambda d: d.span.start)
+        start = 0  # every error is blanked: parse the whole text once more, for its tree
+
+
+def _too_many_statements(src: Source, statements: Statements) -> Diagnostic:
+    offset = statements.start_of(MAX_STATEMENTS)
+    return Diagnostic(
+        "too-many-statements",
+        f"a spec has at most {MAX_STATEMENTS:,} statements (one per layer and three settings); "
+        f"this one has {statements.count():,}",
+        Span.at(src, offset, offset + 1),
+        hint="name runs of layers in one statement (`layers 0-31: snapkv@256`) or use `*`",
+    )
 
 
 # --- syntax errors in words a user knows ----------------------------------------------------------
@@ -215,20 +239,10 @@ class _Invalid(Exception):
         self.hint = hint
 
 
-def _diagnostic(error: Exception, src: Source, working: str) -> tuple[Diagnostic, int]:
-    """The diagnostic for ``error`` and the offset its statement is found at."""
-    if isinstance(error, lark.exceptions.VisitError):
-        if not isinstance(error.orig_exc, _Invalid):
-            raise error.orig_exc
-        invalid = error.orig_exc
-        span = Span.at(src, invalid.token.start_pos, invalid.token.end_pos)
-        return Diagnostic("syntax", str(invalid), span, hint=invalid.hint), invalid.token.start_pos
-    return _syntax_diagnostic(error, src, working)
-
-
-def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -> tuple[Diagnostic, int]:
+def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str, start: int) -> tuple[Diagnostic, int]:
+    """The diagnostic for ``error``, raised parsing ``working[start:]``, and the offset it is at in ``working``."""
     if isinstance(error, lark.UnexpectedCharacters):
-        offset = error.pos_in_stream
+        offset = start + error.pos_in_stream
         char = working[offset]
         expected = set(error.allowed or ())
         message = f"unexpected character {char!r}"
@@ -244,8 +258,8 @@ def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -
             offset = len(working)
             span = Span.at(src, offset, offset)
         else:
-            offset = token.start_pos
-            end = token.end_pos if token.type != "_SEP" or token.value == ";" else offset + 1
+            offset = start + token.start_pos
+            end = start + token.end_pos if token.type != "_SEP" or token.value == ";" else offset + 1
             span = Span.at(src, offset, max(end, offset + 1) if token.value != "\n" else offset + 1)
         message = f"unexpected {_token_words(token)}; expected {_expected_words(expected)}"
         return Diagnostic("syntax", message, span, hint=_hint(token.type, expected)), offset
@@ -254,41 +268,6 @@ def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str) -
         message = f"unexpected end of input; expected {_expected_words(set(error.expected))}"
         return Diagnostic("syntax", message, Span.at(src, offset, offset)), offset
     raise error
-
-
-def _blank_statement(text: str, offset: int) -> str:
-    """``text`` with the statement around ``offset`` replaced by spaces (newlines kept, so positions hold)."""
-    start, end = _statement_bounds(text, offset)
-    return text[:start] + " " * (end - start) + text[end:]
-
-
-def _statement_bounds(text: str, offset: int) -> tuple[int, int]:
-    """The statement containing ``offset``: between the separators around it, outside strings and comments.
-
-    An offset on a `;` belongs to the statement that the `;` ends.
-    """
-    line_start = text.rfind("\n", 0, offset) + 1
-    line_end = text.find("\n", offset)
-    line_end = len(text) if line_end == -1 else line_end
-    separators = [line_start - 1]
-    in_string = escaped = False
-    for position in range(line_start, line_end):
-        char = text[position]
-        if in_string:
-            escaped = not escaped and char == "\\"
-            in_string = escaped or char != '"'
-        elif char == '"':
-            in_string = True
-        elif char == "#":
-            line_end = position
-            break
-        elif char == ";":
-            separators.append(position)
-    separators.append(line_end)
-    for left, right in itertools.pairwise(separators):
-        if left < offset <= right:
-            return left + 1, right
-    return line_start, line_end
 
 
 # --- parse tree to syntax tree ------------------------------------------------------------------
@@ -312,7 +291,7 @@ class _ToAst(Transformer):
         return list(statements)
 
     def model_layers(self, meta, count: Token, *heads: Token):
-        return ast.ModelLayers(int(count), heads=int(heads[-1]) if heads else None, span=self._span(meta))
+        return ast.ModelLayers(_whole(count), heads=_whole(heads[-1]) if heads else None, span=self._span(meta))
 
     def budget_decl(self, meta, *children):
         total = len(children) == 2
@@ -327,10 +306,11 @@ class _ToAst(Transformer):
         )
 
     def tokens(self, meta, count: Token):
-        return ast.Tokens(int(count), span=self._span(meta))
+        return ast.Tokens(_whole(count), span=self._span(meta))
 
     def percent(self, meta, value: Token):
-        return ast.Percent(_finite(_number(value.value[:-1]), value, "percentage"), span=self._span(meta))
+        number = float(value[:-1]) if "." in value else _whole(value, value[:-1])
+        return ast.Percent(_finite(number, value, "percentage"), span=self._span(meta))
 
     def auto_budget(self, meta, _auto: Token):
         return ast.AutoBudget(span=self._span(meta))
@@ -350,10 +330,10 @@ class _ToAst(Transformer):
         return ast.LayerList(items, span=self._span(meta))
 
     def layer_index(self, meta, index: Token):
-        return ast.LayerIndex(int(index), span=self._span(meta))
+        return ast.LayerIndex(_whole(index), span=self._span(meta))
 
     def layer_range(self, meta, start: Token, stop: Token):
-        return ast.LayerRange(int(start), int(stop), span=self._span(meta))
+        return ast.LayerRange(_whole(start), _whole(stop), span=self._span(meta))
 
     def policy_use(self, meta, policy, *rest):
         name, candidates, name_span = policy
@@ -378,7 +358,7 @@ class _ToAst(Transformer):
         return ast.Parameter(str(name), literal, span=self._span(meta), value_span=value_span)
 
     def integer(self, meta, token: Token):
-        return int(token), self._token_span(token)
+        return _whole(token), self._token_span(token)
 
     def real(self, meta, token: Token):
         return _finite(float(token), token, "number"), self._token_span(token)
@@ -391,6 +371,20 @@ class _ToAst(Transformer):
 
     def false(self, meta, token: Token):
         return False, self._token_span(token)
+
+
+def _whole(token: Token, text: str | None = None) -> int:
+    """The integer ``token`` writes (``text``: the digits of it), refused before conversion past MAX_NUMBER_DIGITS."""
+    text = str(token) if text is None else text
+    digits = len(text.lstrip("-"))
+    if digits > MAX_NUMBER_DIGITS:
+        raise _Invalid(
+            f"a whole number of {digits:,} digits is too long: a spec's whole numbers have at most "
+            f"{MAX_NUMBER_DIGITS} digits",
+            token,
+            hint="write the count, index or value you mean; every one polykv takes has a few digits",
+        )
+    return int(text)
 
 
 def _finite(value: int | float, token: Token, what: str) -> int | float:
@@ -409,10 +403,6 @@ def _policy_name(token: Token) -> str:
     return str(token)
 
 
-def _number(text: str) -> int | float:
-    return float(text) if "." in text else int(text)
-
-
 class _Builder:
     """Turns the parse tree into a Spec, placing comments and paragraph breaks between statements."""
 
@@ -420,8 +410,9 @@ class _Builder:
         self._source = source
         self._comments = comments
 
-    def build(self, tree: lark.Tree) -> ast.Spec:
-        statements = _ToAst(self._source).transform(tree) if tree.children else []
+    def build(self, tree: lark.Tree) -> tuple[ast.Spec, list[Diagnostic]]:
+        """The spec, and the diagnostics of statements that parse but hold an invalid token (left out)."""
+        statements, invalid = self._statements(tree)
         statement_ends = {s.span.end_line for s in statements}
         last_on_line = {s.span.end_line: s for s in statements}
         trailing: dict[int, str] = {}
@@ -445,4 +436,19 @@ class _Builder:
                 items.append(ast.BlankLine())
             items.append(item)
             previous_end = end_line
-        return ast.Spec(tuple(items), source_name=self._source.name)
+        return ast.Spec(tuple(items), source_name=self._source.name), invalid
+
+    def _statements(self, tree: lark.Tree) -> tuple[list[ast.Statement], list[Diagnostic]]:
+        """Each statement built on its own, so that an invalid token costs its statement only."""
+        transformer = _ToAst(self._source)
+        statements, invalid = [], []
+        for child in tree.children:
+            try:
+                statements.append(transformer.transform(child))
+            except lark.exceptions.VisitError as error:
+                if not isinstance(error.orig_exc, _Invalid):
+                    raise error.orig_exc from None
+                found = error.orig_exc
+                span = Span.at(self._source, found.token.start_pos, found.token.end_pos)
+                invalid.append(Diagnostic("syntax", str(found), span, hint=found.hint))
+        return statements, invalid

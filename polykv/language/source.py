@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import bisect
 import functools
-import sys
 from pathlib import Path
 
 import attrs
 
-#: The largest spec polykv reads (a spec of 100,000 statements is about 3 MB).
-MAX_BYTES = 8 * 2**20
-
-
-class UnreadableSource(Exception):
-    """A spec file (or standard input) that cannot be read as a spec; the message names it."""
+from polykv.files import STDIN, read_text
+from polykv.limits import MAX_SPEC_BYTES
 
 
 @attrs.frozen
@@ -77,23 +72,8 @@ class Span:
 def read_source(name: str | Path) -> Source:
     """The spec in file ``name`` (``-`` for standard input), as UTF-8 text without a byte-order mark.
 
-    Raises UnreadableSource, worded ``NAME: cannot read: REASON``, for a missing file, a folder,
-    bytes that are not UTF-8, or more than MAX_BYTES (``/dev/zero`` included).
+    Raises UnreadableFile, worded ``NAME: cannot read: REASON``, for a missing file, a folder, a
+    closed standard input, bytes that are not UTF-8, or more than MAX_SPEC_BYTES (``/dev/zero`` included).
     """
-    shown = "<stdin>" if str(name) == "-" else str(name)
-    try:
-        if str(name) == "-":
-            stream = getattr(sys.stdin, "buffer", None)
-            data = stream.read(MAX_BYTES + 1) if stream else sys.stdin.read(MAX_BYTES + 1).encode("utf-8")
-        else:
-            with Path(name).open("rb") as file:
-                data = file.read(MAX_BYTES + 1)
-    except OSError as error:
-        raise UnreadableSource(f"{shown}: cannot read: {error.strerror or error}") from None
-    if len(data) > MAX_BYTES:
-        raise UnreadableSource(f"{shown}: cannot read: larger than {MAX_BYTES // 2**20} MiB, too large for a spec")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UnreadableSource(f"{shown}: cannot read: not UTF-8 text (byte {error.start})") from None
-    return Source(shown, text)
+    text = read_text(name, limit=MAX_SPEC_BYTES, what="spec")
+    return Source(STDIN if str(name) == "-" else str(name), text)

@@ -11,11 +11,12 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from polykv.files import UnreadableFile
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.parse import parse_recovering
 from polykv.language.printer import format_budget, format_selector, layer_ranges, layer_runs, print_spec
-from polykv.language.source import UnreadableSource, read_source
+from polykv.language.source import read_source
 from polykv.values import format_use
 
 if TYPE_CHECKING:  # checking needs the installed policies, which import torch: fmt does without
@@ -43,7 +44,7 @@ def validate(args: argparse.Namespace) -> int:
             checked = check_text(
                 source.text, source.name, layers=layers, layers_from=layers_from, registry=registry, heads=heads
             )
-        except UnreadableSource as error:
+        except UnreadableFile as error:
             results.append((name, None, SpecError([Diagnostic("unreadable-file", str(error))])))
         except SpecError as error:
             results.append((source.name, None, error))
@@ -120,7 +121,8 @@ def _solver_statement(solver: SolverChoice) -> str:
 
 def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None) -> dict:
     if error is not None:
-        return {"file": name, "ok": False, "errors": [d.to_dict() for d in error.diagnostics]}
+        errors = [d.to_dict() for d in error.diagnostics]
+        return {"file": name, "ok": False, "errors": errors, "unreported_errors": error.unreported}
     result: dict = {"file": name, "ok": True, "layer_count": checked.layer_count}
     decl = checked.budget
     result["budget"] = None if decl is None else {"total": decl.total, **_budget_json(decl.amount)}
@@ -188,7 +190,7 @@ def fmt(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
             source = read_source(name)
-        except UnreadableSource as error:
+        except UnreadableFile as error:
             print(f"polykv: error: {error}", file=sys.stderr)
             status = 1
             continue
