@@ -8,8 +8,10 @@ and says what went wrong in the system's words.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -65,20 +67,34 @@ def read_text(path: str | os.PathLike, *, limit: int, what: str = "file") -> str
         raise UnreadableFile(f"{shown}: cannot read: not UTF-8 text (byte {error.start})") from None
 
 
-def write_text(path: str | os.PathLike, text: str, *, option: str | None = None) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it), or raise
-    UnwritableFile naming the path (and ``option``, the command-line option that gave it)."""
+    UnwritableFile naming the path: a full disk never leaves half a file. A path that is not a regular
+    file (``/dev/stdout``, a pipe) is written to in place."""
     path = Path(path)
-    named = f"{option} {path}" if option else str(path)
     if path.is_dir():
-        raise UnwritableFile(f"{named}: is a folder; name a file to write")
+        raise UnwritableFile(f"{path}: cannot write: it is a folder; name a file")
+    if path.exists() and not path.is_file():
+        with writing(path), path.open("w", encoding="utf-8") as file:
+            file.write(text)
+        return
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        with writing(path):
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, an OSError (a full disk, no permission) is an UnwritableFile naming ``path``."""
+    try:
+        yield
     except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise UnwritableFile(f"{named}: cannot write: {error.strerror or error}") from None
+        raise UnwritableFile(f"{path}: cannot write: {error.strerror or error}") from None
 
 
 def _too_large(shown: str, limit: int, what: str) -> str:

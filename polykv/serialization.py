@@ -110,8 +110,8 @@ def loads(text: str | bytes, cls: type[T], *, format: int, what: str, source: st
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise FormatError(f"{source}:{error.lineno}:{error.colno}: not JSON: {error.msg}") from None
-    except (TypeError, UnicodeDecodeError) as error:
-        raise FormatError(f"{source}: not JSON text: {error}") from None
+    except (TypeError, ValueError) as error:  # ValueError: not UTF-8, or a number past the int-to-string limit
+        raise FormatError(f"{source}: not JSON text polykv reads: {error}") from None
     return structure(data, cls, format=format, what=what, source=source)
 
 
@@ -139,6 +139,8 @@ def _first_problem(error: Exception) -> str:
     problems = cattrs.transform_error(error, path="$", format_exception=_described)
     message, _, path = problems[0].rpartition(" @ ")
     extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if message.startswith(f"{path}."):  # a record's own check names the field's path already
+        return f"{message}{extra}"
     return f"{path}: {message}{extra}"
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import attrs
 
 from polykv.errors import PolykvError
+from polykv.files import read_text
+from polykv.limits import MAX_DATA_BYTES
 from polykv.tasks.tasks import Sample, make
 
 #: The default calibration: tasks (with their formats), samples of each, prompt tokens, policies, budgets.
@@ -55,17 +57,14 @@ def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH
 def read_samples(path: Path, tokenizer) -> list[Sample]:
     """Calibration samples from JSON lines with ``task``, ``context`` and ``continuation`` texts."""
     found = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolykvError(f"{path}: cannot read the calibration data: {error}") from None
+    lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             task, context, continuation = record["task"], record["context"], record["continuation"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError) as error:  # ValueError: not JSON, or past the int-to-string limit
             raise PolykvError(
                 f"{path}:{number}: expected a JSON object with task, context and continuation ({error})"
             ) from None

@@ -1,7 +1,8 @@
 """The ``polykv`` command line: every command and its arguments; what each does is in ``polykv.cli.commands``.
 
-Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed), 2 for
-a wrong command line, 130 when interrupted. Errors are messages, never tracebacks; set
+Exit status: 0 on success, 1 when a spec or an input has errors (all of them are printed) or the
+output cannot be written, 2 for a wrong command line, 130 when interrupted, 141 (as if killed by
+SIGPIPE) when the reader of the output went away. Errors are messages, never tracebacks; set
 ``POLYKV_DEBUG=1`` to see the traceback of an internal error. Arguments are checked here, before
 a command imports torch or loads a model. What polykv logs as a warning (a plugin it skipped) is
 one line on standard error: ``polykv: skipped plugin polykv-x: why``.
@@ -10,10 +11,12 @@ one line on standard error: ``polykv: skipped plugin polykv-x: why``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger = logging.getLogger("polykv")
     if _STDERR not in logger.handlers:
         logger.addHandler(_STDERR)
+    stdout, sys.stdout = sys.stdout, _CheckedOutput(sys.stdout)
     try:
         module, _, function = args.run.partition(":")
-        return getattr(importlib.import_module(module), function)(args)
+        status = getattr(importlib.import_module(module), function)(args)
+        sys.stdout.flush()  # a full disk shows here, while errors are still reported
+        return status
+    except BrokenPipeError:  # the reader went away (`polykv validate spec.pkv | head -1`): end quietly
+        _discard_output(stdout)
+        return 128 + signal.SIGPIPE
     except SpecError as error:
         print(error.format(), file=sys.stderr)
         return 1
@@ -60,6 +69,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        sys.stdout = stdout
+
+
+class OutputError(PolykvError):
+    """Standard output cannot be written: a full disk, a closed stream."""
+
+
+class _CheckedOutput:
+    """Standard output whose failures are user errors: a full disk or a closed stream is an OutputError
+    naming standard output; a closed pipe stays a BrokenPipeError, which ends the command quietly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._checked(lambda: self._stream.write(text))
+
+    def flush(self) -> None:
+        if self._stream is not None:  # a closed stream that was never written to is no error
+            self._checked(lambda: self._stream.flush())
+
+    def _checked(self, action):
+        if self._stream is None:
+            raise OutputError("cannot write to standard output: it is closed")
+        try:
+            return action()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as error:  # ValueError: writing to a closed file
+            raise OutputError(f"cannot write to standard output: {getattr(error, 'strerror', None) or error}") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _discard_output(stdout) -> None:
+    """Point standard output at /dev/null, so that flushing it at exit fails no more."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # not a file (a test's capture): nothing to do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
 
 
 class _Stderr(logging.Handler):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from polykv.evaluation.runner import SINGLES
 from polykv.evaluation.scoring import bootstrap_recovery
+from polykv.files import writing
 from polykv.harness.scorer import Record
 
 FULL = "full"
@@ -137,7 +138,8 @@ def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
     axes[1].legend(fontsize=7)
     figure.tight_layout()
     path = folder / f"score_vs_budget{suffix}.png"
-    figure.savefig(path, dpi=120)
+    with writing(path):
+        figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -160,7 +162,8 @@ def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
     axis.legend(fontsize=8)
     figure.tight_layout()
     path = folder / f"recovery{suffix}.png"
-    figure.savefig(path, dpi=120)
+    with writing(path):
+        figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)
     return written

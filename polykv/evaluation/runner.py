@@ -30,6 +30,7 @@ from tqdm import tqdm
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction
 from polykv.errors import PolykvError
+from polykv.files import writing
 from polykv.harness.processes import ONE, Processes
 from polykv.harness.scorer import Record, Scorer, by_group, needs_of
 from polykv.language.diagnostics import SpecError
@@ -102,9 +103,11 @@ def run(
         raise PolykvError(f"setting {unknown[0]!r}: settings are {', '.join(SETTINGS)}")
     path = out / RESULTS
     if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
     done = processes.from_main(lambda: {record.key: record for record in read(path)})  # all agree on what is left
-    sink = path.open("a", encoding="utf-8") if processes.main else contextlib.nullcontext()
+    with writing(path):
+        sink = path.open("a", encoding="utf-8") if processes.main else contextlib.nullcontext()
     with prepared(model), sink:  # give the model back as it was
         plans = {setting: _plans(model, methods, budgets, profile, tokenizer, setting) for setting in settings}
         cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
@@ -146,10 +149,12 @@ def run(
                     if record.key not in done:
                         done[record.key] = record
                         if processes.main:
-                            sink.write(json.dumps(attrs.asdict(record)) + "\n")
+                            with writing(path):
+                                sink.write(json.dumps(attrs.asdict(record)) + "\n")
                         bar.update(1)
                 if processes.main:
-                    sink.flush()
+                    with writing(path):
+                        sink.flush()
     return list(done.values())
 
 

@@ -28,10 +28,11 @@ import torch
 
 from polykv.cache.positions import prompt_positions
 from polykv.cache.reconstruction import Reconstruction
+from polykv.errors import PolykvError
 from polykv.harness.capture import Capture, capture
 from polykv.harness.divergence import kl_divergence, negative_log_likelihood
 from polykv.model import attention_modules
-from polykv.model.describe import cache_argument
+from polykv.model.describe import cache_argument, positions
 from polykv.plan.plan import Plan
 from polykv.policy import Needs, Policy
 from polykv.tasks.tasks import Sample
@@ -103,6 +104,7 @@ class Scorer:
         self._question, self._question_mask = questions, asked
         inputs = torch.cat([questions, self.targets[:, :-1]], dim=1)
         room = inputs.shape[1] + (self.steps if tokenizer is not None else 0)
+        _check_positions(model, samples, [len(tokens) for tokens in compressed], room)
         self.captured: Capture = capture(
             model, ids, self.mask, needs=needs, room=room, hidden=hidden, reconstruction=reconstruction
         )
@@ -285,3 +287,15 @@ def group_sizes(samples: Sequence[Sample]) -> Mapping[str, int]:
     for sample in samples:
         found[sample.group] = found.get(sample.group, 0) + 1
     return found
+
+
+def _check_positions(model: torch.nn.Module, samples: Sequence[Sample], lengths: Sequence[int], room: int) -> None:
+    """Refuse, before any forward, a sample whose compressed prompt (``lengths``) and the tokens after it need
+    more positions than the model has."""
+    most = positions(model)
+    length, longest = max(zip(lengths, samples), key=lambda pair: pair[0])
+    if most is not None and length + room > most:
+        raise PolykvError(
+            f"sample {longest.group} {longest.seed}: its {length:,} prompt tokens and {room} tokens after them "
+            f"need {length + room:,} positions; the model has {most:,} (max_position_embeddings)"
+        )

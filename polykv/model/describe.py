@@ -139,6 +139,12 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     }
 
 
+def positions(model) -> int | None:
+    """The most positions the model was made for (``max_position_embeddings``), or None when it does not say."""
+    found = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
+
+
 def kernel_name(model) -> str:
     """The attention kernel the model runs (``sdpa`` or ``eager``), with or without polykv."""
     return model.config._attn_implementation.removeprefix(PREFIX)

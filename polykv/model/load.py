@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 
 from polykv.errors import ModelError
+from polykv.limits import MAX_CONFIG_BYTES, MAX_LAYERS
 from polykv.model import converted
 from polykv.model.describe import model_name
 
@@ -88,7 +89,10 @@ def locate(path: str | Path) -> ModelLocation:
         return _known(ModelLocation(path.parent, path.name))
     if not path.is_dir():
         raise ModelError(f"{path}: no such model directory (the bundled model is called {DEFAULT!r})")
-    if (path / "config.json").is_file():
+    config = path / "config.json"
+    if config.is_file():
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelError(f"{config}: larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a configuration")
         return ModelLocation(path)
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -110,23 +114,43 @@ def _known(location: ModelLocation) -> ModelLocation:
 
 def layer_count(path: ModelLocation | str | Path) -> int:
     """The number of decoder layers of the model at ``path``, read from its configuration only."""
-    return _text_config(path).num_hidden_layers
+    return configuration(path).get_text_config().num_hidden_layers
 
 
 def kv_head_count(path: ModelLocation | str | Path) -> int:
     """The number of KV heads per layer of the model at ``path``, read from its configuration only."""
-    config = _text_config(path)
+    config = configuration(path).get_text_config()
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def _text_config(path: ModelLocation | str | Path):
+def configuration(path: ModelLocation | str | Path):
+    """The model's configuration (transformers' ``PretrainedConfig``), its layer count checked."""
     from transformers import AutoConfig
 
     location = path if isinstance(path, ModelLocation) else locate(path)
     with _reading(location, "cannot read the configuration of"):
         readable = location.readable()
-        config = AutoConfig.from_pretrained(readable.directory, **readable.loading_arguments())
-    return config.get_text_config()
+        try:
+            config = AutoConfig.from_pretrained(readable.directory, **readable.loading_arguments())
+        except (ImportError, OSError, ValueError):
+            raise
+        except Exception as error:  # whatever a configuration holds, failing to read it is the model's
+            raise ValueError(" ".join(str(error).split())) from None  # transformers' validation errors span lines
+    checked_layer_count(config, location)
+    return config
+
+
+def checked_layer_count(config, location: ModelLocation) -> int:
+    """``num_hidden_layers`` of ``config``, refused unless a whole number from 1 to MAX_LAYERS (before a
+    model of a billion layers is built, or a negative count reaches transformers)."""
+    count = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_LAYERS:
+        where = location.directory / "config.json" if location.gguf_file is None else location.name
+        raise ModelError(
+            f"{where}: num_hidden_layers is a whole number from 1 to {MAX_LAYERS:,} (the layers polykv works "
+            f"with), got {count!r}"
+        )
+    return count
 
 
 def load_model(
@@ -154,9 +178,11 @@ def load_weights(
     from transformers import AutoModelForCausalLM
 
     source = _loadable(location)
+    config = configuration(source)  # its layer count checked before a model is built
     with _reading(source, "cannot load"):
         model = AutoModelForCausalLM.from_pretrained(
             source.directory,
+            config=config,
             dtype=getattr(torch, dtype) if dtype else None,
             attn_implementation=attn_implementation,
             **source.loading_arguments(),

@@ -14,7 +14,6 @@ import importlib.resources
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -22,6 +21,8 @@ import torch
 
 from polykv import serialization
 from polykv.errors import PolykvError
+from polykv.files import UnreadableFile, read_bytes, write_text
+from polykv.limits import MAX_DOCUMENT_BYTES
 from polykv.model import ModelInfo, describe_model
 from polykv.serialization import Loss
 from polykv.values import SETTINGS, Value
@@ -154,14 +155,15 @@ class Profile:
             raise ProfileError(str(error)) from None
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        """Write the profile to ``path``, whole or not at all (UnwritableFile names the path)."""
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
         try:
-            text = Path(path).read_bytes()
-        except OSError as error:
-            raise ProfileError(f"{path}: cannot read the profile: {error.strerror or error}") from None
+            text = read_bytes(path, limit=MAX_DOCUMENT_BYTES, what="profile")
+        except UnreadableFile as error:
+            raise ProfileError(str(error).replace(": cannot read:", ": cannot read the profile:", 1)) from None
         return cls.from_json(text, source=str(path))
 
 

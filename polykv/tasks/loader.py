@@ -21,16 +21,15 @@ import json
 from pathlib import Path
 
 from polykv.errors import PolykvError
-from polykv.tasks.tasks import Sample
+from polykv.files import read_text
+from polykv.limits import MAX_DATA_BYTES
+from polykv.tasks.tasks import Sample, need_chat_template
 
 
 def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: int | None = None) -> list[Sample]:
     """The samples in ``path``; a malformed line is an error naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PolykvError(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}") from None
+    lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
     samples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -39,6 +38,8 @@ def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: 
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
+        except ValueError as error:  # a number past Python's int-to-string limit
+            raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
         if not isinstance(record, dict):
             raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         samples.append(_sample(record, path, number, tokenizer, format, max_length))
@@ -62,6 +63,7 @@ def _sample(record: dict, path: Path, number: int, tokenizer, format: str, max_l
         raise PolykvError(f"{where}: `input` must be a text")
     text = f"{context}\n\n{question}".strip()
     if format == "chat":
+        need_chat_template(tokenizer)
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
         )

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from polykv.errors import ArgumentError
 from polykv.tasks.text import SPLITS, paragraphs
 
 TASKS = ("passkey", "niah", "multikey", "multivalue", "vartrack", "copy", "continue")
@@ -88,9 +89,21 @@ def make(task: str, tokenizer, *, length: int, seed: int, split: str = "evaluati
         raise ValueError(f"split is one of {', '.join(SPLITS)}, not {split!r}")
     if task == "continue" and format != "raw":
         raise ValueError("continue is a raw task: it continues a document, with no question to wrap")
+    if format == "chat":
+        need_chat_template(tokenizer)
     rng = random.Random(f"{split}/{task}/{format}/{seed}")
     builder = _Builder(tokenizer, split, format, rng)
     return _BUILDERS[task](builder, length, (task, format, seed, split))
+
+
+def need_chat_template(tokenizer) -> None:
+    """Refuse a tokenizer whose chat template is missing (None) for the chat format: transformers' own
+    error is no hint. A tokenizer without the attribute is left to its ``apply_chat_template``."""
+    if hasattr(tokenizer, "chat_template") and not tokenizer.chat_template:
+        raise ArgumentError(
+            "the chat format (TASK:chat) needs the model's chat template, and its tokenizer has none: "
+            "use raw tasks, or a model with a chat template"
+        )
 
 
 def samples(

@@ -11,6 +11,7 @@ from polykv.cli.commands import setup
 from polykv.errors import PolykvError
 from polykv.harness.processes import joined
 from polykv.registry import default_registry
+from polykv.tasks.tasks import CONTINUATION
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
         if processes.main:
             print(f"loading {location.name}", file=sys.stderr)
         model, tokenizer = load_model(location, device=device)
+        if not args.data:
+            extra = CONTINUATION + 2  # the scored tokens after a prompt, and a little for answers
+            setup.within_positions(
+                model, args.length + extra, f"--length {args.length:,}: prompts and {extra} tokens after them"
+            )
         tune_on = []
         if args.data:
             samples, data = read_samples(args.data, tokenizer), str(args.data)

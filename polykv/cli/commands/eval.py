@@ -15,6 +15,7 @@ import sys
 from polykv.cli.commands import setup
 from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
 from polykv.errors import PolykvError
+from polykv.files import write_text
 
 #: A small run, for the test suite and a first look.
 QUICK = {
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from polykv.harness.processes import joined
     from polykv.model import load_model
     from polykv.tasks.loader import read_jsonl
-    from polykv.tasks.tasks import FORMATS, TASKS, samples
+    from polykv.tasks.tasks import CONTINUATION, FORMATS, TASKS, samples
 
     chosen_tasks = args.tasks or (QUICK["tasks"] if args.quick else EVAL_TASKS)
     parsed = []
@@ -48,12 +49,14 @@ def run(args: argparse.Namespace) -> int:
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
     chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
-    setup.writable(args.out, "--out")  # the folder itself is made when missing
+    setup.writable(args.out, "--out", folder=True)  # the folder itself is made when missing
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches
         location = setup.model_location(args)
         if processes.main:
             print(f"loading {location.name}", file=sys.stderr)
         model, tokenizer = load_model(location, device=device)
+        extra = CONTINUATION + 2  # the scored tokens after a prompt, and a little for answers
+        setup.within_positions(model, length + extra, f"--length {length:,}: prompts and {extra} tokens after them")
         if args.data:
             chosen = read_jsonl(args.data, tokenizer, max_length=length)
             parsed = sorted({(s.task, s.format) for s in chosen})
@@ -95,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
         data["settings"] = {**settings, "setting": setting}
         suffix = "" if setting == "question" else f"-{setting}"
         sections.append(f"## {SETTING_TITLES[setting]}\n\n{markdown(data)}")
-        (args.out / f"summary{suffix}.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        write_text(args.out / f"summary{suffix}.json", json.dumps(data, indent=1) + "\n")
         written.append(args.out / f"summary{suffix}.json")
         written += plots(data, args.out, suffix=suffix)
     text = "\n".join(sections)
-    (args.out / "report.md").write_text(text, encoding="utf-8")
+    write_text(args.out / "report.md", text)
     print(text)
     print(f"wrote {args.out / 'report.md'}" + "".join(f", {p}" for p in written))
     return 0

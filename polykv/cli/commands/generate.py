@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -21,16 +20,20 @@ from polykv.cli.commands.output import mib, table
 from polykv.cli.commands.setup import spec_argument
 from polykv.decoding import speculative_generate, static_generate
 from polykv.errors import PolykvError
+from polykv.files import read_text
 from polykv.language.check import check
 from polykv.language.parse import parse
 from polykv.language.printer import layer_ranges
+from polykv.limits import MAX_PROMPT_BYTES, PROMPT_BYTES_PER_POSITION
 from polykv.model import attention_modules, load_model
 from polykv.model.describe import cache_argument
 from polykv.plan import Plan, compile, with_total_budget
 
 
 def run(args: argparse.Namespace) -> int:
-    text = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    text = (
+        args.prompt if args.prompt is not None else read_text(args.prompt_file, limit=MAX_PROMPT_BYTES, what="prompt")
+    )
     if not text.strip():
         raise PolykvError("the prompt is empty")
     drafting = args.draft_spec is not None
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = time.perf_counter() - started
     plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer)
 
-    input_ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
+    input_ids = _prompt_ids(args, text, model, tokenizer)
     if drafting:
         return _speculate(args, model, tokenizer, plan, input_ids, loaded)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])
@@ -111,13 +114,26 @@ def _speculate(args: argparse.Namespace, model, tokenizer, draft: Plan, input_id
     return 0
 
 
-def _read_prompt(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise PolykvError(f"{path}: cannot read: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise PolykvError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
+def _prompt_ids(args: argparse.Namespace, text: str, model, tokenizer) -> torch.Tensor:
+    """The prompt's token ids (1, L), once it is known to fit the model's positions with the tokens to generate.
+
+    A text too long to fit is refused before it is tokenized, which costs time and memory in proportion to it.
+    """
+    given = "--prompt" if args.prompt is not None else f"--prompt-file {args.prompt_file}"
+    size = len(text.encode())
+    fewest = -(-size // PROMPT_BYTES_PER_POSITION)
+    setup.within_positions(
+        model,
+        fewest,
+        f"{given}: {size:,} bytes of text (at least {fewest:,} tokens of {PROMPT_BYTES_PER_POSITION} bytes)",
+    )
+    ids = _tokenize(tokenizer, text, chat=args.chat).to(model.device)
+    length, new = ids.shape[1], args.max_new_tokens
+    setup.within_positions(model, length, f"{given}: {length:,} tokens")
+    setup.within_positions(
+        model, length + new, f"--max-new-tokens {new:,}: the prompt's {length:,} tokens and {new:,} more"
+    )
+    return ids
 
 
 def _tokenize(tokenizer, text: str, *, chat: bool) -> torch.Tensor:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from polykv.cli.commands import setup
+from polykv.files import writing
 from polykv.language.printer import layer_ranges, layer_runs
 from polykv.plan import Plan
 
@@ -82,7 +83,8 @@ def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None
         bottom.set_ylabel("loss at 32 tokens\n(best policy)")
     axes[-1][0].set_xlabel("layer")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with writing(path):
+        figure.savefig(path, dpi=120)
     plt.close(figure)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -42,9 +43,31 @@ def spec_argument(args: argparse.Namespace, source: str):
         raise
 
 
-def writable(path: Path, option: str) -> None:
-    if not path.parent.exists():
-        raise PolykvError(f"{option} {path}: the folder {path.parent} does not exist")
+def writable(path: Path, option: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a missing or read-only folder, a folder
+    where a file is asked for, or a file where a folder is (``folder``: the output is a folder, made
+    when missing)."""
+    if folder and path.exists() and not path.is_dir():
+        raise PolykvError(f"{option} {path}: exists and is not a folder; name a folder (it is made when missing)")
+    if not folder and path.is_dir():
+        raise PolykvError(f"{option} {path}: is a folder; name the file to write, such as {path / 'profile.json'}")
+    into = path if folder and path.is_dir() else path.parent
+    if not into.exists():
+        raise PolykvError(f"{option} {path}: the folder {into} does not exist")
+    try:  # the one sure test: a file made and removed there (permissions alone miss read-only disks, /proc)
+        with tempfile.TemporaryFile(dir=into):
+            pass
+    except OSError as error:
+        raise PolykvError(f"{option} {path}: cannot write in {into}: {error.strerror or error}") from None
+
+
+def within_positions(model, needed: int, what: str) -> None:
+    """Refuse, before the work starts, ``needed`` positions past the model's (``what`` says what needs them)."""
+    from polykv.model.describe import positions
+
+    most = positions(model)
+    if most is not None and needed > most:
+        raise PolykvError(f"{what} need {needed:,} positions; the model has {most:,} (its max_position_embeddings)")
 
 
 def command_line() -> str:
