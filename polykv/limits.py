@@ -43,7 +43,3 @@ MAX_DATA_BYTES = 256 * 2**20
 
 #: Bytes of a model's ``config.json``: a configuration is a few kilobytes.
 MAX_CONFIG_BYTES = 16 * 2**20
-
-#: Cells (layers kept whole x token units) of one table of the budget solver's dynamic programme: 2**22
-#: float64 cells are 32 MiB. Past it the solver counts tokens in coarser units (see plugins/knapsack.py).
-MAX_SOLVER_CELLS = 2**22

@@ -167,3 +167,21 @@ def test_every_rule_sums_to_the_total_within_bounds(problem, solver):
         if layer.fixed is None and not choice.whole:
             assert choice.tokens >= 1 and (layer.max_budget is None or choice.tokens <= layer.max_budget)
     assert solution.tokens <= problem.total or any(layer.fixed for layer in problem.layers)
+
+
+@pytest.mark.memory_limit(512)
+@pytest.mark.parametrize("total", [80 * 7_000, 80 * 300_000, 10**12])
+def test_the_knapsack_stays_bounded_for_any_total(total):
+    """A long prompt, a fine grid (unit 1 token) and any total: coarser units keep time and memory bounded."""
+    grid = tuple(sorted({2**i + i for i in range(20)}))  # a greatest common divisor of 1, up to half a million
+    layers = [
+        LayerOptions({p: tuple(1.0 / (b + layer + k) for b in grid) for k, p in enumerate("abc")}, whole=0.0)
+        for layer in range(80)
+    ]
+    problem = BudgetProblem(grid, layers, total, 1_000_000, step=1)
+    solution = KnapsackSolver().solve(problem)
+    assert solution.tokens <= total
+    uniform = uniform_solution(problem)
+    assert uniform is None or solution.loss <= uniform.loss + 1e-9
+    if total >= 80 * 1_000_000:
+        assert all(choice.whole for choice in solution.layers)  # above the prompt: every layer whole, no table
