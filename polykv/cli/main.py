@@ -348,14 +348,15 @@ def _budget(text: str) -> int | str:
     """--budget: tokens per layer (512), or budget text ('total 16384', '10%'), checked as the language checks it."""
     from polykv.language.parse import parse
 
-    value: int | str = int(text) if text.strip().isdigit() else text
     try:
-        statements = parse(f"budget {value}", source="--budget").statements
-    except SpecError:
-        raise argparse.ArgumentTypeError(f"expected 512, 'total 16384' or '10%', got {text!r}") from None
+        statements = parse(f"budget {text}", source="--budget").statements
+    except SpecError as error:
+        reason = error.diagnostics[0].message if error.diagnostics else ""
+        shown = text if len(text) <= 40 else f"{text[:30]}..."
+        raise argparse.ArgumentTypeError(f"expected 512, 'total 16384' or '10%', got {shown!r}: {reason}") from None
     if len(statements) != 1:
         raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
-    return value
+    return int(text) if text.strip().isdigit() else text
 
 
 if __name__ == "__main__":

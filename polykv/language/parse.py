@@ -298,7 +298,7 @@ class _ToAst(Transformer):
         return ast.BudgetDecl(children[-1], total=total, span=self._span(meta))
 
     def prefill_limit(self, meta, _at_most: Token, factor: Token):
-        return ast.PrefillLimit(float(_finite(_number(factor.value[:-1]), factor, "factor")), span=self._span(meta))
+        return ast.PrefillLimit(float(_decimal(factor, "factor")), span=self._span(meta))
 
     def solver_decl(self, meta, name: Token, *parameters):
         return ast.SolverDecl(
@@ -309,8 +309,7 @@ class _ToAst(Transformer):
         return ast.Tokens(_whole(count), span=self._span(meta))
 
     def percent(self, meta, value: Token):
-        number = float(value[:-1]) if "." in value else _whole(value, value[:-1])
-        return ast.Percent(_finite(number, value, "percentage"), span=self._span(meta))
+        return ast.Percent(_decimal(value, "percentage"), span=self._span(meta))
 
     def auto_budget(self, meta, _auto: Token):
         return ast.AutoBudget(span=self._span(meta))
@@ -387,9 +386,16 @@ def _whole(token: Token, text: str | None = None) -> int:
     return int(text)
 
 
+def _decimal(token: Token, what: str) -> int | float:
+    """The number before a percentage's % or a factor's x: whole within MAX_NUMBER_DIGITS, or a finite decimal."""
+    text = token.value[:-1]
+    return _finite(float(text), token, what) if "." in text else _whole(token, text)
+
+
 def _finite(value: int | float, token: Token, what: str) -> int | float:
     if not math.isfinite(value):
-        raise _Invalid(f"the {what} {token} is too large", token)
+        shown = token if len(token) <= 20 else f"{token[:10]}...{token[-5:]}"
+        raise _Invalid(f"the {what} {shown} is too large: past the largest number polykv computes with", token)
     return value
 
 

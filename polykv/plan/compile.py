@@ -196,9 +196,13 @@ def with_prefill_limit(spec: ast.Spec, factor: float) -> ast.Spec:
                 )
             ]
         )
-    if not math.isfinite(factor):
-        raise ArgumentError(f"prefill_limit is a finite number, got {factor!r}")
-    return spec.with_prefill_limit(ast.PrefillLimit(float(factor)))
+    try:
+        value = float(factor)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ArgumentError(f"prefill_limit is a finite number, got {str(factor)[:20]}")
+    return spec.with_prefill_limit(ast.PrefillLimit(value))
 
 
 def _declaration(budget: int | Budget | str) -> ast.BudgetDecl:
