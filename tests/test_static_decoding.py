@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import polykv
 from polykv import cache_argument
-from polykv.decoding import Sampling, static_generate
+from polykv.decoding import Sampling, static, static_generate
 from polykv.errors import CacheError
 from polykv.testing.models import greedy_by_forwards, tiny_model
 
@@ -63,6 +63,25 @@ def test_static_decoding_gives_the_tokens_and_cache_of_ordinary_decoding(spec, a
     for (keys, positions), (expected_keys, expected_positions) in zip(stored(cache), stored(expected_cache)):
         assert torch.equal(positions, expected_positions)
         assert torch.allclose(keys, expected_keys, atol=1e-6)
+    assert [layer.seen for layer in cache.layers] == [layer.seen for layer in expected_cache.layers]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_static_decoding_in_stages_of_growing_room_gives_the_tokens_of_ordinary_decoding(spec, monkeypatch):
+    """The slots follow the tokens made (3, then 6, then what is left), not max_new_tokens; nothing changes."""
+    rooms = []
+    original = static.StaticDecoder.__init__
+
+    def recording(self, *arguments, room, **options):
+        rooms.append(room)
+        original(self, *arguments, room=room, **options)
+
+    monkeypatch.setattr(static, "FIRST_ROOM", 3)
+    monkeypatch.setattr(static.StaticDecoder, "__init__", recording)
+    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model("llama"), spec, [30, 22], 16)
+    assert rooms == [3, 6, 5]
+    assert torch.equal(tokens, expected)
+    assert cache.layer_lengths() == expected_cache.layer_lengths()
     assert [layer.seen for layer in cache.layers] == [layer.seen for layer in expected_cache.layers]
 
 
@@ -126,7 +145,9 @@ def test_eviction_slack_evicts_several_tokens_every_few_steps(slack):
         assert torch.equal(positions[..., 2:], newest)
 
 
-def test_eos_ends_rows_and_generation_stops():
+@pytest.mark.parametrize("first_room", [256, 3])
+def test_eos_ends_rows_and_generation_stops(first_room, monkeypatch):
+    monkeypatch.setattr(static, "FIRST_ROOM", first_room)  # 3: the rows end in a later stage
     model = tiny_model("llama")
     ids, mask = padded_prompt([12, 9])
     plan = polykv.compile("*: full", model)

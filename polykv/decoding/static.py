@@ -6,7 +6,10 @@ because the host, not the GPU, sets the pace (docs/performance.md). ``static_gen
 prefill and one ordinary decoding step (which brings decode-bounded layers within their bounds and
 warms the kernels up), switches the cache to static decoding (``polykv.cache.static``: fixed slots,
 masks from stored positions, no host round trip), captures the step in CUDA graphs (one per set
-of layers that evict in it) and replays them for every later token. On the CPU the same static
+of layers that evict in it) and replays them for every later token. The slots are reserved in stages,
+each with room for as many tokens as were made before it (from FIRST_ROOM, doubling), so a step
+costs what the cache holds and a large ``max_new_tokens`` costs nothing until it is used; each
+stage captures its own graphs. On the CPU the same static
 step runs eagerly, which is how its exactness is tested against ``model.generate``.
 
 The next token is the most likely one, or sampled (``Sampling``: temperature, top-k, top-p). A row
@@ -26,6 +29,9 @@ from polykv.cache.cache import CacheState, PolyCache
 from polykv.cache.positions import prompt_positions
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
+
+#: Tokens the first static stage has room for; each later stage has twice the room of the one before.
+FIRST_ROOM = 256
 
 
 @torch.no_grad()
@@ -74,14 +80,18 @@ def static_generate(
         positions = positions[:, -1:] + 1
         generated.append(_next_token(model, cache, stops, generated[-1][:, None], positions, attention_mask))
         on_token()
-    remaining = max_new_tokens - len(generated)
-    if remaining and not stops.all_ended():
+    later: list[torch.Tensor] = []  # (B, n) tokens of each static stage
+    remaining, room, positions = max_new_tokens - len(generated), FIRST_ROOM, positions + 1
+    while remaining and not stops.all_ended():
+        # A static step attends over every slot, so each stage has room for as many tokens as were made
+        # before it (doubling), not for max_new_tokens: the cost follows the tokens held.
+        stage = min(remaining, room)
         with StaticDecoder(
             model,
             cache,
-            generated[-1],
-            positions + 1,
-            room=remaining,
+            later[-1][:, -1] if later else generated[-1],
+            positions,
+            room=stage,
             graph=graph,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
@@ -89,9 +99,11 @@ def static_generate(
             eviction_slack=eviction_slack,
             sampling=sampling,
         ) as decoder:
-            decoder.run(remaining, check_every, on_step=on_token)
-            generated.append(decoder.tokens)
-    new = torch.cat([torch.stack(generated[:2], dim=1), *generated[2:]], dim=1)
+            decoder.run(stage, check_every, on_step=on_token)
+        later.append(decoder.tokens)
+        stops.ended = decoder.stops.ended
+        remaining, room, positions = remaining - decoder.produced, room * 2, positions + decoder.produced
+    new = torch.cat([torch.stack(generated, dim=1), *later], dim=1)
     return torch.cat([input_ids, stops.trimmed(new)], dim=1)
 
 
