@@ -212,6 +212,10 @@ def _param(cls: type, attribute: str, annotation: object, declared: _Declared) -
         raise TypeError(
             f"{cls.__qualname__}.{attribute}: annotate a parameter with int, float, bool or str (found {annotation!r})"
         )
+    for bound, value in (("min", declared.min), ("max", declared.max)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise TypeError(f"{cls.__qualname__}.{attribute}: {bound} is a finite number or None, got {value!r}")
     param = Param(attribute, kind, declared.default, declared.description, declared.min, declared.max, declared.choices)
     try:
         param.coerce(param.default)
