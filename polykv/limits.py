@@ -16,6 +16,11 @@ MAX_HEADS = 4_096
 #: rule per layer and three settings (``model layers``, ``budget``, ``solver``).
 MAX_STATEMENTS = MAX_LAYERS + 3
 
+#: Tokens of a spec (words, numbers and punctuation marks, a string counting as one), counted before parsing:
+#: parsing costs some 20 microseconds and 1 KB of memory a token. A statement takes some 25 at most
+#: (``layers 9999: snapkv@64(window=8, kernel=7) decode streaming@128(sink=4)``), so MAX_STATEMENTS of them fit.
+MAX_TOKENS = 250_000
+
 #: Bytes of a spec file or text: a spec of MAX_STATEMENTS statements with a comment on each fits easily.
 MAX_SPEC_BYTES = 8 * 2**20
 

@@ -25,7 +25,7 @@ from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.source import Source, Span, read_source
 from polykv.language.statements import Statements
-from polykv.limits import MAX_NUMBER_DIGITS, MAX_STATEMENTS
+from polykv.limits import MAX_NUMBER_DIGITS, MAX_STATEMENTS, MAX_TOKENS
 
 #: Syntax errors reported before parsing gives up on a text.
 MAX_SYNTAX_ERRORS = 50
@@ -88,6 +88,8 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
     statements = Statements.of(text)
     if statements.count() > MAX_STATEMENTS:
         return ast.Spec(source_name=source), [_too_many_statements(src, statements)]
+    if statements.tokens() > MAX_TOKENS:
+        return ast.Spec(source_name=source), [_too_many_tokens(src, statements)]
     diagnostics: list[Diagnostic] = []
     working, start = text, 0  # the text before ``start`` is known to parse
     while True:
@@ -129,6 +131,17 @@ def _too_many_statements(src: Source, statements: Statements) -> Diagnostic:
         f"this one has {statements.count():,}",
         Span.at(src, offset, offset + 1),
         hint="name runs of layers in one statement (`layers 0-31: snapkv@256`) or use `*`",
+    )
+
+
+def _too_many_tokens(src: Source, statements: Statements) -> Diagnostic:
+    offset = statements.token_start(MAX_TOKENS)
+    return Diagnostic(
+        "too-many-tokens",
+        f"a spec has at most {MAX_TOKENS:,} words, numbers and punctuation marks (outside comments); "
+        f"this one has {statements.tokens():,}",
+        Span.at(src, offset, offset + 1),
+        hint="name runs of layers with ranges (`layers 0-31: snapkv@256`) or use `*`; each layer once",
     )
 
 

@@ -17,6 +17,8 @@ import attrs
 _QUOTED = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
 #: A statement: from a character that is neither space nor separator, to the next separator.
 _STATEMENT = re.compile(r"[^\s;][^;\n]*")
+#: A token, as MAX_TOKENS counts them: a word or number, or one punctuation mark.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 @attrs.frozen
@@ -31,6 +33,17 @@ class Statements:
 
     def count(self) -> int:
         return sum(1 for _ in _STATEMENT.finditer(self.code))
+
+    def tokens(self) -> int:
+        """Words, numbers and punctuation marks outside comments (a string is one word)."""
+        return sum(1 for _ in _TOKEN.finditer(self.code))
+
+    def token_start(self, number: int) -> int:
+        """The offset where token ``number`` (counting from 0) starts; the text's end when there are fewer."""
+        for index, found in enumerate(_TOKEN.finditer(self.code)):
+            if index == number:
+                return found.start()
+        return len(self.code)
 
     def start_of(self, number: int) -> int | None:
         """The offset where statement ``number`` (counting from 0) starts, or None when there are fewer."""
