@@ -12,8 +12,8 @@ MAX_LAYERS = 10_000
 #: KV heads of a layer, from ``model layers N heads H``, ``--heads H``, ``check(heads=H)`` or a model's configuration.
 MAX_HEADS = 4_096
 
-#: Statements in a spec. A valid spec names each layer in one statement at most, so it has at most one
-#: rule per layer and three settings (``model layers``, ``budget``, ``solver``).
+#: Statements in a spec: one per layer of the largest model polykv takes, and a few settings. A spec names
+#: each layer (or each run of a layer's heads) once; real ones need tens of statements, per-head ones hundreds.
 MAX_STATEMENTS = MAX_LAYERS + 3
 
 #: Tokens of a spec (words, numbers and punctuation marks, a string counting as one), counted before parsing:

@@ -127,7 +127,8 @@ def _too_many_statements(src: Source, statements: Statements) -> Diagnostic:
     offset = statements.start_of(MAX_STATEMENTS)
     return Diagnostic(
         "too-many-statements",
-        f"a spec has at most {MAX_STATEMENTS:,} statements (one per layer and three settings); "
+        f"a spec has at most {MAX_STATEMENTS:,} statements (one per layer of the largest model polykv takes, "
+        f"and a few settings); "
         f"this one has {statements.count():,}",
         Span.at(src, offset, offset + 1),
         hint="name runs of layers in one statement (`layers 0-31: snapkv@256`) or use `*`",
