@@ -204,7 +204,7 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
 
     text = (Path(__file__).parents[1] / "examples" / "prompts" / "passkey-1k.txt").read_text()
     ids = tokenizer(text, return_tensors="pt").input_ids
-    plan = polykv.compile("budget 128; layers *: auto@auto", model)
+    plan = polykv.compile("budget 128; layers *: auto@auto", model, tokenizer=tokenizer)
     with plan.apply(model):
         expected = model.generate(
             ids,
