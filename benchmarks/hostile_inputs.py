@@ -5,9 +5,9 @@
 Every reproducer of the issue (a spec, a command line, a model directory, a profile) runs in a fresh
 process under /usr/bin/time; a row says its exit status, the last line it printed, its wall time and
 its peak resident memory. Each must end in a clear error (or the right result) within seconds and
-under 1 GB, except that loading the bundled model alone takes about 1.2 GB (the rows marked
-"bundled model"). A tiny random model with 512 positions and the bundled tokenizer is built in a
-temporary folder for the commands that need a model. Writes benchmarks/results/hostile_inputs.json.
+under 1 GB (the rows marked "bundled model" load SmolLM2-135M, most of their memory). A tiny random
+model with 512 positions and the bundled tokenizer is built in a temporary folder for the commands
+that need a model. Writes benchmarks/results/hostile_inputs.json.
 """
 
 from __future__ import annotations
