@@ -1,7 +1,7 @@
 """Decoding on a GPU with static, graph-replayed steps: an 8B-shaped model, polykv against the full cache.
 
     python benchmarks/gpu_decode.py            # one CUDA device with 80 GB or more
-    python benchmarks/gpu_decode.py --model bundled --length 640 --steps 2 --repeats 1 --batches 1,2
+    python benchmarks/gpu_decode.py --model tiny --length 640 --steps 2 --repeats 1 --batches 1,2
                                                # a smoke run on the CPU (the test suite's; no largest batch)
 
 Every row is measured side by side in one run (warmed up, synchronised timers, medians):
@@ -36,7 +36,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import torch  # imported after the allocator setting
 from gpu_speed import CHUNK, decode, machine, milliseconds, prefill, prompt
-from shapes import load
+from shapes import MODELS, load
 
 import polykv
 from polykv.decoding import StaticDecoder
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed block")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--large-chunk", type=int, default=512, help="prefill chunk of the compressed large batch")
-    parser.add_argument("--model", choices=("llama-8b", "bundled"), default="llama-8b")
+    parser.add_argument("--model", choices=MODELS, default="llama-8b")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length")
     parser.add_argument("--rows", default="decode,eviction,largest", help="which parts to run")

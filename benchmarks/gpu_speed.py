@@ -1,7 +1,7 @@
 """Prefill and decoding on a GPU: an 8B-shaped model (random bf16 weights, SDPA), polykv against the full cache.
 
     python benchmarks/gpu_speed.py                       # one CUDA device, about 80 GB
-    python benchmarks/gpu_speed.py --model bundled --lengths 640 --length 640 --steps 2 --repeats 1 --batches 1,2
+    python benchmarks/gpu_speed.py --model tiny --lengths 640 --length 640 --steps 2 --repeats 1 --batches 1,2
                                                          # a smoke run on the CPU (the test suite's)
 
 Rows, each measured side by side with the full cache (transformers' DynamicCache) in one run,
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from shapes import load
+from shapes import MODELS, load
 from transformers import DynamicCache
 
 import polykv
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=32, help="decoding steps timed per row")
     parser.add_argument("--prefill-only", action="store_true", help="skip the ordinary decoding rows")
-    parser.add_argument("--model", choices=("llama-8b", "bundled"), default="llama-8b")
+    parser.add_argument("--model", choices=MODELS, default="llama-8b")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--lengths", default="8192,32768", help="prompt lengths of the prefill rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length of the decoding rows")

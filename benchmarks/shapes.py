@@ -1,5 +1,5 @@
 """Models for the GPU benchmarks: published shapes with random weights built directly on the GPU,
-and the bundled model for smoke runs on the CPU."""
+the bundled model, and a tiny random model for the test suite's smoke runs on the CPU."""
 
 from __future__ import annotations
 
@@ -44,12 +44,20 @@ def llama_8b(device_map: dict[str, int] | None = None, attention: str = "sdpa") 
     return model.eval()
 
 
+#: What ``load`` and the scripts' ``--model`` accept.
+MODELS = ("llama-8b", "bundled", "tiny")
+
+
 def load(name: str) -> torch.nn.Module:
-    """``llama-8b`` (random bf16 weights, on the GPU) or ``bundled`` (the real small model, float32,
-    on the GPU if there is one), prepared for polykv by the benchmarks' ``compile`` calls."""
+    """``llama-8b`` (random bf16 weights, on the GPU), ``bundled`` (the real small model, float32, on the
+    GPU if there is one) or ``tiny`` (4 random layers of width 64 on the CPU: a script's smoke run in
+    seconds), prepared for polykv by the benchmarks' ``compile`` calls."""
     if name == "llama-8b":
         return llama_8b()
     import polykv
+
+    if name == "tiny":
+        return polykv.testing.tiny_model("llama", max_position_embeddings=8192)
 
     model, _ = polykv.load_default_model(device="cuda" if torch.cuda.is_available() else "cpu")
     return model

@@ -26,7 +26,7 @@ print("tokens stored per layer:", cache.layer_lengths())
 print(f"cache: {cache.nbytes() / 2**20:.1f} MiB, the full cache would hold {cache.full_nbytes() / 2**20:.1f} MiB")
 
 # Let polykv choose each layer's policy and budget (a profile for the bundled model ships with it):
-routed = polykv.compile("budget 128\nlayers *: auto@auto", model)
+routed = polykv.compile("budget 128\nlayers *: auto@auto", model, tokenizer=tokenizer)
 for indices, what in routed.runs():
     print(f"layers {layer_ranges(indices)}: {what}")
 

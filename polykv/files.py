@@ -18,6 +18,8 @@ from polykv.errors import PolykvError
 
 #: How the standard streams are named in messages.
 STDIN = "<stdin>"
+#: Moves the cache folder (``none`` turns it off).
+CACHE_FOLDER_VARIABLE = "POLYKV_CACHE_DIR"
 
 
 class UnreadableFile(PolykvError):
@@ -103,3 +105,15 @@ def _too_large(shown: str, limit: int, what: str) -> str:
 
 def _size_words(nbytes: int) -> str:
     return f"{nbytes // 2**20:,} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
+def cache_folder() -> Path | None:
+    """Where polykv keeps what it derives once per machine (converted models, the tasks' prose), or None
+    when ``POLYKV_CACHE_DIR=none`` turns keeping them off."""
+    setting = os.environ.get(CACHE_FOLDER_VARIABLE, "").strip()
+    if setting.lower() == "none":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base) if base else Path.home() / ".cache") / "polykv"

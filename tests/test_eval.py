@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import attrs
 import pytest
 import torch
 from conftest import requires_real_model, tiny_llama
@@ -18,6 +19,7 @@ from polykv.evaluation.runner import Method, read, run
 from polykv.evaluation.scoring import bootstrap_recovery, gap_recovery
 from polykv.harness import scorer as scorer_module
 from polykv.harness.divergence import kl_divergence, negative_log_likelihood
+from polykv.tasks import text
 from polykv.tasks.loader import read_jsonl
 from polykv.tasks.tasks import Sample, make, samples
 from polykv.tasks.text import paragraphs
@@ -200,6 +202,25 @@ def test_the_two_splits_share_no_text():
     assert not calibration & evaluation
 
 
+def test_the_prose_is_read_once_and_kept(monkeypatch, tmp_path):
+    """The library is read once per Python; later processes (here: a cleared memo) read the kept file, and a
+    damaged file is read again from the library."""
+    paragraphs_of_both = text._both()  # the suite's, read once
+    reads = []
+    monkeypatch.setattr(text, "_read_the_library", lambda: reads.append(1) or paragraphs_of_both)
+    monkeypatch.setenv("POLYKV_CACHE_DIR", str(tmp_path))
+    kept = text._kept_file()
+    assert kept.parent == tmp_path / "prose"
+    for damage in (None, None, '[["half a'):
+        text._both.cache_clear()
+        if damage:
+            kept.write_text(damage)
+        assert text._both() == paragraphs_of_both and kept.is_file()
+    assert len(reads) == 2  # the first time and after the damage
+    assert json.loads(kept.read_text()) == [list(split) for split in paragraphs_of_both]
+    text._both.cache_clear()
+
+
 @requires_real_model
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["passkey", "niah", "multikey", "multivalue", "vartrack", "copy", "continue"])
@@ -228,6 +249,23 @@ def test_calibration_samples_come_from_the_calibration_text(real_model):
     for sample in samples(["continue", "niah"], tokenizer, length=400, count=2, split="calibration"):
         text = tokenizer.decode(sample.prompt)
         assert not any(paragraph[:80] in text for paragraph in evaluation)
+
+
+def test_a_batch_with_nothing_to_answer_generates_nothing(monkeypatch):
+    """Continuations expect no answer: their batch is scored (KL, NLL) without greedy decoding, which costs
+    more than the scores; a batch that expects answers decodes them."""
+    from polykv.harness.scorer import Scorer, needs_of
+
+    model = tiny_llama("sdpa")
+    plan = polykv.compile("*: snapkv@8(window=4)", model)
+    continuations = [attrs.evolve(sample, expected=()) for sample in _hand_made(2)]
+    scorer = Scorer(model, continuations, needs_of([plan]), tokenizer=_Tokens())
+    monkeypatch.setattr(Scorer, "answers", lambda *a: pytest.fail("decoded answers nobody grades"))
+    records = list(scorer.records("snapkv", 8, plan))
+    assert [r.accuracy for r in records] == [None, None] and all(r.kl > 0 for r in records)
+    monkeypatch.undo()
+    answered = Scorer(model, _hand_made(2), needs_of([plan]), tokenizer=_Tokens())
+    assert all(r.accuracy is not None for r in answered.records("snapkv", 8, plan))
 
 
 def _asked_later(count: int = 2) -> list[Sample]:

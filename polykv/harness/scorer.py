@@ -64,7 +64,8 @@ class Scorer:
 
     ``needs`` is what the policies to be tried need captured (``needs_of``). ``hidden`` also keeps
     what signals read and lets ``layer_loss`` start its passes at the compressed layer. With a
-    ``tokenizer``, ``records`` include greedy answers (accuracy). ``setting`` says where the
+    ``tokenizer``, ``records`` include greedy answers (accuracy) where a sample expects one (a batch
+    of continuations generates nothing: it has no answer to grade). ``setting`` says where the
     question is (see ``SETTINGS``); ``reconstruction`` lets the model repeat the prompt after the
     prefill, for policies that score that way.
     """
@@ -83,7 +84,8 @@ class Scorer:
     ):
         if setting not in SETTINGS:
             raise ValueError(f"setting is one of {', '.join(SETTINGS)}, not {setting!r}")
-        self.model, self.samples, self.tokenizer, self.setting = model, list(samples), tokenizer, setting
+        self.model, self.samples, self.setting = model, list(samples), setting
+        self.tokenizer = tokenizer if any(sample.expected for sample in samples) else None
         device = next(model.parameters()).device
         compressed = [s.prompt if setting == "question" else s.parts()[0] for s in samples]
         ids, self.mask = _left_padded(compressed, pad_token_id, device)
@@ -103,7 +105,7 @@ class Scorer:
             raise ValueError("in the context setting a batch's samples all have a question or none does")
         self._question, self._question_mask = questions, asked
         inputs = torch.cat([questions, self.targets[:, :-1]], dim=1)
-        room = inputs.shape[1] + (self.steps if tokenizer is not None else 0)
+        room = inputs.shape[1] + (self.steps if self.tokenizer is not None else 0)
         _check_positions(model, samples, [len(tokens) for tokens in compressed], room)
         self.captured: Capture = capture(
             model, ids, self.mask, needs=needs, room=room, hidden=hidden, reconstruction=reconstruction

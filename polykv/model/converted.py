@@ -19,7 +19,6 @@ import copy
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -27,23 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from polykv.errors import ModelError
+from polykv.files import CACHE_FOLDER_VARIABLE, cache_folder
 
-ENVIRONMENT_VARIABLE = "POLYKV_CACHE_DIR"
 #: Written last into a converted folder: what it was converted from and by (a folder without it is incomplete).
 SOURCE_FILE = "polykv-source.json"
 #: The layout of a converted folder; a new number rebuilds every folder made before it.
 FORMAT = 1
-
-
-def cache_folder() -> Path | None:
-    """Where converted models are kept, or None when ``POLYKV_CACHE_DIR=none`` turns keeping them off."""
-    setting = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
-    if setting.lower() == "none":
-        return None
-    if setting:
-        return Path(setting).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base) if base else Path.home() / ".cache") / "polykv"
 
 
 def source_key(gguf: Path) -> dict:
@@ -146,6 +134,6 @@ def _writing(root: Path) -> Iterator[None]:
         yield
     except OSError as error:
         raise ModelError(
-            f"cannot keep the converted model in {root}: {error.strerror or error}; set {ENVIRONMENT_VARIABLE} to "
-            f"a writable folder, or {ENVIRONMENT_VARIABLE}=none to convert the GGUF file on every load"
+            f"cannot keep the converted model in {root}: {error.strerror or error}; set {CACHE_FOLDER_VARIABLE} to "
+            f"a writable folder, or {CACHE_FOLDER_VARIABLE}=none to convert the GGUF file on every load"
         ) from None

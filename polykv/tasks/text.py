@@ -5,6 +5,10 @@ taken as paragraphs of English. Files are split in two halves by a stable hash o
 that calibration and evaluation never share a sentence: ``paragraphs("calibration")`` and
 ``paragraphs("evaluation")`` are disjoint. The text depends on the Python version, which results
 record.
+
+Reading the library takes some 9 s on two cores, so the paragraphs are kept in the cache folder
+(``polykv.files.cache_folder``) as JSON, keyed by the Python build, the library's folder and this
+file's own text (a change to the rules below reads the library again).
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
+import os
 import re
+import sys
 import sysconfig
+import tempfile
 from pathlib import Path
+
+from polykv.files import cache_folder
 
 SPLITS = ("calibration", "evaluation")
 #: Paragraphs shorter than this (characters) are headings or fragments, and are left out.
@@ -36,6 +46,41 @@ def paragraphs(split: str) -> tuple[str, ...]:
 
 @functools.cache
 def _both() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    kept = _kept_file()
+    if kept is not None and kept.is_file():
+        try:
+            return tuple(tuple(split) for split in json.loads(kept.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass  # damaged or half-written by an older polykv: read the library again
+    both = _read_the_library()
+    if kept is not None:
+        _keep(kept, both)
+    return both
+
+
+def _kept_file() -> Path | None:
+    """Where the paragraphs of this Python's library are kept, or None when nothing is kept."""
+    root = cache_folder()
+    if root is None:
+        return None
+    key = hashlib.sha256()
+    for part in (sys.version, sysconfig.get_paths()["stdlib"], Path(__file__).read_text(encoding="utf-8")):
+        key.update(part.encode())
+    return root / "prose" / f"{key.hexdigest()[:16]}.json"
+
+
+def _keep(path: Path, both: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """Write the paragraphs whole or not at all; a folder that cannot be written only costs the next run time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as file:
+            json.dump(both, file)
+        os.replace(file.name, path)
+    except OSError:
+        pass
+
+
+def _read_the_library() -> tuple[tuple[str, ...], tuple[str, ...]]:
     found: dict[str, list[str]] = {split: [] for split in SPLITS}
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):

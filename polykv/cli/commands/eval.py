@@ -23,7 +23,7 @@ QUICK = {
     "methods": ("full", "snapkv", "tova", "polykv"),
     "budgets": (64, 128),
     "count": 2,
-    "length": 512,
+    "length": 256,
     "settings": ("question",),
 }
 
