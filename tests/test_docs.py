@@ -124,7 +124,9 @@ def test_doc_block(block: Block, session):
         assert result.returncode == 0, report(result)
     elif "pytest" in block.words:
         (session["cwd"] / "test_doc_block.py").write_text(block.text)
-        result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_doc_block.py"], session)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_doc_block.py"]
+        ci = {**session, "env": {**session["env"], "HYPOTHESIS_PROFILE": "polykv-ci"}}  # as the docs advise for CI
+        result = run(command, ci)
         assert result.returncode == 0, report(result)
     elif block.lang == "python":
         _run_python(block, session)

@@ -226,7 +226,7 @@ def test_the_example_package_passes_its_own_tests(installed):
         run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/polykv-keydiff/tests"],
             timeout=600,
-            env=installed,
+            env={**installed, "HYPOTHESIS_PROFILE": "polykv-ci"},  # as docs/testing-a-policy.md advises for CI
         )
     )
 
