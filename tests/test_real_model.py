@@ -115,17 +115,6 @@ def test_validate_against_the_model_directory():
     assert "this spec is written for 32 layers, but the model (SmolLM2-135M-Instruct) has 30" in result.stderr
 
 
-def test_the_main_command_with_a_draft(real_model):
-    """``--draft-spec``: the full cache's own answer, drafted by a compressed cache, with how well it guessed."""
-    command = [sys.executable, "-m", "polykv.cli", "generate", "--draft-spec", "layers 0-1: full; *: snapkv@256"]
-    command += ["--prompt-file", str(ROOT / "examples/prompts/passkey-1k.txt"), "--max-new-tokens", "8"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    answer, _, report = result.stdout.partition("\n\n")
-    assert "72514" in answer
-    assert "2-29    snapkv@256" in report and "drafted tokens accepted" in report and "tokens/s" in report
-
-
 def test_the_main_command_with_and_without_static_decoding(real_model):
     """The main job with a fixed spec (28 of 30 layers at 256 tokens), then with ``--static``, which decodes
     with fixed-shape steps (eager on the CPU): the same answer and report. (The README's own command, a
