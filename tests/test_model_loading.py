@@ -124,7 +124,7 @@ def test_validate_takes_model_default(tmp_path, capsys):
 
 
 #: Loads the bundled model as the environment says and saves its logits for the ids given: in a process of its
-#: own, so that reading the GGUF file (about 1.3 GB at its peak) never adds to the suite's model in one process.
+#: own, so that the suite never holds the model while reading the GGUF file (about 1.3 GB at its peak).
 LOGITS = """
 import sys, torch, polykv
 model, tokenizer = polykv.load_default_model()
@@ -149,10 +149,8 @@ def chat_text(tokenizer) -> str:
 
 
 @pytest.mark.slow
-def test_the_converted_model_gives_the_logits_and_tokens_of_the_gguf_file(real_model, tmp_path):
-    """The suite's model was loaded from the converted folder; the GGUF file read again gives the same logits."""
-    model, tokenizer = real_model
-    assert getattr(model, "hf_quantizer", None) is None  # read from the converted folder
+def test_the_converted_model_gives_the_logits_and_tokens_of_the_gguf_file(converted_model, tmp_path):
+    """The suite's converted folder and the GGUF file read again give the same tokens and logits."""
     bundled = default_model_location()
     gguf = bundled.directory / bundled.gguf_file
     folder = converted.fresh_folder(bundled.name, gguf)
@@ -161,17 +159,18 @@ def test_the_converted_model_gives_the_logits_and_tokens_of_the_gguf_file(real_m
     assert kept["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert kept["transformers"] == transformers.__version__
 
+    tokenizer = polykv.model.load_tokenizer()
     text = chat_text(tokenizer)
     ids = tokenizer(text, return_tensors="pt").input_ids
+    kept_run, _ = logits_in_a_process_of_its_own(ids, text, tmp_path)  # the suite's cache folder
     gguf_run, _ = logits_in_a_process_of_its_own(ids, text, tmp_path, POLYKV_CACHE_DIR="none")
-    assert gguf_run["from_gguf"]  # read from the GGUF file itself
-    assert torch.equal(gguf_run["ids"], ids)  # the same tokenizer
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, gguf_run["logits"])
+    assert not kept_run["from_gguf"] and gguf_run["from_gguf"]  # read from the converted folder, then the file
+    assert torch.equal(kept_run["ids"], ids) and torch.equal(gguf_run["ids"], ids)  # the same tokenizer
+    assert torch.equal(kept_run["logits"], gguf_run["logits"])
 
 
 @pytest.mark.slow
-def test_a_stale_conversion_is_rebuilt_once_with_a_progress_bar(real_model, tmp_path, monkeypatch):
+def test_a_stale_conversion_is_rebuilt_once_with_a_progress_bar(converted_model, tmp_path, monkeypatch):
     bundled = default_model_location()
     gguf = bundled.directory / bundled.gguf_file
     stale = tmp_path / "cache" / "models" / bundled.name
@@ -184,8 +183,8 @@ def test_a_stale_conversion_is_rebuilt_once_with_a_progress_bar(real_model, tmp_
     assert f"converting {bundled.name} to float32 (once)" in err and "3/3" in err
     assert json.loads((stale / converted.SOURCE_FILE).read_text()) == converted.source_key(gguf)
     assert [p.name for p in stale.parent.iterdir()] == [bundled.name]  # no staging or stale folder left
-    with torch.no_grad():
-        assert torch.equal(rebuilt["logits"], real_model[0](ids).logits)
+    suites, _ = logits_in_a_process_of_its_own(ids, "", tmp_path)  # from the suite's cache folder
+    assert torch.equal(rebuilt["logits"], suites["logits"])
 
     monkeypatch.setenv("POLYKV_CACHE_DIR", cache)
     assert converted.fresh_folder(bundled.name, gguf) == stale  # the next load reads it as it is
