@@ -121,7 +121,9 @@ def cache_machine(policy: Policy, registry: Registry) -> type[RuleBasedStateMach
         @rule(length=st.integers(1, 40), new=st.integers(2, 5))
         def static_generate(self, length, new):
             ids = self._new(length)
-            options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+            # Both decode ``new`` tokens whatever they are: static_generate is given no end token, nor is generate
+            # (min_new_tokens would instead forbid the end token, which static decoding may choose).
+            options = {"max_new_tokens": new, "eos_token_id": None, "do_sample": False}
             out = polykv.static_generate(self.model, self.cache, ids, max_new_tokens=new)
             ordinary = self.model.generate(ids, **options, **cache_argument(self.model, self.plan.make_cache(registry)))
             assert torch.equal(out, ordinary), "static decoding generated other tokens than ordinary decoding"
