@@ -13,6 +13,7 @@ Every fenced block of README.md, docs/*.md and examples/*/README.md is checked b
 A comment on the line before a block says more (several with ``;``)::
 
     <!-- doc-test: slow -->                the block loads the real model or runs long
+    <!-- doc-test: heavy -->               runs for many seconds beside what lighter blocks check: ``pytest -m heavy``
     <!-- doc-test: skip: REASON -->        not run, for the reason given (shown by pytest -ra; it ends the comment)
     <!-- doc-test: output -->              the output of the previous block's last command
     <!-- doc-test: spec -->                spec text: ``polykv validate`` must accept it
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md"))]
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<lang>[\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^\s*<!-- doc-test: (?P<text>.*?) -->\s*$")
-WORDS = {"slow", "output", "spec", "pytest"}
+WORDS = {"slow", "heavy", "output", "spec", "pytest"}
 NAMED = {"skip", "file", "excerpt"}
 SHELLS = {"bash", "sh"}
 ELISION = "..."

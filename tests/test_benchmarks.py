@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import requires_real_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 SMALL = ["--model", "tiny", "--length", "520", "--steps", "1", "--repeats", "1", "--batches", "1,2"]

@@ -37,7 +37,7 @@ for _value in list(globals().values()):
 
 
 def _param(block: Block):
-    marks = [pytest.mark.slow] if "slow" in block.words else []
+    marks = [getattr(pytest.mark, word) for word in ("slow", "heavy") if word in block.words]
     return pytest.param(block, id=block.id, marks=marks)
 
 

@@ -149,6 +149,7 @@ def chat_text(tokenizer) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_converted_model_is_the_gguf_files_and_a_stale_one_is_rebuilt_once(converted_model, tmp_path, monkeypatch):
     """The suite's converted folder and the GGUF file read again give the same tokens and logits; a folder
     converted by an older transformers is rebuilt once, with a progress bar, into the same model. (One test, so
