@@ -115,6 +115,7 @@ def test_validate_against_the_model_directory():
     assert "this spec is written for 32 layers, but the model (SmolLM2-135M-Instruct) has 30" in result.stderr
 
 
+@pytest.mark.heavy
 def test_the_main_command_with_and_without_static_decoding(real_model):
     """The main job with a fixed spec (28 of 30 layers at 256 tokens), then with ``--static``, which decodes
     with fixed-shape steps (eager on the CPU): the same answer and report. (The README's own command, a
