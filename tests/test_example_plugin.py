@@ -221,6 +221,7 @@ def test_keydiff_compresses_layers_during_generation(installed):
     assert report["layer_lengths"] == [report["prompt"] + appended, 16 + appended, 16 + appended], report
 
 
+@pytest.mark.slow
 @pytest.mark.heavy
 def test_the_example_package_passes_its_own_tests(installed):
     succeeded(

@@ -22,6 +22,7 @@ WORKER = Path(__file__).with_name("processes_worker.py")
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo")
 def test_two_processes_calibrate_and_evaluate_exactly_as_one(tmp_path):
