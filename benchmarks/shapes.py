@@ -19,9 +19,12 @@ LLAMA_8B = {
 }
 
 
-def llama_8b(device_map: dict[str, int] | None = None, attention: str = "sdpa") -> LlamaForCausalLM:
-    """An 8B-shaped Llama with random bf16 weights; ``device_map`` (module prefix -> GPU) splits it."""
-    config = LlamaConfig(**LLAMA_8B)
+def llama_8b(
+    device_map: dict[str, int] | None = None, attention: str = "sdpa", layers: int | None = None
+) -> LlamaForCausalLM:
+    """An 8B-shaped Llama with random bf16 weights; ``device_map`` (module prefix -> GPU) splits it; ``layers``
+    keeps that many of its 32 layers (a step's cost grows linearly with them)."""
+    config = LlamaConfig(**{**LLAMA_8B, "num_hidden_layers": layers or LLAMA_8B["num_hidden_layers"]})
     config._attn_implementation = attention
     with torch.device("meta"):  # no weights yet: they are made on their devices below
         model = LlamaForCausalLM(config)

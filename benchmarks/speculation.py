@@ -1,25 +1,31 @@
 """Self-speculation: the bundled model drafts with a compressed cache and keeps what its full cache confirms.
 
-    python benchmarks/speculation.py            # one CUDA device: 8k-token prompts, batches 1 to 64
+    python benchmarks/speculation.py            # one CUDA device: 8k-token prompts, batches 1 to 64, and the 8B shape
     python benchmarks/speculation.py --quick    # a smoke run on the CPU (short prompts, batches 1 and 2)
 
 For every batch, side by side in one run, greedy, after the same prompts (prose of the ``continue``
 task, one document per row):
 
-- plain full-cache decoding: ``speculative_generate`` with lookahead 0, so the same forwards and
-  the same full cache, with no draft;
+- plain full-cache decoding through the static step (``StaticDecoder``: one CUDA graph replay per
+  token, the fastest way polykv decodes without a draft);
 - self-speculation with each draft spec (``*: streaming@B`` against ``budget B; *: auto@auto``,
-  the routed draft, at the same budget B) and each lookahead.
+  the routed draft, at the same budget B) and each lookahead, its checks of fixed shapes (one CUDA
+  graph replay per check: ``polykv.decoding.static_speculation``).
 
-Each row gives decoding tokens/s (all rows of the batch, prefill excluded) and the speed-up over
-plain decoding; the share of drafted tokens kept by the batch and by each row alone; tokens per
-check of the full cache; whether the output is plain decoding's (rows equal); and the bound
-speed-up: what a step that only reads memory would give at this acceptance, from the bytes each
-step reads (weights, and the draft's or the full cache's keys and values). These forwards are
-ordinary ones, so a small model's steps are mostly launch overhead and the measured speed-up sits
-below the bound (see ``gpu_decode.py`` for what fixed-shape steps save).
+Each row gives decoding tokens/s (all rows of the batch, after the first check or step, which
+captures the graphs) and the speed-up over plain decoding; the share of drafted tokens kept by the
+batch and by each row alone; tokens per check of the full cache; whether the output is plain
+decoding's (rows equal); and the bound speed-up: what a step that only reads memory would give at
+this acceptance, from the bytes each step reads (weights, and the draft's or the full cache's keys
+and values).
 
-Prints a markdown table; writes benchmarks/results/speculation_<machine>.json and a PNG.
+Then the 8B shape (``--shape-layers``; LLaMA-3.1-8B's layers with random weights, batch 32 after
+32k-token prompts): the wall time of a static step of the full cache (1 token, and lookahead + 1
+tokens: a check) and of a draft holding B tokens (1 and 2 tokens), measured with 4 and 8 of its 32
+layers (32 at batch 32 do not fit one device beside a 137 GB cache) and extrapolated linearly to
+32, and the speed-up those costs give at the tokens per check measured on the bundled model.
+
+Prints markdown tables; writes benchmarks/results/speculation_<machine>.json and a PNG.
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ import json
 from pathlib import Path
 
 import torch
+from gpu_speed import CHUNK, milliseconds, prefill
+from gpu_speed import prompt as random_prompt
+from shapes import llama_8b
 
 import polykv
+from polykv.decoding import StaticDecoder
+from polykv.model.describe import cache_argument
 from polykv.tasks.tasks import make
 
 RESULTS = Path(__file__).parent / "results"
 SPECS = ("*: streaming@{budget}", "budget {budget}; *: auto@auto")
+#: The 8B shape's decoding batch and prompt length, and the layer counts its step costs are measured with.
+SHAPE_BATCH, SHAPE_LENGTH = 32, 32768
 
 
 def prompts(tokenizer, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -49,7 +62,27 @@ def weight_bytes(model) -> int:
 
 
 def run(model, ids, plan, lookahead: int, new_tokens: int) -> polykv.Speculation:
-    return polykv.speculative_generate(model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead)
+    return polykv.speculative_generate(
+        model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True
+    )
+
+
+@torch.no_grad()
+def plain_decoding(model, ids, whole, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy full-cache decoding through the static step: the tokens (B, L + new) and tokens/s after the first
+    static step (which captures the graph)."""
+    batch, length = ids.shape
+    with whole.apply(model):
+        cache = whole.make_cache()
+        arguments = cache_argument(model, cache)
+        first = model(ids, **arguments, logits_to_keep=1).logits[:, -1].argmax(dim=-1)
+        positions = torch.full((batch, 1), length, device=ids.device)
+        second = model(first[:, None], position_ids=positions, **arguments, logits_to_keep=1).logits[:, -1].argmax(-1)
+        with StaticDecoder(model, cache, second, positions + 1, room=new_tokens - 2) as decoder:
+            decoder.run(1)
+            wall, _ = milliseconds(lambda: decoder.run(new_tokens - 3, check_every=new_tokens), ids.device)
+            tokens = torch.cat([ids, first[:, None], second[:, None], decoder.tokens], dim=1)
+    return tokens, batch * (new_tokens - 3) / wall * 1e3
 
 
 def measure(model, tokenizer, args, device) -> list[dict]:
@@ -57,21 +90,21 @@ def measure(model, tokenizer, args, device) -> list[dict]:
     plans = {spec.format(budget=args.budget): None for spec in args.specs}
     plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in plans}
     whole = polykv.compile("*: full", model)
-    run(model, prompts(tokenizer, 1, 128, device), whole, 2, 4)  # warm-up
+    warm = prompts(tokenizer, 1, 128, device)
+    run(model, warm, whole, 2, 8), plain_decoding(model, warm, whole, 8)  # warm-up
     rows = []
     for batch in args.batches:
         ids = prompts(tokenizer, batch, args.length, device)
-        plain = run(model, ids, whole, 0, args.new_tokens)
-        plain_rate = batch * (plain.tokens.shape[1] - ids.shape[1]) / plain.decode_seconds
+        plain, plain_rate = plain_decoding(model, ids, whole, args.new_tokens)
         rows.append({"batch": batch, "spec": "plain", "lookahead": 0, "tokens_per_s": plain_rate, "speedup": 1.0})
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
                 result = run(model, ids, plan, lookahead, args.new_tokens)
-                rate = batch * (result.tokens.shape[1] - ids.shape[1]) / result.decode_seconds
+                rate = result.tokens_per_second
                 full, draft = weights + result.full_nbytes, weights + result.draft_nbytes
                 bound = result.tokens_per_step * full / (lookahead * draft + full)
-                equal = (result.tokens == plain.tokens).all(dim=1).float().mean().item()
+                equal = (result.tokens == plain).all(dim=1).float().mean().item()
                 row = {
                     "batch": batch,
                     "spec": spec,
@@ -96,6 +129,82 @@ def measure(model, tokenizer, args, device) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def step_milliseconds(model, cache, tokens: int, replays: int) -> float:
+    """Wall milliseconds of one static step of ``tokens`` tokens through ``cache`` (a CUDA graph replayed)."""
+    batch, device = cache.layers[0].batch_size, model.device
+    cache.begin_static(room=(replays + 1) * tokens, holes=True)
+    ids = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    positions = (cache.layers[0].seen + torch.arange(tokens, device=device)).expand(batch, tokens)
+
+    def step() -> None:
+        model(ids, position_ids=positions, logits_to_keep=tokens, **cache_argument(model, cache))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # the warm-up a capture needs
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    wall, _ = milliseconds(lambda: [graph.replay() for _ in range(replays)], device)
+    for _ in range(replays + 1):
+        cache.static_stepped(tokens)
+    cache.end_static((replays + 1) * tokens)
+    return wall / replays
+
+
+def shape_step_costs(args) -> dict:
+    """The 8B shape's static step costs at batch SHAPE_BATCH after SHAPE_LENGTH-token prompts, per layer count,
+    and extrapolated to 32 layers."""
+    measured = {}
+    for layers in args.shape_layers:
+        model = llama_8b(layers=layers)
+        whole = polykv.compile("*: full", model)
+        ids = random_prompt(SHAPE_BATCH, SHAPE_LENGTH, model.config.vocab_size, model.device)
+        with whole.apply(model):
+            full = prefill(model, whole, ids, chunk=CHUNK)
+            draft = prefill(model, whole, ids[:, -args.budget :])  # a draft's cost is the tokens it holds
+            costs = {"full 1": step_milliseconds(model, full, 1, 20), "draft 1": step_milliseconds(model, draft, 1, 20)}
+            costs["draft 2"] = step_milliseconds(model, draft, 2, 20)
+            for lookahead in args.lookaheads:
+                costs[f"full {lookahead + 1}"] = step_milliseconds(model, full, lookahead + 1, 20)
+        measured[layers] = costs
+        print(f"8B shape, {layers} layers: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
+        del model, full, draft
+        torch.cuda.empty_cache()
+    few, many = sorted(measured)
+    whole_model = {
+        name: measured[few][name] + (measured[many][name] - measured[few][name]) * (32 - few) / (many - few)
+        for name in measured[few]
+    }
+    return {
+        "batch": SHAPE_BATCH,
+        "length": SHAPE_LENGTH,
+        "budget": args.budget,
+        "measured": measured,
+        "32": whole_model,
+    }
+
+
+def shape_speedups(costs: dict, rows: list[dict]) -> list[dict]:
+    """What the 8B shape's step costs give at each draft's and lookahead's tokens per check on the bundled model
+    (its largest batch)."""
+    step = costs["32"]
+    largest = max(row["batch"] for row in rows)
+    found = []
+    for row in rows:
+        if row["spec"] == "plain" or row["batch"] != largest:
+            continue
+        lookahead = row["lookahead"]
+        check = step["draft 2"] + (lookahead - 1) * step["draft 1"] + step[f"full {lookahead + 1}"]
+        speedup = row["tokens_per_check"] * step["full 1"] / check
+        found.append({"spec": row["spec"], "lookahead": lookahead, "tokens_per_check": row["tokens_per_check"],
+                      "check_ms": check, "speedup": speedup})  # fmt: skip
+    return found
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| batch | draft | lookahead | tokens/s | speed-up | kept (batch / row) | tokens per check | bound | equal |",
@@ -110,6 +219,23 @@ def table(rows: list[dict]) -> str:
             f"{row['speedup']:.2f}x | {row['acceptance']:.2f} / {row['row_acceptance']:.2f} | "
             f"{row['tokens_per_check']:.2f} | {row['bound_speedup']:.2f}x | {row['rows_equal']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def shape_table(costs: dict, speedups: list[dict]) -> str:
+    step = costs["32"]
+    lines = ["| 8B shape, 32 layers (extrapolated), batch 32 / 32k | ms |", "| --- | ---: |"]
+    lines += [f"| static step: {name} token(s) | {ms:.2f} |" for name, ms in step.items()]
+    lines += [
+        "",
+        "| draft | lookahead | tokens per check (bundled model) | check ms | speed-up |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| `{row['spec']}` | {row['lookahead']} | {row['tokens_per_check']:.2f} | {row['check_ms']:.2f} | "
+        f"{row['speedup']:.2f}x |"
+        for row in speedups
+    ]
     return "\n".join(lines)
 
 
@@ -158,16 +284,20 @@ def main() -> None:
     parser.add_argument("--lookaheads", help="comma-separated lookaheads (default 2,4,6; --quick 2,4)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per row (default 48; --quick 16)")
     parser.add_argument("--specs", nargs="+", default=list(SPECS), help="draft specs; {budget} is replaced")
+    parser.add_argument("--shape-layers", default="4,8", help="8B-shape layer counts to measure (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     quick = {"length": 384, "budget": 64, "batches": "1,2", "lookaheads": "2,4", "new_tokens": 16}
-    full = {"length": 8000, "budget": 256, "batches": "1,8,32,64", "lookaheads": "2,4,6", "new_tokens": 48}
+    full = {"length": 8000, "budget": 256, "batches": "1,8,32,64", "lookaheads": "2,4,6", "new_tokens": 128}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.lookaheads = [int(k) for k in args.lookaheads.split(",")]
+    args.shape_layers = [int(n) for n in args.shape_layers.split(",")] if args.shape_layers != "none" else []
+    if args.quick or args.device == "cpu":
+        args.shape_layers = []  # the 8B shape lives on a GPU
 
     device = torch.device(args.device)
     model, tokenizer = polykv.load_default_model()
@@ -178,11 +308,18 @@ def main() -> None:
     heading = f"bundled model, {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
     heading += f", torch {torch.__version__}"
     print(f"\n{heading}\n\n{text}")
+    shape = {}
+    if args.shape_layers:
+        del model
+        torch.cuda.empty_cache()
+        costs = shape_step_costs(args)
+        shape = {"costs": costs, "speedups": shape_speedups(costs, rows)}
+        print("\n" + shape_table(costs, shape["speedups"]))
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"speculation_{machine}"
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     (args.out / f"{name}.json").write_text(
-        json.dumps({"settings": settings, "machine": machine, "rows": rows}, indent=1)
+        json.dumps({"settings": settings, "machine": machine, "rows": rows, "shape": shape}, indent=1)
     )
     plot(rows, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.json and .png")

@@ -48,18 +48,28 @@ def slot_inputs(batch, heads, groups, slots, dim, *, free, padding, seed=0, dtyp
 
 
 def dense_attention(query, keys, values, positions, position, real, scaling, window=None, softcap=None):
-    """Attention in float64 over keys and values repeated per query head, with an explicit (B, Hq, 1, S) mask."""
+    """Attention in float64 over keys and values repeated per query head, with an explicit (B, Hq, n, S) mask:
+    query i of the step sits at ``position + i``."""
     groups = query.shape[1] // keys.shape[1]
-    age = position - positions.long()  # how long before the query each slot's token came; free slots: negative
-    visible = (age >= 0) & (age < window if window else True) & (real if real is not None else True)
-    mask = visible.repeat_interleave(groups, dim=1)[:, :, None, :]
+    now = position + torch.arange(query.shape[2])[:, None]  # (n, 1)
+    age = now - positions.long()[:, :, None, :]  # how long before each query a slot's token came; free: negative
+    visible = (age >= 0) & (age < window if window else True) & (real[:, :, None, :] if real is not None else True)
+    mask = visible.repeat_interleave(groups, dim=1)
     keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (keys, values))
     if softcap is None:
         output = F.scaled_dot_product_attention(query.double(), keys, values, attn_mask=mask, scale=scaling)
     else:
         logits = torch.tanh(query.double() @ keys.transpose(-1, -2) * scaling / softcap) * softcap
         output = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ values
-    return output.transpose(1, 2)  # (B, 1, Hq, D)
+    return output.transpose(1, 2)  # (B, n, Hq, D)
+
+
+def step_of(query, tokens, seed=0):
+    """``query`` (B, Hq, 1, D) with ``tokens - 1`` more queries after it: a step of several tokens, as a
+    speculative check feeds, whose later tokens sit at positions no slot holds yet (they see what the first sees)."""
+    generator = torch.Generator().manual_seed(seed)
+    more = torch.randn(*query.shape[:2], tokens - 1, query.shape[-1], generator=generator).to(query)
+    return torch.cat([query, more], dim=2)
 
 
 @pytest.fixture(params=[1, 16, 256], ids=["one-chunk", "few-chunks", "many-chunks"])
@@ -93,6 +103,34 @@ def test_torch_version_matches_dense_attention(batch, heads, groups, slots, dim,
     result = da.decode_attention(*inputs, scaling, window, softcap)  # the PyTorch version: no triton on the CPU
     assert result.shape == (batch, 1, heads * groups, dim) and result.dtype == torch.float32
     torch.testing.assert_close(result, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@parent_only
+@settings(max_examples=30, deadline=None)
+@given(
+    tokens=st.integers(2, 6),
+    groups=st.sampled_from([1, 3]),
+    slots=st.integers(1, 40),
+    window=st.none() | st.integers(1, 90),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_version_with_several_tokens_matches_dense_attention(tokens, groups, slots, window, seed):
+    """Each of a step's tokens sees the slots up to its own position: moving the step's position back by one
+    hides the newest slot from the first token only."""
+    query, *rest = slot_inputs(2, 2, groups, slots, 16, free=0.3, padding=0.2, seed=seed)
+    query = step_of(query, tokens, seed)
+    positions, position = rest[2], rest[3] - 1
+    inputs = (query, rest[0], rest[1], positions, position, rest[4])
+    result = da.decode_attention(*inputs, 0.25, window)
+    assert result.shape == (2, tokens, 2 * groups, 16)
+    expected = dense_attention(*inputs, 0.25, window).float()
+    now = position + torch.arange(tokens)[:, None]
+    sees = (
+        (positions[:, :, None, :] <= now) & (positions[:, :, None, :] > now - (window or 10**6)) & rest[4][:, :, None]
+    )
+    defined = sees.any(dim=-1).repeat_interleave(groups, dim=1).transpose(1, 2)[..., None].expand_as(result)
+    assert torch.equal(result.isfinite(), defined)  # a token can see nothing once its slot is ahead of it
+    torch.testing.assert_close(result[defined], expected[defined], rtol=1e-5, atol=1e-5)
 
 
 @parent_only
@@ -161,6 +199,18 @@ def test_interpreted_kernels_with_slots_in_order_and_a_short_window(window):
     positions = torch.arange(1030, dtype=torch.int32).expand(2, 2, -1)
     inputs = (query, keys, values, positions, torch.tensor([1029]), None, 0.25, window)
     torch.testing.assert_close(da.decode_attention(*inputs), da.torch_decode_attention(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+@pytest.mark.parametrize(("groups", "tokens"), [(1, 5), (3, 5), (4, 8)])
+def test_interpreted_kernels_with_several_tokens(groups, tokens):
+    """A speculative check's step: rows per KV head are group size x tokens (up to MAX_GROUPS)."""
+    query, keys, values, positions, position, real = slot_inputs(2, 2, groups, 300, 16, free=0.3, padding=0.2)
+    inputs = (step_of(query, tokens), keys, values, positions, position - 2, real, 0.25, 120, 2.0)
+    result = da.decode_attention(*inputs)
+    assert result.shape == (2, tokens, 2 * groups, 16)
+    torch.testing.assert_close(result, da.torch_decode_attention(*inputs), rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @interpreted

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import polykv
+from polykv import cache_argument
 from polykv.testing import prompt, tiny_model
 
 SPECS = [
@@ -36,7 +37,12 @@ def llama():
 def _greedy(model, ids, new, **options):
     mask = options.pop("attention_mask", torch.ones_like(ids))
     return model.generate(
-        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, cache=DynamicCache(), **options
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        **cache_argument(model, DynamicCache()),
+        **options,
     )
 
 
@@ -72,6 +78,67 @@ def test_any_draft_and_lookahead_give_the_full_caches_output(llama, spec, lookah
         llama, ids, draft=polykv.compile(spec, llama), max_new_tokens=12, lookahead=lookahead
     )
     assert torch.equal(result.tokens, _greedy(llama, ids, 12))
+
+
+_STATIC_POLICIES = st.sampled_from(["streaming@{b}(sink=2)", "snapkv@{b}(window=4)", "tova@{b}", "full"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=_STATIC_POLICIES,
+    budget=st.integers(6, 40),
+    whole=st.sampled_from(["", "layers 0: full; "]),
+    lookahead=st.integers(0, 6),
+    length=st.integers(1, 40),
+    batch=st.integers(1, 3),
+    padded=st.booleans(),
+)
+def test_checks_of_fixed_shapes_give_the_full_caches_output(
+    llama, policy, budget, whole, lookahead, length, batch, padded
+):
+    """The static path (run eagerly here, replayed as a CUDA graph on a GPU): any draft that does not evict while
+    decoding, any lookahead, left-padded rows that end at different steps."""
+    ids = prompt(length, batch=batch, seed=length)
+    mask = torch.ones_like(ids)
+    if padded and batch > 1:
+        mask[1:, : length // 2] = 0
+    free = _greedy(llama, ids, 12, attention_mask=mask)
+    eos = int(free[0, length + 4])
+    expected = _greedy(llama, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    draft = polykv.compile(f"{whole}*: {policy.format(b=budget)}", llama)
+    options = dict(attention_mask=mask, max_new_tokens=12, lookahead=lookahead, eos_token_id=eos, pad_token_id=0)
+    result = polykv.speculative_generate(llama, ids, draft=draft, static=True, **options)
+    assert result.static and torch.equal(result.tokens, expected)
+    assert result.accepted == sum(result.accepted_per_step) == result.row_accepted <= result.drafted
+    ordinary = polykv.speculative_generate(llama, ids, draft=draft, static=False, **options)
+    assert result.steps == ordinary.steps  # the same checks (the last ones may draft more than they need)
+
+
+def test_static_checks_say_when_they_cannot_run(llama):
+    bounded = polykv.compile("*: full decode streaming@16(sink=2)", llama)
+    with pytest.raises(polykv.ArgumentError, match="static speculation cannot run here: layer 0 evicts while"):
+        polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4, static=True)
+    sampled = polykv.Sampling(temperature=0.7)
+    with pytest.raises(polykv.ArgumentError, match="greedily"):
+        polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4, static=True, sampling=sampled)
+    result = polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4)  # on the CPU: ordinary
+    assert not result.static
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full"])
+def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec):
+    model = tiny_model("llama", dtype=torch.float32, seed=2, device="cuda")
+    ids = prompt(30, batch=3).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    expected = _greedy(model, ids, 20, attention_mask=mask)
+    result = polykv.speculative_generate(
+        model, ids, attention_mask=mask, draft=polykv.compile(spec, model), max_new_tokens=20, lookahead=3
+    )
+    assert result.static and torch.equal(result.tokens, expected)
+    assert result.tokens_per_second > 0 and result.warmup_seconds > 0
 
 
 def test_a_whole_draft_is_always_right():

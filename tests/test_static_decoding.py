@@ -327,3 +327,59 @@ def test_the_freed_slots_are_the_lowest_ranked_and_of_equal_ranks_the_newest(ran
     # By rank, then newest first: what ScoringPolicy.select would drop.
     expected = sorted(range(len(ranks)), key=lambda slot: (ranks[slot], -int(positions[0, 0, slot])))[:count]
     assert sorted(freed) == sorted(expected)
+
+
+@pytest.mark.parametrize("spec", ["*: full", "layers 0: full; *: snapkv@16(window=4)"])
+def test_a_step_of_several_tokens_with_holes_is_attention_without_them(spec):
+    """A speculative check's step: three tokens in one static step, the second brought as a hole and the third
+    refused afterwards. The logits of the step's real tokens, and of an ordinary step after end_static, equal
+    those of a cache that never saw the holes."""
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = padded_prompt([20, 14])
+    plan = polykv.compile(spec, model)
+    a, hole, c, d = (torch.tensor([[t], [t + 1]]) for t in (11, 23, 35, 47))
+    real_count = mask.sum(dim=-1, keepdim=True)
+
+    def forward(cache, tokens, positions, attention_mask=None):
+        output = model(tokens, position_ids=positions, attention_mask=attention_mask, **cache_argument(model, cache))
+        return output.logits
+
+    with plan.apply(model):
+        expected_cache = plan.make_cache()
+        forward(expected_cache, ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+        grown = torch.cat([mask, torch.ones_like(a)], dim=1)
+        forward(expected_cache, a, real_count, grown)
+        grown = torch.cat([grown, torch.ones_like(a)], dim=1)
+        expected_c = forward(expected_cache, c, real_count + 1, grown)
+        grown = torch.cat([grown, torch.ones_like(a)], dim=1)
+        expected_d = forward(expected_cache, d, real_count + 2, grown)
+
+        cache = plan.make_cache()
+        forward(cache, ids, (mask.cumsum(-1) - 1).clamp(min=0), mask)
+        forward(cache, a, real_count, torch.cat([mask, torch.ones_like(a)], dim=1))
+        cache.begin_static(room=4, holes=True)
+        cache.static_incoming(torch.tensor([[True, False, True]]).expand(2, 3))
+        positions = real_count + torch.tensor([[1, 1, 2]])  # the hole's own position is never read
+        logits = forward(cache, torch.cat([c, hole, d], dim=1), positions)
+        cache.static_stepped(3)
+        cache.static_incoming(None)
+        cache.static_refuse(torch.tensor([[False, False, True]]).expand(2, 3))  # d is refused after all
+        torch.testing.assert_close(logits[:, 0], expected_c[:, 0])
+        torch.testing.assert_close(logits[:, 2], expected_d[:, 0])
+        cache.end_static(3)
+        holes = torch.cat([mask, torch.tensor([[1, 1, 0, 0]]).expand(2, 4)], dim=1)  # a, c, the hole, d refused
+        again = forward(cache, d, real_count + 2, torch.cat([holes, torch.ones_like(a)], dim=1))
+    torch.testing.assert_close(again, expected_d)
+    assert cache.layer_lengths()[0] == ids.shape[1] + 5  # layer 0 is whole: holes stay held, as padding does
+
+
+def test_holes_need_a_layer_that_does_not_evict_while_decoding():
+    model = tiny_model("llama")
+    plan = polykv.compile("*: full decode streaming@24(sink=2)", model)
+    ids, mask = padded_prompt([30])
+    with plan.apply(model):
+        cache = plan.make_cache()
+        model(ids, attention_mask=mask, **cache_argument(model, cache))
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **cache_argument(model, cache))
+        with pytest.raises(CacheError, match=r"evicts while decoding.*static=False"):
+            cache.begin_static(room=4, holes=True)

@@ -233,30 +233,42 @@ class PolyCache(Cache):
             layer.problems = []
         raise_pending(pending)
 
-    def begin_static(self, room: int, slack: int = 0) -> None:
+    def begin_static(self, room: int, slack: int = 0, holes: bool = False) -> None:
         """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``.
 
-        ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time.
+        ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time. ``holes``:
+        steps may bring tokens that are not real and refuse tokens already taken (``StaticDecoding``).
         """
         if self.state is not CacheState.DECODING:
             raise CacheError(f"static decoding starts after the prefill, but this cache is {self.state.value}")
         self.check()
         for layer in self.layers:
-            layer.begin_static(room, slack)
+            layer.begin_static(room, slack, holes)
+
+    def static_incoming(self, real: torch.Tensor | None) -> None:
+        """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""
+        for layer in self.layers:
+            layer.static.incoming = real
+
+    def static_refuse(self, refused: torch.Tensor) -> None:
+        """Make holes of the last n tokens every layer took where ``refused`` (B, n) says so."""
+        for layer in self.layers:
+            layer.static.refuse(refused)
 
     def plan_static_step(self) -> tuple[int, ...]:
         """Prepare the coming static step; the layers that evict in it (each set of them is its own graph)."""
         return tuple(layer.index for layer in self.layers if layer.static.plan_step())
 
-    def static_stepped(self) -> None:
-        """Count a static step that ran."""
+    def static_stepped(self, tokens: int = 1) -> None:
+        """Count a static step that ran, of ``tokens`` tokens."""
         for layer in self.layers:
-            layer.static.stepped()
+            layer.static.stepped(tokens)
 
-    def end_static(self, steps: int) -> None:
-        """Back to ordinary decoding after ``steps`` static steps: every layer holds its tokens by position again."""
+    def end_static(self, tokens: int) -> None:
+        """Back to ordinary decoding after static steps that brought ``tokens`` tokens: every layer holds its
+        tokens by position again."""
         for layer in self.layers:
-            layer.end_static(steps)
+            layer.end_static(tokens)
 
     def end_prefill(self) -> None:
         """End the prompt: compress it, and let later forwards append (to ask several questions about one

@@ -359,16 +359,16 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
-    def begin_static(self, room: int, slack: int = 0) -> None:
+    def begin_static(self, room: int, slack: int = 0, holes: bool = False) -> None:
         """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens."""
         if self.phase is not Phase.DECODE:
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
-        self.static = StaticDecoding(self, room, slack)
+        self.static = StaticDecoding(self, room, slack, holes)
 
-    def end_static(self, steps: int) -> None:
-        """Back to ordinary decoding after ``steps`` static steps."""
+    def end_static(self, tokens: int) -> None:
+        """Back to ordinary decoding after static steps that brought ``tokens`` tokens."""
         static, self.static = self.static, None
-        static.finish(steps)
+        static.finish(tokens)
 
     def begin_scoring(self, start: int, end: int) -> None:
         """The coming forward is the model repeating prompt positions ``start:end``: score them with its queries

@@ -14,6 +14,10 @@ and hands the layer its ordinary storage.
 This is what the step of a bounded layer computes, exactly: the ordinary path appends, attends
 over budget + 1 tokens and evicts one; here the free slot takes the token, all budget + 1 slots are
 attended, and one slot is freed. With a slack s, s + 1 slots are freed at once instead.
+
+A layer that is not bounded while decoding may also take several tokens in one step (a speculative
+check), and, with ``holes``, mark some of the tokens it took as holes: their slots stay taken but
+are never seen again (a proposal that this batch row refused while another row kept it).
 """
 
 from __future__ import annotations
@@ -31,16 +35,22 @@ FREE = torch.iinfo(POSITION).max
 class StaticDecoding:
     """One layer's slots during static decoding (see the module docstring)."""
 
-    def __init__(self, layer, room: int, slack: int = 0):
+    def __init__(self, layer, room: int, slack: int = 0, holes: bool = False):
         """``layer`` (a PolyLayer in its decoding phase) gets slots for ``room`` more tokens, or its bound.
 
         ``slack`` lets a layer bounded by a decode policy evict ``slack + 1`` tokens at once when it
         goes over its bound, so that it evicts every ``slack + 1`` steps instead of at every step
-        (a sliding window always keeps its whole window).
+        (a sliding window always keeps its whole window). ``holes`` lets steps bring tokens that are not
+        real (``incoming``) and ``refuse`` tokens already taken; it needs a layer without a bound.
         """
         self.layer = layer
         storage = layer.storage
         self.bound, self.policy = _bound_and_policy(layer)  # policy None with a bound: keep the newest
+        if holes and self.bound is not None:
+            raise CacheError(
+                f"layer {layer.index} evicts while decoding (a decode policy or a sliding window), so its slots cannot "
+                "hold holes: speculate with ordinary forwards (static=False)"
+            )
         if self.bound is not None and storage.size > self.bound:
             raise CacheError(
                 f"layer {layer.index} holds {storage.size} tokens, more than its decoding bound of {self.bound}: "
@@ -51,6 +61,7 @@ class StaticDecoding:
             self.slack = max(0, min(slack, self.bound - self.policy.min_budget()))
         self.held = storage.size  # tokens held now, known on the host: counts do not depend on the data
         self.evicting = False  # whether the coming step evicts (see plan_step)
+        self.tokens = 1  # in the current step
         slots = storage.size + room if self.bound is None else self.bound + 1
         batch, heads = layer.batch_size, layer.kv_heads
         device = storage.keys.device
@@ -58,8 +69,10 @@ class StaticDecoding:
         self.values = _with_slots(storage.values, slots)
         self.positions = torch.full((batch, heads, slots), FREE, dtype=POSITION, device=device)
         self.positions[:, :, : storage.size] = storage.positions_or_slots()
-        self.real: torch.Tensor | None = None  # (B, H, slots) False for padding, None without padding
-        if layer.real is not None:
+        self.real: torch.Tensor | None = None  # (B, H, slots) False for padding and holes, None without either
+        #: (B, n) whether each of a step's n tokens is real (set by whoever runs the steps); None: all are.
+        self.incoming: torch.Tensor | None = None
+        if layer.real is not None or holes:
             self.real = torch.ones(batch, heads, slots, dtype=torch.bool, device=device)
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
         storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
@@ -73,22 +86,39 @@ class StaticDecoding:
     # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's token into the next free slot; return every slot's keys and values."""
-        if keys.shape[-2] != 1:
-            raise CacheError("static decoding takes one token per step")
-        dim = keys.shape[-1]
-        slot = self.free.gather(-1, self.cursor.expand(*self.free.shape[:2], 1))  # (B, H, 1)
-        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), keys)
-        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, dim), values)
-        self.positions.scatter_(2, slot, self.position.to(POSITION).expand_as(slot))
+        """Write the step's n tokens into the next free slots; return every slot's keys and values."""
+        self.tokens = tokens = keys.shape[-2]
+        if tokens != 1 and self.bound is not None:
+            raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
+        batch, heads, _, dim = keys.shape
+        slots = self._taken(self.cursor, tokens)  # (B, H, n)
+        self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, dim), keys)
+        self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, dim), values)
+        positions = self.position + torch.arange(tokens, device=slots.device)
+        self.positions.scatter_(2, slots, positions.to(POSITION).expand_as(slots))
         if self.real is not None:
-            self.real.scatter_(2, slot, True)
-        self.cursor += 1
+            real = True if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
+            self.real.scatter_(2, slots, real)
+        self.cursor += tokens
         return self.keys, self.values
 
+    def refuse(self, refused: torch.Tensor) -> None:
+        """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""
+        if self.real is None:
+            raise CacheError("this layer's static decoding was begun without holes")
+        tokens = refused.shape[1]
+        slots = self._taken(self.cursor - tokens, tokens)
+        kept = self.real.gather(2, slots) & ~refused[:, None, :]
+        self.real.scatter_(2, slots, kept)
+
+    def _taken(self, first: torch.Tensor, count: int) -> torch.Tensor:
+        """The slots (B, H, count) taken from the free list from place ``first`` (1,) on."""
+        places = (first + torch.arange(count, device=first.device)).expand(*self.free.shape[:2], count)
+        return self.free.gather(-1, places)
+
     def after_attention(self) -> None:
-        """Move to the next position; in an evicting step, free the slots of the lowest-ranked tokens."""
-        self.position += 1
+        """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
+        self.position += self.tokens
         if not self.evicting:
             return
         count = self.held + 1 - (self.bound - self.slack)
@@ -114,24 +144,29 @@ class StaticDecoding:
         self.evicting = self.bound is not None and self.held + 1 > self.bound
         return self.evicting
 
-    def stepped(self) -> None:
-        """Count the step just run (on the host)."""
-        self.held = self.bound - self.slack if self.evicting else self.held + 1
+    def stepped(self, tokens: int = 1) -> None:
+        """Count the step just run, of ``tokens`` tokens (on the host)."""
+        self.held = self.bound - self.slack if self.evicting else self.held + tokens
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.keys, self.values, self.positions, self.real) if t is not None)
 
     # --- back to ordinary decoding ----------------------------------------------------------------
 
-    def finish(self, steps: int) -> None:
-        """Give the layer its ordinary storage after ``steps`` static steps: held tokens sorted by position."""
+    def finish(self, tokens: int) -> None:
+        """Give the layer its ordinary storage after static steps that brought ``tokens`` tokens: held tokens
+        sorted by position, holes marked as padding is."""
         layer = self.layer
         order = self.positions.argsort(dim=-1, stable=True)[..., : self.held]  # free slots sort last
+        if self.real is not None and self.bound is None:  # the new tokens are the last held: real or holes
+            new = self.real[:, 0].gather(-1, order[:, 0, self.held - tokens :])  # heads take the same tokens
+            past = layer.real if layer.real is not None else new.new_ones(new.shape[0], layer.seen)
+            layer.real = torch.cat([past, new], dim=1)
+        elif layer.real is not None:
+            layer.real = torch.cat([layer.real, layer.real.new_ones(layer.real.shape[0], tokens)], dim=1)
         layer.storage.hold(self.keys, self.values, self.positions)
         layer.storage.keep(order, self.positions.gather(-1, order))
-        layer.seen += steps
-        if layer.real is not None:
-            layer.real = torch.cat([layer.real, layer.real.new_ones(layer.real.shape[0], steps)], dim=1)
+        layer.seen += tokens
 
 
 def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:

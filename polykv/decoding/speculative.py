@@ -28,6 +28,7 @@ import torch
 
 from polykv.cache.cache import PolyCache
 from polykv.decoding.static import Sampling
+from polykv.decoding.static_speculation import StaticChecks
 from polykv.errors import ArgumentError, ArgumentTypeError
 from polykv.harness.capture import capture
 from polykv.model.describe import cache_argument
@@ -57,6 +58,17 @@ class Speculation:
     draft_nbytes: int
     prefill_seconds: float
     decode_seconds: float
+    warmup_seconds: float
+    warmup_tokens: int
+    new_tokens: int
+    static: bool
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens per second of decoding after the first check (all rows)."""
+        seconds = self.decode_seconds - self.warmup_seconds
+        tokens = self.new_tokens - self.tokens.shape[0] - self.warmup_tokens
+        return tokens / seconds if seconds > 0 else 0.0
 
     @property
     def steps(self) -> int:
@@ -92,18 +104,27 @@ def speculative_generate(
     pad_token_id: int | None = None,
     sampling: Sampling | None = None,
     registry: Registry | None = None,
+    static: bool | None = None,
 ) -> Speculation:
     """Continue ``input_ids`` (B, L, left-padded as ``attention_mask`` says) by ``max_new_tokens`` tokens,
     drafting ``lookahead`` at a time with ``draft``'s compressed cache and keeping what the full cache
     confirms (see the module docstring). ``draft`` is a plan for this model (``polykv.compile``); the
     model is prepared for it while this runs. Greedy unless ``sampling`` is given. A row that produced
     an end-of-sequence token continues with ``pad_token_id``; generation stops when every row has.
+
+    ``static`` runs the checks with fixed shapes, each one CUDA graph replay on CUDA (eagerly on the
+    CPU): greedy, with a draft whose layers do not evict while decoding, on a model without sliding
+    windows (``static_problem`` says why not). Default: on CUDA where it can.
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
     for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
+    problem = static_problem(draft, sampling)
+    if static and problem:
+        raise ArgumentError(f"static speculation cannot run here: {problem}")
+    static = not problem and (input_ids.is_cuda if static is None else static)
     clock = _Clock(input_ids.device)
     with draft.apply(model):
         captured = capture(
@@ -111,9 +132,15 @@ def speculative_generate(
             input_ids,
             attention_mask,
             needs=draft.needs(registry),
-            room=max_new_tokens + lookahead + 1,
+            room=0 if static else max_new_tokens + lookahead + 1,
             reconstruction=draft.reconstruction,
         )
+        if static:
+            return _speculate_statically(
+                model, captured, draft, registry, input_ids, attention_mask, clock,
+                lookahead=lookahead, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
         drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
         ragged = not any(layer.sliding_window for layer in draft.layers)
@@ -122,6 +149,7 @@ def speculative_generate(
         run.record(newest[:, None], torch.zeros_like(newest))
         behind, behind_real = newest[:, None], torch.ones_like(newest[:, None], dtype=torch.bool)  # not in the draft
         statistics = _Statistics(full.cache.nbytes(), drafting.cache.nbytes(), clock.lap())
+        warmup = None
         while run.active().any():
             active = run.active()
             count = min(lookahead, run.most_remaining() - 1)
@@ -141,9 +169,47 @@ def speculative_generate(
                 behind_real = torch.cat([behind_real, torch.ones_like(behind_real[:, :1])], dim=1)
             statistics.add(count, kept, alone, active)
             tokens = torch.cat([proposals, proposals.new_zeros(proposals.shape[0], 1)], dim=1)
+            made = int(run.lengths.sum())
             run.record(tokens.scatter(1, kept[:, None], newest[:, None]), kept, active)
+            if warmup is None:
+                warmup = (clock.elapsed(), int(run.lengths.sum()) - made)
     tokens = torch.cat([input_ids, run.finished()], dim=1)
-    return statistics.result(tokens, clock.lap())
+    return statistics.result(tokens, clock.lap(), *(warmup or (0.0, 0)), int(run.lengths.sum()), static=False)
+
+
+def static_problem(draft: Plan, sampling: Sampling | None = None) -> str | None:
+    """Why speculation with ``draft`` cannot run with fixed shapes, or None where it can."""
+    if sampling is not None:
+        return "it chooses greedily; sampling takes ordinary forwards"
+    for layer in draft.layers:
+        if layer.sliding_window:
+            return f"layer {layer.index} has a sliding window, which evicts while decoding"
+        if layer.decode is not None:
+            return f"layer {layer.index} evicts while decoding ({layer.decode.describe()})"
+        if layer.heads:
+            return f"layer {layer.index}'s heads keep different tokens, which static slots do not hold"
+    return None
+
+
+def _speculate_statically(
+    model, captured, draft: Plan, registry, input_ids, attention_mask, clock: _Clock, **options
+) -> Speculation:
+    """``speculative_generate`` with checks of fixed shapes (``StaticChecks``), after the capture."""
+    full = captured.cache(share_room=True)
+    drafting = captured.cache_for(draft, registry)
+    statistics = _Statistics(full.nbytes(), drafting.nbytes(), 0.0)
+    newest = captured.logits.argmax(dim=-1)
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    checks = StaticChecks(model, full, drafting, newest, real.sum(dim=-1), graph=input_ids.is_cuda, **options)
+    statistics.prefill_seconds = clock.lap()
+    warmup = checks.run()
+    made = checks.tokens()
+    new_tokens = int(checks.lengths.clamp(max=options["max_new_tokens"]).sum())
+    statistics.drafted, statistics.accepted, statistics.row_accepted, statistics.row_steps, per_check = (
+        checks.statistics()
+    )
+    statistics.per_step = list(per_check)
+    return statistics.result(torch.cat([input_ids, made], dim=1), clock.lap(), *warmup, new_tokens, static=True)
 
 
 class _Clock:
@@ -163,6 +229,10 @@ class _Clock:
         seconds, self.last = now - self.last, now
         return seconds
 
+    def elapsed(self) -> float:
+        """Since the last lap."""
+        return self._now() - self.last
+
 
 class _Statistics:
     def __init__(self, full_nbytes: int, draft_nbytes: int, prefill_seconds: float):
@@ -179,7 +249,16 @@ class _Statistics:
         self.row_accepted += int(alone[active].sum())
         self.row_steps += rows
 
-    def result(self, tokens: torch.Tensor, decode_seconds: float) -> Speculation:
+    def result(
+        self,
+        tokens: torch.Tensor,
+        decode_seconds: float,
+        warmup_seconds: float,
+        warmup_tokens: int,
+        new_tokens: int,
+        *,
+        static: bool,
+    ) -> Speculation:
         return Speculation(
             tokens,
             self.drafted,
@@ -190,6 +269,10 @@ class _Statistics:
             *self.nbytes,
             self.prefill_seconds,
             decode_seconds,
+            warmup_seconds,
+            warmup_tokens,
+            new_tokens,
+            static,
         )
 
 

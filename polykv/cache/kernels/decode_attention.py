@@ -1,4 +1,4 @@
-"""Attention of one decoding step over a layer's static slots, with visibility read from stored positions.
+"""Attention of a decoding step over a layer's static slots, with visibility read from stored positions.
 
 In static decoding (``polykv.cache.static``) a layer attends over a fixed number of slots, some of
 them free or padding, in no particular order. PyTorch's SDPA takes such a layer only with an
@@ -14,6 +14,10 @@ in float32. A second kernel merges the chunks' partial results. The number of ch
 shapes alone and the query's position is read on the device, so the step can be captured in a CUDA
 graph and replayed at every position. Elsewhere (no triton, or the CPU without triton's
 interpreter) the plain PyTorch version runs, which upcasts every key and value to float32.
+
+A step may bring several tokens (a speculative check: the newest token and the proposals after it);
+the i-th of them sits at the step's position + i and sees what that position sees. The kernels
+treat them as more rows sharing each KV head, as GQA's query heads already do.
 
 A row with no visible slot, which decoding never produces (the query sees its own slot), comes out
 as NaN in both versions; the other rows are unaffected.
@@ -37,7 +41,8 @@ PROGRAMS_PER_PROCESSOR = 4
 TILE_BYTES = 16384
 #: Chunks the merge kernel takes per loop step.
 MERGE_CHUNKS = 16
-#: The largest head size and query-group size the kernels are built for; larger ones take the PyTorch version.
+#: The largest head size, and query rows per KV head (group size x tokens in the step), the kernels are built for;
+#: larger ones take the PyTorch version.
 MAX_HEAD_DIM = 256
 MAX_GROUPS = 32
 
@@ -57,12 +62,13 @@ def decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """One query per row and head over the slots: (B, 1, Hq, D) in the query's dtype, as transformers'
-    attention kernels return it.
+    """The step's n queries per row and head over the slots: (B, n, Hq, D) in the query's dtype, as
+    transformers' attention kernels return it.
 
-    ``query`` (B, Hq, 1, D); ``keys``, ``values`` (B, H, S, D) with Hq a multiple of H (GQA);
+    ``query`` (B, Hq, n, D); ``keys``, ``values`` (B, H, S, D) with Hq a multiple of H (GQA);
     ``positions`` (B, H, S) int32, a free slot holding a position after every real one;
-    ``position`` (1,) int64, the query's; ``real`` (B, H, S) False for padding, or None.
+    ``position`` (1,) int64, the first query's (query i sits at position + i); ``real`` (B, H, S)
+    False for padding, or None.
     Runs the Triton kernels where ``available`` and the inputs suit them, else ``torch_decode_attention``.
     """
     if available(query.device) and _suits_kernels(query, keys, values):
@@ -82,32 +88,34 @@ def torch_decode_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """``decode_attention`` in plain PyTorch, in float32 throughout: the reference and the fallback."""
-    batch, query_heads, _, dim = query.shape
+    batch, query_heads, length, dim = query.shape
     heads = keys.shape[1]
-    grouped = query.reshape(batch, heads, query_heads // heads, dim).float()
-    logits = torch.einsum("bhgd,bhsd->bhgs", grouped, keys.float()) * scaling
+    grouped = query.reshape(batch, heads, query_heads // heads, length, dim).float()
+    logits = torch.einsum("bhgnd,bhsd->bhgns", grouped, keys.float()) * scaling
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    visible = positions <= position
+    now = (position + torch.arange(length, device=position.device))[:, None]  # (n, 1)
+    stored = positions[:, :, None, :]  # (B, H, 1, S)
+    visible = stored <= now
     if sliding_window:
-        visible &= positions > position - sliding_window
+        visible &= stored > now - sliding_window
     if real is not None:
-        visible &= real
-    weights = torch.softmax(logits.masked_fill(~visible[:, :, None, :], float("-inf")), dim=-1)
-    output = torch.einsum("bhgs,bhsd->bhgd", weights, values.float())
-    return output.reshape(batch, 1, query_heads, dim).to(query.dtype)
+        visible &= real[:, :, None, :]
+    weights = torch.softmax(logits.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
+    output = torch.einsum("bhgns,bhsd->bnhgd", weights, values.float())
+    return output.reshape(batch, length, query_heads, dim).to(query.dtype)
 
 
 def _suits_kernels(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether the kernels take these inputs: one float dtype, a head size and group they are built for, no empty
     axis."""
-    _, query_heads, _, dim = query.shape
+    _, query_heads, length, dim = query.shape
     return (
         query.dtype in _DTYPES
         and keys.dtype == values.dtype == query.dtype
         and keys.shape == values.shape
         and query_heads % keys.shape[1] == 0
-        and query_heads // keys.shape[1] <= MAX_GROUPS
+        and query_heads // keys.shape[1] * length <= MAX_GROUPS
         and dim <= MAX_HEAD_DIM
         and query.numel() > 0
         and keys.numel() > 0
@@ -126,7 +134,7 @@ def _split_decode_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """``decode_attention`` by the split and merge kernels; launches only, no host read of any tensor."""
-    batch, query_heads, _, dim = query.shape
+    batch, query_heads, length, dim = query.shape
     heads, slots = keys.shape[1], keys.shape[2]
     groups = query_heads // heads
     block_dim = max(16, triton.next_power_of_2(dim))
@@ -134,7 +142,7 @@ def _split_decode_attention(
     chunk = _chunk_slots(slots, batch * heads, block_slots, query.device)
     chunks = triton.cdiv(slots, chunk)
 
-    rows = batch * query_heads  # one per query head: b * Hq + h * G + g
+    rows = batch * length * query_heads  # one per token and query head: (b * n + t) * Hq + h * G + g
     maxima = torch.empty(rows, chunks, device=query.device, dtype=torch.float32)
     sums = torch.empty_like(maxima)
     partials = torch.empty(rows, chunks, dim, device=query.device, dtype=torch.float32)
@@ -156,12 +164,14 @@ def _split_decode_attention(
         slots,
         heads,
         groups,
+        length,
         chunk,
         int(sliding_window or 0),
         pre_scale,
         post_scale,
         query.stride(0),
         query.stride(1),
+        query.stride(2),
         query.stride(3),
         *keys.stride(),
         *values.stride(),
@@ -169,7 +179,7 @@ def _split_decode_attention(
         *visible_real.stride(),
         HEAD_DIM=dim,
         BLOCK_D=block_dim,
-        BLOCK_G=max(16, triton.next_power_of_2(groups)),
+        BLOCK_G=max(16, triton.next_power_of_2(groups * length)),
         BLOCK_S=block_slots,
         HAS_REAL=real is not None,
         HAS_WINDOW=bool(sliding_window),
@@ -178,7 +188,7 @@ def _split_decode_attention(
         num_warps=4,
         num_stages=3,
     )
-    output = torch.empty(batch, 1, query_heads, dim, device=query.device, dtype=query.dtype)
+    output = torch.empty(batch, length, query_heads, dim, device=query.device, dtype=query.dtype)
     _merge_kernel[(rows,)](
         maxima, sums, partials, output, chunks, HEAD_DIM=dim, BLOCK_D=block_dim, BLOCK_C=MERGE_CHUNKS, num_warps=4
     )
@@ -212,12 +222,14 @@ def _split_decode_kernel(
     slots,
     heads,
     groups,
+    length,
     chunk,
     window,
     pre_scale,
     post_scale,
     stride_qb,
     stride_qh,
+    stride_qt,
     stride_qd,
     stride_kb,
     stride_kh,
@@ -242,7 +254,8 @@ def _split_decode_kernel(
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: the ``chunk`` slots of one chunk of one (batch, KV head) row, for the row's query heads.
+    """One program: the ``chunk`` slots of one chunk of one (batch, KV head) row, for the row's query heads and
+    tokens: query row i is token i // groups of the step, query head i % groups of the KV head's group.
 
     Stores the chunk's base-2 logit maximum, the sum of exp2(logit - maximum) and the values weighted by them,
     per query head. Logits are post_scale * q.k * pre_scale, or post_scale * tanh(pre_scale * q.k) with a softcap,
@@ -255,15 +268,21 @@ def _split_decode_kernel(
     head = (kv_row % heads).to(tl.int64)
     now = tl.load(position)  # on the device: a replayed graph sees the position of its step
 
-    group = tl.arange(0, BLOCK_G)
+    member = tl.arange(0, BLOCK_G)
+    token, group = member // groups, member % groups
     dims = tl.arange(0, BLOCK_D)
-    in_group = group < groups
+    in_group = member < groups * length
     in_dims = dims < HEAD_DIM
     question = tl.load(
-        query + batch * stride_qb + (head * groups + group)[:, None] * stride_qh + dims[None, :] * stride_qd,
+        query
+        + batch * stride_qb
+        + (head * groups + group)[:, None] * stride_qh
+        + token[:, None] * stride_qt
+        + dims[None, :] * stride_qd,
         mask=in_group[:, None] & in_dims[None, :],
         other=0.0,
     )  # (BLOCK_G, BLOCK_D); rows past the group are zero and never stored
+    sees = (now + token)[:, None]  # (BLOCK_G, 1) each row's own position
     key_base = keys + batch * stride_kb + head * stride_kh
     value_base = values + batch * stride_vb + head * stride_vh
     position_base = positions + batch * stride_pb + head * stride_ph
@@ -278,18 +297,18 @@ def _split_decode_kernel(
         tile = inside[:, None] & in_dims[None, :]
         key = tl.load(key_base + slot[:, None] * stride_ks + dims[None, :] * stride_kd, mask=tile, other=0.0)
         value = tl.load(value_base + slot[:, None] * stride_vs + dims[None, :] * stride_vd, mask=tile, other=0.0)
-        held = tl.load(position_base + slot * stride_ps, mask=inside, other=0)
-        visible = inside & (held <= now)
+        held = tl.load(position_base + slot * stride_ps, mask=inside, other=0)[None, :]
+        visible = inside[None, :] & (held <= sees)  # (BLOCK_G, BLOCK_S)
         if HAS_WINDOW:
-            visible &= held > now - window
+            visible &= held > sees - window
         if HAS_REAL:
-            visible &= tl.load(real_base + slot * stride_rs, mask=inside, other=0) != 0
+            visible &= (tl.load(real_base + slot * stride_rs, mask=inside, other=0) != 0)[None, :]
 
         logits = tl.dot(question, tl.trans(key), input_precision=PRECISION) * pre_scale  # (BLOCK_G, BLOCK_S)
         if HAS_SOFTCAP:  # tanh(x) = 1 - 2 / (e^2x + 1), which saturates to +-1 without overflow trouble
             logits = 1.0 - 2.0 / (tl.exp2(logits * 2.885390081777927) + 1.0)  # 2 log2(e)
             logits *= post_scale
-        logits = tl.where(visible[None, :], logits, float("-inf"))
+        logits = tl.where(visible, logits, float("-inf"))
         new_best = tl.maximum(best, tl.max(logits, axis=1))
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # keeps all-invisible rows at 0 rather than NaN
         weights = tl.exp2(logits - shift[:, None])
@@ -298,7 +317,8 @@ def _split_decode_kernel(
         weighted = weighted * rescale[:, None] + tl.dot(weights.to(value.dtype), value, input_precision=PRECISION)
         best = new_best
 
-    row = (kv_row * groups + group).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # (query row, chunk)
+    query_row = ((batch * length + token) * heads + head) * groups + group  # (b * n + t) * Hq + h * G + g
+    row = query_row.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # (query row, chunk)
     tl.store(maxima + row, best, mask=in_group)
     tl.store(sums + row, total, mask=in_group)
     tl.store(partials + row[:, None] * HEAD_DIM + dims[None, :], weighted, mask=in_group[:, None] & in_dims[None, :])

@@ -1,0 +1,204 @@
+"""Self-speculation with fixed shapes: on CUDA each check of the full cache is one CUDA graph replay.
+
+``polykv.decoding.speculative`` drives every draft step and every check from Python, reading
+how many proposals each row kept before it plans the next forward; on a GPU the host then sets
+the pace, as it does for ordinary decoding (``polykv.decoding.static``). Here both caches are in
+static decoding (``polykv.cache.static``: fixed slots, visibility from stored positions) and a
+check is a fixed sequence of forwards whose shapes never change:
+
+1. the draft takes two tokens: the last proposal of the check before (a hole where the full cache
+   refused it, so the draft never sees it) and the full cache's own token after what it kept;
+2. the draft takes each of its next ``lookahead - 1`` proposals, one token a step;
+3. the full cache takes its newest token and the ``lookahead`` proposals in one step, and each row
+   keeps the proposals up to the first it would not have chosen, plus its own choice after them.
+
+What a row refused stays in its slots as a hole the attention never sees again; slots are not
+reused, so each cache has room for a check's tokens times the checks that can come. Which row
+keeps what, the tokens made so far and the statistics all stay on the device: the host only
+replays the check and, every ``check_every`` checks, reads whether every row has finished. The
+first check runs for real and is captured; the later ones replay it. On the CPU the same check runs
+eagerly, which is how it is tested against greedy full-cache decoding.
+
+Greedy only, and for drafts whose layers do not evict while decoding (no decode policy, no
+sliding window): their slots must hold holes. ``speculative_generate`` takes the ordinary path
+otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from polykv.cache.cache import PolyCache
+from polykv.decoding.static import _captured
+from polykv.model.describe import cache_argument
+
+
+class StaticChecks:
+    """The state of a speculative generation whose checks have fixed shapes, all of it on the device."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        full: PolyCache,
+        draft: PolyCache,
+        newest: torch.Tensor,
+        next_positions: torch.Tensor,
+        *,
+        lookahead: int,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None,
+        pad_token_id: int | None,
+        graph: bool,
+        check_every: int = 4,
+    ):
+        """``newest`` (B,): each row's token after the prompt, in neither cache yet (it is the first new
+        token); ``next_positions`` (B,): its position (the row's real prompt tokens)."""
+        self.model, self.full, self.draft = model, full, draft
+        self.lookahead, self.max_new_tokens, self.graph, self.check_every = (
+            lookahead,
+            max_new_tokens,
+            graph,
+            check_every,
+        )
+        rows, device = newest.shape[0], newest.device
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=newest.dtype, device=device)
+        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        checks = max_new_tokens + check_every  # a row gains a token or more per check, and the host looks late
+        full.begin_static(room=checks * (lookahead + 1), holes=True)
+        if lookahead:
+            draft.begin_static(room=checks * (lookahead + 1), holes=True)  # two tokens, then lookahead - 1
+        self.newest = newest.clone()
+        self.full_next, self.draft_next = next_positions.clone(), next_positions.clone()
+        # The draft's first two tokens: nothing (a hole) and the newest token.
+        self.behind = torch.stack([newest, newest], dim=1)
+        self.behind_real = torch.tensor([[False, True]], device=device).expand(rows, 2).clone()
+        # Made tokens, with a last column that takes what falls past max_new_tokens.
+        self.generated = newest.new_full((rows, max_new_tokens + 1), self.pad)
+        self.generated[:, 0] = newest
+        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self.ended = torch.isin(newest, self.eos)
+        self.counts = torch.zeros(5, dtype=torch.long, device=device)  # drafted, accepted, alone, row checks, checks
+        self.per_check = torch.zeros(checks, dtype=torch.long, device=device)
+        self.check_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.checks = 0
+        self._replay: Callable[[], None] | None = None
+
+    # --- one check --------------------------------------------------------------------------------
+
+    def _forward(self, cache: PolyCache, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        output = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            logits_to_keep=keep,
+            use_cache=True,
+            **cache_argument(self.model, cache),
+        )
+        return output.logits.argmax(dim=-1)  # (B, keep)
+
+    def _propose(self) -> torch.Tensor:
+        """The draft's ``lookahead`` proposals (B, lookahead)."""
+        self.draft.static_incoming(self.behind_real)
+        positions = (self.draft_next[:, None] + self.behind_real.long().cumsum(dim=1) - 1).clamp(min=0)
+        proposals = [self._forward(self.draft, self.behind, positions, 1)[:, 0]]
+        self.draft_next += self.behind_real.sum(dim=1)
+        self.draft.static_incoming(None)
+        for _ in range(self.lookahead - 1):
+            proposals.append(self._forward(self.draft, proposals[-1][:, None], self.draft_next[:, None], 1)[:, 0])
+            self.draft_next += 1
+        return torch.stack(proposals, dim=1)
+
+    def _check(self) -> None:
+        count = self.lookahead
+        proposals = self._propose() if count else self.newest.new_zeros(self.newest.shape[0], 0)
+        fed = torch.cat([self.newest[:, None], proposals], dim=1)
+        offsets = torch.arange(count + 1, device=fed.device)
+        chosen = self._forward(self.full, fed, self.full_next[:, None] + offsets, count + 1)
+        active = ~self.ended & (self.lengths < self.max_new_tokens)
+        alone = (proposals == chosen[:, :count]).long().cumprod(dim=1).sum(dim=1)
+        kept = alone.masked_fill(~active, 0)
+        self.full.static_refuse(offsets[None, :] > kept[:, None])
+        self.full_next += kept + 1
+        newest = chosen.gather(1, kept[:, None])[:, 0]
+        if count:
+            if count > 1:  # of the proposals the draft took, it keeps what the full cache kept
+                self.draft.static_refuse(offsets[None, : count - 1] >= kept[:, None])
+                self.draft_next -= count - 1 - kept.clamp(max=count - 1)
+            self.behind[:, 0] = proposals[:, -1]
+            self.behind_real[:, 0] = kept == count
+            self.behind[:, 1] = newest
+        self._record(torch.cat([proposals, newest[:, None]], dim=1), kept, newest, active)
+        rows = active.sum()
+        found = torch.stack([count * rows, kept.sum(), alone.masked_fill(~active, 0).sum(), rows, active.any().long()])
+        self.counts += found
+        self.per_check.index_copy_(0, self.check_index, kept.sum()[None])
+        self.check_index += 1
+        self.newest.copy_(newest)
+
+    def _record(self, tokens: torch.Tensor, kept: torch.Tensor, newest: torch.Tensor, active: torch.Tensor) -> None:
+        """Row b gains its first ``kept[b]`` proposals and then ``newest[b]`` (up to max_new_tokens), if active."""
+        offsets = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        tokens = torch.where(offsets == kept[:, None], newest[:, None], tokens)  # its own token after the kept
+        columns = self.lengths[:, None] + offsets
+        valid = (offsets <= kept[:, None]) & active[:, None] & (columns < self.max_new_tokens)
+        self.generated.scatter_(1, torch.where(valid, columns, self.max_new_tokens), tokens)
+        self.lengths += valid.sum(dim=1)
+        if len(self.eos):
+            self.ended |= (torch.isin(tokens, self.eos) & valid).any(dim=1)
+
+    # --- the host's loop --------------------------------------------------------------------------
+
+    def run(self) -> tuple[float, int]:
+        """Check until every row has finished; the first check's wall time and the new tokens it made."""
+        start = _now(self.newest.device)
+        first_tokens = int(self.lengths.sum())
+        self._run_check()
+        first_seconds = _now(self.newest.device) - start
+        first_tokens = int(self.lengths.sum()) - first_tokens
+        while not self.finished():
+            for _ in range(self.check_every):
+                self._run_check()
+        return first_seconds, first_tokens
+
+    def _run_check(self) -> None:
+        if not self.graph:
+            self._check()
+        elif self._replay is None:
+            self._replay = _captured(self._check)
+        else:
+            self._replay()
+        self.full.static_stepped(self.lookahead + 1)
+        if self.lookahead:
+            self.draft.static_stepped(self.lookahead + 1)
+        self.checks += 1
+
+    def finished(self) -> bool:
+        """Whether every row has ended or made max_new_tokens tokens (reads the device)."""
+        return bool((self.ended | (self.lengths >= self.max_new_tokens)).all())
+
+    def tokens(self) -> torch.Tensor:
+        """The made tokens (B, new): the pad token after each row's end, cut where the last row ended."""
+        generated = self.generated[:, : self.max_new_tokens]
+        if not len(self.eos):
+            return generated
+        ends = torch.isin(generated, self.eos)
+        after = (ends.long().cumsum(dim=1) - ends.long()) > 0
+        generated = generated.masked_fill(after, self.pad)
+        if bool(ends.any(dim=1).all()):
+            generated = generated[:, : int(ends.long().argmax(dim=1).max()) + 1]
+        return generated
+
+    def statistics(self) -> tuple[int, int, int, int, tuple[int, ...]]:
+        """Drafted, accepted, accepted by rows alone, row checks, and the accepted per check while any row was
+        active."""
+        drafted, accepted, alone, row_checks, active_checks = self.counts.tolist()
+        return drafted, accepted, alone, row_checks, tuple(self.per_check[:active_checks].tolist())
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
