@@ -17,6 +17,10 @@ Value = bool | int | float | str
 #: compressed context (as when one context serves several questions). Profiles are measured for one.
 SETTINGS = ("question", "context")
 
+#: What calibration minimises, and so what routing optimises: the KL divergence from the full cache's
+#: next-token distribution, or (for a speculative draft) the share of proposals the full cache refuses.
+OBJECTIVES = ("kl", "acceptance")
+
 #: The keyword that asks the router (or the budget solver) to decide.
 AUTO = "auto"
 

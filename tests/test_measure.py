@@ -135,3 +135,42 @@ def tiny_model_for_tuning():
     from polykv.testing import tiny_model
 
     return tiny_model("llama")
+
+
+def _rejection_by_hand(model, sample: Sample, layer: int, spec_policy: str, budget: int) -> float:
+    """The share of proposals speculative sampling refuses, 1 - sum min(p, q), with only ``layer`` compressed."""
+    spec = f"layers {layer}: {spec_policy}@{budget}; *: full"
+    caches = [polykv.compile("layers *: full", model).make_cache(), polykv.compile(spec, model).make_cache()]
+    inputs = torch.tensor(sample.target)[None, :-1]
+    with torch.no_grad():
+        p, q = (
+            torch.softmax(
+                (model(torch.tensor(sample.prompt)[None], **cache_argument(model, cache)), model(inputs, **cache_argument(model, cache)))[1].logits.float(), -1
+            )
+            for cache in caches
+        )  # fmt: skip
+    return float(1 - torch.minimum(p, q).sum(-1).mean())
+
+
+def test_an_acceptance_entry_is_the_share_of_proposals_refused_with_only_that_layer_compressed():
+    model = tiny_llama("sdpa")
+    samples = _samples(count=1)
+    measured = measure(model, samples, policies={"knorm": {}}, grid=[8, 64], progress=False, objective="acceptance")
+    table = measured.losses[samples[0].group]
+    for layer in (0, 3):
+        expected = _rejection_by_hand(model, samples[0], layer, "knorm", 8)
+        assert table[layer][0][0] == pytest.approx(expected, abs=1e-6) and 0 < expected < 1
+    assert all(table[layer][0][1] == 0.0 for layer in range(4))
+
+
+def test_a_profile_for_acceptance_routes_only_when_asked_for(tmp_path):
+    model = tiny_llama("sdpa")
+    profile = calibrate(model, _samples(), policies=["knorm", "tova"], grid=[8, 16, 32], progress=False,
+                        objective="acceptance")  # fmt: skip
+    assert profile.objective == "acceptance"
+    plan = polykv.compile("budget 16; *: auto@auto", model, profile=profile, objective="acceptance", context_length=48)
+    assert all(layer.prefill.policy in ("knorm", "tova", "full") for layer in plan.layers)
+    with pytest.raises(polykv.ProfileError, match="calibrate for it with `polykv calibrate --objective kl`"):
+        polykv.compile("budget 16; *: auto@auto", model, profile=profile)
+    with pytest.raises(polykv.ArgumentError, match="objective is one of kl, acceptance"):
+        polykv.compile("*: full", model, objective="speed")

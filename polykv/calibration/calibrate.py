@@ -22,7 +22,7 @@ from polykv.harness.processes import ONE, Processes
 from polykv.profile import Profile, fingerprint
 from polykv.registry import Registry, default_registry
 from polykv.tasks.tasks import Sample
-from polykv.values import Value
+from polykv.values import OBJECTIVES, Value
 
 
 def check_policies(policies: Sequence[str], registry: Registry, name: str = "policies") -> None:
@@ -55,13 +55,16 @@ def calibrate(
     setting: str = "question",
     tokenizer=None,
     processes: Processes = ONE,
+    objective: str = "kl",
 ) -> Profile:
     """Measure ``model`` on ``samples`` and return the profile (tables, signals, and where they came from).
 
     With ``tune_on`` (evaluation samples of the same tasks, held out from ``samples``) the solver is
     also tuned per budget regime (``tune``). ``setting`` says where the question is when the cache
     is compressed (``question`` inside the prompt, or ``context``: asked after it); the profile
-    records it, and routing uses a profile of the setting it is asked for. ``tokenizer`` is needed
+    records it, and routing uses a profile of the setting it is asked for; ``objective`` likewise says
+    what the tables measure (``kl``, or ``acceptance``: the share of a speculative draft's proposals
+    the full cache refuses), and the solver is tuned for it. ``tokenizer`` is needed
     when a policy scores by reconstruction (kvzip). With several ``processes`` (torchrun) each
     measures a share of the prompts, the prefill costs are timed on the first alone, and every
     process returns the profile one process would (``polykv.harness.processes``).
@@ -70,6 +73,8 @@ def calibrate(
 
     registry = default_registry() if registry is None else registry
     check_policies(policies, registry)
+    if objective not in OBJECTIVES:
+        raise ArgumentError(f"objective is one of {', '.join(OBJECTIVES)}, got {objective!r}")
     chosen: dict[str, dict[str, Value]] = {name: dict(registry.policies.create(name).values) for name in policies}
     signals = [entry.cls() for entry in registry.signals]
     reconstruction = None
@@ -89,6 +94,7 @@ def calibrate(
         setting=setting,
         reconstruction=reconstruction,
         processes=processes,
+        objective=objective,
     )
     info, _ = describe_model(model)
     profile = Profile(
@@ -102,6 +108,7 @@ def calibrate(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "setting": setting,
+            "objective": objective,
             **(settings or {}),
         },
         grid=measured.grid,

@@ -3,7 +3,9 @@
 The table behind routing and budget solving: for every layer l, candidate policy p and budget b,
 the loss when ONLY layer l is compressed with p to b tokens and every other layer keeps
 everything, measured as the KL divergence of the next-token distributions (full cache ||
-compressed) on scored continuation tokens, averaged per task.
+compressed) on scored continuation tokens, averaged per task; or, calibrating a speculative
+draft's routing for ``acceptance``, as the share of proposals the full cache would refuse
+(``polykv.harness.divergence``).
 
 It is cheap because compression happens after the prefill's attention: one prefill per batch of
 prompts is captured, and each table entry then costs one short teacher-forced pass over the
@@ -63,6 +65,7 @@ def measure(
     setting: str = "question",
     reconstruction: Reconstruction | None = None,
     processes: Processes = ONE,
+    objective: str = "kl",
 ) -> Measurements:
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring.
 
@@ -97,7 +100,7 @@ def measure(
                     entries.append(_summed(("signal", signal.name, task, layer), signal.measure(observation)))
                 for p, policy in enumerate(created.values()):
                     for g, budget in enumerate(grid):
-                        loss, kept = scorer.layer_loss(layer, policy, budget)
+                        loss, kept = scorer.layer_loss(layer, policy, budget, objective)
                         entries.append(_summed(("loss", task, layer, p, g), loss))
                         for signal in curve:
                             value = signal.measure(observation, kept) if kept is not None else torch.zeros_like(loss)

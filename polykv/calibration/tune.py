@@ -44,7 +44,8 @@ def tune(
     every task gets a composition factor, its measured loss under uniform compression over the sum
     its table predicts. The candidates are equal weights and these factors, each with the smallest
     budgets of the grid as a floor, and the one with the least measured loss (task-balanced, on
-    ``samples``, which the tables never saw, in the profile's ``setting``) is kept per budget. Several
+    ``samples``, which the tables never saw, in the profile's ``setting``, of its ``objective``) is
+    kept per budget. Several
     ``processes`` (torchrun) score a share of the batches each and all return the same profile.
     """
     tuning = _Tuning(
@@ -105,15 +106,16 @@ class _Tuning:
         return attrs.evolve(profile, regimes=tuned, settings={**profile.settings, "composition_factors": factors})
 
     def compile(self, spec: str, profile: Profile | None = None):
-        return compile(spec, self.model, profile=profile, registry=self.registry, tokenizer=self.tokenizer,
-                       setting=self.setting)  # fmt: skip
+        return compile(spec, self.model, profile=profile, registry=self.registry,
+                       tokenizer=self.tokenizer, setting=self.setting, objective=self.profile.objective)  # fmt: skip
 
     def score(self, plans: dict) -> None:
         needs = needs_of(plans.values())
         reconstruction = Reconstruction.for_tokenizer(self.tokenizer) if needs.reconstruction else None
         batches = list(by_group(self.samples, self.batch_size))
         mine = self.processes.share(len(batches))
-        scored: dict[int, list[tuple[tuple, float]]] = {}  # batch -> its ((plan, task), KL), in the order scored
+        scored: dict[int, list[tuple[tuple, float]]] = {}  # batch -> its ((plan, task), loss), in the order scored
+        objective = self.profile.objective
         shown = self.progress and self.processes.main
         for index in tqdm(mine, desc="tuning", unit="batch", disable=not shown, leave=False):
             scorer = Scorer(
@@ -121,14 +123,14 @@ class _Tuning:
                 reconstruction=reconstruction,
             )  # fmt: skip
             scored[index] = [
-                ((key, f"{record.task}:{record.format}"), record.kl)
+                ((key, f"{record.task}:{record.format}"), record.loss(objective))
                 for key, plan in plans.items()
                 for record in scorer.records(str(key), 0, plan)
             ]
         merged = {index: entries for part in self.processes.gather(scored) for index, entries in part.items()}
         for index in range(len(batches)):  # in batch order, as one process appends them
-            for key, kl in merged[index]:
-                self.losses.setdefault(key, []).append(kl)
+            for key, loss in merged[index]:
+                self.losses.setdefault(key, []).append(loss)
 
     def balanced(self, key) -> float:
         tasks = self.profile.tasks

@@ -24,6 +24,7 @@ from pathlib import Path
 from polykv.errors import PolykvError
 from polykv.language.diagnostics import SpecError
 from polykv.limits import MAX_HEADS, MAX_LAYERS
+from polykv.values import OBJECTIVES
 
 #: Defaults of the evaluation (see polykv.cli.commands.eval for why these tasks).
 EVAL_TASKS = ("niah", "niah:chat", "multikey", "multikey:chat", "passkey", "continue")
@@ -178,10 +179,17 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--static",
         action="store_true",
-        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy)",
+        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy); "
+        "with --draft-spec, checks of fixed shapes (the default on a GPU where the draft allows)",
     )
     generate.add_argument(
         "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"
+    )
+    generate.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="what auto routes for, and so which profile it reads: kl, or acceptance "
+        "(default: acceptance for a --draft-spec, kl otherwise)",
     )
     generate.set_defaults(run="polykv.cli.commands.generate:run")
 
@@ -219,6 +227,13 @@ def _parser() -> argparse.ArgumentParser:
         help="measure with the question inside the compressed prompt (default), or asked after the compressed "
         "context; routing uses a profile of the setting it is asked for",
     )
+    calibrate.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="kl",
+        help="measure the KL divergence from the full cache (default), or the share of a speculative draft's "
+        "proposals the full cache would refuse (acceptance); routing reads a profile of the objective it is asked for",
+    )
     calibrate.set_defaults(run="polykv.cli.commands.calibrate:run")
 
     plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")
@@ -241,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("question", "context"),
         default="question",
         help="plan for the question inside the compressed prompt (default), or asked after the compressed context",
+    )
+    plan.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="kl",
+        help="route for outputs close to the full cache's (kl, default) or for a speculative draft (acceptance)",
     )
     plan.set_defaults(run="polykv.cli.commands.plan:run")
 

@@ -30,7 +30,7 @@ from polykv.cache.positions import prompt_positions
 from polykv.cache.reconstruction import Reconstruction
 from polykv.errors import PolykvError
 from polykv.harness.capture import Capture, capture
-from polykv.harness.divergence import kl_divergence, negative_log_likelihood
+from polykv.harness.divergence import DIVERGENCES, kl_divergence, negative_log_likelihood, rejection
 from polykv.model import attention_modules
 from polykv.model.describe import cache_argument, positions
 from polykv.plan.plan import Plan
@@ -53,6 +53,11 @@ class Record:
     accuracy: float | None
     stored: float  # tokens stored per layer after prefill, on average over layers
     setting: str = "question"
+    rejection: float | None = None  # the share of proposals speculative sampling would refuse (None: not scored)
+
+    def loss(self, objective: str) -> float:
+        """What calibration for ``objective`` minimises: KL, or the rejection rate."""
+        return self.kl if objective == "kl" else self.rejection
 
     @property
     def key(self) -> tuple:
@@ -134,6 +139,7 @@ class Scorer:
         answers = self.answers(plan) if self.tokenizer is not None else [None] * len(self.samples)
         scored = self._scored.shape[1]
         kl = kl_divergence(self.reference[:, -scored:], logits[:, -scored:])
+        refused = rejection(self.reference[:, -scored:], logits[:, -scored:])
         nll = negative_log_likelihood(logits[:, -scored:], self._scored)
         for row, sample in enumerate(self.samples):
             accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
@@ -148,6 +154,7 @@ class Scorer:
                 accuracy,
                 stored,
                 self.setting,
+                float(refused[row]),
             )
 
     def answers(self, plan: Plan | None) -> list[str]:
@@ -175,10 +182,13 @@ class Scorer:
 
     # --- one layer compressed ------------------------------------------------------------------------
 
-    def layer_loss(self, layer: int, policy: Policy, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-sample KL (B,) with only ``layer`` compressed by ``policy`` to ``budget``, and the kept indices.
+    def layer_loss(
+        self, layer: int, policy: Policy, budget: int, objective: str = "kl"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample loss (B,) with only ``layer`` compressed by ``policy`` to ``budget``, and the kept indices:
+        KL, or for ``objective`` "acceptance" the rejection rate (``polykv.harness.divergence``).
 
-        KL is infinite where the policy cannot take the budget, and 0 where the budget covers the
+        The loss is infinite where the policy cannot take the budget, and 0 where the budget covers the
         prompt (the layer is kept whole).
         """
         rows = self.targets.shape[0]
@@ -196,7 +206,7 @@ class Scorer:
             else:
                 logits = self._forward(cache).logits
         scored = self._scored.shape[1]
-        return kl_divergence(self.reference[:, -scored:], logits[:, -scored:]).cpu(), kept
+        return DIVERGENCES[objective](self.reference[:, -scored:], logits[:, -scored:]).cpu(), kept
 
     def _starts_at(self, layer: int) -> bool:
         """Whether starting at ``layer`` reproduces the full pass on this model (checked once per layer):

@@ -29,7 +29,7 @@ from polykv.plan.plan import HeadPlan, LayerPlan, Plan
 from polykv.profile import Profile, ProfileError, as_profile, default_profile
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Decision, fixed_budget, resolver
-from polykv.values import SETTINGS
+from polykv.values import OBJECTIVES, SETTINGS
 
 #: The prompt length a plan without a profile shows its decisions for.
 DEFAULT_CONTEXT = 1024
@@ -46,6 +46,7 @@ def compile(
     tokenizer=None,
     setting: str = "question",
     prefill_limit: float | None = None,
+    objective: str = "kl",
 ) -> Plan:
     """Check ``spec`` against ``model``, resolve every layer's choice, and prepare the model's attention.
 
@@ -61,8 +62,11 @@ def compile(
     context); routing reads a profile measured for it. ``tokenizer`` (the model's) lets caches ask
     the model to repeat a prompt, which policies that score by reconstruction (kvzip) need.
     ``prefill_limit`` (for a spec without a ``prefill <=`` line) bounds the prefill time routing may
-    spend, as a multiple of the full cache's by the profile's measured costs (1.5: at most 1.5x). The
-    model is prepared as ``plan.apply(model)`` does. Raises SpecError with every problem found.
+    spend, as a multiple of the full cache's by the profile's measured costs (1.5: at most 1.5x).
+    ``objective`` says what routing optimises, and so which profile it reads: ``kl`` (the compressed
+    cache's outputs stay close to the full cache's) or ``acceptance`` (a speculative draft whose
+    proposals the full cache keeps; see docs/speculation.md). The model is prepared as
+    ``plan.apply(model)`` does. Raises SpecError with every problem found.
     """
     registry = default_registry() if registry is None else registry
     instance(registry, Registry, "registry", "a polykv.Registry (or None for the installed plugins)")
@@ -73,6 +77,8 @@ def compile(
     instance(profile, (Profile, str, os.PathLike, type(None)), "profile", "a Profile, the path of one, or None")
     if setting not in SETTINGS:
         raise ArgumentError(f"setting is one of {', '.join(SETTINGS)}, got {setting!r}")
+    if objective not in OBJECTIVES:
+        raise ArgumentError(f"objective is one of {', '.join(OBJECTIVES)}, got {objective!r}")
     spec = as_spec(spec)
     if budget is not None:
         spec = with_total_budget(spec, budget)
@@ -89,7 +95,7 @@ def compile(
         heads=info.kv_heads,
     )
     if checked.has_auto:  # resolution decides what is open, shown for one prompt length
-        found = _profile_for(model, profile, setting)
+        found = _profile_for(model, profile, setting, objective)
         context = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
         deciding = resolver(checked, found, registry, windows=windows)
         decisions = deciding.decide(context, registry)
@@ -126,16 +132,18 @@ def _choice(choice: PhaseChoice) -> Choice:
     return Choice(choice.policy, dict(choice.params), fixed_budget(choice.budget))
 
 
-def _profile_for(model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str) -> Profile | None:
-    """The profile to route and solve with: the one given (checked against the model and the setting), or the
-    bundled model's for the setting when ``model`` is it, or None."""
+def _profile_for(
+    model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str, objective: str
+) -> Profile | None:
+    """The profile to route and solve with: the one given (checked against the model, the setting and the
+    objective), or the bundled model's for them when ``model`` is it, or None."""
     if profile is not None:
         found = as_profile(profile)
         found.check_model(model)
-        found.check_setting(setting)
+        found.check_setting(setting, objective)
         return found
     try:
-        found = default_profile(setting)
+        found = default_profile(setting, objective)
         found.check_model(model)
     except ProfileError:
         return None

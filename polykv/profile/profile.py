@@ -25,14 +25,19 @@ from polykv.files import UnreadableFile, read_bytes, write_text
 from polykv.limits import MAX_DOCUMENT_BYTES
 from polykv.model import ModelInfo, describe_model
 from polykv.serialization import Loss
-from polykv.values import SETTINGS, Value
+from polykv.values import OBJECTIVES, SETTINGS, Value
 
 FORMAT = 1
 #: Losses per [layer][policy][budget] (math.inf where a policy cannot take a budget).
 LossTable = list[list[list[Loss]]]
-#: The profiles that ship for the bundled default model, per setting (see docs/routing.md for their commands).
-DEFAULT_PROFILES = {"question": "smollm2-135m-instruct.json", "context": "smollm2-135m-instruct-context.json"}
-DEFAULT_PROFILE = DEFAULT_PROFILES["question"]
+#: The profiles that ship for the bundled default model, per setting and objective (see docs/routing.md and
+#: docs/speculation.md for their commands).
+DEFAULT_PROFILES = {
+    ("question", "kl"): "smollm2-135m-instruct.json",
+    ("context", "kl"): "smollm2-135m-instruct-context.json",
+    ("question", "acceptance"): "smollm2-135m-instruct-acceptance.json",
+}
+DEFAULT_PROFILE = DEFAULT_PROFILES[("question", "kl")]
 
 #: Embedding rows whose norms identify a model's weights, and the relative tolerance across dtypes.
 FINGERPRINT_ROWS, FINGERPRINT_TOLERANCE = 16, 0.02
@@ -87,12 +92,22 @@ class Profile:
         """Where the question was when the losses were measured (profiles before settings: in the prompt)."""
         return self.settings.get("setting", "question")
 
-    def check_setting(self, setting: str) -> None:
-        """Raise ProfileError unless this profile was measured for ``setting``."""
+    @property
+    def objective(self) -> str:
+        """What the losses measure (``polykv.values.OBJECTIVES``; profiles before objectives: KL)."""
+        return self.settings.get("objective", "kl")
+
+    def check_setting(self, setting: str, objective: str = "kl") -> None:
+        """Raise ProfileError unless this profile was measured for ``setting`` and ``objective``."""
         if setting != self.setting:
             raise ProfileError(
                 f"this profile was measured with {_SETTING_WORDS[self.setting]}, not with {_SETTING_WORDS[setting]}: "
                 f"calibrate for it with `polykv calibrate --setting {setting}`"
+            )
+        if objective != self.objective:
+            raise ProfileError(
+                f"this profile measured {_OBJECTIVE_WORDS[self.objective]}, not {_OBJECTIVE_WORDS[objective]}: "
+                f"calibrate for it with `polykv calibrate --objective {objective}`"
             )
 
     def table(self, weights: Mapping[str, float] | None = None) -> list[list[list[float]]]:
@@ -174,19 +189,25 @@ _SETTING_WORDS = {
 }
 
 
-def default_profile(setting: str = "question") -> Profile:
-    """The profile measured on the bundled default model (SmolLM2-135M-Instruct) for ``setting``, shipped with
-    polykv."""
-    if setting not in DEFAULT_PROFILES:
+#: How messages name each objective.
+_OBJECTIVE_WORDS = {"kl": "KL divergence", "acceptance": "a draft's rejected proposals (objective acceptance)"}
+
+
+def default_profile(setting: str = "question", objective: str = "kl") -> Profile:
+    """The profile measured on the bundled default model (SmolLM2-135M-Instruct) for ``setting`` and
+    ``objective``, shipped with polykv."""
+    if setting not in SETTINGS:
         raise ProfileError(f"setting is one of {', '.join(SETTINGS)}, not {setting!r}")
-    name = DEFAULT_PROFILES[setting]
-    resource = importlib.resources.files("polykv.profile").joinpath(name)
+    if objective not in OBJECTIVES:
+        raise ProfileError(f"objective is one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    name = DEFAULT_PROFILES.get((setting, objective), "")
     try:
-        text = resource.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = importlib.resources.files("polykv.profile").joinpath(name).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
         raise ProfileError(
-            f"this polykv ships no profile of its bundled model for {_SETTING_WORDS[setting]}: calibrate one with "
-            f"`polykv calibrate --setting {setting}`"
+            f"this polykv ships no profile of its bundled model for {_SETTING_WORDS[setting]} and "
+            f"{_OBJECTIVE_WORDS[objective]}: calibrate one with `polykv calibrate --setting {setting} --objective "
+            f"{objective}`"
         ) from None
     return Profile.from_json(text, source=name)
 
@@ -215,6 +236,9 @@ def _malformed(profile: Profile) -> str | None:
     length = profile.settings.get("prompt_length")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         return f"$.settings.prompt_length: the calibration prompts' length in tokens (at least 1), got {length!r}"
+    for key, known in (("setting", SETTINGS), ("objective", OBJECTIVES)):
+        if key in profile.settings and profile.settings[key] not in known:
+            return f"$.settings.{key}: one of {', '.join(known)}, got {profile.settings[key]!r}"
     if not profile.losses:
         return "$.losses: no task was measured"
     if not policies:

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             pad_token_id=tokenizer.pad_token_id,
             settings={"data": data, "model": location.name, "command": setup.command_line()},
             setting=args.setting,
+            objective=args.objective,
             tokenizer=tokenizer,
             processes=processes,
         )

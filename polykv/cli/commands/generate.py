@@ -37,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
     if not text.strip():
         raise PolykvError("the prompt is empty")
     drafting = args.draft_spec is not None
-    if drafting and args.static:
-        raise PolykvError("--draft-spec decodes with ordinary forwards; it does not combine with --static yet")
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
@@ -50,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {location.name} ({args.dtype}, {device}, {args.attention})", file=sys.stderr)
     model, tokenizer = load_model(location, dtype=args.dtype, device=device, attn_implementation=args.attention)
     loaded = time.perf_counter() - started
-    plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer)
+    objective = args.objective or ("acceptance" if drafting else "kl")
+    plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer, objective=objective)
 
     input_ids = _prompt_ids(args, text, model, tokenizer)
     if drafting:
@@ -96,6 +95,7 @@ def _speculate(args: argparse.Namespace, model, tokenizer, draft: Plan, input_id
         lookahead=args.lookahead,
         eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        static=True if args.static else None,  # by default: checks of fixed shapes on CUDA where they can run
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
     seconds = time.perf_counter() - started

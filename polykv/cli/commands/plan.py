@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     location = setup.model_location(args)
     print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
-    plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting)
+    plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting,
+                   objective=args.objective)  # fmt: skip
     sys.stdout.write(plan_text(plan))
     if args.png is not None:
         draw(plan, args.png, _sensitivity(plan))
