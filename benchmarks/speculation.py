@@ -9,8 +9,9 @@ task, one document per row):
 - plain full-cache decoding through the static step (``StaticDecoder``: one CUDA graph replay per
   token, the fastest way polykv decodes without a draft);
 - self-speculation with each draft spec (``*: streaming@B`` against ``budget B; *: auto@auto``,
-  the routed draft, at the same budget B) and each lookahead, its checks of fixed shapes (one CUDA
-  graph replay per check: ``polykv.decoding.static_speculation``).
+  the routed draft, at the same budget B, routed by the bundled profile for KL and by the one
+  calibrated for acceptance, shown as ``[acceptance]``) and each lookahead, its checks of fixed
+  shapes (one CUDA graph replay per check: ``polykv.decoding.static_speculation``).
 
 Each row gives decoding tokens/s (all rows of the batch, after the first check or step, which
 captures the graphs) and the speed-up over plain decoding; the share of drafted tokens kept by the
@@ -46,6 +47,8 @@ from polykv.tasks.tasks import make
 
 RESULTS = Path(__file__).parent / "results"
 SPECS = ("*: streaming@{budget}", "budget {budget}; *: auto@auto")
+#: Draft specs routed by the profile calibrated for acceptance, and how their rows are labelled.
+ACCEPTANCE_SPECS, ACCEPTANCE = ("budget {budget}; *: auto@auto",), " [acceptance]"
 #: The 8B shape's decoding batch and prompt length, and the layer counts its step costs are measured with.
 SHAPE_BATCH, SHAPE_LENGTH = 32, 32768
 
@@ -87,8 +90,9 @@ def plain_decoding(model, ids, whole, new_tokens: int) -> tuple[torch.Tensor, fl
 
 def measure(model, tokenizer, args, device) -> list[dict]:
     weights = weight_bytes(model)
-    plans = {spec.format(budget=args.budget): None for spec in args.specs}
-    plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in plans}
+    plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in args.specs}
+    for spec in args.acceptance_specs:
+        plans[spec + ACCEPTANCE] = polykv.compile(spec, model, tokenizer=tokenizer, objective="acceptance")
     whole = polykv.compile("*: full", model)
     warm = prompts(tokenizer, 1, 128, device)
     run(model, warm, whole, 2, 8), plain_decoding(model, warm, whole, 8)  # warm-up
@@ -284,6 +288,9 @@ def main() -> None:
     parser.add_argument("--lookaheads", help="comma-separated lookaheads (default 2,4,6; --quick 2,4)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per row (default 48; --quick 16)")
     parser.add_argument("--specs", nargs="+", default=list(SPECS), help="draft specs; {budget} is replaced")
+    parser.add_argument(
+        "--acceptance-specs", nargs="*", default=list(ACCEPTANCE_SPECS), help="draft specs routed for acceptance"
+    )
     parser.add_argument("--shape-layers", default="4,8", help="8B-shape layer counts to measure (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -294,6 +301,8 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.specs = [spec.format(budget=args.budget) for spec in args.specs]
+    args.acceptance_specs = [spec.format(budget=args.budget) for spec in args.acceptance_specs]
     args.lookaheads = [int(k) for k in args.lookaheads.split(",")]
     args.shape_layers = [int(n) for n in args.shape_layers.split(",")] if args.shape_layers != "none" else []
     if args.quick or args.device == "cpu":
