@@ -142,13 +142,12 @@ def _rejection_by_hand(model, sample: Sample, layer: int, spec_policy: str, budg
     spec = f"layers {layer}: {spec_policy}@{budget}; *: full"
     caches = [polykv.compile("layers *: full", model).make_cache(), polykv.compile(spec, model).make_cache()]
     inputs = torch.tensor(sample.target)[None, :-1]
+    distributions = []
     with torch.no_grad():
-        p, q = (
-            torch.softmax(
-                (model(torch.tensor(sample.prompt)[None], **cache_argument(model, cache)), model(inputs, **cache_argument(model, cache)))[1].logits.float(), -1
-            )
-            for cache in caches
-        )  # fmt: skip
+        for cache in caches:
+            model(torch.tensor(sample.prompt)[None], **cache_argument(model, cache))
+            distributions.append(torch.softmax(model(inputs, **cache_argument(model, cache)).logits.float(), -1))
+    p, q = distributions
     return float(1 - torch.minimum(p, q).sum(-1).mean())
 
 
