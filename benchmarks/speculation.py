@@ -27,11 +27,17 @@ layers (32 at batch 32 do not fit one device beside a 137 GB cache) and extrapol
 32, and the speed-up those costs give at the tokens per check measured on the bundled model.
 
 Prints markdown tables; writes benchmarks/results/speculation_<machine>.json and a PNG.
+
+    python benchmarks/speculation.py --combine BUNDLED.json SHAPE.json
+
+gives the 8B shape's speed-ups from two kept results, the step costs of one at the tokens per check
+of the other (for the bundled model and the 8B shape measured in separate processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -194,9 +200,10 @@ def shape_step_costs(args) -> dict:
 
 def shape_speedups(costs: dict, rows: list[dict]) -> list[dict]:
     """What the 8B shape's step costs give at each draft's and lookahead's tokens per check on the bundled model
-    (its largest batch)."""
+    (at the 8B shape's batch where it was measured, else at its largest)."""
     step = costs["32"]
-    largest = max(row["batch"] for row in rows)
+    batches = {row["batch"] for row in rows}
+    largest = SHAPE_BATCH if SHAPE_BATCH in batches else max(batches)
     found = []
     for row in rows:
         if row["spec"] == "plain" or row["batch"] != largest:
@@ -232,7 +239,7 @@ def shape_table(costs: dict, speedups: list[dict]) -> str:
     lines += [f"| static step: {name} token(s) | {ms:.2f} |" for name, ms in step.items()]
     lines += [
         "",
-        "| draft | lookahead | tokens per check (bundled model) | check ms | speed-up |",
+        "| draft | lookahead | tokens per check (bundled model, same batch) | check ms | speed-up |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [
@@ -241,6 +248,18 @@ def shape_table(costs: dict, speedups: list[dict]) -> str:
         for row in speedups
     ]
     return "\n".join(lines)
+
+
+def combine(bundled: Path, shape: Path, out: Path) -> None:
+    """The 8B shape's speed-ups: the step costs kept in ``shape`` at the tokens per check kept in ``bundled``."""
+    rows = json.loads(bundled.read_text())
+    costs = json.loads(shape.read_text())["shape"]["costs"]
+    speedups = shape_speedups(costs, rows["rows"])
+    print(shape_table(costs, speedups))
+    path = out / f"speculation_{rows['machine']}_8b-speedup.json"
+    sources = {"bundled": bundled.name, "shape": shape.name}
+    path.write_text(json.dumps({"sources": sources, "costs": costs, "speedups": speedups}, indent=1))
+    print(f"wrote {path}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -293,8 +312,17 @@ def main() -> None:
     )
     parser.add_argument("--shape-layers", default="4,8", help="8B-shape layer counts to measure (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), help="the bundled model's (default: bfloat16 on CUDA, else float32)"
+    )
+    parser.add_argument(
+        "--combine", nargs=2, type=Path, metavar=("BUNDLED", "SHAPE"), help="speed-ups from two kept results"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.combine:
+        combine(*args.combine, args.out)
+        return
     quick = {"length": 384, "budget": 64, "batches": "1,2", "lookaheads": "2,4", "new_tokens": 16}
     full = {"length": 8000, "budget": 256, "batches": "1,8,32,64", "lookaheads": "2,4,6", "new_tokens": 128}
     for name, value in (quick if args.quick else full).items():
@@ -310,16 +338,19 @@ def main() -> None:
 
     device = torch.device(args.device)
     model, tokenizer = polykv.load_default_model()
-    model = model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model = model.to(device, dtype)
+    args.dtype = str(dtype).removeprefix("torch.")  # kept with the results
     machine = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
     rows = measure(model, tokenizer, args, device)
     text = table(rows)
-    heading = f"bundled model, {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
+    heading = f"bundled model ({dtype}), {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
     heading += f", torch {torch.__version__}"
     print(f"\n{heading}\n\n{text}")
     shape = {}
     if args.shape_layers:
         del model
+        gc.collect()  # the checks' CUDA graphs and their memory pools go with their last references
         torch.cuda.empty_cache()
         costs = shape_step_costs(args)
         shape = {"costs": costs, "speedups": shape_speedups(costs, rows)}

@@ -84,7 +84,24 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         out=tmp_path,
     )
     drafts = [(row["spec"], row["lookahead"]) for row in result["rows"]]
-    assert drafts == [("plain", 0), ("*: streaming@64", 2), ("budget 64; *: auto@auto", 2)]
+    assert drafts == [
+        ("plain", 0),
+        ("*: streaming@64", 2),
+        ("budget 64; *: auto@auto", 2),
+        ("budget 64; *: auto@auto [acceptance]", 2),
+    ]
     for row in result["rows"][1:]:
         assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
         assert row["draft_cache_bytes"] < row["full_cache_bytes"]
+
+
+def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path):
+    """The 8B shape's speed-up is its kept step costs at the bundled model's kept tokens per check."""
+    rows = [{"batch": 32, "spec": "plain"}, {"batch": 32, "spec": "d", "lookahead": 3, "tokens_per_check": 3.5}]
+    costs = {"32": {"full 1": 50.0, "draft 1": 10.0, "draft 2": 11.0, "full 4": 52.0}}
+    (tmp_path / "bundled.json").write_text(json.dumps({"machine": "gpu", "rows": rows}))
+    (tmp_path / "shape.json").write_text(json.dumps({"shape": {"costs": costs}}))
+    command = [sys.executable, str(BENCHMARKS / "speculation.py"), "--combine", "bundled.json", "shape.json"]
+    subprocess.run([*command, "--out", str(tmp_path)], cwd=tmp_path, check=True, capture_output=True)
+    [speedup] = json.loads((tmp_path / "speculation_gpu_8b-speedup.json").read_text())["speedups"]
+    assert speedup["check_ms"] == 11.0 + 2 * 10.0 + 52.0 and speedup["speedup"] == pytest.approx(3.5 * 50.0 / 83.0)

@@ -213,3 +213,20 @@ def test_on_the_bundled_model_the_output_is_greedy_decoding(real_model, spec):
     result = polykv.speculative_generate(model, ids, draft=polykv.compile(spec, model), max_new_tokens=24)
     assert torch.equal(result.tokens, expected)
     assert result.accepted > 0
+
+
+@pytest.mark.slow
+def test_on_the_bundled_model_a_draft_routed_for_acceptance_reads_the_shipped_profile(real_model):
+    model, tokenizer = real_model
+    shipped = polykv.default_profile(objective="acceptance")
+    assert shipped.objective == "acceptance" and shipped.model.name == "SmolLM2-135M-Instruct"
+    draft = polykv.compile("budget 64; *: auto@auto", model, tokenizer=tokenizer, objective="acceptance")
+    assert (
+        draft.resolved(1024).runs()
+        != polykv.compile("budget 64; *: auto@auto", model, tokenizer=tokenizer).resolved(1024).runs()
+    )  # the two objectives route differently
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
+    with polykv.prepared(model):
+        expected = _greedy(model, ids, 12)
+    result = polykv.speculative_generate(model, ids, draft=draft, max_new_tokens=12, static=True)
+    assert torch.equal(result.tokens, expected)
