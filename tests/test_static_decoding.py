@@ -36,7 +36,9 @@ def both_ways(model, spec: str, lengths: list[int], new: int):
         expected_cache = plan.make_cache()
         expected = greedy_by_forwards(model, expected_cache, ids, new, mask)
         cache = plan.make_cache()
-        tokens = static_generate(model, cache, ids, attention_mask=mask, max_new_tokens=new, graph=False)
+        tokens = static_generate(
+            model, cache, ids, attention_mask=mask, max_new_tokens=new, graph=False, eviction_slack=0
+        )
     return (expected, expected_cache), (tokens, cache)
 
 
@@ -119,10 +121,11 @@ def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
     assert cache.layer_lengths() == [18] * 4
 
 
-@pytest.mark.parametrize("slack", [1, 3])
-def test_eviction_slack_evicts_several_tokens_every_few_steps(slack):
+@pytest.mark.parametrize(("slack", "effective"), [(1, 1), (3, 3), (None, 1)])
+def test_eviction_slack_evicts_several_tokens_every_few_steps(slack, effective):
     """With slack s a decode-bounded layer goes over its bound every s + 1 steps and drops to bound - s;
-    streaming then holds its sinks and the newest tokens."""
+    streaming then holds its sinks and the newest tokens. By default the slack is at most a sixteenth of the
+    bound (here 20 // 16 = 1)."""
     model = tiny_model("llama")
     ids, mask = padded_prompt([30, 30])
     plan = polykv.compile("*: snapkv@16(window=4) decode streaming@20(sink=2)", model)
@@ -133,7 +136,7 @@ def test_eviction_slack_evicts_several_tokens_every_few_steps(slack):
         )
     held = 17  # after the ordinary first step
     for _ in range(28):  # the static steps
-        held = 20 - slack if held + 1 > 20 else held + 1
+        held = 20 - effective if held + 1 > 20 else held + 1
     assert tokens.shape == (2, 60)
     assert cache.layer_lengths() == [held] * 4
     seen = cache.layers[0].seen

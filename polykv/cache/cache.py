@@ -233,10 +233,11 @@ class PolyCache(Cache):
             layer.problems = []
         raise_pending(pending)
 
-    def begin_static(self, room: int, slack: int = 0, holes: bool = False) -> None:
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
         """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``.
 
-        ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time. ``holes``:
+        ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time (None: the
+        default slack, ``polykv.cache.static.DEFAULT_SLACK``). ``holes``:
         steps may bring tokens that are not real and refuse tokens already taken (``StaticDecoding``).
         """
         if self.state is not CacheState.DECODING:

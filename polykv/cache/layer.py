@@ -359,7 +359,7 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
-    def begin_static(self, room: int, slack: int = 0, holes: bool = False) -> None:
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
         """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens."""
         if self.phase is not Phase.DECODE:
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")

@@ -124,10 +124,10 @@ def cache_machine(policy: Policy, registry: Registry) -> type[RuleBasedStateMach
             # Both decode ``new`` tokens whatever they are: static_generate is given no end token, nor is generate
             # (min_new_tokens would instead forbid the end token, which static decoding may choose).
             options = {"max_new_tokens": new, "eos_token_id": None, "do_sample": False}
-            out = polykv.static_generate(self.model, self.cache, ids, max_new_tokens=new)
+            out = polykv.static_generate(self.model, self.cache, ids, max_new_tokens=new, eviction_slack=0)
             ordinary = self.model.generate(ids, **options, **cache_argument(self.model, self.plan.make_cache(registry)))
             assert torch.equal(out, ordinary), "static decoding generated other tokens than ordinary decoding"
-            covered = polykv.static_generate(self.model, self.whole, ids, max_new_tokens=new)
+            covered = polykv.static_generate(self.model, self.whole, ids, max_new_tokens=new, eviction_slack=0)
             theirs = self.model.generate(ids, **options, **cache_argument(self.model, self.full))
             assert torch.equal(covered, theirs), "a covering budget decoded other tokens than the full cache"
             self.tokens = out[:, :-1]
