@@ -98,7 +98,9 @@ def measure(model, tokenizer, args, device) -> list[dict]:
     weights = weight_bytes(model)
     plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in args.specs}
     for spec in args.acceptance_specs:
-        plans[spec + ACCEPTANCE] = polykv.compile(spec, model, tokenizer=tokenizer, objective="acceptance")
+        plans[spec + ACCEPTANCE] = polykv.compile(
+            spec, model, tokenizer=tokenizer, objective="acceptance", profile=args.acceptance_profile
+        )
     whole = polykv.compile("*: full", model)
     warm = prompts(tokenizer, 1, 128, device)
     run(model, warm, whole, 2, 8), plain_decoding(model, warm, whole, 8)  # warm-up
@@ -309,6 +311,9 @@ def main() -> None:
     parser.add_argument("--specs", nargs="+", default=list(SPECS), help="draft specs; {budget} is replaced")
     parser.add_argument(
         "--acceptance-specs", nargs="*", default=list(ACCEPTANCE_SPECS), help="draft specs routed for acceptance"
+    )
+    parser.add_argument(
+        "--acceptance-profile", type=Path, help="the profile they route by (default: the bundled model's)"
     )
     parser.add_argument("--shape-layers", default="4,8", help="8B-shape layer counts to measure (none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -189,3 +189,16 @@ def test_the_limits_page_lists_every_bound_with_its_value():
         if name.isupper():
             shown = f"{value // 2**20} MiB" if name.endswith("_BYTES") and value >= 2**20 else f"{value:,}"
             assert f"`{name}`" in page and f"| {shown} |" in page, name
+
+
+def test_calibrate_takes_the_generated_tasks_it_is_given(small_model, tmp_path, capsys):
+    model = ["--model", small_model, "--device", "cpu"]
+    out = ["--out", str(tmp_path / "p.json")]
+    assert main(["calibrate", *model, *out, "--tasks", "continue", "--data", "x.jsonl"]) == 1
+    assert "--tasks picks generated tasks and --data brings samples" in capsys.readouterr().err
+    assert main(["calibrate", *model, *out, "--tasks", "summarise"]) == 1
+    assert "--tasks summarise: tasks are " in capsys.readouterr().err
+    small = ["--samples", "1", "--tune-samples", "0", "--length", "96", "--policies", "streaming", "--grid", "16"]
+    assert main(["calibrate", *model, *out, *small, "--tasks", "continue", "copy", "--objective", "acceptance"]) == 0
+    profile = polykv.Profile.load(tmp_path / "p.json")
+    assert profile.tasks == ("continue:raw", "copy:raw") and profile.objective == "acceptance"

@@ -11,6 +11,7 @@ evaluation's are, and its table is kept under its group, ``task:format``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -34,22 +35,32 @@ SCORED = 16
 TUNE_SAMPLES = 2
 
 
-def calibration_samples(tokenizer, *, count: int = SAMPLES, length: int = LENGTH, seed: int = 0) -> list[Sample]:
-    """The default calibration set: ``count`` samples of each task, from the calibration text."""
+def calibration_samples(
+    tokenizer, *, count: int = SAMPLES, length: int = LENGTH, seed: int = 0, tasks: Sequence[tuple[str, str]] = TASKS
+) -> list[Sample]:
+    """The calibration set: ``count`` samples of each of ``tasks`` ((task, format) pairs; by default the
+    retrieval and continuation mix), from the calibration text."""
     return [
         attrs.evolve(sample, target=sample.target[:SCORED])
-        for task, form in TASKS
+        for task, form in tasks
         for sample in (
             make(task, tokenizer, length=length, seed=seed + n, split="calibration", format=form) for n in range(count)
         )
     ]
 
 
-def tuning_samples(tokenizer, *, count: int = TUNE_SAMPLES, length: int = LENGTH, seed: int = 0) -> list[Sample]:
+def tuning_samples(
+    tokenizer,
+    *,
+    count: int = TUNE_SAMPLES,
+    length: int = LENGTH,
+    seed: int = 0,
+    tasks: Sequence[tuple[str, str]] = TASKS,
+) -> list[Sample]:
     """Held-out prompts for tuning the solver: the calibration tasks with seeds the measurement never uses."""
     return [
         make(task, tokenizer, length=length, seed=seed + 10_000 + n, split="calibration", format=form)
-        for task, form in TASKS
+        for task, form in tasks
         for n in range(count)
     ]
 

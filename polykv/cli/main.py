@@ -202,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(calibrate)
     calibrate.add_argument("--out", type=Path, required=True, metavar="PROFILE.json", help="where to write the profile")
     calibrate.add_argument("--data", type=Path, metavar="FILE", help="JSON lines of task, context, continuation")
+    calibrate.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="generated tasks to measure on, task or task:chat (default: passkey passkey:chat niah multikey "
+        "multikey:chat copy continue)",
+    )
     calibrate.add_argument("--samples", type=_count(10_000), default=4, help="generated samples per task (default 4)")
     calibrate.add_argument(
         "--length", type=_count(1_000_000), default=1024, help="generated prompt tokens (default 1024)"

@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
     registry = default_registry()
     policies = args.policies or list(POLICIES)
     check_policies(policies, registry, "--policies")
+    if args.data and args.tasks:
+        raise PolykvError("--tasks picks generated tasks and --data brings samples of your own: give one of them")
+    tasks = setup.task_formats(args.tasks) if args.tasks else TASKS  # before the model loads
     if args.length < 64:
         raise PolykvError("--length: generated prompts are at least 64 tokens")
     setup.writable(args.out, "--out")
@@ -37,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
         if args.data:
             samples, data = read_samples(args.data, tokenizer), str(args.data)
         else:
-            samples = calibration_samples(tokenizer, count=args.samples, length=args.length, seed=args.seed)
+            options = {"length": args.length, "seed": args.seed, "tasks": tasks}
+            samples = calibration_samples(tokenizer, count=args.samples, **options)
             if args.tune_samples:
-                tune_on = tuning_samples(tokenizer, count=args.tune_samples, length=args.length, seed=args.seed)
-            data = f"generated: {', '.join(f'{t}:{f}' for t, f in TASKS)}, {args.samples} each, seed {args.seed}"
+                tune_on = tuning_samples(tokenizer, count=args.tune_samples, **options)
+            data = f"generated: {', '.join(f'{t}:{f}' for t, f in tasks)}, {args.samples} each, seed {args.seed}"
         profile = calibrate(
             model,
             samples,

@@ -14,7 +14,6 @@ import sys
 
 from polykv.cli.commands import setup
 from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
-from polykv.errors import PolykvError
 from polykv.files import write_text
 
 #: A small run, for the test suite and a first look.
@@ -35,15 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from polykv.harness.processes import joined
     from polykv.model import load_model
     from polykv.tasks.loader import read_jsonl
-    from polykv.tasks.tasks import CONTINUATION, FORMATS, TASKS, samples
+    from polykv.tasks.tasks import CONTINUATION, samples
 
-    chosen_tasks = args.tasks or (QUICK["tasks"] if args.quick else EVAL_TASKS)
-    parsed = []
-    for text in chosen_tasks:
-        task, _, form = text.partition(":")
-        if task not in TASKS or (form or "raw") not in FORMATS:
-            raise PolykvError(f"--tasks {text}: tasks are {', '.join(TASKS)}, optionally :chat (or :raw)")
-        parsed.append((task, form or "raw"))
+    parsed = setup.task_formats(args.tasks or (QUICK["tasks"] if args.quick else EVAL_TASKS))
     methods = [method(m) for m in (args.methods or (QUICK["methods"] if args.quick else EVAL_METHODS))]
     budgets = args.budgets or (QUICK["budgets"] if args.quick else EVAL_BUDGETS)
     count = QUICK["count"] if args.quick else args.count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -76,3 +77,16 @@ def command_line() -> str:
     import sys
 
     return shlex.join(["polykv", *sys.argv[1:]])
+
+
+def task_formats(texts: Sequence[str], option: str = "--tasks") -> list[tuple[str, str]]:
+    """``task`` or ``task:format`` words as (task, format) pairs, or a PolykvError naming the unknown one."""
+    from polykv.tasks.tasks import FORMATS, TASKS
+
+    parsed = []
+    for text in texts:
+        task, _, form = text.partition(":")
+        if task not in TASKS or (form or "raw") not in FORMATS:
+            raise PolykvError(f"{option} {text}: tasks are {', '.join(TASKS)}, optionally :chat (or :raw)")
+        parsed.append((task, form or "raw"))
+    return parsed
