@@ -39,7 +39,8 @@ def llama_8b(
             data = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
             setattr(module, key, torch.nn.Parameter(data, requires_grad=False))
     first = device_map.get("model.rotary_emb", device_map.get("", 0))
-    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=f"cuda:{first}")
+    # Made on the CPU and moved: transformers 5.17 warns about its device argument (a FutureWarning gone in 5.18).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(f"cuda:{first}")
     if set(device_map) != {""}:
         from accelerate import dispatch_model
 
