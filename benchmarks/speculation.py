@@ -362,7 +362,7 @@ def main() -> None:
         print("\n" + shape_table(costs, shape["speedups"]))
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"speculation_{machine}"
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     (args.out / f"{name}.json").write_text(
         json.dumps({"settings": settings, "machine": machine, "rows": rows, "shape": shape}, indent=1)
     )
