@@ -48,6 +48,7 @@ from shapes import llama_8b
 
 import polykv
 from polykv.decoding import StaticDecoder
+from polykv.decoding.static import captured_replay
 from polykv.model.describe import cache_argument
 from polykv.tasks.tasks import make
 
@@ -152,15 +153,8 @@ def step_milliseconds(model, cache, tokens: int, replays: int) -> float:
     def step() -> None:
         model(ids, position_ids=positions, logits_to_keep=tokens, **cache_argument(model, cache))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # the warm-up a capture needs
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    wall, _ = milliseconds(lambda: [graph.replay() for _ in range(replays)], device)
+    replay = captured_replay(step)  # runs the step once (the warm-up a capture needs), then captures it
+    wall, _ = milliseconds(lambda: [replay() for _ in range(replays)], device)
     for _ in range(replays + 1):
         cache.static_stepped(tokens)
     cache.end_static((replays + 1) * tokens)

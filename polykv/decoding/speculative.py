@@ -20,13 +20,13 @@ what the batch gave up.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import attrs
 import torch
 
 from polykv.cache.cache import PolyCache
+from polykv.decoding.ends import device_time, end_tokens, padded_after_end
 from polykv.decoding.static import Sampling
 from polykv.decoding.static_speculation import StaticChecks
 from polykv.errors import ArgumentError, ArgumentTypeError
@@ -204,7 +204,7 @@ def _speculate_statically(
     statistics.prefill_seconds = clock.lap()
     warmup = checks.run()
     made = checks.tokens()
-    new_tokens = int(checks.lengths.clamp(max=options["max_new_tokens"]).sum())
+    new_tokens = int(checks.lengths.sum())  # a row never records past max_new_tokens
     statistics.drafted, statistics.accepted, statistics.row_accepted, statistics.row_steps, per_check = (
         checks.statistics()
     )
@@ -217,21 +217,16 @@ class _Clock:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.last = self._now()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        self.last = device_time(device)
 
     def lap(self) -> float:
-        now = self._now()
+        now = device_time(self.device)
         seconds, self.last = now - self.last, now
         return seconds
 
     def elapsed(self) -> float:
         """Since the last lap."""
-        return self._now() - self.last
+        return device_time(self.device) - self.last
 
 
 class _Statistics:
@@ -318,9 +313,7 @@ class _Run:
 
     def __init__(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id, sampling: Sampling | None):
         self.sampling = sampling
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
-        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        self.eos, self.pad = end_tokens(eos_token_id, pad_token_id, input_ids)
         rows = input_ids.shape[0]
         self.generated = input_ids.new_full((rows, max_new_tokens), self.pad)
         self.lengths = input_ids.new_zeros(rows)
@@ -416,12 +409,4 @@ class _Run:
 
     def finished(self) -> torch.Tensor:
         """The generated tokens, the pad token after each row's end, cut where the last row ended."""
-        generated = self.generated
-        if not len(self.eos):
-            return generated
-        ends = torch.isin(generated, self.eos)
-        after = (ends.int().cumsum(dim=1) - ends.int()) > 0
-        generated = generated.masked_fill(after, self.pad)
-        if bool(ends.any(dim=1).all()):
-            generated = generated[:, : int(ends.int().argmax(dim=1).max()) + 1]
-        return generated
+        return padded_after_end(self.generated, self.eos, self.pad)

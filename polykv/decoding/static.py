@@ -27,6 +27,7 @@ import torch
 
 from polykv.cache.cache import CacheState, PolyCache
 from polykv.cache.positions import prompt_positions
+from polykv.decoding.ends import end_tokens
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
 
@@ -177,7 +178,7 @@ class StaticDecoder:
             elif evicting in self._graphs:
                 self._graphs[evicting]()
             else:
-                self._graphs[evicting] = _captured(self._step)
+                self._graphs[evicting] = captured_replay(self._step)
             self._cache.static_stepped()
             self.produced += 1
             if on_step is not None:
@@ -216,7 +217,7 @@ def _next_token(model, cache: PolyCache, stops: _Stops, ids, position_ids, mask=
     return stops.next_token(output.logits[:, -1])
 
 
-def _captured(step: Callable[[], None]) -> Callable[[], None]:
+def captured_replay(step: Callable[[], None]) -> Callable[[], None]:
     """Run ``step`` once for real on a side stream (warm-up), capture it, and return the graph's replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -273,9 +274,7 @@ class _Stops:
 
     def __init__(self, eos_token_id, pad_token_id, input_ids: torch.Tensor, sampling: Sampling | None = None):
         self.sampling = sampling
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self.eos = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
-        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        self.eos, self.pad = end_tokens(eos_token_id, pad_token_id, input_ids)
         self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,13 @@ otherwise.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from polykv.cache.cache import PolyCache
-from polykv.decoding.static import _captured
+from polykv.decoding.ends import device_time, end_tokens, padded_after_end
+from polykv.decoding.static import captured_replay
 from polykv.model.describe import cache_argument
 
 
@@ -64,9 +64,7 @@ class StaticChecks:
             check_every,
         )
         rows, device = newest.shape[0], newest.device
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self.eos = torch.tensor(eos, dtype=newest.dtype, device=device)
-        self.pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        self.eos, self.pad = end_tokens(eos_token_id, pad_token_id, newest)
         checks = max_new_tokens + check_every  # a row gains a token or more per check, and the host looks late
         full.begin_static(room=checks * (lookahead + 1), holes=True)
         if lookahead:
@@ -153,10 +151,10 @@ class StaticChecks:
 
     def run(self) -> tuple[float, int]:
         """Check until every row has finished; the first check's wall time and the new tokens it made."""
-        start = _now(self.newest.device)
+        start = device_time(self.newest.device)
         first_tokens = int(self.lengths.sum())
         self._run_check()
-        first_seconds = _now(self.newest.device) - start
+        first_seconds = device_time(self.newest.device) - start
         first_tokens = int(self.lengths.sum()) - first_tokens
         while not self.finished():
             for _ in range(self.check_every):
@@ -167,7 +165,7 @@ class StaticChecks:
         if not self.graph:
             self._check()
         elif self._replay is None:
-            self._replay = _captured(self._check)
+            self._replay = captured_replay(self._check)
         else:
             self._replay()
         self.full.static_stepped(self.lookahead + 1)
@@ -181,24 +179,10 @@ class StaticChecks:
 
     def tokens(self) -> torch.Tensor:
         """The made tokens (B, new): the pad token after each row's end, cut where the last row ended."""
-        generated = self.generated[:, : self.max_new_tokens]
-        if not len(self.eos):
-            return generated
-        ends = torch.isin(generated, self.eos)
-        after = (ends.long().cumsum(dim=1) - ends.long()) > 0
-        generated = generated.masked_fill(after, self.pad)
-        if bool(ends.any(dim=1).all()):
-            generated = generated[:, : int(ends.long().argmax(dim=1).max()) + 1]
-        return generated
+        return padded_after_end(self.generated[:, : self.max_new_tokens], self.eos, self.pad)
 
     def statistics(self) -> tuple[int, int, int, int, tuple[int, ...]]:
         """Drafted, accepted, accepted by rows alone, row checks, and the accepted per check while any row was
         active."""
         drafted, accepted, alone, row_checks, active_checks = self.counts.tolist()
         return drafted, accepted, alone, row_checks, tuple(self.per_check[:active_checks].tolist())
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
