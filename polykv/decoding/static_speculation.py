@@ -82,7 +82,6 @@ class StaticChecks:
         self.counts = torch.zeros(5, dtype=torch.long, device=device)  # drafted, accepted, alone, row checks, checks
         self.per_check = torch.zeros(checks, dtype=torch.long, device=device)
         self.check_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.checks = 0
         self._replay: Callable[[], None] | None = None
 
     # --- one check --------------------------------------------------------------------------------
@@ -171,7 +170,6 @@ class StaticChecks:
         self.full.static_stepped(self.lookahead + 1)
         if self.lookahead:
             self.draft.static_stepped(self.lookahead + 1)
-        self.checks += 1
 
     def finished(self) -> bool:
         """Whether every row has ended or made max_new_tokens tokens (reads the device)."""
