@@ -116,6 +116,16 @@ class LayerView:
     def length(self) -> int:
         return self.keys.shape[-2]
 
+    def of_heads(self, heads: tuple[int, ...]) -> LayerView:
+        """The view a group of these KV ``heads`` alone gives its policy (a layer whose heads keep differently)."""
+        index = torch.tensor(heads, device=self.keys.device)
+        sliced = {
+            name: None if value is None else value.index_select(1, index)
+            for name, value in attrs.asdict(self, recurse=False).items()
+            if isinstance(value, torch.Tensor) or value is None
+        }
+        return attrs.evolve(self, **sliced)
+
 
 class Policy(Configurable, abc.ABC):
     """Base class of eviction policies. Subclasses set ``name`` and ``description``, declare their

@@ -114,12 +114,6 @@ def test_a_plan_carries_each_heads_choice_and_round_trips(model):
     assert isinstance(plan.make_cache().layers[1], SplitLayer)
 
 
-def test_head_choices_cannot_be_left_to_routing_yet(model):
-    with pytest.raises(polykv.SpecError) as raised:
-        polykv.compile("layers 1 heads 0: snapkv@auto; *: full", model, budget=32, profile=None)
-    assert raised.value.diagnostics[0].code == "open-head-choice"
-
-
 # --- the cache ----------------------------------------------------------------------------------------
 
 
@@ -255,3 +249,118 @@ def test_plan_text_writes_a_statement_per_run_of_heads(model):
     assert "layers 1 heads 0: full" in lines
     assert 'layers 1 heads 1: snapkv@8(window=4, kernel=7, pooling="max")' in lines
     assert "# stored tokens: 102 in all, 25.5 per layer on average" in lines
+
+
+# --- routing and budgets per head -----------------------------------------------------------------
+
+
+def test_heads_star_names_every_head_and_keeps_open_heads_apart():
+    text = "layers * heads *: auto@auto\n"
+    assert polykv.print_spec(polykv.parse(text)) == text
+    checked = check_text("budget 64; layers * heads *: auto@auto", "spec.pkv", layers=3, heads=2)
+    assert all(len(entry.heads) == 2 for entry in checked.layers)  # open heads are decided one by one
+    fixed = check_text("layers * heads *: snapkv@64", "spec.pkv", layers=3, heads=2)
+    assert all(entry.heads == () for entry in fixed.layers)  # decided alike: an ordinary layer
+
+
+def _kl_by_hand(model, sample, spec: str) -> float:
+    """KL of the continuation under ``spec``'s cache against the full cache's, through plain forwards."""
+    caches = [polykv.compile("layers *: full", model).make_cache(), polykv.compile(spec, model).make_cache()]
+    inputs = torch.tensor(sample.target)[None, :-1]
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            model(torch.tensor(sample.prompt)[None], **polykv.cache_argument(model, cache))
+            logits.append(torch.log_softmax(model(inputs, **polykv.cache_argument(model, cache)).logits.float(), -1))
+    return float((logits[0].exp() * (logits[0] - logits[1])).sum(-1).mean())
+
+
+def test_a_head_entry_is_the_kl_with_only_that_head_compressed():
+    from test_measure import _samples
+
+    from polykv.calibration.measure import measure
+
+    model = tiny_model("llama")
+    sample = _samples(count=1)[0]
+    measured = measure(model, [sample], policies={"knorm": {}}, grid=[8, 64], progress=False, heads=True)
+    table = measured.head_losses[sample.group]
+    assert [len(table), len(table[0]), len(table[0][0]), len(table[0][0][0])] == [4, 2, 1, 2]
+    for layer, head in ((0, 1), (2, 0)):
+        spec = f"layers {layer} heads {head}: knorm@8; layers {layer} heads {1 - head}: full; *: full"
+        assert table[layer][head][0][0] == pytest.approx(_kl_by_hand(model, sample, spec), abs=1e-6)
+    assert all(table[layer][head][0][1] == 0.0 for layer in range(4) for head in range(2))  # 64 covers the prompt
+
+
+@pytest.fixture(scope="module")
+def head_profile(model):
+    from test_measure import _samples
+
+    from polykv.calibration.calibrate import calibrate
+
+    return calibrate(model, _samples(), policies=["knorm", "tova"], grid=[8, 16, 32], progress=False, heads=True)
+
+
+HEADS_AUTO = "budget 16\nlayers * heads *: auto@auto"
+
+
+def test_heads_are_budgeted_one_by_one_under_the_total(model, head_profile):
+    assert head_profile.measures_heads
+    plan = polykv.compile(HEADS_AUTO, model, profile=head_profile, context_length=48)
+    budgets = plan.head_budgets(48)
+    assert sum(map(sum, budgets)) == 16 * 4 * 2  # the spec's budget per layer and head, over every head
+    assert all(len(layer.heads) == 2 for layer in plan.layers)
+    assert polykv.Plan.from_json(plan.to_json()) == plan
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model.generate(prompt(48, batch=2, seed=5), **polykv.cache_argument(model, cache), max_new_tokens=3)
+    stored = [lengths[0].tolist() for lengths in cache.head_lengths()]
+    assert stored == [[min(b, 48) + 2 for b in layer] for layer in budgets]  # each head holds its budget
+
+
+def test_the_solver_keeps_whole_the_head_its_table_says_suffers(model, head_profile):
+    suffering = [[10.0] * len(head_profile.grid)] * len(head_profile.policies)
+    tables = {
+        task: [[suffering if (layer, head) == (2, 1) else table for head, table in enumerate(heads)]
+               for layer, heads in enumerate(per_task)]
+        for task, per_task in head_profile.head_losses.items()
+    }  # fmt: skip
+    sensitive = attrs.evolve(head_profile, head_losses=tables, regimes=())
+    plan = polykv.compile(HEADS_AUTO, model, profile=sensitive, context_length=48)
+    assert plan.layers[2].heads[1].prefill.describe() == "full"
+    assert plan.layers[2].heads[0].prefill.describe() != "full"
+
+
+def test_heads_left_open_need_a_profile_that_measured_heads(model, head_profile):
+    layers_only = attrs.evolve(head_profile, head_losses={})
+    with pytest.raises(polykv.SpecError) as raised:
+        polykv.compile(HEADS_AUTO, model, profile=layers_only)
+    assert [d.code for d in raised.value.diagnostics] == ["no-head-calibration"]
+    assert "polykv calibrate --heads" in raised.value.diagnostics[0].hint
+
+
+def test_budgets_are_solved_per_layer_or_per_head_not_both(model, head_profile):
+    with pytest.raises(polykv.SpecError) as raised:
+        polykv.compile("budget 16; layers 0 heads *: auto@auto; *: knorm@auto", model, profile=head_profile)
+    assert [d.code for d in raised.value.diagnostics] == ["mixed-granularity"]
+
+
+def test_a_capture_builds_the_cache_a_per_head_plan_makes(model, head_profile):
+    from polykv.harness.capture import capture
+
+    plan = polykv.compile(HEADS_AUTO, model, profile=head_profile, context_length=40)
+    ids, mask = _padded(batch=2, length=40)
+    captured = capture(model, ids, mask, needs=plan.needs())
+    ours, theirs = captured.cache_for(plan), plan.make_cache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, **polykv.cache_argument(model, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(ours.head_lengths(), theirs.head_lengths()))
+    step = prompt(1, batch=2, seed=9)
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    logits = []
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            output = model(step, attention_mask=step_mask, position_ids=mask.sum(-1, keepdim=True),
+                           **polykv.cache_argument(model, cache))  # fmt: skip
+            logits.append(output.logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)

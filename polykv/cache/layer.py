@@ -341,20 +341,28 @@ class PolyLayer(CacheLayerMixin):
         twin.lease = None  # the capture's spare room stays this layer's; the twin copies before it appends
         return twin
 
-    def adopt(self, other: PolyLayer, keep: torch.Tensor | None = None, lease: Lease | None = None) -> None:
+    def adopt(
+        self,
+        other: PolyLayer,
+        keep: torch.Tensor | None = None,
+        lease: Lease | None = None,
+        heads: tuple[int, ...] | None = None,
+    ) -> None:
         """Take over ``other``'s tokens (shared, not copied) in the decoding phase, keeping ``keep`` if given.
 
         With a ``lease`` the layer appends into ``other``'s spare room, which the next holder of
-        the lease reuses: using this layer after the lease passed on is an error.
+        the lease reuses: using this layer after the lease passed on is an error. ``heads`` takes
+        only those KV heads of ``other`` (copied; ``keep`` then indexes them), as a group of a SplitLayer.
         """
         self.dtype, self.device = other.dtype, other.device
-        self.batch_size, self.kv_heads, self.head_dim = other.batch_size, other.kv_heads, other.head_dim
+        self.batch_size, self.head_dim = other.batch_size, other.head_dim
+        self.kv_heads = other.kv_heads if heads is None else len(heads)
         self.is_initialized = True
         self.seen, self.prompt_length, self.real = other.seen, other.prompt_length, other.real
         self.scaling, self.visibility = other.scaling, other.visibility
         self.phase = Phase.DECODE
         self.lease = lease
-        self.storage.adopt(other.storage, share_room=lease is not None and keep is None)
+        self.storage.adopt(other.storage, share_room=lease is not None and keep is None, heads=heads)
         if keep is not None:
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))

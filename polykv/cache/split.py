@@ -42,16 +42,21 @@ class SplitLayer(CacheLayerMixin):
         compress_chunks: bool = False,
     ):
         super().__init__()
-        heads = sorted(head for group, _prefill, _decode in groups for head in group)
-        if heads != list(range(len(heads))) or len(groups) < 2:
-            raise CacheError(f"layer {index}: head groups cover every KV head once, in two groups or more")
         self.index = index
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        self.compress_chunks = compress_chunks
+        self._form(groups)
+
+    def _form(self, groups: Sequence[HeadGroup]) -> None:
+        """Make one empty part per group."""
+        heads = sorted(head for group, _prefill, _decode in groups for head in group)
+        if heads != list(range(len(heads))):
+            raise CacheError(f"layer {self.index}: head groups cover every KV head once")
         self.kv_heads = len(heads)
         self.groups: list[tuple[tuple[int, ...], PolyLayer]] = [
-            (tuple(group), PolyLayer(index, prefill, decode, sliding_window=sliding_window,
-                                     compress_chunks=compress_chunks))
+            (tuple(group), PolyLayer(self.index, prefill, decode, sliding_window=self.sliding_window,
+                                     compress_chunks=self.compress_chunks))
             for group, prefill, decode in groups
         ]  # fmt: skip
         self._selectors: dict[torch.device, list[torch.Tensor]] = {}
@@ -77,9 +82,13 @@ class SplitLayer(CacheLayerMixin):
         return self._selectors[device][number]
 
     def set_rules(self, groups: Sequence[HeadGroup]) -> None:
-        """Give each group its rules (a plan that solves per prompt length does it before the first forward)."""
+        """Give each group its rules (a plan that solves per prompt length does it before the first forward; heads
+        solved one by one may then group differently, which forms the parts anew while they hold nothing)."""
         if [tuple(heads) for heads, _p, _d in groups] != [heads for heads, _part in self.groups]:
-            raise CacheError(f"layer {self.index}: new rules must group the heads as the layer does")
+            if self.is_initialized:
+                raise CacheError(f"layer {self.index}: new rules must group the heads as the layer does")
+            self._form(groups)
+            return
         for (_heads, prefill, decode), part in zip(groups, self.parts):
             part.set_rules(prefill, decode)
 

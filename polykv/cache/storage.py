@@ -125,10 +125,15 @@ class Storage:
         """Repeat each batch row ``repeats`` times, for ``num_return_sequences`` and beam search."""
         self._map_rows(lambda t: t[:, :, : self.size].repeat_interleave(repeats, dim=0))
 
-    def adopt(self, other: Storage, *, share_room: bool = False) -> None:
+    def adopt(self, other: Storage, *, share_room: bool = False, heads: tuple[int, ...] | None = None) -> None:
         """Share ``other``'s stored tokens. Without ``share_room`` an append here never writes into
-        ``other``'s buffers; with it, appends use ``other``'s spare room (one sharer at a time)."""
-        if share_room:
+        ``other``'s buffers; with it, appends use ``other``'s spare room (one sharer at a time).
+        ``heads`` takes only those KV heads (a copy of them, so without shared room)."""
+        if heads is not None:
+            index = torch.tensor(heads, device=other.device)
+            stored = (other.keys, other.values, other.positions)
+            self._keys, self._values, self._positions = (t if t is None else t.index_select(1, index) for t in stored)
+        elif share_room:
             self._keys, self._values, self._positions = other._keys, other._values, other._positions
         else:
             self._keys, self._values, self._positions = other.keys, other.values, other.positions

@@ -56,6 +56,7 @@ def calibrate(
     tokenizer=None,
     processes: Processes = ONE,
     objective: str = "kl",
+    heads: bool = False,
 ) -> Profile:
     """Measure ``model`` on ``samples`` and return the profile (tables, signals, and where they came from).
 
@@ -67,7 +68,9 @@ def calibrate(
     the full cache refuses), and the solver is tuned for it. ``tokenizer`` is needed
     when a policy scores by reconstruction (kvzip). With several ``processes`` (torchrun) each
     measures a share of the prompts, the prefill costs are timed on the first alone, and every
-    process returns the profile one process would (``polykv.harness.processes``).
+    process returns the profile one process would (``polykv.harness.processes``). ``heads`` also
+    measures each KV head on its own (``measure``), for specs that route and budget heads (``heads *``);
+    the regimes tuned on whole layers serve the head tables too.
     """
     from polykv.model import describe_model
 
@@ -95,6 +98,7 @@ def calibrate(
         reconstruction=reconstruction,
         processes=processes,
         objective=objective,
+        heads=heads,
     )
     info, _ = describe_model(model)
     profile = Profile(
@@ -116,6 +120,7 @@ def calibrate(
         losses=measured.losses,
         signals=measured.signals,
         curves=measured.curves,
+        head_losses=measured.head_losses,
         costs=processes.from_main(  # timings: one process, undisturbed by the others
             lambda: prefill_costs(model, samples, policies, registry=registry, tokenizer=tokenizer, setting=setting)
         ),

@@ -10,6 +10,10 @@ draft's routing for ``acceptance``, as the share of proposals the full cache wou
 It is cheap because compression happens after the prefill's attention: one prefill per batch of
 prompts is captured, and each table entry then costs one short teacher-forced pass over the
 continuation (the harness's ``Scorer.layer_loss``), which starts at layer l where the model allows.
+
+With ``heads`` it also measures each KV head on its own: the loss when only head h of layer l is
+compressed, from the same captured prefill, for routing and budgets per head. That multiplies the
+table's passes by 1 + the KV heads per layer.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class Measurements:
 
     ``losses`` entries are math.inf where a policy cannot take a budget. ``signals[name][task][layer]``
     holds scalar signals; ``curves[name][task][layer][policy][budget]`` the curve signals. A task is
-    a samples' group, ``task:format``.
+    a samples' group, ``task:format``. ``head_losses[task][layer][head][policy][budget]`` (empty unless
+    heads were measured) holds the losses with only that KV head compressed.
     """
 
     grid: tuple[int, ...]
@@ -50,6 +55,7 @@ class Measurements:
     samples: Mapping[str, int]
     prompt_length: int
     continuation_length: int
+    head_losses: Mapping[str, list] = attrs.field(factory=dict)
 
 
 def measure(
@@ -66,6 +72,7 @@ def measure(
     reconstruction: Reconstruction | None = None,
     processes: Processes = ONE,
     objective: str = "kl",
+    heads: bool = False,
 ) -> Measurements:
     """Measure the loss table (and signals) of ``model`` on ``samples``; see the module docstring.
 
@@ -78,12 +85,15 @@ def measure(
     needs = needs_of([policy.needs() for policy in created.values()], window=SIGNAL_WINDOW)
     grid = tuple(sorted(set(grid)))
     batches = list(by_group(samples, batch_size))
-    layers = model.config.get_text_config().num_hidden_layers
+    config = model.config.get_text_config()
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    measured_heads = range(kv_heads) if heads else range(0)
     scalar = [s for s in signals if not s.curve]
     curve = [s for s in signals if s.curve]
     mine = processes.share(len(batches))
     bar = tqdm(
-        total=len(mine) * layers * len(created) * len(grid),
+        total=len(mine) * layers * len(created) * len(grid) * (1 + len(measured_heads)),
         desc="calibrating",
         unit="entry",
         disable=not (progress and processes.main),
@@ -105,7 +115,10 @@ def measure(
                         for signal in curve:
                             value = signal.measure(observation, kept) if kept is not None else torch.zeros_like(loss)
                             entries.append(_summed(("curve", signal.name, task, layer, p, g), value))
-                        bar.update(1)
+                        for head in measured_heads:
+                            loss, _kept = scorer.layer_loss(layer, policy, budget, objective, head=head)
+                            entries.append(_summed(("head", task, layer, head, p, g), loss))
+                        bar.update(1 + len(measured_heads))
     sums = _Sums()
     merged = {index: entries for part in processes.gather(added) for index, entries in part.items()}
     for index in range(len(batches)):  # in batch order, as one process adds them
@@ -127,6 +140,12 @@ def measure(
         samples=dict(sorted(group_sizes(samples).items())),
         prompt_length=round(sum(s.length for s in samples) / len(samples)),
         continuation_length=max(len(s.target) for s in samples),
+        head_losses={
+            t: [_table(sums, ("head", t, layer), kv_heads, len(created), len(grid)) for layer in range(layers)]
+            for t in tasks
+        }
+        if heads
+        else {},
     )
 
 
@@ -151,8 +170,8 @@ class _Sums:
         return self.total[key] / self.count[key]
 
 
-def _table(sums: _Sums, prefix: tuple, layers: int, policies: int, budgets: int) -> list:
+def _table(sums: _Sums, prefix: tuple, units: int, policies: int, budgets: int) -> list:
+    """Means per [unit][policy][budget], a unit being a layer (or a KV head, under a layer's prefix)."""
     return [
-        [[sums.mean((*prefix, layer, p, g)) for g in range(budgets)] for p in range(policies)]
-        for layer in range(layers)
+        [[sums.mean((*prefix, unit, p, g)) for g in range(budgets)] for p in range(policies)] for unit in range(units)
     ]

@@ -241,6 +241,12 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the KL divergence from the full cache (default), or the share of a speculative draft's "
         "proposals the full cache would refuse (acceptance); routing reads a profile of the objective it is asked for",
     )
+    calibrate.add_argument(
+        "--heads",
+        action="store_true",
+        help="also measure each KV head on its own, for specs that route and budget heads (`layers * heads *: "
+        "auto@auto`); costs 1 + KV heads times the passes",
+    )
     calibrate.set_defaults(run="polykv.cli.commands.calibrate:run")
 
     plan = commands.add_parser("plan", help="print (and draw) what a spec decides for each layer of a model")

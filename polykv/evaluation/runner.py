@@ -47,6 +47,7 @@ METHODS = {
     "cake": "budget {budget}\nsolver cake\nlayers *: pyramidkv@auto",
     "polykv": "budget {budget}\nlayers *: auto@auto",
     "polykv-budgets": "budget {budget}\nlayers *: pyramidkv@auto",
+    "polykv-heads": "budget {budget}\nlayers * heads *: auto@auto",
 }
 RESULTS = "results.jsonl"
 

@@ -13,7 +13,7 @@ after an unchunked prefill of the same prompt, because both run the same policy 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,7 @@ from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
 from polykv.cache.reconstruction import Reconstruction
 from polykv.cache.selection import Selection, choose
+from polykv.cache.split import SplitLayer
 from polykv.choice import Choice
 from polykv.model.describe import cache_argument
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
@@ -31,6 +32,11 @@ from polykv.registry import Registry, default_registry
 if TYPE_CHECKING:
     from polykv.plan.plan import Plan
     from polykv.signals import LayerObservation
+
+
+#: One group of heads of a split layer built from a capture: its KV heads, the indices they keep
+#: ((B, len(heads), K), None: all) and their decode rule.
+SplitKeep = tuple[tuple[int, ...], torch.Tensor | None, PhaseRule | None]
 
 
 class Capture:
@@ -89,16 +95,21 @@ class Capture:
     def seen(self) -> int:
         return self.layers[0].seen
 
-    def view(self, layer: int, policy: Policy, budget: int) -> LayerView:
-        """What ``policy`` would see compressing ``layer`` to ``budget`` tokens after this prefill."""
+    def view(self, layer: int, policy: Policy, budget: int, heads: tuple[int, ...] | None = None) -> LayerView:
+        """What ``policy`` would see compressing ``layer`` (only its KV ``heads``, if given) to ``budget`` tokens
+        after this prefill."""
         captured = self.layers[layer]
         positions = captured.storage.positions_or_slots()
         rule = PhaseRule(policy, None)
-        return captured.view(rule, budget, positions, captured.scaling, captured.visibility)
+        view = captured.view(rule, budget, positions, captured.scaling, captured.visibility)
+        return view if heads is None else view.of_heads(heads)
 
-    def select(self, layer: int, policy: Policy, budget: int, *, where: str = "") -> Selection:
-        """The tokens ``policy`` keeps in ``layer`` at ``budget`` (checked as the cache checks them)."""
-        view = self.view(layer, policy, budget)
+    def select(
+        self, layer: int, policy: Policy, budget: int, *, heads: tuple[int, ...] | None = None, where: str = ""
+    ) -> Selection:
+        """The tokens ``policy`` keeps in ``layer`` at ``budget`` (checked as the cache checks them); with ``heads``,
+        what it keeps in those KV heads when they form a group of their own (indices (B, len(heads), K))."""
+        view = self.view(layer, policy, budget, heads)
         return choose(policy, view, where=where or f"policy {policy!r} on layer {layer} (captured prefill)")
 
     def budget(self, layer: int, rule: PhaseRule) -> int | None:
@@ -115,15 +126,26 @@ class Capture:
         The capture must have recorded what the plan's policies need (``capture(..., needs=plan.needs())``).
         """
         registry = default_registry() if registry is None else registry
-        keep, decode = {}, {}
+        keep, decode, split = {}, {}, {}
         for layer in plan.resolved(self.seen, registry).layers:
-            rule = PhaseRule.of(layer.prefill, registry)
-            budget = self.budget(layer.index, rule)
-            if budget is not None:
-                keep[layer.index] = self.select(layer.index, rule.policy, budget).indices
+            if layer.heads:
+                split[layer.index] = [
+                    (heads, self._kept(layer.index, PhaseRule.of(head.prefill, registry), heads),
+                     PhaseRule.of(head.decode, registry) if head.decode else None)
+                    for heads, head in layer.head_groups()
+                ]  # fmt: skip
+                continue
+            found = self._kept(layer.index, PhaseRule.of(layer.prefill, registry))
+            if found is not None:
+                keep[layer.index] = found
             if layer.decode is not None:
                 decode[layer.index] = PhaseRule.of(layer.decode, registry)
-        return self.cache(keep, decode)
+        return self.cache(keep, decode, split=split)
+
+    def _kept(self, layer: int, rule: PhaseRule, heads: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """The indices ``rule`` keeps in ``layer`` (its KV ``heads``, as a group), or None where it keeps all."""
+        budget = self.budget(layer, rule)
+        return None if budget is None else self.select(layer, rule.policy, budget, heads=heads).indices
 
     def cache(
         self,
@@ -131,23 +153,38 @@ class Capture:
         decode: Mapping[int, PhaseRule] | None = None,
         *,
         share_room: bool = False,
+        split: Mapping[int, Sequence[SplitKeep]] | None = None,
     ) -> PolyCache:
         """A cache in its decoding phase: every layer whole, except those in ``keep`` (sorted indices (B, H, K)).
 
         The captured tensors are shared, not copied, and the capture stays usable for the next
         cache: appending allocates new storage, or with ``share_room`` writes into the spare room
         the capture reserved (no copy, for one cache at a time: an older cache that appends after
-        a newer one was made raises). ``decode`` gives layers a decode-time rule.
+        a newer one was made raises). ``decode`` gives layers a decode-time rule. ``split`` makes
+        layers whose KV heads keep differently (a SplitLayer): per group of heads, the indices its
+        heads keep (B, len(heads), K) or None for all, and its decode rule; those heads are copied.
         """
-        keep, decode = keep or {}, decode or {}
+        keep, decode, split = keep or {}, decode or {}, split or {}
         lease = Lease(self._leases) if share_room else None
         layers = []
         for captured in self.layers:
+            groups = split.get(captured.index)
+            if groups is not None:
+                layers.append(self._split_layer(captured, groups))
+                continue
             rule = decode.get(captured.index)
             layer = PolyLayer(captured.index, captured.prefill, rule, sliding_window=captured.sliding_window)
             layer.adopt(captured, keep.get(captured.index), lease)
             layers.append(layer)
         return PolyCache(layers, holding_prompt=True)
+
+    @staticmethod
+    def _split_layer(captured: PolyLayer, groups: Sequence[SplitKeep]) -> SplitLayer:
+        rules = [(heads, captured.prefill, rule) for heads, _kept, rule in groups]
+        layer = SplitLayer(captured.index, rules, sliding_window=captured.sliding_window)
+        for (heads, kept, _rule), part in zip(groups, layer.parts):
+            part.adopt(captured, kept, heads=heads)
+        return layer
 
 
 def capture(

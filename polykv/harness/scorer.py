@@ -183,10 +183,11 @@ class Scorer:
     # --- one layer compressed ------------------------------------------------------------------------
 
     def layer_loss(
-        self, layer: int, policy: Policy, budget: int, objective: str = "kl"
+        self, layer: int, policy: Policy, budget: int, objective: str = "kl", head: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample loss (B,) with only ``layer`` compressed by ``policy`` to ``budget``, and the kept indices:
-        KL, or for ``objective`` "acceptance" the rejection rate (``polykv.harness.divergence``).
+        KL, or for ``objective`` "acceptance" the rejection rate (``polykv.harness.divergence``). With ``head``
+        only that KV head of the layer is compressed (as a group of its own), the others kept whole.
 
         The loss is infinite where the policy cannot take the budget, and 0 where the budget covers the
         prompt (the layer is kept whole).
@@ -194,11 +195,18 @@ class Scorer:
         rows = self.targets.shape[0]
         if budget < policy.min_budget():
             return torch.full((rows,), math.inf), None
-        if budget >= self.captured.layers[layer].storage.size:
+        captured = self.captured.layers[layer]
+        if budget >= captured.storage.size:
             return torch.zeros(rows), None
-        kept = self.captured.select(layer, policy, budget).indices
         skip = self._starts_at(layer)  # before the cache below: both write into the capture's spare room
-        cache = self.captured.cache({layer: kept}, share_room=True)
+        if head is None:
+            kept = self.captured.select(layer, policy, budget).indices
+            cache = self.captured.cache({layer: kept}, share_room=True)
+        else:
+            kept = self.captured.select(layer, policy, budget, heads=(head,)).indices
+            others = tuple(h for h in range(captured.kv_heads) if h != head)
+            groups = [((head,), kept, None)] + ([(others, None, None)] if others else [])
+            cache = self.captured.cache(split={layer: groups}, share_room=True)
         with torch.no_grad():
             if skip:
                 with self._skips.from_layer(layer):

@@ -132,15 +132,21 @@ Selector = LayerList | EveryLayer
 
 @attrs.frozen
 class HeadList:
-    """``heads 0,2-3``: KV heads of the selected layers, written as layers are (``-1`` is the last head)."""
+    """``heads 0,2-3``: KV heads of the selected layers, written as layers are (``-1`` is the last head).
+
+    ``heads *`` (``every``) names each head of the selected layers, one by one: where routing or budget
+    solving is left open, every head is routed and budgeted on its own."""
 
     items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=tuple)
     span: Span | None = _span()
+    every: bool = attrs.field(default=False, kw_only=True)
 
     @items.validator
     def _not_empty(self, _attribute: attrs.Attribute, value: tuple) -> None:
-        if not value:
+        if not value and not self.every:
             raise ValueError("a head list names at least one head")
+        if value and self.every:
+            raise ValueError("`heads *` names every head: it takes no list")
 
 
 # --- policies ----------------------------------------------------------------------------------

@@ -811,6 +811,8 @@ class _Checker:
 
     def _head_set(self, heads: ast.HeadList, head_count: int | None) -> frozenset[int] | None:
         """The KV heads ``heads`` names, or None (after an error) when one does not exist."""
+        if heads.every:
+            return frozenset(range(head_count))
         found: set[int] = set()
         for item in heads.items:
             bounds = self._resolve(item, head_count, what="head")
@@ -963,9 +965,11 @@ def _entry(index: int, checked: CheckedRule) -> LayerEntry:
 
 
 def _head_entries(index: int, heads: list[CheckedRule]) -> LayerEntry:
-    """A layer whose heads were named by statements: one entry per head, unless they all do the same."""
+    """A layer whose heads were named by statements: one entry per head, unless they all do the same thing
+    and it is decided (heads left to routing or budget solving are decided one by one)."""
     first = heads[0]
-    if all((h.prefill, h.decode) == (first.prefill, first.decode) for h in heads):
+    same = all((h.prefill, h.decode) == (first.prefill, first.decode) for h in heads)
+    if same and not (first.prefill.policy == ast.AUTO or isinstance(first.prefill.budget, ast.AutoBudget)):
         return _entry(index, first)
     entries = [HeadEntry(head, h.prefill, h.decode, rule=h.rule) for head, h in enumerate(heads)]
     return LayerEntry(index, first.prefill, first.decode, rule=first.rule, heads=entries)

@@ -333,8 +333,11 @@ class _ToAst(Transformer):
         prefill, *decode = rest[1:] if heads is not None else rest
         return ast.Rule(selector, prefill, decode[-1] if decode else None, heads=heads, span=self._span(meta))
 
-    def head_selector(self, meta, _heads: Token, *items):
+    def head_list(self, meta, _heads: Token, *items):
         return ast.HeadList(items, span=self._span(meta))
+
+    def every_head(self, meta, _heads: Token):
+        return ast.HeadList((), every=True, span=self._span(meta))
 
     def every_layer(self, meta):
         return ast.EveryLayer(span=self._span(meta))

@@ -62,7 +62,7 @@ def format_budget(budget: ast.Budget) -> str:
 
 
 def format_selector(selector: ast.Selector | ast.HeadList) -> str:
-    if isinstance(selector, ast.EveryLayer):
+    if isinstance(selector, ast.EveryLayer) or getattr(selector, "every", False):
         return "*"
     return ",".join(
         str(item.index) if isinstance(item, ast.LayerIndex) else f"{item.start}-{item.stop}" for item in selector.items

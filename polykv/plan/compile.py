@@ -20,7 +20,7 @@ from polykv.cache.reconstruction import Reconstruction
 from polykv.choice import Choice
 from polykv.errors import ArgumentError, ArgumentTypeError
 from polykv.language import ast
-from polykv.language.check import PhaseChoice, check
+from polykv.language.check import LayerEntry, PhaseChoice, check
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.language.parse import load, parse
 from polykv.language.printer import print_spec
@@ -111,7 +111,7 @@ def compile(
             placement[entry.index].dtype,
             placement[entry.index].sliding_window,
             decision.measurements,
-            heads=[HeadPlan(_choice(h.prefill), None if h.decode is None else _choice(h.decode)) for h in entry.heads],
+            heads=_head_plans(entry, decision),
         )
         for entry, decision in zip(checked.layers, decisions)
     ]
@@ -125,6 +125,15 @@ def compile(
         plan = attrs.evolve(plan, reconstruction=Reconstruction.for_tokenizer(tokenizer))
     plan.apply(model)
     return plan
+
+
+def _head_plans(entry: LayerEntry, decision: Decision) -> list[HeadPlan]:
+    """What each KV head of a layer whose heads choose for themselves does: as written, or as resolution decided."""
+    prefills = decision.heads or [_choice(head.prefill) for head in entry.heads]
+    return [
+        HeadPlan(prefill, None if head.decode is None else _choice(head.decode))
+        for head, prefill in zip(entry.heads, prefills)
+    ]
 
 
 def _choice(choice: PhaseChoice) -> Choice:

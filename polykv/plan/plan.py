@@ -164,7 +164,12 @@ class Plan:
             return self
         decisions = self.resolver.decide(prompt_length, default_registry() if registry is None else registry)
         layers = [
-            attrs.evolve(layer, prefill=d.choice, measurements=dict(d.measurements))
+            attrs.evolve(
+                layer,
+                prefill=d.choice,
+                measurements=dict(d.measurements),
+                heads=[attrs.evolve(head, prefill=choice) for head, choice in zip(layer.heads, d.heads)] or layer.heads,
+            )
             for layer, d in zip(self.layers, decisions)
         ]
         return attrs.evolve(self, layers=layers, context_length=prompt_length)

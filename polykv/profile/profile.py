@@ -1,6 +1,7 @@
 """A calibration profile: what one model's layers lose under each policy and budget, kept on disk.
 
-A profile stores the per-task loss tables (so task weights can change without measuring again),
+A profile stores the per-task loss tables (so task weights can change without measuring again), and
+where calibration measured heads (``polykv calibrate --heads``) a table per KV head of every layer,
 the budget grid, each policy's parameters, the layer signals, and the model and settings they came
 from. Routing and budget solving read it; using it with another model is an error.
 
@@ -30,6 +31,8 @@ from polykv.values import OBJECTIVES, SETTINGS, Value
 FORMAT = 1
 #: Losses per [layer][policy][budget] (math.inf where a policy cannot take a budget).
 LossTable = list[list[list[Loss]]]
+#: Losses per [layer][KV head][policy][budget]: only that head of that layer compressed.
+HeadLossTable = list[list[list[list[Loss]]]]
 #: The profiles that ship for the bundled default model, per setting and objective (see docs/routing.md and
 #: docs/speculation.md for their commands).
 DEFAULT_PROFILES = {
@@ -73,6 +76,8 @@ class Profile:
     regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
     #: Prefill time with each policy on every layer over the full cache's, on the calibration prompts.
     costs: Mapping[str, float] = attrs.field(factory=dict)
+    #: Per task, the losses with one KV head of one layer compressed (empty: heads were not measured).
+    head_losses: Mapping[str, HeadLossTable] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         problem = _malformed(self)
@@ -110,21 +115,46 @@ class Profile:
                 f"calibrate for it with `polykv calibrate --objective {objective}`"
             )
 
+    @property
+    def measures_heads(self) -> bool:
+        """Whether calibration measured each KV head on its own (``polykv calibrate --heads``)."""
+        return bool(self.head_losses)
+
     def table(self, weights: Mapping[str, float] | None = None) -> list[list[list[float]]]:
         """Losses per [layer][policy][budget], averaged over tasks with ``weights`` (default: the profile's)."""
-        weights = dict(weights or self.weights or {task: 1.0 for task in self.tasks})
-        unknown = sorted(set(weights) - set(self.tasks))
-        if unknown:
-            raise ProfileError(f"no task {unknown[0]!r} in this profile; its tasks: {', '.join(self.tasks)}")
+        weights = self._weights(weights)
         total = sum(weights.values())
-        first = self.losses[self.tasks[0]]
         return [
             [
                 [sum(weights[t] * self.losses[t][layer][p][g] for t in weights) / total for g in range(len(self.grid))]
                 for p in range(len(self.policies))
             ]
-            for layer in range(len(first))
+            for layer in range(self.model.layers)
         ]
+
+    def head_table(self, weights: Mapping[str, float] | None = None) -> list[list[list[list[float]]]]:
+        """Losses per [layer][KV head][policy][budget], averaged over tasks as ``table`` averages them."""
+        if not self.measures_heads:
+            raise ProfileError("this profile measured whole layers only: calibrate with `polykv calibrate --heads`")
+        weights = self._weights(weights)
+        total, budgets = sum(weights.values()), range(len(self.grid))
+        return [
+            [
+                [
+                    [sum(weights[t] * self.head_losses[t][layer][head][p][g] for t in weights) / total for g in budgets]
+                    for p in range(len(self.policies))
+                ]
+                for head in range(self.model.kv_heads)
+            ]
+            for layer in range(self.model.layers)
+        ]
+
+    def _weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
+        weights = dict(weights or self.weights or {task: 1.0 for task in self.tasks})
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ProfileError(f"no task {unknown[0]!r} in this profile; its tasks: {', '.join(self.tasks)}")
+        return weights
 
     def solved_regimes(self) -> tuple[TunedRegime, ...]:
         """The tuned regimes, or one default: the profile's weights (equal if none) and the smallest budget."""
@@ -250,6 +280,20 @@ def _malformed(profile: Profile) -> str | None:
             problem = _table_problem(table, shape)
             if problem:
                 return f"$.{name}['{task}']{problem}"
+    if profile.head_losses and set(profile.head_losses) != set(profile.losses):
+        wanted, got = ", ".join(sorted(profile.losses)), ", ".join(sorted(profile.head_losses))
+        return f"$.head_losses: the tasks of $.losses ({wanted}), got {got}"
+    for task, table in profile.head_losses.items():
+        if len(table) != layers:
+            return f"$.head_losses['{task}']: {len(table)} layers of losses for a model of {layers}"
+        for layer, heads in enumerate(table):
+            if len(heads) != profile.model.kv_heads:
+                model_heads = profile.model.kv_heads
+                return f"$.head_losses['{task}'][{layer}]: {len(heads)} KV heads for a model of {model_heads}"
+            for head, per_head in enumerate(heads):
+                problem = _table_problem([per_head], (1, len(policies), len(grid)))
+                if problem:
+                    return f"$.head_losses['{task}'][{layer}][{head}]{problem.removeprefix('[0]')}"
     for signal, per_task in profile.signals.items():
         for task, values in per_task.items():
             if len(values) != layers or not all(math.isfinite(v) for v in values):

@@ -10,6 +10,11 @@ policies, ``@auto`` budgets). Resolution closes what is open, for a given prompt
   policies at every budget of the grid with their calibrated losses, keeping the layer whole, and
   the fixed layers, under the total number of stored tokens.
 
+A statement that names heads and leaves them open (``layers * heads *: auto@auto``) makes each KV
+head a unit of its own: routed with its own calibrated table (``polykv calibrate --heads``) and
+budgeted in one problem over all heads, whose total is the spec's times the KV heads per layer.
+Layers decided as a whole count as their heads, each doing what the layer does.
+
 The total counts every layer's stored tokens, a layer kept whole counting the prompt length, so it
 depends on the prompt length whenever some layer may be whole or a budget is a share of the
 prompt: a plan that needs solving is solved again for each prompt length it meets (the cache asks
@@ -68,16 +73,24 @@ class Request:
     params: Mapping[str, Value] = attrs.field(factory=dict)
     budget: RequestBudget = None
     candidates: tuple[str, ...] = ()
-    #: Each KV head's decided prefill choice, for a layer whose heads differ (the layer is then decided).
-    heads: tuple[Choice, ...] = attrs.field(default=(), converter=tuple)
+    #: One request per KV head, for a layer whose heads choose for themselves: each decided, or left open
+    #: to be routed and budgeted on its own (the other fields are then the first head's).
+    heads: tuple[Request, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def open_budget(self) -> bool:
-        return self.budget == AUTO
+        return self.budget == AUTO if not self.heads else any(head.open_budget for head in self.heads)
 
     @property
     def decided(self) -> bool:
+        if self.heads:
+            return all(head.decided for head in self.heads)
         return self.policy != AUTO and not self.open_budget
+
+    @property
+    def opens_heads(self) -> bool:
+        """Whether some KV head of this layer is left to routing or budget solving."""
+        return any(not head.decided for head in self.heads)
 
     def choice(self) -> Choice:
         """The choice of a decided request (its first head's, where heads differ)."""
@@ -88,8 +101,22 @@ class Request:
         mean over heads rounded up, a head kept whole counting the prompt."""
         if not self.heads:
             return _tokens(self.budget, prompt_length)
-        kept = [min(c.tokens(prompt_length) or prompt_length, prompt_length) for c in self.heads]
+        kept = [min(head.tokens(prompt_length) or prompt_length, prompt_length) for head in self.heads]
         return -(-sum(kept) // len(kept))
+
+    def without(self, name: str) -> Request:
+        """This request with ``name`` taken from the candidates of its auto policy (of each auto head)."""
+        if self.heads:
+            return attrs.evolve(self, heads=[head.without(name) for head in self.heads])
+        if self.policy == ast.AUTO and name in self.candidates and len(self.candidates) > 1:
+            return attrs.evolve(self, candidates=tuple(c for c in self.candidates if c != name))
+        return self
+
+    def routes(self, name: str) -> bool:
+        """Whether routing may still choose ``name`` here, and could do without it."""
+        if self.heads:
+            return any(head.routes(name) for head in self.heads)
+        return self.policy == ast.AUTO and name in self.candidates and len(self.candidates) > 1
 
 
 def _structure_request_budget(data: object, _type: object) -> RequestBudget:
@@ -101,10 +128,16 @@ converter.register_structure_hook(RequestBudget, _structure_request_budget)
 
 @attrs.frozen
 class Decision:
-    """One layer resolved: its choice, and the measurements that decided it (for `polykv plan`)."""
+    """One layer resolved: its choice, and the measurements that decided it (for `polykv plan`); for a layer
+    whose heads were decided one by one, each KV head's choice (``choice`` is then the first head's)."""
 
     choice: Choice
     measurements: Mapping[str, float] = attrs.field(factory=dict)
+    heads: tuple[Choice, ...] = attrs.field(default=(), converter=tuple)
+
+    def head_choices(self, kv_heads: int) -> tuple[Choice, ...]:
+        """What each of the layer's ``kv_heads`` KV heads does."""
+        return self.heads or (self.choice,) * kv_heads
 
 
 @attrs.frozen
@@ -119,6 +152,10 @@ class Regime:
     ratio: float
     floor: int
     tables: tuple[Mapping[str, tuple[Loss, ...]], ...] = attrs.field(converter=tuple)
+    #: Per layer, per KV head: its table (from a profile that measured heads; empty otherwise).
+    head_tables: tuple[tuple[Mapping[str, tuple[Loss, ...]], ...], ...] = attrs.field(
+        default=(), converter=lambda tables: tuple(tuple(layer) for layer in tables)
+    )
 
 
 @attrs.frozen
@@ -146,8 +183,19 @@ class Resolver:
         """Every layer's decision for a prompt of ``prompt_length`` tokens."""
         return _decide(self, prompt_length, registry)
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads per layer, as the spec's head statements name them (1 where none does)."""
+        return next((len(request.heads) for request in self.requests if request.heads), 1)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether some KV head is routed or budgeted on its own (the problem's units are then heads)."""
+        return any(request.opens_heads for request in self.requests)
+
     def prefill_cost(self, choices: Sequence[Choice]) -> float:
-        """The prefill time ``choices`` (one per layer) predict, as a multiple of the full cache's.
+        """The prefill time ``choices`` (one per layer, or one per KV head of every layer) predict, as a
+        multiple of the full cache's.
 
         Raises KeyError for a policy whose cost the profile did not measure."""
         running = [c.policy for c in choices if c.budget is not None]
@@ -185,22 +233,9 @@ def requests(checked: CheckedSpec) -> list[Request]:
 
 def _request(choice: PhaseChoice, heads: Sequence[HeadEntry] = ()) -> Request:
     if heads:
-        unresolved = next((h.prefill for h in heads if _open(h.prefill)), None)
-        if unresolved is not None:
-            raise SpecError(
-                [
-                    Diagnostic(
-                        "open-head-choice",
-                        "a statement that names heads takes a named policy with a fixed budget: routing and "
-                        "budget solving decide whole layers",
-                        unresolved.use.span if unresolved.use is not None else None,
-                        hint="name the policy and its budget (`snapkv@64`, `full`), or drop `heads` to let the "
-                        "layer be routed or solved",
-                    )
-                ]
-            )
-        chosen = [Choice(h.prefill.policy, dict(h.prefill.params), fixed_budget(h.prefill.budget)) for h in heads]
-        return Request(chosen[0].policy, chosen[0].params, chosen[0].budget, heads=chosen)
+        chosen = [_request(head.prefill) for head in heads]
+        first = chosen[0]
+        return Request(first.policy, first.params, first.budget, first.candidates, heads=chosen)
     budget = AUTO if isinstance(choice.budget, ast.AutoBudget) else fixed_budget(choice.budget)
     if choice.policy == ast.AUTO:
         return Request(ast.AUTO, {}, budget, choice.candidates or ())
@@ -263,24 +298,36 @@ def resolver(
             )
         grid = dense_grid(profile.grid)
         regimes = [
-            Regime(tuned.budget / profile.prompt_length, tuned.floor, _tables(profile, tuned.weights, grid, len(found)))
+            Regime(
+                tuned.budget / profile.prompt_length,
+                tuned.floor,
+                _tables(profile, tuned.weights, grid, len(found)),
+                _head_tables(profile, tuned.weights, grid) if profile.measures_heads else (),
+            )
             for tuned in profile.solved_regimes()
         ]
         policy_params = {name: dict(params) for name, params in profile.policies.items()}
         signals = {name: tuple(profile.signal(name)) for name in profile.signals}
         problems += _parameter_mismatches(checked, found, profile)
+    problems += _granularity_problems(checked, found, profile, needs_tables)
+    if problems:
+        raise SpecError(_unique(problems))
     for index, request in enumerate(found):
-        wanted = request.candidates if request.policy != ast.AUTO else (request.candidates or everything)
-        if request.decided:
-            continue
-        if request.policy == ast.AUTO and windows and windows[index] is not None:
-            wanted = _fitting(wanted, windows[index] - 1, policy_params, registry)
-        measured = [name for name in wanted if name in regimes[0].tables[index]]
-        if not measured and (needs_tables or request.policy == ast.AUTO):
-            problems.append(_unmeasured(checked, index, wanted, profile))
-        found[index] = attrs.evolve(
-            request, candidates=tuple(measured) if request.policy == ast.AUTO else request.candidates
-        )
+        window = windows[index] if windows else None
+        if request.heads:
+            heads = regimes[0].head_tables[index] if regimes[0].head_tables else [{}] * len(request.heads)
+            candidates = [
+                _candidates(head, tables, window, everything, policy_params, registry, needs_tables)
+                for head, tables in zip(request.heads, heads)
+            ]
+            found[index] = attrs.evolve(request, heads=[head for head, _missing in candidates])
+            missing = next((wanted for _head, wanted in candidates if wanted), None)
+        else:
+            found[index], missing = _candidates(
+                request, regimes[0].tables[index], window, everything, policy_params, registry, needs_tables
+            )
+        if missing:
+            problems.append(_unmeasured(checked, index, missing, profile))
     if problems:
         raise SpecError(_unique(problems))
     decl = checked.budget
@@ -292,6 +339,69 @@ def resolver(
             total = Tokens(decl.amount.count * (1 if decl.total else len(found)))
     built = Resolver(found, total, solver, solver_params, grid, regimes, policy_params, signals)
     return built if profile is None else _with_costs(built, checked, profile, registry)
+
+
+def _candidates(
+    request: Request,
+    tables: Mapping[str, tuple[Loss, ...]],
+    window: int | None,
+    everything: tuple[str, ...],
+    policy_params: Mapping,
+    registry: Registry,
+    needs_tables: bool,
+) -> tuple[Request, tuple[str, ...]]:
+    """``request`` (of a layer or a KV head) with the candidates routing may choose: those measured, and that fit a
+    sliding ``window``; and the policies it wanted where none was measured (else empty)."""
+    if request.decided:
+        return request, ()
+    wanted = request.candidates if request.policy != ast.AUTO else (request.candidates or everything)
+    if request.policy == ast.AUTO and window is not None:
+        wanted = _fitting(wanted, window - 1, policy_params, registry)
+    measured = tuple(name for name in wanted if name in tables)
+    missing = tuple(wanted) if not measured and (needs_tables or request.policy == ast.AUTO) else ()
+    return attrs.evolve(request, candidates=measured if request.policy == ast.AUTO else request.candidates), missing
+
+
+def _granularity_problems(
+    checked: CheckedSpec, found: Sequence[Request], profile: Profile | None, needs_tables: bool
+) -> list[Diagnostic]:
+    """Heads left open need a profile that measured heads; and budgets are solved per layer or per head, not both."""
+    open_heads = [
+        (index, head)
+        for index, request in enumerate(found)
+        for head, head_request in enumerate(request.heads)
+        if not head_request.decided
+    ]
+    if not open_heads:
+        return []
+    index, head = open_heads[0]
+    use = checked.layers[index].heads[head].prefill.use
+    span = use.span if use is not None else None
+    problems = []
+    if profile is not None and not profile.measures_heads and needs_tables:
+        problems.append(
+            Diagnostic(
+                "no-head-calibration",
+                "routing and budgets per KV head need a profile that measured each head, and this one measured "
+                "whole layers",
+                span,
+                hint="calibrate with `polykv calibrate --heads` and pass that profile, or drop `heads *` to route "
+                "and budget whole layers",
+            )
+        )
+    solved_by_layer = next((i for i, r in enumerate(found) if not r.heads and r.open_budget), None)
+    if solved_by_layer is not None and any(found[i].heads[h].open_budget for i, h in open_heads):
+        layer_use = checked.layers[solved_by_layer].prefill.use
+        problems.append(
+            Diagnostic(
+                "mixed-granularity",
+                f"layer {solved_by_layer} leaves its budget to the solver as a whole layer while other statements "
+                "leave it per KV head: one spec solves budgets per layer or per head",
+                layer_use.span if layer_use is not None else None,
+                hint="write `heads *` on every statement with an @auto budget, or on none",
+            )
+        )
+    return problems
 
 
 def _with_costs(built: Resolver, checked: CheckedSpec, profile: Profile, registry: Registry) -> Resolver:
@@ -359,6 +469,17 @@ def _tables(profile: Profile, weights: Mapping[str, float], grid: Sequence[int],
     ]
 
 
+def _head_tables(profile: Profile, weights: Mapping[str, float], grid: Sequence[int]) -> list[list[dict]]:
+    """Per-layer, per-KV-head tables over ``grid``, made as ``_tables`` makes the layers'."""
+    return [
+        [
+            {name: interpolate(profile.grid, monotone(head[p]), grid) for p, name in enumerate(profile.policies)}
+            for head in layer
+        ]
+        for layer in profile.head_table(weights)
+    ]
+
+
 def dense_grid(measured: Sequence[int], step: int = STEP) -> tuple[int, ...]:
     """The measured budgets, and every ``step`` tokens from the smallest to the largest of them."""
     every = range(-(-measured[0] // step) * step, measured[-1] + 1, step)
@@ -388,10 +509,12 @@ def interpolate(measured: Sequence[int], table: Sequence[float], grid: Sequence[
 
 def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
     found = resolver.requests
+    heads = resolver.kv_heads
     while True:
         decisions = _decide_requests(resolver, found, prompt_length, registry)
         limit = resolver.prefill_limit
-        if limit is None or resolver.prefill_cost([d.choice for d in decisions]) <= limit + 1e-9:
+        choices = [choice for d in decisions for choice in d.head_choices(heads)]
+        if limit is None or resolver.prefill_cost(choices) <= limit + 1e-9:
             return decisions
         found = _without_costliest(resolver, found, decisions)
 
@@ -399,18 +522,20 @@ def _decide(resolver: Resolver, prompt_length: int, registry: Registry) -> tuple
 def _without_costliest(
     resolver: Resolver, found: tuple[Request, ...], decisions: Sequence[Decision]
 ) -> tuple[Request, ...]:
-    """``found`` with the routed policy that adds most to the prefill taken from every auto layer's candidates."""
-    routed = [d.choice.policy for r, d in zip(found, decisions) if r.policy == ast.AUTO and d.choice.budget is not None]
-    share = {name: (resolver.costs[name] - 1) / len(found) * routed.count(name) for name in set(routed)}
+    """``found`` with the routed policy that adds most to the prefill taken from every auto layer's (and auto
+    head's) candidates."""
+    heads = resolver.kv_heads
+    routed = [
+        choice.policy
+        for r, d in zip(found, decisions)
+        for head, choice in zip(r.heads or (r,) * heads, d.head_choices(heads))
+        if head.policy == ast.AUTO and choice.budget is not None
+    ]
+    share = {name: (resolver.costs[name] - 1) / (len(found) * heads) * routed.count(name) for name in set(routed)}
     share.update({name: resolver.costs[name] - 1 for name in share if name in resolver.passes})
     for name in sorted(share, key=lambda n: (-share[n], n)):
-        if any(r.policy == ast.AUTO and name in r.candidates and len(r.candidates) > 1 for r in found):
-            return tuple(
-                attrs.evolve(r, candidates=tuple(c for c in r.candidates if c != name))
-                if r.policy == ast.AUTO and len(r.candidates) > 1
-                else r
-                for r in found
-            )
+        if any(r.routes(name) for r in found):
+            return tuple(r.without(name) for r in found)
     raise SpecError(
         [
             Diagnostic(
@@ -427,10 +552,12 @@ def _without_costliest(
 def _decide_requests(
     resolver: Resolver, found: Sequence[Request], prompt_length: int, registry: Registry
 ) -> tuple[Decision, ...]:
+    regime = resolver.regime(prompt_length)
+    if any(request.opens_heads for request in found):
+        return _decide_heads(resolver, found, prompt_length, registry, regime)
     decisions: list[Decision | None] = [None] * len(found)
     options: list[LayerOptions] = []
     open_layers = []
-    regime = resolver.regime(prompt_length)
     for index, request in enumerate(found):
         table = regime.tables[index]
         if request.decided:
@@ -457,6 +584,62 @@ def _decide_requests(
                 Choice(choice.policy, params, Tokens(choice.tokens)), _measured(resolver, regime, index, choice)
             )
     return tuple(decisions)
+
+
+def _decide_heads(
+    resolver: Resolver, found: Sequence[Request], prompt_length: int, registry: Registry, regime: Regime
+) -> tuple[Decision, ...]:
+    """Every layer's decision where KV heads are routed or budgeted one by one: one problem whose units are
+    heads; a layer decided as a whole (or routed at a fixed budget) counts as its heads, each doing the same."""
+    heads = resolver.kv_heads
+    units: list[LayerOptions] = []
+    decided: list[list[Decision | None]] = []
+    open_units = []
+    for index, request in enumerate(found):
+        if not request.heads:
+            whole = _fixed_decision(resolver, request, regime.tables[index], prompt_length)
+            decided.append([whole] * heads)
+            units += [LayerOptions(fixed=(whole.choice.policy, _tokens(whole.choice.budget, prompt_length)))] * heads
+            continue
+        decided.append([])
+        for head, head_request in enumerate(request.heads):
+            table = regime.head_tables[index][head] if regime.head_tables else {}
+            if head_request.open_budget:
+                open_units.append((index, head, len(units)))
+                decided[index].append(None)
+                units.append(_layer_options(resolver, head_request, table, regime.floor, registry))
+                continue
+            one = _fixed_decision(resolver, head_request, table, prompt_length)
+            decided[index].append(one)
+            units.append(LayerOptions(fixed=(one.choice.policy, _tokens(one.choice.budget, prompt_length))))
+    if open_units:
+        solution = _solve(resolver, units, prompt_length, registry, heads=heads)
+        for index, head, unit in open_units:
+            request = found[index].heads[head]
+            decided[index][head] = _solved(resolver, request, solution.layers[unit])
+    decisions = []
+    for request, layer in zip(found, decided):
+        if not request.heads:
+            decisions.append(layer[0])
+            continue
+        loss = sum(d.measurements.get("loss", 0.0) for d in layer)
+        decisions.append(Decision(layer[0].choice, {"loss": loss}, heads=[d.choice for d in layer]))
+    return tuple(decisions)
+
+
+def _fixed_decision(resolver: Resolver, request: Request, table, prompt_length: int) -> Decision:
+    """A request without an open budget, decided: as written, or routed at its budget."""
+    if request.decided:
+        return Decision(request.choice())
+    return _route(resolver, request, table, _tokens(request.budget, prompt_length), prompt_length)
+
+
+def _solved(resolver: Resolver, request: Request, choice) -> Decision:
+    """A request with an open budget, as the solver decided it."""
+    if choice.whole:
+        return Decision(Choice.whole(), {"loss": 0.0})
+    params = request.params if request.policy != ast.AUTO else resolver.policy_params.get(choice.policy, {})
+    return Decision(Choice(choice.policy, params, Tokens(choice.tokens)), {"loss": choice.loss})
 
 
 def _tokens(budget: Budget | None, prompt_length: int) -> int | None:
@@ -489,10 +672,15 @@ def _solver(registry: Registry, name: str, params: tuple):
     return registry.solvers.create(name, dict(params))
 
 
-def _solve(resolver: Resolver, options: list[LayerOptions], prompt_length: int, registry: Registry) -> Solution:
-    problem = BudgetProblem(resolver.grid, options, resolver.total_tokens(prompt_length), prompt_length, step=STEP)
+def _solve(
+    resolver: Resolver, options: list[LayerOptions], prompt_length: int, registry: Registry, heads: int = 1
+) -> Solution:
+    """The spec's solver on ``options`` (one per layer, or per KV head of every layer: ``heads`` per layer)."""
+    total = resolver.total_tokens(prompt_length) * heads
+    problem = BudgetProblem(resolver.grid, options, total, prompt_length, step=STEP)
     solver = _solver(registry, resolver.solver, tuple(sorted(resolver.solver_params.items())))
-    return solver.solve(problem, resolver.signals)
+    signals = {name: tuple(v for v in values for _head in range(heads)) for name, values in resolver.signals.items()}
+    return solver.solve(problem, signals)
 
 
 def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[str, float]:

@@ -57,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
             settings={"data": data, "model": location.name, "command": setup.command_line()},
             setting=args.setting,
             objective=args.objective,
+            heads=args.heads,
             tokenizer=tokenizer,
             processes=processes,
         )
         if processes.main:
             profile.save(args.out)
             counts = f"{len(profile.tasks)} tasks, {len(profile.policies)} policies"
+            counts += ", each KV head measured" if profile.measures_heads else ""
             print(f"wrote {args.out}: {counts}, grid {list(profile.grid)}")
     return 0
