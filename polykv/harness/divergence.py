@@ -20,11 +20,12 @@ import torch
 def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Per-row KL(reference || logits) of next-token distributions, averaged over positions: (B,).
 
-    ``reference`` and ``logits`` are (B, T, V) logits (any float type; computed in float32).
+    ``reference`` and ``logits`` are (B, T, V) logits (any float type; computed in float32). Rounding can
+    take a divergence of nearly equal distributions a hair below zero; it is held at zero, as KL is.
     """
     reference = torch.log_softmax(reference.float(), dim=-1)
     compressed = torch.log_softmax(logits.float(), dim=-1)
-    return (reference.exp() * (reference - compressed)).sum(-1).mean(-1)
+    return (reference.exp() * (reference - compressed)).sum(-1).clamp(min=0).mean(-1)
 
 
 def negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
