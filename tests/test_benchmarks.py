@@ -58,6 +58,16 @@ def test_gpu_decode_runs_on_the_cpu(tmp_path):
     assert result["largest_batch"] == []  # CUDA only
 
 
+def test_heads_runs_on_the_cpu(tmp_path):
+    result = run("heads.py", *SMALL, "--average", "64", out=tmp_path)
+    assert [(row["batch"], row["plan"]) for row in result["rows"]] == [
+        (1, "uniform"), (1, "ragged"), (2, "uniform"), (2, "ragged")
+    ]  # fmt: skip
+    for row in result["rows"]:
+        assert abs(row["over_budgets"]) <= 0.02  # a ragged layer stores the sum of its heads' budgets
+        assert abs(row["over_uniform"]) <= 0.02 and row["ms_per_token"] > 0
+
+
 @requires_real_model
 def test_calibration_cost_runs_on_the_cpu(tmp_path):
     result = run("calibration_cost.py", "--quick", "--prompts", "4", out=tmp_path)
