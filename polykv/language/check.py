@@ -111,6 +111,15 @@ class CheckedSpec:
         return None if self.spec.prefill_limit is None else self.spec.prefill_limit.factor
 
     @property
+    def routes_heads(self) -> bool:
+        """Whether some statement that names KV heads leaves them to routing or budget solving."""
+        return any(
+            rule.rule.heads is not None
+            and (rule.prefill.policy == ast.AUTO or isinstance(rule.prefill.budget, ast.AutoBudget))
+            for rule in self.rules
+        )
+
+    @property
     def has_auto(self) -> bool:
         """Whether some layer leaves its policy or its budget to routing and solving."""
         return any(

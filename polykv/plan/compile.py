@@ -95,7 +95,7 @@ def compile(
         heads=info.kv_heads,
     )
     if checked.has_auto:  # resolution decides what is open, shown for one prompt length
-        found = _profile_for(model, profile, setting, objective)
+        found = _profile_for(model, profile, setting, objective, heads=checked.routes_heads)
         context = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)
         deciding = resolver(checked, found, registry, windows=windows)
         decisions = deciding.decide(context, registry)
@@ -142,17 +142,18 @@ def _choice(choice: PhaseChoice) -> Choice:
 
 
 def _profile_for(
-    model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str, objective: str
+    model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str, objective: str, heads: bool
 ) -> Profile | None:
     """The profile to route and solve with: the one given (checked against the model, the setting and the
-    objective), or the bundled model's for them when ``model`` is it, or None."""
+    objective), or the bundled model's for them (one that measured heads, for a spec that routes ``heads``)
+    when ``model`` is it, or None."""
     if profile is not None:
         found = as_profile(profile)
         found.check_model(model)
         found.check_setting(setting, objective)
         return found
     try:
-        found = default_profile(setting, objective)
+        found = default_profile(setting, objective, heads=heads)
         found.check_model(model)
     except ProfileError:
         return None

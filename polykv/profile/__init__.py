@@ -1,6 +1,7 @@
 """Profiles: what calibration measured of one model, kept on disk and read by resolution."""
 
 from polykv.profile.profile import (
+    DEFAULT_HEAD_PROFILES,
     DEFAULT_PROFILE,
     DEFAULT_PROFILES,
     Profile,
@@ -12,6 +13,7 @@ from polykv.profile.profile import (
 )
 
 __all__ = [
+    "DEFAULT_HEAD_PROFILES",
     "DEFAULT_PROFILE",
     "DEFAULT_PROFILES",
     "Profile",

@@ -40,6 +40,8 @@ DEFAULT_PROFILES = {
     ("context", "kl"): "smollm2-135m-instruct-context.json",
     ("question", "acceptance"): "smollm2-135m-instruct-acceptance.json",
 }
+#: The bundled model's profiles that measured each KV head, for specs that route heads (``heads *``).
+DEFAULT_HEAD_PROFILES = {("question", "kl"): "smollm2-135m-instruct-heads.json"}
 DEFAULT_PROFILE = DEFAULT_PROFILES[("question", "kl")]
 
 #: Embedding rows whose norms identify a model's weights, and the relative tolerance across dtypes.
@@ -223,21 +225,22 @@ _SETTING_WORDS = {
 _OBJECTIVE_WORDS = {"kl": "KL divergence", "acceptance": "a draft's rejected proposals (objective acceptance)"}
 
 
-def default_profile(setting: str = "question", objective: str = "kl") -> Profile:
+def default_profile(setting: str = "question", objective: str = "kl", *, heads: bool = False) -> Profile:
     """The profile measured on the bundled default model (SmolLM2-135M-Instruct) for ``setting`` and
-    ``objective``, shipped with polykv."""
+    ``objective``, shipped with polykv; with ``heads``, one that measured each KV head too."""
     if setting not in SETTINGS:
         raise ProfileError(f"setting is one of {', '.join(SETTINGS)}, not {setting!r}")
     if objective not in OBJECTIVES:
         raise ProfileError(f"objective is one of {', '.join(OBJECTIVES)}, not {objective!r}")
-    name = DEFAULT_PROFILES.get((setting, objective), "")
+    name = (DEFAULT_HEAD_PROFILES if heads else DEFAULT_PROFILES).get((setting, objective), "")
     try:
         text = importlib.resources.files("polykv.profile").joinpath(name).read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError):
+        measured = " that measured each KV head" if heads else ""
         raise ProfileError(
-            f"this polykv ships no profile of its bundled model for {_SETTING_WORDS[setting]} and "
+            f"this polykv ships no profile{measured} of its bundled model for {_SETTING_WORDS[setting]} and "
             f"{_OBJECTIVE_WORDS[objective]}: calibrate one with `polykv calibrate --setting {setting} --objective "
-            f"{objective}`"
+            f"{objective}{' --heads' if heads else ''}`"
         ) from None
     return Profile.from_json(text, source=name)
 
