@@ -14,8 +14,9 @@ Measured side by side in one run, at batch 1 and 8 (``--batches``):
 
 - memory: the cache's bytes after prefill against the sum of the heads' budgets (keys, values and
   their positions) and against the uniform cache's bytes;
-- decoding per token: median milliseconds of a greedy step through each cache (plain forwards, no
-  static shapes: a SplitLayer has none yet), the runs taking turns.
+- decoding per token: median milliseconds of a greedy step through each cache, with plain forwards
+  (the runs taking turns) and with static decoding (``StaticDecoder``: fixed shapes, each step a
+  CUDA graph replay on a GPU; a ragged layer attends group by group).
 
 Prints a markdown table and writes benchmarks/results/heads_<device>.json.
 """
@@ -27,6 +28,7 @@ import json
 from pathlib import Path
 
 import torch
+from gpu_decode import static_decode
 from gpu_speed import CHUNK, interleaved, machine, prefill, prompt
 from shapes import MODELS, load
 
@@ -91,6 +93,12 @@ def main() -> None:
         steps = {name: step_function(model, cache, batch) for name, cache in caches.items()}
         runs = {name: (lambda step=step: [step() for _ in range(args.steps)]) for name, step in steps.items()}
         seconds = interleaved(runs, args.repeats, device)
+        del caches, steps, runs
+        static = {
+            name: static_decode(model, prefill(model, plan, ids, chunk=CHUNK), batch, args.length, args.steps,
+                                args.repeats)["wall_ms"]
+            for name, plan in plans.items()
+        }  # fmt: skip
         for name in plans:
             rows.append(
                 {
@@ -103,15 +111,20 @@ def main() -> None:
                     "over_uniform": memory[name] / memory["uniform"] - 1,
                     "ms_per_token": seconds[name] / args.steps * 1e3,
                     "vs_uniform": seconds[name] / seconds["uniform"],
+                    "static_ms_per_token": static[name],
+                    "static_vs_uniform": static[name] / static["uniform"],
                 }
             )
-        del caches, steps, runs
-    print("| batch | plan | cache MiB | vs head budgets | vs uniform bytes | ms/token | vs uniform time |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| batch | plan | cache MiB | vs head budgets | vs uniform bytes | ms/token | vs uniform | static ms/token "
+        "| vs uniform |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['batch']} | {row['plan']} | {row['cache_bytes'] / 2**20:.1f} | {row['over_budgets']:+.2%} "
-            f"| {row['over_uniform']:+.2%} | {row['ms_per_token']:.2f} | {row['vs_uniform']:.3f}x |"
+            f"| {row['over_uniform']:+.2%} | {row['ms_per_token']:.2f} | {row['vs_uniform']:.3f}x "
+            f"| {row['static_ms_per_token']:.2f} | {row['static_vs_uniform']:.3f}x |"
         )
     meta = {
         "model": args.model,

@@ -364,3 +364,27 @@ def test_a_capture_builds_the_cache_a_per_head_plan_makes(model, head_profile):
                            **polykv.cache_argument(model, cache))  # fmt: skip
             logits.append(output.logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+
+
+# --- static decoding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SPLIT.format(budget=8, other=16),
+        "layers 1 heads 0: full decode streaming@24(sink=2); layers 1 heads 1: snapkv@8(window=4) decode "
+        "streaming@20; *: knorm@12",
+    ],
+)
+def test_static_decoding_of_ragged_heads_gives_the_tokens_and_heads_of_ordinary_decoding(spec):
+    from test_static_decoding import both_ways
+
+    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model("llama"), spec, [30, 22], 16)
+    assert torch.equal(tokens, expected)
+    for ours, theirs in zip(cache.head_lengths(), expected_cache.head_lengths(), strict=True):
+        assert torch.equal(ours, theirs)
+    split = cache.layers[1]
+    for (_heads, part), (_same, expected_part) in zip(split.groups, expected_cache.layers[1].groups, strict=True):
+        assert torch.equal(part.storage.positions_or_slots(), expected_part.storage.positions_or_slots())
+        torch.testing.assert_close(part.storage.keys, expected_part.storage.keys, rtol=0, atol=1e-6)

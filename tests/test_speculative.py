@@ -87,7 +87,7 @@ _STATIC_POLICIES = st.sampled_from(["streaming@{b}(sink=2)", "snapkv@{b}(window=
 @given(
     policy=_STATIC_POLICIES,
     budget=st.integers(6, 40),
-    whole=st.sampled_from(["", "layers 0: full; "]),
+    whole=st.sampled_from(["", "layers 0: full; ", "layers 1 heads 0: full; layers 1 heads 1: knorm@6; "]),
     lookahead=st.integers(0, 6),
     length=st.integers(1, 40),
     batch=st.integers(1, 3),

@@ -234,7 +234,12 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize(
     ("spec", "slack"),
-    [("*: full", 0), ("*: snapkv@16(window=4) decode streaming@20", 0), ("*: knorm@12 decode streaming@20", 3)],
+    [
+        ("*: full", 0),
+        ("*: snapkv@16(window=4) decode streaming@20", 0),
+        ("*: knorm@12 decode streaming@20", 3),
+        ("layers 1 heads 0: full; layers 1 heads 1: snapkv@8(window=4) decode streaming@20; *: knorm@12", 0),
+    ],
 )
 def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack):
     """Steps that evict and steps that do not are different graphs; replaying them gives the eager tokens."""

@@ -106,6 +106,16 @@ def _attend(layer, kernel, inner, module, query, key, value, attention_mask, sca
     return output
 
 
+def _attend_static(layer, query, key, value, scaling, softcap) -> torch.Tensor:
+    """Attend ``query`` to the slots of ``layer`` (a PolyLayer in static decoding), then let it evict."""
+    static = layer.static
+    output = decode_attention(
+        query, key, value, static.positions, static.position, static.real, scaling, layer.sliding_window, softcap
+    )
+    static.after_attention()
+    return output
+
+
 def attention_function(inner: str) -> Callable:
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
@@ -119,25 +129,22 @@ def attention_function(inner: str) -> Callable:
         scaling = module.scaling if scaling is None else scaling
         # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
         softcap = kwargs.get("softcap") if inner == "eager" else None
-        if layer.static is not None:
-            static = layer.static
-            window = layer.sliding_window
-            output = decode_attention(
-                query, key, value, static.positions, static.position, static.real, scaling, window, softcap
-            )
-            static.after_attention()
-            return output, None
         parts = getattr(layer, "groups", None)  # a SplitLayer: each group of heads attends to its own tokens
         if parts is None:
+            if layer.static is not None:
+                return _attend_static(layer, query, layer.static.keys, layer.static.values, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         batch, query_heads, length, _dim = query.shape
         output = None
         for heads, part in parts:
             chosen = layer.query_heads(heads, query_heads)
-            found = _attend(
-                part, kernel, inner, module, query[:, chosen], part.keys, part.values, attention_mask, scaling,
-                softcap, kwargs,
-            )[0]  # fmt: skip
+            if part.static is not None:
+                found = _attend_static(part, query[:, chosen], part.static.keys, part.static.values, scaling, softcap)
+            else:
+                found = _attend(
+                    part, kernel, inner, module, query[:, chosen], part.keys, part.values, attention_mask, scaling,
+                    softcap, kwargs,
+                )[0]  # fmt: skip
             if output is None:
                 output = found.new_empty(batch, length, query_heads, found.shape[-1])
             output[:, :, chosen] = found

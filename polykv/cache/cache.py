@@ -340,8 +340,7 @@ class PolyCache(Cache):
         count = len(self.layers)
         for index in [(layer_idx + step) % count for step in range(count)]:
             layer = self.layers[index]
-            away = layer.is_initialized and layer.storage.device not in (None, layer.device)
-            if away and not (only_non_sliding and layer.is_sliding):
+            if layer.offloaded and not (only_non_sliding and layer.is_sliding):
                 layer.prefetch()
                 return
 

@@ -314,8 +314,13 @@ class PolyLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         """Bring what the layer stores back to the device it computes on."""
-        if self.is_initialized and self.storage.device not in (None, self.device):
+        if self.offloaded:
             self._move(self.device, "prefetch")
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether what the layer stores lies away from the device it computes on."""
+        return self.is_initialized and self.storage.device not in (None, self.device)
 
     def _move(self, device: torch.device | str, action: str) -> None:
         if not self.is_initialized:

@@ -14,6 +14,7 @@ stored tokens, which is what full attention with its evicted tokens masked out c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,7 @@ class SplitLayer(CacheLayerMixin):
 
     is_compileable = False
     is_croppable = False
-    static = None  # static decoding (fixed shapes) serves dense layers only
+    static: GroupsInStatic | None = None  # set between begin_static and end_static
 
     def __init__(
         self,
@@ -233,8 +234,72 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.rewind(length)
 
-    def begin_static(self, room: int, slack: int = 0) -> None:
-        raise CacheError(
-            f"layer {self.index}: static decoding serves layers whose heads keep equal counts; this layer's heads "
-            "keep different ones: decode without static shapes"
-        )
+    def crop_problem(self, length: int) -> str | None:
+        """Why cropping to the first ``length`` tokens could not leave some group as it was then, if so."""
+        return next((found for found in (part.crop_problem(length) for part in self.parts) if found), None)
+
+    def fork(self) -> SplitLayer:
+        """A layer in this state whose groups share their stored tokens until either appends (``PolyLayer.fork``)."""
+        twin = copy.copy(self)
+        twin.groups = [(heads, part.fork()) for heads, part in self.groups]
+        twin._selectors = dict(self._selectors)
+        return twin
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def offloaded(self) -> bool:
+        return any(part.offloaded for part in self.parts)
+
+    def offload(self) -> None:
+        for part in self.parts:
+            part.offload()
+
+    def prefetch(self) -> None:
+        for part in self.parts:
+            part.prefetch()
+
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
+        """Decode with fixed shapes: each group's part gets its own slots (``polykv.cache.static``)."""
+        for part in self.parts:
+            part.begin_static(room, slack, holes)
+        self.static = GroupsInStatic(self.parts)
+
+    def end_static(self, tokens: int) -> None:
+        for part in self.parts:
+            part.end_static(tokens)
+        self.static = None
+
+
+class GroupsInStatic:
+    """The static decodings of a SplitLayer's parts, driven as one: what the cache asks of a layer's
+    ``static`` reaches every part (attention reads each part's own slots)."""
+
+    def __init__(self, parts: Sequence[PolyLayer]):
+        self.parts = list(parts)
+
+    @property
+    def incoming(self) -> torch.Tensor | None:
+        return self.parts[0].static.incoming
+
+    @incoming.setter
+    def incoming(self, real: torch.Tensor | None) -> None:
+        for part in self.parts:
+            part.static.incoming = real
+
+    def refuse(self, refused: torch.Tensor) -> None:
+        for part in self.parts:
+            part.static.refuse(refused)
+
+    def plan_step(self) -> bool:
+        """Whether some part evicts in the coming step (every part plans it)."""
+        return any([part.static.plan_step() for part in self.parts])
+
+    def stepped(self, tokens: int = 1) -> None:
+        for part in self.parts:
+            part.static.stepped(tokens)
+
+    def nbytes(self) -> int:
+        return sum(part.static.nbytes() for part in self.parts)

@@ -184,10 +184,9 @@ def static_problem(draft: Plan, sampling: Sampling | None = None) -> str | None:
     for layer in draft.layers:
         if layer.sliding_window:
             return f"layer {layer.index} has a sliding window, which evicts while decoding"
-        if layer.decode is not None:
-            return f"layer {layer.index} evicts while decoding ({layer.decode.describe()})"
-        if layer.heads:
-            return f"layer {layer.index}'s heads keep different tokens, which static slots do not hold"
+        for decode in [layer.decode, *(head.decode for head in layer.heads)]:
+            if decode is not None:
+                return f"layer {layer.index} evicts while decoding ({decode.describe()})"
     return None
 
 
