@@ -136,18 +136,19 @@ def attention_function(inner: str) -> Callable:
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         batch, query_heads, length, _dim = query.shape
         output = None
-        for heads, part in parts:
-            chosen = layer.query_heads(heads, query_heads)
+        for number, (_heads, part) in enumerate(parts):
+            chosen = layer.query_selector(number, query_heads, query.device)
+            queries = query.index_select(1, chosen)
             if part.static is not None:
-                found = _attend_static(part, query[:, chosen], part.static.keys, part.static.values, scaling, softcap)
+                found = _attend_static(part, queries, part.static.keys, part.static.values, scaling, softcap)
             else:
                 found = _attend(
-                    part, kernel, inner, module, query[:, chosen], part.keys, part.values, attention_mask, scaling,
-                    softcap, kwargs,
+                    part, kernel, inner, module, queries, part.keys, part.values, attention_mask, scaling, softcap,
+                    kwargs,
                 )[0]  # fmt: skip
             if output is None:
                 output = found.new_empty(batch, length, query_heads, found.shape[-1])
-            output[:, :, chosen] = found
+            output.index_copy_(2, chosen, found)
         return output, None
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"

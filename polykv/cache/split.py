@@ -60,7 +60,7 @@ class SplitLayer(CacheLayerMixin):
                                      compress_chunks=self.compress_chunks))
             for group, prefill, decode in groups
         ]  # fmt: skip
-        self._selectors: dict[torch.device, list[torch.Tensor]] = {}
+        self._selectors: dict[object, list[torch.Tensor]] = {}  # per device: the groups' KV heads, query heads
 
     def __repr__(self) -> str:
         parts = "; ".join(f"heads {','.join(map(str, heads))}: {part!r}" for heads, part in self.groups)
@@ -76,6 +76,16 @@ class SplitLayer(CacheLayerMixin):
         """The query heads that read KV ``heads`` (each KV head serves ``query_heads / kv_heads`` in a row)."""
         per = query_heads // self.kv_heads
         return [head * per + offset for head in heads for offset in range(per)]
+
+    def query_selector(self, number: int, query_heads: int, device: torch.device) -> torch.Tensor:
+        """Group ``number``'s query heads as an index on ``device``, made once (a step replayed as a CUDA graph
+        cannot copy one from the host)."""
+        key = ("query", query_heads, device)
+        if key not in self._selectors:
+            self._selectors[key] = [
+                torch.tensor(self.query_heads(heads, query_heads), device=device) for heads, _part in self.groups
+            ]
+        return self._selectors[key][number]
 
     def _selector(self, number: int, device: torch.device) -> torch.Tensor:
         if device not in self._selectors:
