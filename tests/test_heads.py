@@ -388,3 +388,20 @@ def test_static_decoding_of_ragged_heads_gives_the_tokens_and_heads_of_ordinary_
     for (_heads, part), (_same, expected_part) in zip(split.groups, expected_cache.layers[1].groups, strict=True):
         assert torch.equal(part.storage.positions_or_slots(), expected_part.storage.positions_or_slots())
         torch.testing.assert_close(part.storage.keys, expected_part.storage.keys, rtol=0, atol=1e-6)
+
+
+def test_the_plan_drawing_has_a_heat_map_of_the_heads_budgets(model, head_profile, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from polykv.cli.commands.plan import draw
+
+    plan = polykv.compile(HEADS_AUTO, model, profile=head_profile, context_length=48)
+    drawn, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: drawn.append(figure) or save(figure, *a, **k)
+    )
+    draw(plan, tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 0
+    heat = drawn[0].axes[1].images[0].get_array()
+    assert heat.shape == (2, 4)  # KV heads x layers
+    assert heat.T.tolist() == plan.head_budgets(48)

@@ -53,14 +53,16 @@ def _prefill_notes(plan: Plan) -> list[str]:
 
 
 def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None:
-    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity."""
+    """Budget per layer as bars coloured by policy; beneath, the layer's sensitivity, and for a plan whose heads
+    keep different counts a heat map of the tokens each KV head keeps (layers x heads)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = 2 if sensitivity else 1
-    figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False)
+    heads = plan.context_length is not None and any(layer.heads for layer in plan.layers)
+    rows = 1 + bool(sensitivity) + heads
+    figure, axes = plt.subplots(rows, 1, figsize=(10, 3.2 * rows), sharex=True, squeeze=False, layout="constrained")
     policies = sorted({layer.prefill.policy for layer in plan.layers})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(policies)}
     top = axes[0][0]
@@ -81,11 +83,32 @@ def draw(plan: Plan, path: Path, sensitivity: list[float] | None = None) -> None
         bottom.bar(range(len(sensitivity)), sensitivity, color="grey")
         bottom.set_yscale("log")
         bottom.set_ylabel("loss at 32 tokens\n(best policy)")
+    if heads:
+        _heat_map(axes[-1][0], figure, plan, [row[0] for row in axes])
     axes[-1][0].set_xlabel("layer")
-    figure.tight_layout()
     with writing(path):
         figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _heat_map(axis, figure, plan: Plan, beside: list) -> None:
+    """Tokens each KV head keeps (a head kept whole counting the prompt), layers across and heads up; its colour
+    bar takes room from every panel in ``beside``, so that their layers stay aligned."""
+    from matplotlib.colors import LogNorm
+
+    budgets = plan.head_budgets(plan.context_length)
+    by_head = [[layer[head] for layer in budgets] for head in range(len(budgets[0]))]
+    image = axis.imshow(
+        by_head,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        cmap="viridis",
+        norm=LogNorm(vmin=max(1, min(map(min, budgets))), vmax=plan.context_length),
+    )
+    figure.colorbar(image, ax=beside, label="tokens kept (heat map)", pad=0.01, fraction=0.03)
+    axis.set_ylabel("KV head")
+    axis.set_yticks(range(len(by_head)))
 
 
 def run(args: argparse.Namespace) -> int:
