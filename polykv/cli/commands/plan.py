@@ -23,7 +23,7 @@ def plan_text(plan: Plan) -> str:
     length = plan.context_length
     lines = [
         f"# {plan.model.name}: the plan for a {length}-token prompt" if length else f"# {plan.model.name}",
-        f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip())}",
+        f"# spec: {' | '.join(line for line in plan.spec.splitlines() if line.strip() and not line.startswith('#'))}",
         f"# stored tokens: {stored:g} in all, {stored / len(plan.layers):.1f} per layer on average",
         *_prefill_notes(plan),
         f"model layers {len(plan.layers)}",
