@@ -304,6 +304,31 @@ class PolicyContract:
                 bound = budget + 3 if decode else min(length, budget) + 4
                 assert all(n <= bound for n in stored[1:]), stored
 
+    def test_keeps_its_budget_on_the_heads_it_is_given(self):
+        """A statement that names KV heads (``layers 1 heads 1: POLICY``): those heads keep the budget, the layer's
+        other heads everything, inside ``generate``; a budget over the prompt is the full cache there too."""
+        from transformers import DynamicCache
+
+        policy = self.make()
+        budget = max(policy.min_budget(), 4)
+        model = tiny_model("llama")  # 2 KV heads per layer
+        ids = prompt(budget + 12, batch=2, seed=5)
+        length = ids.shape[1]
+        for tokens in (budget, 500):
+            plan, registry = self._plan(
+                model, f"layers 1 heads 0: full; layers 1 heads 1: {self._use(tokens)}; *: full"
+            )
+            cache = plan.make_cache(registry)
+            options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "output_logits": True}
+            ours = model.generate(ids, **cache_argument(model, cache), return_dict_in_generate=True, **options)
+            kept = cache.head_lengths()[1][0].tolist()
+            kept_by_policy = min(length, tokens) if self.policy.budgeted else length
+            assert kept == [length + 3, kept_by_policy + 3], kept
+            if tokens == 500:
+                full = DynamicCache(config=model.config)
+                theirs = model.generate(ids, **cache_argument(model, full), return_dict_in_generate=True, **options)
+                assert torch.equal(ours.sequences, theirs.sequences)
+
     def test_compresses_every_chunk_of_a_chunked_prefill(self):
         policy = self.make()
         if not self.policy.budgeted:
