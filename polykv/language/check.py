@@ -37,6 +37,11 @@ class PhaseChoice:
     candidates: tuple[str, ...] = ()
     use: ast.PolicyUse | None = attrs.field(default=None, eq=False, repr=False)
 
+    @property
+    def is_open(self) -> bool:
+        """Whether routing (``auto``) or the solver (``@auto``) still has to decide this choice."""
+        return self.policy == ast.AUTO or isinstance(self.budget, ast.AutoBudget)
+
     def describe(self) -> str:
         """``snapkv@256(window=32, kernel=7, pooling="max")``: every parameter, defaults included."""
         budget = None if self.budget is None else format_budget(self.budget)
@@ -113,21 +118,13 @@ class CheckedSpec:
     @property
     def routes_heads(self) -> bool:
         """Whether some statement that names KV heads leaves them to routing or budget solving."""
-        return any(
-            rule.rule.heads is not None
-            and (rule.prefill.policy == ast.AUTO or isinstance(rule.prefill.budget, ast.AutoBudget))
-            for rule in self.rules
-        )
+        return any(rule.rule.heads is not None and rule.prefill.is_open for rule in self.rules)
 
     @property
     def has_auto(self) -> bool:
         """Whether some layer leaves its policy or its budget to routing and solving."""
-        return any(
-            choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget)
-            for rule in self.rules
-            for choice in (rule.prefill, rule.decode)
-            if choice is not None
-        )
+        choices = [choice for rule in self.rules for choice in (rule.prefill, rule.decode) if choice is not None]
+        return any(choice.is_open for choice in choices)
 
 
 @attrs.frozen
@@ -978,7 +975,7 @@ def _head_entries(index: int, heads: list[CheckedRule]) -> LayerEntry:
     and it is decided (heads left to routing or budget solving are decided one by one)."""
     first = heads[0]
     same = all((h.prefill, h.decode) == (first.prefill, first.decode) for h in heads)
-    if same and not (first.prefill.policy == ast.AUTO or isinstance(first.prefill.budget, ast.AutoBudget)):
+    if same and not first.prefill.is_open:
         return _entry(index, first)
     entries = [HeadEntry(head, h.prefill, h.decode, rule=h.rule) for head, h in enumerate(heads)]
     return LayerEntry(index, first.prefill, first.decode, rule=first.rule, heads=entries)

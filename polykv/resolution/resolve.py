@@ -188,11 +188,6 @@ class Resolver:
         """KV heads per layer, as the spec's head statements name them (1 where none does)."""
         return next((len(request.heads) for request in self.requests if request.heads), 1)
 
-    @property
-    def per_head(self) -> bool:
-        """Whether some KV head is routed or budgeted on its own (the problem's units are then heads)."""
-        return any(request.opens_heads for request in self.requests)
-
     def prefill_cost(self, choices: Sequence[Choice]) -> float:
         """The prefill time ``choices`` (one per layer, or one per KV head of every layer) predict, as a
         multiple of the full cache's.
@@ -240,10 +235,6 @@ def _request(choice: PhaseChoice, heads: Sequence[HeadEntry] = ()) -> Request:
     if choice.policy == ast.AUTO:
         return Request(ast.AUTO, {}, budget, choice.candidates or ())
     return Request(choice.policy, dict(choice.params), budget, (choice.policy,) if budget == AUTO else ())
-
-
-def _open(choice: PhaseChoice) -> bool:
-    return choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget)
 
 
 def fixed_budget(budget: ast.Budget | None) -> Budget | None:
@@ -732,7 +723,7 @@ def _unmeasured(checked: CheckedSpec, index: int, wanted: Sequence[str], profile
 def _first_open_span(checked: CheckedSpec):
     for entry in checked.layers:
         choice = entry.prefill
-        if choice.policy == ast.AUTO or isinstance(choice.budget, ast.AutoBudget):
+        if choice.is_open:
             return choice.use.span if choice.use is not None else None
     return None
 
