@@ -30,9 +30,9 @@ def plan_text(plan: Plan) -> str:
     ]
     for layer in plan.layers:
         notes = ", ".join(f"{k} {_number(v)}" for k, v in layer.measurements.items())
-        for heads, what in _head_runs(layer):
+        for run, (heads, what) in enumerate(_head_runs(layer)):
             statement = f"layers {layer.index}{heads}: {what}"
-            lines.append(f"{statement}  # {notes}" if notes else statement)
+            lines.append(f"{statement}  # {notes}" if notes and not run else statement)  # the layer's, once
     return "\n".join(lines) + "\n"
 
 
