@@ -8,6 +8,8 @@ import attrs
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -405,3 +407,85 @@ def test_the_plan_drawing_has_a_heat_map_of_the_heads_budgets(model, head_profil
     heat = drawn[0].axes[1].images[0].get_array()
     assert heat.shape == (2, 4)  # KV heads x layers
     assert heat.T.tolist() == plan.head_budgets(48)
+
+
+# --- adaptive heads (Ada-KV) ----------------------------------------------------------------------------
+
+
+ADAPTIVE = "layers 0: full; layers * heads adaptive: snapkv@{budget}(window=4)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    length=st.integers(2, 30),
+    data=st.data(),
+)
+def test_shared_counts_sum_to_the_layers_budget_and_respect_the_floor(batch, heads, length, data):
+    from polykv.cache.adaptive import shared_counts
+
+    budget = data.draw(st.integers(1, length - 1))
+    floor = data.draw(st.integers(0, budget))
+    seed = data.draw(st.integers(0, 2**16))
+    scores = torch.randn(batch, heads, length, generator=torch.Generator().manual_seed(seed))
+    counts = shared_counts(scores, budget, floor)
+    assert sum(counts) == heads * budget
+    assert all(floor <= count <= length for count in counts)
+
+
+def test_the_head_whose_scores_stand_out_keeps_more():
+    from polykv.cache.adaptive import shared_counts
+
+    scores = torch.zeros(1, 3, 20)
+    scores[0, 1] = 5.0  # every token of head 1 outranks the others'
+    assert shared_counts(scores, budget=6, floor=2) == [2, 14, 2]
+
+
+def test_adaptive_heads_share_each_layers_budget_at_prefill():
+    model = tiny_model("llama")
+    plan = polykv.compile(ADAPTIVE.format(budget=8), model)
+    assert [layer.adaptive_heads for layer in plan.layers] == [False, True, True, True]
+    assert polykv.Plan.from_json(plan.to_json()) == plan
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model(prompt(40, batch=2, seed=3), **polykv.cache_argument(model, cache))
+    lengths = [layer[0].tolist() for layer in cache.head_lengths()]
+    assert lengths[0] == [40, 40]
+    assert all(sum(layer) == 2 * 8 and min(layer) >= 4 for layer in lengths[1:])  # snapkv needs its window
+    assert any(layer[0] != layer[1] for layer in lengths[1:])
+    assert cache.nbytes() < 0.6 * cache.full_nbytes()
+
+
+def test_adaptive_heads_with_a_covering_budget_are_the_full_cache():
+    model = tiny_model("llama")
+    ids = prompt(30, batch=2, seed=4)
+    options = {"max_new_tokens": 5, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    plan = polykv.compile(ADAPTIVE.format(budget=64), model)
+    ours = model.generate(ids, **polykv.cache_argument(model, plan.make_cache()), **options)
+    theirs = model.generate(ids, **polykv.cache_argument(model, DynamicCache()), **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step_ours, step_theirs in zip(ours.logits, theirs.logits, strict=True):
+        assert torch.equal(step_ours, step_theirs)
+
+
+def test_a_capture_shares_the_budget_as_the_cache_does():
+    from polykv.harness.capture import capture
+
+    model = tiny_model("llama")
+    plan = polykv.compile(ADAPTIVE.format(budget=8), model)
+    ids, mask = _padded(batch=2, length=40)
+    ours, theirs = capture(model, ids, mask, needs=plan.needs()).cache_for(plan), plan.make_cache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, **polykv.cache_argument(model, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(ours.head_lengths(), theirs.head_lengths(), strict=True))
+    for layer, expected in zip(ours.layers[1:], theirs.layers[1:], strict=True):
+        for (_h, part), (_same, expected_part) in zip(layer.groups, expected.groups, strict=True):
+            assert torch.equal(part.storage.positions_or_slots(), expected_part.storage.positions_or_slots())
+
+
+def test_adaptive_heads_need_a_policy_that_scores():
+    assert _errors("layers * heads adaptive: full", layers=2)[0][0] == "adaptive-heads-without-scores"
+    text = "layers * heads adaptive: snapkv@64\n"
+    assert polykv.print_spec(polykv.parse(text)) == text

@@ -149,6 +149,7 @@ def attention_function(inner: str) -> Callable:
             if output is None:
                 output = found.new_empty(batch, length, query_heads, found.shape[-1])
             output.index_copy_(2, chosen, found)
+        layer.after_groups()
         return output, None
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"

@@ -15,13 +15,18 @@ stored tokens, which is what full attention with its evicted tokens masked out c
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
+import attrs
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from polykv.budget import Tokens
+from polykv.cache.adaptive import floor_of, shared_counts
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.errors import CacheError
+from polykv.policy import Phase, ScoringPolicy
 
 #: One group of heads: the KV heads it holds (ascending) and their prefill and decode rules.
 HeadGroup = tuple[tuple[int, ...], PhaseRule, PhaseRule | None]
@@ -41,12 +46,22 @@ class SplitLayer(CacheLayerMixin):
         *,
         sliding_window: int | None = None,
         compress_chunks: bool = False,
+        adaptive: bool = False,
     ):
+        """``adaptive``: every group is one head, and the budget each keeps is decided when the prompt ends, by
+        sharing the layer's budget among them (``polykv.cache.adaptive``)."""
         super().__init__()
         self.index = index
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.compress_chunks = compress_chunks
+        self.adaptive = adaptive
+        self._closing = False
+        if adaptive and (compress_chunks or any(len(heads) != 1 for heads, _p, _d in groups)):
+            raise CacheError(
+                f"layer {self.index}: adaptive heads share the whole prompt's budget among single heads when the "
+                "prompt ends: make the cache without compress_chunks"
+            )
         self._form(groups)
 
     def _form(self, groups: Sequence[HeadGroup]) -> None:
@@ -196,10 +211,13 @@ class SplitLayer(CacheLayerMixin):
 
     @property
     def closing(self) -> bool:
-        return self.parts[0].closing
+        return self._closing if self.adaptive else self.parts[0].closing
 
     @closing.setter
     def closing(self, value: bool) -> None:
+        if self.adaptive:  # the parts must not compress alone: end_prefill shares the budget first
+            self._closing = value
+            return
         for part in self.parts:
             part.closing = value
 
@@ -237,8 +255,38 @@ class SplitLayer(CacheLayerMixin):
             part.end_scoring()
 
     def end_prefill(self) -> None:
+        if self.adaptive:
+            self._share_budget()
+            self._closing = False
         for part in self.parts:
             part.end_prefill()
+
+    def after_groups(self) -> None:
+        """Called once every group attended in a forward: the prompt's last forward ends the prefill here when
+        the heads share their budget (they could not compress one by one)."""
+        if self.adaptive and self._closing:
+            self.end_prefill()
+
+    def _share_budget(self) -> None:
+        """Give each head its part of the layer's budget by the policy's scores (Ada-KV), before they compress."""
+        first = self.parts[0]
+        if first.phase is not Phase.PREFILL or not first.is_initialized:
+            return
+        rule = first.prefill
+        budget = rule.tokens(first.prompt_length)
+        if budget is not None and self.sliding_window:
+            budget = min(budget, self.sliding_window - 1)
+        if budget is None or first.storage.size <= budget:
+            return
+        if not isinstance(rule.policy, ScoringPolicy):
+            raise CacheError(
+                f"layer {self.index}: adaptive heads share the budget by the scores of the layer's policy, and "
+                f"{rule.policy.name} gives none"
+            )
+        scores = torch.cat([_scores(part, rule, budget) for part in self.parts], dim=1)
+        counts = shared_counts(scores, budget, floor_of(budget, rule.policy.min_budget()))
+        for part, count in zip(self.parts, counts):
+            part.set_rules(attrs.evolve(rule, budget=Tokens(count)), part.decode)
 
     def rewind(self, length: int) -> None:
         for part in self.parts:
@@ -281,6 +329,12 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.end_static(tokens)
         self.static = None
+
+
+def _scores(part: PolyLayer, rule: PhaseRule, budget: int) -> torch.Tensor:
+    """``rule``'s scores of the tokens ``part`` (one head) holds, (B, 1, L), -inf for padding."""
+    view = part.view(rule, budget, part.storage.positions_or_slots(), part.scaling, part.visibility)
+    return rule.policy.score(view).float().masked_fill(~view.token_mask, -math.inf)
 
 
 class GroupsInStatic:

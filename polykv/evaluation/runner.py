@@ -48,6 +48,7 @@ METHODS = {
     "polykv": "budget {budget}\nlayers *: auto@auto",
     "polykv-budgets": "budget {budget}\nlayers *: pyramidkv@auto",
     "polykv-heads": "budget {budget}\nlayers * heads *: auto@auto",
+    "adakv": "layers * heads adaptive: snapkv@{budget}",
 }
 RESULTS = "results.jsonl"
 

@@ -13,11 +13,13 @@ after an unchunked prefill of the same prompt, because both run the same policy 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from polykv.cache.adaptive import floor_of, shared_counts
 from polykv.cache.cache import PolyCache
 from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
@@ -128,6 +130,13 @@ class Capture:
         registry = default_registry() if registry is None else registry
         keep, decode, split = {}, {}, {}
         for layer in plan.resolved(self.seen, registry).layers:
+            if layer.adaptive_heads:
+                split[layer.index] = self._adaptive(
+                    layer.index,
+                    PhaseRule.of(layer.prefill, registry),
+                    PhaseRule.of(layer.decode, registry) if layer.decode else None,
+                )
+                continue
             if layer.heads:
                 split[layer.index] = [
                     (heads, self._kept(layer.index, PhaseRule.of(head.prefill, registry), heads),
@@ -141,6 +150,21 @@ class Capture:
             if layer.decode is not None:
                 decode[layer.index] = PhaseRule.of(layer.decode, registry)
         return self.cache(keep, decode, split=split)
+
+    def _adaptive(self, layer: int, rule: PhaseRule, decode: PhaseRule | None) -> list[SplitKeep]:
+        """What a layer whose heads share its budget keeps: one group per head, each with its share (as
+        ``SplitLayer`` shares it when the prompt ends)."""
+        heads = range(self.layers[layer].kv_heads)
+        budget = self.budget(layer, rule)
+        if budget is None:
+            return [((head,), None, decode) for head in heads]
+        views = [self.view(layer, rule.policy, budget, (head,)) for head in heads]
+        scores = torch.cat([rule.policy.score(v).float().masked_fill(~v.token_mask, -math.inf) for v in views], 1)
+        counts = shared_counts(scores, budget, floor_of(budget, rule.policy.min_budget()))
+        return [
+            ((head,), self.select(layer, rule.policy, count, heads=(head,)).indices, decode)
+            for head, count in zip(heads, counts)
+        ]
 
     def _kept(self, layer: int, rule: PhaseRule, heads: tuple[int, ...] | None = None) -> torch.Tensor | None:
         """The indices ``rule`` keeps in ``layer`` (its KV ``heads``, as a group), or None where it keeps all."""

@@ -135,11 +135,14 @@ class HeadList:
     """``heads 0,2-3``: KV heads of the selected layers, written as layers are (``-1`` is the last head).
 
     ``heads *`` (``every``) names each head of the selected layers, one by one: where routing or budget
-    solving is left open, every head is routed and budgeted on its own."""
+    solving is left open, every head is routed and budgeted on its own. ``heads adaptive`` keeps the
+    statement about whole layers, whose budget is shared among their heads at prefill by the policy's
+    scores (Ada-KV)."""
 
     items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=tuple)
     span: Span | None = _span()
     every: bool = attrs.field(default=False, kw_only=True)
+    adaptive: bool = attrs.field(default=False, kw_only=True)
 
     @items.validator
     def _not_empty(self, _attribute: attrs.Attribute, value: tuple) -> None:
@@ -147,6 +150,13 @@ class HeadList:
             raise ValueError("a head list names at least one head")
         if value and self.every:
             raise ValueError("`heads *` names every head: it takes no list")
+        if self.adaptive and not self.every:
+            raise ValueError("`heads adaptive` shares a layer's budget among all its heads")
+
+    @property
+    def names_heads(self) -> bool:
+        """Whether the statement is about some KV heads (not about whole layers, as ``heads adaptive`` is)."""
+        return not self.adaptive
 
 
 # --- policies ----------------------------------------------------------------------------------
@@ -247,6 +257,16 @@ class Rule:
     comment: str | None = attrs.field(default=None, validator=_comment_text)
     heads: HeadList | None = attrs.field(default=None, kw_only=True)
     span: Span | None = _span()
+
+    @property
+    def named_heads(self) -> HeadList | None:
+        """The KV heads this statement is about, or None where it is about whole layers."""
+        return self.heads if self.heads is not None and self.heads.names_heads else None
+
+    @property
+    def adaptive_heads(self) -> bool:
+        """Whether the layers share their budget among their heads at prefill (``heads adaptive``)."""
+        return self.heads is not None and self.heads.adaptive
 
 
 Statement = ModelLayers | BudgetDecl | PrefillLimit | SolverDecl | Rule

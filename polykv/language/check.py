@@ -22,7 +22,7 @@ from polykv.language.printer import format_budget
 from polykv.language.source import Span
 from polykv.limits import MAX_HEADS, MAX_LAYERS, MAX_REPORTED_ERRORS
 from polykv.parameters import Configurable, ParameterError
-from polykv.policy import Policy
+from polykv.policy import Policy, ScoringPolicy
 from polykv.registry import Registry, default_registry
 from polykv.values import Value, format_use
 
@@ -80,6 +80,8 @@ class LayerEntry:
     decode: PhaseChoice | None = None
     rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
     heads: tuple[HeadEntry, ...] = attrs.field(default=(), converter=tuple)
+    #: The layer's budget is shared among its KV heads at prefill by the policy's scores (``heads adaptive``).
+    adaptive_heads: bool = False
 
     @property
     def choices(self) -> tuple[tuple[PhaseChoice, PhaseChoice | None], ...]:
@@ -104,7 +106,7 @@ class CheckedSpec:
     @property
     def selects_heads(self) -> bool:
         """Whether some statement names KV heads."""
-        return any(rule.heads is not None for rule in self.spec.rules)
+        return any(rule.named_heads is not None for rule in self.spec.rules)
 
     @property
     def budget(self) -> ast.BudgetDecl | None:
@@ -118,7 +120,7 @@ class CheckedSpec:
     @property
     def routes_heads(self) -> bool:
         """Whether some statement that names KV heads leaves them to routing or budget solving."""
-        return any(rule.rule.heads is not None and rule.prefill.is_open for rule in self.rules)
+        return any(rule.rule.named_heads is not None and rule.prefill.is_open for rule in self.rules)
 
     @property
     def has_auto(self) -> bool:
@@ -245,7 +247,7 @@ class _Checker:
         checked_rules = tuple(r for r in rules if r is not None)
         self._static_selectors()
         layers = None
-        selects_heads = any(rule.heads is not None for rule in self.spec.rules)
+        selects_heads = any(rule.named_heads is not None for rule in self.spec.rules)
         if count is not None and (head_count is not None or not selects_heads):
             layers = self._layers(count, rules, head_count)
             if layers is not None:
@@ -402,6 +404,17 @@ class _Checker:
         decode = self._policy_use(rule.decode, decode=True) if rule.decode is not None else None
         if prefill is None or (rule.decode is not None and decode is None):
             return None
+        if rule.adaptive_heads and prefill.policy != ast.AUTO:
+            policy_class = self.registry.policies.get(prefill.policy).cls
+            if not (issubclass(policy_class, ScoringPolicy) and policy_class.budgeted):
+                self.error(
+                    "adaptive-heads-without-scores",
+                    f"`heads adaptive` shares a layer's budget among its heads by the scores of its policy, and "
+                    f"{prefill.policy} gives none",
+                    rule.heads.span,
+                    hint="use a policy that ranks tokens (snapkv, tova, h2o, ...), or drop `heads adaptive`",
+                )
+                return None
         return CheckedRule(rule, prefill, decode)
 
     def _policy_use(self, use: ast.PolicyUse, *, decode: bool) -> PhaseChoice | None:
@@ -592,22 +605,23 @@ class _Checker:
     def _static_selectors(self) -> None:
         """Checks that need no layer count: backwards ranges, and `*` used twice for the same heads."""
         every = [r for r in self.spec.rules if isinstance(r.selector, ast.EveryLayer)]
-        whole = [r for r in every if r.heads is None]
+        whole = [r for r in every if r.named_heads is None]
         for repeat in every[1:]:
-            if whole and (repeat.heads is None or repeat is not whole[0]):
+            if whole and (repeat.named_heads is None or repeat is not whole[0]):
                 first = every[0]
                 self.error(
                     "duplicate-every",
-                    "only one statement can use `*`" + (" for the same heads" if repeat.heads is not None else ""),
+                    "only one statement can use `*`"
+                    + (" for the same heads" if repeat.named_heads is not None else ""),
                     repeat.selector.span,
                     hint="`* heads ...` statements may share out the heads, each naming different ones"
-                    if first.heads is not None or repeat.heads is not None
+                    if first.named_heads is not None or repeat.named_heads is not None
                     else None,
                     notes=[Note("`*` is first used here", first.selector.span)] if first.selector.span else [],
                 )
         for rule in self.spec.rules:
             items = list(rule.selector.items) if isinstance(rule.selector, ast.LayerList) else []
-            items += list(rule.heads.items) if rule.heads is not None else []
+            items += list(rule.named_heads.items) if rule.named_heads is not None else []
             for item in items:
                 same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
                 if same_sign and item.start > item.stop:
@@ -635,8 +649,8 @@ class _Checker:
         ok = True
         for rule, checked in zip(self.spec.rules, rules):
             heads = None
-            if rule.heads is not None:
-                heads = self._head_set(rule.heads, head_count)
+            if rule.named_heads is not None:
+                heads = self._head_set(rule.named_heads, head_count)
                 if heads is None:
                     ok = False
                     continue
@@ -735,7 +749,7 @@ class _Checker:
             self.error(
                 "overlap",
                 f"{what} {'are' if owner is None and len(repeated) > 1 else 'is'} already given a policy {where}",
-                rule.heads.span if owner is None and rule.heads is not None else item.span,
+                rule.named_heads.span if owner is None and rule.named_heads is not None else item.span,
                 hint="name each head of a layer in one statement only: `layers N heads ...` or `layers N`, not both",
                 notes=[Note("first given here", first_span)] if first_span else [],
             )
@@ -755,9 +769,11 @@ class _Checker:
                     "overlap",
                     f"head{'s' if len(repeated) > 1 else ''} {_interval_words([(h, h) for h in repeated])} of the "
                     "layers `*` stands for already given a policy by an earlier `*` statement",
-                    rule.heads.span,
+                    rule.named_heads.span,
                     hint="give each head to one `* heads ...` statement",
-                    notes=[Note("first given here", seen[repeated[0]].heads.span)] if seen[repeated[0]].heads else [],
+                    notes=[Note("first given here", seen[repeated[0]].named_heads.span)]
+                    if seen[repeated[0]].named_heads
+                    else [],
                 )
                 ok = False
             seen.update({head: rule for head in heads})
@@ -967,7 +983,9 @@ def _interval_words(intervals: list[tuple[int, int]]) -> str:
 
 
 def _entry(index: int, checked: CheckedRule) -> LayerEntry:
-    return LayerEntry(index, checked.prefill, checked.decode, rule=checked.rule)
+    return LayerEntry(
+        index, checked.prefill, checked.decode, rule=checked.rule, adaptive_heads=checked.rule.adaptive_heads
+    )
 
 
 def _head_entries(index: int, heads: list[CheckedRule]) -> LayerEntry:

@@ -187,7 +187,7 @@ _PUNCTUATION = {
     "STAR": "*", "COLON": ":", "MINUS": "-", "COMMA": ",", "AT": "@", "LPAR": "(", "RPAR": ")",
     "LSQB": "[", "RSQB": "]", "EQUAL": "=", "LAYERS": "layers", "MODEL": "model",
     "BUDGET": "budget", "PREFILL": "prefill", "AT_MOST": "<=", "SOLVER": "solver", "TOTAL": "total",
-    "HEADS": "heads", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
+    "HEADS": "heads", "ADAPTIVE": "adaptive", "DECODE": "decode", "AUTO": "auto", "TRUE": "true",
     "FALSE": "false",
 }  # fmt: skip
 
@@ -338,6 +338,9 @@ class _ToAst(Transformer):
 
     def every_head(self, meta, _heads: Token):
         return ast.HeadList((), every=True, span=self._span(meta))
+
+    def adaptive_heads(self, meta, _heads: Token, _adaptive: Token):
+        return ast.HeadList((), every=True, adaptive=True, span=self._span(meta))
 
     def every_layer(self, meta):
         return ast.EveryLayer(span=self._span(meta))

@@ -62,6 +62,8 @@ def format_budget(budget: ast.Budget) -> str:
 
 
 def format_selector(selector: ast.Selector | ast.HeadList) -> str:
+    if getattr(selector, "adaptive", False):
+        return "adaptive"
     if isinstance(selector, ast.EveryLayer) or getattr(selector, "every", False):
         return "*"
     return ",".join(

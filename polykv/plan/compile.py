@@ -112,6 +112,7 @@ def compile(
             placement[entry.index].sliding_window,
             decision.measurements,
             heads=_head_plans(entry, decision),
+            adaptive_heads=entry.adaptive_heads,
         )
         for entry, decision in zip(checked.layers, decisions)
     ]

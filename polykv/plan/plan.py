@@ -59,6 +59,13 @@ class LayerPlan:
     sliding_window: int | None = None
     measurements: Mapping[str, float] = attrs.field(factory=dict)
     heads: tuple[HeadPlan, ...] = attrs.field(default=(), converter=tuple)
+    #: The layer's budget is shared among its KV heads at prefill by its policy's scores (``heads adaptive``).
+    adaptive_heads: bool = False
+
+    @property
+    def split(self) -> bool:
+        """Whether the layer's cache is a SplitLayer: its heads keep different counts."""
+        return bool(self.heads) or self.adaptive_heads
 
     def describe(self) -> str:
         if self.heads:
@@ -135,11 +142,12 @@ class Plan:
         layers = [
             SplitLayer(
                 layer.index,
-                _head_groups(layer, registry),
+                _head_groups(layer, registry, self.model.kv_heads),
                 sliding_window=layer.sliding_window,
                 compress_chunks=bool(compress_chunks),
+                adaptive=layer.adaptive_heads,
             )
-            if layer.heads
+            if layer.split
             else PolyLayer(
                 layer.index,
                 PhaseRule.of(layer.prefill, registry),
@@ -178,8 +186,8 @@ class Plan:
         """Every layer's rules for ``prompt_length`` tokens, as its cache layer's ``set_rules`` takes them."""
         resolved = self.resolved(prompt_length, registry)
         return [
-            (_head_groups(layer, registry),)
-            if layer.heads
+            (_head_groups(layer, registry, self.model.kv_heads),)
+            if layer.split
             else (PhaseRule.of(layer.prefill, registry), PhaseRule.of(layer.decode, registry) if layer.decode else None)
             for layer in resolved.layers
         ]
@@ -257,8 +265,13 @@ def _head_choices(layer: LayerPlan, kv_heads: int) -> list[Choice]:
     return [head.prefill for head in layer.heads] if layer.heads else [layer.prefill] * kv_heads
 
 
-def _head_groups(layer: LayerPlan, registry: Registry) -> list[HeadGroup]:
-    """The groups of a layer whose heads do different things, with the rules the cache runs."""
+def _head_groups(layer: LayerPlan, registry: Registry, kv_heads: int) -> list[HeadGroup]:
+    """The groups of a layer whose heads do different things, with the rules the cache runs (with adaptive heads,
+    every head its own group: the budget each keeps is decided at prefill)."""
+    if layer.adaptive_heads:
+        prefill = PhaseRule.of(layer.prefill, registry)
+        decode = PhaseRule.of(layer.decode, registry) if layer.decode else None
+        return [((head,), prefill, decode) for head in range(kv_heads)]
     return [
         (heads, PhaseRule.of(plan.prefill, registry), PhaseRule.of(plan.decode, registry) if plan.decode else None)
         for heads, plan in layer.head_groups()

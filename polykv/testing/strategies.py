@@ -30,7 +30,11 @@ _index_lists = st.lists(
     max_size=4,
 )
 selectors = st.one_of(st.builds(ast.EveryLayer), st.builds(ast.LayerList, _index_lists))
-head_lists = st.builds(ast.HeadList, _index_lists) | st.just(ast.HeadList((), every=True))
+head_lists = st.one_of(
+    st.builds(ast.HeadList, _index_lists),
+    st.just(ast.HeadList((), every=True)),
+    st.just(ast.HeadList((), every=True, adaptive=True)),
+)
 
 parameters = st.lists(st.builds(ast.Parameter, parameter_names, values), max_size=3)
 

@@ -154,6 +154,8 @@ def _sensitivity(plan: Plan) -> list[float] | None:
 def _head_runs(layer) -> list[tuple[str, str]]:
     """`` heads 0-1`` and what those heads do, per run of heads doing the same ("" and the layer's choice when
     its heads all do the same)."""
+    if layer.adaptive_heads:
+        return [(" heads adaptive", layer.describe())]
     if not layer.heads:
         return [("", layer.describe())]
     return [(f" heads {layer_ranges(heads)}", what) for heads, what in layer_runs([h.describe() for h in layer.heads])]
