@@ -244,9 +244,11 @@ class PolyLayer(CacheLayerMixin):
     def _evicts_while_decoding(self) -> bool:
         return self.decode is not None and self.decode.budget is not None and self.decode.policy.budgeted
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         """Keep what the sliding window would drop until the next ``crop`` (transformers asks before assisted
-        decoding), so that removing the newest tokens leaves the window the earlier tokens need."""
+        decoding), so that removing the newest tokens leaves the window the earlier tokens need.
+        ``recurrent_states_to_keep`` (transformers 5.25 passes it to every layer) concerns recurrent layers'
+        states, which an attention layer has none of."""
         self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -292,6 +292,10 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.rewind(length)
 
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        for part in self.parts:
+            part.activate_past_recording(recurrent_states_to_keep)
+
     def crop_problem(self, length: int) -> str | None:
         """Why cropping to the first ``length`` tokens could not leave some group as it was then, if so."""
         return next((found for found in (part.crop_problem(length) for part in self.parts) if found), None)
