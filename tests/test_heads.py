@@ -489,3 +489,13 @@ def test_adaptive_heads_need_a_policy_that_scores():
     assert _errors("layers * heads adaptive: full", layers=2)[0][0] == "adaptive-heads-without-scores"
     text = "layers * heads adaptive: snapkv@64\n"
     assert polykv.print_spec(polykv.parse(text)) == text
+
+
+def test_validate_prints_the_layers_whose_heads_share_their_budget(tmp_path, capsys):
+    path = tmp_path / "adaptive.pkv"
+    path.write_text("layers 0: full\nlayers * heads adaptive: snapkv@64\n")
+    assert main(["validate", str(path), "--layers", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  layers 0: full",
+        '  layers 1-3 heads adaptive: snapkv@64(window=32, kernel=7, pooling="max")',
+    ]

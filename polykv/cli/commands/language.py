@@ -68,11 +68,11 @@ def summary(name: str, checked: CheckedSpec) -> str:
         header = f"{name}: ok ({checked.layer_count} layers" + (
             f", {checked.head_count} KV heads each)" if checked.selects_heads else ")"
         )
-        runs = layer_runs([entry.choices for entry in checked.layers])
+        runs = layer_runs([(entry.choices, entry.adaptive_heads) for entry in checked.layers])
         rules = [
             (layer_ranges(indices) + heads, prefill, decode)
-            for indices, choices in runs
-            for heads, (prefill, decode) in _head_runs(choices)
+            for indices, (choices, adaptive) in runs
+            for heads, (prefill, decode) in _head_runs(choices, adaptive)
         ]
     else:
         unknown = "layer count" if checked.layer_count is None else "KV head count"
@@ -94,8 +94,11 @@ def summary(name: str, checked: CheckedSpec) -> str:
     return "\n".join(lines)
 
 
-def _head_runs(choices: tuple) -> list[tuple[str, tuple]]:
-    """`` heads 0-1`` and what those heads do, for each run of heads doing the same ("" for a whole layer)."""
+def _head_runs(choices: tuple, adaptive: bool = False) -> list[tuple[str, tuple]]:
+    """`` heads 0-1`` and what those heads do, for each run of heads doing the same ("" for a whole layer, `` heads
+    adaptive`` for one whose heads share its budget)."""
+    if adaptive:
+        return [(" heads adaptive", choices[0])]
     if len(choices) == 1:
         return [("", choices[0])]
     return [(f" heads {layer_ranges(heads)}", choice) for heads, choice in layer_runs(list(choices))]
@@ -137,6 +140,7 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
                 "layer": e.index,
                 "prefill": _choice_json(e.prefill),
                 "decode": _choice_json(e.decode),
+                **({"adaptive_heads": True} if e.adaptive_heads else {}),
                 **(
                     {
                         "heads": [
