@@ -499,3 +499,15 @@ def test_validate_prints_the_layers_whose_heads_share_their_budget(tmp_path, cap
         "  layers 0: full",
         '  layers 1-3 heads adaptive: snapkv@64(window=32, kernel=7, pooling="max")',
     ]
+
+
+def test_adaptive_heads_share_the_layers_budget_again_for_the_next_prompt():
+    model = tiny_model("llama")
+    cache = polykv.compile(ADAPTIVE.format(budget=8), model).make_cache()
+    kept = []
+    for seed in (3, 9):
+        cache.reset()
+        with torch.no_grad():
+            model(prompt(40, batch=1, seed=seed), **polykv.cache_argument(model, cache))
+        kept.append([layer[0].tolist() for layer in cache.head_lengths()][1:])
+    assert all(sum(layer) == 16 for run in kept for layer in run)  # each prompt shares the layer's 8 per head

@@ -10,6 +10,10 @@ is the sum of the heads' budgets.
 Attention runs the model's kernel once per group, on the query heads that read the group's KV heads
 (``query_heads``), and writes each group's output into its place: a head attends to exactly its own
 stored tokens, which is what full attention with its evicted tokens masked out computes.
+
+With ``adaptive`` heads (``heads adaptive``) every head is a group of its own, and how many tokens
+each keeps is decided when the prompt ends: the layer's budget is shared among them by the
+policy's scores (``polykv.cache.adaptive``), before any of them compresses.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class SplitLayer(CacheLayerMixin):
         if heads != list(range(len(heads))):
             raise CacheError(f"layer {self.index}: head groups cover every KV head once")
         self.kv_heads = len(heads)
+        self._shared = groups[0][1]  # with adaptive heads: the layer's rule, whose budget the heads share
         self.groups: list[tuple[tuple[int, ...], PolyLayer]] = [
             (tuple(group), PolyLayer(self.index, prefill, decode, sliding_window=self.sliding_window,
                                      compress_chunks=self.compress_chunks))
@@ -115,6 +120,7 @@ class SplitLayer(CacheLayerMixin):
                 raise CacheError(f"layer {self.index}: new rules must group the heads as the layer does")
             self._form(groups)
             return
+        self._shared = groups[0][1]
         for (_heads, prefill, decode), part in zip(groups, self.parts):
             part.set_rules(prefill, decode)
 
@@ -172,6 +178,7 @@ class SplitLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._closing = False
         for part in self.parts:
             part.reset()
 
@@ -272,7 +279,7 @@ class SplitLayer(CacheLayerMixin):
         first = self.parts[0]
         if first.phase is not Phase.PREFILL or not first.is_initialized:
             return
-        rule = first.prefill
+        rule = self._shared
         budget = rule.tokens(first.prompt_length)
         if budget is not None and self.sliding_window:
             budget = min(budget, self.sliding_window - 1)
