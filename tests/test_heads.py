@@ -511,3 +511,11 @@ def test_adaptive_heads_share_the_layers_budget_again_for_the_next_prompt():
             model(prompt(40, batch=1, seed=seed), **polykv.cache_argument(model, cache))
         kept.append([layer[0].tolist() for layer in cache.head_lengths()][1:])
     assert all(sum(layer) == 16 for run in kept for layer in run)  # each prompt shares the layer's 8 per head
+
+
+def test_a_total_the_heads_cannot_fit_says_it_counts_per_head(model, head_profile):
+    from polykv.solver import InfeasibleError
+
+    spec = "budget 16; layers 0: full; layers 1-3 heads *: knorm@auto"  # layer 0 whole takes 96 of 128
+    with pytest.raises(InfeasibleError, match=r"^counting tokens per KV head \(2 per layer\), the layers need at"):
+        polykv.compile(spec, model, profile=head_profile, context_length=48)

@@ -47,7 +47,7 @@ from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.profile import Profile, ProfileError
 from polykv.registry import Registry
 from polykv.serialization import Loss, converter
-from polykv.solver import BudgetProblem, LayerOptions, Solution, monotone
+from polykv.solver import BudgetProblem, InfeasibleError, LayerOptions, Solution, monotone
 from polykv.values import AUTO, Value
 
 #: Budgets the solver chooses among are multiples of this many tokens.
@@ -604,7 +604,10 @@ def _decide_heads(
             decided[index].append(one)
             units.append(LayerOptions(fixed=(one.choice.policy, _tokens(one.choice.budget, prompt_length))))
     if open_units:
-        solution = _solve(resolver, units, prompt_length, registry, heads=heads)
+        try:
+            solution = _solve(resolver, units, prompt_length, registry, heads=heads)
+        except InfeasibleError as error:
+            raise InfeasibleError(f"counting tokens per KV head ({heads} per layer), {error}") from None
         for index, head, unit in open_units:
             request = found[index].heads[head]
             decided[index][head] = _solved(resolver, request, solution.layers[unit])
