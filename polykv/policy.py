@@ -171,8 +171,12 @@ class ScoringPolicy(Policy):
     def score(self, view: LayerView) -> torch.Tensor:
         """A score per token, shape (B, H, L): higher means more worth keeping."""
 
+    def masked_scores(self, view: LayerView) -> torch.Tensor:
+        """``score`` in float32, -inf for padding (which is never kept in place of a real token)."""
+        return self.score(view).float().masked_fill(~view.token_mask, -math.inf)
+
     def select(self, view: LayerView) -> torch.Tensor:
-        scores = self.score(view).float().masked_fill(~view.token_mask, -math.inf)
+        scores = self.masked_scores(view)
         # A stable sort breaks ties (frequent after max pooling) by order in the sequence, which left
         # padding does not change: a padded row keeps what it would keep alone, on any device.
         return scores.sort(dim=-1, descending=True, stable=True).indices[..., : view.budget]

@@ -14,8 +14,11 @@ batch of one this is the rule itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+
+from polykv.policy import LayerView, ScoringPolicy
 
 #: The floor of every head, as a share of the layer's budget per head (Ada-KV's safeguard).
 FLOOR_SHARE = 0.2
@@ -24,6 +27,12 @@ FLOOR_SHARE = 0.2
 def floor_of(budget: int, least: int) -> int:
     """The fewest tokens a head keeps for a layer ``budget`` per head: a fifth of it, at least ``least``."""
     return min(budget, max(least, math.ceil(FLOOR_SHARE * budget)))
+
+
+def share(policy: ScoringPolicy, views: Sequence[LayerView], budget: int) -> list[int]:
+    """Tokens each KV head keeps, one ``views`` entry per head (what ``policy`` sees of it), ``budget`` on average."""
+    scores = torch.cat([policy.masked_scores(view) for view in views], dim=1)
+    return shared_counts(scores, budget, floor_of(budget, policy.min_budget()))
 
 
 def shared_counts(scores: torch.Tensor, budget: int, floor: int) -> list[int]:

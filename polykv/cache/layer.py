@@ -506,12 +506,18 @@ class PolyLayer(CacheLayerMixin):
         elif self.compress_chunks:
             self._compress(self.prefill)
 
-    def _compress(self, rule: PhaseRule | None) -> None:
-        """Evict down to ``rule``'s budget (for the prompt so far), if the layer holds more."""
+    def budget_for(self, rule: PhaseRule | None) -> int | None:
+        """The tokens ``rule`` keeps of what the layer holds now (for the prompt so far, within a sliding window),
+        or None where it keeps everything."""
         budget = rule.tokens(self.prompt_length) if rule is not None else None
         if budget is not None and self.sliding_window:
             budget = min(budget, self.sliding_window - 1)
-        if budget is not None and self.storage.size > budget:
+        return budget if budget is not None and budget < self.storage.size else None
+
+    def _compress(self, rule: PhaseRule | None) -> None:
+        """Evict down to ``rule``'s budget (for the prompt so far), if the layer holds more."""
+        budget = self.budget_for(rule)
+        if budget is not None:
             self._check_budget(rule, budget)
             self._evict(rule, budget, self.scaling, self.visibility)
 

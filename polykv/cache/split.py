@@ -19,7 +19,6 @@ policy's scores (``polykv.cache.adaptive``), before any of them compresses.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import attrs
@@ -27,7 +26,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from polykv.budget import Tokens
-from polykv.cache.adaptive import floor_of, shared_counts
+from polykv.cache.adaptive import share
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.errors import CacheError
 from polykv.policy import Phase, ScoringPolicy
@@ -280,19 +279,17 @@ class SplitLayer(CacheLayerMixin):
         if first.phase is not Phase.PREFILL or not first.is_initialized:
             return
         rule = self._shared
-        budget = rule.tokens(first.prompt_length)
-        if budget is not None and self.sliding_window:
-            budget = min(budget, self.sliding_window - 1)
-        if budget is None or first.storage.size <= budget:
+        budget = first.budget_for(rule)
+        if budget is None:
             return
         if not isinstance(rule.policy, ScoringPolicy):
             raise CacheError(
                 f"layer {self.index}: adaptive heads share the budget by the scores of the layer's policy, and "
                 f"{rule.policy.name} gives none"
             )
-        scores = torch.cat([_scores(part, rule, budget) for part in self.parts], dim=1)
-        counts = shared_counts(scores, budget, floor_of(budget, rule.policy.min_budget()))
-        for part, count in zip(self.parts, counts):
+        views = [part.view(rule, budget, part.storage.positions_or_slots(), part.scaling, part.visibility)
+                 for part in self.parts]  # fmt: skip
+        for part, count in zip(self.parts, share(rule.policy, views, budget)):
             part.set_rules(attrs.evolve(rule, budget=Tokens(count)), part.decode)
 
     def rewind(self, length: int) -> None:
@@ -340,12 +337,6 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.end_static(tokens)
         self.static = None
-
-
-def _scores(part: PolyLayer, rule: PhaseRule, budget: int) -> torch.Tensor:
-    """``rule``'s scores of the tokens ``part`` (one head) holds, (B, 1, L), -inf for padding."""
-    view = part.view(rule, budget, part.storage.positions_or_slots(), part.scaling, part.visibility)
-    return rule.policy.score(view).float().masked_fill(~view.token_mask, -math.inf)
 
 
 class GroupsInStatic:

@@ -13,13 +13,12 @@ after an unchunked prefill of the same prompt, because both run the same policy 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from polykv.cache.adaptive import floor_of, shared_counts
+from polykv.cache.adaptive import share
 from polykv.cache.cache import PolyCache
 from polykv.cache.inputs import grouped, window_attention
 from polykv.cache.layer import Lease, PhaseRule, PolyLayer
@@ -116,11 +115,7 @@ class Capture:
 
     def budget(self, layer: int, rule: PhaseRule) -> int | None:
         """The tokens ``rule`` keeps in ``layer`` after this prefill (None: it keeps everything there)."""
-        captured = self.layers[layer]
-        budget = rule.tokens(captured.prompt_length)
-        if budget is not None and captured.sliding_window:
-            budget = min(budget, captured.sliding_window - 1)
-        return budget if budget is not None and budget < captured.storage.size else None
+        return self.layers[layer].budget_for(rule)
 
     def cache_for(self, plan: Plan, registry: Registry | None = None) -> PolyCache:
         """The cache ``plan.make_cache()`` would hold after prefilling the captured prompt, without a prefill.
@@ -158,9 +153,7 @@ class Capture:
         budget = self.budget(layer, rule)
         if budget is None:
             return [((head,), None, decode) for head in heads]
-        views = [self.view(layer, rule.policy, budget, (head,)) for head in heads]
-        scores = torch.cat([rule.policy.score(v).float().masked_fill(~v.token_mask, -math.inf) for v in views], 1)
-        counts = shared_counts(scores, budget, floor_of(budget, rule.policy.min_budget()))
+        counts = share(rule.policy, [self.view(layer, rule.policy, budget, (head,)) for head in heads], budget)
         return [
             ((head,), self.select(layer, rule.policy, count, heads=(head,)).indices, decode)
             for head, count in zip(heads, counts)
