@@ -27,11 +27,11 @@ from polykv.cache.selection import Selection, choose
 from polykv.cache.split import SplitLayer
 from polykv.choice import Choice
 from polykv.model.describe import cache_argument
+from polykv.plan.plan import Plan, head_groups
 from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
 from polykv.registry import Registry, default_registry
 
 if TYPE_CHECKING:
-    from polykv.plan.plan import Plan
     from polykv.signals import LayerObservation
 
 
@@ -125,19 +125,13 @@ class Capture:
         registry = default_registry() if registry is None else registry
         keep, decode, split = {}, {}, {}
         for layer in plan.resolved(self.seen, registry).layers:
-            if layer.adaptive_heads:
-                split[layer.index] = self._adaptive(
-                    layer.index,
-                    PhaseRule.of(layer.prefill, registry),
-                    PhaseRule.of(layer.decode, registry) if layer.decode else None,
+            if layer.split:
+                groups = head_groups(layer, registry, self.layers[layer.index].kv_heads)
+                split[layer.index] = (
+                    self._adaptive(layer.index, *groups[0][1:])
+                    if layer.adaptive_heads
+                    else [(heads, self._kept(layer.index, prefill, heads), decode) for heads, prefill, decode in groups]
                 )
-                continue
-            if layer.heads:
-                split[layer.index] = [
-                    (heads, self._kept(layer.index, PhaseRule.of(head.prefill, registry), heads),
-                     PhaseRule.of(head.decode, registry) if head.decode else None)
-                    for heads, head in layer.head_groups()
-                ]  # fmt: skip
                 continue
             found = self._kept(layer.index, PhaseRule.of(layer.prefill, registry))
             if found is not None:

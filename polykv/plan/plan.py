@@ -142,7 +142,7 @@ class Plan:
         layers = [
             SplitLayer(
                 layer.index,
-                _head_groups(layer, registry, self.model.kv_heads),
+                head_groups(layer, registry, self.model.kv_heads),
                 sliding_window=layer.sliding_window,
                 compress_chunks=bool(compress_chunks),
                 adaptive=layer.adaptive_heads,
@@ -186,7 +186,7 @@ class Plan:
         """Every layer's rules for ``prompt_length`` tokens, as its cache layer's ``set_rules`` takes them."""
         resolved = self.resolved(prompt_length, registry)
         return [
-            (_head_groups(layer, registry, self.model.kv_heads),)
+            (head_groups(layer, registry, self.model.kv_heads),)
             if layer.split
             else (PhaseRule.of(layer.prefill, registry), PhaseRule.of(layer.decode, registry) if layer.decode else None)
             for layer in resolved.layers
@@ -265,7 +265,7 @@ def _head_choices(layer: LayerPlan, kv_heads: int) -> list[Choice]:
     return [head.prefill for head in layer.heads] if layer.heads else [layer.prefill] * kv_heads
 
 
-def _head_groups(layer: LayerPlan, registry: Registry, kv_heads: int) -> list[HeadGroup]:
+def head_groups(layer: LayerPlan, registry: Registry, kv_heads: int) -> list[HeadGroup]:
     """The groups of a layer whose heads do different things, with the rules the cache runs (with adaptive heads,
     every head its own group: the budget each keeps is decided at prefill)."""
     if layer.adaptive_heads:
