@@ -29,10 +29,14 @@ def test_two_processes_calibrate_and_evaluate_exactly_as_one(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
+    # the fault handler: a process that aborts shows where each of its threads was
     shared = subprocess.Popen(
-        [*command, str(two)], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [*command, str(two)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each process under torchrun: the same reductions, in the same order
     try:

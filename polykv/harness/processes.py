@@ -117,5 +117,6 @@ def joined(device: str) -> Iterator[tuple[Processes, str]]:
         raise PolykvError(f"--device {device}: several processes share work on cuda (NCCL) or cpu (gloo)")
     try:
         yield Processes(dist.get_rank(), dist.get_world_size()), device
+        dist.barrier()  # none leaves while a peer may still talk to it (gloo can abort a process whose peer left)
     finally:
         dist.destroy_process_group()
