@@ -180,6 +180,10 @@ def test_bad_command_lines_exit_2(capsys):
         ["generate", "--spec", "*: full", "--prompt", "hi", "--device", "tpu"],
         ["generate", "--spec", "*: full", "--draft-spec", "*: full", "--prompt", "hi"],
         ["generate", "--draft-spec", "*: full", "--prompt", "hi", "--lookahead", "0"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--temperature", "0"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--temperature", "nan"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--top-p", "1.5"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--top-k", "0"],
     ]
     for argv in bad:
         with pytest.raises(SystemExit) as raised:
@@ -190,6 +194,9 @@ def test_bad_command_lines_exit_2(capsys):
     assert "--layers: expected a number from 1 to 10,000, got 1000000000" in err
     assert "--max-new-tokens: expected a number from 1 to 100,000, got 0" in err
     assert "--budget: expected 512, 'total 16384' or '10%', got 'lots'" in err
+    assert "--temperature: a temperature is above 0 (for the likeliest token leave it out), got 0" in err
+    assert "--temperature: a temperature is above 0 (for the likeliest token leave it out), got nan" in err
+    assert "--top-p: expected a probability above 0 and at most 1, got 1.5" in err
 
 
 def test_fmt_prints_the_canonical_form(spec_file, capsys):
@@ -324,3 +331,22 @@ def test_spec_text_is_text_and_a_spec_file_is_named_as_one(tmp_path):
     assert spec_argument(Namespace(spec=None, spec_file=path), "--spec") == polykv.parse("layers 0: full; *: knorm@8")
     with pytest.raises(polykv.PolykvError, match=r"a spec file is given with --spec-file examples/uniform-snapkv\.pkv"):
         spec_argument(Namespace(spec="examples/uniform-snapkv.pkv", spec_file=None), "--spec")
+
+
+@pytest.mark.parametrize("way", [[], ["--static"], ["--draft-spec", "*: streaming@8(sink=2)", "--lookahead", "3"]])
+def test_generate_samples_when_asked_and_the_seed_repeats_the_draws(small_model, capsys, way):
+    """Greedy by default; any sampling option draws (seeded), in transformers' generate, static decoding and
+    self-speculation alike."""
+    base = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "the quick brown fox jumps over"]
+    base += ["--max-new-tokens", "12", *way] + ([] if "--draft-spec" in way else ["--spec", "*: snapkv@8(window=2)"])
+
+    def text(*options: str) -> str:
+        assert main([*base, *options]) == 0
+        return capsys.readouterr().out.partition("\n\n")[0]
+
+    greedy = text()
+    assert text() == greedy
+    hot = ["--temperature", "3", "--top-k", "2000"]  # a random model: nearly even draws among 2,000 tokens
+    drawn = text(*hot, "--seed", "1")
+    assert drawn != greedy and text(*hot, "--seed", "1") == drawn and text(*hot, "--seed", "2") != drawn
+    assert text("--top-k", "1") == greedy  # the likeliest token is the only one left to draw

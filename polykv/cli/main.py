@@ -179,12 +179,19 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--static",
         action="store_true",
-        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate; greedy); "
+        help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate); "
         "with --draft-spec, checks of fixed shapes (the default on a GPU where the draft allows)",
     )
     generate.add_argument(
         "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"
     )
+    sampling = generate.add_argument_group("sampling (any of these samples instead of choosing the likeliest token)")
+    sampling.add_argument("--temperature", type=_temperature, metavar="T", help="divides the logits (default 1)")
+    sampling.add_argument("--top-k", type=_count(1_000_000), metavar="K", help="draw among the K likeliest tokens")
+    sampling.add_argument(
+        "--top-p", type=_probability, metavar="P", help="draw among the likeliest tokens holding probability P"
+    )
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     generate.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -365,6 +372,28 @@ def _count(most: int, least: int = 1):
         return value
 
     return parse
+
+
+def _temperature(text: str) -> float:
+    """--temperature: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.7, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a temperature is above 0 (for the likeliest token leave it out), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """--top-p: a share of probability, above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.9, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability above 0 and at most 1, got {text}")
+    return value
 
 
 def _factor(text: str) -> float:

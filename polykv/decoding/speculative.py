@@ -113,15 +113,15 @@ def speculative_generate(
     an end-of-sequence token continues with ``pad_token_id``; generation stops when every row has.
 
     ``static`` runs the checks with fixed shapes, each one CUDA graph replay on CUDA (eagerly on the
-    CPU): greedy, with a draft whose layers do not evict while decoding, on a model without sliding
-    windows (``static_problem`` says why not). Default: on CUDA where it can.
+    CPU), greedy or sampled, with a draft whose layers do not evict while decoding, on a model without
+    sliding windows (``static_problem`` says why not). Default: on CUDA where it can.
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
     for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
-    problem = static_problem(draft, sampling)
+    problem = static_problem(draft)
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
     static = not problem and (input_ids.is_cuda if static is None else static)
@@ -139,7 +139,7 @@ def speculative_generate(
             return _speculate_statically(
                 model, captured, draft, registry, input_ids, attention_mask, clock,
                 lookahead=lookahead, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
+                pad_token_id=pad_token_id, sampling=sampling,
             )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
         drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
@@ -177,10 +177,8 @@ def speculative_generate(
     return statistics.result(tokens, clock.lap(), *(warmup or (0.0, 0)), int(run.lengths.sum()), static=False)
 
 
-def static_problem(draft: Plan, sampling: Sampling | None = None) -> str | None:
+def static_problem(draft: Plan) -> str | None:
     """Why speculation with ``draft`` cannot run with fixed shapes, or None where it can."""
-    if sampling is not None:
-        return "it chooses greedily; sampling takes ordinary forwards"
     for layer in draft.layers:
         if layer.sliding_window:
             return f"layer {layer.index} has a sliding window, which evicts while decoding"
@@ -197,7 +195,8 @@ def _speculate_statically(
     full = captured.cache(share_room=True)
     drafting = captured.cache_for(draft, registry)
     statistics = _Statistics(full.nbytes(), drafting.nbytes(), 0.0)
-    newest = captured.logits.argmax(dim=-1)
+    sampling = options["sampling"]
+    newest = captured.logits.argmax(dim=-1) if sampling is None else sampling.choose(captured.logits)
     real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     checks = StaticChecks(model, full, drafting, newest, real.sum(dim=-1), graph=input_ids.is_cuda, **options)
     statistics.prefill_seconds = clock.lap()

@@ -251,6 +251,12 @@ class Sampling:
         uniform = torch.rand_like(scores).clamp(min=torch.finfo(torch.float32).tiny)
         return (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
+    @staticmethod
+    def draw(probabilities: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``probabilities`` (..., V), drawn from them (Gumbel-max, as ``choose``)."""
+        uniform = torch.rand_like(probabilities).clamp(min=torch.finfo(torch.float32).tiny)
+        return (probabilities.log() - torch.log(-torch.log(uniform))).argmax(dim=-1)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution ``choose`` draws from, over the last dimension of ``logits``."""
         return self.scores(logits).softmax(dim=-1)

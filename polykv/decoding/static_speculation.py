@@ -19,9 +19,10 @@ replays the check and, every ``check_every`` checks, reads whether every row has
 first check runs for real and is captured; the later ones replay it. On the CPU the same check runs
 eagerly, which is how it is tested against greedy full-cache decoding.
 
-Greedy only, and for drafts whose layers do not evict while decoding (no decode policy, no
-sliding window): their slots must hold holes. ``speculative_generate`` takes the ordinary path
-otherwise.
+Greedy or sampled (``Sampling``: a proposal drawn from the draft's q is kept with probability
+min(1, p/q), and a row that refuses one draws from what p has beyond q, all on the device), for
+drafts whose layers do not evict while decoding (no decode policy, no sliding window): their slots
+must hold holes. ``speculative_generate`` takes the ordinary path otherwise.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from polykv.cache.cache import PolyCache
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
-from polykv.decoding.static import captured_replay
+from polykv.decoding.static import Sampling, captured_replay
 from polykv.model.describe import cache_argument
 
 
@@ -52,11 +53,13 @@ class StaticChecks:
         eos_token_id: int | Sequence[int] | None,
         pad_token_id: int | None,
         graph: bool,
+        sampling: Sampling | None = None,
         check_every: int = 4,
     ):
         """``newest`` (B,): each row's token after the prompt, in neither cache yet (it is the first new
-        token); ``next_positions`` (B,): its position (the row's real prompt tokens)."""
-        self.model, self.full, self.draft = model, full, draft
+        token); ``next_positions`` (B,): its position (the row's real prompt tokens). ``sampling``: draw
+        instead of choosing greedily."""
+        self.model, self.full, self.draft, self.sampling = model, full, draft, sampling
         self.lookahead, self.max_new_tokens, self.graph, self.check_every = (
             lookahead,
             max_new_tokens,
@@ -87,6 +90,7 @@ class StaticChecks:
     # --- one check --------------------------------------------------------------------------------
 
     def _forward(self, cache: PolyCache, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        """The logits (B, keep, V) after the last ``keep`` of ``ids``."""
         output = self.model(
             input_ids=ids,
             position_ids=positions,
@@ -94,32 +98,68 @@ class StaticChecks:
             use_cache=True,
             **cache_argument(self.model, cache),
         )
-        return output.logits.argmax(dim=-1)  # (B, keep)
+        return output.logits
 
-    def _propose(self) -> torch.Tensor:
-        """The draft's ``lookahead`` proposals (B, lookahead)."""
+    def _proposal(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's token after ``logits`` (B, 1, V), and (when sampling) the distribution it was drawn from."""
+        if self.sampling is None:
+            return logits[:, 0].argmax(dim=-1), None
+        drawn_from = self.sampling.probabilities(logits[:, 0])
+        return self.sampling.draw(drawn_from), drawn_from
+
+    def _propose(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's ``lookahead`` proposals (B, lookahead), and (when sampling) their distributions
+        (B, lookahead, V)."""
         self.draft.static_incoming(self.behind_real)
         positions = (self.draft_next[:, None] + self.behind_real.long().cumsum(dim=1) - 1).clamp(min=0)
-        proposals = [self._forward(self.draft, self.behind, positions, 1)[:, 0]]
+        made = [self._proposal(self._forward(self.draft, self.behind, positions, 1))]
         self.draft_next += self.behind_real.sum(dim=1)
         self.draft.static_incoming(None)
         for _ in range(self.lookahead - 1):
-            proposals.append(self._forward(self.draft, proposals[-1][:, None], self.draft_next[:, None], 1)[:, 0])
+            made.append(self._proposal(self._forward(self.draft, made[-1][0][:, None], self.draft_next[:, None], 1)))
             self.draft_next += 1
-        return torch.stack(proposals, dim=1)
+        proposals = torch.stack([token for token, _ in made], dim=1)
+        return proposals, None if self.sampling is None else torch.stack([q for _, q in made], dim=1)
+
+    def _verdict(
+        self, proposals: torch.Tensor, drawn_from: torch.Tensor | None, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many proposals each row accepts (B,), and the token each row has after its accepted ones
+        (B,), from the full cache's ``logits`` (B, count + 1, V) after the newest token and each proposal."""
+        count = proposals.shape[1]
+        if self.sampling is None:
+            chosen = logits.argmax(dim=-1)
+            alone = (proposals == chosen[:, :count]).long().cumprod(dim=1).sum(dim=1)
+            return alone, chosen.gather(1, alone[:, None])[:, 0]
+        target = self.sampling.probabilities(logits)
+        vocabulary = target.shape[-1]
+        if not count:
+            return proposals.new_zeros(proposals.shape[0]), self.sampling.draw(target[:, 0])
+        offered = proposals[..., None]
+        ratio = target[:, :count].gather(-1, offered)[..., 0] / drawn_from.gather(-1, offered)[..., 0]
+        alone = (torch.rand_like(ratio) < ratio).long().cumprod(dim=1).sum(dim=1)
+        after = target.gather(1, alone[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+        # A row that refused a proposal draws from what the full cache has beyond the draft there.
+        at = drawn_from.gather(1, alone.clamp(max=count - 1)[:, None, None].expand(-1, 1, vocabulary))[:, 0]
+        beyond = (after - at).clamp(min=0)
+        mass = beyond.sum(dim=-1, keepdim=True)
+        residual = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
+        return alone, self.sampling.draw(torch.where((alone < count)[:, None], residual, after))
 
     def _check(self) -> None:
         count = self.lookahead
-        proposals = self._propose() if count else self.newest.new_zeros(self.newest.shape[0], 0)
+        if count:
+            proposals, drawn_from = self._propose()
+        else:
+            proposals, drawn_from = self.newest.new_zeros(self.newest.shape[0], 0), None
         fed = torch.cat([self.newest[:, None], proposals], dim=1)
         offsets = torch.arange(count + 1, device=fed.device)
-        chosen = self._forward(self.full, fed, self.full_next[:, None] + offsets, count + 1)
+        logits = self._forward(self.full, fed, self.full_next[:, None] + offsets, count + 1)
         active = ~self.ended & (self.lengths < self.max_new_tokens)
-        alone = (proposals == chosen[:, :count]).long().cumprod(dim=1).sum(dim=1)
+        alone, newest = self._verdict(proposals, drawn_from, logits)
         kept = alone.masked_fill(~active, 0)
         self.full.static_refuse(offsets[None, :] > kept[:, None])
         self.full_next += kept + 1
-        newest = chosen.gather(1, kept[:, None])[:, 0]
         if count:
             if count > 1:  # of the proposals the draft took, it keeps what the full cache kept
                 self.draft.static_refuse(offsets[None, : count - 1] >= kept[:, None])

@@ -1,6 +1,8 @@
 """``polykv generate``: answer a prompt with a compressed cache, and report what it kept and cost.
 
-The prompt is continued as written (``--chat`` wraps it in the model's chat template first).
+The prompt is continued as written (``--chat`` wraps it in the model's chat template first), with
+the likeliest token at each step, or drawn (``--temperature``, ``--top-k``, ``--top-p``; seeded by
+``--seed``) in every way of decoding: transformers' ``generate``, ``--static`` and ``--draft-spec``.
 Progress shows while the model loads, while the prompt is prefilled (layer by layer) and while
 tokens are generated; the report gives kept tokens per layer after prefill, the cache's memory
 against the full cache's, and the time of each stage.
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from polykv.cli.commands import setup
 from polykv.cli.commands.output import mib, table
 from polykv.cli.commands.setup import spec_argument
-from polykv.decoding import speculative_generate, static_generate
+from polykv.decoding import Sampling, speculative_generate, static_generate
 from polykv.errors import PolykvError
 from polykv.files import read_text
 from polykv.language.check import check
@@ -52,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     plan = compile(spec, model, profile=args.profile, tokenizer=tokenizer, objective=objective)
 
     input_ids = _prompt_ids(args, text, model, tokenizer)
+    sampling = _sampling(args)
+    torch.manual_seed(args.seed)
     if drafting:
-        return _speculate(args, model, tokenizer, plan, input_ids, loaded)
+        return _speculate(args, model, tokenizer, plan, input_ids, loaded, sampling)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])
     progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static)
     with progress, torch.no_grad():
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 eos_token_id=model.generation_config.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 on_token=progress.token,
+                sampling=sampling,
             )
         else:
             output = model.generate(
@@ -73,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 attention_mask=torch.ones_like(input_ids),
                 **cache_argument(model, cache),
                 max_new_tokens=args.max_new_tokens,
-                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **_generate_sampling(sampling),
             )
         new_tokens = output[0, input_ids.shape[1] :].tolist()  # waits for the device
         progress.finish()
@@ -84,7 +89,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculate(args: argparse.Namespace, model, tokenizer, draft: Plan, input_ids: torch.Tensor, loaded: float) -> int:
+def _sampling(args: argparse.Namespace) -> Sampling | None:
+    """The draws the sampling options ask for, or None: the likeliest token."""
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        return None
+    return Sampling(temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p)
+
+
+def _generate_sampling(sampling: Sampling | None) -> dict:
+    """transformers' ``generate`` options for ``sampling`` (0 and 1 switch its top-k and top-p off, whatever
+    the model's generation config sets)."""
+    if sampling is None:
+        return {"do_sample": False}
+    top_k, top_p = sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p
+    return {"do_sample": True, "temperature": sampling.temperature, "top_k": top_k, "top_p": top_p}
+
+
+def _speculate(
+    args: argparse.Namespace, model, tokenizer, draft: Plan, input_ids: torch.Tensor, loaded: float,
+    sampling: Sampling | None,
+) -> int:  # fmt: skip
     """Self-speculation: the full cache's own output, drafted by ``draft``'s cache; report how well it guessed."""
     started = time.perf_counter()
     result = speculative_generate(
@@ -96,6 +120,7 @@ def _speculate(args: argparse.Namespace, model, tokenizer, draft: Plan, input_id
         eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         static=True if args.static else None,  # by default: checks of fixed shapes on CUDA where they can run
+        sampling=sampling,
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
     seconds = time.perf_counter() - started
