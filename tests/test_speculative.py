@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 import polykv
 from polykv import cache_argument
+from polykv.cache.static import FREE, StaticDecoding
 from polykv.testing import prompt, tiny_model
 
 SPECS = [
@@ -88,16 +89,18 @@ _STATIC_POLICIES = st.sampled_from(["streaming@{b}(sink=2)", "snapkv@{b}(window=
     policy=_STATIC_POLICIES,
     budget=st.integers(6, 40),
     whole=st.sampled_from(["", "layers 0: full; ", "layers 1 heads 0: full; layers 1 heads 1: knorm@6; "]),
+    decode=st.sampled_from(["", " decode streaming@{d}(sink=2)", " decode knorm@{d}"]),
+    bound=st.integers(10, 30),
     lookahead=st.integers(0, 6),
     length=st.integers(1, 40),
     batch=st.integers(1, 3),
     padded=st.booleans(),
 )
 def test_checks_of_fixed_shapes_give_the_full_caches_output(
-    llama, policy, budget, whole, lookahead, length, batch, padded
+    llama, policy, budget, whole, decode, bound, lookahead, length, batch, padded
 ):
-    """The static path (run eagerly here, replayed as a CUDA graph on a GPU): any draft that does not evict while
-    decoding, any lookahead, left-padded rows that end at different steps."""
+    """The static path (run eagerly here, replayed as a CUDA graph on a GPU): any draft, bounded while decoding
+    or not, any lookahead, left-padded rows that end at different steps."""
     ids = prompt(length, batch=batch, seed=length)
     mask = torch.ones_like(ids)
     if padded and batch > 1:
@@ -105,26 +108,70 @@ def test_checks_of_fixed_shapes_give_the_full_caches_output(
     free = _greedy(llama, ids, 12, attention_mask=mask)
     eos = int(free[0, length + 4])
     expected = _greedy(llama, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
-    draft = polykv.compile(f"{whole}*: {policy.format(b=budget)}", llama)
+    draft = polykv.compile(f"{whole}*: {policy.format(b=budget)}{decode.format(d=bound)}", llama)
     options = dict(attention_mask=mask, max_new_tokens=12, lookahead=lookahead, eos_token_id=eos, pad_token_id=0)
     result = polykv.speculative_generate(llama, ids, draft=draft, static=True, **options)
     assert result.static and torch.equal(result.tokens, expected)
     assert result.accepted == sum(result.accepted_per_step) == result.row_accepted <= result.drafted
-    ordinary = polykv.speculative_generate(llama, ids, draft=draft, static=False, **options)
-    assert result.steps == ordinary.steps  # the same checks (the last ones may draft more than they need)
+    if not decode:  # a bounded draft evicts once per check here, at every step in ordinary forwards
+        ordinary = polykv.speculative_generate(llama, ids, draft=draft, static=False, **options)
+        assert result.steps == ordinary.steps  # the same checks (the last ones may draft more than they need)
+
+
+@pytest.mark.parametrize("decode", ["streaming@12(sink=2)", "knorm@12"])
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_a_draft_bounded_while_decoding_holds_its_bound_and_evicts_holes_first(llama, monkeypatch, decode, lookahead):
+    """In checks of fixed shapes a draft layer with a decode bound has slots for its bound and no more; a check
+    that would take it over its bound ends by evicting down to the bound minus the next check's tokens, the
+    proposals its rows refused (holes) first."""
+    evictions, evict = [], StaticDecoding.evict_for_check
+
+    def holes(static) -> torch.Tensor:
+        return ((static.positions != FREE) & ~static.real).sum(dim=-1)  # (B, H)
+
+    def observed(static):
+        before, count = holes(static), static.held + static.per_check - static.target
+        evict(static)
+        stored = (static.positions != FREE).sum(dim=-1)
+        evictions.append((static.evicting, static.keys.shape[2], before, count, holes(static), stored, static.target))
+
+    monkeypatch.setattr(StaticDecoding, "evict_for_check", observed)
+    ids = prompt(30, batch=3)
+    draft = polykv.compile(f"*: snapkv@8(window=4) decode {decode}", llama)
+    result = polykv.speculative_generate(llama, ids, draft=draft, max_new_tokens=40, lookahead=lookahead)
+    assert result.static and torch.equal(result.tokens, _greedy(llama, ids, 40))
+    evicting = [found for found in evictions if found[0]]
+    assert evicting and all(slots == 12 for _, slots, *_ in evictions)
+    for _, _, before, count, after, stored, target in evicting:
+        assert (stored == target).all()
+        assert torch.equal(after, (before - count).clamp(min=0))  # holes go first
+    assert any((before > 0).any() for _, _, before, *_ in evicting)  # rows refused proposals: there were holes
 
 
 def test_static_checks_say_when_they_cannot_run(llama):
-    bounded = polykv.compile("*: full decode streaming@16(sink=2)", llama)
-    with pytest.raises(polykv.ArgumentError, match="static speculation cannot run here: layer 0 evicts while"):
+    bounded = polykv.compile("*: full decode tova@16", llama)
+    with pytest.raises(
+        polykv.ArgumentError, match="static speculation cannot run here: layer 0 evicts while decoding "
+    ):
         polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4, static=True)
-    result = polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4)  # on the CPU: ordinary
+    result = polykv.speculative_generate(llama, prompt(8), draft=bounded, max_new_tokens=4)  # ordinary forwards
     assert not result.static
+    sliding = tiny_model("mistral-sliding", dtype=torch.float64)
+    with pytest.raises(polykv.ArgumentError, match="sliding window, which counts slots"):
+        polykv.speculative_generate(
+            sliding, prompt(8), draft=polykv.compile("*: full", sliding), max_new_tokens=4, static=True
+        )
+    tight = polykv.compile("*: full decode knorm@4", llama)
+    with pytest.raises(polykv.ArgumentError, match="keeps 4 tokens while decoding, too few to take checks of 6"):
+        polykv.speculative_generate(llama, prompt(8), draft=tight, max_new_tokens=4, lookahead=5, static=True)
+    assert not polykv.speculative_generate(llama, prompt(8), draft=tight, max_new_tokens=4, lookahead=5).static
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full"])
+@pytest.mark.parametrize(
+    "spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full", "*: snapkv@12(window=4) decode streaming@16(sink=2)"]
+)
 def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec):
     model = tiny_model("llama", dtype=torch.float32, seed=2, device="cuda")
     ids = prompt(30, batch=3).cuda()

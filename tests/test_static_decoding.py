@@ -381,7 +381,8 @@ def test_a_step_of_several_tokens_with_holes_is_attention_without_them(spec):
     assert cache.layer_lengths()[0] == ids.shape[1] + 5  # layer 0 is whole: holes stay held, as padding does
 
 
-def test_holes_need_a_layer_that_does_not_evict_while_decoding():
+def test_a_layer_that_evicts_while_decoding_takes_holes_only_in_checks():
+    """Holes in a bounded layer come with speculative checks, whose size its evictions are planned for."""
     model = tiny_model("llama")
     plan = polykv.compile("*: full decode streaming@24(sink=2)", model)
     ids, mask = padded_prompt([30])
@@ -389,5 +390,5 @@ def test_holes_need_a_layer_that_does_not_evict_while_decoding():
         cache = plan.make_cache()
         model(ids, attention_mask=mask, **cache_argument(model, cache))
         model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **cache_argument(model, cache))
-        with pytest.raises(CacheError, match=r"evicts while decoding.*static=False"):
+        with pytest.raises(CacheError, match=r"evicts while decoding: it takes holes only in checks"):
             cache.begin_static(room=4, holes=True)

@@ -233,18 +233,19 @@ class PolyCache(Cache):
             layer.problems = []
         raise_pending(pending)
 
-    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
         """Decode with fixed shapes (``polykv.cache.static``) for up to ``room`` tokens; see ``polykv.decoding``.
 
         ``slack``: a layer bounded by a decode policy evicts ``slack + 1`` tokens at a time (None: the
         default slack, ``polykv.cache.static.DEFAULT_SLACK``). ``holes``:
-        steps may bring tokens that are not real and refuse tokens already taken (``StaticDecoding``).
+        steps may bring tokens that are not real and refuse tokens already taken (``StaticDecoding``);
+        bounded layers then evict once per speculative check of ``per_check`` tokens.
         """
         if self.state is not CacheState.DECODING:
             raise CacheError(f"static decoding starts after the prefill, but this cache is {self.state.value}")
         self.check()
         for layer in self.layers:
-            layer.begin_static(room, slack, holes)
+            layer.begin_static(room, slack, holes, per_check)
 
     def static_incoming(self, real: torch.Tensor | None) -> None:
         """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""
@@ -259,6 +260,15 @@ class PolyCache(Cache):
     def plan_static_step(self) -> tuple[int, ...]:
         """Prepare the coming static step; the layers that evict in it (each set of them is its own graph)."""
         return tuple(layer.index for layer in self.layers if layer.static.plan_step())
+
+    def plan_static_check(self) -> tuple[int, ...]:
+        """Prepare the coming speculative check; the layers that evict at its end (each set is its own graph)."""
+        return tuple(layer.index for layer in self.layers if layer.static.plan_check())
+
+    def static_evict_for_check(self) -> None:
+        """At the end of a check: the layers planned to evict make room for the next check's tokens."""
+        for layer in self.layers:
+            layer.static.evict_for_check()
 
     def static_stepped(self, tokens: int = 1) -> None:
         """Count a static step that ran, of ``tokens`` tokens."""

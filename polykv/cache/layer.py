@@ -374,11 +374,11 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
-    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
         """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens."""
         if self.phase is not Phase.DECODE:
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
-        self.static = StaticDecoding(self, room, slack, holes)
+        self.static = StaticDecoding(self, room, slack, holes, per_check)
 
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens."""
@@ -513,6 +513,11 @@ class PolyLayer(CacheLayerMixin):
         if budget is not None and self.sliding_window:
             budget = min(budget, self.sliding_window - 1)
         return budget if budget is not None and budget < self.storage.size else None
+
+    def evict_to(self, budget: int) -> None:
+        """Evict down to ``budget`` tokens now with the decode policy (a draft's layer before its first check)."""
+        if self.storage.size > budget:
+            self._evict(self.decode, budget, self.scaling, self.visibility)
 
     def _compress(self, rule: PhaseRule | None) -> None:
         """Evict down to ``rule``'s budget (for the prompt so far), if the layer holds more."""

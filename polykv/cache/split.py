@@ -327,10 +327,10 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.prefetch()
 
-    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False) -> None:
+    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
         """Decode with fixed shapes: each group's part gets its own slots (``polykv.cache.static``)."""
         for part in self.parts:
-            part.begin_static(room, slack, holes)
+            part.begin_static(room, slack, holes, per_check)
         self.static = GroupsInStatic(self.parts)
 
     def end_static(self, tokens: int) -> None:
@@ -362,6 +362,14 @@ class GroupsInStatic:
     def plan_step(self) -> bool:
         """Whether some part evicts in the coming step (every part plans it)."""
         return any([part.static.plan_step() for part in self.parts])
+
+    def plan_check(self) -> bool:
+        """Whether some part evicts at the end of the coming check (every part plans it)."""
+        return any([part.static.plan_check() for part in self.parts])
+
+    def evict_for_check(self) -> None:
+        for part in self.parts:
+            part.static.evict_for_check()
 
     def stepped(self, tokens: int = 1) -> None:
         for part in self.parts:

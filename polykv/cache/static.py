@@ -16,9 +16,12 @@ over budget + 1 tokens and evicts one; here the free slot takes the token, all b
 attended, and one slot is freed. With a slack s, s + 1 slots are freed at once instead, so the
 layer ranks its tokens once every s + 1 steps: it then holds between bound - s and bound tokens.
 
-A layer that is not bounded while decoding may also take several tokens in one step (a speculative
-check), and, with ``holes``, mark some of the tokens it took as holes: their slots stay taken but
-are never seen again (a proposal that this batch row refused while another row kept it).
+A layer may also take several tokens in one step (a speculative check), and, with ``holes``, mark
+some of the tokens it took as holes: their slots stay taken but are never seen again (a proposal
+that this batch row refused while another row kept it). A bounded layer with holes (a speculative
+draft) evicts once per check instead of in its steps: at the check's end, down to its bound minus
+the next check's tokens (``plan_check``, ``evict_for_check``), holes first. It then holds at most
+its bound during a check, and one graph serves every check that evicts the same way.
 """
 
 from __future__ import annotations
@@ -39,24 +42,38 @@ DEFAULT_SLACK, DEFAULT_SLACK_SHARE = 31, 16
 class StaticDecoding:
     """One layer's slots during static decoding (see the module docstring)."""
 
-    def __init__(self, layer, room: int, slack: int | None = 0, holes: bool = False):
+    def __init__(self, layer, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0):
         """``layer`` (a PolyLayer in its decoding phase) gets slots for ``room`` more tokens, or its bound.
 
         ``slack`` lets a layer bounded by a decode policy evict ``slack + 1`` tokens at once when it
         goes over its bound, so that it evicts every ``slack + 1`` steps instead of at every step
         (a sliding window always keeps its whole window); None takes DEFAULT_SLACK, at most a sixteenth
         of the bound (0 decodes exactly as ``model.generate``). ``holes`` lets steps bring tokens that are not
-        real (``incoming``) and ``refuse`` tokens already taken; it needs a layer without a bound.
+        real (``incoming``) and ``refuse`` tokens already taken; a bounded layer with holes then evicts
+        once per speculative check of ``per_check`` tokens (see the module docstring).
         """
         self.layer = layer
         storage = layer.storage
         self.bound, self.policy = _bound_and_policy(layer)  # policy None with a bound: keep the newest
-        if holes and self.bound is not None:
-            raise CacheError(
-                f"layer {layer.index} evicts while decoding (a decode policy or a sliding window), so its slots cannot "
-                "hold holes: speculate with ordinary forwards (static=False)"
-            )
-        if self.bound is not None and storage.size > self.bound:
+        self.per_check = per_check if holes and self.bound is not None else 0
+        self.target: int | None = None
+        if holes and self.bound is not None and per_check < 1:
+            raise CacheError(f"layer {layer.index} evicts while decoding: it takes holes only in checks (per_check)")
+        if self.per_check:
+            if layer.sliding_window:
+                raise CacheError(
+                    f"layer {layer.index} has a sliding window, which counts slots, so its slots cannot hold holes: "
+                    "speculate with ordinary forwards (static=False)"
+                )
+            self.target = self.bound - per_check  # what the layer holds after a check that evicts
+            if self.target < self.policy.min_budget():
+                raise CacheError(
+                    f"layer {layer.index} keeps {self.bound} tokens while decoding, too few to take checks of "
+                    f"{per_check} tokens and keep the {self.policy.min_budget()} its policy needs: draft fewer "
+                    "tokens per check (lookahead) or give the layer a larger decode budget"
+                )
+            layer.evict_to(self.target)  # from the first check on, it holds at most its bound
+        elif self.bound is not None and storage.size > self.bound:
             raise CacheError(
                 f"layer {layer.index} holds {storage.size} tokens, more than its decoding bound of {self.bound}: "
                 "run one ordinary decoding step first, which evicts down to the bound"
@@ -69,7 +86,9 @@ class StaticDecoding:
         self.held = storage.size  # tokens held now, known on the host: counts do not depend on the data
         self.evicting = False  # whether the coming step evicts (see plan_step)
         self.tokens = 1  # in the current step
-        slots = storage.size + room if self.bound is None else self.bound + 1
+        # With a bound: one new token over it, or (checks) a check's tokens over the target, which is the bound.
+        bounded = self.bound if self.per_check else self.bound + 1 if self.bound is not None else None
+        slots = storage.size + room if bounded is None else bounded
         batch, heads = layer.batch_size, layer.kv_heads
         device = storage.keys.device
         self.keys = _with_slots(storage.keys, slots)
@@ -84,7 +103,7 @@ class StaticDecoding:
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
         storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
         # The free slots, taken in order: first the room after the kept tokens, then what evictions free.
-        free = max(slots - self.held, self.slack + 1)
+        free = slots - self.held if self.per_check else max(slots - self.held, self.slack + 1)
         self.free = torch.arange(self.held, self.held + free, device=device).clamp(max=slots - 1)
         self.free = self.free.expand(batch, heads, free).contiguous()
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next free slot's place in ``free``
@@ -95,7 +114,7 @@ class StaticDecoding:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's n tokens into the next free slots; return every slot's keys and values."""
         self.tokens = tokens = keys.shape[-2]
-        if tokens != 1 and self.bound is not None:
+        if tokens != 1 and self.bound is not None and not self.per_check:
             raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
         batch, heads, _, dim = keys.shape
         slots = self._taken(self.cursor, tokens)  # (B, H, n)
@@ -126,13 +145,15 @@ class StaticDecoding:
     def after_attention(self) -> None:
         """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
         self.position += self.tokens
-        if not self.evicting:
-            return
-        count = self.held + 1 - (self.bound - self.slack)
+        if self.evicting and not self.per_check:
+            self._free_lowest(self.held + 1 - (self.bound - self.slack), self.bound - self.slack)
+
+    def _free_lowest(self, count: int, budget: int) -> None:
+        """Free the slots of the ``count`` lowest-ranked held tokens (holes and padding first), keeping ``budget``."""
         view = LayerView(
             layer=self.layer.index,
             phase=Phase.DECODE,
-            budget=self.bound - self.slack,
+            budget=budget,
             keys=self.keys,
             values=self.values,
             token_mask=torch.ones_like(self.positions, dtype=torch.bool) if self.real is None else self.real,
@@ -141,19 +162,39 @@ class StaticDecoding:
         scores = (view.positions if self.policy is None else self.policy.score(view)).float()
         lowest_real = torch.finfo(torch.float32).min / 2  # padding ranks below every real token
         ranked = scores.nan_to_num(nan=lowest_real).clamp(min=lowest_real).masked_fill(~view.token_mask, -3e38)
+        ranked = ranked.masked_fill(self.positions == FREE, torch.inf)  # a slot not taken yet is not freed again
         freed = _lowest_ranked(ranked, self.positions, count)
-        self.free[..., :count].copy_(freed)  # in place: a captured graph reads these very tensors
+        spare = self.per_check - count  # free slots a check that evicts fewer than it brings has not taken
+        if spare > 0:
+            places = (self.cursor + torch.arange(spare, device=freed.device)).expand(*freed.shape[:2], spare)
+            untaken = self.free.gather(-1, places)
+            freed = torch.cat([freed, untaken], dim=-1)
+        self.free[..., : freed.shape[-1]].copy_(freed)  # in place: a captured graph reads these very tensors
         self.cursor.zero_()
-        self.positions.scatter_(2, freed, FREE)
+        self.positions.scatter_(2, freed[..., :count], FREE)
 
     def plan_step(self) -> bool:
         """Whether the coming step evicts: the layer would go over its bound (decided on the host)."""
-        self.evicting = self.bound is not None and self.held + 1 > self.bound
+        self.evicting = self.bound is not None and not self.per_check and self.held + 1 > self.bound
         return self.evicting
 
+    def plan_check(self) -> bool:
+        """Whether the coming speculative check ends with an eviction (a bounded layer with holes: it would
+        hold more than its bound minus a check's tokens; decided on the host)."""
+        self.evicting = bool(self.per_check) and self.held + self.per_check > self.target
+        return self.evicting
+
+    def evict_for_check(self) -> None:
+        """At the end of a check planned to evict: keep the best ``bound - per_check`` tokens, holes first out."""
+        if self.evicting:
+            self._free_lowest(self.held + self.per_check - self.target, self.target)
+
     def stepped(self, tokens: int = 1) -> None:
-        """Count the step just run, of ``tokens`` tokens (on the host)."""
-        self.held = self.bound - self.slack if self.evicting else self.held + tokens
+        """Count the step (or check) just run, of ``tokens`` tokens (on the host)."""
+        if not self.evicting:
+            self.held += tokens
+        else:
+            self.held = self.target if self.per_check else self.bound - self.slack
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.keys, self.values, self.positions, self.real) if t is not None)

@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         "--static",
         action="store_true",
         help="decode with fixed-shape steps, replayed as CUDA graphs on a GPU (polykv.static_generate); "
-        "with --draft-spec, checks of fixed shapes (the default on a GPU where the draft allows)",
+        "with --draft-spec, checks of fixed shapes (the default where the draft allows)",
     )
     generate.add_argument(
         "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"

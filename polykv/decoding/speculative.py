@@ -26,6 +26,7 @@ import attrs
 import torch
 
 from polykv.cache.cache import PolyCache
+from polykv.cache.layer import PhaseRule
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
 from polykv.decoding.static import Sampling
 from polykv.decoding.static_speculation import StaticChecks
@@ -33,7 +34,7 @@ from polykv.errors import ArgumentError, ArgumentTypeError
 from polykv.harness.capture import capture
 from polykv.model.describe import cache_argument
 from polykv.plan.plan import Plan
-from polykv.registry import Registry
+from polykv.registry import Registry, default_registry
 
 
 @attrs.frozen
@@ -113,18 +114,19 @@ def speculative_generate(
     an end-of-sequence token continues with ``pad_token_id``; generation stops when every row has.
 
     ``static`` runs the checks with fixed shapes, each one CUDA graph replay on CUDA (eagerly on the
-    CPU), greedy or sampled, with a draft whose layers do not evict while decoding, on a model without
-    sliding windows (``static_problem`` says why not). Default: on CUDA where it can.
+    CPU), greedy or sampled, on a model without sliding windows, with decode policies that rank in a
+    static step (``static_problem`` says why not). Default: wherever it can (ordinary forwards cannot take back
+    the newest tokens of a draft layer that ranks them away per head while decoding).
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
     for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
-    problem = static_problem(draft)
+    problem = static_problem(draft, registry, lookahead, input_ids.shape[-1])
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
-    static = not problem and (input_ids.is_cuda if static is None else static)
+    static = not problem if static is None else static
     clock = _Clock(input_ids.device)
     with draft.apply(model):
         captured = capture(
@@ -177,14 +179,28 @@ def speculative_generate(
     return statistics.result(tokens, clock.lap(), *(warmup or (0.0, 0)), int(run.lengths.sum()), static=False)
 
 
-def static_problem(draft: Plan) -> str | None:
-    """Why speculation with ``draft`` cannot run with fixed shapes, or None where it can."""
+def static_problem(draft: Plan, registry: Registry | None, lookahead: int, prompt_length: int) -> str | None:
+    """Why speculation with ``draft``, ``lookahead`` tokens a check, cannot run with fixed shapes after a prompt
+    of ``prompt_length`` tokens, or None where it can."""
+    registry = default_registry() if registry is None else registry
     for layer in draft.layers:
         if layer.sliding_window:
-            return f"layer {layer.index} has a sliding window, which evicts while decoding"
+            return f"layer {layer.index} has a sliding window, which counts slots, so its slots cannot hold holes"
         for decode in [layer.decode, *(head.decode for head in layer.heads)]:
-            if decode is not None:
-                return f"layer {layer.index} evicts while decoding ({decode.describe()})"
+            rule = None if decode is None else PhaseRule.of(decode, registry)
+            bound = None if rule is None else rule.tokens(prompt_length)
+            if bound is None:
+                continue
+            if not rule.policy.static_decoding:
+                return (
+                    f"layer {layer.index} evicts while decoding with {decode.describe()}, which cannot rank its "
+                    "tokens in a static step (the policy does not declare static_decoding = True)"
+                )
+            if lookahead and bound - (lookahead + 1) < rule.policy.min_budget():
+                return (
+                    f"layer {layer.index} keeps {bound} tokens while decoding, too few to take checks of "
+                    f"{lookahead + 1} tokens and keep the {rule.policy.min_budget()} its policy needs"
+                )
     return None
 
 

@@ -12,17 +12,20 @@ check is a fixed sequence of forwards whose shapes never change:
 3. the full cache takes its newest token and the ``lookahead`` proposals in one step, and each row
    keeps the proposals up to the first it would not have chosen, plus its own choice after them.
 
-What a row refused stays in its slots as a hole the attention never sees again; slots are not
-reused, so each cache has room for a check's tokens times the checks that can come. Which row
-keeps what, the tokens made so far and the statistics all stay on the device: the host only
-replays the check and, every ``check_every`` checks, reads whether every row has finished. The
-first check runs for real and is captured; the later ones replay it. On the CPU the same check runs
-eagerly, which is how it is tested against greedy full-cache decoding.
+What a row refused stays in its slots as a hole the attention never sees again. The full cache's
+slots are not reused, so it has room for a check's tokens times the checks that can come; a draft
+layer bounded while decoding (a ``decode`` policy) holds at most its bound instead: at the end of a
+check it evicts down to its bound minus the next check's tokens, holes first (each pattern of
+evicting layers is a graph of its own). Which row keeps what, the tokens made so far and the
+statistics all stay on the device: the host only replays the check and, every ``check_every``
+checks, reads whether every row has finished. The first check of each pattern runs for real and is
+captured; the later ones replay it. On the CPU the same check runs eagerly, which is how it is
+tested against greedy full-cache decoding.
 
 Greedy or sampled (``Sampling``: a proposal drawn from the draft's q is kept with probability
-min(1, p/q), and a row that refuses one draws from what p has beyond q, all on the device), for
-drafts whose layers do not evict while decoding (no decode policy, no sliding window): their slots
-must hold holes. ``speculative_generate`` takes the ordinary path otherwise.
+min(1, p/q), and a row that refuses one draws from what p has beyond q, all on the device), on
+models without sliding windows (a window counts slots, so its slots cannot hold holes), with decode
+policies that rank in a static step. ``speculative_generate`` takes the ordinary path otherwise.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class StaticChecks:
         self.eos, self.pad = end_tokens(eos_token_id, pad_token_id, newest)
         checks = max_new_tokens + check_every  # a row gains a token or more per check, and the host looks late
         full.begin_static(room=checks * (lookahead + 1), holes=True)
-        if lookahead:
-            draft.begin_static(room=checks * (lookahead + 1), holes=True)  # two tokens, then lookahead - 1
+        if lookahead:  # two tokens, then lookahead - 1
+            draft.begin_static(room=checks * (lookahead + 1), holes=True, per_check=lookahead + 1)
         self.newest = newest.clone()
         self.full_next, self.draft_next = next_positions.clone(), next_positions.clone()
         # The draft's first two tokens: nothing (a hole) and the newest token.
@@ -85,7 +88,7 @@ class StaticChecks:
         self.counts = torch.zeros(5, dtype=torch.long, device=device)  # drafted, accepted, alone, row checks, checks
         self.per_check = torch.zeros(checks, dtype=torch.long, device=device)
         self.check_index = torch.zeros(1, dtype=torch.long, device=device)
-        self._replay: Callable[[], None] | None = None
+        self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the draft layers that evict at the end
 
     # --- one check --------------------------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class StaticChecks:
             self.behind[:, 0] = proposals[:, -1]
             self.behind_real[:, 0] = kept == count
             self.behind[:, 1] = newest
+            self.draft.static_evict_for_check()
         self._record(torch.cat([proposals, newest[:, None]], dim=1), kept, newest, active)
         rows = active.sum()
         found = torch.stack([count * rows, kept.sum(), alone.masked_fill(~active, 0).sum(), rows, active.any().long()])
@@ -201,12 +205,13 @@ class StaticChecks:
         return first_seconds, first_tokens
 
     def _run_check(self) -> None:
+        evicting = self.draft.plan_static_check() if self.lookahead else ()
         if not self.graph:
             self._check()
-        elif self._replay is None:
-            self._replay = captured_replay(self._check)
+        elif evicting in self._graphs:
+            self._graphs[evicting]()
         else:
-            self._replay()
+            self._graphs[evicting] = captured_replay(self._check)
         self.full.static_stepped(self.lookahead + 1)
         if self.lookahead:
             self.draft.static_stepped(self.lookahead + 1)

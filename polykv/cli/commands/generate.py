@@ -119,7 +119,7 @@ def _speculate(
         lookahead=args.lookahead,
         eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        static=True if args.static else None,  # by default: checks of fixed shapes on CUDA where they can run
+        static=True if args.static else None,  # by default: checks of fixed shapes where they can run
         sampling=sampling,
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
