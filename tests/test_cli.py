@@ -194,8 +194,8 @@ def test_bad_command_lines_exit_2(capsys):
     assert "--layers: expected a number from 1 to 10,000, got 1000000000" in err
     assert "--max-new-tokens: expected a number from 1 to 100,000, got 0" in err
     assert "--budget: expected 512, 'total 16384' or '10%', got 'lots'" in err
-    assert "--temperature: a temperature is above 0 (for the likeliest token leave it out), got 0" in err
-    assert "--temperature: a temperature is above 0 (for the likeliest token leave it out), got nan" in err
+    assert "--temperature: a temperature is above 0 (for the likeliest token, leave it out), got 0" in err
+    assert "--temperature: a temperature is above 0 (for the likeliest token, leave it out), got nan" in err
     assert "--top-p: expected a probability above 0 and at most 1, got 1.5" in err
 
 

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -374,37 +374,30 @@ def _count(most: int, least: int = 1):
     return parse
 
 
-def _temperature(text: str) -> float:
-    """--temperature: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.7, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"a temperature is above 0 (for the likeliest token leave it out), got {text}")
-    return value
+def _number(example: str, within: Callable[[float], bool], refusal: str, *, suffix: str = "") -> Callable[[str], float]:
+    """An argument type: a finite number (``example`` shows one; ``suffix`` may follow it) for which ``within``
+    holds, else the error ``refusal``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.removesuffix(suffix))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number such as {example}, got {text!r}") from None
+        if not (math.isfinite(value) and within(value)):
+            raise argparse.ArgumentTypeError(f"{refusal}, got {text}")
+        return value
+
+    return parse
 
 
-def _probability(text: str) -> float:
-    """--top-p: a share of probability, above 0 and at most 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.9, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability above 0 and at most 1, got {text}")
-    return value
-
-
-def _factor(text: str) -> float:
-    """--prefill-limit: a multiple of the full cache's prefill time, at least 1 (1.5 or 1.5x)."""
-    try:
-        value = float(text.removesuffix("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a factor such as 1.5, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(f"a prefill limit is at least 1 (the full cache's own prefill), got {text!r}")
-    return value
+_temperature = _number(
+    "0.7", lambda value: value > 0, "a temperature is above 0 (for the likeliest token, leave it out)"
+)
+_probability = _number("0.9", lambda value: 0 < value <= 1, "expected a probability above 0 and at most 1")
+#: --prefill-limit: a multiple of the full cache's prefill time (1.5 or 1.5x).
+_factor = _number(
+    "1.5", lambda value: value >= 1, "a prefill limit is at least 1 (the full cache's own prefill)", suffix="x"
+)
 
 
 def _budget(text: str) -> int | str:

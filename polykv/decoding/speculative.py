@@ -397,9 +397,7 @@ class _Run:
             target = self.sampling.probabilities(logits)
             agrees = torch.zeros_like(proposals, dtype=torch.bool)
             if count:
-                offered = proposals[..., None]
-                ratio = target[:, :count].gather(-1, offered)[..., 0] / draft.gather(-1, offered)[..., 0]
-                agrees = torch.rand_like(ratio) < ratio
+                agrees = Sampling.accepts(target[:, :count], draft, proposals)
         alone = agrees.int().cumprod(dim=1).sum(dim=1)
         kept = alone if ragged or not bool(active.any()) else torch.full_like(alone, int(alone[active].min()))
         kept = kept.masked_fill(~active, 0)
@@ -412,10 +410,7 @@ class _Run:
         if count:
             at = kept.clamp(max=count - 1)
             offered = draft.gather(1, at[:, None, None].expand(-1, 1, vocabulary))[:, 0]
-            beyond = (after - offered).clamp(min=0)
-            mass = beyond.sum(dim=-1, keepdim=True)
-            residual = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
-            after = torch.where((kept < count)[:, None], residual, after)
+            after = torch.where((kept < count)[:, None], Sampling.beyond(after, offered), after)
         drawn = torch.multinomial(after, 1)[:, 0]
         if count:
             drawn = torch.where(alone > kept, proposals.gather(1, at[:, None])[:, 0], drawn)

@@ -257,6 +257,22 @@ class Sampling:
         uniform = torch.rand_like(probabilities).clamp(min=torch.finfo(torch.float32).tiny)
         return (probabilities.log() - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
+    @staticmethod
+    def accepts(target: torch.Tensor, drafted: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """Speculative sampling's test: whether each of ``proposals`` (B, n), drawn from ``drafted`` (B, n, V), is
+        kept under ``target`` (B, n, V): with probability min(1, p/q) of the proposed token."""
+        offered = proposals[..., None]
+        ratio = target.gather(-1, offered)[..., 0] / drafted.gather(-1, offered)[..., 0]
+        return torch.rand_like(ratio) < ratio
+
+    @staticmethod
+    def beyond(target: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """What ``target`` has beyond ``drafted`` (each (..., V)), normalised: where a proposal was refused, the
+        token is drawn from it, so the output has ``target``'s distribution (``target`` where nothing is beyond)."""
+        excess = (target - drafted).clamp(min=0)
+        mass = excess.sum(dim=-1, keepdim=True)
+        return torch.where(mass > 0, excess / mass.clamp(min=torch.finfo(mass.dtype).tiny), target)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution ``choose`` draws from, over the last dimension of ``logits``."""
         return self.scores(logits).softmax(dim=-1)

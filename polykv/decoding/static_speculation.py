@@ -138,16 +138,11 @@ class StaticChecks:
         vocabulary = target.shape[-1]
         if not count:
             return proposals.new_zeros(proposals.shape[0]), self.sampling.draw(target[:, 0])
-        offered = proposals[..., None]
-        ratio = target[:, :count].gather(-1, offered)[..., 0] / drawn_from.gather(-1, offered)[..., 0]
-        alone = (torch.rand_like(ratio) < ratio).long().cumprod(dim=1).sum(dim=1)
+        alone = Sampling.accepts(target[:, :count], drawn_from, proposals).long().cumprod(dim=1).sum(dim=1)
         after = target.gather(1, alone[:, None, None].expand(-1, 1, vocabulary))[:, 0]
         # A row that refused a proposal draws from what the full cache has beyond the draft there.
         at = drawn_from.gather(1, alone.clamp(max=count - 1)[:, None, None].expand(-1, 1, vocabulary))[:, 0]
-        beyond = (after - at).clamp(min=0)
-        mass = beyond.sum(dim=-1, keepdim=True)
-        residual = torch.where(mass > 0, beyond / mass.clamp(min=torch.finfo(mass.dtype).tiny), after)
-        return alone, self.sampling.draw(torch.where((alone < count)[:, None], residual, after))
+        return alone, self.sampling.draw(torch.where((alone < count)[:, None], Sampling.beyond(after, at), after))
 
     def _check(self) -> None:
         count = self.lookahead
