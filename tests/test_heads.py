@@ -430,8 +430,8 @@ def test_shared_counts_sum_to_the_layers_budget_and_respect_the_floor(batch, hea
     seed = data.draw(st.integers(0, 2**16))
     scores = torch.randn(batch, heads, length, generator=torch.Generator().manual_seed(seed))
     counts = shared_counts(scores, budget, floor)
-    assert sum(counts) == heads * budget
-    assert all(floor <= count <= length for count in counts)
+    assert counts.shape == (batch, heads) and (counts.sum(dim=1) == heads * budget).all()  # each row its own
+    assert ((floor <= counts) & (counts <= length)).all()
 
 
 def test_the_head_whose_scores_stand_out_keeps_more():
@@ -439,7 +439,7 @@ def test_the_head_whose_scores_stand_out_keeps_more():
 
     scores = torch.zeros(1, 3, 20)
     scores[0, 1] = 5.0  # every token of head 1 outranks the others'
-    assert shared_counts(scores, budget=6, floor=2) == [2, 14, 2]
+    assert shared_counts(scores, budget=6, floor=2).tolist() == [[2, 14, 2]]
 
 
 def test_adaptive_heads_share_each_layers_budget_at_prefill():
@@ -455,6 +455,38 @@ def test_adaptive_heads_share_each_layers_budget_at_prefill():
     assert all(sum(layer) == 2 * 8 and min(layer) >= 4 for layer in lengths[1:])  # snapkv needs its window
     assert any(layer[0] != layer[1] for layer in lengths[1:])
     assert cache.nbytes() < 0.6 * cache.full_nbytes()
+
+
+@pytest.mark.parametrize("decode", ["", " decode streaming@12(sink=2)"])
+def test_each_row_of_a_batch_keeps_what_it_keeps_alone(decode):
+    """Ada-KV decides per sequence: every row shares its own budget among the heads, and sees exactly what it
+    would keep alone (a head stores its largest row's share; the other rows hide the rest), while decoding
+    too, padded rows included."""
+    model = tiny_model("llama", dtype=torch.float64)
+    plan = polykv.compile(ADAPTIVE.format(budget=8) + decode, model)
+    ids = prompt(40, batch=3, seed=3)
+    mask = torch.ones_like(ids)
+    mask[2, :6] = 0
+    options = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    together = model.generate(ids, attention_mask=mask, **polykv.cache_argument(model, plan.make_cache()), **options)
+    shares = []
+    for row in range(3):
+        alone = ids[row : row + 1, mask[row].bool()]
+        found = model.generate(alone, **polykv.cache_argument(model, plan.make_cache()), **options)
+        assert torch.equal(together.sequences[row, -8:], found.sequences[0, -8:])
+        for ours, theirs in zip(together.logits, found.logits, strict=True):
+            torch.testing.assert_close(ours[row], theirs[0], rtol=0, atol=1e-9)
+        prefilled = plan.make_cache()
+        with torch.no_grad():
+            model(alone, **polykv.cache_argument(model, prefilled))
+        shares.append(torch.stack([layer[0] for layer in prefilled.head_lengths()[1:]]))  # (layers, heads)
+    assert len({str(share.tolist()) for share in shares}) > 1  # the rows shared their budgets differently
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **polykv.cache_argument(model, cache))
+    assert torch.equal(torch.stack(cache.head_lengths()[1:], dim=1), torch.stack(shares))  # (rows, layers, heads)
+    stored = torch.tensor([[part.storage.size for _heads, part in layer.groups] for layer in cache.layers[1:]])
+    assert torch.equal(stored, torch.stack(shares).amax(dim=0))  # a head stores its largest row's share
 
 
 def test_adaptive_heads_with_a_covering_budget_are_the_full_cache():
@@ -482,7 +514,9 @@ def test_a_capture_shares_the_budget_as_the_cache_does():
     assert all(torch.equal(a, b) for a, b in zip(ours.head_lengths(), theirs.head_lengths(), strict=True))
     for layer, expected in zip(ours.layers[1:], theirs.layers[1:], strict=True):
         for (_h, part), (_same, expected_part) in zip(layer.groups, expected.groups, strict=True):
-            assert torch.equal(part.storage.positions_or_slots(), expected_part.storage.positions_or_slots())
+            positions = part.storage.positions_or_slots()
+            assert torch.equal(positions, expected_part.storage.positions_or_slots())
+            assert torch.equal(part.token_mask(positions), expected_part.token_mask(positions))  # rows hide alike
 
 
 def test_adaptive_heads_need_a_policy_that_scores():

@@ -43,7 +43,7 @@ from polykv.registry import Registry
 from polykv.values import format_use
 
 #: The layer's tensors, besides its storage, that have a batch dimension.
-_ROW_TENSORS = ("real", "recent_queries", "accumulated")
+_ROW_TENSORS = ("real", "hidden", "recent_queries", "accumulated")
 
 
 @attrs.frozen
@@ -144,6 +144,9 @@ class PolyLayer(CacheLayerMixin):
         self.static: StaticDecoding | None = None  # set between begin_static and end_static
         # Which positions hold real tokens (False: padding), (B, seen); None while all are real.
         self.real: torch.Tensor | None = None
+        # Prompt positions a row never sees again (B, prompt): tokens the layer stores for other rows of the
+        # batch (adaptive heads, ``hide``); None while a row sees all it stores.
+        self.hidden: torch.Tensor | None = None
         # The last queries, for policies that look at a window of them, and their positions.
         self.recent_queries: torch.Tensor | None = None  # (B, Hq, n, D)
         self.recent_query_positions: torch.Tensor | None = None  # (n,)
@@ -305,6 +308,8 @@ class PolyLayer(CacheLayerMixin):
         self.prompt_length = min(self.prompt_length, length)
         if self.real is not None:
             self.real = self.real[:, :length]
+        if self.hidden is not None:
+            self.hidden = self.hidden[:, :length]
         if self.recent_query_positions is not None:
             still = self.recent_query_positions < length
             self.recent_queries = self.recent_queries[:, :, still]
@@ -447,8 +452,22 @@ class PolyLayer(CacheLayerMixin):
         column at its position, so padding, causality and sliding windows carry over exactly.
         """
         positions = self.storage.positions
-        if positions is None:
-            return full_mask
+        mask = full_mask if positions is None else self._fitted_mask(positions, full_mask, query_length, query_heads)
+        if self.hidden is None:
+            return mask
+        # Tokens hidden from a row: the full cache's mask does not know them.
+        hidden = self._hidden_at(self.storage.positions_or_slots())
+        seen = ~hidden[:, :, None, :].repeat_interleave(query_heads // hidden.shape[1], dim=1)
+        if mask is None:
+            return seen
+        if mask.dtype == torch.bool:
+            return mask & seen
+        return mask.masked_fill(~seen, torch.finfo(mask.dtype).min)
+
+    @staticmethod
+    def _fitted_mask(
+        positions: torch.Tensor, full_mask: torch.Tensor | None, query_length: int, query_heads: int
+    ) -> torch.Tensor | None:
         stored = positions.shape[-1]
         if full_mask is None:  # no padding: stored tokens are all visible, the new ones causally
             if query_length == 1:
@@ -589,11 +608,35 @@ class PolyLayer(CacheLayerMixin):
             self._record(right_padding.int() * RIGHT_PADDING, "the prompt")
 
     def token_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Which stored tokens are real (not padding), (B, H, S)."""
-        if self.real is None:
-            return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        """Which stored tokens are real and seen by their row (not padding, not hidden), (B, H, S)."""
         batch, heads, _ = positions.shape
-        return self.real[:, None, :].expand(batch, heads, self.real.shape[-1]).gather(-1, positions)
+        if self.real is None:
+            mask = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        else:
+            mask = self.real[:, None, :].expand(batch, heads, self.real.shape[-1]).gather(-1, positions)
+        return mask if self.hidden is None else mask & ~self._hidden_at(positions)
+
+    def _hidden_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Whether each stored token (positions (B, H, S)) is hidden from its row; later tokens never are."""
+        batch, heads, _ = positions.shape
+        prompt = self.hidden.shape[-1]
+        hidden = self.hidden[:, None, :].expand(batch, heads, prompt).gather(-1, positions.clamp(max=prompt - 1))
+        return hidden & (positions < prompt)
+
+    def hide(self, hidden: torch.Tensor) -> None:
+        """Hide stored tokens from their rows for good, ``hidden`` (B, S) over what this one-head layer stores:
+        tokens kept for other rows of the batch (``polykv.cache.adaptive``). Attention and policies skip them."""
+        positions = self.storage.positions_or_slots()[:, 0]
+        if self.hidden is None:
+            self.hidden = torch.zeros(self.batch_size, self.prompt_length, dtype=torch.bool, device=hidden.device)
+        self.hidden = self.hidden.scatter(1, positions, self.hidden.gather(1, positions) | hidden)
+
+    def visible_lengths(self) -> torch.Tensor:
+        """(B,) tokens each row sees of what the layer stores: all of them but those hidden from it."""
+        lengths = torch.full((self.batch_size,), self.storage.size, dtype=torch.long)
+        if self.hidden is None or not self.storage.size:
+            return lengths
+        return lengths - self._hidden_at(self.storage.positions_or_slots())[:, 0].sum(dim=-1).cpu()
 
     def _remember_queries(self, queries: torch.Tensor) -> None:
         if self._query_window == 0 or (self.phase is Phase.DECODE and not self._decode_keeps_queries):

@@ -1,8 +1,9 @@
 """Running a policy: the top-k of its scores, its answer checked, padding rows handled here.
 
 Policies only ever see a layer where compression is needed. Rows (and heads) with no more real
-tokens than the budget keep all of them, whatever the policy says: the last ``budget`` entries,
-which with left padding are every real token plus the latest padding (masked in attention).
+tokens than the budget keep all of them, whatever the policy says, and the newest others (with
+left padding: the last ``budget`` entries, every real token plus the latest padding, masked in
+attention).
 
 What a policy returns is checked without a host round trip: the checks run on the device and
 leave a bit mask of problems (``Selection.problems``) that the cache reads at its next point of
@@ -56,9 +57,7 @@ def choose(policy: Policy, view: LayerView, *, where: str) -> Selection:
         )
     real = view.token_mask.sum(dim=-1)  # (B, H)
     short = real <= view.budget
-    batch, heads, length = view.token_mask.shape
-    tail = torch.arange(length - view.budget, length, device=keep.device).expand(batch, heads, view.budget)
-    keep = torch.where(short[..., None], tail, keep).sort(dim=-1).values
+    keep = torch.where(short[..., None], _every_real(view), keep).sort(dim=-1).values
     if not isinstance(policy, ScoringPolicy):  # top-k of scores can only give distinct real tokens
         repeated = (keep[..., 1:] == keep[..., :-1]).any()
         padding = ~(view.token_mask.gather(-1, keep) | short[..., None]).all()
@@ -80,7 +79,7 @@ def _top_scores(policy: ScoringPolicy, view: LayerView, where: str) -> tuple[tor
     nan = (scores.isnan() & view.token_mask).any()
     scores = scores.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     scores = scores.masked_fill(~view.token_mask, -torch.inf)
-    keep = _ordered_keys(scores).topk(view.budget, dim=-1, sorted=False).indices
+    keep = ordered_keys(scores).topk(view.budget, dim=-1, sorted=False).indices
     return keep, nan.int() * NAN_SCORE
 
 
@@ -99,7 +98,15 @@ def _selected(policy: Policy, view: LayerView, where: str) -> tuple[torch.Tensor
     return keep.clamp(0, length - 1), outside.int() * OUT_OF_RANGE
 
 
-def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
+def _every_real(view: LayerView) -> torch.Tensor:
+    """For rows with no more real tokens than the budget: every real token, then the newest others (B, H, budget).
+    With left padding these are the last ``budget`` tokens."""
+    length = view.token_mask.shape[-1]
+    newest_real_first = view.token_mask.long() * length + torch.arange(length, device=view.token_mask.device)
+    return newest_real_first.topk(view.budget, dim=-1, sorted=False).indices
+
+
+def ordered_keys(scores: torch.Tensor) -> torch.Tensor:
     """int64 keys that order like ``scores`` (float32), ties broken towards the earlier token.
 
     top-k breaks ties in no documented order; folding the token index into the key makes the

@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from polykv.budget import Tokens
-from polykv.cache.adaptive import share
+from polykv.cache.adaptive import Shares, share
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.errors import CacheError
 from polykv.policy import Phase, ScoringPolicy
@@ -243,10 +243,11 @@ class SplitLayer(CacheLayerMixin):
             part.problems = []
 
     def head_lengths(self) -> torch.Tensor:
-        """(B, H) tokens stored per row and KV head."""
+        """(B, H) tokens kept per row and KV head (with adaptive heads, a head stores its largest row's count
+        for every row, and each row sees its own)."""
         lengths = torch.zeros(self.batch_size, self.kv_heads, dtype=torch.long)
         for heads, part in self.groups:
-            lengths[:, list(heads)] = part.storage.size
+            lengths[:, list(heads)] = part.visible_lengths()[:, None]
         return lengths
 
     def nbytes(self) -> int:
@@ -261,11 +262,15 @@ class SplitLayer(CacheLayerMixin):
             part.end_scoring()
 
     def end_prefill(self) -> None:
+        shares = None
         if self.adaptive:
-            self._share_budget()
+            shares = self._share_budget()
             self._closing = False
         for part in self.parts:
             part.end_prefill()
+        if shares is not None:  # each head stores its largest row's share: the other rows hide the rest
+            for head, part in enumerate(self.parts):
+                part.hide(shares.hidden(head, part.storage.positions_or_slots()[:, 0]))
 
     def after_groups(self) -> None:
         """Called once every group attended in a forward: the prompt's last forward ends the prefill here when
@@ -273,15 +278,16 @@ class SplitLayer(CacheLayerMixin):
         if self.adaptive and self._closing:
             self.end_prefill()
 
-    def _share_budget(self) -> None:
-        """Give each head its part of the layer's budget by the policy's scores (Ada-KV), before they compress."""
+    def _share_budget(self) -> Shares | None:
+        """Give each head its part of the layer's budget by the policy's scores (Ada-KV), before they compress:
+        the most any row keeps of it (the shares say what each row keeps). None where nothing is shared."""
         first = self.parts[0]
         if first.phase is not Phase.PREFILL or not first.is_initialized:
-            return
+            return None
         rule = self._shared
         budget = first.budget_for(rule)
         if budget is None:
-            return
+            return None
         if not isinstance(rule.policy, ScoringPolicy):
             raise CacheError(
                 f"layer {self.index}: adaptive heads share the budget by the scores of the layer's policy, and "
@@ -289,8 +295,10 @@ class SplitLayer(CacheLayerMixin):
             )
         views = [part.view(rule, budget, part.storage.positions_or_slots(), part.scaling, part.visibility)
                  for part in self.parts]  # fmt: skip
-        for part, count in zip(self.parts, share(rule.policy, views, budget)):
-            part.set_rules(attrs.evolve(rule, budget=Tokens(count)), part.decode)
+        shares = share(rule.policy, views, budget)
+        for head, part in enumerate(self.parts):
+            part.set_rules(attrs.evolve(rule, budget=Tokens(shares.largest(head))), part.decode)
+        return shares
 
     def rewind(self, length: int) -> None:
         for part in self.parts:

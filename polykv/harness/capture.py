@@ -123,35 +123,42 @@ class Capture:
         The capture must have recorded what the plan's policies need (``capture(..., needs=plan.needs())``).
         """
         registry = default_registry() if registry is None else registry
-        keep, decode, split = {}, {}, {}
+        keep, decode, split, hidden = {}, {}, {}, {}
         for layer in plan.resolved(self.seen, registry).layers:
             if layer.split:
                 groups = head_groups(layer, registry, self.layers[layer.index].kv_heads)
-                split[layer.index] = (
-                    self._adaptive(layer.index, *groups[0][1:])
-                    if layer.adaptive_heads
-                    else [(heads, self._kept(layer.index, prefill, heads), decode) for heads, prefill, decode in groups]
-                )
+                if layer.adaptive_heads:
+                    split[layer.index], hidden[layer.index] = self._adaptive(layer.index, *groups[0][1:])
+                else:
+                    split[layer.index] = [
+                        (heads, self._kept(layer.index, prefill, heads), decode) for heads, prefill, decode in groups
+                    ]
                 continue
             found = self._kept(layer.index, PhaseRule.of(layer.prefill, registry))
             if found is not None:
                 keep[layer.index] = found
             if layer.decode is not None:
                 decode[layer.index] = PhaseRule.of(layer.decode, registry)
-        return self.cache(keep, decode, split=split)
+        cache = self.cache(keep, decode, split=split)
+        for index, hides in hidden.items():
+            for (_heads, part), hide in zip(cache.layers[index].groups, hides):
+                part.hide(hide)
+        return cache
 
-    def _adaptive(self, layer: int, rule: PhaseRule, decode: PhaseRule | None) -> list[SplitKeep]:
-        """What a layer whose heads share its budget keeps: one group per head, each with its share (as
-        ``SplitLayer`` shares it when the prompt ends)."""
+    def _adaptive(
+        self, layer: int, rule: PhaseRule, decode: PhaseRule | None
+    ) -> tuple[list[SplitKeep], list[torch.Tensor]]:
+        """What a layer whose heads share its budget keeps: one group per head, each storing its largest row's
+        share, and what each head hides from each row ((B, K) over what it stores; none where the budget covers
+        the prompt), as ``SplitLayer`` shares it when the prompt ends."""
         heads = range(self.layers[layer].kv_heads)
         budget = self.budget(layer, rule)
         if budget is None:
-            return [((head,), None, decode) for head in heads]
-        counts = share(rule.policy, [self.view(layer, rule.policy, budget, (head,)) for head in heads], budget)
-        return [
-            ((head,), self.select(layer, rule.policy, count, heads=(head,)).indices, decode)
-            for head, count in zip(heads, counts)
-        ]
+            return [((head,), None, decode) for head in heads], []
+        shares = share(rule.policy, [self.view(layer, rule.policy, budget, (head,)) for head in heads], budget)
+        kept = [self.select(layer, rule.policy, shares.largest(head), heads=(head,)).indices for head in heads]
+        hidden = [shares.hidden(head, indices[:, 0]) for head, indices in zip(heads, kept)]
+        return [((head,), indices, decode) for head, indices in zip(heads, kept)], hidden
 
     def _kept(self, layer: int, rule: PhaseRule, heads: tuple[int, ...] | None = None) -> torch.Tensor | None:
         """The indices ``rule`` keeps in ``layer`` (its KV ``heads``, as a group), or None where it keeps all."""
