@@ -87,6 +87,18 @@ def test_static_decoding_in_stages_of_growing_room_gives_the_tokens_of_ordinary_
     assert [layer.seen for layer in cache.layers] == [layer.seen for layer in expected_cache.layers]
 
 
+@pytest.mark.parametrize("lengths", [[30, 30, 30], [30, 22, 27]])
+@pytest.mark.parametrize("decode", ["", " decode streaming@20(sink=2)"])
+def test_static_decoding_hides_what_adaptive_heads_hide_from_a_row(decode, lengths):
+    """Rows of a batch share each layer's budget among the heads on their own (each head stores its largest
+    row's share): the static step's slots hide from each row what ordinary decoding hides."""
+    spec = "layers 0: full; layers * heads adaptive: snapkv@8(window=4)" + decode
+    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model("llama"), spec, lengths, 16)
+    assert torch.equal(tokens, expected)
+    assert all(torch.equal(a, b) for a, b in zip(cache.head_lengths(), expected_cache.head_lengths(), strict=True))
+    assert any((layer[0] != layer[1]).any() for layer in cache.head_lengths()[1:])  # rows shared differently
+
+
 @pytest.mark.parametrize("family", ["mistral-sliding", "gemma2"])
 def test_sliding_window_layers_reuse_their_slots_in_static_decoding(family):
     (expected, expected_cache), (tokens, cache) = both_ways(tiny_model(family), "*: snapkv@6(window=2)", [20, 13], 14)

@@ -95,10 +95,10 @@ class StaticDecoding:
         self.values = _with_slots(storage.values, slots)
         self.positions = torch.full((batch, heads, slots), FREE, dtype=POSITION, device=device)
         self.positions[:, :, : storage.size] = storage.positions_or_slots()
-        self.real: torch.Tensor | None = None  # (B, H, slots) False for padding and holes, None without either
+        self.real: torch.Tensor | None = None  # (B, H, slots) False: padding, hidden, holes; None: all real
         #: (B, n) whether each of a step's n tokens is real (set by whoever runs the steps); None: all are.
         self.incoming: torch.Tensor | None = None
-        if layer.real is not None or holes:
+        if layer.real is not None or layer.hidden is not None or holes:
             self.real = torch.ones(batch, heads, slots, dtype=torch.bool, device=device)
             self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
         storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
