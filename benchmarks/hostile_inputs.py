@@ -27,27 +27,9 @@ POLYKV = f"{shlex.quote(sys.executable)} -m polykv"
 
 def tiny_model_folder(folder: Path) -> Path:
     """A 4-layer random Llama of 512 positions with the bundled model's tokenizer and chat template."""
-    from transformers import AutoTokenizer
+    from polykv.testing.models import saved_small_model
 
-    from polykv.model.load import default_model_location
-    from polykv.testing import tiny_model
-
-    location = default_model_location()
-    tokenizer = AutoTokenizer.from_pretrained(location.directory, **location.loading_arguments())
-    model = tiny_model(
-        "llama",
-        "sdpa",
-        layers=4,
-        hidden_size=96,
-        intermediate_size=128,
-        num_attention_heads=6,
-        max_position_embeddings=512,
-        vocab_size=len(tokenizer),
-    )
-    path = folder / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved_small_model(folder / "tiny", layers=4)
 
 
 def config_folder(folder: Path, name: str, layers) -> Path:

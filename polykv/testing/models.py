@@ -7,6 +7,8 @@ exercise it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from polykv.model.describe import cache_argument
@@ -77,6 +79,21 @@ class WordTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [3 + min(len(word), 100) for word in text.split()]
+
+
+def saved_small_model(folder: Path, *, layers: int) -> Path:
+    """A random Llama of ``layers`` layers and 512 positions with the bundled model's tokenizer (and chat
+    template), saved in ``folder``: a model the CLI loads in a second. Needs the bundled model installed."""
+    from transformers import AutoTokenizer
+
+    from polykv.model.load import default_model_location
+
+    location = default_model_location()
+    tokenizer = AutoTokenizer.from_pretrained(location.directory, **location.loading_arguments())
+    config = {"hidden_size": 96, "intermediate_size": 128, "num_attention_heads": 6, "vocab_size": len(tokenizer)}
+    tiny_model("llama", layers=layers, max_position_embeddings=512, **config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def prompt_lengths(budget: int) -> list[int]:
