@@ -106,12 +106,13 @@ def _attend(layer, kernel, inner, module, query, key, value, attention_mask, sca
     return output
 
 
-def _attend_static(layer, query, key, value, scaling, softcap) -> torch.Tensor:
+def _attend_static(layer, query, scaling, softcap) -> torch.Tensor:
     """Attend ``query`` to the slots of ``layer`` (a PolyLayer in static decoding), then let it evict."""
     static = layer.static
     output = decode_attention(
-        query, key, value, static.positions, static.position, static.real, scaling, layer.sliding_window, softcap
-    )
+        query, static.keys, static.values, static.positions, static.position, static.real, scaling,
+        layer.sliding_window, softcap,
+    )  # fmt: skip
     static.after_attention()
     return output
 
@@ -132,7 +133,7 @@ def attention_function(inner: str) -> Callable:
         parts = getattr(layer, "groups", None)  # a SplitLayer: each group of heads attends to its own tokens
         if parts is None:
             if layer.static is not None:
-                return _attend_static(layer, query, layer.static.keys, layer.static.values, scaling, softcap), None
+                return _attend_static(layer, query, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
         batch, query_heads, length, _dim = query.shape
         output = None
@@ -140,7 +141,7 @@ def attention_function(inner: str) -> Callable:
             chosen = layer.query_selector(number, query_heads, query.device)
             queries = query.index_select(1, chosen)
             if part.static is not None:
-                found = _attend_static(part, queries, part.static.keys, part.static.values, scaling, softcap)
+                found = _attend_static(part, queries, scaling, softcap)
             else:
                 found = _attend(
                     part, kernel, inner, module, queries, part.keys, part.values, attention_mask, scaling, softcap,
