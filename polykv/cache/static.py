@@ -162,7 +162,8 @@ class StaticDecoding:
         scores = (view.positions if self.policy is None else self.policy.score(view)).float()
         lowest_real = torch.finfo(torch.float32).min / 2  # padding ranks below every real token
         ranked = scores.nan_to_num(nan=lowest_real).clamp(min=lowest_real).masked_fill(~view.token_mask, -3e38)
-        ranked = ranked.masked_fill(self.positions == FREE, torch.inf)  # a slot not taken yet is not freed again
+        if self.per_check:  # a check may end with slots not taken yet (one token a step fills every slot first)
+            ranked = ranked.masked_fill(self.positions == FREE, torch.inf)
         freed = _lowest_ranked(ranked, self.positions, count)
         spare = self.per_check - count  # free slots a check that evicts fewer than it brings has not taken
         if spare > 0:
