@@ -247,15 +247,12 @@ class Sampling:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of ``logits`` (B, V)."""
-        scores = self.scores(logits)
-        uniform = torch.rand_like(scores).clamp(min=torch.finfo(torch.float32).tiny)
-        return (scores - torch.log(-torch.log(uniform))).argmax(dim=-1)
+        return _gumbel_max(self.scores(logits))
 
     @staticmethod
     def draw(probabilities: torch.Tensor) -> torch.Tensor:
         """One token per row of ``probabilities`` (..., V), drawn from them (Gumbel-max, as ``choose``)."""
-        uniform = torch.rand_like(probabilities).clamp(min=torch.finfo(torch.float32).tiny)
-        return (probabilities.log() - torch.log(-torch.log(uniform))).argmax(dim=-1)
+        return _gumbel_max(probabilities.log())
 
     @staticmethod
     def accepts(target: torch.Tensor, drafted: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
@@ -289,6 +286,13 @@ class Sampling:
             outside = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
             scores = scores.masked_fill(outside, -math.inf)
         return scores
+
+
+def _gumbel_max(log_weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``log_weights`` (..., V), drawn in proportion to their exponentials: the argmax
+    after adding Gumbel noise from the default generator (no host round trip, so it runs in a captured step)."""
+    uniform = torch.rand_like(log_weights).clamp(min=torch.finfo(torch.float32).tiny)
+    return (log_weights - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
 class _Stops:
