@@ -14,13 +14,15 @@ Every row is measured side by side in one run (warmed up, synchronised timers, m
   same graph-replayed static step (``*: full``), and ``*: snapkv@512``;
 - the same static step with a decode-time policy that evicts (``decode streaming@520``) and without,
   evicting one token at every step and (``eviction_slack`` 31) 32 tokens every 32 steps;
+- the same static step with its forward compiled (``compile_step``: ``torch.compile`` fuses the
+  kernels around the cache's), against the step as it is, for the full cache and ``*: snapkv@512``;
 - the largest batch of 32k-token prompts that fits, for the full cache and for ``*: snapkv@512``
   prefilled in chunks: peak memory is measured at two batch sizes and the batch extrapolated
   linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
   depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
   as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
 
-``--rows`` picks parts (decode, eviction, largest). Prints a markdown table and writes
+``--rows`` picks parts (decode, eviction, compiled, largest). Prints a markdown table and writes
 benchmarks/results/gpu_decode_<device>.json.
 """
 
@@ -59,9 +61,11 @@ def weight_bytes(model) -> int:
     return sum(p.nbytes for p in model.parameters()) - embedding.nbytes
 
 
-def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repeats: int, slack: int = 0) -> dict:
+def static_decode(
+    model, cache, batch: int, prompt_length: int, steps: int, repeats: int, slack: int = 0, compile_step: bool = False
+) -> dict:
     """Per-step wall and GPU milliseconds (None on the CPU) of static decoding (graph-replayed on
-    CUDA), and the bytes it attends."""
+    CUDA; its forward compiled with ``compile_step``), and the bytes it attends."""
     device = model.device
     token = torch.ones(batch, dtype=torch.long, device=device)
     with torch.no_grad():
@@ -69,7 +73,9 @@ def static_decode(model, cache, batch: int, prompt_length: int, steps: int, repe
     positions = torch.full((batch, 1), prompt_length + 1, device=device)
     walls, gpus = [], []
     room = 1 + steps * (repeats + 1)
-    with StaticDecoder(model, cache, token, positions, room=room, eviction_slack=slack) as decoder:
+    with StaticDecoder(
+        model, cache, token, positions, room=room, eviction_slack=slack, compile_step=compile_step
+    ) as decoder:
         decoder.run(steps)  # warm-up
         attended = cache.nbytes()
         for _ in range(repeats):
@@ -137,7 +143,7 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="llama-8b")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length")
-    parser.add_argument("--rows", default="decode,eviction,largest", help="which parts to run")
+    parser.add_argument("--rows", default="decode,eviction,compiled,largest", help="which parts to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = load(args.model)
@@ -179,6 +185,21 @@ def main() -> None:
     result["decode_eviction"] = evicting
     print(evicting, flush=True)
 
+    compiled = []
+    for batch in map(int, args.batches.split(",")) if "compiled" in rows else ():
+        ids = prompt(batch, length, vocabulary, device, seed=batch)
+        for name in ("full", "snapkv@512"):
+            row = {"batch": batch, "cache": name}
+            for compile_step in (False, True):
+                cache = prefill(model, plans[name], ids, chunk=CHUNK)
+                measured = static_decode(model, cache, batch, length, args.steps, args.repeats, 0, compile_step)
+                measured["bound_ms"] = bound_ms(measured["cache_bytes"])
+                row["compiled" if compile_step else "eager"] = measured
+                del cache
+            compiled.append(row)
+            print(row, flush=True)
+    result["compiled_step"] = compiled
+
     if device.type == "cuda" and "largest" in rows:
         result["largest_batch"] = largest_batches(model, plans, args.large_chunk)
     else:
@@ -210,6 +231,22 @@ def main() -> None:
             if name != "snapkv@512":
                 ratio = measured["wall_ms"] / without
                 print(f"{name} vs without: {measured['wall_ms']:.2f} / {without:.2f} ms = {ratio:.3f}")
+    if compiled:
+        print(
+            "\n| static step, compiled or not | step ms | compiled | speed-up | GPU ms vs bound, step "
+            "| compiled |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+        )
+    for row in compiled:
+        eager, fused = row["eager"], row["compiled"]
+
+        def against(measured: dict) -> str:
+            gpu = measured["gpu_ms"]
+            return "-" if gpu is None else f"{gpu:.2f} / {measured['bound_ms']:.2f} ({gpu / measured['bound_ms']:.2f}x)"
+
+        print(
+            f"| batch {row['batch']}, {row['cache']} | {eager['wall_ms']:.2f} | {fused['wall_ms']:.2f} "
+            f"| {eager['wall_ms'] / fused['wall_ms']:.2f}x | {against(eager)} | {against(fused)} |"
+        )
     if result["largest_batch"]:
         full, snap = result["largest_batch"]
         print(

@@ -71,14 +71,14 @@ def weight_bytes(model) -> int:
     return sum(p.nbytes for p in model.parameters()) - model.get_input_embeddings().weight.nbytes
 
 
-def run(model, ids, plan, lookahead: int, new_tokens: int) -> polykv.Speculation:
+def run(model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False) -> polykv.Speculation:
     return polykv.speculative_generate(
-        model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True
+        model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True, compile_step=compile_step
     )
 
 
 @torch.no_grad()
-def plain_decoding(model, ids, whole, new_tokens: int) -> tuple[torch.Tensor, float]:
+def plain_decoding(model, ids, whole, new_tokens: int, compile_step: bool = False) -> tuple[torch.Tensor, float]:
     """Greedy full-cache decoding through the static step: the tokens (B, L + new) and tokens/s after the first
     static step (which captures the graph)."""
     batch, length = ids.shape
@@ -88,7 +88,9 @@ def plain_decoding(model, ids, whole, new_tokens: int) -> tuple[torch.Tensor, fl
         first = model(ids, **arguments, logits_to_keep=1).logits[:, -1].argmax(dim=-1)
         positions = torch.full((batch, 1), length, device=ids.device)
         second = model(first[:, None], position_ids=positions, **arguments, logits_to_keep=1).logits[:, -1].argmax(-1)
-        with StaticDecoder(model, cache, second, positions + 1, room=new_tokens - 2) as decoder:
+        with StaticDecoder(
+            model, cache, second, positions + 1, room=new_tokens - 2, compile_step=compile_step
+        ) as decoder:
             decoder.run(1)
             wall, _ = milliseconds(lambda: decoder.run(new_tokens - 3, check_every=new_tokens), ids.device)
             tokens = torch.cat([ids, first[:, None], second[:, None], decoder.tokens], dim=1)
@@ -104,16 +106,16 @@ def measure(model, tokenizer, args, device) -> list[dict]:
         )
     whole = polykv.compile("*: full", model)
     warm = prompts(tokenizer, 1, 128, device)
-    run(model, warm, whole, 2, 8), plain_decoding(model, warm, whole, 8)  # warm-up
+    run(model, warm, whole, 2, 8, args.compile_step), plain_decoding(model, warm, whole, 8, args.compile_step)
     rows = []
     for batch in args.batches:
         ids = prompts(tokenizer, batch, args.length, device)
-        plain, plain_rate = plain_decoding(model, ids, whole, args.new_tokens)
+        plain, plain_rate = plain_decoding(model, ids, whole, args.new_tokens, args.compile_step)
         rows.append({"batch": batch, "spec": "plain", "lookahead": 0, "tokens_per_s": plain_rate, "speedup": 1.0})
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
-                result = run(model, ids, plan, lookahead, args.new_tokens)
+                result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step)
                 rate = result.tokens_per_second
                 full, draft = weights + result.full_nbytes, weights + result.draft_nbytes
                 bound = result.tokens_per_step * full / (lookahead * draft + full)
@@ -317,6 +319,10 @@ def main() -> None:
     parser.add_argument(
         "--combine", nargs=2, type=Path, metavar=("BUNDLED", "SHAPE"), help="speed-ups from two kept results"
     )
+    parser.add_argument(
+        "--compile-step", action="store_true", help="compile the forwards of steps and checks (torch.compile)"
+    )
+    parser.add_argument("--label", help="appended to the results' file names")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.combine:
@@ -344,7 +350,7 @@ def main() -> None:
     rows = measure(model, tokenizer, args, device)
     text = table(rows)
     heading = f"bundled model ({dtype}), {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
-    heading += f", torch {torch.__version__}"
+    heading += f", torch {torch.__version__}" + (", forwards compiled" if args.compile_step else "")
     print(f"\n{heading}\n\n{text}")
     shape = {}
     if args.shape_layers:
@@ -355,7 +361,7 @@ def main() -> None:
         shape = {"costs": costs, "speedups": shape_speedups(costs, rows)}
         print("\n" + shape_table(costs, shape["speedups"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"speculation_{machine}"
+    name = f"speculation_{machine}" + (f"_{args.label}" if args.label else "")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
     (args.out / f"{name}.json").write_text(
         json.dumps({"settings": settings, "machine": machine, "rows": rows, "shape": shape}, indent=1)

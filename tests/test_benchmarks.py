@@ -55,6 +55,11 @@ def test_gpu_decode_runs_on_the_cpu(tmp_path):
         # The compressed static step attends fewer bytes than the full cache's.
         assert row["snapkv@512"]["cache_bytes"] < row["full"]["cache_bytes"]
         assert row["snapkv@512"]["bound_ms"] < row["full"]["bound_ms"]
+    assert [(row["batch"], row["cache"]) for row in result["compiled_step"]] == [
+        (batch, cache) for batch in (1, 2) for cache in ("full", "snapkv@512")
+    ]
+    for row in result["compiled_step"]:
+        assert row["compiled"]["cache_bytes"] == row["eager"]["cache_bytes"]
     assert result["largest_batch"] == []  # CUDA only
 
 

@@ -172,17 +172,30 @@ def test_static_checks_say_when_they_cannot_run(llama):
 @pytest.mark.parametrize(
     "spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full", "*: snapkv@12(window=4) decode streaming@16(sink=2)"]
 )
-def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec):
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compile_step):
     model = tiny_model("llama", dtype=torch.float32, seed=2, device="cuda")
     ids = prompt(30, batch=3).cuda()
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     expected = _greedy(model, ids, 20, attention_mask=mask)
     result = polykv.speculative_generate(
-        model, ids, attention_mask=mask, draft=polykv.compile(spec, model), max_new_tokens=20, lookahead=3
-    )
+        model, ids, attention_mask=mask, draft=polykv.compile(spec, model), max_new_tokens=20, lookahead=3,
+        compile_step=compile_step,
+    )  # fmt: skip
     assert result.static and torch.equal(result.tokens, expected)
     assert result.tokens_per_second > 0 and result.warmup_seconds > 0
+
+
+@pytest.mark.slow  # compiling takes some 14 s on two cores
+def test_compiled_checks_give_the_full_caches_output(llama):
+    ids = prompt(24, batch=2)
+    expected = _greedy(llama, ids, 10)
+    draft = polykv.compile("*: snapkv@12(window=4) decode streaming@16(sink=2)", llama)
+    result = polykv.speculative_generate(llama, ids, draft=draft, max_new_tokens=10, lookahead=3, compile_step=True)
+    assert result.static and torch.equal(result.tokens, expected)
+    with pytest.raises(polykv.ArgumentError, match=r"compile_step compiles the static checks.*static=False was given"):
+        polykv.speculative_generate(llama, ids, draft=draft, max_new_tokens=4, static=False, compile_step=True)
 
 
 def test_a_whole_draft_is_always_right():

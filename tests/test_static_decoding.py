@@ -242,6 +242,28 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
     assert "72514" in tokenizer.decode(tokens[0, ids.shape[1] :])
 
 
+def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
+    """torch.compile fuses the model's kernels around polykv's eager bookkeeping; in float32 nothing changes."""
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 22])
+    plan = polykv.compile("layers 0: full; *: knorm@12 decode knorm@14", model)
+    runs = []
+    with plan.apply(model):
+        for compile_step in (False, True):
+            cache = plan.make_cache()
+            tokens = static_generate(
+                model, cache, ids, attention_mask=mask, max_new_tokens=12, graph=False, eviction_slack=0,
+                compile_step=compile_step,
+            )  # fmt: skip
+            runs.append((tokens, cache))
+    (expected, expected_cache), (tokens, cache) = runs
+    assert torch.equal(tokens, expected)
+    assert cache.layer_lengths() == expected_cache.layer_lengths()
+    for (keys, positions), (expected_keys, expected_positions) in zip(stored(cache), stored(expected_cache)):
+        assert torch.equal(positions, expected_positions)
+        assert torch.allclose(keys, expected_keys, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize(
@@ -253,8 +275,10 @@ def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
         ("layers 1 heads 0: full; layers 1 heads 1: snapkv@8(window=4) decode streaming@20; *: knorm@12", 0),
     ],
 )
-def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack):
-    """Steps that evict and steps that do not are different graphs; replaying them gives the eager tokens."""
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack, compile_step):
+    """Steps that evict and steps that do not are different graphs; replaying them gives the eager tokens
+    (compiled or not)."""
     model = tiny_model("llama", device="cuda")
     ids, mask = (t.cuda() for t in padded_prompt([30, 22]))
     plan = polykv.compile(spec, model)
@@ -263,8 +287,9 @@ def test_cuda_graph_replay_gives_the_tokens_of_the_eager_static_step(spec, slack
         for graph in (False, True):
             cache = plan.make_cache()
             tokens = static_generate(
-                model, cache, ids, attention_mask=mask, max_new_tokens=40, graph=graph, eviction_slack=slack
-            )
+                model, cache, ids, attention_mask=mask, max_new_tokens=40, graph=graph, eviction_slack=slack,
+                compile_step=compile_step,
+            )  # fmt: skip
             runs[graph] = tokens, cache.layer_lengths()
     assert torch.equal(runs[True][0], runs[False][0])
     assert runs[True][1] == runs[False][1]

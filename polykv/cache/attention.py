@@ -118,6 +118,7 @@ def _attend_static(layer, query, scaling, softcap) -> torch.Tensor:
 
 
 def attention_function(inner: str) -> Callable:
+    @torch.compiler.disable  # layers of different lengths and their eviction stay eager (polykv.decoding.compiled)
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
         handoff = _HANDOFF.get()

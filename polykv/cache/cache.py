@@ -96,6 +96,7 @@ class PolyCache(Cache):
         if self._prompt_length is not None and resolve is not None:
             self.resolve(self._prompt_length)
 
+    @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):
             raise CacheError(
@@ -148,6 +149,7 @@ class PolyCache(Cache):
     def _reconstructs(self) -> bool:
         return any(layer.reconstructs for layer in self.layers)
 
+    @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
     def before_forward(self, model: torch.nn.Module, input_ids: torch.Tensor | None, attention_mask) -> None:
         """Called by a prepared model before each forward with this cache: remember the model, and the
         prompt's tokens while a prompt comes in (a policy that scores by reconstruction repeats them)."""
@@ -159,6 +161,7 @@ class PolyCache(Cache):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
         self._prompt_ids.append((input_ids, mask))
 
+    @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
     def after_forward(self) -> None:
         """Called by a prepared model after each forward with this cache."""
         if self._finish_after_forward:

@@ -106,6 +106,7 @@ def speculative_generate(
     sampling: Sampling | None = None,
     registry: Registry | None = None,
     static: bool | None = None,
+    compile_step: bool = False,
 ) -> Speculation:
     """Continue ``input_ids`` (B, L, left-padded as ``attention_mask`` says) by ``max_new_tokens`` tokens,
     drafting ``lookahead`` at a time with ``draft``'s compressed cache and keeping what the full cache
@@ -116,7 +117,8 @@ def speculative_generate(
     ``static`` runs the checks with fixed shapes, each one CUDA graph replay on CUDA (eagerly on the
     CPU), greedy or sampled, on a model without sliding windows, with decode policies that rank in a
     static step (``static_problem`` says why not). Default: wherever it can (ordinary forwards cannot take back
-    the newest tokens of a draft layer that ranks them away per head while decoding).
+    the newest tokens of a draft layer that ranks them away per head while decoding). ``compile_step`` runs
+    the static checks' forwards through ``torch.compile`` (``polykv.decoding.compiled``); it needs ``static``.
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
@@ -127,6 +129,10 @@ def speculative_generate(
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
     static = not problem if static is None else static
+    if compile_step and not static:
+        raise ArgumentError(
+            f"compile_step compiles the static checks, which cannot run here: {problem or 'static=False was given'}"
+        )
     clock = _Clock(input_ids.device)
     with draft.apply(model):
         captured = capture(
@@ -141,7 +147,7 @@ def speculative_generate(
             return _speculate_statically(
                 model, captured, draft, registry, input_ids, attention_mask, clock,
                 lookahead=lookahead, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id, sampling=sampling,
+                pad_token_id=pad_token_id, sampling=sampling, compile_step=compile_step,
             )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
         drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)

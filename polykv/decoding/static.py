@@ -27,6 +27,7 @@ import torch
 
 from polykv.cache.cache import CacheState, PolyCache
 from polykv.cache.positions import prompt_positions
+from polykv.decoding.compiled import compiled_forward
 from polykv.decoding.ends import end_tokens
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
@@ -50,6 +51,7 @@ def static_generate(
     eviction_slack: int | None = None,
     on_token: Callable[[], None] | None = None,
     sampling: Sampling | None = None,
+    compile_step: bool = False,
 ) -> torch.Tensor:
     """The continuation of ``input_ids`` (B, L), left-padded as ``attention_mask`` says: (B, L + new).
 
@@ -59,6 +61,8 @@ def static_generate(
     as ``model.generate``): see ``StaticDecoder``.
     ``on_token`` is called on the host after each token is queued (for progress; it reads nothing
     from the device). ``sampling`` samples instead of choosing greedily (see ``Sampling``).
+    ``compile_step`` runs the static step's forward through ``torch.compile`` (``polykv.decoding.compiled``):
+    fewer, fused kernels per step, after a compilation of some seconds per layer.
     """
     on_token = on_token or (lambda: None)
     if cache.state is not CacheState.FRESH:
@@ -100,6 +104,7 @@ def static_generate(
             ended=stops.ended,
             eviction_slack=eviction_slack,
             sampling=sampling,
+            compile_step=compile_step,
         ) as decoder:
             decoder.run(stage, check_every, on_step=on_token)
         later.append(decoder.tokens)
@@ -138,13 +143,15 @@ class StaticDecoder:
         ended: torch.Tensor | None = None,
         eviction_slack: int | None = None,
         sampling: Sampling | None = None,
+        compile_step: bool = False,
     ):
         """``last_tokens`` (B,) are fed first, at ``position_ids`` (B, 1); ``ended`` (B,) marks rows that
-        already produced an end-of-sequence token."""
+        already produced an end-of-sequence token; ``compile_step`` runs the step's forward compiled."""
         self.graph = last_tokens.is_cuda if graph is None else graph
         if self.graph and not last_tokens.is_cuda:
             raise CacheError("CUDA-graph decoding needs the model and the prompt on a CUDA device")
         self._model, self._cache = model, cache
+        self._forward = compiled_forward(model) if compile_step else model
         self.stops = _Stops(eos_token_id, pad_token_id, last_tokens, sampling)
         if ended is not None:
             self.stops.ended |= ended
@@ -159,7 +166,7 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the layers that evict in the step
 
     def _step(self) -> None:
-        token = _next_token(self._model, self._cache, self.stops, self._ids, self._position_ids)
+        token = _next_token(self._model, self._cache, self.stops, self._ids, self._position_ids, forward=self._forward)
         self._tokens.index_copy_(1, self._written, token[:, None])
         self._written.add_(1)
         self._ids.copy_(token[:, None])
@@ -204,9 +211,10 @@ class StaticDecoder:
         self.close()
 
 
-def _next_token(model, cache: PolyCache, stops: _Stops, ids, position_ids, mask=None) -> torch.Tensor:
-    """One forward of ``ids`` (B, n) at ``position_ids`` through ``cache``: the next token of each row (B,)."""
-    output = model(
+def _next_token(model, cache: PolyCache, stops: _Stops, ids, position_ids, mask=None, forward=None) -> torch.Tensor:
+    """One forward of ``ids`` (B, n) at ``position_ids`` through ``cache``: the next token of each row (B,).
+    ``forward`` runs the model (default: the model itself; ``compiled_forward(model)`` fuses its kernels)."""
+    output = (forward or model)(
         input_ids=ids,
         attention_mask=mask,
         position_ids=position_ids,

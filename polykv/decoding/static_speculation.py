@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from polykv.cache.cache import PolyCache
+from polykv.decoding.compiled import compiled_forward
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
 from polykv.decoding.static import Sampling, captured_replay
 from polykv.model.describe import cache_argument
@@ -58,11 +59,13 @@ class StaticChecks:
         graph: bool,
         sampling: Sampling | None = None,
         check_every: int = 4,
+        compile_step: bool = False,
     ):
         """``newest`` (B,): each row's token after the prompt, in neither cache yet (it is the first new
         token); ``next_positions`` (B,): its position (the row's real prompt tokens). ``sampling``: draw
-        instead of choosing greedily."""
+        instead of choosing greedily; ``compile_step``: run the forwards compiled (``polykv.decoding.compiled``)."""
         self.model, self.full, self.draft, self.sampling = model, full, draft, sampling
+        self._run_model = compiled_forward(model) if compile_step else model
         self.lookahead, self.max_new_tokens, self.graph, self.check_every = (
             lookahead,
             max_new_tokens,
@@ -94,7 +97,7 @@ class StaticChecks:
 
     def _forward(self, cache: PolyCache, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         """The logits (B, keep, V) after the last ``keep`` of ``ids``."""
-        output = self.model(
+        output = self._run_model(
             input_ids=ids,
             position_ids=positions,
             logits_to_keep=keep,

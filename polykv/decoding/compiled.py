@@ -1,0 +1,43 @@
+"""A model's forward compiled with ``torch.compile``, for static decoding steps.
+
+In a decoding step of a small model each layer runs some 25 small kernels besides its matrix
+products (norms, rotary embedding, activation, residual adds); captured in a CUDA graph, their
+count rather than the bytes they read sets much of the step's time (docs/performance.md).
+``torch.compile`` fuses the elementwise work between one layer's attention and the next one's
+into a few kernels. polykv's cache bookkeeping and attention stay eager: ``PolyCache.update``,
+``before_forward``, ``after_forward`` and the attention function are excluded from tracing
+(``torch.compiler.disable``), so each layer breaks the graph at its cache update and its attention,
+and what lies between is compiled. Dynamo guards on the layer index passed to the cache, so those
+parts are compiled once per layer; ``recompile_limit`` is raised for these calls alone.
+
+Compiled kernels compute what the eager ones compute up to rounding order: in float32 the tokens
+equal the eager step's (tested on the CPU), in bfloat16 near ties can break differently.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: torch.nn.Module) -> Callable:
+    """``model``'s forward compiled (static shapes), made once per model and kept while the model lives."""
+    found = _COMPILED.get(model)
+    if found is None:
+        found = _COMPILED[model] = _with_room_for_layers(torch.compile(model, dynamic=False), model)
+    return found
+
+
+def _with_room_for_layers(forward: Callable, model: torch.nn.Module) -> Callable:
+    layers = model.config.get_text_config().num_hidden_layers
+    limit = 4 * layers + 8  # each layer's parts, for a few input shapes (a step, a check)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=16 * limit):
+            return forward(*args, **kwargs)
+
+    return call
