@@ -250,6 +250,12 @@ class PolyCache(Cache):
         for layer in self.layers:
             layer.begin_static(room, slack, holes, per_check)
 
+    def compile_static_writes(self) -> None:
+        """Have every layer write its static steps' tokens with a compiled function (``StaticDecoding.compile_writes``)."""
+        for layer in self.layers:
+            for part in getattr(layer, "parts", [layer]):
+                part.static.compile_writes()
+
     def static_incoming(self, real: torch.Tensor | None) -> None:
         """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""
         for layer in self.layers:

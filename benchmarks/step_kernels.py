@@ -1,0 +1,145 @@
+"""Where a static decoding step's time goes: its kernels, as it runs and with its forward compiled.
+
+    python benchmarks/step_kernels.py                                  # one CUDA device: the bundled model
+    python benchmarks/step_kernels.py --model llama-8b --length 32768 --batch 8
+    python benchmarks/step_kernels.py --model tiny --length 520 --batch 2 --steps 2   # a smoke run on the CPU
+
+For each cache (``*: full``, and ``*: streaming@256``, a draft's cache) and each way of running the
+step (as it is, and ``compile_step``: the model's forward through ``torch.compile``, the cache's
+writes compiled), side by side in one run:
+
+- the step's wall time replayed as a CUDA graph (``StaticDecoder``; on the CPU, run eagerly);
+- the kernels one step launches and their summed GPU time, from the profiler over eager static steps
+  (the kernels a graph replays are these), split into the cache's (attention, slot writes: launched
+  from polykv) and the model's; the rest of a replayed step's wall time is the gaps between kernels;
+- the kernels that take the most GPU time.
+
+Prints a markdown table and writes benchmarks/results/step_kernels_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+from gpu_speed import machine, milliseconds, prefill, prompt
+from shapes import MODELS, load
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import polykv
+from polykv.decoding import StaticDecoder
+from polykv.model.describe import cache_argument
+
+RESULTS = Path(__file__).parent / "results"
+SPECS = ("*: full", "*: streaming@256")
+#: Kernel names (lower case) that belong to polykv's side of a step: its attention and its slot writes.
+#: (The model's embedding lookup is an index kernel too: one per step counted on the cache's side.)
+CACHE_KERNELS = ("decode", "index", "gather", "scatter", "arange")
+
+
+def decoder(model, plan, ids, compile_step: bool, room: int) -> StaticDecoder:
+    """A StaticDecoder after the prefill of ``ids`` and one ordinary step."""
+    cache = prefill(model, plan, ids, chunk=4096)
+    batch, length = ids.shape
+    token = torch.ones(batch, dtype=torch.long, device=ids.device)
+    with torch.no_grad():
+        model(token[:, None], **cache_argument(model, cache), logits_to_keep=1)
+    positions = torch.full((batch, 1), length + 1, device=ids.device)
+    return StaticDecoder(model, cache, token, positions, room=room, compile_step=compile_step, eviction_slack=0)
+
+
+def replayed_ms(model, plan, ids, compile_step: bool, steps: int, repeats: int) -> float:
+    with decoder(model, plan, ids, compile_step, room=1 + steps * (repeats + 1)) as run:
+        run.run(steps)  # captures (and compiles)
+        walls = [
+            milliseconds(lambda: run.run(steps, check_every=steps + 1), ids.device)[0] / steps for _ in range(repeats)
+        ]
+    return statistics.median(walls)
+
+
+def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
+    """Kernels per eager static step: their count and GPU time, the cache's and the model's."""
+    with decoder(model, plan, ids, compile_step, room=2 + steps) as run:
+        run.graph = False  # eager steps: the profiler sees each kernel
+        run.run(1)  # compiles
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+        with profile(activities=activities) as profiled:
+            with record_function("steps"):
+                run.run(steps, check_every=steps + 1)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+    device_events = [e for e in profiled.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not device_events:  # the CPU: count the operators run instead
+        device_events = [
+            e
+            for e in profiled.events()
+            if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+        ]
+    count, time_us, names = Counter(), Counter(), Counter()
+    for event in device_events:
+        side = "cache" if any(part in event.name.lower() for part in CACHE_KERNELS) else "model"
+        count[side] += 1
+        took = event.device_time if ids.is_cuda else event.cpu_time
+        time_us[side] += took
+        names[event.name[:70]] += took
+    return {
+        "kernels_per_step": {side: count[side] / steps for side in ("cache", "model")},
+        "kernel_ms_per_step": {side: time_us[side] / steps / 1e3 for side in ("cache", "model")},
+        "top": [(name, took / steps / 1e3) for name, took in names.most_common(8)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="bundled")
+    parser.add_argument("--length", type=int, default=8000, help="prompt tokens")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="decoding steps per timed or profiled run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, else the model's")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    model = load(args.model)
+    device = model.device
+    if args.dtype or device.type == "cuda":
+        model = model.to(getattr(torch, args.dtype or "bfloat16"))
+    ids = prompt(args.batch, args.length, model.config.vocab_size, device)
+    rows = []
+    for spec in SPECS:
+        plan = polykv.compile(spec, model)
+        for compile_step in (False, True):
+            row = {"spec": spec, "compiled": compile_step}
+            row["replayed_ms"] = replayed_ms(model, plan, ids, compile_step, args.steps, args.repeats)
+            row.update(kernels(model, plan, ids, compile_step, args.steps))
+            rows.append(row)
+            print(row, flush=True)
+    name = machine(device, args.model)
+    unit = "kernels" if device.type == "cuda" else "operators (CPU)"
+    settings = f"batch {args.batch}, {args.length}-token prompts, {name}, torch {torch.__version__}"
+    print(f"\n{args.model} ({next(model.parameters()).dtype}), {settings}\n")
+    print(
+        f"| cache | forward | step ms (replayed) | {unit} per step: cache / model | their time ms: cache / model "
+        "| gaps ms |\n| --- | --- | ---: | ---: | ---: | ---: |"
+    )
+    for row in rows:
+        n, t = row["kernels_per_step"], row["kernel_ms_per_step"]
+        gaps = row["replayed_ms"] - t["cache"] - t["model"]
+        print(
+            f"| `{row['spec']}` | {'compiled' if row['compiled'] else 'as it is'} | {row['replayed_ms']:.2f} "
+            f"| {n['cache']:.0f} / {n['model']:.0f} | {t['cache']:.2f} / {t['model']:.2f} | {gaps:.2f} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"step_kernels_{name.replace(' ', '-')}.json"
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    meta = {"model": args.model, "dtype": dtype, "batch": args.batch, "length": args.length, "device": name}
+    meta["torch"] = torch.__version__
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
