@@ -120,3 +120,19 @@ def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path)
     subprocess.run([*command, "--out", str(tmp_path)], cwd=tmp_path, check=True, capture_output=True)
     [speedup] = json.loads((tmp_path / "speculation_gpu_8b-speedup.json").read_text())["speedups"]
     assert speedup["check_ms"] == 11.0 + 2 * 10.0 + 52.0 and speedup["speedup"] == pytest.approx(3.5 * 50.0 / 83.0)
+
+
+def test_step_kernels_runs_on_the_cpu_and_reprints_its_table(tmp_path):
+    result = run("step_kernels.py", "--model", "tiny", "--length", "520", "--batch", "2", "--steps", "2", out=tmp_path)
+    assert [(row["spec"], row["compiled"]) for row in result["rows"]] == [
+        (spec, compiled) for spec in ("*: full", "*: streaming@256") for compiled in (False, True)
+    ]
+    for eager, compiled in zip(result["rows"][::2], result["rows"][1::2]):
+        # Compiled, the model's side runs fewer operators (inductor's fused kernels are not aten operators).
+        assert compiled["kernels_per_step"]["model"] < eager["kernels_per_step"]["model"]
+    (written,) = tmp_path.glob("*.json")
+    table = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_kernels.py"), "--table", str(written)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert table.count("\n| `*: ") == 4 and "operators (CPU) per step" in table

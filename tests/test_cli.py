@@ -350,3 +350,20 @@ def test_generate_samples_when_asked_and_the_seed_repeats_the_draws(small_model,
     drawn = text(*hot, "--seed", "1")
     assert drawn != greedy and text(*hot, "--seed", "1") == drawn and text(*hot, "--seed", "2") != drawn
     assert text("--top-k", "1") == greedy  # the likeliest token is the only one left to draw
+
+
+def test_generate_compile_needs_static_steps(small_model, capsys):
+    command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "hello", "--spec", "*: full"]
+    assert main([*command, "--compile"]) == 1
+    assert "--compile compiles static decoding steps: add --static" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # compiles the small model's step (some 15 s on two cores)
+def test_generate_static_compiled_gives_the_static_text(small_model, capsys):
+    command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "the quick brown fox jumps over"]
+    command += ["--max-new-tokens", "10", "--spec", "*: snapkv@8(window=2)", "--static"]
+    texts = []
+    for extra in ([], ["--compile"]):
+        assert main([*command, *extra]) == 0
+        texts.append(capsys.readouterr().out.partition("\n\n")[0])
+    assert texts[0] == texts[1]

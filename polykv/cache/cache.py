@@ -251,7 +251,7 @@ class PolyCache(Cache):
             layer.begin_static(room, slack, holes, per_check)
 
     def compile_static_writes(self) -> None:
-        """Have every layer write its static steps' tokens with a compiled function (``StaticDecoding.compile_writes``)."""
+        """Have every layer write its static steps' tokens compiled (``StaticDecoding.compile_writes``)."""
         for layer in self.layers:
             for part in getattr(layer, "parts", [layer]):
                 part.static.compile_writes()

@@ -183,6 +183,12 @@ def _parser() -> argparse.ArgumentParser:
         "with --draft-spec, checks of fixed shapes (the default where the draft allows)",
     )
     generate.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --static or --draft-spec: run the static steps' forwards through torch.compile (fewer, fused "
+        "kernels per step after some seconds of compilation; pays over long generations on a GPU)",
+    )
+    generate.add_argument(
         "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"
     )
     sampling = generate.add_argument_group("sampling (any of these samples instead of choosing the likeliest token)")

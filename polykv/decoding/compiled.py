@@ -34,10 +34,12 @@ def compiled_forward(model: torch.nn.Module) -> Callable:
 
 def _with_room_for_layers(forward: Callable, model: torch.nn.Module) -> Callable:
     layers = model.config.get_text_config().num_hidden_layers
-    limit = 4 * layers + 8  # each layer's parts, for a few input shapes (a step, a check)
+    # Each layer's parts, for up to 16 input shapes (speculation meets a step, a draft's first step and a check of
+    # each lookahead); past the limit dynamo would run the rest uncompiled.
+    limit = 16 * (layers + 1)
 
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=16 * limit):
+        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=4 * limit):
             return forward(*args, **kwargs)
 
     return call

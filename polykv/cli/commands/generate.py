@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not text.strip():
         raise PolykvError("the prompt is empty")
     drafting = args.draft_spec is not None
+    if args.compile and not (args.static or drafting):
+        raise PolykvError("--compile compiles static decoding steps: add --static (or give a --draft-spec)")
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 pad_token_id=tokenizer.pad_token_id,
                 on_token=progress.token,
                 sampling=sampling,
+                compile_step=args.compile,
             )
         else:
             output = model.generate(
@@ -119,8 +122,9 @@ def _speculate(
         lookahead=args.lookahead,
         eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        static=True if args.static else None,  # by default: checks of fixed shapes where they can run
+        static=True if args.static or args.compile else None,  # by default: fixed shapes where they can run
         sampling=sampling,
+        compile_step=args.compile,
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
     seconds = time.perf_counter() - started
