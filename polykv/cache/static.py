@@ -247,10 +247,21 @@ def write_tokens(
     return slots
 
 
+#: Shapes of slots the compiled write is compiled for (a shape per static stage, per group of heads, per cache of a
+#: speculation); past it dynamo would write uncompiled.
+WRITE_SHAPES = 64
+
+
 @functools.cache
 def _compiled_write():
-    """``write_tokens`` compiled once per process (shapes static; one compilation per shape of slots)."""
-    return torch.compile(write_tokens, dynamic=False)
+    """``write_tokens`` compiled once per process (shapes static: one compilation per shape of slots)."""
+    compiled = torch.compile(write_tokens, dynamic=False)
+
+    def write(*args: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=WRITE_SHAPES):
+            return compiled(*args)
+
+    return write
 
 
 def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
