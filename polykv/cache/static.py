@@ -110,7 +110,7 @@ class StaticDecoding:
         self.free = self.free.expand(batch, heads, free).contiguous()
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next free slot's place in ``free``
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
-        self.write = write_tokens  # or its compiled form (compile_writes)
+        self.write, self.refuse_slots = write_tokens, refuse_tokens  # or their compiled forms (compile_writes)
 
     # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
@@ -127,23 +127,16 @@ class StaticDecoding:
         return self.keys, self.values
 
     def compile_writes(self) -> None:
-        """Write each step's tokens with one compiled function (``torch.compile``): a few fused kernels
-        where the eager write launches about ten, which on a GPU is a share of a small step's time."""
-        self.write = _compiled_write()
+        """Write each step's tokens, and refuse a check's, with compiled functions (``torch.compile``): one
+        fused kernel where the eager write launches about ten and the refusal five, which on a GPU is a share of
+        a small step's time."""
+        self.write, self.refuse_slots = _compiled(write_tokens), _compiled(refuse_tokens)
 
     def refuse(self, refused: torch.Tensor) -> None:
         """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""
         if self.real is None:
             raise CacheError("this layer's static decoding was begun without holes")
-        tokens = refused.shape[1]
-        slots = self._taken(self.cursor - tokens, tokens)
-        kept = self.real.gather(2, slots) & ~refused[:, None, :]
-        self.real.scatter_(2, slots, kept)
-
-    def _taken(self, first: torch.Tensor, count: int) -> torch.Tensor:
-        """The slots (B, H, count) taken from the free list from place ``first`` (1,) on."""
-        places = (first + torch.arange(count, device=first.device)).expand(*self.free.shape[:2], count)
-        return self.free.gather(-1, places)
+        self.refuse_slots(self.real, self.free, self.cursor, refused)
 
     def after_attention(self) -> None:
         """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
@@ -234,34 +227,52 @@ def write_tokens(
     """Write ``keys`` and ``values`` (B, H, n, D) into the next n free slots (from place ``cursor`` of ``free``),
     at positions from ``position`` on, and move the cursor past them; the slots taken (B, H, n)."""
     tokens = keys.shape[-2]
-    places = (cursor + torch.arange(tokens, device=cursor.device)).expand(*free.shape[:2], tokens)
-    slots = free.gather(-1, places)
+    slots = _taken(free, cursor, tokens)
     # index_put_ rather than scatter_: compiled, it writes in place (a compiled scatter_ copies the whole buffer).
-    rows = torch.arange(free.shape[0], device=free.device)[:, None, None]
-    heads = torch.arange(free.shape[1], device=free.device)[None, :, None]
-    stored_keys.index_put_((rows, heads, slots), keys)
-    stored_values.index_put_((rows, heads, slots), values)
+    where = (*_rows_and_heads(free), slots)
+    stored_keys.index_put_(where, keys)
+    stored_values.index_put_(where, values)
     taken = position + torch.arange(tokens, device=position.device)
-    positions.index_put_((rows, heads, slots), taken.to(POSITION).expand_as(slots))
+    positions.index_put_(where, taken.to(POSITION).expand_as(slots))
     cursor += tokens
     return slots
 
 
-#: Shapes of slots the compiled write is compiled for (a shape per static stage, per group of heads, per cache of a
-#: speculation); past it dynamo would write uncompiled.
+def refuse_tokens(real: torch.Tensor, free: torch.Tensor, cursor: torch.Tensor, refused: torch.Tensor) -> None:
+    """Mark as holes in ``real`` the last n slots taken before place ``cursor`` of ``free`` where ``refused`` (B, n)
+    says so."""
+    tokens = refused.shape[1]
+    where = (*_rows_and_heads(free), _taken(free, cursor - tokens, tokens))
+    real.index_put_(where, real[where] & ~refused[:, None, :])
+
+
+def _taken(free: torch.Tensor, first: torch.Tensor, count: int) -> torch.Tensor:
+    """The slots (B, H, count) taken from the free list ``free`` (B, H, F) from place ``first`` (1,) on."""
+    places = (first + torch.arange(count, device=first.device)).expand(*free.shape[:2], count)
+    return free.gather(-1, places)
+
+
+def _rows_and_heads(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of every row (B, 1, 1) and head (1, H, 1), beside slots (B, H, n), for ``index_put_``."""
+    rows = torch.arange(free.shape[0], device=free.device)[:, None, None]
+    return rows, torch.arange(free.shape[1], device=free.device)[None, :, None]
+
+
+#: Shapes the compiled writes are compiled for (a shape per static stage, per group of heads, per cache of a
+#: speculation); past it dynamo would run them uncompiled.
 WRITE_SHAPES = 64
 
 
 @functools.cache
-def _compiled_write():
-    """``write_tokens`` compiled once per process (shapes static: one compilation per shape of slots)."""
-    compiled = torch.compile(write_tokens, dynamic=False)
+def _compiled(function):
+    """``function`` compiled once per process (shapes static: one compilation per shape of slots)."""
+    compiled = torch.compile(function, dynamic=False)
 
-    def write(*args: torch.Tensor) -> torch.Tensor:
+    def run(*args: torch.Tensor) -> torch.Tensor | None:
         with torch._dynamo.config.patch(recompile_limit=WRITE_SHAPES):
             return compiled(*args)
 
-    return write
+    return run
 
 
 def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
