@@ -264,6 +264,30 @@ def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
         assert torch.allclose(keys, expected_keys, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # compiles four models: some 35 s on two cores
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "mistral-sliding"])
+def test_a_compiled_step_gives_the_eager_tokens_in_other_families(family):
+    """q/k norms, soft-capping and sliding windows go through the compiled parts and polykv's eager ones alike."""
+    model = tiny_model(family)
+    ids, mask = padded_prompt([30, 22])
+    plan = polykv.compile("layers 0: full; *: snapkv@16(window=4)", model)
+    with plan.apply(model):
+        runs = [
+            static_generate(
+                model,
+                plan.make_cache(),
+                ids,
+                attention_mask=mask,
+                max_new_tokens=10,
+                graph=False,
+                compile_step=compile_step,
+            )
+            for compile_step in (False, True)
+        ]
+    assert torch.equal(*runs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize(
