@@ -367,3 +367,13 @@ def test_generate_static_compiled_gives_the_static_text(small_model, capsys):
         assert main([*command, *extra]) == 0
         texts.append(capsys.readouterr().out.partition("\n\n")[0])
     assert texts[0] == texts[1]
+
+
+def test_generate_static_reports_its_set_up_apart_from_its_steps(small_model, capsys):
+    command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "the quick brown fox jumps over"]
+    assert main([*command, "--max-new-tokens", "12", "--spec", "*: snapkv@8(window=2)", "--static"]) == 0
+    report = capsys.readouterr().out
+    assert "static decoding: set-up " in report
+    assert "(an ordinary step, then the first static step), then 9 tokens in " in report
+    assert main([*command, "--max-new-tokens", "12", "--spec", "*: snapkv@8(window=2)"]) == 0
+    assert "static decoding" not in capsys.readouterr().out

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if drafting:
         return _speculate(args, model, tokenizer, plan, input_ids, loaded, sampling)
     cache = plan.make_cache(prompt_length=input_ids.shape[1])
-    progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static)
+    first = "capturing the static step's CUDA graph" if input_ids.is_cuda else "the first static step"
+    before = f"an ordinary step, then {first}" + (", compiled first" if args.compile else "")
+    progress = _Progress(model, input_ids.shape[1], args.max_new_tokens, static=args.static, static_setup=before)
     with progress, torch.no_grad():
         if args.static:
             output = static_generate(
@@ -179,10 +181,19 @@ class _Progress:
     """Progress bars and timings from forward hooks: the first forward is the prefill, one bar per layer.
 
     With ``static`` decoding the forwards after the prefill are captured once and replayed, so tokens
-    are counted by ``token`` (called by ``static_generate``) and timed as a whole by ``finish``.
+    are counted by ``token`` (called by ``static_generate``) and timed as a whole by ``finish``, split
+    where the set-up ends: an ordinary step, then the first static step, which captures the step's
+    CUDA graph (and compiles it, with ``--compile``).
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, static: bool = False):
+    #: Tokens static_generate makes before its steps replay: the prefill's, the ordinary step's, the first static one.
+    STATIC_SETUP_TOKENS = 3
+
+    def __init__(
+        self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *, static: bool = False,
+        static_setup: str = "",
+    ):  # fmt: skip
+        """``static_setup`` says in words what static decoding does before its steps replay (for the report)."""
         self.model = model
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
@@ -190,7 +201,9 @@ class _Progress:
         self.forwards = 0
         self.kept_after_prefill: list[int] = []
         self.nbytes_after_prefill = self.full_nbytes_after_prefill = 0
-        self.prefill_seconds = self.decode_seconds = 0.0
+        self.prefill_seconds = self.decode_seconds = self.setup_seconds = 0.0
+        self.static_setup = static_setup
+        self._tokens_made = 0
         self._hooks: list = []
 
     def __enter__(self) -> _Progress:
@@ -225,6 +238,9 @@ class _Progress:
     def token(self) -> None:
         """One more token queued (static decoding)."""
         self._tokens_bar.update(1)
+        self._tokens_made += 1
+        if self._tokens_made == self.STATIC_SETUP_TOKENS:
+            self.setup_seconds = time.perf_counter() - self._prefilled
 
     def finish(self) -> None:
         """Generation is over: static decoding's time is everything after the prefill."""
@@ -268,4 +284,16 @@ def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: in
         f"time: load {load_seconds:.1f} s, prefill {progress.prefill_seconds:.2f} s, "
         f"generate {progress.decode_seconds:.2f} s ({new_tokens} tokens{decoding})"
     )
+    replayed = new_tokens - progress.STATIC_SETUP_TOKENS
+    if progress.setup_seconds and replayed > 0:
+        rest = progress.decode_seconds - progress.setup_seconds
+        lines.append(
+            f"static decoding: set-up {progress.setup_seconds:.2f} s ({progress.static_setup}), "
+            f"then {replayed} tokens in {rest:.2f} s ({replayed / rest:.1f} tokens/s)"
+        )
+        if progress.setup_seconds > rest:
+            lines.append(
+                "  the set-up took most of the time: static decoding pays over longer generations "
+                "(more --max-new-tokens), or leave out --static"
+            )
     return "\n".join(lines)
