@@ -358,7 +358,8 @@ def test_generate_compile_needs_static_steps(small_model, capsys):
     assert "--compile compiles static decoding steps: add --static" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # compiles the small model's step (some 15 s on two cores)
+@pytest.mark.slow
+@pytest.mark.heavy  # compiles the small model's step (some 15 s on two cores)
 def test_generate_static_compiled_gives_the_static_text(small_model, capsys):
     command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "the quick brown fox jumps over"]
     command += ["--max-new-tokens", "10", "--spec", "*: snapkv@8(window=2)", "--static"]

@@ -187,7 +187,8 @@ def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compil
     assert result.tokens_per_second > 0 and result.warmup_seconds > 0
 
 
-@pytest.mark.slow  # compiling takes some 14 s on two cores
+@pytest.mark.slow
+@pytest.mark.heavy  # compiling takes some 14 s on two cores
 def test_compiled_checks_give_the_full_caches_output(llama):
     ids = prompt(24, batch=2)
     expected = _greedy(llama, ids, 10)
