@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import Counter
 from pathlib import Path
 
 import torch
-from gpu_speed import machine, milliseconds, prefill, prompt
+from gpu_decode import static_decode
+from gpu_speed import CHUNK, machine, prefill, prompt
 from shapes import MODELS, load
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -45,22 +45,13 @@ CACHE_KERNELS = ("decode", "index", "gather", "scatter", "arange")
 
 def decoder(model, plan, ids, compile_step: bool, room: int) -> StaticDecoder:
     """A StaticDecoder after the prefill of ``ids`` and one ordinary step."""
-    cache = prefill(model, plan, ids, chunk=4096)
+    cache = prefill(model, plan, ids, chunk=CHUNK)
     batch, length = ids.shape
     token = torch.ones(batch, dtype=torch.long, device=ids.device)
     with torch.no_grad():
         model(token[:, None], **cache_argument(model, cache), logits_to_keep=1)
     positions = torch.full((batch, 1), length + 1, device=ids.device)
     return StaticDecoder(model, cache, token, positions, room=room, compile_step=compile_step, eviction_slack=0)
-
-
-def replayed_ms(model, plan, ids, compile_step: bool, steps: int, repeats: int) -> float:
-    with decoder(model, plan, ids, compile_step, room=1 + steps * (repeats + 1)) as run:
-        run.run(steps)  # captures (and compiles)
-        walls = [
-            milliseconds(lambda: run.run(steps, check_every=steps + 1), ids.device)[0] / steps for _ in range(repeats)
-        ]
-    return statistics.median(walls)
 
 
 def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
@@ -143,7 +134,10 @@ def main() -> None:
         plan = polykv.compile(spec, model)
         for compile_step in (False, True):
             row = {"spec": spec, "compiled": compile_step, "profiled_steps": args.steps}
-            row["replayed_ms"] = replayed_ms(model, plan, ids, compile_step, args.steps, args.repeats)
+            cache = prefill(model, plan, ids, chunk=CHUNK)
+            timed = static_decode(model, cache, *ids.shape, args.steps, args.repeats, 0, compile_step)
+            row["replayed_ms"] = timed["wall_ms"]
+            del cache
             row.update(kernels(model, plan, ids, compile_step, args.steps))
             rows.append(row)
             print(row, flush=True)

@@ -253,8 +253,7 @@ class PolyCache(Cache):
     def compile_static_writes(self) -> None:
         """Have every layer write its static steps' tokens compiled (``StaticDecoding.compile_writes``)."""
         for layer in self.layers:
-            for part in getattr(layer, "parts", [layer]):
-                part.static.compile_writes()
+            layer.static.compile_writes()
 
     def static_incoming(self, real: torch.Tensor | None) -> None:
         """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""

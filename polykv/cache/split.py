@@ -379,6 +379,10 @@ class GroupsInStatic:
         for part in self.parts:
             part.static.evict_for_check()
 
+    def compile_writes(self) -> None:
+        for part in self.parts:
+            part.static.compile_writes()
+
     def stepped(self, tokens: int = 1) -> None:
         for part in self.parts:
             part.static.stepped(tokens)

@@ -30,6 +30,7 @@ import functools
 
 import torch
 
+from polykv.cache.compiling import compiled
 from polykv.cache.storage import POSITION
 from polykv.errors import CacheError
 from polykv.policy import LayerView, Phase, ScoringPolicy
@@ -265,14 +266,8 @@ WRITE_SHAPES = 64
 
 @functools.cache
 def _compiled(function):
-    """``function`` compiled once per process (shapes static: one compilation per shape of slots)."""
-    compiled = torch.compile(function, dynamic=False)
-
-    def run(*args: torch.Tensor) -> torch.Tensor | None:
-        with torch._dynamo.config.patch(recompile_limit=WRITE_SHAPES):
-            return compiled(*args)
-
-    return run
+    """``function`` compiled once per process (one compilation per shape of slots)."""
+    return compiled(function, recompile_limit=WRITE_SHAPES)
 
 
 def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
