@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="with --static or --draft-spec: run the static steps' forwards through torch.compile (fewer, fused "
-        "kernels per step after some seconds of compilation; pays over long generations on a GPU)",
+        "kernels per step, each new input shape compiled first; pays over long generations on a GPU)",
     )
     generate.add_argument(
         "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"

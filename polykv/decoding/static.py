@@ -62,7 +62,7 @@ def static_generate(
     ``on_token`` is called on the host after each token is queued (for progress; it reads nothing
     from the device). ``sampling`` samples instead of choosing greedily (see ``Sampling``).
     ``compile_step`` runs the static step's forward through ``torch.compile`` (``polykv.decoding.compiled``):
-    fewer, fused kernels per step, after a compilation of some seconds per layer.
+    fewer, fused kernels per step, after compiling each new input shape first.
     """
     on_token = on_token or (lambda: None)
     if cache.state is not CacheState.FRESH:
