@@ -16,29 +16,37 @@ Every row is measured side by side in one run (warmed up, synchronised timers, m
   evicting one token at every step and (``eviction_slack`` 31) 32 tokens every 32 steps;
 - the same static step with its forward compiled (``compile_step``: ``torch.compile`` fuses the
   kernels around the cache's), against the step as it is, for the full cache and ``*: snapkv@512``;
+- what users run, ``model.generate`` (greedy, the prompt prefilled at once), timed per step inside it:
+  with transformers' DynamicCache (its default), with its StaticCache (``cache_implementation="static"``,
+  which generate compiles with ``torch.compile``, mode ``reduce-overhead``, transformers' documented
+  convention for fast decoding), and with a polykv cache (``*: snapkv@512``); against polykv's compiled
+  static step with ``*: snapkv@512`` (the prompt prefilled in chunks);
 - the largest batch of 32k-token prompts that fits, for the full cache and for ``*: snapkv@512``
   prefilled in chunks: peak memory is measured at two batch sizes and the batch extrapolated
   linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
   depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
   as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
 
-``--rows`` picks parts (decode, eviction, compiled, largest). Prints a markdown table and writes
+``--rows`` picks parts (decode, eviction, compiled, generate, largest). Prints a markdown table and writes
 benchmarks/results/gpu_decode_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big batches fragment less
 
 import torch  # imported after the allocator setting
-from gpu_speed import CHUNK, decode, machine, milliseconds, prefill, prompt
+from gpu_speed import CHUNK, decode, machine, milliseconds, prefill, prompt, synchronize
 from shapes import MODELS, load
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import polykv
 from polykv.decoding import StaticDecoder
@@ -84,6 +92,80 @@ def static_decode(
             gpus.append(None if gpu is None else gpu / steps)
     gpu_ms = None if gpus[0] is None else statistics.median(gpus)
     return {"wall_ms": statistics.median(walls), "gpu_ms": gpu_ms, "cache_bytes": attended}
+
+
+class StepClock(StoppingCriteria):
+    """Notes when each of ``generate``'s steps ends (the device synchronised), and never stops it: a stopping
+    criterion is called once per generated token, after the step's forward and token choice."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ends: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_step_ms(model, ids: torch.Tensor, steps: int, warm_up: int = 8, **options) -> float:
+    """Median milliseconds of one of ``model.generate``'s decoding steps, over ``steps`` steps after ``warm_up``
+    (a compiled cache compiles and captures in its first steps)."""
+    clock = StepClock(model.device)
+    tokens = 1 + warm_up + steps
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,  # no early end at an end-of-sequence token
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([clock]),
+            **options,
+        )
+    ends = clock.ends[1 + warm_up :]  # the first end is the prefill's
+    return statistics.median(later - earlier for earlier, later in itertools.pairwise(ends)) * 1e3
+
+
+def forget_compiled_generate(model) -> None:
+    """Free what a compiled StaticCache ``generate`` keeps: the cache (transformers before 5.2x keeps it on the
+    model for the next call) and the CUDA graphs of its compiled forward, which hold their memory pool."""
+    model.__dict__.pop("_cache", None)
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()  # a no-op on the CPU
+
+
+def generate_rows(model, plans: dict, batches: list[int], length: int, steps: int, repeats: int) -> list[dict]:
+    """Per batch: ``model.generate``'s step with a polykv cache, DynamicCache and StaticCache (compiled by
+    generate, run last and then freed), and polykv's compiled static step, all after the same prompts. A
+    ``generate`` that runs out of device memory (it prefills its prompts at once) is noted as None."""
+    generate_step_ms(model, prompt(1, 128, model.config.vocab_size, model.device), 2, warm_up=2)  # warms the kernels
+    rows = []
+    for batch in batches:
+        ids = prompt(batch, length, model.config.vocab_size, model.device, seed=batch)
+        options = {  # generate's keywords, made when the run starts (a polykv cache is made fresh)
+            "generate_polykv_ms": lambda: cache_argument(model, plans["snapkv@512"].make_cache()),
+            "generate_dynamic_ms": dict,
+            "generate_static_compiled_ms": lambda: {"cache_implementation": "static"},
+        }
+        row = {"batch": batch}
+        for key, make_options in options.items():
+            try:
+                row[key] = generate_step_ms(model, ids, steps, **make_options())
+            except torch.OutOfMemoryError:
+                row[key] = None
+                print(f"batch {batch}, {key}: out of device memory", flush=True)
+            torch.cuda.empty_cache()  # the run's cache back to the device (a no-op on the CPU)
+        forget_compiled_generate(model)
+        cache = prefill(model, plans["snapkv@512"], ids, chunk=CHUNK)
+        measured = static_decode(model, cache, batch, length, steps, repeats, compile_step=True)
+        row["polykv_static_compiled_ms"] = measured["wall_ms"]
+        del cache
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def peak_gib(function) -> float:
@@ -143,7 +225,7 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="llama-8b")
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length")
-    parser.add_argument("--rows", default="decode,eviction,compiled,largest", help="which parts to run")
+    parser.add_argument("--rows", default="decode,eviction,compiled,generate,largest", help="which parts to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = load(args.model)
@@ -155,6 +237,7 @@ def main() -> None:
     measured_bandwidth = bandwidth(device)
     weights = weight_bytes(model)
     result = {"bandwidth_gb_s": measured_bandwidth / 1e9, "weight_bytes": weights, "decode": [], "largest_batch": []}
+    result["generate"] = []
     print(f"bandwidth {measured_bandwidth / 1e9:.0f} GB/s, weights read per step {weights / 1e9:.2f} GB", flush=True)
 
     def bound_ms(cache_bytes: int) -> float:
@@ -200,6 +283,10 @@ def main() -> None:
             print(row, flush=True)
     result["compiled_step"] = compiled
 
+    batches = list(map(int, args.batches.split(",")))
+    if "generate" in rows:
+        result["generate"] = generate_rows(model, plans, batches, length, args.steps, args.repeats)
+
     if device.type == "cuda" and "largest" in rows:
         result["largest_batch"] = largest_batches(model, plans, args.large_chunk)
     else:
@@ -208,11 +295,12 @@ def main() -> None:
     device_name = machine(device, args.model)
     result.update({"device": device_name, "torch": torch.__version__, "prompt_length": length})
     print(f"\n{device_name}, torch {torch.__version__}, {measured_bandwidth / 1e9:.0f} GB/s measured\n")
-    print(
-        f"| decoding per token, {length}-token prompts | DynamicCache | full, static | snapkv@512, static "
-        "| speed-up vs full static / vs DynamicCache | GPU ms vs bound |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    if result["decode"]:
+        print(
+            f"| decoding per token, {length}-token prompts | DynamicCache | full, static | snapkv@512, static "
+            "| speed-up vs full static / vs DynamicCache | GPU ms vs bound |"
+            "\n| --- | ---: | ---: | ---: | ---: | ---: |"
+        )
     for row in result["decode"]:
         full, snap = row["full"], row["snapkv@512"]
         against_bound = (
@@ -247,6 +335,18 @@ def main() -> None:
             f"| batch {row['batch']}, {row['cache']} | {eager['wall_ms']:.2f} | {fused['wall_ms']:.2f} "
             f"| {eager['wall_ms'] / fused['wall_ms']:.2f}x | {against(eager)} | {against(fused)} |"
         )
+    if result["generate"]:
+        print(
+            "\n| per token, batch | generate, DynamicCache | generate, StaticCache compiled | generate, polykv "
+            "snapkv@512 | polykv static step compiled, snapkv@512 | faster than DynamicCache / StaticCache |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |"
+        )
+    for row in result["generate"]:
+        ours = row["polykv_static_compiled_ms"]
+        runs = [row[key] for key in ("generate_dynamic_ms", "generate_static_compiled_ms", "generate_polykv_ms")]
+        shown = ["out of memory" if ms is None else f"{ms:.2f} ms" for ms in runs]
+        faster = ["-" if ms is None else f"{ms / ours:.2f}x" for ms in runs[:2]]
+        print(f"| {row['batch']} | {' | '.join(shown)} | {ours:.2f} ms | {' / '.join(faster)} |")
     if result["largest_batch"]:
         full, snap = result["largest_batch"]
         print(

@@ -4,6 +4,7 @@
     python benchmarks/step_kernels.py --model llama-8b --length 32768 --batch 8
     python benchmarks/step_kernels.py --model tiny --length 520 --batch 2 --steps 2   # a smoke run on the CPU
     python benchmarks/step_kernels.py --table benchmarks/results/step_kernels_NVIDIA-H200.json
+    python benchmarks/step_kernels.py --model llama-8b --gemm-autotune   # compiled matrix products autotuned
 
 For each cache (``*: full``, and ``*: streaming@256``, a draft's cache) and each way of running the
 step (as it is, and ``compile_step``: the model's forward through ``torch.compile``, the cache's
@@ -14,6 +15,10 @@ writes compiled), side by side in one run:
   (the kernels a graph replays are these), split into the cache's (attention, slot writes: launched
   from polykv) and the model's; the rest of a replayed step's wall time is the gaps between kernels;
 - the kernels that take the most GPU time.
+
+``--gemm-autotune`` compiles with inductor's ``max_autotune_gemm``: each matrix product of the compiled
+parts is timed against Triton's templates and the fastest kept (the weight products hold most of an 8B
+step's gap to the bandwidth bound). Its result is written with the suffix ``_gemm-autotune``.
 
 Prints a markdown table and writes benchmarks/results/step_kernels_<device>.json.
 """
@@ -26,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from gpu_decode import static_decode
 from gpu_speed import CHUNK, machine, prefill, prompt
 from shapes import MODELS, load
@@ -117,6 +123,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per timed or profiled run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, else the model's")
+    parser.add_argument("--gemm-autotune", action="store_true", help="autotune the compiled matrix products")
     parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a kept result, and stop")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -124,6 +131,8 @@ def main() -> None:
         kept = json.loads(args.table.read_text())
         print(table(kept["rows"], "kernels" if kept["device"] != f"{kept['model']}-cpu" else "operators (CPU)"))
         return
+    if args.gemm_autotune:
+        torch._inductor.config.max_autotune_gemm = True
     model = load(args.model)
     device = model.device
     if args.dtype or device.type == "cuda":
@@ -146,10 +155,11 @@ def main() -> None:
     print(f"\n{args.model} ({next(model.parameters()).dtype}), {settings}\n")
     print(table(rows, "kernels" if device.type == "cuda" else "operators (CPU)"))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"step_kernels_{name.replace(' ', '-')}.json"
+    suffix = "_gemm-autotune" if args.gemm_autotune else ""
+    path = args.out / f"step_kernels_{name.replace(' ', '-')}{suffix}.json"
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"model": args.model, "dtype": dtype, "batch": args.batch, "length": args.length, "device": name}
-    meta["torch"] = torch.__version__
+    meta.update(torch=torch.__version__, gemm_autotune=args.gemm_autotune)
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
 

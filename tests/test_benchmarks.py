@@ -58,6 +58,10 @@ def test_gpu_decode_runs_on_the_cpu(tmp_path):
     assert [(row["batch"], row["cache"]) for row in result["compiled_step"]] == [
         (batch, cache) for batch in (1, 2) for cache in ("full", "snapkv@512")
     ]
+    # model.generate's steps with transformers' caches and a polykv one, beside polykv's compiled static step.
+    assert [row["batch"] for row in result["generate"]] == [1, 2]
+    for row in result["generate"]:
+        assert all(row[key] > 0 for key in row if key.endswith("_ms"))
     for row in result["compiled_step"]:
         assert row["compiled"]["cache_bytes"] == row["eager"]["cache_bytes"]
     assert result["largest_batch"] == []  # CUDA only

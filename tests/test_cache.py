@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, tiny_llama
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
@@ -66,6 +66,23 @@ def test_preparing_a_model_leaves_its_outputs_alone(tiny_model):
     assert tiny_model.config._attn_implementation.startswith("polykv_")
     assert torch.equal(tiny_model(ids).logits, before)
     assert torch.equal(tiny_model(ids, **cache_argument(tiny_model, DynamicCache())).logits, before)
+
+
+def test_a_prepared_model_still_compiles_whole_with_transformers_caches(tiny_model):
+    """generate compiles a StaticCache's steps as one graph: polykv's attention, eager for its own caches,
+    must trace as the wrapped kernel for others, also after a PolyCache has been used."""
+    ids = _prompt()
+    plan = polykv.compile("layers *: snapkv@12(window=4)", tiny_model)
+    tiny_model.generate(ids, max_new_tokens=2, do_sample=False, **cache_argument(tiny_model, plan.make_cache()))
+
+    def run(forward):
+        cache = StaticCache(config=tiny_model.config, max_cache_len=48)
+        with torch.no_grad():
+            return forward(ids, **cache_argument(tiny_model, cache)).logits
+
+    torch._dynamo.reset()
+    whole = torch.compile(tiny_model.forward, fullgraph=True, backend="eager")  # a graph break raises
+    assert torch.equal(run(whole), run(tiny_model.forward))
 
 
 # --- real memory savings -----------------------------------------------------------------------------

@@ -13,6 +13,12 @@ layer's update must be followed by this function before the next layer's update.
 The cache tells the function which layer it is serving through a context variable set in
 ``PolyCache.update``: the function checks that the keys it received are the very tensor that
 update returned, so a stale hand-off can never be mistaken for the current one.
+
+A PolyCache's layers and their eviction stay eager under ``torch.compile`` (``polykv.decoding.compiled``),
+but a prepared model with transformers' own caches must still compile whole (``generate``'s
+compiled StaticCache). ``torch.compile`` cannot read a context variable, so a plain count of pending
+hand-offs says whether any can be waiting: at zero the function is the wrapped kernel, traced with
+the rest of the forward; otherwise the eager function reads the context variable.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import threading
 from collections.abc import Callable
 
 import attrs
@@ -45,10 +52,26 @@ class Handoff:
 
 
 _HANDOFF: contextvars.ContextVar[Handoff | None] = contextvars.ContextVar("polykv_handoff", default=None)
+#: How many contexts (threads, tasks) hold a hand-off not yet taken: a module global, which compiled code can read.
+_PENDING = 0
+_PENDING_LOCK = threading.Lock()
+
+
+def _count_pending(change: int) -> None:
+    global _PENDING
+    with _PENDING_LOCK:
+        _PENDING += change
 
 
 def hand_over(cache: object, layer: object, keys: torch.Tensor) -> None:
+    if _HANDOFF.get() is None:
+        _count_pending(1)
     _HANDOFF.set(Handoff(cache, layer, keys))
+
+
+def _take() -> None:
+    _HANDOFF.set(None)
+    _count_pending(-1)
 
 
 def _kernel(inner: str, module: torch.nn.Module) -> Callable:
@@ -119,12 +142,12 @@ def _attend_static(layer, query, scaling, softcap) -> torch.Tensor:
 
 def attention_function(inner: str) -> Callable:
     @torch.compiler.disable  # layers of different lengths and their eviction stay eager (polykv.decoding.compiled)
-    def polykv_attention(module, query, key, value, attention_mask, **kwargs):
+    def serve(module, query, key, value, attention_mask, **kwargs):
         kernel = _kernel(inner, module)
         handoff = _HANDOFF.get()
         if handoff is None or handoff.keys is not key or handoff.layer.index != module.layer_idx:
             return kernel(module, query, key, value, attention_mask, **kwargs)
-        _HANDOFF.set(None)
+        _take()
         layer = handoff.layer
         handoff.cache.attended(layer)
         scaling = kwargs.get("scaling")
@@ -153,6 +176,11 @@ def attention_function(inner: str) -> Callable:
             output.index_copy_(2, chosen, found)
         layer.after_groups()
         return output, None
+
+    def polykv_attention(module, query, key, value, attention_mask, **kwargs):
+        if _PENDING == 0:  # no PolyCache awaits this attention: the wrapped kernel, which torch.compile traces
+            return _kernel(inner, module)(module, query, key, value, attention_mask, **kwargs)
+        return serve(module, query, key, value, attention_mask, **kwargs)
 
     polykv_attention.__name__ = f"{PREFIX}{inner}_attention"
     return polykv_attention
