@@ -88,6 +88,19 @@ def test_a_prepared_model_still_compiles_whole_with_transformers_caches(tiny_mod
 # --- real memory savings -----------------------------------------------------------------------------
 
 
+def test_an_open_prompt_holds_only_the_queries_its_policies_look_at(tiny_model):
+    """generate leaves the prompt open until prefill ends; meanwhile a layer keeps the window of queries
+    SnapKV scores with, not the memory of every query of the prompt's forward."""
+    plan = polykv.compile("layers *: snapkv@12(window=4)", tiny_model)
+    cache = plan.make_cache()
+    with torch.no_grad(), cache.prompt():
+        tiny_model(_prompt(batch=2, length=400), **cache_argument(tiny_model, cache))
+        for layer in cache.layers:
+            window = layer.recent_queries
+            assert window.shape[-2] == 4
+            assert window.untyped_storage().nbytes() == window.numel() * window.element_size()
+
+
 @pytest.mark.parametrize("policy", COMPRESSING)
 def test_each_layer_stores_exactly_its_budget(tiny_model, policy):
     plan = polykv.compile(f"layers 0: full; 1: streaming@30; 2: {policy}; 3: knorm@50%", tiny_model)

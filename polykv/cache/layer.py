@@ -646,7 +646,10 @@ class PolyLayer(CacheLayerMixin):
         if self.recent_queries is not None and new < self._query_window:
             queries = torch.cat([self.recent_queries, queries], dim=-2)
             positions = torch.cat([self.recent_query_positions, positions])
-        self.recent_queries = queries[:, :, -self._query_window :]
+        recent = queries[:, :, -self._query_window :]
+        # A view of a long forward's queries would keep all of them alive (twice the keys and values of a
+        # layer with four query heads per KV head), until the prompt ends or for good.
+        self.recent_queries = recent.clone() if new > self._query_window else recent
         self.recent_query_positions = positions[-self._query_window :]
 
     def _accumulate(
@@ -684,7 +687,7 @@ class PolyLayer(CacheLayerMixin):
     def _keep_newest(self, count: int) -> None:
         self.storage.keep_newest(count)
         if self.accumulated is not None:
-            self.accumulated = self.accumulated[..., -count:]
+            self.accumulated = self.accumulated[..., -count:].contiguous()
 
     def _evict(self, rule: PhaseRule, budget: int, scaling: float, visibility: Visibility) -> None:
         positions = self.storage.positions_or_slots()
