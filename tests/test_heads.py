@@ -163,6 +163,19 @@ def test_budgets_that_cover_the_prompt_give_the_full_cache_logits_bit_for_bit(at
             torch.testing.assert_close(step_ours, step_full, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [("0,2", "1,3"), ("0-1", "2-3")])
+def test_groups_of_heads_interleaved_or_in_runs_give_the_full_cache_logits(groups):
+    """Heads taken by index (groups interleaved) and as views (runs of heads in order) attend alike."""
+    model = tiny_model("llama", num_key_value_heads=4, num_attention_heads=8)
+    first, second = groups
+    spec = f"layers 1 heads {first}: snapkv@64(window=4) decode streaming@100; layers 1 heads {second}: full; *: full"
+    ids, mask = _padded()
+    full = _steps(model, DynamicCache(), ids, mask)
+    ours = _steps(model, polykv.compile(spec, model).make_cache(), ids, mask)
+    for step_ours, step_full in zip(ours, full, strict=True):
+        torch.testing.assert_close(step_ours, step_full, rtol=0, atol=1e-6)
+
+
 class _MaskedReference:
     """Full attention (a DynamicCache) with each KV head's evicted prompt tokens masked out: what a layer whose
     heads keep different tokens must compute."""
@@ -377,12 +390,14 @@ def test_a_capture_builds_the_cache_a_per_head_plan_makes(model, head_profile):
         SPLIT.format(budget=8, other=16),
         "layers 1 heads 0: full decode streaming@24(sink=2); layers 1 heads 1: snapkv@8(window=4) decode "
         "streaming@20; *: knorm@12",
+        "layers 1 heads 1,3: snapkv@8(window=4); layers 1 heads 0,2: full; *: knorm@12",  # interleaved groups
     ],
 )
 def test_static_decoding_of_ragged_heads_gives_the_tokens_and_heads_of_ordinary_decoding(spec):
     from test_static_decoding import both_ways
 
-    (expected, expected_cache), (tokens, cache) = both_ways(tiny_model("llama"), spec, [30, 22], 16)
+    model = tiny_model("llama", num_key_value_heads=4, num_attention_heads=8) if "1,3" in spec else tiny_model("llama")
+    (expected, expected_cache), (tokens, cache) = both_ways(model, spec, [30, 22], 16)
     assert torch.equal(tokens, expected)
     for ours, theirs in zip(cache.head_lengths(), expected_cache.head_lengths(), strict=True):
         assert torch.equal(ours, theirs)

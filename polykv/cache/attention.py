@@ -159,23 +159,20 @@ def attention_function(inner: str) -> Callable:
             if layer.static is not None:
                 return _attend_static(layer, query, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
-        batch, query_heads, length, _dim = query.shape
-        output = None
+        outputs = []
         for number, (_heads, part) in enumerate(parts):
-            chosen = layer.query_selector(number, query_heads, query.device)
-            queries = query.index_select(1, chosen)
+            queries = layer.queries_of(query, number)
             if part.static is not None:
-                found = _attend_static(part, queries, scaling, softcap)
+                outputs.append(_attend_static(part, queries, scaling, softcap))
             else:
-                found = _attend(
-                    part, kernel, inner, module, queries, part.keys, part.values, attention_mask, scaling, softcap,
-                    kwargs,
-                )[0]  # fmt: skip
-            if output is None:
-                output = found.new_empty(batch, length, query_heads, found.shape[-1])
-            output.index_copy_(2, chosen, found)
+                outputs.append(
+                    _attend(
+                        part, kernel, inner, module, queries, part.keys, part.values, attention_mask, scaling,
+                        softcap, kwargs,
+                    )[0]
+                )  # fmt: skip
         layer.after_groups()
-        return output, None
+        return layer.join(outputs), None
 
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
         if _PENDING == 0:  # no PolyCache awaits this attention: the wrapped kernel, which torch.compile traces

@@ -8,8 +8,10 @@ for its heads exactly as a whole layer with its choice would. Memory is the sum 
 is the sum of the heads' budgets.
 
 Attention runs the model's kernel once per group, on the query heads that read the group's KV heads
-(``query_heads``), and writes each group's output into its place: a head attends to exactly its own
-stored tokens, which is what full attention with its evicted tokens masked out computes.
+(``query_heads``), and puts each group's output in its place: a head attends to exactly its own
+stored tokens, which is what full attention with its evicted tokens masked out computes. Groups that
+are runs of heads in order (heads 0-3, then 4-7) take their heads as views and join their outputs by
+concatenation; other groupings index.
 
 With ``adaptive`` heads (``heads adaptive``) every head is a group of its own, and how many tokens
 each keeps is decided when the prompt ends: the layer's budget is shared among them by the
@@ -80,6 +82,11 @@ class SplitLayer(CacheLayerMixin):
             for group, prefill, decode in groups
         ]  # fmt: skip
         self._selectors: dict[object, list[torch.Tensor]] = {}  # per device: the groups' KV heads, query heads
+        # When the groups are runs of heads in order (heads 0-3, then 4-7), a group's heads of a tensor are a view and
+        # the groups' outputs join by concatenation: no kernel where an index_select or index_copy_ launches one
+        # (each group, each step).
+        in_order = [head for group, _prefill, _decode in groups for head in group] == heads
+        self._runs = [(group[0], len(group)) for group, _p, _d in groups] if in_order else None
 
     def __repr__(self) -> str:
         parts = "; ".join(f"heads {','.join(map(str, heads))}: {part!r}" for heads, part in self.groups)
@@ -96,7 +103,33 @@ class SplitLayer(CacheLayerMixin):
         per = query_heads // self.kv_heads
         return [head * per + offset for head in heads for offset in range(per)]
 
-    def query_selector(self, number: int, query_heads: int, device: torch.device) -> torch.Tensor:
+    def heads_of(self, states: torch.Tensor, number: int) -> torch.Tensor:
+        """Group ``number``'s KV heads of ``states`` (B, H, n, D)."""
+        if self._runs is not None:
+            first, count = self._runs[number]
+            return states.narrow(1, first, count)
+        return states.index_select(1, self._selector(number, states.device))
+
+    def queries_of(self, query: torch.Tensor, number: int) -> torch.Tensor:
+        """The heads of ``query`` (B, Hq, n, D) that read group ``number``'s KV heads."""
+        if self._runs is not None:
+            per = query.shape[1] // self.kv_heads
+            first, count = self._runs[number]
+            return query.narrow(1, first * per, count * per)
+        return query.index_select(1, self._query_selector(number, query.shape[1], query.device))
+
+    def join(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The attention output (B, n, Hq, D) of the groups' outputs (B, n, their query heads, D), in group order."""
+        if self._runs is not None:
+            return torch.cat(outputs, dim=2)
+        batch, length, _heads, dim = outputs[0].shape
+        query_heads = sum(found.shape[2] for found in outputs)
+        joined = outputs[0].new_empty(batch, length, query_heads, dim)
+        for number, found in enumerate(outputs):
+            joined.index_copy_(2, self._query_selector(number, query_heads, found.device), found)
+        return joined
+
+    def _query_selector(self, number: int, query_heads: int, device: torch.device) -> torch.Tensor:
         """Group ``number``'s query heads as an index on ``device``, made once (a step replayed as a CUDA graph
         cannot copy one from the host)."""
         key = ("query", query_heads, device)
@@ -163,8 +196,7 @@ class SplitLayer(CacheLayerMixin):
                 f"layer {self.index}: this cache holds {self.kv_heads} KV heads but received {key_states.shape[1]}"
             )
         for number, (_heads, part) in enumerate(self.groups):
-            selector = self._selector(number, key_states.device)
-            part.update(key_states.index_select(1, selector), value_states.index_select(1, selector))
+            part.update(self.heads_of(key_states, number), self.heads_of(value_states, number))
         return key_states, value_states
 
     def get_seq_length(self) -> int:
