@@ -5,6 +5,8 @@
     python benchmarks/step_kernels.py --model tiny --length 520 --batch 2 --steps 2   # a smoke run on the CPU
     python benchmarks/step_kernels.py --table benchmarks/results/step_kernels_NVIDIA-H200.json
     python benchmarks/step_kernels.py --model llama-8b --gemm-autotune   # compiled matrix products autotuned
+    python benchmarks/step_kernels.py --specs "layers *: snapkv@512" "layers * heads 0-3: snapkv@768; \
+        layers * heads 4-7: snapkv@256" --model llama-8b --label heads        # ragged heads against uniform ones
 
 For each cache (``*: full``, and ``*: streaming@256``, a draft's cache) and each way of running the
 step (as it is, and ``compile_step``: the model's forward through ``torch.compile``, the cache's
@@ -13,7 +15,8 @@ writes compiled), side by side in one run:
 - the step's wall time replayed as a CUDA graph (``StaticDecoder``; on the CPU, run eagerly);
 - the kernels one step launches and their summed GPU time, from the profiler over eager static steps
   (the kernels a graph replays are these), split into the cache's (attention, slot writes: launched
-  from polykv) and the model's; the rest of a replayed step's wall time is the gaps between kernels;
+  from polykv) and the model's; the rest of a replayed step's wall time is the gaps between kernels
+  (on the CPU: the operators a step runs, views left out);
 - the kernels that take the most GPU time.
 
 ``--gemm-autotune`` compiles with inductor's ``max_autotune_gemm``: each matrix product of the compiled
@@ -26,6 +29,7 @@ Prints a markdown table and writes benchmarks/results/step_kernels_<device>.json
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -74,11 +78,13 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
     device_events = [
         e for e in profiled.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name != ANNOTATION
     ]  # the annotation spans the steps on the GPU's timeline too: it is not a kernel
-    if not device_events:  # the CPU: count the operators run instead
+    if not device_events:  # the CPU: count the operators run instead, but views, which compute nothing
         device_events = [
             e
             for e in profiled.events()
-            if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+            if e.name.startswith("aten::")
+            and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+            and not _is_view(e.name)
         ]
     count, time_us, names = Counter(), Counter(), Counter()
     for event in device_events:
@@ -92,6 +98,19 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
         "kernel_ms_per_step": {side: time_us[side] / steps / 1e3 for side in ("cache", "model")},
         "top": [(name, took / steps / 1e3) for name, took in names.most_common(8)],
     }
+
+
+@functools.cache
+def _is_view(name: str) -> bool:
+    """Whether the aten operator ``name`` returns a view of its input (its schema's result aliases it, unwritten)."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return False
+    for overload in packet.overloads():
+        returns = getattr(packet, overload)._schema.returns
+        if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
+            return True
+    return False
 
 
 def table(rows: list[dict], unit: str) -> str:
@@ -123,7 +142,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="decoding steps per timed or profiled run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on CUDA, else the model's")
+    parser.add_argument("--specs", nargs="+", default=list(SPECS), help="the caches' specs")
     parser.add_argument("--gemm-autotune", action="store_true", help="autotune the compiled matrix products")
+    parser.add_argument("--label", help="appended to the result's file name")
     parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a kept result, and stop")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -139,7 +160,7 @@ def main() -> None:
         model = model.to(getattr(torch, args.dtype or "bfloat16"))
     ids = prompt(args.batch, args.length, model.config.vocab_size, device)
     rows = []
-    for spec in SPECS:
+    for spec in args.specs:
         plan = polykv.compile(spec, model)
         for compile_step in (False, True):
             row = {"spec": spec, "compiled": compile_step, "profiled_steps": args.steps}
@@ -155,7 +176,7 @@ def main() -> None:
     print(f"\n{args.model} ({next(model.parameters()).dtype}), {settings}\n")
     print(table(rows, "kernels" if device.type == "cuda" else "operators (CPU)"))
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_gemm-autotune" if args.gemm_autotune else ""
+    suffix = ("_gemm-autotune" if args.gemm_autotune else "") + (f"_{args.label}" if args.label else "")
     path = args.out / f"step_kernels_{name.replace(' ', '-')}{suffix}.json"
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"model": args.model, "dtype": dtype, "batch": args.batch, "length": args.length, "device": name}
