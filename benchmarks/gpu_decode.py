@@ -124,7 +124,7 @@ def generate_step_ms(model, ids: torch.Tensor, steps: int, warm_up: int = 8, **o
             stopping_criteria=StoppingCriteriaList([clock]),
             **options,
         )
-    ends = clock.ends[1 + warm_up :]  # the first end is the prefill's
+    ends = clock.ends[warm_up:]  # the first end is the prefill's: from the last warm-up step's end on
     return statistics.median(later - earlier for earlier, later in itertools.pairwise(ends)) * 1e3
 
 
