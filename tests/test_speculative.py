@@ -232,7 +232,12 @@ def test_a_left_padded_batch_with_an_end_token_is_generates(llama):
 @pytest.mark.parametrize(
     ("family", "static", "lookahead"),
     # rows keep what each accepted, or what all did (sliding windows); in ordinary forwards or checks of fixed shapes
-    [("llama", False, 1), ("mistral-sliding", False, 1), ("llama", True, 1), ("llama", True, 3)],
+    [
+        ("llama", False, 1),
+        ("mistral-sliding", False, 1),
+        pytest.param("llama", True, 1, marks=pytest.mark.heavy),  # 8 s; checks of fixed shapes run at lookahead 3
+        ("llama", True, 3),
+    ],
 )
 def test_sampling_follows_the_full_caches_distribution(family, static, lookahead):
     """The first drafted tokens of many rows, drawn from a poor draft, are distributed as the full cache says."""
