@@ -110,6 +110,10 @@ class StaticDecoding:
         self.free = torch.arange(self.held, self.held + free, device=device).clamp(max=slots - 1)
         self.free = self.free.expand(batch, heads, free).contiguous()
         self.cursor = torch.zeros(1, dtype=torch.long, device=device)  # the next free slot's place in ``free``
+        # Indices every write uses, made once: rows (B, 1, 1), heads (1, H, 1), and token offsets in a step, sliced.
+        self.row_numbers = torch.arange(batch, device=device)[:, None, None]
+        self.head_numbers = torch.arange(heads, device=device)[None, :, None]
+        self.token_offsets = torch.arange(slots, device=device)
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
         self.write, self.refuse_slots = write_tokens, refuse_tokens  # or their compiled forms (compile_writes)
 
@@ -121,7 +125,10 @@ class StaticDecoding:
         if tokens != 1 and self.bound is not None and not self.per_check:
             raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
         batch, heads = keys.shape[:2]
-        slots = self.write(self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values)
+        where = (self.row_numbers, self.head_numbers, self.token_offsets[:tokens])
+        slots = self.write(
+            self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values, where
+        )
         if self.real is not None:
             real = True if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
             self.real.scatter_(2, slots, real)
@@ -137,7 +144,13 @@ class StaticDecoding:
         """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""
         if self.real is None:
             raise CacheError("this layer's static decoding was begun without holes")
-        self.refuse_slots(self.real, self.free, self.cursor, refused)
+        self.refuse_slots(
+            self.real,
+            self.free,
+            self.cursor,
+            refused,
+            (self.row_numbers, self.head_numbers, self.token_offsets[: refused.shape[1]]),
+        )
 
     def after_attention(self) -> None:
         """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
@@ -215,6 +228,11 @@ class StaticDecoding:
         layer.seen += tokens
 
 
+#: Indices a write uses: rows (B, 1, 1), heads (1, H, 1) and the step's token offsets (n,), made once per layer so
+#: that a step launches no kernel to make them.
+Indices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def write_tokens(
     stored_keys: torch.Tensor,
     stored_values: torch.Tensor,
@@ -224,39 +242,34 @@ def write_tokens(
     position: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
+    indices: Indices,
 ) -> torch.Tensor:
     """Write ``keys`` and ``values`` (B, H, n, D) into the next n free slots (from place ``cursor`` of ``free``),
     at positions from ``position`` on, and move the cursor past them; the slots taken (B, H, n)."""
-    tokens = keys.shape[-2]
-    slots = _taken(free, cursor, tokens)
+    rows, heads, offsets = indices
+    slots = _taken(free, cursor, offsets)
     # index_put_ rather than scatter_: compiled, it writes in place (a compiled scatter_ copies the whole buffer).
-    where = (*_rows_and_heads(free), slots)
+    where = (rows, heads, slots)
     stored_keys.index_put_(where, keys)
     stored_values.index_put_(where, values)
-    taken = position + torch.arange(tokens, device=position.device)
-    positions.index_put_(where, taken.to(POSITION).expand_as(slots))
-    cursor += tokens
+    positions.index_put_(where, (position + offsets).to(POSITION).expand_as(slots))
+    cursor += offsets.shape[0]
     return slots
 
 
-def refuse_tokens(real: torch.Tensor, free: torch.Tensor, cursor: torch.Tensor, refused: torch.Tensor) -> None:
+def refuse_tokens(
+    real: torch.Tensor, free: torch.Tensor, cursor: torch.Tensor, refused: torch.Tensor, indices: Indices
+) -> None:
     """Mark as holes in ``real`` the last n slots taken before place ``cursor`` of ``free`` where ``refused`` (B, n)
     says so."""
-    tokens = refused.shape[1]
-    where = (*_rows_and_heads(free), _taken(free, cursor - tokens, tokens))
+    rows, heads, offsets = indices
+    where = (rows, heads, _taken(free, cursor - offsets.shape[0], offsets))
     real.index_put_(where, real[where] & ~refused[:, None, :])
 
 
-def _taken(free: torch.Tensor, first: torch.Tensor, count: int) -> torch.Tensor:
-    """The slots (B, H, count) taken from the free list ``free`` (B, H, F) from place ``first`` (1,) on."""
-    places = (first + torch.arange(count, device=first.device)).expand(*free.shape[:2], count)
-    return free.gather(-1, places)
-
-
-def _rows_and_heads(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of every row (B, 1, 1) and head (1, H, 1), beside slots (B, H, n), for ``index_put_``."""
-    rows = torch.arange(free.shape[0], device=free.device)[:, None, None]
-    return rows, torch.arange(free.shape[1], device=free.device)[None, :, None]
+def _taken(free: torch.Tensor, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The slots (B, H, n) taken from the free list ``free`` (B, H, F) from place ``first`` (1,) on."""
+    return free.gather(-1, (first + offsets).expand(*free.shape[:2], offsets.shape[0]))
 
 
 #: Shapes the compiled writes are compiled for (a shape per static stage, per group of heads, per cache of a
