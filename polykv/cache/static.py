@@ -125,10 +125,10 @@ class StaticDecoding:
         if tokens != 1 and self.bound is not None and not self.per_check:
             raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
         batch, heads = keys.shape[:2]
-        where = (self.row_numbers, self.head_numbers, self.token_offsets[:tokens])
         slots = self.write(
-            self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values, where
-        )
+            self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values,
+            self._indices(tokens),
+        )  # fmt: skip
         if self.real is not None:
             real = True if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
             self.real.scatter_(2, slots, real)
@@ -144,13 +144,11 @@ class StaticDecoding:
         """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""
         if self.real is None:
             raise CacheError("this layer's static decoding was begun without holes")
-        self.refuse_slots(
-            self.real,
-            self.free,
-            self.cursor,
-            refused,
-            (self.row_numbers, self.head_numbers, self.token_offsets[: refused.shape[1]]),
-        )
+        self.refuse_slots(self.real, self.free, self.cursor, refused, self._indices(refused.shape[1]))
+
+    def _indices(self, tokens: int) -> Indices:
+        """A write's indices for a step of ``tokens`` tokens (views of tensors made once)."""
+        return self.row_numbers, self.head_numbers, self.token_offsets[:tokens]
 
     def after_attention(self) -> None:
         """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
@@ -177,9 +175,7 @@ class StaticDecoding:
         freed = _lowest_ranked(ranked, self.positions, count)
         spare = self.per_check - count  # free slots a check that evicts fewer than it brings has not taken
         if spare > 0:
-            places = (self.cursor + torch.arange(spare, device=freed.device)).expand(*freed.shape[:2], spare)
-            untaken = self.free.gather(-1, places)
-            freed = torch.cat([freed, untaken], dim=-1)
+            freed = torch.cat([freed, _taken(self.free, self.cursor, self.token_offsets[:spare])], dim=-1)
         self.free[..., : freed.shape[-1]].copy_(freed)  # in place: a captured graph reads these very tensors
         self.cursor.zero_()
         self.positions.scatter_(2, freed[..., :count], FREE)
