@@ -63,6 +63,7 @@ def test_passkey_at_1k_tokens_with_snapkv_256(real_model, depth):
     assert cache.layer_lengths()[:3] == [ids.shape[1] + 7, ids.shape[1] + 7, 256 + 7]
 
 
+@pytest.mark.heavy  # 11 s; tests/test_cache.py checks padded batches on tiny models in the quick tier
 def test_a_left_padded_batch_answers_like_each_prompt_alone(real_model):
     model, tokenizer = real_model
     texts = [

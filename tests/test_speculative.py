@@ -233,7 +233,7 @@ def test_a_left_padded_batch_with_an_end_token_is_generates(llama):
     ("family", "static", "lookahead"),
     # rows keep what each accepted, or what all did (sliding windows); in ordinary forwards or checks of fixed shapes
     [
-        ("llama", False, 1),
+        pytest.param("llama", False, 1, marks=pytest.mark.heavy),  # 8 s; ordinary forwards run with mistral-sliding
         ("mistral-sliding", False, 1),
         pytest.param("llama", True, 1, marks=pytest.mark.heavy),  # 8 s; checks of fixed shapes run at lookahead 3
         ("llama", True, 3),
