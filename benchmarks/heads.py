@@ -16,7 +16,9 @@ Measured side by side in one run, at batch 1 and 8 (``--batches``):
   their positions) and against the uniform cache's bytes;
 - decoding per token: median milliseconds of a greedy step through each cache, with plain forwards
   (the runs taking turns) and with static decoding (``StaticDecoder``: fixed shapes, each step a
-  CUDA graph replay on a GPU; a ragged layer attends group by group).
+  CUDA graph replay on a GPU; a ragged layer's groups keep their slots in one pool, which attention
+  reads in one launch where the Triton kernels run), and with ``--compile-step`` also with the
+  step's forward compiled.
 
 Prints a markdown table and writes benchmarks/results/heads_<device>.json.
 """
@@ -33,6 +35,7 @@ from gpu_speed import CHUNK, interleaved, machine, prefill, prompt
 from shapes import MODELS, load
 
 import polykv
+from polykv.cache.kernels.decode_attention import available as kernels_available
 from polykv.model.describe import cache_argument
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--steps", type=int, default=16, help="decoding steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-step", action="store_true", help="also time the static step compiled")
+    parser.add_argument("--label", default="", help="a suffix for the result's file name")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = load(args.model)
@@ -94,9 +99,11 @@ def main() -> None:
         runs = {name: (lambda step=step: [step() for _ in range(args.steps)]) for name, step in steps.items()}
         seconds = interleaved(runs, args.repeats, device)
         del caches, steps, runs
+        modes = {"static": False, "compiled": True} if args.compile_step else {"static": False}
         static = {
-            name: static_decode(model, prefill(model, plan, ids, chunk=CHUNK), batch, args.length, args.steps,
-                                args.repeats)["wall_ms"]
+            (mode, name): static_decode(model, prefill(model, plan, ids, chunk=CHUNK), batch, args.length, args.steps,
+                                        args.repeats, compile_step=compiled)["wall_ms"]
+            for mode, compiled in modes.items()
             for name, plan in plans.items()
         }  # fmt: skip
         for name in plans:
@@ -111,20 +118,24 @@ def main() -> None:
                     "over_uniform": memory[name] / memory["uniform"] - 1,
                     "ms_per_token": seconds[name] / args.steps * 1e3,
                     "vs_uniform": seconds[name] / seconds["uniform"],
-                    "static_ms_per_token": static[name],
-                    "static_vs_uniform": static[name] / static["uniform"],
+                    **{
+                        key: value
+                        for mode in modes
+                        for key, value in (
+                            (f"{mode}_ms_per_token", static[mode, name]),
+                            (f"{mode}_vs_uniform", static[mode, name] / static[mode, "uniform"]),
+                        )
+                    },
                 }
             )
-    print(
-        "| batch | plan | cache MiB | vs head budgets | vs uniform bytes | ms/token | vs uniform | static ms/token "
-        "| vs uniform |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = "".join(f" {mode} ms/token | vs uniform |" for mode in modes)
+    print(f"| batch | plan | cache MiB | vs head budgets | vs uniform bytes | ms/token | vs uniform |{columns}")
+    print("|---" * (7 + 2 * len(modes)) + "|")
     for row in rows:
+        timed = "".join(f" {row[f'{mode}_ms_per_token']:.2f} | {row[f'{mode}_vs_uniform']:.3f}x |" for mode in modes)
         print(
             f"| {row['batch']} | {row['plan']} | {row['cache_bytes'] / 2**20:.1f} | {row['over_budgets']:+.2%} "
-            f"| {row['over_uniform']:+.2%} | {row['ms_per_token']:.2f} | {row['vs_uniform']:.3f}x "
-            f"| {row['static_ms_per_token']:.2f} | {row['static_vs_uniform']:.3f}x |"
+            f"| {row['over_uniform']:+.2%} | {row['ms_per_token']:.2f} | {row['vs_uniform']:.3f}x |{timed}"
         )
     meta = {
         "model": args.model,
@@ -137,9 +148,11 @@ def main() -> None:
         "average": args.average,
         "steps": args.steps,
         "repeats": args.repeats,
+        "one_launch": kernels_available(device),  # ragged layers attend in one launch, else group by group
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"heads_{meta['device'].replace(' ', '-')}.json"
+    label = f"_{args.label}" if args.label else ""
+    path = args.out / f"heads_{meta['device'].replace(' ', '-')}{label}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -74,7 +74,7 @@ def test_heads_runs_on_the_cpu(tmp_path):
     ]  # fmt: skip
     for row in result["rows"]:
         assert abs(row["over_budgets"]) <= 0.02  # a ragged layer stores the sum of its heads' budgets
-        assert abs(row["over_uniform"]) <= 0.02 and row["ms_per_token"] > 0
+        assert abs(row["over_uniform"]) <= 0.02 and row["ms_per_token"] > 0 and row["static_ms_per_token"] > 0
 
 
 @requires_real_model

@@ -231,6 +231,78 @@ def test_interpreted_kernels_take_views_and_fp16():
     torch.testing.assert_close(result.float(), expected, rtol=2e-2, atol=2e-3)
 
 
+def ragged_inputs(counts, order, groups, dim, *, batch=2, tokens=1, seed=0, device="cpu", dtype=torch.float32):
+    """KV heads keeping ``counts[h]`` slots each, laid one after another in a pool in the order ``order`` (as a
+    SlotPool lays groups of heads): the ragged kernel's inputs and each head's own (B, 1, S_h, ...) tensors.
+    Every head's slots end at the query's position ``now``; about a third of the others are free, a fifth padding."""
+    now = 2 * max(counts)
+    heads = [slot_inputs(batch, 1, groups, count, dim, free=0.3, padding=0.2, seed=seed + head, device=device)
+             for head, count in enumerate(counts)]  # fmt: skip
+    own = []
+    for query, keys, values, positions, position, real in heads:
+        shifted = torch.where(positions == FREE, positions, positions + (now - position.item())).to(torch.int32)
+        own.append((query, keys.to(dtype), values.to(dtype), shifted, real))
+    query = torch.cat([h[0] for h in own], dim=1).to(dtype)
+    if tokens > 1:
+        query = step_of(query, tokens, seed)
+    pool = [torch.cat([own[h][i][:, 0] for h in order], dim=1) for i in (1, 2, 3, 4)]  # (B, T, ...)
+    starts, offset = [0] * len(counts), 0
+    for head in order:
+        starts[head], offset = offset, offset + counts[head]
+    layout = (torch.tensor(starts, dtype=torch.int32, device=device), torch.tensor(counts, dtype=torch.int32,
+              device=device), max(counts))  # fmt: skip
+    return query, pool, layout, own, torch.tensor([now], device=device)
+
+
+def per_head_attention(query, own, position, scaling, window=None, softcap=None):
+    """The reference: each KV head's query heads over that head's own slots (``torch_decode_attention``)."""
+    groups = query.shape[1] // len(own)
+    outputs = [
+        da.torch_decode_attention(query[:, h * groups : (h + 1) * groups], keys, values, positions, position, real,
+                                  scaling, window, softcap)
+        for h, (_q, keys, values, positions, real) in enumerate(own)
+    ]  # fmt: skip
+    return torch.cat(outputs, dim=2)
+
+
+@parent_only
+def test_ragged_attention_refuses_where_the_kernels_do_not_run():
+    query, pool, layout, _own, position = ragged_inputs([3, 5], [0, 1], 2, 16)
+    assert not da.suits_kernels(query, pool[0], pool[1], 2)
+    with pytest.raises(ValueError, match="Triton kernels only"):
+        da.ragged_decode_attention(query, *pool, *layout, position, 0.25)
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize(
+    ("counts", "order"),
+    [([700, 700, 90, 90], [0, 1, 2, 3]), ([90, 700, 90, 700], [0, 2, 1, 3]), ([1, 1030, 40], [2, 1, 0])],
+    ids=["runs", "interleaved", "one-slot-head"],
+)
+def test_interpreted_ragged_kernels_attend_each_head_to_its_own_slots(counts, order, groups):
+    """Heads of different counts in one pool, in any order: each attends exactly as it would alone, with free
+    slots, padding, a sliding window and a softcap (a head shorter than a chunk finds nothing in the others)."""
+    query, pool, layout, own, position = ragged_inputs(counts, order, groups, 16, seed=sum(counts))
+    result = da.ragged_decode_attention(query, *pool, *layout, position, 0.25, 600, 2.0)
+    assert result.shape == (2, 1, len(counts) * groups, 16)
+    expected = per_head_attention(query, own, position, 0.25, 600, 2.0)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.usefixtures("split")
+def test_interpreted_ragged_kernels_with_several_tokens_and_no_padding():
+    """A speculative check's step over ragged heads, without a real mask (every slot real)."""
+    query, pool, layout, own, position = ragged_inputs([300, 60], [1, 0], 4, 16, tokens=5, seed=3)
+    own = [(q, k, v, p, None) for q, k, v, p, _real in own]
+    result = da.ragged_decode_attention(query, *pool[:3], None, *layout, position - 2, 0.25)
+    assert result.shape == (2, 5, 8, 16)
+    expected = per_head_attention(query, own, position - 2, 0.25)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 # --- compiled on CUDA ---------------------------------------------------------------------------------------------
 
 
@@ -285,3 +357,18 @@ def test_captured_graph_reads_the_position_on_the_device():
     graph.replay()
     assert_close_to_fp32(output, da.torch_decode_attention(*upcast, scaling, window))
     assert (output.float() - before.float()).norm() > 0.5 * before.float().norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_compiled_ragged_kernels_match_float32_in_bf16(batch):
+    """8B-shaped ragged heads (8 KV heads of 128, groups of 4 query heads): half keep 768 slots, half 256,
+    interleaved in the pool."""
+    counts = [768 if head % 2 else 256 for head in range(8)]
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    query, pool, layout, own, position = ragged_inputs(counts, order, 4, 128, batch=batch, device="cuda",
+                                                      dtype=torch.bfloat16)  # fmt: skip
+    result = da.ragged_decode_attention(query, *pool, *layout, position, 128**-0.5)
+    upcast = [tuple(t.float() if t.is_floating_point() else t for t in head) for head in own]
+    assert_close_to_fp32(result, per_head_attention(query.float(), upcast, position, 128**-0.5))

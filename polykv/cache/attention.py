@@ -159,6 +159,11 @@ def attention_function(inner: str) -> Callable:
             if layer.static is not None:
                 return _attend_static(layer, query, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
+        if layer.static is not None and layer.static.pool.attends(query):  # every group's slots in one launch
+            static = layer.static
+            output = static.pool.attend(query, static.position, scaling, layer.sliding_window, softcap)
+            static.after_attention()
+            return output, None
         outputs = []
         for number, (_heads, part) in enumerate(parts):
             queries = layer.queries_of(query, number)

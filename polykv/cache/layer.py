@@ -379,11 +379,14 @@ class PolyLayer(CacheLayerMixin):
             positions = self.storage.positions_or_slots()
             self.storage.keep(keep, positions.gather(-1, keep))
 
-    def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
-        """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens."""
+    def begin_static(
+        self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0, buffers=None
+    ) -> None:
+        """Decode with fixed shapes from now on (see ``StaticDecoding``), with room for ``room`` more tokens; in
+        ``buffers`` (``SlotBuffers``, a pool's views) if given."""
         if self.phase is not Phase.DECODE:
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
-        self.static = StaticDecoding(self, room, slack, holes, per_check)
+        self.static = StaticDecoding(self, room, slack, holes, per_check, buffers)
 
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens."""

@@ -30,6 +30,8 @@ from transformers.cache_utils import CacheLayerMixin
 from polykv.budget import Tokens
 from polykv.cache.adaptive import Shares, share
 from polykv.cache.layer import PhaseRule, PolyLayer
+from polykv.cache.pool import SlotPool
+from polykv.cache.static import static_slots, tracks_real_tokens
 from polykv.errors import CacheError
 from polykv.policy import Phase, ScoringPolicy
 
@@ -368,10 +370,17 @@ class SplitLayer(CacheLayerMixin):
             part.prefetch()
 
     def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
-        """Decode with fixed shapes: each group's part gets its own slots (``polykv.cache.static``)."""
-        for part in self.parts:
-            part.begin_static(room, slack, holes, per_check)
-        self.static = GroupsInStatic(self.parts)
+        """Decode with fixed shapes: each group's part gets its slots (``polykv.cache.static``) in one pool
+        (``polykv.cache.pool``), which attention reads in one launch where the kernels run."""
+        if self.parts[0].phase is not Phase.DECODE:
+            raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
+        groups = [(heads, static_slots(part, room, holes, per_check)) for heads, part in self.groups]
+        first = self.parts[0]
+        tracks_real = any(tracks_real_tokens(part, holes) for part in self.parts)
+        pool = SlotPool(groups, first.batch_size, first.storage.keys, real=tracks_real)
+        for number, part in enumerate(self.parts):
+            part.begin_static(room, slack, holes, per_check, buffers=pool.buffers(number))
+        self.static = GroupsInStatic(self.parts, pool)
 
     def end_static(self, tokens: int) -> None:
         for part in self.parts:
@@ -383,8 +392,18 @@ class GroupsInStatic:
     """The static decodings of a SplitLayer's parts, driven as one: what the cache asks of a layer's
     ``static`` reaches every part (attention reads each part's own slots)."""
 
-    def __init__(self, parts: Sequence[PolyLayer]):
+    def __init__(self, parts: Sequence[PolyLayer], pool: SlotPool):
         self.parts = list(parts)
+        self.pool = pool
+
+    @property
+    def position(self) -> torch.Tensor:
+        """The position of the step's first token (every part's is the same)."""
+        return self.parts[0].static.position
+
+    def after_attention(self) -> None:
+        for part in self.parts:
+            part.static.after_attention()
 
     @property
     def incoming(self) -> torch.Tensor | None:
@@ -420,4 +439,4 @@ class GroupsInStatic:
             part.static.stepped(tokens)
 
     def nbytes(self) -> int:
-        return sum(part.static.nbytes() for part in self.parts)
+        return self.pool.nbytes()

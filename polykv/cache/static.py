@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 
+import attrs
 import torch
 
 from polykv.cache.compiling import compiled
@@ -45,8 +46,17 @@ DEFAULT_SLACK, DEFAULT_SLACK_SHARE = 31, 16
 class StaticDecoding:
     """One layer's slots during static decoding (see the module docstring)."""
 
-    def __init__(self, layer, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0):
-        """``layer`` (a PolyLayer in its decoding phase) gets slots for ``room`` more tokens, or its bound.
+    def __init__(
+        self,
+        layer,
+        room: int,
+        slack: int | None = 0,
+        holes: bool = False,
+        per_check: int = 0,
+        buffers: SlotBuffers | None = None,
+    ):
+        """``layer`` (a PolyLayer in its decoding phase) gets ``static_slots`` slots: for ``room`` more tokens, or
+        its bound; in ``buffers`` of that many free slots (a pool's views) or its own.
 
         ``slack`` lets a layer bounded by a decode policy evict ``slack + 1`` tokens at once when it
         goes over its bound, so that it evicts every ``slack + 1`` steps instead of at every step
@@ -89,22 +99,24 @@ class StaticDecoding:
         self.held = storage.size  # tokens held now, known on the host: counts do not depend on the data
         self.evicting = False  # whether the coming step evicts (see plan_step)
         self.tokens = 1  # in the current step
-        # With a bound: one new token over it, or (checks) a check's tokens over the target, which is the bound.
-        bounded = self.bound if self.per_check else self.bound + 1 if self.bound is not None else None
-        slots = storage.size + room if bounded is None else bounded
+        slots = static_slots(layer, room, holes, per_check)
         batch, heads = layer.batch_size, layer.kv_heads
         device = storage.keys.device
-        self.keys = _with_slots(storage.keys, slots)
-        self.values = _with_slots(storage.values, slots)
-        self.positions = torch.full((batch, heads, slots), FREE, dtype=POSITION, device=device)
-        self.positions[:, :, : storage.size] = storage.positions_or_slots()
+        tracks_real = tracks_real_tokens(layer, holes)
+        if buffers is None:
+            buffers = SlotBuffers.empty(batch, heads, slots, storage.keys, real=tracks_real)
+        self.keys, self.values, self.positions = buffers.keys, buffers.values, buffers.positions
+        stored = storage.positions_or_slots()
+        self.keys[:, :, : storage.size] = storage.keys
+        self.values[:, :, : storage.size] = storage.values
+        self.positions[:, :, : storage.size] = stored
         self.real: torch.Tensor | None = None  # (B, H, slots) False: padding, hidden, holes; None: all real
         #: (B, n) whether each of a step's n tokens is real (set by whoever runs the steps); None: all are.
         self.incoming: torch.Tensor | None = None
-        if layer.real is not None or layer.hidden is not None or holes:
-            self.real = torch.ones(batch, heads, slots, dtype=torch.bool, device=device)
-            self.real[:, :, : storage.size] = layer.token_mask(storage.positions_or_slots())
-        storage.clear()  # the slots hold the tokens now (one layer's copy at a time); finish() gives them back
+        if tracks_real:
+            self.real = buffers.real
+            self.real[:, :, : storage.size] = layer.token_mask(stored)
+        storage.clear()  # the slots hold the tokens now; finish() gives them back
         # The free slots, taken in order: first the room after the kept tokens, then what evictions free.
         free = slots - self.held if self.per_check else max(slots - self.held, self.slack + 1)
         self.free = torch.arange(self.held, self.held + free, device=device).clamp(max=slots - 1)
@@ -312,8 +324,35 @@ def _bound_and_policy(layer) -> tuple[int | None, ScoringPolicy | None]:
     return budget, rule.policy
 
 
-def _with_slots(stored: torch.Tensor, slots: int) -> torch.Tensor:
-    """A (B, H, slots, D) buffer holding ``stored`` in its first slots."""
-    buffer = stored.new_zeros(*stored.shape[:2], slots, stored.shape[-1])
-    buffer[:, :, : stored.shape[2]] = stored
-    return buffer
+def static_slots(layer, room: int, holes: bool = False, per_check: int = 0) -> int:
+    """The slots ``layer``'s static decoding holds (the arguments of ``StaticDecoding``): its kept tokens and
+    ``room`` more; with a bound, one new token over it, or (checks) a check's tokens over the target, that is
+    the bound itself."""
+    bound, _policy = _bound_and_policy(layer)
+    if bound is None:
+        return layer.storage.size + room
+    return bound if holes and per_check else bound + 1
+
+
+def tracks_real_tokens(layer, holes: bool) -> bool:
+    """Whether ``layer``'s static decoding tracks which slots hold real tokens (padding, hidden, holes)."""
+    return layer.real is not None or layer.hidden is not None or holes
+
+
+@attrs.frozen
+class SlotBuffers:
+    """What a layer's static decoding holds its slots in: keys and values (B, H, S, D), positions (B, H, S)
+    (``FREE`` where no token is), and real (B, H, S) (False: padding, hidden, holes) or None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    real: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, slots: int, like: torch.Tensor, real: bool) -> SlotBuffers:
+        """Free slots, keys and values of ``like``'s dtype, device and head size; real ones all True."""
+        keys = like.new_zeros(batch, heads, slots, like.shape[-1])
+        positions = torch.full((batch, heads, slots), FREE, dtype=POSITION, device=like.device)
+        mask = torch.ones(batch, heads, slots, dtype=torch.bool, device=like.device) if real else None
+        return cls(keys, torch.zeros_like(keys), positions, mask)

@@ -21,6 +21,10 @@ treat them as more rows sharing each KV head, as GQA's query heads already do.
 
 A row with no visible slot, which decoding never produces (the query sees its own slot), comes out
 as NaN in both versions; the other rows are unaffected.
+
+KV heads that keep different counts (``polykv.cache.pool``) lay their slots one after another in one
+(B, T, D) buffer: ``ragged_decode_attention`` reads KV head h's slots from ``starts[h]`` on,
+``counts[h]`` of them, in the same one launch (a head's chunks past its count find nothing).
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from __future__ import annotations
 import functools
 import math
 
+import attrs
 import torch
 
 from polykv.cache.kernels.triton_support import available, dot_precision, jit, tl, triton
 
-__all__ = ["available", "decode_attention", "torch_decode_attention"]
+__all__ = ["available", "decode_attention", "ragged_decode_attention", "suits_kernels", "torch_decode_attention"]
 
 #: Programs per multiprocessor the split aims at: enough resident programs, each streaming its chunk's keys and
 #: values, to keep the memory system busy, and few enough that the chunks stay long (fewer partials to merge).
@@ -71,9 +76,39 @@ def decode_attention(
     False for padding, or None.
     Runs the Triton kernels where ``available`` and the inputs suit them, else ``torch_decode_attention``.
     """
-    if available(query.device) and _suits_kernels(query, keys, values):
-        return _split_decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+    if suits_kernels(query, keys, values, keys.shape[1]):
+        layout = _Layout.uniform(keys, values, positions, real)
+        window = sliding_window
+        return _split_decode_attention(query, keys, values, positions, layout, position, scaling, window, softcap)
     return torch_decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+
+
+def ragged_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    real: torch.Tensor | None,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    largest: int,
+    position: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``decode_attention`` over KV heads that keep different counts, in one launch: (B, n, Hq, D).
+
+    ``keys``, ``values`` (B, T, D), ``positions`` (B, T) int32 and ``real`` (B, T) or None hold every head's
+    slots one after another; KV head h's are slots ``starts[h]`` to ``starts[h] + counts[h]`` (``starts``,
+    ``counts``: (H,) int32 on the device), ``largest`` the largest count (known on the host). Kernels only:
+    check ``suits_kernels`` first (elsewhere attend head group by head group with ``decode_attention``).
+    """
+    heads = starts.shape[0]
+    if not suits_kernels(query, keys, values, heads):
+        raise ValueError("ragged_decode_attention runs the Triton kernels only, and they do not take these inputs")
+    layout = _Layout.ragged(keys, values, positions, real, starts, counts, largest)
+    return _split_decode_attention(query, keys, values, positions, layout, position, scaling, sliding_window, softcap)
 
 
 def torch_decode_attention(
@@ -106,20 +141,60 @@ def torch_decode_attention(
     return output.reshape(batch, length, query_heads, dim).to(query.dtype)
 
 
-def _suits_kernels(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the kernels take these inputs: one float dtype, a head size and group they are built for, no empty
-    axis."""
+def suits_kernels(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int) -> bool:
+    """Whether the kernels run for these inputs (``heads`` KV heads): they are ``available`` on the device, one
+    float dtype, a head size and group they are built for, no empty axis."""
     _, query_heads, length, dim = query.shape
     return (
-        query.dtype in _DTYPES
+        available(query.device)
+        and query.dtype in _DTYPES
         and keys.dtype == values.dtype == query.dtype
         and keys.shape == values.shape
-        and query_heads % keys.shape[1] == 0
-        and query_heads // keys.shape[1] * length <= MAX_GROUPS
+        and query_heads % heads == 0
+        and query_heads // heads * length <= MAX_GROUPS
         and dim <= MAX_HEAD_DIM
         and query.numel() > 0
         and keys.numel() > 0
     )
+
+
+@attrs.frozen
+class _Layout:
+    """Where the kernels find a KV head's slots: strides of (batch, head, slot[, dim]) for keys and values,
+    positions and real; with ``starts`` and ``counts``, head h's slots start at slot ``starts[h]`` (its head
+    stride is 0) and number ``counts[h]``, else every head has ``largest`` slots."""
+
+    key_strides: tuple[int, int, int, int]
+    value_strides: tuple[int, int, int, int]
+    position_strides: tuple[int, int, int]
+    real: torch.Tensor  # positions' own tensor as a placeholder pointer without padding (has_real False)
+    real_strides: tuple[int, int, int]
+    has_real: bool
+    heads: int
+    largest: int  # slots of the longest head
+    total: int  # slots of a batch row, all heads together
+    starts: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    @classmethod
+    def uniform(cls, keys, values, positions, real) -> _Layout:
+        heads, slots = keys.shape[1], keys.shape[2]
+        visible_real = positions if real is None else real.view(torch.uint8)
+        return cls(
+            keys.stride(), values.stride(), positions.stride(), visible_real, visible_real.stride(), real is not None,
+            heads, slots, heads * slots,
+        )  # fmt: skip
+
+    @classmethod
+    def ragged(cls, keys, values, positions, real, starts, counts, largest: int) -> _Layout:
+        def strides(tensor: torch.Tensor) -> tuple[int, ...]:  # (B, T[, D]) as (B, H, T[, D]) with head stride 0
+            return (tensor.stride(0), 0, *tensor.stride()[1:])
+
+        visible_real = positions if real is None else real.view(torch.uint8)
+        return cls(
+            strides(keys), strides(values), strides(positions), visible_real, strides(visible_real), real is not None,
+            starts.shape[0], largest, keys.shape[1], starts, counts,
+        )  # fmt: skip
 
 
 def _split_decode_attention(
@@ -127,20 +202,20 @@ def _split_decode_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     positions: torch.Tensor,
+    layout: _Layout,
     position: torch.Tensor,
-    real: torch.Tensor | None,
     scaling: float,
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
     """``decode_attention`` by the split and merge kernels; launches only, no host read of any tensor."""
     batch, query_heads, length, dim = query.shape
-    heads, slots = keys.shape[1], keys.shape[2]
+    heads = layout.heads
     groups = query_heads // heads
     block_dim = max(16, triton.next_power_of_2(dim))
     block_slots = max(16, min(64, TILE_BYTES // (block_dim * keys.element_size())))
-    chunk = _chunk_slots(slots, batch * heads, block_slots, query.device)
-    chunks = triton.cdiv(slots, chunk)
+    chunk = _chunk_slots(batch * layout.total, block_slots, query.device)
+    chunks = triton.cdiv(layout.largest, chunk)
 
     rows = batch * length * query_heads  # one per token and query head: (b * n + t) * Hq + h * G + g
     maxima = torch.empty(rows, chunks, device=query.device, dtype=torch.float32)
@@ -150,18 +225,20 @@ def _split_decode_attention(
         pre_scale, post_scale = scaling / softcap, softcap * math.log2(math.e)
     else:  # logits2 = scaling log2(e) q.k
         pre_scale, post_scale = scaling * math.log2(math.e), 1.0
-    visible_real = positions if real is None else real.view(torch.uint8)  # a placeholder pointer without padding
+    ragged = layout.starts is not None
     _split_kernel[(batch * heads, chunks)](
         query,
         keys,
         values,
         positions,
         position,
-        visible_real,
+        layout.real,
+        layout.starts if ragged else position,  # placeholder pointers when uniform
+        layout.counts if ragged else position,
         maxima,
         sums,
         partials,
-        slots,
+        layout.largest,
         heads,
         groups,
         length,
@@ -173,17 +250,18 @@ def _split_decode_attention(
         query.stride(1),
         query.stride(2),
         query.stride(3),
-        *keys.stride(),
-        *values.stride(),
-        *positions.stride(),
-        *visible_real.stride(),
+        *layout.key_strides,
+        *layout.value_strides,
+        *layout.position_strides,
+        *layout.real_strides,
         HEAD_DIM=dim,
         BLOCK_D=block_dim,
         BLOCK_G=max(16, triton.next_power_of_2(groups * length)),
         BLOCK_S=block_slots,
-        HAS_REAL=real is not None,
+        HAS_REAL=layout.has_real,
         HAS_WINDOW=bool(sliding_window),
         HAS_SOFTCAP=bool(softcap),
+        RAGGED=ragged,
         PRECISION=dot_precision(query),
         num_warps=4,
         num_stages=3,
@@ -195,11 +273,11 @@ def _split_decode_attention(
     return output
 
 
-def _chunk_slots(slots: int, kv_rows: int, block_slots: int, device: torch.device) -> int:
+def _chunk_slots(work: int, block_slots: int, device: torch.device) -> int:
     """Slots per program, a multiple of ``block_slots``: about PROGRAMS_PER_PROCESSOR programs per multiprocessor
-    over the ``kv_rows`` (batch x KV head) rows, and at least one tile."""
+    over the ``work`` slots of the whole batch, and at least one tile."""
     processors = _processors(device) if device.type == "cuda" else _INTERPRETED_PROCESSORS
-    per_program = triton.cdiv(slots * kv_rows, processors * PROGRAMS_PER_PROCESSOR)
+    per_program = triton.cdiv(work, processors * PROGRAMS_PER_PROCESSOR)
     return triton.cdiv(per_program, block_slots) * block_slots
 
 
@@ -216,6 +294,8 @@ def _split_decode_kernel(
     positions,
     position,
     real,
+    starts,
+    counts,
     maxima,
     sums,
     partials,
@@ -252,20 +332,27 @@ def _split_decode_kernel(
     HAS_REAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    RAGGED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One program: the ``chunk`` slots of one chunk of one (batch, KV head) row, for the row's query heads and
     tokens: query row i is token i // groups of the step, query head i % groups of the KV head's group.
+    ``RAGGED``: the head's slots start at slot ``starts[head]`` and number ``counts[head]``, else ``slots``.
 
     Stores the chunk's base-2 logit maximum, the sum of exp2(logit - maximum) and the values weighted by them,
     per query head. Logits are post_scale * q.k * pre_scale, or post_scale * tanh(pre_scale * q.k) with a softcap,
     both in base 2. A chunk with no visible slot stores maximum -inf, sum 0 and zero values.
     """
     kv_row = tl.program_id(0)
-    first = tl.program_id(1) * chunk
-    last = tl.minimum(first + chunk, slots)
     batch = (kv_row // heads).to(tl.int64)
     head = (kv_row % heads).to(tl.int64)
+    if RAGGED:
+        start_slot = tl.load(starts + head).to(tl.int64)
+        slots = tl.load(counts + head)
+    else:
+        start_slot = 0
+    first = tl.program_id(1) * chunk
+    last = tl.minimum(first + chunk, slots)  # a head's chunks past its slots find nothing (RAGGED)
     now = tl.load(position)  # on the device: a replayed graph sees the position of its step
 
     member = tl.arange(0, BLOCK_G)
@@ -283,10 +370,10 @@ def _split_decode_kernel(
         other=0.0,
     )  # (BLOCK_G, BLOCK_D); rows past the group are zero and never stored
     sees = (now + token)[:, None]  # (BLOCK_G, 1) each row's own position
-    key_base = keys + batch * stride_kb + head * stride_kh
-    value_base = values + batch * stride_vb + head * stride_vh
-    position_base = positions + batch * stride_pb + head * stride_ph
-    real_base = real + batch * stride_rb + head * stride_rh
+    key_base = keys + batch * stride_kb + head * stride_kh + start_slot * stride_ks
+    value_base = values + batch * stride_vb + head * stride_vh + start_slot * stride_vs
+    position_base = positions + batch * stride_pb + head * stride_ph + start_slot * stride_ps
+    real_base = real + batch * stride_rb + head * stride_rh + start_slot * stride_rs
 
     best = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_G], dtype=tl.float32)
