@@ -71,7 +71,7 @@ def test_a_ragged_layer_in_static_decoding_holds_its_groups_slots_in_one_pool():
     model = tiny_model("llama", num_key_value_heads=4, num_attention_heads=8)
     plan = polykv.compile(RAGGED_SPECS[2], model)
     ids = torch.randint(0, 100, (2, 30))
-    with plan.apply(model):
+    with plan.apply(model), torch.no_grad():
         cache = plan.make_cache()
         model(ids, past_key_values=cache)
         model(ids[:, :1], past_key_values=cache)
@@ -87,6 +87,31 @@ def test_a_ragged_layer_in_static_decoding_holds_its_groups_slots_in_one_pool():
         assert layer.static.nbytes() == pool.nbytes()
         cache.end_static(0)
         assert [part.storage.size for part in layer.parts] == [31, 9]
+
+
+@parent_only
+def test_groups_that_evict_in_different_steps_make_different_graphs():
+    """A step's graph is chosen by which layers evict in it, and, in a ragged layer, which of its groups: groups of
+    different bounds evict in different steps, and replaying one's graph for the other's step
+    would free the wrong slots."""
+    model = tiny_model("llama")
+    plan = polykv.compile(RAGGED_SPECS[1], model)
+    with plan.apply(model), torch.no_grad():
+        cache = plan.make_cache()
+        model(torch.randint(3, 100, (1, 30)), past_key_values=cache)
+        model(torch.tensor([[5]]), past_key_values=cache)
+        cache.begin_static(room=16, slack=0)
+        layer = cache.layers[1]
+        keys = []
+        for step in range(14):
+            keys.append(dict(cache.plan_static_step()).get(1, ()))
+            model(torch.tensor([[7]]), position_ids=torch.tensor([[31 + step]]), past_key_values=cache)
+            cache.static_stepped()
+        assert [part.static.bound for part in layer.parts] == [24, 20]
+        # The full group held 24 after the ordinary step (its bound): it evicts at every step; the snapkv group
+        # held 9 and evicts from its twelfth step on.
+        assert keys == [(0,)] * 11 + [(0, 1)] * 3
+        cache.end_static(14)
 
 
 # --- one launch over the pool, in triton's interpreter --------------------------------------------------------------

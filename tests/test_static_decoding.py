@@ -126,7 +126,7 @@ def test_a_decoding_step_keeps_its_shapes_in_static_decoding():
             cache.static_stepped()
             position_ids += 1
         # Held 17 after the ordinary step: the second step fills the last free slot and evicts, and so on.
-        assert evicting == [(), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3)]
+        assert evicting == [()] + [tuple((layer, True) for layer in range(4))] * 4
         assert [(layer.static.keys.data_ptr(), layer.static.keys.shape) for layer in cache.layers] == slots
         assert all(layer.static.keys.shape[2] == 19 for layer in cache.layers)  # the bound plus one
         cache.end_static(5)

@@ -265,13 +265,15 @@ class PolyCache(Cache):
         for layer in self.layers:
             layer.static.refuse(refused)
 
-    def plan_static_step(self) -> tuple[int, ...]:
-        """Prepare the coming static step; the layers that evict in it (each set of them is its own graph)."""
-        return tuple(layer.index for layer in self.layers if layer.static.plan_step())
+    def plan_static_step(self) -> tuple:
+        """Prepare the coming static step; the layers that evict in it, each with which of its groups of heads
+        do (each set of them is its own graph)."""
+        return tuple((layer.index, evicts) for layer in self.layers if (evicts := layer.static.plan_step()))
 
-    def plan_static_check(self) -> tuple[int, ...]:
-        """Prepare the coming speculative check; the layers that evict at its end (each set is its own graph)."""
-        return tuple(layer.index for layer in self.layers if layer.static.plan_check())
+    def plan_static_check(self) -> tuple:
+        """Prepare the coming speculative check; the layers that evict at its end, each with which of its groups
+        of heads do (each set is its own graph)."""
+        return tuple((layer.index, evicts) for layer in self.layers if (evicts := layer.static.plan_check()))
 
     def static_evict_for_check(self) -> None:
         """At the end of a check: the layers planned to evict make room for the next check's tokens."""

@@ -418,13 +418,14 @@ class GroupsInStatic:
         for part in self.parts:
             part.static.refuse(refused)
 
-    def plan_step(self) -> bool:
-        """Whether some part evicts in the coming step (every part plans it)."""
-        return any([part.static.plan_step() for part in self.parts])
+    def plan_step(self) -> tuple[int, ...]:
+        """The parts that evict in the coming step (every part plans it): parts of different bounds evict in
+        different steps, and each set of them is a graph of its own."""
+        return tuple(number for number, part in enumerate(self.parts) if part.static.plan_step())
 
-    def plan_check(self) -> bool:
-        """Whether some part evicts at the end of the coming check (every part plans it)."""
-        return any([part.static.plan_check() for part in self.parts])
+    def plan_check(self) -> tuple[int, ...]:
+        """The parts that evict at the end of the coming check (every part plans it)."""
+        return tuple(number for number, part in enumerate(self.parts) if part.static.plan_check())
 
     def evict_for_check(self) -> None:
         for part in self.parts:
