@@ -22,7 +22,9 @@ Every row is measured side by side in one run (warmed up, synchronised timers, m
   convention for fast decoding), and with a polykv cache (``*: snapkv@512``); against polykv's compiled
   static step with ``*: snapkv@512`` (the prompt prefilled in chunks);
 - the largest batch of 32k-token prompts that fits, for the full cache and for ``*: snapkv@512``
-  prefilled in chunks: peak memory is measured at two batch sizes and the batch extrapolated
+  prefilled in chunks, each compressed as it comes (``compress_chunks=True``: memory bounded by the
+  budget; by default a chunked prompt keeps what the whole prompt keeps, so it holds the whole prompt
+  until its end): peak memory is measured at two batch sizes and the batch extrapolated
   linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
   depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
   as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
@@ -183,9 +185,11 @@ def largest_batches(model, plans: dict, large_chunk: int) -> list[dict]:
     entries = []
     for name, chunk in (("full", CHUNK), ("snapkv@512", large_chunk)):
         plan = plans[name]
+        compress_chunks = name != "full"  # what fits the most rows: each chunk compressed as it comes
 
-        def run(batch: int, length: int = 32768, plan=plan, chunk=chunk) -> None:
-            cache = prefill(model, plan, prompt(batch, length, vocabulary, model.device, seed=batch), chunk=chunk)
+        def run(batch: int, length: int = 32768, plan=plan, chunk=chunk, compress_chunks=compress_chunks) -> None:
+            ids = prompt(batch, length, vocabulary, model.device, seed=batch)
+            cache = prefill(model, plan, ids, chunk=chunk, compress_chunks=compress_chunks)
             static_decode(model, cache, batch, length, 4, 1)
 
         small, large = 1, 4
@@ -195,13 +199,14 @@ def largest_batches(model, plans: dict, large_chunk: int) -> list[dict]:
         fits = int((0.9 * total - fixed) // per_row)  # 10% left to the allocator
         length = 32768 if name == "full" else 1024
         ids = prompt(fits, length, vocabulary, model.device, seed=7)
-        cache = prefill(model, plan, ids, chunk=chunk)
+        cache = prefill(model, plan, ids, chunk=chunk, compress_chunks=compress_chunks)
         speed = static_decode(model, cache, fits, length, 16, 2)  # little room: the batch fills the device
         del cache
         torch.cuda.empty_cache()
         entry = {
             "cache": name,
             "prefill_chunk": chunk,
+            "compress_chunks": compress_chunks,
             "peak_gib": peaks,
             "per_row_gib": per_row,
             "fixed_gib": fixed,

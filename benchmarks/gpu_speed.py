@@ -83,8 +83,13 @@ def prompt(batch: int, length: int, vocabulary: int, device: torch.device, seed:
     return ids.to(device)
 
 
-def prefill(model, plan, ids, chunk: int | None = None):
-    cache = plan.make_cache(prompt_length=ids.shape[1]) if plan else DynamicCache(config=model.config)
+def prefill(model, plan, ids, chunk: int | None = None, compress_chunks: bool = False):
+    """A cache holding the prompts ``ids``, fed in chunks of ``chunk`` tokens; ``compress_chunks`` compresses each
+    chunk as it comes (memory bounded by the budget, not the prompt) instead of the whole prompt at its end."""
+    if plan is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = plan.make_cache(prompt_length=ids.shape[1], compress_chunks=compress_chunks)
     with torch.no_grad():
         step = chunk or ids.shape[1]
         for start in range(0, ids.shape[1], step):
