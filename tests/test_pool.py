@@ -18,7 +18,7 @@ from polykv.cache import pool as pool_module
 from polykv.cache.pool import SlotPool
 from polykv.cache.static import FREE
 from polykv.decoding import static_generate
-from polykv.testing import tiny_model
+from polykv.testing import prompt, tiny_model
 
 RAGGED_SPECS = [
     "layers 1 heads 0: full; layers 1 heads 1: snapkv@8(window=4); *: snapkv@16(window=4)",
@@ -114,6 +114,20 @@ def test_groups_that_evict_in_different_steps_make_different_graphs():
         cache.end_static(14)
 
 
+@parent_only
+def test_a_step_writes_every_head_of_a_ragged_layer_in_one_write(monkeypatch):
+    """The groups share their free lists, cursors and position in the pool: one write per ragged layer and step,
+    and the tokens land where each group's own view reads them."""
+    writes = []
+    monkeypatch.setattr(
+        SlotPool, "write", lambda pool, k, v, write=SlotPool.write: writes.append(pool) or write(pool, k, v)
+    )
+    model = tiny_model("llama", num_key_value_heads=4, num_attention_heads=8)
+    (expected, _), (tokens, _) = both_ways(model, RAGGED_SPECS[2], [30, 22], 6)
+    assert torch.equal(tokens, expected)
+    assert len(writes) == 4  # the static steps after the ordinary ones: one write each, for the one ragged layer
+
+
 # --- one launch over the pool, in triton's interpreter --------------------------------------------------------------
 
 
@@ -135,6 +149,29 @@ def test_one_launch_over_the_pool_decodes_the_tokens_of_ordinary_decoding(spec, 
     assert torch.equal(tokens, expected)
     for ours, theirs in zip(cache.head_lengths(), expected_cache.head_lengths(), strict=True):
         assert torch.equal(ours, theirs)
+
+
+@interpreted
+@pytest.mark.parametrize("decode", ["", " decode streaming@14(sink=2)"])
+def test_speculative_checks_through_the_pool_give_greedy_decoding(decode, monkeypatch):
+    """A ragged draft in checks of fixed shapes: proposals its rows refuse become holes in the pool (its real
+    mask), left-padded rows included; the output is greedy decoding's."""
+    from test_speculative import _greedy
+
+    launches, attend = [], SlotPool.attend
+    monkeypatch.setattr(SlotPool, "attend", lambda pool, *a: launches.append(pool) or attend(pool, *a))
+
+    model = tiny_model("llama")
+    ids = prompt(24, batch=2, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    expected = _greedy(model, ids, 10, attention_mask=mask)
+    draft = polykv.compile(f"layers 1 heads 0: full; layers 1 heads 1: knorm@6; *: snapkv@8(window=4){decode}", model)
+    result = polykv.speculative_generate(
+        model, ids, draft=draft, static=True, attention_mask=mask, max_new_tokens=10, lookahead=3
+    )
+    assert result.static and torch.equal(result.tokens, expected)
+    assert launches and any(pool.real is not None for pool in launches)  # the pool's kernels saw the holes
 
 
 @interpreted

@@ -140,6 +140,26 @@ def _attend_static(layer, query, scaling, softcap) -> torch.Tensor:
     return output
 
 
+def _attend_pool(layer, query, scaling, softcap) -> torch.Tensor:
+    """Attend ``query`` to the pooled slots of ``layer`` (a SplitLayer in static decoding): in one launch where
+    the kernels run, else group by group over each group's view; then let its groups evict."""
+    static = layer.static
+    if static.pool.attends(query):
+        output = static.pool.attend(query, static.position, scaling, layer.sliding_window, softcap)
+    else:
+        output = layer.join(
+            [
+                decode_attention(
+                    layer.queries_of(query, number), part.static.keys, part.static.values, part.static.positions,
+                    static.position, part.static.real, scaling, layer.sliding_window, softcap,
+                )
+                for number, part in enumerate(layer.parts)
+            ]
+        )  # fmt: skip
+    static.after_attention()
+    return output
+
+
 def attention_function(inner: str) -> Callable:
     @torch.compiler.disable  # layers of different lengths and their eviction stay eager (polykv.decoding.compiled)
     def serve(module, query, key, value, attention_mask, **kwargs):
@@ -159,23 +179,15 @@ def attention_function(inner: str) -> Callable:
             if layer.static is not None:
                 return _attend_static(layer, query, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
-        if layer.static is not None and layer.static.pool.attends(query):  # every group's slots in one launch
-            static = layer.static
-            output = static.pool.attend(query, static.position, scaling, layer.sliding_window, softcap)
-            static.after_attention()
-            return output, None
-        outputs = []
-        for number, (_heads, part) in enumerate(parts):
-            queries = layer.queries_of(query, number)
-            if part.static is not None:
-                outputs.append(_attend_static(part, queries, scaling, softcap))
-            else:
-                outputs.append(
-                    _attend(
-                        part, kernel, inner, module, queries, part.keys, part.values, attention_mask, scaling,
-                        softcap, kwargs,
-                    )[0]
-                )  # fmt: skip
+        if layer.static is not None:
+            return _attend_pool(layer, query, scaling, softcap), None
+        outputs = [
+            _attend(
+                part, kernel, inner, module, layer.queries_of(query, number), part.keys, part.values, attention_mask,
+                scaling, softcap, kwargs,
+            )[0]
+            for number, (_heads, part) in enumerate(parts)
+        ]  # fmt: skip
         layer.after_groups()
         return layer.join(outputs), None
 

@@ -10,16 +10,23 @@ view into it, which the group's ``StaticDecoding`` writes and evicts as it would
 attention reads every head's slots in one launch (``ragged_decode_attention``: KV head h's slots
 start at ``starts[h]``, ``counts[h]`` of them), where the kernels run. Elsewhere each group attends
 to its own view, as before.
+
+Writes are pooled too: the groups' free lists, cursors and step position live in shared tensors
+(each group's are views, ``StaticDecoding.share``), so one write puts a step's tokens into every
+head's next free slot, where each group would launch its own.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
+from polykv.cache.compiling import compiled
 from polykv.cache.kernels.decode_attention import ragged_decode_attention, suits_kernels
-from polykv.cache.static import SlotBuffers
+from polykv.cache.static import WRITE_SHAPES, SlotBuffers, StaticDecoding, taken_slots
+from polykv.cache.storage import POSITION
 
 
 class SlotPool:
@@ -38,6 +45,14 @@ class SlotPool:
                 starts[head], counts[head] = offset + place * slots, slots
             offset += len(group) * slots
         self.shapes = [(len(group), slots) for group, slots in groups]
+        order = [head for group, _slots in groups for head in group]  # the pool's heads, group by group
+        self.order = None if order == sorted(order) else torch.tensor(order, device=like.device)
+        self.pooled_starts = torch.tensor([starts[head] for head in order], device=like.device)[:, None]  # (H, 1)
+        self.free: torch.Tensor | None = None  # (B, H, F), the cursor (H, 1) and position (1,): set by share()
+        self.cursor: torch.Tensor | None = None
+        self.position: torch.Tensor | None = None
+        self.real_tokens: torch.Tensor | None = None  # (B, n) whether each of a step's tokens is real; None: all are
+        self.write_slots = write_pooled  # or its compiled form (compile_writes)
         whole = SlotBuffers.empty(batch, 1, offset, like, real)  # one head of every slot: views below
         self.keys, self.values = whole.keys[:, 0], whole.values[:, 0]  # (B, T, D)
         self.positions = whole.positions[:, 0]  # (B, T)
@@ -58,6 +73,39 @@ class SlotPool:
 
         return SlotBuffers(view(self.keys, dim), view(self.values, dim), view(self.positions), view(self.real))
 
+    def share(self, statics: Sequence[StaticDecoding]) -> None:
+        """Hold the groups' (``statics``, in group order) free lists, cursors and step position in shared tensors,
+        each group's a view, so that ``write`` serves every group."""
+        batch, heads = self.keys.shape[0], int(self.starts.shape[0])
+        longest = max(static.free.shape[-1] for static in statics)
+        device = self.keys.device
+        self.free = torch.zeros(batch, heads, longest, dtype=torch.long, device=device)
+        self.cursor = torch.zeros(heads, 1, dtype=torch.long, device=device)
+        self.position = statics[0].position.clone()
+        self.rows = torch.arange(batch, device=device)[:, None, None]
+        self.token_offsets = statics[0].token_offsets
+        first = 0
+        for static in statics:
+            count, length = static.free.shape[1], static.free.shape[2]
+            free, cursor = self.free[:, first : first + count, :length], self.cursor[first : first + count]
+            static.share(free, cursor, self.position)
+            first += count
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write a step's n tokens (B, H, n, D) into every head's next free slots, in one write."""
+        if self.order is not None:  # the pool holds the heads group by group
+            keys, values = keys.index_select(1, self.order), values.index_select(1, self.order)
+        offsets = self.token_offsets[: keys.shape[-2]]
+        real = None if self.real is None else self.real_tokens
+        self.write_slots(
+            self.keys, self.values, self.positions, self.real, self.free, self.cursor, self.pooled_starts,
+            self.position, keys, values, real, self.rows, offsets,
+        )  # fmt: skip
+
+    def compile_writes(self) -> None:
+        """Write with a compiled function: one fused kernel (see ``StaticDecoding.compile_writes``)."""
+        self.write_slots = _compiled_write()
+
     def attends(self, query: torch.Tensor) -> bool:
         """Whether ``attend`` runs for this query: the kernels take it, on this device."""
         return suits_kernels(query, self.keys, self.values, self.starts.shape[0])
@@ -73,3 +121,36 @@ class SlotPool:
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.keys, self.values, self.positions, self.real) if t is not None)
+
+
+def write_pooled(
+    keys_pool: torch.Tensor,
+    values_pool: torch.Tensor,
+    positions_pool: torch.Tensor,
+    real_pool: torch.Tensor | None,
+    free: torch.Tensor,
+    cursor: torch.Tensor,
+    starts: torch.Tensor,
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    real: torch.Tensor | None,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+) -> None:
+    """Write ``keys``, ``values`` (B, H, n, D; the pool's heads in its order) into each head's next n free slots
+    (``free`` (B, H, F) from its place ``cursor`` (H, 1), after the head's first slot ``starts`` (H, 1)), at
+    positions from ``position`` on, marking them real as ``real`` (B, n) says (None: all are); move the cursors."""
+    slots = starts + taken_slots(free, cursor, offsets)  # (B, H, n) in the pool's (B, T)
+    where = (rows, slots)
+    keys_pool.index_put_(where, keys)
+    values_pool.index_put_(where, values)
+    positions_pool.index_put_(where, (position + offsets).to(POSITION).expand_as(slots))
+    if real_pool is not None:
+        real_pool.index_put_(where, torch.ones_like(slots, dtype=torch.bool) if real is None else real[:, None, :])
+    cursor += offsets.shape[0]
+
+
+@functools.cache
+def _compiled_write():
+    return compiled(write_pooled, recompile_limit=WRITE_SHAPES)

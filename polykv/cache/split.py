@@ -191,12 +191,15 @@ class SplitLayer(CacheLayerMixin):
         """Nothing to do: each part initialises itself from its heads."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Give each group its heads of the new tokens. Returns the new tokens themselves: polykv's attention
-        function reads the groups, and recognises this layer by them."""
+        """Give each group its heads of the new tokens (in static decoding, one write into the pool). Returns the
+        new tokens themselves: polykv's attention function reads the groups, and recognises this layer by them."""
         if key_states.shape[1] != self.kv_heads:
             raise CacheError(
                 f"layer {self.index}: this cache holds {self.kv_heads} KV heads but received {key_states.shape[1]}"
             )
+        if self.static is not None:
+            self.static.append(key_states, value_states)
+            return key_states, value_states
         for number, (_heads, part) in enumerate(self.groups):
             part.update(self.heads_of(key_states, number), self.heads_of(value_states, number))
         return key_states, value_states
@@ -380,6 +383,7 @@ class SplitLayer(CacheLayerMixin):
         pool = SlotPool(groups, first.batch_size, first.storage.keys, real=tracks_real)
         for number, part in enumerate(self.parts):
             part.begin_static(room, slack, holes, per_check, buffers=pool.buffers(number))
+        pool.share([part.static for part in self.parts])
         self.static = GroupsInStatic(self.parts, pool)
 
     def end_static(self, tokens: int) -> None:
@@ -398,12 +402,20 @@ class GroupsInStatic:
 
     @property
     def position(self) -> torch.Tensor:
-        """The position of the step's first token (every part's is the same)."""
-        return self.parts[0].static.position
+        """The position of the step's first token (the pool's, which every part shares)."""
+        return self.pool.position
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the step's tokens (B, H, n, D) of every head into the pool."""
+        for part in self.parts:
+            part.static.take(keys.shape[-2])
+        self.pool.write(keys, values)
 
     def after_attention(self) -> None:
+        """Move past the step's tokens (once: the parts share the position), and let each part evict as planned."""
+        self.pool.position += self.parts[0].static.tokens
         for part in self.parts:
-            part.static.after_attention()
+            part.static.evict_if_planned()
 
     @property
     def incoming(self) -> torch.Tensor | None:
@@ -411,6 +423,7 @@ class GroupsInStatic:
 
     @incoming.setter
     def incoming(self, real: torch.Tensor | None) -> None:
+        self.pool.real_tokens = real
         for part in self.parts:
             part.static.incoming = real
 
@@ -432,7 +445,8 @@ class GroupsInStatic:
             part.static.evict_for_check()
 
     def compile_writes(self) -> None:
-        for part in self.parts:
+        self.pool.compile_writes()
+        for part in self.parts:  # their refusals
             part.static.compile_writes()
 
     def stepped(self, tokens: int = 1) -> None:

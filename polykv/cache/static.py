@@ -133,9 +133,7 @@ class StaticDecoding:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's n tokens into the next free slots; return every slot's keys and values."""
-        self.tokens = tokens = keys.shape[-2]
-        if tokens != 1 and self.bound is not None and not self.per_check:
-            raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
+        tokens = self.take(keys.shape[-2])
         batch, heads = keys.shape[:2]
         slots = self.write(
             self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values,
@@ -145,6 +143,21 @@ class StaticDecoding:
             real = True if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
             self.real.scatter_(2, slots, real)
         return self.keys, self.values
+
+    def take(self, tokens: int) -> int:
+        """Note that the coming step brings ``tokens`` tokens (a pool writes them for its groups)."""
+        if tokens != 1 and self.bound is not None and not self.per_check:
+            raise CacheError(f"layer {self.layer.index} evicts while decoding: its static steps take one token each")
+        self.tokens = tokens
+        return tokens
+
+    def share(self, free: torch.Tensor, cursor: torch.Tensor, position: torch.Tensor) -> None:
+        """Keep the free list, cursor and position in these tensors from now on (a pool's, shared by its groups so
+        that one write serves them all): ``free`` (B, H, F) and ``cursor`` (H, 1) take this layer's values, and
+        ``position`` is the step's, advanced by the pool."""
+        free.copy_(self.free)
+        cursor.copy_(self.cursor.expand_as(cursor))
+        self.free, self.cursor, self.position = free, cursor, position
 
     def compile_writes(self) -> None:
         """Write each step's tokens, and refuse a check's, with compiled functions (``torch.compile``): one
@@ -165,6 +178,10 @@ class StaticDecoding:
     def after_attention(self) -> None:
         """Move past the step's tokens; in an evicting step, free the slots of the lowest-ranked tokens."""
         self.position += self.tokens
+        self.evict_if_planned()
+
+    def evict_if_planned(self) -> None:
+        """In an evicting step, free the slots of the lowest-ranked tokens."""
         if self.evicting and not self.per_check:
             self._free_lowest(self.held + 1 - (self.bound - self.slack), self.bound - self.slack)
 
@@ -187,7 +204,7 @@ class StaticDecoding:
         freed = _lowest_ranked(ranked, self.positions, count)
         spare = self.per_check - count  # free slots a check that evicts fewer than it brings has not taken
         if spare > 0:
-            freed = torch.cat([freed, _taken(self.free, self.cursor, self.token_offsets[:spare])], dim=-1)
+            freed = torch.cat([freed, taken_slots(self.free, self.cursor, self.token_offsets[:spare])], dim=-1)
         self.free[..., : freed.shape[-1]].copy_(freed)  # in place: a captured graph reads these very tensors
         self.cursor.zero_()
         self.positions.scatter_(2, freed[..., :count], FREE)
@@ -255,7 +272,7 @@ def write_tokens(
     """Write ``keys`` and ``values`` (B, H, n, D) into the next n free slots (from place ``cursor`` of ``free``),
     at positions from ``position`` on, and move the cursor past them; the slots taken (B, H, n)."""
     rows, heads, offsets = indices
-    slots = _taken(free, cursor, offsets)
+    slots = taken_slots(free, cursor, offsets)
     # index_put_ rather than scatter_: compiled, it writes in place (a compiled scatter_ copies the whole buffer).
     where = (rows, heads, slots)
     stored_keys.index_put_(where, keys)
@@ -271,12 +288,13 @@ def refuse_tokens(
     """Mark as holes in ``real`` the last n slots taken before place ``cursor`` of ``free`` where ``refused`` (B, n)
     says so."""
     rows, heads, offsets = indices
-    where = (rows, heads, _taken(free, cursor - offsets.shape[0], offsets))
+    where = (rows, heads, taken_slots(free, cursor - offsets.shape[0], offsets))
     real.index_put_(where, real[where] & ~refused[:, None, :])
 
 
-def _taken(free: torch.Tensor, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The slots (B, H, n) taken from the free list ``free`` (B, H, F) from place ``first`` (1,) on."""
+def taken_slots(free: torch.Tensor, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The slots (B, H, n) taken from the free list ``free`` (B, H, F) from place ``first`` on: (1,), or (H, 1)
+    where each head has its own (a pool's groups)."""
     return free.gather(-1, (first + offsets).expand(*free.shape[:2], offsets.shape[0]))
 
 
