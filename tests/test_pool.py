@@ -128,6 +128,27 @@ def test_a_step_writes_every_head_of_a_ragged_layer_in_one_write(monkeypatch):
     assert len(writes) == 4  # the static steps after the ordinary ones: one write each, for the one ragged layer
 
 
+@parent_only
+@pytest.mark.slow
+@pytest.mark.heavy  # compiles the tiny model's step: some 15 s on two cores
+def test_a_compiled_step_writes_the_pool_as_the_eager_step_does():
+    """The pooled write compiled (one fused kernel), with interleaved groups (the heads reordered into the pool's
+    order first) and a group that evicts while decoding."""
+    model = tiny_model("llama", num_key_value_heads=4, num_attention_heads=8)
+    ids, mask = padded_prompt([30, 22])
+    plan = polykv.compile("layers 1 heads 1,3: snapkv@8(window=4) decode streaming@12; layers 1 heads 0,2: full; "
+                          "*: knorm@12", model)  # fmt: skip
+    with plan.apply(model):
+        runs = [
+            static_generate(
+                model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=12, graph=False,
+                eviction_slack=0, compile_step=compile_step,
+            )
+            for compile_step in (False, True)
+        ]  # fmt: skip
+    assert torch.equal(*runs)
+
+
 # --- one launch over the pool, in triton's interpreter --------------------------------------------------------------
 
 

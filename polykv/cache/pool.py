@@ -6,14 +6,15 @@ and its output put back: some ten kernels more per layer and step than a uniform
 a fifth of an 8B model's decoding step (docs/performance.md). A pool lays every group's slots one
 after another in one (B, T, D) buffer for keys and one for values, T the sum over KV heads of
 their slots, so memory is still the sum of the heads' counts. A group's slots are a (B, Hg, Sg, D)
-view into it, which the group's ``StaticDecoding`` writes and evicts as it would its own buffer;
+view into it, which the group's ``StaticDecoding`` evicts from as it would its own buffer;
 attention reads every head's slots in one launch (``ragged_decode_attention``: KV head h's slots
 start at ``starts[h]``, ``counts[h]`` of them), where the kernels run. Elsewhere each group attends
 to its own view, as before.
 
 Writes are pooled too: the groups' free lists, cursors and step position live in shared tensors
 (each group's are views, ``StaticDecoding.share``), so one write puts a step's tokens into every
-head's next free slot, where each group would launch its own.
+head's next free slot, where each group would launch its own (measured on an 8B shape: the ragged
+step at 1.0x the uniform one, from 1.1x with a write per group and 1.28x group by group).
 """
 
 from __future__ import annotations
