@@ -220,7 +220,10 @@ def test_use_cache_false_with_a_cache_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafting", ["assistant", "prompt lookup"])
+@pytest.mark.parametrize(
+    "drafting",
+    [pytest.param("assistant", marks=pytest.mark.heavy), "prompt lookup"],  # 7 s; the tiny models' assistant runs
+)
 def test_assisted_generation_on_the_bundled_model_is_the_dynamic_cache(real_model, drafting):
     model, tokenizer = real_model
     text = "The days of the week are Monday, Tuesday, Wednesday, Thursday, Friday. Again: Monday, Tuesday,"

@@ -209,6 +209,7 @@ GENERATE_WITH_KEYDIFF = textwrap.dedent(
 )
 
 
+@pytest.mark.heavy  # 9 s in a fresh process; loading and validating keydiff run in the quick tier
 def test_keydiff_compresses_layers_during_generation(installed):
     result = succeeded(run([sys.executable, "-c", GENERATE_WITH_KEYDIFF], timeout=300, env=installed))
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -59,6 +59,8 @@ def test_a_hostile_spec_is_one_clear_error_in_seconds(text, message):
     assert len(raised.value.diagnostics) <= 101  # the rest are counted, not listed
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # 6 s; the token limit's refusal runs in the quick tier
 def test_a_spec_at_the_token_limit_is_checked():
     text = "layers " + ",".join(["0"] * (MAX_TOKENS // 2 - 10)) + ": full\n"
     with pytest.raises(SpecError, match="layer 0 is already given a policy earlier in this statement") as raised:

@@ -83,6 +83,7 @@ def test_a_left_padded_batch_answers_like_each_prompt_alone(real_model):
         )
 
 
+@pytest.mark.heavy  # 7 s; decode budgets on the tiny models run in the quick tier
 def test_a_long_generation_stays_within_its_decode_budget(real_model):
     model, tokenizer = real_model
     ids = _ids(tokenizer, passkey_prompt(10, 0.5, 12345))

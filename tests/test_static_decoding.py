@@ -213,6 +213,7 @@ def test_static_decoding_starts_after_the_prefill():
 
 @requires_real_model
 @pytest.mark.slow
+@pytest.mark.heavy  # 13 s; the tiny models' static decoding runs in the quick tier
 def test_static_generate_answers_as_generate_does_on_the_real_model(real_model):
     model, tokenizer = real_model
     from pathlib import Path
