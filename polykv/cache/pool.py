@@ -49,9 +49,13 @@ class SlotPool:
         order = [head for group, _slots in groups for head in group]  # the pool's heads, group by group
         self.order = None if order == sorted(order) else torch.tensor(order, device=like.device)
         self.pooled_starts = torch.tensor([starts[head] for head in order], device=like.device)[:, None]  # (H, 1)
-        self.free: torch.Tensor | None = None  # (B, H, F), the cursor (H, 1) and position (1,): set by share()
+        # Set by share(): the free lists (B, H, F), cursors (H, 1), step position (1,), and a write's row and token
+        # indices.
+        self.free: torch.Tensor | None = None
         self.cursor: torch.Tensor | None = None
         self.position: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.token_offsets: torch.Tensor | None = None
         self.real_tokens: torch.Tensor | None = None  # (B, n) whether each of a step's tokens is real; None: all are
         self.write_slots = write_pooled  # or its compiled form (compile_writes)
         whole = SlotBuffers.empty(batch, 1, offset, like, real)  # one head of every slot: views below
