@@ -11,7 +11,8 @@ Attention runs the model's kernel once per group, on the query heads that read t
 (``query_heads``), and puts each group's output in its place: a head attends to exactly its own
 stored tokens, which is what full attention with its evicted tokens masked out computes. Groups that
 are runs of heads in order (heads 0-3, then 4-7) take their heads as views and join their outputs by
-concatenation; other groupings index.
+concatenation; other groupings index. In static decoding the groups' slots lie in one pool
+(``polykv.cache.pool``), written and attended for every head at once.
 
 With ``adaptive`` heads (``heads adaptive``) every head is a group of its own, and how many tokens
 each keeps is decided when the prompt ends: the layer's budget is shared among them by the
@@ -394,7 +395,8 @@ class SplitLayer(CacheLayerMixin):
 
 class GroupsInStatic:
     """The static decodings of a SplitLayer's parts, driven as one: what the cache asks of a layer's
-    ``static`` reaches every part (attention reads each part's own slots)."""
+    ``static`` reaches every part, and their slots, free lists and position live in one ``pool``, which a
+    step writes and attention reads for every head at once."""
 
     def __init__(self, parts: Sequence[PolyLayer], pool: SlotPool):
         self.parts = list(parts)
