@@ -107,27 +107,21 @@ def main() -> None:
             for name, plan in plans.items()
         }  # fmt: skip
         for name in plans:
-            rows.append(
-                {
-                    "batch": batch,
-                    "plan": name,
-                    "spec": plans[name].spec.strip(),
-                    "cache_bytes": memory[name],
-                    "head_budget_bytes": expected[name],
-                    "over_budgets": memory[name] / expected[name] - 1,
-                    "over_uniform": memory[name] / memory["uniform"] - 1,
-                    "ms_per_token": seconds[name] / args.steps * 1e3,
-                    "vs_uniform": seconds[name] / seconds["uniform"],
-                    **{
-                        key: value
-                        for mode in modes
-                        for key, value in (
-                            (f"{mode}_ms_per_token", static[mode, name]),
-                            (f"{mode}_vs_uniform", static[mode, name] / static[mode, "uniform"]),
-                        )
-                    },
-                }
-            )
+            row = {
+                "batch": batch,
+                "plan": name,
+                "spec": plans[name].spec.strip(),
+                "cache_bytes": memory[name],
+                "head_budget_bytes": expected[name],
+                "over_budgets": memory[name] / expected[name] - 1,
+                "over_uniform": memory[name] / memory["uniform"] - 1,
+                "ms_per_token": seconds[name] / args.steps * 1e3,
+                "vs_uniform": seconds[name] / seconds["uniform"],
+            }
+            for mode in modes:
+                row[f"{mode}_ms_per_token"] = static[mode, name]
+                row[f"{mode}_vs_uniform"] = static[mode, name] / static[mode, "uniform"]
+            rows.append(row)
     columns = "".join(f" {mode} ms/token | vs uniform |" for mode in modes)
     print(f"| batch | plan | cache MiB | vs head budgets | vs uniform bytes | ms/token | vs uniform |{columns}")
     print("|---" * (7 + 2 * len(modes)) + "|")

@@ -87,8 +87,7 @@ class SlotPool:
         self.free = torch.zeros(batch, heads, longest, dtype=torch.long, device=device)
         self.cursor = torch.zeros(heads, 1, dtype=torch.long, device=device)
         self.position = statics[0].position.clone()
-        self.rows = torch.arange(batch, device=device)[:, None, None]
-        self.token_offsets = statics[0].token_offsets
+        self.rows, self.token_offsets = statics[0].row_numbers, statics[0].token_offsets  # made once per layer
         first = 0
         for static in statics:
             count, length = static.free.shape[1], static.free.shape[2]

@@ -77,9 +77,10 @@ def decode_attention(
     Runs the Triton kernels where ``available`` and the inputs suit them, else ``torch_decode_attention``.
     """
     if suits_kernels(query, keys, values, keys.shape[1]):
-        layout = _Layout.uniform(keys, values, positions, real)
-        window = sliding_window
-        return _split_decode_attention(query, keys, values, positions, layout, position, scaling, window, softcap)
+        layout = _Layout.of(keys, values, positions, real)
+        return _split_decode_attention(
+            query, keys, values, positions, layout, position, scaling, sliding_window, softcap
+        )  # fmt: skip
     return torch_decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
 
 
@@ -107,7 +108,7 @@ def ragged_decode_attention(
     heads = starts.shape[0]
     if not suits_kernels(query, keys, values, heads):
         raise ValueError("ragged_decode_attention runs the Triton kernels only, and they do not take these inputs")
-    layout = _Layout.ragged(keys, values, positions, real, starts, counts, largest)
+    layout = _Layout.of(keys, values, positions, real, starts, counts, largest)
     return _split_decode_attention(query, keys, values, positions, layout, position, scaling, sliding_window, softcap)
 
 
@@ -177,20 +178,20 @@ class _Layout:
     counts: torch.Tensor | None = None
 
     @classmethod
-    def uniform(cls, keys, values, positions, real) -> _Layout:
-        heads, slots = keys.shape[1], keys.shape[2]
+    def of(cls, keys, values, positions, real, starts=None, counts=None, largest: int = 0) -> _Layout:
+        """Uniform: keys and values (B, H, S, D). Ragged (``starts``, ``counts``, ``largest`` given): (B, T, D),
+        read as (B, H, T, D) with head stride 0."""
         visible_real = positions if real is None else real.view(torch.uint8)
-        return cls(
-            keys.stride(), values.stride(), positions.stride(), visible_real, visible_real.stride(), real is not None,
-            heads, slots, heads * slots,
-        )  # fmt: skip
+        if starts is None:
+            heads, largest = keys.shape[1], keys.shape[2]
+            return cls(
+                keys.stride(), values.stride(), positions.stride(), visible_real, visible_real.stride(),
+                real is not None, heads, largest, heads * largest,
+            )  # fmt: skip
 
-    @classmethod
-    def ragged(cls, keys, values, positions, real, starts, counts, largest: int) -> _Layout:
-        def strides(tensor: torch.Tensor) -> tuple[int, ...]:  # (B, T[, D]) as (B, H, T[, D]) with head stride 0
+        def strides(tensor: torch.Tensor) -> tuple[int, ...]:
             return (tensor.stride(0), 0, *tensor.stride()[1:])
 
-        visible_real = positions if real is None else real.view(torch.uint8)
         return cls(
             strides(keys), strides(values), strides(positions), visible_real, strides(visible_real), real is not None,
             starts.shape[0], largest, keys.shape[1], starts, counts,
