@@ -28,8 +28,11 @@ Every row is measured side by side in one run (warmed up, synchronised timers, m
   linearly; decoding tokens/s is then measured at that batch. A compressed layer's decoding cost
   depends only on what it keeps, so its large batch is decoded after prompts of 1k tokens (kept: 512,
   as after 32k) to save the device time of a prefill of hundreds of 32k prompts.
+- ``real`` (not run by default): a real batch of ``--real-rows`` 32k-token prompts for ``*: snapkv@512``,
+  prefilled the same way and decoded: its peak memory against one row's (so the memory a row adds,
+  measured rather than extrapolated), the prefill's wall time, and tokens/s after 32k-token prompts.
 
-``--rows`` picks parts (decode, eviction, compiled, generate, largest). Prints a markdown table and writes
+``--rows`` picks parts (decode, eviction, compiled, generate, largest, real). Prints a markdown table and writes
 benchmarks/results/gpu_decode_<device>.json.
 """
 
@@ -222,6 +225,42 @@ def largest_batches(model, plans: dict, large_chunk: int) -> list[dict]:
     return entries
 
 
+def real_batch(model, plan, rows: int, chunk: int) -> dict:
+    """``rows`` prompts of 32k tokens prefilled for real (chunks compressed as they come) and decoded: the peak
+    memory against one row's, and tokens/s (see the module docstring)."""
+    length = 32768
+
+    def prefilled(batch: int):
+        ids = prompt(batch, length, model.config.vocab_size, model.device, seed=batch)
+        return prefill(model, plan, ids, chunk=chunk, compress_chunks=True)
+
+    one = peak_gib(lambda: static_decode(model, prefilled(1), 1, length, 4, 1))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    cache = prefilled(rows)
+    synchronize(model.device)
+    prefill_s = time.perf_counter() - began
+    speed = static_decode(model, cache, rows, length, 16, 2)
+    synchronize(model.device)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    entry = {
+        "cache": "snapkv@512",
+        "rows": rows,
+        "prompt_tokens": length,
+        "prefill_chunk": chunk,
+        "prefill_s": prefill_s,
+        "peak_gib": peak,
+        "one_row_peak_gib": one,
+        "per_row_gib": (peak - one) / (rows - 1),
+        "cache_gib": cache.nbytes() / 2**30,
+        "step_ms": speed["wall_ms"],
+        "tokens_per_s": rows / speed["wall_ms"] * 1e3,
+    }
+    print(entry, flush=True)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed block")
@@ -231,6 +270,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="batch sizes of the decoding rows")
     parser.add_argument("--length", type=int, default=32768, help="prompt length")
     parser.add_argument("--rows", default="decode,eviction,compiled,generate,largest", help="which parts to run")
+    parser.add_argument("--real-rows", type=int, default=128, help="rows of the real batch (--rows real)")
+    parser.add_argument("--label", help="appended to the result's file name")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = load(args.model)
@@ -294,8 +335,12 @@ def main() -> None:
 
     if device.type == "cuda" and "largest" in rows:
         result["largest_batch"] = largest_batches(model, plans, args.large_chunk)
-    else:
+    elif "largest" in rows:
         print("largest batch: measured on CUDA only (it reads the device's memory statistics)")
+    if device.type == "cuda" and "real" in rows:
+        result["real_batch"] = real_batch(model, plans["snapkv@512"], args.real_rows, args.large_chunk)
+    elif "real" in rows:
+        print("real batch: measured on CUDA only (it reads the device's memory statistics)")
 
     device_name = machine(device, args.model)
     result.update({"device": device_name, "torch": torch.__version__, "prompt_length": length})
@@ -359,8 +404,15 @@ def main() -> None:
             f"({snap['largest_batch'] / full['largest_batch']:.1f}x); tokens/s {full['tokens_per_s']:.0f} vs "
             f"{snap['tokens_per_s']:.0f} ({snap['tokens_per_s'] / full['tokens_per_s']:.1f}x)"
         )
+    if "real_batch" in result:
+        real = result["real_batch"]
+        print(
+            f"real batch of {real['rows']} 32k prompts, snapkv@512: peak {real['peak_gib']:.1f} GiB (one row "
+            f"{real['one_row_peak_gib']:.1f}; {real['per_row_gib']:.3f} GiB a row), prefilled in "
+            f"{real['prefill_s']:.0f} s, {real['tokens_per_s']:.0f} tokens/s"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_decode_{device_name.replace(' ', '-')}.json"
+    path = args.out / f"gpu_decode_{device_name.replace(' ', '-')}{f'_{args.label}' if args.label else ''}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -13,6 +13,10 @@ task, one document per row):
   calibrated for acceptance, shown as ``[acceptance]``) and each lookahead, its checks of fixed
   shapes (one CUDA graph replay per check: ``polykv.decoding.static_speculation``).
 
+With ``--step-costs``, each batch also times the static steps a check is made of (the full cache's
+step of 1 and of lookahead + 1 tokens, a draft's of 1 and 2), and each row compares its check's wall
+time with what those steps add up to.
+
 Each row gives decoding tokens/s (all rows of the batch, after the first check or step, which
 captures the graphs) and the speed-up over plain decoding; the share of drafted tokens kept by the
 batch and by each row alone; tokens per check of the full cache; whether the output is plain
@@ -48,6 +52,7 @@ from shapes import llama_8b
 
 import polykv
 from polykv.decoding import StaticDecoder
+from polykv.decoding.compiled import compiled_forward
 from polykv.decoding.static import captured_replay
 from polykv.model.describe import cache_argument
 from polykv.tasks.tasks import make
@@ -69,6 +74,16 @@ def prompts(tokenizer, batch: int, length: int, device: torch.device) -> torch.T
 def weight_bytes(model) -> int:
     """Bytes a decoding step reads of the weights: all but the input embedding (one row per token)."""
     return sum(p.nbytes for p in model.parameters()) - model.get_input_embeddings().weight.nbytes
+
+
+def repeat_heads_in_float32_prefill() -> None:
+    """In float32 on CUDA, transformers asks SDPA for grouped-query attention whenever no mask is given, which only
+    PyTorch's math kernel does in float32: it holds a prompt's whole attention logits (69 GiB at batch 32 of 8k
+    tokens). Telling transformers not to lets it repeat the KV heads, and the memory-efficient kernel runs. Plain
+    decoding and speculation both prefill this way."""
+    from transformers.integrations import sdpa_attention
+
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
 
 
 def run(model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False) -> polykv.Speculation:
@@ -113,6 +128,10 @@ def measure(model, tokenizer, args, device) -> list[dict]:
         plain, plain_rate = plain_decoding(model, ids, whole, args.new_tokens, args.compile_step)
         rows.append({"batch": batch, "spec": "plain", "lookahead": 0, "tokens_per_s": plain_rate, "speedup": 1.0})
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
+        costs = step_costs(model, ids, args.budget, args.lookaheads, args.compile_step) if args.step_costs else None
+        if costs:
+            rows[-1]["step_costs"] = costs
+            print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
                 result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step)
@@ -134,33 +153,69 @@ def measure(model, tokenizer, args, device) -> list[dict]:
                     "full_cache_bytes": result.full_nbytes,
                     "draft_cache_bytes": result.draft_nbytes,
                 }
+                if costs:  # a check's wall time, against what its steps cost alone
+                    row["check_ms"] = batch * result.tokens_per_step / rate * 1e3
+                    row["predicted_check_ms"] = predicted_check_ms(costs, lookahead)
                 rows.append(row)
                 print(
                     f"batch {batch}: {spec}, lookahead {lookahead}: {rate:.1f} tokens/s ({rate / plain_rate:.2f}x), "
                     f"accepted {result.acceptance:.2f} (rows alone {result.row_acceptance:.2f}), "
-                    f"{result.tokens_per_step:.2f} per check, bound {bound:.2f}x, rows equal {equal:.2f}",
+                    f"{result.tokens_per_step:.2f} per check, bound {bound:.2f}x, rows equal {equal:.2f}"
+                    + (f", check {row['check_ms']:.2f} ms (steps {row['predicted_check_ms']:.2f})" if costs else ""),
                     flush=True,
                 )
     return rows
 
 
 @torch.no_grad()
-def step_milliseconds(model, cache, tokens: int, replays: int) -> float:
-    """Wall milliseconds of one static step of ``tokens`` tokens through ``cache`` (a CUDA graph replayed)."""
+def step_milliseconds(model, cache, tokens: int, replays: int, compile_step: bool = False) -> float:
+    """Wall milliseconds of one static step of ``tokens`` tokens through ``cache`` (a CUDA graph replayed; run
+    eagerly on the CPU)."""
     batch, device = cache.layers[0].batch_size, model.device
     cache.begin_static(room=(replays + 1) * tokens, holes=True)
+    if compile_step:
+        cache.compile_static_writes()
+    forward = compiled_forward(model) if compile_step else model
     ids = torch.ones(batch, tokens, dtype=torch.long, device=device)
     positions = (cache.layers[0].seen + torch.arange(tokens, device=device)).expand(batch, tokens)
 
     def step() -> None:
-        model(ids, position_ids=positions, logits_to_keep=tokens, **cache_argument(model, cache))
+        forward(input_ids=ids, position_ids=positions, logits_to_keep=tokens, **cache_argument(model, cache))
 
-    replay = captured_replay(step)  # runs the step once (the warm-up a capture needs), then captures it
+    if device.type == "cuda":
+        replay = captured_replay(step)  # runs the step once (the warm-up a capture needs), then captures it
+    else:  # run eagerly, after one warm-up step
+        step()
+        replay = step
     wall, _ = milliseconds(lambda: [replay() for _ in range(replays)], device)
     for _ in range(replays + 1):
         cache.static_stepped(tokens)
     cache.end_static((replays + 1) * tokens)
     return wall / replays
+
+
+def step_costs(
+    model, ids, budget: int, lookaheads: list[int], compile_step: bool = False, chunk: int | None = None
+) -> dict:
+    """Milliseconds of the static steps a check is made of, after the prompts ``ids`` (prefilled in chunks of
+    ``chunk``): the full cache's step of 1 token and of lookahead + 1 (a check), and a draft's of 1 and 2 tokens (a
+    draft holding ``budget`` tokens)."""
+    whole = polykv.compile("*: full", model)
+    with whole.apply(model):
+        full = prefill(model, whole, ids, chunk=chunk)
+        draft = prefill(model, whole, ids[:, -budget:])  # a draft's cost is the tokens it holds
+        costs = {"full 1": step_milliseconds(model, full, 1, 20, compile_step)}
+        costs["draft 1"] = step_milliseconds(model, draft, 1, 20, compile_step)
+        costs["draft 2"] = step_milliseconds(model, draft, 2, 20, compile_step)
+        for lookahead in lookaheads:
+            costs[f"full {lookahead + 1}"] = step_milliseconds(model, full, lookahead + 1, 20, compile_step)
+    return costs
+
+
+def predicted_check_ms(costs: dict, lookahead: int) -> float:
+    """What a check should cost from its steps: the draft's first step of 2 tokens, lookahead - 1 steps of one, and
+    the full cache's step of lookahead + 1 tokens."""
+    return costs["draft 2"] + (lookahead - 1) * costs["draft 1"] + costs[f"full {lookahead + 1}"]
 
 
 def shape_step_costs(args) -> dict:
@@ -169,18 +224,11 @@ def shape_step_costs(args) -> dict:
     measured = {}
     for layers in args.shape_layers:
         model = llama_8b(layers=layers)
-        whole = polykv.compile("*: full", model)
         ids = random_prompt(SHAPE_BATCH, SHAPE_LENGTH, model.config.vocab_size, model.device)
-        with whole.apply(model):
-            full = prefill(model, whole, ids, chunk=CHUNK)
-            draft = prefill(model, whole, ids[:, -args.budget :])  # a draft's cost is the tokens it holds
-            costs = {"full 1": step_milliseconds(model, full, 1, 20), "draft 1": step_milliseconds(model, draft, 1, 20)}
-            costs["draft 2"] = step_milliseconds(model, draft, 2, 20)
-            for lookahead in args.lookaheads:
-                costs[f"full {lookahead + 1}"] = step_milliseconds(model, full, lookahead + 1, 20)
+        costs = step_costs(model, ids, args.budget, args.lookaheads, chunk=CHUNK)
         measured[layers] = costs
         print(f"8B shape, {layers} layers: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
-        del model, full, draft
+        del model
         torch.cuda.empty_cache()
     few, many = sorted(measured)
     whole_model = {
@@ -207,7 +255,7 @@ def shape_speedups(costs: dict, rows: list[dict]) -> list[dict]:
         if row["spec"] == "plain" or row["batch"] != largest:
             continue
         lookahead = row["lookahead"]
-        check = step["draft 2"] + (lookahead - 1) * step["draft 1"] + step[f"full {lookahead + 1}"]
+        check = predicted_check_ms(step, lookahead)
         speedup = row["tokens_per_check"] * step["full 1"] / check
         found.append({"spec": row["spec"], "lookahead": lookahead, "tokens_per_check": row["tokens_per_check"],
                       "check_ms": check, "speedup": speedup})  # fmt: skip
@@ -322,6 +370,9 @@ def main() -> None:
     parser.add_argument(
         "--compile-step", action="store_true", help="compile the forwards of steps and checks (torch.compile)"
     )
+    parser.add_argument(
+        "--step-costs", action="store_true", help="also time the steps a check is made of, at each batch"
+    )
     parser.add_argument("--label", help="appended to the results' file names")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -345,6 +396,8 @@ def main() -> None:
     model, tokenizer = polykv.load_default_model()
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = model.to(device, dtype)
+    if dtype == torch.float32 and device.type == "cuda":
+        repeat_heads_in_float32_prefill()
     args.dtype = str(dtype).removeprefix("torch.")  # kept with the results
     machine = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
     rows = measure(model, tokenizer, args, device)

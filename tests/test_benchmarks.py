@@ -100,8 +100,10 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         "2",
         "--new-tokens",
         "6",
+        "--step-costs",
         out=tmp_path,
     )
+    assert set(result["rows"][0]["step_costs"]) == {"full 1", "draft 1", "draft 2", "full 3"}
     drafts = [(row["spec"], row["lookahead"]) for row in result["rows"]]
     assert drafts == [
         ("plain", 0),
@@ -112,6 +114,7 @@ def test_speculation_runs_on_the_cpu(tmp_path):
     for row in result["rows"][1:]:
         assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
         assert row["draft_cache_bytes"] < row["full_cache_bytes"]
+        assert row["check_ms"] > 0 and row["predicted_check_ms"] > 0  # a check's wall time beside its steps'
 
 
 def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path):
@@ -126,8 +129,11 @@ def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path)
     assert speedup["check_ms"] == 11.0 + 2 * 10.0 + 52.0 and speedup["speedup"] == pytest.approx(3.5 * 50.0 / 83.0)
 
 
-def test_step_kernels_runs_on_the_cpu_and_reprints_its_table(tmp_path):
-    result = run("step_kernels.py", "--model", "tiny", "--length", "520", "--batch", "2", "--steps", "2", out=tmp_path)
+@pytest.mark.parametrize("freeze", [False, True], ids=["as-it-is", "weights-frozen"])
+def test_step_kernels_runs_on_the_cpu_and_reprints_its_table(tmp_path, freeze):
+    options = ["--model", "tiny", "--length", "520", "--batch", "2", "--steps", "2"] + (["--freeze"] if freeze else [])
+    result = run("step_kernels.py", *options, out=tmp_path)
+    assert result["freeze"] is freeze
     assert [(row["spec"], row["compiled"]) for row in result["rows"]] == [
         (spec, compiled) for spec in ("*: full", "*: streaming@256") for compiled in (False, True)
     ]

@@ -85,21 +85,27 @@ def test_interpreted_kernel_takes_the_cpu_flash_lse_and_strided_inputs():
 def test_unavailable_on_the_cpu_without_the_interpreter():
     assert not cs.available(torch.device("cpu"))
     queries, keys, _ = random_inputs(1, 1, 1, 4, 16, padding=False)
-    assert cs.flash_attention_with_lse(queries[:, 0], keys, keys, 0.25) is None
+    assert cs.attention_with_lse(queries[:, 0], keys, keys, 0.25) is None
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn-where-it-applies", "flash"])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("dim", [128, 256])
-def test_compiled_kernel_matches_dense_attention_in_bf16(dim, padding):
+def test_compiled_kernel_matches_dense_attention_in_bf16(dim, padding, cudnn):
     length, scaling = 1000, dim**-0.5
     queries, keys, real = random_inputs(2, 2, 4, length, dim, padding=padding, dtype=torch.bfloat16, device="cuda")
     expected, dense_lse = dense_reference(queries, keys, real, scaling)
     flat_queries = queries.reshape(2, 8, length, dim)
     flat_keys = keys.repeat_interleave(4, dim=1)
-    flash = cs.flash_attention_with_lse(flat_queries, flat_keys, flat_keys, scaling)
-    assert flash is not None and cs.available(queries.device)
-    output, lse = flash
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn and enabled)
+    try:
+        found = cs.attention_with_lse(flat_queries, flat_keys, flat_keys, scaling)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+    assert found is not None and cs.available(queries.device)
+    output, lse = found
     assert lse.shape == (2, 8, length) and lse.dtype == torch.float32
     sdpa = F.scaled_dot_product_attention(flat_queries, flat_keys, flat_keys, is_causal=True, scale=scaling)
     torch.testing.assert_close(output, sdpa, rtol=2e-2, atol=2e-2)

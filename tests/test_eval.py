@@ -146,6 +146,42 @@ def test_the_report_finds_the_best_single_and_the_recovery(tmp_path):
     assert "| 32 | snapkv | 0.75" in markdown(data)
 
 
+def test_the_report_counts_answers_scored_as_the_full_cache_scored_them():
+    """Agreement with the full cache is per sample: a method right where the full cache is wrong disagrees."""
+    accuracies = {"full": [1.0, 0.0, 1.0, 0.5], "lucky": [1.0, 1.0, 1.0, 0.5], "faithful": [1.0, 0.0, 1.0, 0.5]}
+    records = [
+        runner_module.Record("t", "raw", seed, method, 0 if method == "full" else 32, 0.1, 1.0, accuracy, 32.0)
+        for method, values in accuracies.items()
+        for seed, accuracy in enumerate(values)
+    ]
+    records.append(runner_module.Record("c", "raw", 0, "lucky", 32, 0.1, 1.0, None, 32.0))  # graded only: not counted
+    data = summary(records, resamples=10)
+    assert data["table"]["lucky@32"]["agreement"] == {"same": 3, "graded": 4}
+    assert data["table"]["faithful@32"]["agreement"] == {"same": 4, "graded": 4}
+    assert "agreement" not in data["table"]["full@0"]
+    assert "| lucky | 3 / 4 |" in markdown(data) and "| faithful | 4 / 4 |" in markdown(data)
+
+
+def test_report_only_writes_the_report_anew_from_kept_results(tmp_path, capsys):
+    """``polykv eval --report-only`` scores nothing: it reads results.jsonl, keeps the scoring run's settings."""
+    from polykv.cli import main
+
+    lines = [
+        attrs.asdict(runner_module.Record("t", "raw", seed, method, budget, kl + seed / 100, 1.0, 1.0, 32.0))
+        for seed in range(3)
+        for method, budget, kl in [("full", 0, 0.0), ("snapkv", 32, 1.0), ("polykv", 32, 0.5)]
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"model": "m", "setting": "question"}}))
+    assert main(["eval", "--report-only", "--out", str(tmp_path)]) == 0
+    assert "| polykv | 3 / 3 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"] == {"model": "m", "setting": "question"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--report-only", "--out", str(empty)]) == 1
+    assert "holds no results; run polykv eval" in capsys.readouterr().err
+
+
 # --- the loader ----------------------------------------------------------------------------------------
 
 

@@ -104,9 +104,9 @@ def _backends(inner: str, query: torch.Tensor):
 
 def _attention_with_log_normalisers(query, key, value, scaling: float):
     """Causal SDPA that also returns each query's log-normaliser (for accumulated attention), as
-    transformers' SDPA returns its output; (None, None) where the flash kernel does not apply."""
+    transformers' SDPA returns its output; (None, None) where no kernel that returns them applies."""
     groups = query.shape[1] // key.shape[1]
-    found = column_sums.flash_attention_with_lse(
+    found = column_sums.attention_with_lse(
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), scaling
     )
     if found is None:

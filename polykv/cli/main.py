@@ -342,6 +342,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a small run (2 tasks, 4 methods, 2 budgets, 2 samples; the question inside the prompt)",
     )
+    evaluate.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report, summaries and plots anew from --out's results.jsonl, scoring nothing",
+    )
     evaluate.set_defaults(run="polykv.cli.commands.eval:run")
     return parser
 

@@ -27,10 +27,13 @@ def summary(records: Sequence[Record], *, resamples: int = 1000) -> dict:
     methods = list(dict.fromkeys(r.method for r in records))
     tasks = sorted({(r.task, r.format) for r in records})
     table: dict = {}
+    full_accuracy = {_sample(r): r.accuracy for r in records if r.method == FULL and r.accuracy is not None}
     for method in methods:
         for budget in [0] if method == FULL else budgets:
             chosen = [r for r in records if r.method == method and (method == FULL or r.budget == budget)]
             table[f"{method}@{budget}"] = _scores(chosen, tasks)
+            if method != FULL:
+                table[f"{method}@{budget}"]["agreement"] = _agreement(chosen, full_accuracy)
     recovery: dict = {}
     for budget in budgets:
         singles = [m for m in methods if m in SINGLES and _complete(records, m, budget, tasks)]
@@ -76,6 +79,7 @@ def markdown(data: dict) -> str:
         kl = [f"{c['kl']:.4f}" if c else "" for c in cells]
         accuracy = [f"{c['accuracy']:.2f}" if c and c["accuracy"] is not None else "" for c in cells]
         lines.append(f"| {method} | " + " | ".join(kl) + " | " + " | ".join(accuracy) + " |")
+    lines += _agreement_lines(data)
     lines += [
         "",
         "Gap recovery of the task-balanced KL, (best single - method) / (best single - full), 95% bootstrap interval:",
@@ -186,6 +190,41 @@ def _scores(records: Sequence[Record], tasks) -> dict:
         "samples": len(records),
         "per_task": {"/".join(t): {"kl": _mean([r.kl for r in by_task[t]])} for t in present},
     }
+
+
+def _sample(record: Record) -> tuple:
+    return (record.task, record.format, record.seed, record.setting)
+
+
+def _agreement(records: Sequence[Record], full_accuracy: dict) -> dict | None:
+    """How many graded answers score what the full cache's answer to the same sample scores: a compressed cache
+    that departs from the full cache shows here even where its accuracy is the same (or, by luck, higher)."""
+    pairs = [(r.accuracy, full_accuracy[_sample(r)]) for r in records if _sample(r) in full_accuracy]
+    pairs = [(mine, full) for mine, full in pairs if mine is not None]
+    if not pairs:
+        return None
+    return {"same": sum(mine == full for mine, full in pairs), "graded": len(pairs)}
+
+
+def _agreement_lines(data: dict) -> list[str]:
+    """The agreement table: per method and budget, graded answers scored as the full cache's (same / graded)."""
+    budgets = data["budgets"]
+    rows = []
+    for method in (m for m in data["methods"] if m != FULL):
+        cells = [(data["table"].get(f"{method}@{b}") or {}).get("agreement") for b in budgets]
+        if any(cells):
+            shown = [f"{c['same']} / {c['graded']}" if c else "" for c in cells]
+            rows.append(f"| {method} | " + " | ".join(shown) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Graded answers scored as the full cache's answer to the same sample (same / graded):",
+        "",
+        "| method | " + " | ".join(f"@{b}" for b in budgets) + " |",
+        "| --- |" + " ---: |" * len(budgets),
+        *rows,
+    ]
 
 
 def _per_sample(records: Sequence[Record], method: str, budget: int, task=None) -> list[float]:

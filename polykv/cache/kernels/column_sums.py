@@ -2,7 +2,7 @@
 
 H2O-style policies score each token by the attention all prompt queries give it: column sums of
 the causal softmax matrix. Building that matrix in float32 chunks costs several times the prefill
-itself on long prompts. Given the per-query log-normaliser a flash-attention forward already
+itself on long prompts. Given the per-query log-normaliser the prompt's attention forward already
 returns, each weight is exp(scaling q_i.k_j - lse_i), so a kernel can recompute the weights block
 by block and sum them per key without ever holding the L x L matrix.
 
@@ -18,7 +18,7 @@ import torch
 
 from polykv.cache.kernels.triton_support import available, dot_precision, jit, tl, triton
 
-__all__ = ["available", "column_sums", "flash_attention_with_lse"]
+__all__ = ["available", "column_sums", "attention_with_lse"]
 
 #: Keys per program, queries per loop step and pipeline stages, for query rows of at most 256 bytes (bf16 heads up
 #: to 128) and for longer ones. Measured on an H200 over 32 query heads of 8k tokens: in bf16 0.7 ms at D=64, 0.9 ms
@@ -69,17 +69,25 @@ def column_sums(
     return out
 
 
-def flash_attention_with_lse(
+def attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Causal attention of (B, Hq, L, D) inputs and each query's log-normaliser, float32 (B, Hq, L).
 
-    Runs PyTorch's flash-attention kernel; None where it does not apply (not CUDA, not
-    bf16/fp16, a head size or layout the kernel does not take), so that the caller falls back.
+    Runs cuDNN's attention where it applies (what SDPA itself prefers for a whole prompt on Hopper,
+    so the prefill of an accumulating layer costs what a full cache's does), else PyTorch's
+    flash-attention kernel; None where neither applies (not CUDA, not bf16/fp16, a head size or
+    layout the kernels do not take), so that the caller falls back.
     """
     if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
     params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, True, False)
+    batch, heads, length, _ = query.shape
+    if torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.can_use_cudnn_attention(params):
+        outputs = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, True, 0.0, True, False, scale=scaling
+        )
+        return outputs[0], outputs[1].reshape(batch, heads, length).float()
     if not torch.backends.cuda.can_use_flash_attention(params):
         return None
     outputs = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)

@@ -28,7 +28,8 @@ QUICK = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from polykv.evaluation.report import markdown, plots, summary
+    if args.report_only:
+        return _report_again(args)
     from polykv.evaluation.runner import method
     from polykv.evaluation.runner import run as evaluate
     from polykv.harness.processes import joined
@@ -85,20 +86,52 @@ def run(args: argparse.Namespace) -> int:
         "profile": args.profile or "bundled",
         "command": setup.command_line(),
     }
+    _report(records, settings, chosen_settings, args.out)
+    return 0
+
+
+def _report_again(args: argparse.Namespace) -> int:
+    """``--report-only``: the report of what ``--out`` holds, as the run that scored it wrote it (for a report
+    whose tables changed since)."""
+    from polykv.errors import ArgumentError
+    from polykv.evaluation.runner import read
+
+    path = args.out / "results.jsonl"
+    records = read(path)
+    if not records:
+        raise ArgumentError(f"--report-only: {path} holds no results; run polykv eval with --out {args.out} first")
+    found = sorted({record.setting for record in records}, key=EVAL_SETTINGS.index)
+    chosen = [setting for setting in args.settings or found if setting in found]
+    if not chosen:
+        raise ArgumentError(f"--report-only: {path} holds results of {', '.join(found)} only")
+    settings = {}
+    for setting in chosen:
+        suffix = "" if setting == "question" else f"-{setting}"
+        kept = args.out / f"summary{suffix}.json"
+        if kept.exists():  # the scoring run's settings (model, tasks, command); absent in older summaries
+            settings = {k: v for k, v in json.loads(kept.read_text()).get("settings", {}).items() if k != "setting"}
+            break
+    _report(records, settings, chosen, args.out)
+    return 0
+
+
+def _report(records: list, settings: dict, chosen_settings, out) -> None:
+    """Write report.md (a section per setting), and per setting its summary JSON and plots, into ``out``."""
+    from polykv.evaluation.report import markdown, plots, summary
+
     sections, written = [], []
     for setting in chosen_settings:  # one report per setting: question inside the compressed prompt, or after
         data = summary([r for r in records if r.setting == setting])
         data["settings"] = {**settings, "setting": setting}
         suffix = "" if setting == "question" else f"-{setting}"
         sections.append(f"## {SETTING_TITLES[setting]}\n\n{markdown(data)}")
-        write_text(args.out / f"summary{suffix}.json", json.dumps(data, indent=1) + "\n")
-        written.append(args.out / f"summary{suffix}.json")
-        written += plots(data, args.out, suffix=suffix)
+        write_text(out / f"summary{suffix}.json", json.dumps(data, indent=1) + "\n")
+        written.append(out / f"summary{suffix}.json")
+        written += plots(data, out, suffix=suffix)
     text = "\n".join(sections)
-    write_text(args.out / "report.md", text)
+    write_text(out / "report.md", text)
     print(text)
-    print(f"wrote {args.out / 'report.md'}" + "".join(f", {p}" for p in written))
-    return 0
+    print(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in written))
 
 
 #: How the report names each setting.
