@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,7 +113,8 @@ def plain_decoding(model, ids, whole, new_tokens: int, compile_step: bool = Fals
     return tokens, batch * (new_tokens - 3) / wall * 1e3
 
 
-def measure(model, tokenizer, args, device) -> list[dict]:
+def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], None]) -> list[dict]:
+    """Every batch's plain decoding and each draft's speculation; ``measured`` sees the rows after each one."""
     weights = weight_bytes(model)
     plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in args.specs}
     for spec in args.acceptance_specs:
@@ -127,10 +129,12 @@ def measure(model, tokenizer, args, device) -> list[dict]:
         ids = prompts(tokenizer, batch, args.length, device)
         plain, plain_rate = plain_decoding(model, ids, whole, args.new_tokens, args.compile_step)
         rows.append({"batch": batch, "spec": "plain", "lookahead": 0, "tokens_per_s": plain_rate, "speedup": 1.0})
+        measured(rows)
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
         costs = step_costs(model, ids, args.budget, args.lookaheads, args.compile_step) if args.step_costs else None
         if costs:
             rows[-1]["step_costs"] = costs
+            measured(rows)
             print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
@@ -157,6 +161,7 @@ def measure(model, tokenizer, args, device) -> list[dict]:
                     row["check_ms"] = batch * result.tokens_per_step / rate * 1e3
                     row["predicted_check_ms"] = predicted_check_ms(costs, lookahead)
                 rows.append(row)
+                measured(rows)
                 print(
                     f"batch {batch}: {spec}, lookahead {lookahead}: {rate:.1f} tokens/s ({rate / plain_rate:.2f}x), "
                     f"accepted {result.acceptance:.2f} (rows alone {result.row_acceptance:.2f}), "
@@ -400,7 +405,15 @@ def main() -> None:
         repeat_heads_in_float32_prefill()
     args.dtype = str(dtype).removeprefix("torch.")  # kept with the results
     machine = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else "cpu"
-    rows = measure(model, tokenizer, args, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"speculation_{machine}" + (f"_{args.label}" if args.label else "")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+
+    def save(rows: list[dict], shape: dict) -> None:  # after every row too: a run cut short keeps what it measured
+        found = {"settings": settings, "machine": machine, "rows": rows, "shape": shape}
+        (args.out / f"{name}.json").write_text(json.dumps(found, indent=1))
+
+    rows = measure(model, tokenizer, args, device, lambda rows: save(rows, {}))
     text = table(rows)
     heading = f"bundled model ({dtype}), {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
     heading += f", torch {torch.__version__}" + (", forwards compiled" if args.compile_step else "")
@@ -413,12 +426,7 @@ def main() -> None:
         costs = shape_step_costs(args)
         shape = {"costs": costs, "speedups": shape_speedups(costs, rows)}
         print("\n" + shape_table(costs, shape["speedups"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"speculation_{machine}" + (f"_{args.label}" if args.label else "")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"settings": settings, "machine": machine, "rows": rows, "shape": shape}, indent=1)
-    )
+    save(rows, shape)
     plot(rows, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.json and .png")
 
