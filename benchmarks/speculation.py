@@ -13,6 +13,10 @@ task, one document per row):
   calibrated for acceptance, shown as ``[acceptance]``) and each lookahead, its checks of fixed
   shapes (one CUDA graph replay per check: ``polykv.decoding.static_speculation``).
 
+With ``--profile-checks``, each draft and lookahead also runs its checks eagerly under the profiler
+(``check_kernels``): per check, the kernels and their device time in the draft's forwards, in the
+full cache's forward, and in the rest of the check (on the CPU, operators and their CPU time).
+
 With ``--step-costs``, each batch also times the static steps a check is made of (the full cache's
 step of 1 and of lookahead + 1 tokens, a draft's of 1 and 2), and each row compares its check's wall
 time with what those steps add up to.
@@ -43,18 +47,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gpu_speed import CHUNK, milliseconds, prefill
+from gpu_speed import CHUNK, milliseconds, prefill, synchronize
 from gpu_speed import prompt as random_prompt
 from shapes import llama_8b
+from step_kernels import is_view
+from torch.profiler import ProfilerActivity, profile
 
 import polykv
 from polykv.decoding import StaticDecoder
 from polykv.decoding.compiled import compiled_forward
 from polykv.decoding.static import captured_replay
+from polykv.decoding.static_speculation import FORWARDS, StaticChecks
+from polykv.harness.capture import capture
 from polykv.model.describe import cache_argument
 from polykv.tasks.tasks import make
 
@@ -160,6 +169,12 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
                 if costs:  # a check's wall time, against what its steps cost alone
                     row["check_ms"] = batch * result.tokens_per_step / rate * 1e3
                     row["predicted_check_ms"] = predicted_check_ms(costs, lookahead)
+                if args.profile_checks:
+                    row["check_kernels"] = check_kernels(model, ids, plan, lookahead, args.compile_step)
+                    print(f"batch {batch}: {spec}, lookahead {lookahead}: per check " + ", ".join(
+                        f"{region} {row['check_kernels']['count'][region]:.0f} kernels, "
+                        f"{row['check_kernels']['ms'][region]:.2f} ms" for region in row["check_kernels"]["count"]
+                    ), flush=True)  # fmt: skip
                 rows.append(row)
                 measured(rows)
                 print(
@@ -221,6 +236,53 @@ def predicted_check_ms(costs: dict, lookahead: int) -> float:
     """What a check should cost from its steps: the draft's first step of 2 tokens, lookahead - 1 steps of one, and
     the full cache's step of lookahead + 1 tokens."""
     return costs["draft 2"] + (lookahead - 1) * costs["draft 1"] + costs[f"full {lookahead + 1}"]
+
+
+@torch.no_grad()
+def check_kernels(model, ids, plan, lookahead: int, compile_step: bool, checks: int = 4) -> dict:
+    """What one check runs, per check: the kernels (the CPU's operators) and their device time (CPU time) in the
+    draft's forwards, in the full cache's forward, and in the rest (the check's own bookkeeping). Checks run
+    eagerly, so the profiler sees each kernel a captured check replays; a first run compiles, the second is
+    profiled."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    registry = polykv.default_registry()
+    with plan.apply(model):
+        for profiled_run in (False, True):
+            captured = capture(model, ids, needs=plan.needs(registry), reconstruction=plan.reconstruction)
+            newest = captured.logits.argmax(dim=-1)
+            full, draft = captured.cache(share_room=True), captured.cache_for(plan, registry)
+            run = StaticChecks(
+                model, full, draft, newest, torch.full_like(newest, ids.shape[1]), lookahead=lookahead,
+                max_new_tokens=checks * (lookahead + 1), eos_token_id=None, pad_token_id=None, graph=False,
+                compile_step=compile_step,
+            )  # fmt: skip
+            if not profiled_run:
+                run.run()
+                continue
+            with profile(activities=activities) as profiled:
+                run.run()
+                synchronize(ids.device)
+    ran = int(run.check_index)
+    kernels = {name: Counter() for name in ("count", "ms")}
+    for event in profiled.events():  # the forwards' ranges, and the check's other top-level operators
+        if event.cpu_parent is None and event.device_type.name == "CPU":
+            region = event.name if event.name in FORWARDS.values() else "the rest"
+            count, took = _kernels_under(event, ids.is_cuda)
+            kernels["count"][region] += count
+            kernels["ms"][region] += took / 1e3
+    return {name: {region: value / ran for region, value in found.items()} for name, found in kernels.items()}
+
+
+def _kernels_under(event, cuda: bool) -> tuple[int, float]:
+    """The kernels ``event`` and what it called launched, and their device microseconds; on the CPU, the operators
+    that compute (no views, no operator's inner calls) and their CPU microseconds."""
+    if cuda:
+        count = len(event.kernels) + sum(_kernels_under(child, cuda)[0] for child in event.cpu_children)
+        return count, event.device_time_total
+    if event.name.startswith("aten::"):
+        return (0, 0.0) if is_view(event.name) else (1, event.cpu_time_total)
+    found = [_kernels_under(child, cuda) for child in event.cpu_children]
+    return sum(c for c, _ in found), sum(t for _, t in found)
 
 
 def shape_step_costs(args) -> dict:
@@ -377,6 +439,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--step-costs", action="store_true", help="also time the steps a check is made of, at each batch"
+    )
+    parser.add_argument(
+        "--profile-checks",
+        action="store_true",
+        help="also profile each draft's checks: kernels and their time in the draft's and the full cache's forwards",
     )
     parser.add_argument("--label", help="appended to the results' file names")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -90,7 +90,7 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
             for e in profiled.events()
             if e.name.startswith("aten::")
             and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-            and not _is_view(e.name)
+            and not is_view(e.name)
         ]
     count, time_us, names = Counter(), Counter(), Counter()
     for event in device_events:
@@ -107,7 +107,7 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
 
 
 @functools.cache
-def _is_view(name: str) -> bool:
+def is_view(name: str) -> bool:
     """Whether the aten operator ``name`` returns a view of its input (its schema's result aliases it, unwritten)."""
     packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
     if packet is None:

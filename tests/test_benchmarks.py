@@ -101,6 +101,7 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         "--new-tokens",
         "6",
         "--step-costs",
+        "--profile-checks",
         out=tmp_path,
     )
     assert set(result["rows"][0]["step_costs"]) == {"full 1", "draft 1", "draft 2", "full 3"}
@@ -115,6 +116,10 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
         assert row["draft_cache_bytes"] < row["full_cache_bytes"]
         assert row["check_ms"] > 0 and row["predicted_check_ms"] > 0  # a check's wall time beside its steps'
+        # A check is a draft forward (lookahead 2: one of two tokens, one of one), the full cache's, and the rest.
+        kernels = row["check_kernels"]["count"]
+        assert set(kernels) == {"polykv: draft forward", "polykv: full cache forward", "the rest"}
+        assert kernels["polykv: draft forward"] > kernels["polykv: full cache forward"] > kernels["the rest"] > 0
 
 
 def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path):

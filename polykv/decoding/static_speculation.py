@@ -40,6 +40,9 @@ from polykv.decoding.ends import device_time, end_tokens, padded_after_end
 from polykv.decoding.static import Sampling, captured_replay
 from polykv.model.describe import cache_argument
 
+#: How a profile names a check's forwards: the full cache's (False) and the draft's (True).
+FORWARDS = {False: "polykv: full cache forward", True: "polykv: draft forward"}
+
 
 class StaticChecks:
     """The state of a speculative generation whose checks have fixed shapes, all of it on the device."""
@@ -99,14 +102,15 @@ class StaticChecks:
     # --- one check --------------------------------------------------------------------------------
 
     def _forward(self, cache: PolyCache, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
-        """The logits (B, keep, V) after the last ``keep`` of ``ids``."""
-        output = self._run_model(
-            input_ids=ids,
-            position_ids=positions,
-            logits_to_keep=keep,
-            use_cache=True,
-            **cache_argument(self.model, cache),
-        )
+        """The logits (B, keep, V) after the last ``keep`` of ``ids``. Named in profiles (``FORWARDS``)."""
+        with torch.profiler.record_function(FORWARDS[cache is self.draft]):
+            output = self._run_model(
+                input_ids=ids,
+                position_ids=positions,
+                logits_to_keep=keep,
+                use_cache=True,
+                **cache_argument(self.model, cache),
+            )
         return output.logits
 
     def _proposal(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
