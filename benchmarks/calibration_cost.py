@@ -2,6 +2,7 @@
 
     python benchmarks/calibration_cost.py            # LLaMA-3.1-8B's shape, random bf16 weights, one CUDA device
     python benchmarks/calibration_cost.py --quick    # a tiny random model on the CPU (the test suite's)
+    torchrun --nproc-per-node 2 benchmarks/calibration_cost.py --whole   # the whole profile for real, on 2 GPUs
 
 ``polykv calibrate`` with its defaults works through batches of 4 prompts of one task (1024 tokens,
 16 scored tokens each): per batch one captured prefill, the scalar signals of every layer, and one
@@ -61,8 +62,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="prompts per captured prefill (default 4)")
     parser.add_argument("--layers", type=int, nargs="+", help="layers whose entries are timed (default: 5, spread)")
     parser.add_argument("--no-check", action="store_true", help="skip timing one whole batch through measure")
+    parser.add_argument(
+        "--whole",
+        action="store_true",
+        help="calibrate the whole profile for real and time it (under torchrun, shared over the processes)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    if args.whole:
+        whole_profile(args)
+        return
 
     if args.quick:
         model, name = tiny_model("llama", layers=4, max_position_embeddings=1024), "tiny-llama"
@@ -179,6 +188,47 @@ def main() -> None:
     path = args.out / f"calibration_cost_{'quick' if args.quick else result['meta']['device'].replace(' ', '-')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def whole_profile(args: argparse.Namespace) -> None:
+    """``--whole``: ``polykv.calibration.calibrate`` with its defaults (the policies, the grid, ``--prompts`` per task,
+    tuning on held-out prompts), timed from the first prompt to the profile. Started by torchrun, each process
+    takes its own GPU (or the CPU with ``--quick``) and a share of the prompts, as ``polykv calibrate`` does.
+    The first process writes the time and the profile (``calibration_whole_<device>_<N>p``), so that runs on
+    different numbers of processes can be compared: their profiles are equal but for the prefill costs."""
+    from polykv.calibration.calibrate import calibrate
+    from polykv.harness.processes import joined
+
+    with joined("cpu" if args.quick else "cuda") as (processes, device):
+        if args.quick:
+            model, name = tiny_model("llama", layers=4, max_position_embeddings=1024), "tiny-llama"
+        else:
+            from shapes import llama_8b
+
+            model, name = llama_8b(device_map={"": torch.device(device).index or 0}), "llama-8b"
+        length = args.length or (96 if args.quick else 1024)
+        vocabulary = model.config.vocab_size
+        samples = _samples(args.prompts, length, vocabulary, seed=0)
+        held_out = _samples(TUNE_SAMPLES, length, vocabulary, seed=10_000)
+        if processes.main:
+            print(f"{name}: the whole profile on {processes.size} process(es)", flush=True)
+        with _Stopwatch(torch.device(device)) as watch:
+            profile = calibrate(
+                model, samples, batch_size=args.batch, tune_on=held_out, tokenizer=WordTokenizer(),
+                processes=processes, progress=processes.main,
+            )  # fmt: skip
+    if not processes.main:
+        return
+    where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    stem = f"calibration_whole_{'quick' if args.quick else where.replace(' ', '-')}_{processes.size}p"
+    args.out.mkdir(parents=True, exist_ok=True)
+    profile.save(args.out / f"{stem}.profile.json")
+    result = {
+        "model": name, "device": where, "processes": processes.size, "prompts_per_task": args.prompts,
+        "tasks": len(TASKS), "prompt_tokens": length, "seconds": watch.seconds, "torch": torch.__version__,
+    }  # fmt: skip
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"the whole profile took {watch.seconds:.1f} s on {processes.size} process(es); wrote {args.out / stem}.json")
 
 
 def _samples(per_task: int, length: int, vocabulary: int, seed: int) -> list[Sample]:

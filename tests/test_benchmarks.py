@@ -87,6 +87,17 @@ def test_calibration_cost_runs_on_the_cpu(tmp_path):
     assert by_processes["2"] < by_processes["1"]  # sharing the batches: each process measures half
 
 
+def test_calibration_cost_times_a_whole_profile(tmp_path):
+    """``--whole`` calibrates for real (the tiny model on the CPU here) and keeps the time and the profile."""
+    command = [sys.executable, str(BENCHMARKS / "calibration_cost.py"), "--quick", "--whole", "--prompts", "1"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "calibration_whole_quick_1p.json").read_text())
+    assert result["processes"] == 1 and result["seconds"] > 0 and result["prompts_per_task"] == 1
+    profile = json.loads((tmp_path / "calibration_whole_quick_1p.profile.json").read_text())
+    assert profile["losses"] and profile["regimes"]  # measured and tuned
+
+
 @requires_real_model
 def test_speculation_runs_on_the_cpu(tmp_path):
     result = run(
