@@ -343,3 +343,25 @@ def test_printed_layer_ranges_select_exactly_those_layers(indices):
         else:
             chosen.update(range(item.start, item.stop + 1))
     assert chosen == indices
+
+
+def test_a_polykv_that_was_not_installed_says_so_instead_of_failing_inside(monkeypatch):
+    """Run from a source folder without installing, the package has no grammar (the repository's grammar/ is put
+    inside the package by the install): one clear error, not a ModuleNotFoundError from deep inside."""
+    import importlib.resources
+
+    from polykv.errors import PolykvError
+    from polykv.language import parse as parsing
+
+    def files(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", files)
+    parsing.lark_parser.cache_clear()
+    try:
+        with pytest.raises(PolykvError, match=r"grammar is missing .* was not installed .* install it"):
+            parsing.lark_parser()
+    finally:
+        monkeypatch.undo()
+        parsing.lark_parser.cache_clear()
+    assert parsing.lark_parser() is not None

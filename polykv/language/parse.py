@@ -19,7 +19,7 @@ import lark
 from lark import Token, Transformer, v_args
 
 from polykv.arguments import instance
-from polykv.errors import ArgumentTypeError
+from polykv.errors import ArgumentTypeError, PolykvError
 from polykv.files import UnreadableFile
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -41,7 +41,13 @@ def _collect_comment(token: Token) -> Token:
 @functools.cache
 def lark_parser() -> lark.Lark:
     """The language's Lark parser (LALR, with positions), built once from the grammar shipped in the package."""
-    grammar = importlib.resources.files("polykv.grammar").joinpath("polykv.lark").read_text()
+    try:
+        grammar = importlib.resources.files("polykv.grammar").joinpath("polykv.lark").read_text()
+    except ModuleNotFoundError:  # the repository's grammar/ becomes polykv.grammar when the package is installed
+        raise PolykvError(
+            f"polykv's grammar is missing beside {Path(__file__).parents[1]}: this polykv was not installed (the "
+            "wheel and `pip install -e .` put the repository's grammar/ inside the package); install it"
+        ) from None
     return lark.Lark(
         grammar,
         parser="lalr",
