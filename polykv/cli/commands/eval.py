@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from polykv.cli.commands import setup
 from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
@@ -115,7 +117,7 @@ def _report_again(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(records: list, settings: dict, chosen_settings, out) -> None:
+def _report(records: list, settings: dict, chosen_settings: Sequence[str], out: Path) -> None:
     """Write report.md (a section per setting), and per setting its summary JSON and plots, into ``out``."""
     from polykv.evaluation.report import markdown, plots, summary
 
