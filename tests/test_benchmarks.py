@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import requires_real_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
@@ -85,6 +86,16 @@ def test_calibration_cost_runs_on_the_cpu(tmp_path):
     assert result["profile"]["entries"] == 7 * 4 * len(result["meta"]["policies"]) * len(result["meta"]["grid"])
     by_processes = result["profile"]["seconds_by_processes"]
     assert by_processes["2"] < by_processes["1"]  # sharing the batches: each process measures half
+
+
+def test_h2o_prefill_says_it_needs_a_gpu(tmp_path):
+    """The per-kernel H2O breakdown times CUDA kernels only: without a GPU it says so and writes nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the script would time it")
+    script = str(BENCHMARKS / "h2o_prefill.py")
+    done = subprocess.run([sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "h2o_prefill.py times CUDA kernels: run it on a GPU" in done.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_calibration_cost_times_a_whole_profile(tmp_path):
