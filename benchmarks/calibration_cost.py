@@ -199,27 +199,28 @@ def whole_profile(args: argparse.Namespace) -> None:
     from polykv.calibration.calibrate import calibrate
     from polykv.harness.processes import joined
 
-    with joined("cpu" if args.quick else "cuda") as (processes, device):
+    with joined("cpu" if args.quick else "cuda") as (processes, place):
+        device = torch.device(place)
         if args.quick:
             model, name = tiny_model("llama", layers=4, max_position_embeddings=1024), "tiny-llama"
         else:
             from shapes import llama_8b
 
-            model, name = llama_8b(device_map={"": torch.device(device).index or 0}), "llama-8b"
+            model, name = llama_8b(device_map={"": device.index or 0}), "llama-8b"
         length = args.length or (96 if args.quick else 1024)
         vocabulary = model.config.vocab_size
         samples = _samples(args.prompts, length, vocabulary, seed=0)
         held_out = _samples(TUNE_SAMPLES, length, vocabulary, seed=10_000)
         if processes.main:
             print(f"{name}: the whole profile on {processes.size} process(es)", flush=True)
-        with _Stopwatch(torch.device(device)) as watch:
+        with _Stopwatch(device) as watch:
             profile = calibrate(
                 model, samples, batch_size=args.batch, tune_on=held_out, tokenizer=WordTokenizer(),
                 processes=processes, progress=processes.main,
             )  # fmt: skip
     if not processes.main:
         return
-    where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     stem = f"calibration_whole_{'quick' if args.quick else where.replace(' ', '-')}_{processes.size}p"
     args.out.mkdir(parents=True, exist_ok=True)
     profile.save(args.out / f"{stem}.profile.json")

@@ -108,8 +108,7 @@ def _report_again(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--report-only: {path} holds results of {', '.join(found)} only")
     settings = {}
     for setting in chosen:
-        suffix = "" if setting == "question" else f"-{setting}"
-        kept = args.out / f"summary{suffix}.json"
+        kept = args.out / f"summary{_suffix(setting)}.json"
         if kept.exists():  # the scoring run's settings (model, tasks, command); absent in older summaries
             settings = {k: v for k, v in json.loads(kept.read_text()).get("settings", {}).items() if k != "setting"}
             break
@@ -125,7 +124,7 @@ def _report(records: list, settings: dict, chosen_settings: Sequence[str], out: 
     for setting in chosen_settings:  # one report per setting: question inside the compressed prompt, or after
         data = summary([r for r in records if r.setting == setting])
         data["settings"] = {**settings, "setting": setting}
-        suffix = "" if setting == "question" else f"-{setting}"
+        suffix = _suffix(setting)
         sections.append(f"## {SETTING_TITLES[setting]}\n\n{markdown(data)}")
         write_text(out / f"summary{suffix}.json", json.dumps(data, indent=1) + "\n")
         written.append(out / f"summary{suffix}.json")
@@ -134,6 +133,11 @@ def _report(records: list, settings: dict, chosen_settings: Sequence[str], out: 
     write_text(out / "report.md", text)
     print(text)
     print(f"wrote {out / 'report.md'}" + "".join(f", {p}" for p in written))
+
+
+def _suffix(setting: str) -> str:
+    """What a setting's summary and plots add to their names: nothing for the question inside the prompt."""
+    return "" if setting == "question" else f"-{setting}"
 
 
 #: How the report names each setting.
