@@ -221,12 +221,14 @@ def whole_profile(args: argparse.Namespace) -> None:
     if not processes.main:
         return
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    stem = f"calibration_whole_{'quick' if args.quick else where.replace(' ', '-')}_{processes.size}p"
+    batch = "" if args.batch == 4 else f"_batch{args.batch}"
+    stem = f"calibration_whole_{'quick' if args.quick else where.replace(' ', '-')}_{processes.size}p{batch}"
     args.out.mkdir(parents=True, exist_ok=True)
     profile.save(args.out / f"{stem}.profile.json")
     result = {
         "model": name, "device": where, "processes": processes.size, "prompts_per_task": args.prompts,
-        "tasks": len(TASKS), "prompt_tokens": length, "seconds": watch.seconds, "torch": torch.__version__,
+        "batch": args.batch, "tasks": len(TASKS), "prompt_tokens": length, "seconds": watch.seconds,
+        "torch": torch.__version__,
     }  # fmt: skip
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"the whole profile took {watch.seconds:.1f} s on {processes.size} process(es); wrote {args.out / stem}.json")
