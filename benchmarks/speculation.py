@@ -102,6 +102,12 @@ def run(model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = 
     )
 
 
+def check_milliseconds(result: polykv.Speculation) -> float:
+    """A check's wall time: decoding's after the first check (which captures), over the checks after it."""
+    timed = result.steps + result.idle_checks - 1
+    return (result.decode_seconds - result.warmup_seconds) / timed * 1e3 if timed > 0 else 0.0
+
+
 @torch.no_grad()
 def plain_decoding(model, ids, whole, new_tokens: int, compile_step: bool = False) -> tuple[torch.Tensor, float]:
     """Greedy full-cache decoding through the static step: the tokens (B, L + new) and tokens/s after the first
@@ -165,9 +171,13 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
                     "rows_equal": equal,
                     "full_cache_bytes": result.full_nbytes,
                     "draft_cache_bytes": result.draft_nbytes,
+                    # The batch checks until its slowest row is done: checks run, against what a row needed.
+                    "checks": result.steps + result.idle_checks,
+                    "idle_checks": result.idle_checks,
+                    "row_checks": result.row_steps / batch,
+                    "check_ms": check_milliseconds(result),
                 }
                 if costs:  # a check's wall time, against what its steps cost alone
-                    row["check_ms"] = batch * result.tokens_per_step / rate * 1e3
                     row["predicted_check_ms"] = predicted_check_ms(costs, lookahead)
                 if args.profile_checks:
                     row["check_kernels"] = check_kernels(model, ids, plan, lookahead, args.compile_step)
@@ -180,8 +190,9 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
                 print(
                     f"batch {batch}: {spec}, lookahead {lookahead}: {rate:.1f} tokens/s ({rate / plain_rate:.2f}x), "
                     f"accepted {result.acceptance:.2f} (rows alone {result.row_acceptance:.2f}), "
-                    f"{result.tokens_per_step:.2f} per check, bound {bound:.2f}x, rows equal {equal:.2f}"
-                    + (f", check {row['check_ms']:.2f} ms (steps {row['predicted_check_ms']:.2f})" if costs else ""),
+                    f"{result.tokens_per_step:.2f} per check, bound {bound:.2f}x, rows equal {equal:.2f}, "
+                    f"{row['checks']} checks ({row['row_checks']:.1f} a row), check {row['check_ms']:.2f} ms"
+                    + (f" (steps {row['predicted_check_ms']:.2f})" if costs else ""),
                     flush=True,
                 )
     return rows
@@ -331,17 +342,21 @@ def shape_speedups(costs: dict, rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| batch | draft | lookahead | tokens/s | speed-up | kept (batch / row) | tokens per check | bound | equal |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| batch | draft | lookahead | tokens/s | speed-up | kept (batch / row) | tokens per check | checks "
+        "(batch / row) | check ms | bound | equal |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         if row["spec"] == "plain":
-            lines.append(f"| {row['batch']} | plain, full cache | 0 | {row['tokens_per_s']:.1f} | 1.00x | | 1.00 | | |")
+            lines.append(
+                f"| {row['batch']} | plain, full cache | 0 | {row['tokens_per_s']:.1f} | 1.00x | | 1.00 | | | | |"
+            )
             continue
         lines.append(
             f"| {row['batch']} | `{row['spec']}` | {row['lookahead']} | {row['tokens_per_s']:.1f} | "
             f"{row['speedup']:.2f}x | {row['acceptance']:.2f} / {row['row_acceptance']:.2f} | "
-            f"{row['tokens_per_check']:.2f} | {row['bound_speedup']:.2f}x | {row['rows_equal']:.2f} |"
+            f"{row['tokens_per_check']:.2f} | {row['checks']} / {row['row_checks']:.1f} | {row['check_ms']:.2f} | "
+            f"{row['bound_speedup']:.2f}x | {row['rows_equal']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -138,6 +138,7 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         assert row["rows_equal"] == 1.0 and 0 <= row["row_acceptance"] <= 1
         assert row["draft_cache_bytes"] < row["full_cache_bytes"]
         assert row["check_ms"] > 0 and row["predicted_check_ms"] > 0  # a check's wall time beside its steps'
+        assert row["checks"] >= row["row_checks"] and row["idle_checks"] == 0  # the batch waits for its last row
         # A check is a draft forward (lookahead 2: one of two tokens, one of one), the full cache's, and the rest.
         kernels = row["check_kernels"]["count"]
         assert set(kernels) == {"polykv: draft forward", "polykv: full cache forward", "the rest"}

@@ -113,9 +113,22 @@ def test_checks_of_fixed_shapes_give_the_full_caches_output(
     result = polykv.speculative_generate(llama, ids, draft=draft, static=True, **options)
     assert result.static and torch.equal(result.tokens, expected)
     assert result.accepted == sum(result.accepted_per_step) == result.row_accepted <= result.drafted
+    assert result.idle_checks < 4  # an end token may end the rows between two looks of the host, 4 checks apart
     if not decode:  # a bounded draft evicts once per check here, at every step in ordinary forwards
         ordinary = polykv.speculative_generate(llama, ids, draft=draft, static=False, **options)
         assert result.steps == ordinary.steps  # the same checks (the last ones may draft more than they need)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lookahead=st.integers(1, 5), batch=st.integers(1, 3), new=st.integers(2, 16))
+def test_checks_of_fixed_shapes_stop_when_the_last_row_has_its_tokens(llama, lookahead, batch, new):
+    """Without end tokens the host runs as many checks as the furthest-behind row needs at the least, so no
+    check runs after every row has made its tokens (in a batch the rows accept at different rates)."""
+    ids = prompt(12, batch=batch, seed=new)
+    draft = polykv.compile("*: streaming@6(sink=2)", llama)
+    result = polykv.speculative_generate(llama, ids, draft=draft, static=True, max_new_tokens=new, lookahead=lookahead)
+    assert result.static and result.idle_checks == 0
+    assert torch.equal(result.tokens, _greedy(llama, ids, new))
 
 
 @pytest.mark.parametrize("decode", ["streaming@12(sink=2)", "knorm@12"])

@@ -47,6 +47,8 @@ class Speculation:
     ``accepted`` only where rows keep what all rows kept), ``row_steps`` checks. ``full_nbytes``
     and ``draft_nbytes``: what the two caches held after the prefill. ``prefill_seconds`` and
     ``decode_seconds``: wall time of the prefill (both caches) and of the rest, the device synchronised.
+    ``idle_checks``: checks of fixed shapes that ran after every row had finished (the host reads the rows
+    only now and then; none without end tokens).
     """
 
     tokens: torch.Tensor
@@ -63,6 +65,7 @@ class Speculation:
     warmup_tokens: int
     new_tokens: int
     static: bool
+    idle_checks: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -225,9 +228,10 @@ def _speculate_statically(
     warmup = checks.run()
     made = checks.tokens()
     new_tokens = int(checks.lengths.sum())  # a row never records past max_new_tokens
-    statistics.drafted, statistics.accepted, statistics.row_accepted, statistics.row_steps, per_check = (
+    statistics.drafted, statistics.accepted, statistics.row_accepted, statistics.row_steps, per_check, idle = (
         checks.statistics()
     )
+    statistics.idle_checks = idle
     statistics.per_step = list(per_check)
     return statistics.result(torch.cat([input_ids, made], dim=1), clock.lap(), *warmup, new_tokens, static=True)
 
@@ -253,6 +257,7 @@ class _Statistics:
     def __init__(self, full_nbytes: int, draft_nbytes: int, prefill_seconds: float):
         self.drafted = self.accepted = self.row_accepted = self.row_steps = 0
         self.per_step: list[int] = []
+        self.idle_checks = 0
         self.nbytes = (full_nbytes, draft_nbytes)
         self.prefill_seconds = prefill_seconds
 
@@ -288,6 +293,7 @@ class _Statistics:
             warmup_tokens,
             new_tokens,
             static,
+            self.idle_checks,
         )
 
 

@@ -17,9 +17,10 @@ slots are not reused, so it has room for a check's tokens times the checks that 
 layer bounded while decoding (a ``decode`` policy) holds at most its bound instead: at the end of a
 check it evicts down to its bound minus the next check's tokens, holes first (each pattern of
 evicting layers is a graph of its own). Which row keeps what, the tokens made so far and the
-statistics all stay on the device: the host only replays the check and, every ``check_every``
-checks, reads whether every row has finished. The first check of each pattern runs for real and is
-captured; the later ones replay it. On the CPU the same check runs eagerly, which is how it is
+statistics all stay on the device: the host only replays the check and now and then reads how many
+checks every row still needs at the least (without end tokens, no check runs after the last row has
+finished; with them, the host looks every ``check_every`` checks at most). The first check of each
+pattern runs for real and is captured; the later ones replay it. On the CPU the same check runs eagerly, which is how it is
 tested against greedy full-cache decoding.
 
 Greedy or sampled (``Sampling``: a proposal drawn from the draft's q is kept with probability
@@ -204,8 +205,8 @@ class StaticChecks:
         self._run_check()
         first_seconds = device_time(self.newest.device) - start
         first_tokens = int(self.lengths.sum()) - first_tokens
-        while not self.finished():
-            for _ in range(self.check_every):
+        while checks := self.checks_certainly_needed():
+            for _ in range(checks):
                 self._run_check()
         return first_seconds, first_tokens
 
@@ -221,16 +222,22 @@ class StaticChecks:
         if self.lookahead:
             self.draft.static_stepped(self.lookahead + 1)
 
-    def finished(self) -> bool:
-        """Whether every row has ended or made max_new_tokens tokens (reads the device)."""
-        return bool((self.ended | (self.lengths >= self.max_new_tokens)).all())
+    def checks_certainly_needed(self) -> int:
+        """How many checks to run before the host looks again (reads the device): as many as the row furthest
+        from max_new_tokens needs at the least, as a check gives a row at most lookahead + 1 tokens, so that no
+        check runs once every row has finished; at most ``check_every`` where an end token may end a row sooner.
+        0 once every row has finished."""
+        left = int((self.max_new_tokens - self.lengths).masked_fill(self.ended, 0).max().clamp(min=0))
+        checks = -(-left // (self.lookahead + 1))
+        return min(checks, self.check_every) if len(self.eos) else checks
 
     def tokens(self) -> torch.Tensor:
         """The made tokens (B, new): the pad token after each row's end, cut where the last row ended."""
         return padded_after_end(self.generated[:, : self.max_new_tokens], self.eos, self.pad)
 
-    def statistics(self) -> tuple[int, int, int, int, tuple[int, ...]]:
-        """Drafted, accepted, accepted by rows alone, row checks, and the accepted per check while any row was
-        active."""
+    def statistics(self) -> tuple[int, int, int, int, tuple[int, ...], int]:
+        """Drafted, accepted, accepted by rows alone, row checks, the accepted per check while any row was
+        active, and the checks that ran after every row had finished."""
         drafted, accepted, alone, row_checks, active_checks = self.counts.tolist()
-        return drafted, accepted, alone, row_checks, tuple(self.per_check[:active_checks].tolist())
+        idle = int(self.check_index) - active_checks
+        return drafted, accepted, alone, row_checks, tuple(self.per_check[:active_checks].tolist()), idle
