@@ -20,8 +20,8 @@ evicting layers is a graph of its own). Which row keeps what, the tokens made so
 statistics all stay on the device: the host only replays the check and now and then reads how many
 checks every row still needs at the least (without end tokens, no check runs after the last row has
 finished; with them, the host looks every ``check_every`` checks at most). The first check of each
-pattern runs for real and is captured; the later ones replay it. On the CPU the same check runs eagerly, which is how it is
-tested against greedy full-cache decoding.
+pattern runs for real and is captured; the later ones replay it. On the CPU the same check runs
+eagerly, which is how it is tested against greedy full-cache decoding.
 
 Greedy or sampled (``Sampling``: a proposal drawn from the draft's q is kept with probability
 min(1, p/q), and a row that refuses one draws from what p has beyond q, all on the device), on
