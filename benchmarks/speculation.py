@@ -15,7 +15,8 @@ task, one document per row):
 
 With ``--profile-checks``, each draft and lookahead also runs its checks eagerly under the profiler
 (``check_kernels``): per check, the kernels and their device time in the draft's forwards, in the
-full cache's forward, and in the rest of the check (on the CPU, operators and their CPU time).
+full cache's forward, and in the rest of the check (on the CPU, operators and their CPU time), and
+the most frequent kernels of each by name (the JSON's ``check_kernels.kernels``).
 
 With ``--step-costs``, each batch also times the static steps a check is made of (the full cache's
 step of 1 and of lookahead + 1 tokens, a draft's of 1 and 2), and each row compares its check's wall
@@ -71,6 +72,8 @@ RESULTS = Path(__file__).parent / "results"
 SPECS = ("*: streaming@{budget}", "budget {budget}; *: auto@auto")
 #: Draft specs routed by the profile calibrated for acceptance, and how their rows are labelled.
 ACCEPTANCE_SPECS, ACCEPTANCE = ("budget {budget}; *: auto@auto",), " [acceptance]"
+#: Kernel names kept per region of a profiled check (``--profile-checks``), the most frequent first.
+KERNEL_NAMES = 40
 #: The 8B shape's decoding batch and prompt length, and the layer counts its step costs are measured with.
 SHAPE_BATCH, SHAPE_LENGTH = 32, 32768
 
@@ -185,6 +188,10 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
                         f"{region} {row['check_kernels']['count'][region]:.0f} kernels, "
                         f"{row['check_kernels']['ms'][region]:.2f} ms" for region in row["check_kernels"]["count"]
                     ), flush=True)  # fmt: skip
+                    for region, named in row["check_kernels"]["kernels"].items():
+                        print(f"  {region}, most frequent: " + "; ".join(
+                            f"{name[:60]} x{count:.0f} {ms:.2f} ms" for name, count, ms in named[:8]
+                        ), flush=True)  # fmt: skip
                 rows.append(row)
                 measured(rows)
                 print(
@@ -274,26 +281,36 @@ def check_kernels(model, ids, plan, lookahead: int, compile_step: bool, checks: 
                 run.run()
                 synchronize(ids.device)
     ran = int(run.check_index)
-    kernels = {name: Counter() for name in ("count", "ms")}
+    count, took = Counter(), Counter()  # by (region, kernel name)
     for event in profiled.events():  # the forwards' ranges, and the check's other top-level operators
         if event.cpu_parent is None and event.device_type.name == "CPU":
             region = event.name if event.name in FORWARDS.values() else "the rest"
-            count, took = _kernels_under(event, ids.is_cuda)
-            kernels["count"][region] += count
-            kernels["ms"][region] += took / 1e3
-    return {name: {region: value / ran for region, value in found.items()} for name, found in kernels.items()}
+            for name, microseconds in _kernels_under(event, ids.is_cuda):
+                count[region, name] += 1
+                took[region, name] += microseconds
+    regions = sorted({region for region, _ in count})
+    return {
+        "count": {region: sum(n for (r, _), n in count.items() if r == region) / ran for region in regions},
+        "ms": {region: sum(t for (r, _), t in took.items() if r == region) / ran / 1e3 for region in regions},
+        # The most frequent kernels of each region, per check: [name, count, ms], so a profile says what to fuse.
+        "kernels": {
+            region: [
+                [name, n / ran, took[region, name] / ran / 1e3] for (r, name), n in count.most_common() if r == region
+            ][:KERNEL_NAMES]
+            for region in regions
+        },
+    }
 
 
-def _kernels_under(event, cuda: bool) -> tuple[int, float]:
-    """The kernels ``event`` and what it called launched, and their device microseconds; on the CPU, the operators
-    that compute (no views, no operator's inner calls) and their CPU microseconds."""
+def _kernels_under(event, cuda: bool) -> list[tuple[str, float]]:
+    """The kernels ``event`` and what it called launched, each with its device microseconds; on the CPU, the
+    operators that compute (no views, no operator's inner calls), each with its CPU microseconds."""
     if cuda:
-        count = len(event.kernels) + sum(_kernels_under(child, cuda)[0] for child in event.cpu_children)
-        return count, event.device_time_total
+        launched = [(kernel.name, kernel.duration) for kernel in event.kernels]
+        return launched + [found for child in event.cpu_children for found in _kernels_under(child, cuda)]
     if event.name.startswith("aten::"):
-        return (0, 0.0) if is_view(event.name) else (1, event.cpu_time_total)
-    found = [_kernels_under(child, cuda) for child in event.cpu_children]
-    return sum(c for c, _ in found), sum(t for _, t in found)
+        return [] if is_view(event.name) else [(event.name, event.cpu_time_total)]
+    return [found for child in event.cpu_children for found in _kernels_under(child, cuda)]
 
 
 def shape_step_costs(args) -> dict:

@@ -143,6 +143,10 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         kernels = row["check_kernels"]["count"]
         assert set(kernels) == {"polykv: draft forward", "polykv: full cache forward", "the rest"}
         assert kernels["polykv: draft forward"] > kernels["polykv: full cache forward"] > kernels["the rest"] > 0
+        for region, named in row["check_kernels"]["kernels"].items():  # the most frequent first, at most 40
+            counts = [count for _, count, _ in named]
+            assert 0 < len(named) <= 40 and counts == sorted(counts, reverse=True) and sum(counts) <= kernels[region]
+        assert "aten::linear" in {name for name, _, _ in row["check_kernels"]["kernels"]["polykv: full cache forward"]}
 
 
 def test_speculation_combines_kept_results_into_the_8b_shapes_speedups(tmp_path):
