@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,22 +281,22 @@ def check_kernels(model, ids, plan, lookahead: int, compile_step: bool, checks: 
                 run.run()
                 synchronize(ids.device)
     ran = int(run.check_index)
-    count, took = Counter(), Counter()  # by (region, kernel name)
+    count, took = defaultdict(Counter), defaultdict(Counter)  # region -> kernel name -> count, microseconds
     for event in profiled.events():  # the forwards' ranges, and the check's other top-level operators
         if event.cpu_parent is None and event.device_type.name == "CPU":
             region = event.name if event.name in FORWARDS.values() else "the rest"
             for name, microseconds in _kernels_under(event, ids.is_cuda):
-                count[region, name] += 1
-                took[region, name] += microseconds
-    regions = sorted({region for region, _ in count})
+                count[region][name] += 1
+                took[region][name] += microseconds
+    regions = sorted(count)
     return {
-        "count": {region: sum(n for (r, _), n in count.items() if r == region) / ran for region in regions},
-        "ms": {region: sum(t for (r, _), t in took.items() if r == region) / ran / 1e3 for region in regions},
+        "count": {region: count[region].total() / ran for region in regions},
+        "ms": {region: took[region].total() / ran / 1e3 for region in regions},
         # The most frequent kernels of each region, per check: [name, count, ms], so a profile says what to fuse.
         "kernels": {
             region: [
-                [name, n / ran, took[region, name] / ran / 1e3] for (r, name), n in count.most_common() if r == region
-            ][:KERNEL_NAMES]
+                [name, n / ran, took[region][name] / ran / 1e3] for name, n in count[region].most_common(KERNEL_NAMES)
+            ]
             for region in regions
         },
     }

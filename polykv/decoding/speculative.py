@@ -76,7 +76,8 @@ class Speculation:
 
     @property
     def steps(self) -> int:
-        """Forwards over the full cache after the prefill (checks)."""
+        """Forwards over the full cache after the prefill while any row was generating (checks; ``idle_checks``
+        ran besides)."""
         return len(self.accepted_per_step)
 
     @property
@@ -228,10 +229,14 @@ def _speculate_statically(
     warmup = checks.run()
     made = checks.tokens()
     new_tokens = int(checks.lengths.sum())  # a row never records past max_new_tokens
-    statistics.drafted, statistics.accepted, statistics.row_accepted, statistics.row_steps, per_check, idle = (
-        checks.statistics()
-    )
-    statistics.idle_checks = idle
+    (
+        statistics.drafted,
+        statistics.accepted,
+        statistics.row_accepted,
+        statistics.row_steps,
+        per_check,
+        statistics.idle_checks,
+    ) = checks.statistics()
     statistics.per_step = list(per_check)
     return statistics.result(torch.cat([input_ids, made], dim=1), clock.lap(), *warmup, new_tokens, static=True)
 
