@@ -105,7 +105,7 @@ def test_groups_that_evict_in_different_steps_make_different_graphs():
         keys = []
         for step in range(14):
             keys.append(dict(cache.plan_static_step()).get(1, ()))
-            model(torch.tensor([[7]]), position_ids=torch.tensor([[31 + step]]), past_key_values=cache)
+            model(torch.tensor([[7]]), position_ids=torch.tensor([[31 + step]]), **polykv.cache_argument(model, cache))
             cache.static_stepped()
         assert [part.static.bound for part in layer.parts] == [24, 20]
         # The full group held 24 after the ordinary step (its bound): it evicts at every step; the snapkv group

@@ -13,6 +13,7 @@ import polykv
 from polykv import cache_argument
 from polykv.decoding import Sampling, static, static_generate
 from polykv.errors import CacheError
+from polykv.model.describe import STATIC_CACHE_KEYWORD
 from polykv.testing.models import greedy_by_forwards, tiny_model
 
 
@@ -263,6 +264,40 @@ def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
     for (keys, positions), (expected_keys, expected_positions) in zip(stored(cache), stored(expected_cache)):
         assert torch.equal(positions, expected_positions)
         assert torch.allclose(keys, expected_keys, atol=1e-6)
+
+
+def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model():
+    """Layers in static decoding write and attend inside the compiled graph (no graph break at a layer), so their
+    kernels fuse with the model's; a step that evicts still ranks eagerly."""
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 22])
+    plan = polykv.compile("*: streaming@16", model)
+    with plan.apply(model):
+        expected = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=6, graph=False)
+        torch._dynamo.utils.counters.clear()
+        tokens = static_generate(
+            model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=6, graph=False, compile_step=True
+        )
+    assert torch.equal(tokens, expected)
+    breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
+    assert "before_forward" in breaks  # the prepared model's hooks stay eager: the counter does see breaks
+    assert "_update_eagerly" not in breaks and "serve" not in breaks
+
+
+def test_a_static_step_must_name_its_cache_for_polykvs_attention():
+    """In static decoding the attention finds a layer through the forward's keyword that cache_argument adds;
+    a forward given the cache some other way is refused, not attended over free slots."""
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 30])
+    plan = polykv.compile("*: streaming@16", model)
+    with plan.apply(model):
+        cache = plan.make_cache()
+        greedy_by_forwards(model, cache, ids, 2, mask)
+        cache.begin_static(room=4)
+        arguments = cache_argument(model, cache)
+        assert arguments.pop(STATIC_CACHE_KEYWORD) is cache
+        with pytest.raises(CacheError, match=r"layer 0's attention did not go through polykv.*cache_argument"):
+            model(input_ids=torch.tensor([[5], [6]]), position_ids=torch.tensor([[32], [32]]), **arguments)
 
 
 @pytest.mark.slow

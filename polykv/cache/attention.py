@@ -35,9 +35,9 @@ import torch.nn.attention
 
 from polykv.cache.inputs import Visibility
 from polykv.cache.kernels import column_sums
-from polykv.cache.kernels.decode_attention import decode_attention
+from polykv.cache.kernels.decode_attention import decode_attention, decode_attention_op
 from polykv.errors import ModelError
-from polykv.model.describe import PREFIX
+from polykv.model.describe import PREFIX, STATIC_CACHE_KEYWORD
 
 SUPPORTED = ("sdpa", "eager")
 
@@ -132,7 +132,7 @@ def _attend(layer, kernel, inner, module, query, key, value, attention_mask, sca
 def _attend_static(layer, query, scaling, softcap) -> torch.Tensor:
     """Attend ``query`` to the slots of ``layer`` (a PolyLayer in static decoding), then let it evict."""
     static = layer.static
-    output = decode_attention(
+    output = decode_attention_op(
         query, static.keys, static.values, static.positions, static.position, static.real, scaling,
         layer.sliding_window, softcap,
     )  # fmt: skip
@@ -160,6 +160,13 @@ def _attend_pool(layer, query, scaling, softcap) -> torch.Tensor:
     return output
 
 
+def _scaling_and_softcap(inner: str, module, kwargs) -> tuple[float, float | None]:
+    scaling = kwargs.get("scaling")
+    scaling = module.scaling if scaling is None else scaling
+    # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
+    return scaling, kwargs.get("softcap") if inner == "eager" else None
+
+
 def attention_function(inner: str) -> Callable:
     @torch.compiler.disable  # layers of different lengths and their eviction stay eager (polykv.decoding.compiled)
     def serve(module, query, key, value, attention_mask, **kwargs):
@@ -170,10 +177,7 @@ def attention_function(inner: str) -> Callable:
         _take()
         layer = handoff.layer
         handoff.cache.attended(layer)
-        scaling = kwargs.get("scaling")
-        scaling = module.scaling if scaling is None else scaling
-        # SDPA has no soft-capping (transformers' SDPA path ignores it); score as the kernel computes.
-        softcap = kwargs.get("softcap") if inner == "eager" else None
+        scaling, softcap = _scaling_and_softcap(inner, module, kwargs)
         parts = getattr(layer, "groups", None)  # a SplitLayer: each group of heads attends to its own tokens
         if parts is None:
             if layer.static is not None:
@@ -192,6 +196,10 @@ def attention_function(inner: str) -> Callable:
         return layer.join(outputs), None
 
     def polykv_attention(module, query, key, value, attention_mask, **kwargs):
+        cache = kwargs.pop(STATIC_CACHE_KEYWORD, None)
+        layer = None if cache is None else cache.static_attention(module.layer_idx)
+        if layer is not None:  # a layer in static decoding: traced by torch.compile, with its slots' write
+            return _attend_static(layer, query, *_scaling_and_softcap(inner, module, kwargs)), None
         if _PENDING == 0:  # no PolyCache awaits this attention: the wrapped kernel, which torch.compile traces
             return _kernel(inner, module)(module, query, key, value, attention_mask, **kwargs)
         return serve(module, query, key, value, attention_mask, **kwargs)

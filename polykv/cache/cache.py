@@ -80,7 +80,8 @@ class PolyCache(Cache):
         capture): it starts in DECODING. ``reconstruction`` says how to ask the model to repeat its
         prompt, for policies that score that way."""
         super().__init__(layers=list(layers))
-        self._awaiting: PolyLayer | None = None
+        self._awaiting: PolyLayer | SplitLayer | None = None  # updated, not yet attended
+        self._in_graph: tuple[bool, ...] = ()  # by layer, in static decoding: whether it takes the traced path
         self._resolve = resolve
         self._resolved = resolve is None
         self.state = CacheState.DECODING if holding_prompt else CacheState.FRESH
@@ -96,20 +97,30 @@ class PolyCache(Cache):
         if self._prompt_length is not None and resolve is not None:
             self.resolve(self._prompt_length)
 
-    @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Take a layer's new keys and values; return what its attention reads.
+
+        A layer in static decoding writes its slots in code ``torch.compile`` traces, and its attention finds
+        it through the cache, which ``cache_argument`` also names by ``STATIC_CACHE_KEYWORD`` in static decoding
+        (``static_attention``): a compiled static step then runs whole layers in one graph
+        (``polykv.decoding.compiled``). Every other update is bookkeeping that stays eager, and hands the layer
+        to polykv's attention function through a context variable, which torch.compile cannot read."""
+        if layer_idx < len(self._in_graph) and self._in_graph[layer_idx]:
+            self._check_attended()
+            layer = self.layers[layer_idx]
+            slots = layer.static.append(key_states, value_states)
+            self._awaiting = layer
+            return slots
+        return self._update_eagerly(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
+    def _update_eagerly(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):
             raise CacheError(
                 f"the model has a layer {layer_idx}, but this cache was planned for {len(self.layers)} layers; "
                 "compile the spec against this model"
             )
-        if self._awaiting is not None:
-            waiting, self._awaiting = self._awaiting, None
-            raise CacheError(
-                f"layer {waiting.index}'s attention did not go through polykv, so it could not fit its mask or "
-                "compress: prepare the model first (with plan.apply(model): ..., or polykv.prepare_model(model); "
-                "polykv.compile does it)"
-            )
+        self._check_attended()
         if layer_idx == 0:
             self.check()
             self._start_forward(key_states.shape[-2])
@@ -117,6 +128,31 @@ class PolyCache(Cache):
         self._awaiting = self.layers[layer_idx]
         hand_over(self, self.layers[layer_idx], keys)
         return keys, values
+
+    def _check_attended(self) -> None:
+        """Raise if the layer updated before did not go through polykv's attention function."""
+        if self._awaiting is not None:
+            waiting, self._awaiting = self._awaiting, None
+            raise CacheError(
+                f"layer {waiting.index}'s attention did not go through polykv, so it could not fit its mask or "
+                "compress: prepare the model first (with plan.apply(model): ..., or polykv.prepare_model(model); "
+                "polykv.compile does it); in static decoding, give the forward its cache with "
+                "**polykv.cache_argument(model, cache), which names it for polykv's attention too"
+            )
+
+    @property
+    def in_static_decoding(self) -> bool:
+        """Between ``begin_static`` and ``end_static``."""
+        return bool(self._in_graph)
+
+    def static_attention(self, index: int) -> PolyLayer | None:
+        """Layer ``index``, taken from the cache, if its update in static decoding awaits polykv's attention in the
+        traced path (``update``); else None."""
+        layer = self._awaiting
+        if layer is None or layer.index != index or index >= len(self._in_graph) or not self._in_graph[index]:
+            return None
+        self._awaiting = None
+        return layer
 
     def _start_forward(self, new: int) -> None:
         """Decide what this forward is to the layers: part of the prompt (its last part?) or decoding."""
@@ -164,6 +200,7 @@ class PolyCache(Cache):
     @torch.compiler.disable  # polykv.decoding.compiled: bookkeeping stays eager
     def after_forward(self) -> None:
         """Called by a prepared model after each forward with this cache."""
+        self._check_attended()  # the last layer's attention, which no later update checks
         if self._finish_after_forward:
             self._finish_after_forward = False
             self.end_prefill()
@@ -249,6 +286,7 @@ class PolyCache(Cache):
         self.check()
         for layer in self.layers:
             layer.begin_static(room, slack, holes, per_check)
+        self._in_graph = tuple(isinstance(layer, PolyLayer) for layer in self.layers)  # a SplitLayer's pool: eager
 
     def compile_static_writes(self) -> None:
         """Have every layer write its static steps' tokens compiled (``StaticDecoding.compile_writes``)."""
@@ -288,6 +326,7 @@ class PolyCache(Cache):
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens: every layer holds its
         tokens by position again."""
+        self._in_graph = ()
         for layer in self.layers:
             layer.end_static(tokens)
 

@@ -116,6 +116,7 @@ class StaticDecoding:
         if tracks_real:
             self.real = buffers.real
             self.real[:, :, : storage.size] = layer.token_mask(stored)
+            self.true = torch.ones((), dtype=torch.bool, device=device)  # what a real token's slot is marked
         storage.clear()  # the slots hold the tokens now; finish() gives them back
         # The free slots, taken in order: first the room after the kept tokens, then what evictions free.
         free = slots - self.held if self.per_check else max(slots - self.held, self.slack + 1)
@@ -134,14 +135,17 @@ class StaticDecoding:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's n tokens into the next free slots; return every slot's keys and values."""
         tokens = self.take(keys.shape[-2])
-        batch, heads = keys.shape[:2]
-        slots = self.write(
-            self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values,
-            self._indices(tokens),
-        )  # fmt: skip
+        # Traced within a compiled forward (PolyCache.update), the write is part of its graph: no compiled function.
+        write = write_tokens if torch.compiler.is_compiling() else self.write
+        indices = self._indices(tokens)
+        slots = write(
+            self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values, indices
+        )
         if self.real is not None:
-            real = True if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
-            self.real.scatter_(2, slots, real)
+            batch, heads = keys.shape[:2]
+            real = self.true if self.incoming is None else self.incoming[:, None, :].expand(batch, heads, tokens)
+            # index_put_ rather than scatter_, as in write_tokens: traced, it writes in place.
+            self.real.index_put_((indices[0], indices[1], slots), real)
         return self.keys, self.values
 
     def take(self, tokens: int) -> int:
@@ -185,6 +189,7 @@ class StaticDecoding:
         if self.evicting and not self.per_check:
             self._free_lowest(self.held + 1 - (self.bound - self.slack), self.bound - self.slack)
 
+    @torch.compiler.disable  # a policy's ranking stays eager under torch.compile: a graph break in evicting steps only
     def _free_lowest(self, count: int, budget: int) -> None:
         """Free the slots of the ``count`` lowest-ranked held tokens (holes and padding first), keeping ``budget``."""
         view = LayerView(

@@ -150,11 +150,19 @@ def kernel_name(model) -> str:
     return model.config._attn_implementation.removeprefix(PREFIX)
 
 
+#: The forward's keyword that also names a PolyCache in static decoding: transformers hands a forward's extra
+#: keywords on to the attention function, which finds the cache's layers through it (``PolyCache.update``).
+STATIC_CACHE_KEYWORD = "polykv_static_cache"
+
+
 def cache_argument(model, cache) -> dict:
     """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)``: transformers 5.24 takes the cache as
     ``cache`` and warns about ``past_key_values``, which earlier releases take (``model(ids, **cache_argument(model,
-    cache))`` works with both)."""
-    return {_cache_keyword(type(model)): cache}
+    cache))`` works with both). A PolyCache in static decoding is named by ``STATIC_CACHE_KEYWORD`` too."""
+    arguments = {_cache_keyword(type(model)): cache}
+    if getattr(cache, "in_static_decoding", False):
+        arguments[STATIC_CACHE_KEYWORD] = cache
+    return arguments
 
 
 @functools.cache

@@ -37,7 +37,14 @@ import torch
 
 from polykv.cache.kernels.triton_support import available, dot_precision, jit, tl, triton
 
-__all__ = ["available", "decode_attention", "ragged_decode_attention", "suits_kernels", "torch_decode_attention"]
+__all__ = [
+    "available",
+    "decode_attention",
+    "decode_attention_op",
+    "ragged_decode_attention",
+    "suits_kernels",
+    "torch_decode_attention",
+]
 
 #: Programs per multiprocessor the split aims at: enough resident programs, each streaming its chunk's keys and
 #: values, to keep the memory system busy, and few enough that the chunks stay long (fewer partials to merge).
@@ -82,6 +89,30 @@ def decode_attention(
             query, keys, values, positions, layout, position, scaling, sliding_window, softcap
         )  # fmt: skip
     return torch_decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+
+
+@torch.library.custom_op("polykv::decode_attention", mutates_args=())
+def decode_attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    position: torch.Tensor,
+    real: torch.Tensor | None,
+    scaling: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``decode_attention`` as an operator ``torch.compile`` calls as it is, inside a compiled graph: a compiled
+    static step then needs no graph break at a layer's attention (dynamo would not trace the kernels' launch
+    code), and the work before and after it (rotary embedding, the cache's write, the output projection) fuses."""
+    return decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_shape(query, keys, values, positions, position, real, scaling, sliding_window, softcap):
+    batch, query_heads, length, dim = query.shape
+    return query.new_empty(batch, length, query_heads, dim)
 
 
 def ragged_decode_attention(
