@@ -53,6 +53,8 @@ from polykv.model.describe import cache_argument
 
 RESULTS = Path(__file__).parent / "results"
 ANNOTATION = "steps"
+#: How the profiler names the run of one compiled graph.
+COMPILED_REGION = "Torch-Compiled Region"
 SPECS = ("*: full", "*: streaming@256")
 #: Kernel names (lower case) that belong to polykv's side of a step: its attention and its slot writes.
 #: (The model's embedding lookup is an index kernel too: one per step counted on the cache's side.)
@@ -84,14 +86,8 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
     device_events = [
         e for e in profiled.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.name != ANNOTATION
     ]  # the annotation spans the steps on the GPU's timeline too: it is not a kernel
-    if not device_events:  # the CPU: count the operators run instead, but views, which compute nothing
-        device_events = [
-            e
-            for e in profiled.events()
-            if e.name.startswith("aten::")
-            and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-            and not is_view(e.name)
-        ]
+    if not device_events:  # the CPU: the operators run and the compiled kernels instead, but views (nothing)
+        device_events = [e for e in profiled.events() if is_cpu_launch(e)]
     count, time_us, names = Counter(), Counter(), Counter()
     for event in device_events:
         side = "cache" if any(part in event.name.lower() for part in CACHE_KERNELS) else "model"
@@ -99,11 +95,27 @@ def kernels(model, plan, ids, compile_step: bool, steps: int) -> dict:
         took = event.device_time if ids.is_cuda else event.cpu_time
         time_us[side] += took
         names[event.name[:70]] += took
+    regions = sum(event.name.startswith(COMPILED_REGION) for event in profiled.events())
     return {
+        "graphs_per_step": regions / steps,
         "kernels_per_step": {side: count[side] / steps for side in ("cache", "model")},
         "kernel_ms_per_step": {side: time_us[side] / steps / 1e3 for side in ("cache", "model")},
         "top": [(name, took / steps / 1e3) for name, took in names.most_common(8)],
     }
+
+
+def is_cpu_launch(event) -> bool:
+    """Whether a CPU profile's ``event`` is what a GPU would launch as a kernel: an operator run by itself (not
+    inside another operator, nor a view), one of inductor's fused kernels (``enable_kernel_profile``) or one of
+    polykv's operators (whose inside is two kernels on a GPU, many operators on the CPU)."""
+    parent = event.cpu_parent.name if event.cpu_parent else ""
+    if parent.startswith(("aten::", "polykv::")):
+        return False
+    return (
+        "cpp_fused" in event.name
+        or event.name.startswith("polykv::")
+        or (event.name.startswith("aten::") and not is_view(event.name))
+    )
 
 
 @functools.cache
@@ -124,8 +136,8 @@ def table(rows: list[dict], unit: str) -> str:
     (its ``top`` lists it) gets it taken out of the model's time and count here."""
     lines = [
         f"| cache | forward | step ms (replayed) | {unit} per step: cache / model | their time ms: cache / model "
-        "| gaps ms |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| gaps ms | compiled graphs per step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         (cache_n, model_n), (cache_ms, model_ms) = row["kernels_per_step"].values(), row["kernel_ms_per_step"].values()
@@ -133,9 +145,10 @@ def table(rows: list[dict], unit: str) -> str:
             if name == ANNOTATION:
                 model_ms, model_n = model_ms - took, model_n - 1 / row.get("profiled_steps", 8)
         gaps = row["replayed_ms"] - cache_ms - model_ms
+        graphs = f"{row['graphs_per_step']:.0f}" if "graphs_per_step" in row else ""  # kept before it was counted
         lines.append(
             f"| `{row['spec']}` | {'compiled' if row['compiled'] else 'as it is'} | {row['replayed_ms']:.2f} "
-            f"| {cache_n:.0f} / {model_n:.0f} | {cache_ms:.2f} / {model_ms:.2f} | {gaps:.2f} |"
+            f"| {cache_n:.0f} / {model_n:.0f} | {cache_ms:.2f} / {model_ms:.2f} | {gaps:.2f} | {graphs} |"
         )
     return "\n".join(lines)
 
@@ -165,6 +178,7 @@ def main() -> None:
         torch._inductor.config.freezing = True
     model = load(args.model)
     device = model.device
+    torch._inductor.config.cpp.enable_kernel_profile = device.type == "cpu"  # the profiler sees fused kernels
     if args.dtype or device.type == "cuda":
         model = model.to(getattr(torch, args.dtype or "bfloat16"))
     ids = prompt(args.batch, args.length, model.config.vocab_size, device)

@@ -14,11 +14,14 @@ The cache tells the function which layer it is serving through a context variabl
 ``PolyCache.update``: the function checks that the keys it received are the very tensor that
 update returned, so a stale hand-off can never be mistaken for the current one.
 
-A PolyCache's layers and their eviction stay eager under ``torch.compile`` (``polykv.decoding.compiled``),
-but a prepared model with transformers' own caches must still compile whole (``generate``'s
-compiled StaticCache). ``torch.compile`` cannot read a context variable, so a plain count of pending
-hand-offs says whether any can be waiting: at zero the function is the wrapped kernel, traced with
-the rest of the forward; otherwise the eager function reads the context variable.
+``torch.compile`` cannot read a context variable. A layer in static decoding therefore takes another
+way, which it traces (``polykv.decoding.compiled``): its update notes the layer on the cache, and the
+function takes it from the cache that the forward's keyword ``STATIC_CACHE_KEYWORD`` names
+(``cache_argument`` adds it in static decoding). Every other PolyCache layer stays eager, but a
+prepared model with transformers' own caches must still compile whole (``generate``'s compiled
+StaticCache): a plain count of pending hand-offs says whether any can be waiting; at zero the
+function is the wrapped kernel, traced with the rest of the forward, otherwise the eager function
+reads the context variable.
 """
 
 from __future__ import annotations

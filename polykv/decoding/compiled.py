@@ -4,12 +4,16 @@ In a decoding step each layer runs some 60 small kernels besides its matrix prod
 embedding, activation, residual adds, the cache's writes: 1,795 a step on the bundled model,
 ``benchmarks/step_kernels.py``); captured in a CUDA graph, their count rather than the bytes they
 read sets much of a small step's time (docs/performance.md).
-``torch.compile`` fuses the elementwise work between one layer's attention and the next one's
-into a few kernels. polykv's cache bookkeeping and attention stay eager: ``PolyCache.update``,
-``before_forward``, ``after_forward`` and the attention function are excluded from tracing
-(``torch.compiler.disable``), so each layer breaks the graph at its cache update and its attention,
-and what lies between is compiled. Dynamo guards on the layer index passed to the cache, so those
-parts are compiled once per layer, under a recompile limit raised to match (``polykv.cache.compiling``).
+``torch.compile`` fuses the elementwise work between one matrix product and the next. A layer in
+static decoding (``polykv.cache.static``) is traced with the model: its slots' write and its
+attention (the operator ``polykv::decode_attention``, which inductor calls as it is) sit in the
+same graph as the rotary embedding before them and the output projection after, so a whole step is
+one graph (``PolyCache.update`` says how the attention finds the layer without a context variable,
+which dynamo cannot trace). What stays eager breaks the graph: the prepared model's hooks before
+and after the forward, a policy's ranking in a step that evicts, and the heads of a layer split
+into groups (``polykv.cache.split``), whose pooled slots keep polykv's eager bookkeeping. Dynamo
+guards on the layer index the cache is given, so the parts after a break are compiled once per
+layer, under a recompile limit raised to match (``polykv.cache.compiling``).
 
 Compiled kernels compute what the eager ones compute up to rounding order: in float32 the tokens
 equal the eager step's (tested on the CPU), in bfloat16 near ties can break differently.
