@@ -268,17 +268,25 @@ def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
 
 def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model():
     """Layers in static decoding write and attend inside the compiled graph (no graph break at a layer), so their
-    kernels fuse with the model's; a step that evicts still ranks eagerly."""
+    kernels fuse with the model's, and one compilation serves every number of slots."""
     model = tiny_model("llama")
     ids, mask = padded_prompt([30, 22])
     plan = polykv.compile("*: streaming@16", model)
     with plan.apply(model):
         expected = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=6, graph=False)
+        torch._dynamo.reset()  # compiled code of an earlier test's model of these shapes would serve it unseen
         torch._dynamo.utils.counters.clear()
         tokens = static_generate(
             model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=6, graph=False, compile_step=True
         )
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        longer = static_generate(
+            model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=9, graph=False, compile_step=True
+        )
+        # Room for more tokens is more slots: a size the compiled step does not specialise on.
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(tokens, expected)
+    assert torch.equal(longer[:, : tokens.shape[1]], tokens)
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
     assert "before_forward" in breaks  # the prepared model's hooks stay eager: the counter does see breaks
     assert "_update_eagerly" not in breaks and "serve" not in breaks

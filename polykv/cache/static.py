@@ -127,6 +127,7 @@ class StaticDecoding:
         self.row_numbers = torch.arange(batch, device=device)[:, None, None]
         self.head_numbers = torch.arange(heads, device=device)[None, :, None]
         self.token_offsets = torch.arange(slots, device=device)
+        _mark_slots_dynamic(self)
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
         self.write, self.refuse_slots = write_tokens, refuse_tokens  # or their compiled forms (compile_writes)
 
@@ -256,6 +257,15 @@ class StaticDecoding:
         layer.storage.hold(self.keys, self.values, self.positions)
         layer.storage.keep(order, self.positions.gather(-1, order))
         layer.seen += tokens
+
+
+def _mark_slots_dynamic(static: StaticDecoding) -> None:
+    """Have torch.compile take the number of slots (and free slots) as a size it does not specialise on
+    (``polykv.cache.compiling``): a traced static step then compiles once for every room."""
+    for tensor, dimension in ((static.keys, 2), (static.values, 2), (static.positions, 2), (static.real, 2),
+                              (static.free, 2), (static.token_offsets, 0)):  # fmt: skip
+        if tensor is not None:
+            torch._dynamo.mark_dynamic(tensor, dimension)
 
 
 #: Indices a write uses: rows (B, 1, 1), heads (1, H, 1) and the step's token offsets (n,), made once per layer so

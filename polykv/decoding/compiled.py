@@ -13,7 +13,9 @@ which dynamo cannot trace). What stays eager breaks the graph: the prepared mode
 and after the forward, a policy's ranking in a step that evicts, and the heads of a layer split
 into groups (``polykv.cache.split``), whose pooled slots keep polykv's eager bookkeeping. Dynamo
 guards on the layer index the cache is given, so the parts after a break are compiled once per
-layer, under a recompile limit raised to match (``polykv.cache.compiling``).
+layer, under a recompile limit raised to match (``polykv.cache.compiling``). A layer's number of
+slots is a size the compiled step does not specialise on: one compilation serves every static
+stage and every speculation's room; a new batch or number of tokens per step compiles anew.
 
 Compiled kernels compute what the eager ones compute up to rounding order: in float32 the tokens
 equal the eager step's (tested on the CPU), in bfloat16 near ties can break differently.
