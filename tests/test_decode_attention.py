@@ -134,6 +134,28 @@ def test_torch_version_with_several_tokens_matches_dense_attention(tokens, group
 
 
 @parent_only
+@settings(max_examples=15, deadline=None)
+@given(
+    tokens=st.integers(1, 4),
+    groups=st.sampled_from([1, 3]),
+    slots=st.integers(1, 20),
+    padded=st.booleans(),
+    window=st.none() | st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_the_operator_is_decode_attention_and_keeps_its_registered_shape(tokens, groups, slots, padded, window, seed):
+    """polykv::decode_attention, which a compiled static step calls inside its graph: the function's result, and
+    what torch.library's checks ask of an operator (its fake shape and strides, its schema) for every input."""
+    query, keys, values, positions, position, real = slot_inputs(
+        2, 2, groups, slots, 16, free=0.3, padding=0.2, seed=seed
+    )
+    inputs = (step_of(query, tokens, seed), keys, values, positions, position, real if padded else None)
+    result = da.decode_attention_op(*inputs, 0.25, window, None)
+    torch.testing.assert_close(result, da.decode_attention(*inputs, 0.25, window), equal_nan=True, rtol=0, atol=0)
+    torch.library.opcheck(da.decode_attention_op, (*inputs, 0.25, window, None))
+
+
+@parent_only
 def test_cpu_runs_the_torch_version_without_the_interpreter():
     assert not da.available(torch.device("cpu"))
     inputs = slot_inputs(1, 2, 2, 9, 16, free=0.3, padding=0.3, dtype=torch.bfloat16)

@@ -289,7 +289,8 @@ class PolyCache(Cache):
         self._in_graph = tuple(isinstance(layer, PolyLayer) for layer in self.layers)  # a SplitLayer's pool: eager
 
     def compile_static_writes(self) -> None:
-        """Have every layer write its static steps' tokens compiled (``StaticDecoding.compile_writes``)."""
+        """Have every layer refuse a check's tokens, and write a pool's, with compiled functions
+        (``StaticDecoding.compile_writes``); a compiled forward traces the rest of a step's writes."""
         for layer in self.layers:
             layer.static.compile_writes()
 

@@ -5,7 +5,7 @@ that break the graph: it guards on the layer index handed to the cache) and runs
 past ``recompile_limit`` (8 by default), with only a warning. polykv's compiled static steps meet
 more shapes than that, so each compiled function carries its own limit, raised for its calls alone.
 
-Shapes are static, but for the dimensions a caller marks dynamic (``torch._dynamo.maybe_mark_dynamic``):
+Shapes are static, but for the dimensions a caller marks dynamic (``torch._dynamo.mark_dynamic``):
 a static layer's slots (``polykv.cache.static``), whose count changes with every static stage and
 every speculation's room, so that one compilation of a model's forward serves them all.
 """

@@ -129,17 +129,15 @@ class StaticDecoding:
         self.token_offsets = torch.arange(slots, device=device)
         _mark_slots_dynamic(self)
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
-        self.write, self.refuse_slots = write_tokens, refuse_tokens  # or their compiled forms (compile_writes)
+        self.refuse_slots = refuse_tokens  # or its compiled form (compile_writes)
 
     # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's n tokens into the next free slots; return every slot's keys and values."""
         tokens = self.take(keys.shape[-2])
-        # Traced within a compiled forward (PolyCache.update), the write is part of its graph: no compiled function.
-        write = write_tokens if torch.compiler.is_compiling() else self.write
-        indices = self._indices(tokens)
-        slots = write(
+        indices = self._indices(tokens)  # traced within a compiled forward (PolyCache.update), fused with it
+        slots = write_tokens(
             self.keys, self.values, self.positions, self.free, self.cursor, self.position, keys, values, indices
         )
         if self.real is not None:
@@ -165,10 +163,10 @@ class StaticDecoding:
         self.free, self.cursor, self.position = free, cursor, position
 
     def compile_writes(self) -> None:
-        """Write each step's tokens, and refuse a check's, with compiled functions (``torch.compile``): one
-        fused kernel where the eager write launches about ten and the refusal five, which on a GPU is a share of
-        a small step's time."""
-        self.write, self.refuse_slots = _compiled(write_tokens), _compiled(refuse_tokens)
+        """Refuse a check's tokens with a compiled function (``torch.compile``): one fused kernel where the eager
+        refusal launches five, which on a GPU is a share of a small step's time. (A step's write is traced with
+        a compiled forward.)"""
+        self.refuse_slots = _compiled(refuse_tokens)
 
     def refuse(self, refused: torch.Tensor) -> None:
         """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""

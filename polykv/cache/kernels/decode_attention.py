@@ -105,8 +105,10 @@ def decode_attention_op(
 ) -> torch.Tensor:
     """``decode_attention`` as an operator ``torch.compile`` calls as it is, inside a compiled graph: a compiled
     static step then needs no graph break at a layer's attention (dynamo would not trace the kernels' launch
-    code), and the work before and after it (rotary embedding, the cache's write, the output projection) fuses."""
-    return decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+    code), and the work before and after it (rotary embedding, the cache's write, the output projection) fuses.
+    Contiguous, as its registered shape says."""
+    output = decode_attention(query, keys, values, positions, position, real, scaling, sliding_window, softcap)
+    return output.contiguous()
 
 
 @decode_attention_op.register_fake
