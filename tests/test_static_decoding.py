@@ -266,12 +266,17 @@ def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
         assert torch.allclose(keys, expected_keys, atol=1e-6)
 
 
-def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model():
+@pytest.mark.parametrize(
+    ("spec", "graphs_for_more_slots"),
+    [("*: streaming@16", 0), ("layers 1 heads 1: snapkv@8(window=4); layers 1 heads 0: full; *: knorm@12", 1)],
+)
+def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model(spec, graphs_for_more_slots):
     """Layers in static decoding write and attend inside the compiled graph (no graph break at a layer), so their
-    kernels fuse with the model's, and one compilation serves every number of slots."""
+    kernels fuse with the model's, and one compilation serves every number of slots, but where heads keep
+    different counts (a pool, whose attention takes its longest head's count from the host)."""
     model = tiny_model("llama")
     ids, mask = padded_prompt([30, 22])
-    plan = polykv.compile("*: streaming@16", model)
+    plan = polykv.compile(spec, model)
     with plan.apply(model):
         expected = static_generate(model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=6, graph=False)
         torch._dynamo.reset()  # compiled code of an earlier test's model of these shapes would serve it unseen
@@ -284,7 +289,7 @@ def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model()
             model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=9, graph=False, compile_step=True
         )
         # Room for more tokens is more slots: a size the compiled step does not specialise on.
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + graphs_for_more_slots
     assert torch.equal(tokens, expected)
     assert torch.equal(longer[:, : tokens.shape[1]], tokens)
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])

@@ -38,7 +38,7 @@ import torch.nn.attention
 
 from polykv.cache.inputs import Visibility
 from polykv.cache.kernels import column_sums
-from polykv.cache.kernels.decode_attention import decode_attention, decode_attention_op
+from polykv.cache.kernels.decode_attention import decode_attention_op
 from polykv.errors import ModelError
 from polykv.model.describe import PREFIX, STATIC_CACHE_KEYWORD
 
@@ -152,7 +152,7 @@ def _attend_pool(layer, query, scaling, softcap) -> torch.Tensor:
     else:
         output = layer.join(
             [
-                decode_attention(
+                decode_attention_op(
                     layer.queries_of(query, number), part.static.keys, part.static.values, part.static.positions,
                     static.position, part.static.real, scaling, layer.sliding_window, softcap,
                 )
@@ -161,6 +161,13 @@ def _attend_pool(layer, query, scaling, softcap) -> torch.Tensor:
         )  # fmt: skip
     static.after_attention()
     return output
+
+
+def _attend_in_static(layer, query, scaling, softcap) -> torch.Tensor:
+    """Attend ``query`` to ``layer`` in static decoding (a PolyLayer's slots, or a SplitLayer's pool)."""
+    if getattr(layer, "groups", None) is None:
+        return _attend_static(layer, query, scaling, softcap)
+    return _attend_pool(layer, query, scaling, softcap)
 
 
 def _scaling_and_softcap(inner: str, module, kwargs) -> tuple[float, float | None]:
@@ -181,13 +188,11 @@ def attention_function(inner: str) -> Callable:
         layer = handoff.layer
         handoff.cache.attended(layer)
         scaling, softcap = _scaling_and_softcap(inner, module, kwargs)
+        if layer.static is not None:
+            return _attend_in_static(layer, query, scaling, softcap), None
         parts = getattr(layer, "groups", None)  # a SplitLayer: each group of heads attends to its own tokens
         if parts is None:
-            if layer.static is not None:
-                return _attend_static(layer, query, scaling, softcap), None
             return _attend(layer, kernel, inner, module, query, key, value, attention_mask, scaling, softcap, kwargs)
-        if layer.static is not None:
-            return _attend_pool(layer, query, scaling, softcap), None
         outputs = [
             _attend(
                 part, kernel, inner, module, layer.queries_of(query, number), part.keys, part.values, attention_mask,
@@ -202,7 +207,7 @@ def attention_function(inner: str) -> Callable:
         cache = kwargs.pop(STATIC_CACHE_KEYWORD, None)
         layer = None if cache is None else cache.static_attention(module.layer_idx)
         if layer is not None:  # a layer in static decoding: traced by torch.compile, with its slots' write
-            return _attend_static(layer, query, *_scaling_and_softcap(inner, module, kwargs)), None
+            return _attend_in_static(layer, query, *_scaling_and_softcap(inner, module, kwargs)), None
         if _PENDING == 0:  # no PolyCache awaits this attention: the wrapped kernel, which torch.compile traces
             return _kernel(inner, module)(module, query, key, value, attention_mask, **kwargs)
         return serve(module, query, key, value, attention_mask, **kwargs)

@@ -81,7 +81,7 @@ class PolyCache(Cache):
         prompt, for policies that score that way."""
         super().__init__(layers=list(layers))
         self._awaiting: PolyLayer | SplitLayer | None = None  # updated, not yet attended
-        self._in_graph: tuple[bool, ...] = ()  # by layer, in static decoding: whether it takes the traced path
+        self._static = False  # between begin_static and end_static: layers take the traced path (update)
         self._resolve = resolve
         self._resolved = resolve is None
         self.state = CacheState.DECODING if holding_prompt else CacheState.FRESH
@@ -105,7 +105,7 @@ class PolyCache(Cache):
         (``static_attention``): a compiled static step then runs whole layers in one graph
         (``polykv.decoding.compiled``). Every other update is bookkeeping that stays eager, and hands the layer
         to polykv's attention function through a context variable, which torch.compile cannot read."""
-        if layer_idx < len(self._in_graph) and self._in_graph[layer_idx]:
+        if self._static and layer_idx < len(self.layers):
             self._check_attended()
             layer = self.layers[layer_idx]
             slots = layer.static.append(key_states, value_states)
@@ -143,13 +143,13 @@ class PolyCache(Cache):
     @property
     def in_static_decoding(self) -> bool:
         """Between ``begin_static`` and ``end_static``."""
-        return bool(self._in_graph)
+        return self._static
 
-    def static_attention(self, index: int) -> PolyLayer | None:
+    def static_attention(self, index: int) -> PolyLayer | SplitLayer | None:
         """Layer ``index``, taken from the cache, if its update in static decoding awaits polykv's attention in the
         traced path (``update``); else None."""
         layer = self._awaiting
-        if layer is None or layer.index != index or index >= len(self._in_graph) or not self._in_graph[index]:
+        if layer is None or layer.index != index or not self._static:
             return None
         self._awaiting = None
         return layer
@@ -286,7 +286,7 @@ class PolyCache(Cache):
         self.check()
         for layer in self.layers:
             layer.begin_static(room, slack, holes, per_check)
-        self._in_graph = tuple(isinstance(layer, PolyLayer) for layer in self.layers)  # a SplitLayer's pool: eager
+        self._static = True
 
     def compile_static_writes(self) -> None:
         """Have every layer refuse a check's tokens, and write a pool's, with compiled functions
@@ -327,7 +327,7 @@ class PolyCache(Cache):
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens: every layer holds its
         tokens by position again."""
-        self._in_graph = ()
+        self._static = False
         for layer in self.layers:
             layer.end_static(tokens)
 

@@ -19,14 +19,12 @@ step at 1.0x the uniform one, from 1.1x with a write per group and 1.28x group b
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
-from polykv.cache.compiling import compiled
-from polykv.cache.kernels.decode_attention import ragged_decode_attention, suits_kernels
-from polykv.cache.static import WRITE_SHAPES, SlotBuffers, StaticDecoding, taken_slots
+from polykv.cache.kernels.decode_attention import ragged_decode_attention_op, suits_kernels
+from polykv.cache.static import SlotBuffers, StaticDecoding, taken_slots
 from polykv.cache.storage import POSITION
 
 
@@ -57,7 +55,6 @@ class SlotPool:
         self.rows: torch.Tensor | None = None
         self.token_offsets: torch.Tensor | None = None
         self.real_tokens: torch.Tensor | None = None  # (B, n) whether each of a step's tokens is real; None: all are
-        self.write_slots = write_pooled  # or its compiled form (compile_writes)
         whole = SlotBuffers.empty(batch, 1, offset, like, real)  # one head of every slot: views below
         self.keys, self.values = whole.keys[:, 0], whole.values[:, 0]  # (B, T, D)
         self.positions = whole.positions[:, 0]  # (B, T)
@@ -101,14 +98,10 @@ class SlotPool:
             keys, values = keys.index_select(1, self.order), values.index_select(1, self.order)
         offsets = self.token_offsets[: keys.shape[-2]]
         real = None if self.real is None else self.real_tokens
-        self.write_slots(
+        write_pooled(
             self.keys, self.values, self.positions, self.real, self.free, self.cursor, self.pooled_starts,
             self.position, keys, values, real, self.rows, offsets,
         )  # fmt: skip
-
-    def compile_writes(self) -> None:
-        """Write with a compiled function: one fused kernel (see ``StaticDecoding.compile_writes``)."""
-        self.write_slots = _compiled_write()
 
     def attends(self, query: torch.Tensor) -> bool:
         """Whether ``attend`` runs for this query: the kernels take it, on this device."""
@@ -118,7 +111,7 @@ class SlotPool:
         self, query: torch.Tensor, position: torch.Tensor, scaling: float, sliding_window: int | None, softcap
     ) -> torch.Tensor:
         """The step's attention over every head's slots in one launch: (B, n, Hq, D)."""
-        return ragged_decode_attention(
+        return ragged_decode_attention_op(
             query, self.keys, self.values, self.positions, self.real, self.starts, self.counts, self.largest,
             position, scaling, sliding_window, softcap,
         )  # fmt: skip
@@ -153,8 +146,3 @@ def write_pooled(
     if real_pool is not None:
         real_pool.index_put_(where, torch.ones_like(slots, dtype=torch.bool) if real is None else real[:, None, :])
     cursor += offsets.shape[0]
-
-
-@functools.cache
-def _compiled_write():
-    return compiled(write_pooled, recompile_limit=WRITE_SHAPES)

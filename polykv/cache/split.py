@@ -199,8 +199,7 @@ class SplitLayer(CacheLayerMixin):
                 f"layer {self.index}: this cache holds {self.kv_heads} KV heads but received {key_states.shape[1]}"
             )
         if self.static is not None:
-            self.static.append(key_states, value_states)
-            return key_states, value_states
+            return self.static.append(key_states, value_states)
         for number, (_heads, part) in enumerate(self.groups):
             part.update(self.heads_of(key_states, number), self.heads_of(value_states, number))
         return key_states, value_states
@@ -407,11 +406,12 @@ class GroupsInStatic:
         """The position of the step's first token (the pool's, which every part shares)."""
         return self.pool.position
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write the step's tokens (B, H, n, D) of every head into the pool."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's tokens (B, H, n, D) of every head into the pool; return them (see ``SplitLayer.update``)."""
         for part in self.parts:
             part.static.take(keys.shape[-2])
         self.pool.write(keys, values)
+        return keys, values
 
     def after_attention(self) -> None:
         """Move past the step's tokens (once: the parts share the position), and let each part evict as planned."""
@@ -447,7 +447,6 @@ class GroupsInStatic:
             part.static.evict_for_check()
 
     def compile_writes(self) -> None:
-        self.pool.compile_writes()
         for part in self.parts:  # their refusals
             part.static.compile_writes()
 

@@ -9,13 +9,15 @@ static decoding (``polykv.cache.static``) is traced with the model: its slots' w
 attention (the operator ``polykv::decode_attention``, which inductor calls as it is) sit in the
 same graph as the rotary embedding before them and the output projection after, so a whole step is
 one graph (``PolyCache.update`` says how the attention finds the layer without a context variable,
-which dynamo cannot trace). What stays eager breaks the graph: the prepared model's hooks before
-and after the forward, a policy's ranking in a step that evicts, and the heads of a layer split
-into groups (``polykv.cache.split``), whose pooled slots keep polykv's eager bookkeeping. Dynamo
-guards on the layer index the cache is given, so the parts after a break are compiled once per
-layer, under a recompile limit raised to match (``polykv.cache.compiling``). A layer's number of
-slots is a size the compiled step does not specialise on: one compilation serves every static
-stage and every speculation's room; a new batch or number of tokens per step compiles anew.
+which dynamo cannot trace); so is a layer whose groups of heads share a pool of slots
+(``polykv.cache.pool``, attended by the operator ``polykv::ragged_decode_attention``). What stays
+eager breaks the graph: the prepared model's hooks before and after the forward, and a policy's
+ranking in a step that evicts. Dynamo guards on the layer index the cache is given, so the parts
+after a break are compiled once per layer, under a recompile limit raised to match
+(``polykv.cache.compiling``). A layer's number of slots is a size the compiled step does not
+specialise on: one compilation serves every static stage and every speculation's room, but for
+pooled layers, whose attention takes its longest head's count from the host (a stage compiles
+anew); a new batch or number of tokens per step compiles anew too.
 
 Compiled kernels compute what the eager ones compute up to rounding order: in float32 the tokens
 equal the eager step's (tested on the CPU), in bfloat16 near ties can break differently.

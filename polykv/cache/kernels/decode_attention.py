@@ -42,6 +42,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_op",
     "ragged_decode_attention",
+    "ragged_decode_attention_op",
     "suits_kernels",
     "torch_decode_attention",
 ]
@@ -143,6 +144,36 @@ def ragged_decode_attention(
         raise ValueError("ragged_decode_attention runs the Triton kernels only, and they do not take these inputs")
     layout = _Layout.of(keys, values, positions, real, starts, counts, largest)
     return _split_decode_attention(query, keys, values, positions, layout, position, scaling, sliding_window, softcap)
+
+
+@torch.library.custom_op("polykv::ragged_decode_attention", mutates_args=())
+def ragged_decode_attention_op(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    real: torch.Tensor | None,
+    starts: torch.Tensor,
+    counts: torch.Tensor,
+    largest: int,
+    position: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``ragged_decode_attention`` as an operator that a compiled graph calls as it is (see ``decode_attention_op``)."""
+    output = ragged_decode_attention(
+        query, keys, values, positions, real, starts, counts, largest, position, scaling, sliding_window, softcap
+    )
+    return output.contiguous()
+
+
+@ragged_decode_attention_op.register_fake
+def _ragged_decode_attention_shape(
+    query, keys, values, positions, real, starts, counts, largest, position, scaling, sliding_window, softcap
+):
+    batch, query_heads, length, dim = query.shape
+    return query.new_empty(batch, length, query_heads, dim)
 
 
 def torch_decode_attention(
