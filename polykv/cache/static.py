@@ -166,7 +166,7 @@ class StaticDecoding:
         """Refuse a check's tokens with a compiled function (``torch.compile``): one fused kernel where the eager
         refusal launches five, which on a GPU is a share of a small step's time. (A step's write is traced with
         a compiled forward.)"""
-        self.refuse_slots = _compiled(refuse_tokens)
+        self.refuse_slots = _compiled_refusal()
 
     def refuse(self, refused: torch.Tensor) -> None:
         """Make holes of the last n tokens taken where ``refused`` (B, n) says so."""
@@ -311,15 +311,15 @@ def taken_slots(free: torch.Tensor, first: torch.Tensor, offsets: torch.Tensor) 
     return free.gather(-1, (first + offsets).expand(*free.shape[:2], offsets.shape[0]))
 
 
-#: Shapes the compiled writes are compiled for (a shape per static stage, per group of heads, per cache of a
-#: speculation); past it dynamo would run them uncompiled.
-WRITE_SHAPES = 64
+#: Shapes the compiled refusals are compiled for (per check's size, group of heads and cache of a speculation; the
+#: number of slots is dynamic); past it dynamo would run them uncompiled.
+REFUSAL_SHAPES = 64
 
 
 @functools.cache
-def _compiled(function):
-    """``function`` compiled once per process (one compilation per shape of slots)."""
-    return compiled(function, recompile_limit=WRITE_SHAPES)
+def _compiled_refusal():
+    """``refuse_tokens`` compiled, once per process."""
+    return compiled(refuse_tokens, recompile_limit=REFUSAL_SHAPES)
 
 
 def _lowest_ranked(ranked: torch.Tensor, positions: torch.Tensor, count: int) -> torch.Tensor:
