@@ -205,6 +205,7 @@ class _Progress:
         self.static_setup = static_setup
         self._tokens_made = 0
         self._hooks: list = []
+        self._layer_hooks: list = []  # removed after the prefill, whose bar they drive
 
     def __enter__(self) -> _Progress:
         attention = attention_modules(self.model).values()
@@ -214,13 +215,13 @@ class _Progress:
         self._tokens_bar = None
         self._depth = 0  # model forwards under way: reconstruction runs its own inside the prompt's
         for module in attention:
-            self._hooks.append(module.register_forward_hook(self._after_layer))
+            self._layer_hooks.append(module.register_forward_hook(self._after_layer))
         self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
         self._hooks.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
+        for hook in self._hooks + self._layer_hooks:
             hook.remove()
         self._layers_bar.close()
         if self._tokens_bar is not None:
@@ -230,6 +231,8 @@ class _Progress:
         if self.forwards == 0 and self._depth == 1:  # the prompt's own pass, not a repeat inside it (kvzip)
             self._layers_bar.update(1)
 
+    # The model's hooks count on the host: torch.compile (--compile) would guard on the counts and compile every step.
+    @torch.compiler.disable
     def _before_forward(self, module, args) -> None:
         self._depth += 1
         if self._depth == 1:
@@ -247,6 +250,7 @@ class _Progress:
         if self.static:
             self.decode_seconds = time.perf_counter() - self._prefilled
 
+    @torch.compiler.disable
     def _after_forward(self, module, args, kwargs, output) -> None:
         self._depth -= 1
         if self._depth:  # a forward the model runs inside one of the caller's (the reconstruction's repeat)
@@ -261,6 +265,9 @@ class _Progress:
             self.nbytes_after_prefill = cache.nbytes()
             self.full_nbytes_after_prefill = cache.full_nbytes()
             self._layers_bar.close()
+            for hook in self._layer_hooks:  # in every layer of a compiled step, they would break its graph
+                hook.remove()
+            self._layer_hooks = []
             self._tokens_bar = tqdm(total=self.max_new_tokens, desc="generate", unit="token", file=sys.stderr)
             self._prefilled = time.perf_counter()
         elif not self.static:  # static steps are captured once and replayed: finish() times them
