@@ -11,13 +11,15 @@
 
 For each cache (``*: full``, and ``*: streaming@256``, a draft's cache) and each way of running the
 step (as it is, and ``compile_step``: the model's forward through ``torch.compile``, the cache's
-writes compiled), side by side in one run:
+writes and attention traced with it), side by side in one run:
 
 - the step's wall time replayed as a CUDA graph (``StaticDecoder``; on the CPU, run eagerly);
 - the kernels one step launches and their summed GPU time, from the profiler over eager static steps
   (the kernels a graph replays are these), split into the cache's (attention, slot writes: launched
   from polykv) and the model's; the rest of a replayed step's wall time is the gaps between kernels
-  (on the CPU: the operators a step runs, views left out);
+  (on the CPU: what a step launches, ``is_cpu_launch``: operators run by themselves but views,
+  inductor's fused kernels and polykv's attention operators);
+- the compiled graphs a step runs (one per stretch between graph breaks);
 - the kernels that take the most GPU time.
 
 ``--gemm-autotune`` compiles with inductor's ``max_autotune_gemm``: each matrix product of the compiled
