@@ -211,8 +211,6 @@ def step_milliseconds(model, cache, tokens: int, replays: int, compile_step: boo
     eagerly on the CPU)."""
     batch, device = cache.layers[0].batch_size, model.device
     cache.begin_static(room=(replays + 1) * tokens, holes=True)
-    if compile_step:
-        cache.compile_static_writes()
     forward = compiled_forward(model) if compile_step else model
     ids = torch.ones(batch, tokens, dtype=torch.long, device=device)
     positions = (cache.layers[0].seen + torch.arange(tokens, device=device)).expand(batch, tokens)

@@ -288,11 +288,11 @@ class PolyCache(Cache):
             layer.begin_static(room, slack, holes, per_check)
         self._static = True
 
-    def compile_static_writes(self) -> None:
-        """Have every layer refuse a check's tokens, and write a pool's, with compiled functions
-        (``StaticDecoding.compile_writes``); a compiled forward traces the rest of a step's writes."""
+    def compile_static_refusals(self) -> None:
+        """Have every layer refuse a check's tokens with a compiled function (``StaticDecoding.compile_refusals``);
+        a compiled forward traces a step's writes."""
         for layer in self.layers:
-            layer.static.compile_writes()
+            layer.static.compile_refusals()
 
     def static_incoming(self, real: torch.Tensor | None) -> None:
         """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""

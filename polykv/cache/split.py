@@ -446,9 +446,9 @@ class GroupsInStatic:
         for part in self.parts:
             part.static.evict_for_check()
 
-    def compile_writes(self) -> None:
-        for part in self.parts:  # their refusals
-            part.static.compile_writes()
+    def compile_refusals(self) -> None:
+        for part in self.parts:
+            part.static.compile_refusals()
 
     def stepped(self, tokens: int = 1) -> None:
         for part in self.parts:

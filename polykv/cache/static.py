@@ -129,7 +129,7 @@ class StaticDecoding:
         self.token_offsets = torch.arange(slots, device=device)
         _mark_slots_dynamic(self)
         self.position = torch.full((1,), layer.seen, dtype=torch.long, device=device)  # of the next token
-        self.refuse_slots = refuse_tokens  # or its compiled form (compile_writes)
+        self.refuse_slots = refuse_tokens  # or its compiled form (compile_refusals)
 
     # --- one step: PolyLayer.update appends, polykv's attention function attends (decode_attention) --
 
@@ -162,7 +162,7 @@ class StaticDecoding:
         cursor.copy_(self.cursor.expand_as(cursor))
         self.free, self.cursor, self.position = free, cursor, position
 
-    def compile_writes(self) -> None:
+    def compile_refusals(self) -> None:
         """Refuse a check's tokens with a compiled function (``torch.compile``): one fused kernel where the eager
         refusal launches five, which on a GPU is a share of a small step's time. (A step's write is traced with
         a compiled forward.)"""

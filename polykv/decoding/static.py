@@ -163,8 +163,6 @@ class StaticDecoder:
         self._written = torch.zeros(1, dtype=torch.long, device=self._ids.device)
         self.room, self.produced = room, 0
         cache.begin_static(room=room, slack=eviction_slack)
-        if compile_step:
-            cache.compile_static_writes()
         self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the layers that evict in the step
 
     def _step(self) -> None:

@@ -84,7 +84,7 @@ class StaticChecks:
             draft.begin_static(room=checks * (lookahead + 1), holes=True, per_check=lookahead + 1)
         if compile_step:
             for cache in (full, draft) if lookahead else (full,):
-                cache.compile_static_writes()
+                cache.compile_static_refusals()
         self.newest = newest.clone()
         self.full_next, self.draft_next = next_positions.clone(), next_positions.clone()
         # The draft's first two tokens: nothing (a hole) and the newest token.

@@ -114,6 +114,12 @@ def decode_attention_op(
 
 @decode_attention_op.register_fake
 def _decode_attention_shape(query, keys, values, positions, position, real, scaling, sliding_window, softcap):
+    return _output_like(query)
+
+
+def _output_like(query: torch.Tensor) -> torch.Tensor:
+    """What the attention operators return for ``query`` (B, Hq, n, D), without computing it: (B, n, Hq, D),
+    contiguous."""
     batch, query_heads, length, dim = query.shape
     return query.new_empty(batch, length, query_heads, dim)
 
@@ -172,8 +178,7 @@ def ragged_decode_attention_op(
 def _ragged_decode_attention_shape(
     query, keys, values, positions, real, starts, counts, largest, position, scaling, sliding_window, softcap
 ):
-    batch, query_heads, length, dim = query.shape
-    return query.new_empty(batch, length, query_heads, dim)
+    return _output_like(query)
 
 
 def torch_decode_attention(
