@@ -29,16 +29,22 @@ def register_policies(register):
 
 
 def fake_distribution(
-    folder: Path, distribution: str, modules: dict[str, str], entry_points: dict[str, str] | None = None
+    folder: Path,
+    distribution: str,
+    modules: dict[str, str],
+    entry_points: dict[str, str] | None = None,
+    lists_its_modules: bool = True,
 ) -> Path:
     """``distribution`` 0.1.0 providing ``modules`` (name -> source) with ``entry_points`` (name -> module) in
-    the group ``polykv`` (None: no entry point at all); returns ``folder``."""
+    the group ``polykv`` (None: no entry point at all); returns ``folder``. ``lists_its_modules=False`` leaves
+    out what names its modules (``top_level.txt``), as an editable install by hatchling or flit does."""
     folder.mkdir(parents=True, exist_ok=True)
     dist_info = folder / f"{distribution.replace('-', '_')}-0.1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1.0\n")
     tops = sorted({name.partition(".")[0] for name in modules})
-    (dist_info / "top_level.txt").write_text("".join(f"{top}\n" for top in tops))
+    if lists_its_modules:
+        (dist_info / "top_level.txt").write_text("".join(f"{top}\n" for top in tops))
     if entry_points is not None:
         lines = "".join(f"{name} = {module}\n" for name, module in entry_points.items())
         (dist_info / "entry_points.txt").write_text(f"[polykv]\n{lines}")

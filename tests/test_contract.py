@@ -132,11 +132,12 @@ def register_policies(register):
 def on_the_path(tmp_path, monkeypatch):
     """Put a made-up distribution on the path; return the contract for a policy class of one of its modules."""
 
-    def install(modules: dict[str, str], entry_points: dict[str, str] | None, policy: str):
+    def install(modules: dict[str, str], entry_points: dict[str, str] | None, policy: str, lists_its_modules=True):
         for name in modules:
             monkeypatch.delitem(sys.modules, name, raising=False)
             monkeypatch.delitem(sys.modules, name.partition(".")[0], raising=False)
-        monkeypatch.syspath_prepend(str(fake_distribution(tmp_path, "polykv-mine", modules, entry_points)))
+        made = fake_distribution(tmp_path, "polykv-mine", modules, entry_points, lists_its_modules)
+        monkeypatch.syspath_prepend(str(made))
         module, _, name = policy.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
         return type(f"Test{name}", (PolicyContract,), {"policy": cls})()
@@ -152,11 +153,15 @@ def failure_of(contract) -> str:
     return str(failed.value)
 
 
-def test_the_contract_passes_a_policy_its_entry_point_loads(on_the_path):
+@pytest.mark.parametrize("lists_its_modules", [True, False], ids=["setuptools", "editable-by-hatchling"])
+def test_the_contract_passes_a_policy_its_entry_point_loads(on_the_path, lists_its_modules):
+    """Also when the distribution does not list its modules (an editable install by hatchling or flit): its entry
+    point names them."""
     contract = on_the_path(
         {"polykv_mine": NEWEST + HOOK.format(module="polykv_mine", cls="Newest")},
         {"mine": "polykv_mine"},
         "polykv_mine.Newest",
+        lists_its_modules,
     )
     contract.test_its_entry_point_loads_it_next_to_the_builtins()
 

@@ -19,7 +19,7 @@ from polykv.registry import ENTRY_POINT_GROUP, OLD_ENTRY_POINT_GROUP, Registry
 def installation_problem(policy: type[Policy]) -> str | None:
     """Why ``policy`` does not load from its installed distribution next to the built-ins, or None when it does."""
     module = policy.__module__.partition(".")[0]
-    provided_by = importlib.metadata.packages_distributions().get(module)
+    provided_by = _distributions_providing(module)
     if not provided_by:
         return (
             f"{policy.__qualname__} comes from the module {module!r}, which no installed distribution provides: "
@@ -28,8 +28,7 @@ def installation_problem(policy: type[Policy]) -> str | None:
     distribution = provided_by[0]
     declared = [
         entry_point
-        for group in (ENTRY_POINT_GROUP, OLD_ENTRY_POINT_GROUP)
-        for entry_point in importlib.metadata.entry_points(group=group)
+        for entry_point in _polykv_entry_points()
         if entry_point.dist and canonicalize_name(entry_point.dist.name) == canonicalize_name(distribution)
     ]
     if not declared:
@@ -50,3 +49,27 @@ def installation_problem(policy: type[Policy]) -> str | None:
             f"{policy.__qualname__}: its register_policies hook should call register({policy.__qualname__})"
         )
     return None
+
+
+def _distributions_providing(module: str) -> list[str]:
+    """The distributions that install the top-level ``module``: by their lists of files, or else by an entry point
+    of theirs that names it. An editable install by hatchling or flit lists only a path file, so only its entry
+    point tells."""
+    listed = importlib.metadata.packages_distributions().get(module)
+    if listed:
+        return listed
+    return sorted(
+        {
+            entry_point.dist.name
+            for entry_point in _polykv_entry_points()
+            if entry_point.dist and entry_point.module.partition(".")[0] == module
+        }
+    )
+
+
+def _polykv_entry_points() -> list[importlib.metadata.EntryPoint]:
+    return [
+        entry_point
+        for group in (ENTRY_POINT_GROUP, OLD_ENTRY_POINT_GROUP)
+        for entry_point in importlib.metadata.entry_points(group=group)
+    ]
