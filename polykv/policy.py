@@ -81,6 +81,8 @@ class Needs:
         return self.accumulated_attention or self.reconstruction
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool):
+            raise TypeError(f"a query window is a whole number of queries, got {self.window!r}")
         if self.window < 0:
             raise ValueError("a query window is >= 0")
         if self.window_attention and self.window == 0:

@@ -104,6 +104,41 @@ def test_the_contract_catches_a_static_policy_that_ranks_by_slot():
         contract.test_static_scores_do_not_depend_on_slot_order()
 
 
+class _ReadsPositionsAsSlots(ScoringPolicy):
+    """Looks a token's key up by its position, as if positions were slot indices (they are only until a first
+    eviction)."""
+
+    name = "positions-as-slots"
+    description = "Keeps the tokens whose key at their position is longest."
+
+    def score(self, view):
+        norms = view.keys.float().norm(dim=-1)
+        return norms.gather(-1, view.positions)
+
+
+class _FixedBuffer(ScoringPolicy):
+    """Works in a buffer of 128 tokens, which a real prompt outgrows."""
+
+    name = "fixed-buffer"
+    description = "Keeps the newest tokens, if there are at most 128."
+
+    def score(self, view):
+        buffer = torch.zeros(*view.positions.shape[:-1], 128)
+        buffer[..., : view.length] = view.positions.float()
+        return buffer[..., : view.length]
+
+
+@pytest.mark.parametrize(
+    ("policy", "raised"),
+    [(_ReadsPositionsAsSlots, "index .* out of bounds"), (_FixedBuffer, "size of tensor|expanded size")],
+)
+def test_the_contract_catches_a_policy_that_fails_on_evicted_or_long_views(policy, raised):
+    """Random views have positions with gaps (as after evictions) and are at times hundreds of tokens long."""
+    contract = type(f"Test{policy.__name__}", (PolicyContract,), {"policy": policy})()
+    with pytest.raises(Exception, match=raised):
+        contract.test_keeps_its_budget_and_every_real_token_it_can()
+
+
 # --- the contract checks what users get: the package's entry point, next to the built-ins ---------------------
 
 NEWEST = """

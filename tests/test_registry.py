@@ -146,6 +146,13 @@ class Exploding(Beta):
         raise RuntimeError("cannot start")
 
 
+class FractionalWindow(Beta):
+    name = "fractional"
+
+    def needs(self):
+        return polykv.Needs(window=2.5, window_attention=True)
+
+
 class StreamingAgain(Beta):
     name = "streaming"
 
@@ -262,6 +269,12 @@ BAD_POLICIES = [
         Exploding,
         "policy 'exploding' cannot be created with its defaults: RuntimeError: cannot start",
         id="init-raises",
+    ),
+    pytest.param(
+        FractionalWindow,
+        "policy 'fractional': needs() or min_budget() raised TypeError: a query window is a whole number of "
+        "queries, got 2.5",
+        id="fractional-window",
     ),
 ]
 

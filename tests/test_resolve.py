@@ -66,6 +66,17 @@ def test_auto_at_auto_solves_budgets_to_the_total_and_spends_where_it_hurts(mode
     assert plan.layers[0].measurements["loss"] >= 0
 
 
+def test_a_rule_solver_predicts_no_loss_for_a_policy_the_profile_never_measured(model):
+    """`polykv plan` shows a layer's predicted loss: none where the profile has no table for its policy."""
+    profile = profile_for(model, {"tova": [STEEP, FLAT, FLAT, FLAT]})
+    plan = polykv.compile(
+        "budget 48; solver uniform; layers 0-1: knorm@auto; *: tova@auto", model, profile=profile, context_length=200
+    )
+    assert [layer.prefill.policy for layer in plan.layers] == ["knorm", "knorm", "tova", "tova"]
+    assert ["loss" in layer.measurements for layer in plan.layers] == [False, False, True, True]
+    assert plan.layers[2].measurements["loss"] > 0
+
+
 def test_a_layer_kept_whole_counts_the_prompt_length(model):
     profile = profile_for(model, {"tova": [(9.0, 9.0, 9.0, 9.0), FLAT, FLAT, FLAT]})
     plan = polykv.compile("budget 100\nlayers *: auto@auto", model, profile=profile, context_length=200)

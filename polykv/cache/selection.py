@@ -12,7 +12,8 @@ costs nothing; see ``checks``). Shapes, dtypes and devices are host metadata and
 once. A policy that raises (even SystemExit) fails the request with a PolicyError naming the
 policy, its plugin and the layer. Views are read-only: a policy that writes into the keys, values,
 positions or mask it was shown is caught by the tensors' version counters (no copy, no sync) and
-fails the same way, before the cache keeps anything.
+fails the same way, before the cache keeps anything; a write through ``.data`` bypasses the counters
+(the contract tests compare the tensors themselves).
 """
 
 from __future__ import annotations

@@ -678,10 +678,12 @@ def _solve(
 
 
 def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[str, float]:
-    """What decided a layer, for `polykv plan`: its predicted loss and the loss one grid step lower."""
-    found = {"loss": choice.loss}
+    """What decided a layer, for `polykv plan`: its predicted loss and the loss one grid step lower, where the
+    profile measured its policy (a rule solver also budgets policies the profile never measured)."""
+    found = {}
     table = regime.tables[index].get(choice.policy)
     if table:
+        found["loss"] = choice.loss
         lower = choice.tokens - STEP
         if lower >= resolver.grid[0]:
             found["loss_one_step_less"] = LayerOptions({choice.policy: table}).loss_at(

@@ -37,14 +37,18 @@ from polykv.testing.machine import cache_machine
 from polykv.testing.models import WordTokenizer, greedy_by_forwards, prompt, prompt_lengths, tiny_model
 from polykv.testing.views import random_view
 
+#: How much longer than the policy's least budget a long random view is.
+LONG = 1024
 _PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
 
 
 @st.composite
 def view_shapes(draw, policy: Policy) -> dict:
-    """Shapes of a random view for ``policy``: batch, heads, GQA group, length, budget, padding, seed."""
+    """Shapes of a random view for ``policy``: batch, heads, GQA group, length, budget, padding, seed, and whether
+    earlier evictions left gaps in its positions. Most views are short (quick to shrink a failure to); some are
+    up to ``LONG`` tokens longer than the policy's least budget, as prompts are."""
     least = policy.min_budget()
-    length = draw(st.integers(least + 1, least + 48))
+    length = draw(st.integers(least + 1, least + 48) | st.integers(least + 49, least + LONG))
     batch = draw(st.integers(1, 3))
     return {
         "batch": batch,
@@ -55,6 +59,7 @@ def view_shapes(draw, policy: Policy) -> dict:
         "budget": draw(st.integers(least, length - 1)),
         "pads": draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)),
         "seed": draw(st.integers(0, 2**16)),
+        "evicted": draw(st.booleans()),
     }
 
 
@@ -112,8 +117,9 @@ class PolicyContract:
         shape = data.draw(view_shapes(self.make()))
         view = random_view(self.make(), **{**shape, "pads": [0] * shape["batch"]})
         raw = self.make().select(view)
-        assert raw.shape == (shape["batch"], shape["heads"], shape["budget"])
-        assert ((raw >= 0) & (raw < shape["length"])).all()
+        wanted = (shape["batch"], shape["heads"], shape["budget"])
+        assert raw.shape == wanted, f"select returned shape {tuple(raw.shape)}, not (batch, heads, budget) {wanted}"
+        assert ((raw >= 0) & (raw < shape["length"])).all(), f"select chose slots outside 0..{shape['length'] - 1}"
         ordered = raw.sort(dim=-1).values
         assert not (ordered[..., 1:] == ordered[..., :-1]).any(), "the same token was chosen twice"
 
@@ -147,7 +153,8 @@ class PolicyContract:
         first = self.choose(view)
         for name, value in _tensors(view).items():
             assert torch.equal(value, before[name]), f"the policy modified view.{name}"
-        assert torch.equal(first, self.choose(random_view(self.make(), **shape)))
+        again = self.choose(random_view(self.make(), **shape))
+        assert torch.equal(first, again), "the same view gave other choices the second time"
 
     def test_scores_are_real_numbers(self):
         policy = self.make()
@@ -370,11 +377,12 @@ class PolicyContract:
         options = {"max_new_tokens": 2, "do_sample": False}
         expected = model.generate(ids, **options, **cache_argument(model, whole))
         got = model.generate(ids, prefill_chunk_size=chunk, **options, **cache_argument(model, chunked))
-        assert torch.equal(expected, got)
+        assert torch.equal(expected, got), f"a prompt in chunks of {chunk} generated other tokens than the whole prompt"
         for a, b in zip(whole.layers, chunked.layers):
-            assert (a.positions is None) == (b.positions is None)
+            kept = f"layer {a.index} kept other tokens from a prompt in chunks of {chunk} than from the whole prompt"
+            assert (a.positions is None) == (b.positions is None), kept
             if a.positions is not None:
-                assert torch.equal(a.positions, b.positions), a.index
+                assert torch.equal(a.positions, b.positions), kept
 
 
 class _Offering:

@@ -1,4 +1,5 @@
-"""Random ``LayerView``s as the cache builds them: real shapes and dtypes, GQA, left padding.
+"""Random ``LayerView``s as the cache builds them: real shapes and dtypes, GQA, left padding, and
+positions with gaps where earlier evictions left them.
 
 Keys and queries are random; the attention a policy needs is computed from them the way the
 cache computes it (``polykv.cache.inputs``), so it is consistent with the keys and the padding.
@@ -30,11 +31,15 @@ def random_view(
     device: str | torch.device = "cpu",
     seed: int = 0,
     layer: int = 0,
+    evicted: bool = False,
 ) -> LayerView:
     """A view of ``length`` tokens for ``policy`` at ``budget``; row b has ``pads[b]`` padding tokens on the left.
 
     Real tokens are the same random vectors whatever the padding before them, so a padded row and
     the same row alone differ only by the padding (what the contract's padding property needs).
+    ``evicted``: the view holds what is left of a longer sequence, so its positions have gaps and do
+    not start at 0 (only its newest ``needs().window`` tokens, whose queries the view carries, are
+    consecutive); a policy that reads positions as slot indices fails there.
     """
     pads = pads if pads is not None else [0] * batch
     if length > POOL:
@@ -58,21 +63,24 @@ def random_view(
         keys[row, :, :pad] = values[row, :, :pad] = pad_vectors[row, :, :pad]
         queries[row, :, :, :pad] = 0.0
         token_mask[row, :, pad:] = True
-    positions = torch.arange(length).expand(batch, heads, length)
+    slot_positions = _positions_with_gaps(length, window, pads, generator) if evicted else torch.arange(length)
+    positions = slot_positions.expand(batch, heads, length).clone()
+    for row, pad in enumerate(pads):  # padding comes first in the sequence
+        positions[row, :, :pad] = torch.arange(pad)
     scaling = dim**-0.5
     found: dict[str, torch.Tensor] = {}
     if needs.window:
         found["queries"] = queries[..., -window:, :]
         if needs.window_attention:
             found["window_attention"] = inputs.window_attention(
-                found["queries"], torch.arange(length - window, length), keys, positions, token_mask, scaling
+                found["queries"], slot_positions[-window:], keys, positions, token_mask, scaling
             )
     if needs.accumulated_attention:
         found["accumulated_attention"] = inputs.accumulated_attention(
-            queries, torch.arange(length), token_mask[:, 0], keys, positions, token_mask, scaling
+            queries, slot_positions, token_mask[:, 0], keys, positions, token_mask, scaling
         )
     if needs.reconstruction:  # every real query posed again: the most attention each token receives
-        attention = inputs.window_attention(queries, torch.arange(length), keys, positions, token_mask, scaling)
+        attention = inputs.window_attention(queries, slot_positions, keys, positions, token_mask, scaling)
         attention = attention * token_mask[:, :, None, :, None]
         found["reconstruction_attention"] = attention.amax(dim=(2, 3))
     to = {"device": device}
@@ -86,3 +94,15 @@ def random_view(
         positions=positions.to(**to),
         **{name: tensor.to(**to) for name, tensor in found.items()},
     )
+
+
+def _positions_with_gaps(length: int, window: int, pads: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Increasing positions of ``length`` slots (shared by the rows' real tokens) with random gaps, except between
+    the newest ``window``; the gaps count from the newest slot, so a row's real tokens keep their positions
+    relative to each other whatever its padding, and every row's padding fits before its first real token."""
+    gaps = torch.randint(1, 9, (POOL,), generator=generator) * (torch.rand(POOL, generator=generator) < 0.4) + 1
+    gaps[: max(window, 1)] = 1
+    before_newest = torch.cat([torch.zeros(1, dtype=torch.long), gaps[: length - 1].cumsum(0)])  # from the newest
+    evicted_first = int(torch.randint(0, 64, (), generator=generator))  # tokens gone before the oldest held
+    end = evicted_first + max(pad + int(before_newest[length - 1 - pad]) + 1 for pad in pads)
+    return (end - 1 - before_newest).flip(0)
