@@ -80,6 +80,46 @@ def test_chunks_of_any_size_keep_what_the_whole_prompt_keeps(chunk):
         assert torch.equal(a.positions, b.positions)
 
 
+SOLVED_PER_LENGTH = ["budget 20; solver uniform; *: knorm@auto", "budget 30%; solver pyramid; *: tova@auto"]
+
+
+@pytest.mark.parametrize("spec", SOLVED_PER_LENGTH)
+@pytest.mark.parametrize("chunk", [7, 25])
+def test_budgets_solved_for_the_prompts_length_are_solved_for_all_of_it(spec, chunk):
+    """A plan that solves its budgets per prompt length solves them for the whole prompt however generate chunks
+    it (they were solved for the first chunk's length)."""
+    model = tiny_llama("sdpa")
+    plan = polykv.compile(spec, model)
+    ids = _prompt(60, batch=2)
+    whole, chunked = plan.make_cache(), plan.make_cache()
+    options = {"max_new_tokens": 2, "do_sample": False}
+    expected = model.generate(ids, **cache_argument(model, whole), **options)
+    got = model.generate(ids, **cache_argument(model, chunked), prefill_chunk_size=chunk, **options)
+    assert torch.equal(got, expected)
+    assert chunked.layer_lengths() == whole.layer_lengths() and max(whole.layer_lengths()) < 61
+
+
+def test_a_prompt_in_chunks_by_hand_says_its_length_to_a_plan_that_solves_for_it():
+    model = tiny_llama("sdpa")
+    plan = polykv.compile("budget 20; solver uniform; *: knorm@auto", model)
+    ids = _prompt(60)
+    whole = plan.make_cache()
+    with torch.no_grad():
+        model(ids, **cache_argument(model, whole))
+        unknown = plan.make_cache()
+        refused = r"solved them for the first chunk's 30 tokens.*prompt\(length="
+        with pytest.raises(polykv.CacheError, match=refused), unknown.prompt():
+            for start in (0, 30):
+                model(ids[:, start : start + 30], **cache_argument(model, unknown))
+        said = plan.make_cache()
+        with said.prompt(length=60):
+            for start in (0, 30):
+                model(ids[:, start : start + 30], **cache_argument(model, said))
+    assert said.layer_lengths() == whole.layer_lengths()
+    for a, b in zip(whole.layers, said.layers):
+        assert torch.equal(a.positions, b.positions)
+
+
 @pytest.mark.parametrize("spec", ["full", "snapkv@200", "h2o@200", "tova@200", "streaming@200", "knorm@200"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_budgets_that_cover_the_prompt_give_the_unchunked_result(spec, attention):

@@ -84,11 +84,13 @@ class PolyCache(Cache):
         self._static = False  # between begin_static and end_static: layers take the traced path (update)
         self._resolve = resolve
         self._resolved = resolve is None
+        self._resolved_for_a_chunk: int | None = None  # resolved from a first chunk's length: the prompt's is unknown
         self.state = CacheState.DECODING if holding_prompt else CacheState.FRESH
         if prompt_length is not None:
             prompt_length = whole_number(prompt_length, "prompt_length", least=1)
         self._prompt_length = prompt_length
         self._open_prompt = False  # inside generate's prefill or ``with cache.prompt()``
+        self._announced_length: int | None = None  # the open prompt's length, where its opener knows it
         self.reconstruction = reconstruction
         self._model: weakref.ref | None = None  # the model whose forwards this cache serves
         self._prompt_ids: list[tuple[torch.Tensor, torch.Tensor]] = []  # the prompt, for its repeat
@@ -162,11 +164,19 @@ class PolyCache(Cache):
             raise CacheError("the prompt is empty: a cache needs at least one token to compress")
         if self.state is CacheState.DECODING:
             return
+        seen = self.get_seq_length() + new
         if self.state is CacheState.FRESH:
             self.state = CacheState.PROMPT
             if not self._resolved:
-                self.resolve(self._prompt_length or new)
-        seen = self.get_seq_length() + new
+                known = self._prompt_length or self._announced_length
+                self.resolve(known or new)
+                self._resolved_for_a_chunk = None if known or not self._open_prompt else new
+        elif self._resolved_for_a_chunk is not None and seen > self._resolved_for_a_chunk:
+            raise CacheError(
+                f"this plan solves its budgets for the prompt's length (auto or a share of it), and it solved them "
+                f"for the first chunk's {self._resolved_for_a_chunk} tokens, not knowing the prompt goes on: give "
+                "the prompt's length with cache.prompt(length=...) or plan.make_cache(prompt_length=...)"
+            )
         if self._prompt_length is not None and seen > self._prompt_length:
             raise CacheError(
                 f"this cache was made for a prompt of {self._prompt_length} tokens (make_cache(prompt_length=...)), "
@@ -248,17 +258,21 @@ class PolyCache(Cache):
         self._resolved = True
 
     @contextlib.contextmanager
-    def prompt(self) -> Iterator[PolyCache]:
+    def prompt(self, length: int | None = None) -> Iterator[PolyCache]:
         """``with cache.prompt(): model(chunk) ...``: the forwards inside are one prompt, which ends (and is
         compressed) when the block ends. ``model.generate`` wraps its prefill this way. On a cache that
-        already decodes (a question about a compressed context), the forwards inside simply append."""
+        already decodes (a question about a compressed context), the forwards inside simply append.
+        ``length``, the prompt's length in tokens, is what a plan that solves its budgets per prompt length
+        (``auto``, a share of the prompt) solves for; such a plan refuses a second chunk without it."""
         if self._open_prompt:
             raise CacheError("a prompt is already open on this cache")
-        self._open_prompt = True
+        if length is not None:
+            length = whole_number(length, "length", least=1)
+        self._open_prompt, self._announced_length = True, length
         try:
             yield self
         finally:
-            self._open_prompt = False
+            self._open_prompt, self._announced_length = False, None
         self.end_prefill()
 
     def attended(self, layer: PolyLayer) -> None:
@@ -407,7 +421,7 @@ class PolyCache(Cache):
     def reset(self) -> None:
         self._awaiting = None
         self._prompt_ids, self._finish_after_forward = [], False
-        self._resolved = self._resolve is None
+        self._resolved, self._resolved_for_a_chunk = self._resolve is None, None
         self._open_prompt = False
         self.state = CacheState.FRESH
         super().reset()

@@ -98,7 +98,7 @@ def _announcing(prefill):
         if cache is None:
             return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
         _check_generate_inputs(input_ids, getattr(generation_config, "prefill_chunk_size", None), cache)
-        with cache.prompt():
+        with cache.prompt(length=input_ids.shape[1] if input_ids is not None and input_ids.ndim == 2 else None):
             return prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     return announced

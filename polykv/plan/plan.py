@@ -127,7 +127,8 @@ class Plan:
 
         ``prompt_length`` says how long the prompt is: forwards outside ``generate`` then make one
         prompt until that many tokens came, and a plan that solves per prompt length solves for it
-        (otherwise for the first forward's length). ``compress_chunks`` compresses each chunk of a
+        (otherwise for the length ``generate`` or ``cache.prompt(length=...)`` gives, or the first
+        forward's when that forward is the whole prompt). ``compress_chunks`` compresses each chunk of a
         prompt as it comes, so memory stays bounded while a long prompt streams in, instead of once
         when the prompt ends (query-aware policies then score each chunk with its own last queries).
         """
