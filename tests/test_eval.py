@@ -198,14 +198,14 @@ class _Words:
 def test_the_loader_reads_longbench_and_ruler_lines(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(
-        json.dumps({"context": "a long text here", "input": "what?", "answers": ["yes"], "_id": 7})
+        json.dumps({"context": "a long text here", "input": "what?", "answers": ["yes, it is"], "_id": 7})
         + "\n\n"
-        + json.dumps({"context": "another", "outputs": ["1", "2"], "task": "ruler"})
+        + json.dumps({"context": "another", "outputs": ["1 2", "2"], "task": "ruler"})
         + "\n"
     )
     first, second = read_jsonl(path, _Words())
-    assert (first.task, first.seed, first.expected, first.length) == ("qa", 7, ("yes",), 5)
-    assert (second.task, second.seed, second.expected) == ("ruler", 3, ("1", "2"))
+    assert (first.task, first.seed, first.expected, first.length) == ("qa", 7, ("yes, it is",), 5)
+    assert (second.task, second.seed, second.expected) == ("ruler", 3, ("1 2", "2"))
     assert read_jsonl(path, _Words(), max_length=3)[0].length == 3
     assert read_jsonl(path, _Words(), format="chat")[0].length == 7
 
@@ -219,6 +219,11 @@ def test_the_loader_reads_longbench_and_ruler_lines(tmp_path):
         (
             '{"context": "x", "answers": []}',
             r"bad.jsonl:1: `answers` \(or `outputs`\) must be a list of non-empty texts",
+        ),
+        ('{"context": "x", "answers": ["green"]}', r"bad.jsonl:1: the answer 'green' is 1 token; .* at least 2"),
+        (
+            '{"context": "x", "answers": ["a b"], "_id": 4}\n{"context": "y", "answers": ["c d"], "_id": 4}',
+            r"bad.jsonl:2: task 'bad' already has a sample 4 \(line 1\)",
         ),
     ],
 )
@@ -358,3 +363,38 @@ def test_a_sample_with_no_question_is_scored_in_the_context_setting_as_in_the_qu
     assert [len(batch) for batch in by_group(mixed, 8)] == [2, 1]  # one batch asks questions, the other none
     with pytest.raises(ValueError, match="all have a question or none"):
         Scorer(model, mixed, needs_of([compressing]), setting="context")
+
+
+def test_a_resumed_run_refuses_other_settings_and_reports_only_what_it_asked(small_model, tmp_path, capsys):
+    """Results are keyed by task, sample, method and budget: a run with another prompt length would take the old
+    scores as its own. One with other methods adds them, and reports only its own."""
+    from polykv.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"context": "the sky is blue. " * 20, "answers": ["blue sky"], "_id": i}) + "\n" for i in (1, 2)
+        )
+    )
+    out = tmp_path / "out"
+    common = [
+        "eval",
+        "--model",
+        small_model,
+        "--device",
+        "cpu",
+        "--data",
+        str(data),
+        "--budgets",
+        "16",
+        "--out",
+        str(out),
+    ]
+    assert main([*common, "--length", "64", "--methods", "full", "streaming"]) == 0
+    assert main([*common, "--length", "48", "--methods", "full", "streaming"]) == 1
+    assert "holds results scored with other settings (length 64 there, 48 now)" in capsys.readouterr().err
+    assert main([*common, "--length", "64", "--methods", "full", "tova"]) == 0
+    methods = set(json.loads((out / "summary.json").read_text())["table"])
+    assert methods == {"full@0", "tova@16"}
+    # full, streaming and tova, for each sample in both settings (the question inside the prompt, and after it)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3 * 2 * 2

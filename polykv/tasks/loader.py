@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: 
     """The samples in ``path``; a malformed line is an error naming the file and line."""
     path = Path(path)
     lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
-    samples = []
+    samples, lines_of = [], {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -42,7 +42,14 @@ def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: 
             raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
         if not isinstance(record, dict):
             raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        samples.append(_sample(record, path, number, tokenizer, format, max_length))
+        sample = _sample(record, path, number, tokenizer, format, max_length)
+        earlier = lines_of.setdefault((sample.task, sample.seed), number)
+        if earlier != number:  # results are keyed by task and identifier: one would be taken for the other
+            raise PolykvError(
+                f"{path}:{number}: task {sample.task!r} already has a sample {sample.seed} (line {earlier}); "
+                "give each sample of a task its own `_id` or `index`"
+            )
+        samples.append(sample)
     if not samples:
         raise PolykvError(f"{path}: no samples")
     return samples
@@ -75,6 +82,12 @@ def _sample(record: dict, path: Path, number: int, tokenizer, format: str, max_l
     identifier = record.get("_id", record.get("index"))
     seed = identifier if isinstance(identifier, int) else number
     target = tokenizer(" " + answers[0].strip(), add_special_tokens=False)["input_ids"]
+    if len(target) < 2:
+        raise PolykvError(
+            f"{where}: the answer {answers[0].strip()!r} is {len(target)} token; an answer is scored from its second "
+            "token on (the full prefill predicts the first, the same for every method), so it needs at least 2: "
+            "put a longer answer first in `answers`"
+        )
     task = str(record.get("task") or path.stem)
     expected = tuple(a.strip() for a in answers)
     return Sample(task, format, seed, "local", prompt, target, expected, context=context, question=asked)

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     length = QUICK["length"] if args.quick else args.length
     chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
     setup.writable(args.out, "--out", folder=True)  # the folder itself is made when missing
+    _same_run_as_before(args.out, args, length)
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches
         location = setup.model_location(args)
         if processes.main:
@@ -79,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         )
         if not processes.main:
             return 0
+    # --out may hold other tasks, methods or budgets from earlier runs: this report is of this run's.
+    asked = {(s.task, s.format, s.seed) for s in chosen}
+    names, every_budget = {m.name for m in methods}, {*budgets, 0}  # the full cache is scored at budget 0
+    records = [
+        r for r in records if (r.task, r.format, r.seed) in asked and r.method in names and r.budget in every_budget
+    ]
     settings = {
         "model": location.name,
         "tasks": [f"{t}:{f}" for t, f in parsed],
@@ -90,6 +97,37 @@ def run(args: argparse.Namespace) -> int:
     }
     _report(records, settings, chosen_settings, args.out)
     return 0
+
+
+#: What a resumed run must share with the run that began its --out folder: results are keyed by task, seed, method
+#: and budget, so a run with another prompt length, model, profile or data file would take the old scores as its own.
+RUN_FILE = "run.json"
+
+
+def _same_run_as_before(out: Path, args: argparse.Namespace, length: int) -> None:
+    """Begin ``out``'s record of what its results were scored with, or refuse a run that differs from it."""
+    from polykv.errors import ArgumentError
+
+    run = {
+        "model": str(args.model or "default"),
+        "length": length,
+        "profile": str(args.profile) if args.profile else None,
+        "data": str(Path(args.data).resolve()) if args.data else None,
+    }
+    path = out / RUN_FILE
+    if not path.exists():
+        if (out / "results.jsonl").exists():
+            return  # results from before run.json: nothing to compare with
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(run, indent=1) + "\n")
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    differ = [f"{key} {before.get(key)} there, {value} now" for key, value in run.items() if before.get(key) != value]
+    if differ:
+        raise ArgumentError(
+            f"--out {out} holds results scored with other settings ({'; '.join(differ)}), which this run would "
+            "take as its own: name another --out folder, or move that one away"
+        )
 
 
 def _report_again(args: argparse.Namespace) -> int:
