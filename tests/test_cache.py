@@ -502,7 +502,8 @@ def test_decoding_appends_in_place_with_headroom(tiny_model):
     )
     full, compressed = cache.layers[0].storage, cache.layers[1].storage
     assert (full.size, compressed.size) == (49, 29)
-    assert full.capacity >= 49 and full.capacity % 64 == 0
+    # The headroom is one aligned step (64 tokens) at these sizes: a compressed layer's saving outlives decoding.
+    assert (full.capacity, compressed.capacity) == (64, 64)
     element = 4
     assert cache.nbytes() == sum(
         2 * 2 * layer.storage.capacity * 16 * element

@@ -140,6 +140,16 @@ def test_the_repeat_leaves_the_cache_holding_the_prompt():
     assert out.shape == (1, 45)
 
 
+def test_the_repeat_leaves_no_room_behind_in_a_layer_kept_whole():
+    """The repeat grows every layer's storage by a chunk of the prompt; a layer kept whole gives it back."""
+    model = tiny_model("llama", seed=7)
+    plan = polykv.compile("layers 0: full; *: kvzip@12", model, tokenizer=Words())
+    cache = plan.make_cache()
+    with torch.no_grad():
+        model(prompt(300, seed=3), **polykv.cache_argument(model, cache))
+    assert cache.layers[0].storage.capacity == cache.layers[0].storage.size == 300
+
+
 def test_kvzip_without_a_tokenizer_says_what_it_needs():
     with pytest.raises(polykv.ArgumentError, match="tokenizer=tokenizer"):
         polykv.compile("*: kvzip@12", tiny_model("llama"))

@@ -238,6 +238,8 @@ class PolyCache(Cache):
                           **cache_argument(model, self))  # fmt: skip
                 for layer in self.layers:
                     layer.end_scoring()
+            for layer in self.layers:
+                layer.end_repeat()
         finally:
             self._scoring = False
             self._prompt_ids = []

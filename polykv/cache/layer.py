@@ -409,6 +409,11 @@ class PolyLayer(CacheLayerMixin):
         self.repeating, self.scoring = False, None
         self.rewind(self.prompt_length)
 
+    def end_repeat(self) -> None:
+        """After the whole repeat: give back the room it grew the storage by (a layer kept whole would hold it
+        for good, about the prompt's size again)."""
+        self.storage.fit()
+
     def end_prefill(self) -> None:
         """End the prompt: compress it to its budget (with the queries and attention it kept), then decode:
         later forwards append tokens (bounded only by a decode policy)."""

@@ -298,6 +298,10 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.end_scoring()
 
+    def end_repeat(self) -> None:
+        for part in self.parts:
+            part.end_repeat()
+
     def end_prefill(self) -> None:
         shares = None
         if self.adaptive:

@@ -18,9 +18,9 @@ import torch
 #: Stored positions take 4 bytes per token and head (2**31 positions is ample); indexing uses long.
 POSITION = torch.int32
 
-#: Growth when the room runs out: at least this many tokens, or this fraction of the size.
-MIN_GROWTH, GROWTH_FRACTION = 256, 8
-#: Capacities are rounded up to a multiple of this many tokens.
+#: Growth when the room runs out: this fraction of the size, rounded up to a multiple of ``ALIGN`` tokens (so at
+#: least that many once the capacity is aligned): a compressed layer keeps its saving while it decodes.
+GROWTH_FRACTION = 8
 ALIGN = 64
 
 
@@ -162,6 +162,15 @@ class Storage:
         if self._keys is not None and (self.capacity < self.size + room or self._shared):
             self._grow(self.size + room, self.size + room)
 
+    def fit(self) -> None:
+        """Give back the spare room (one copy): after a burst that will not come again, such as the repeat of a
+        prompt (``polykv.cache.reconstruction``)."""
+        if self._keys is not None and self.capacity > self.size:
+            self._keys, self._values = self.keys.clone(), self.values.clone()
+            if self._positions is not None:
+                self._positions = self.positions.clone()
+            self._shared = False
+
     def clear(self) -> None:
         self.__init__()
 
@@ -175,7 +184,7 @@ class Storage:
             self._positions = change(self._positions)
 
     def _grow(self, needed: int, limit: int | None) -> None:
-        capacity = max(needed, self.capacity + max(MIN_GROWTH, self.capacity // GROWTH_FRACTION))
+        capacity = max(needed, self.capacity + self.capacity // GROWTH_FRACTION)
         capacity = -(-capacity // ALIGN) * ALIGN
         if limit is not None:
             capacity = max(needed, min(capacity, limit))
