@@ -107,6 +107,12 @@ def test_layers_not_covered():
     )
 
 
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_a_spec_without_statements_is_named_in_its_error(text):
+    """An empty file's error says which file, as every other error does."""
+    assert str(_errors(text, layers=4)).startswith("spec.pkv:1:1: error: layers 0-3 of 4 have no policy\n")
+
+
 def test_layer_out_of_range():
     assert _only("layers 30-40: full; *: full", layers=32).message == (
         "layer 40 does not exist: the model has 32 layers (0-31, or -32--1 from the end)"

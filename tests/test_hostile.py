@@ -155,6 +155,12 @@ def test_outputs_that_would_overwrite_or_cannot_be_made_are_refused_before_work(
     assert "is a folder; name the file to write" in capsys.readouterr().err
     assert main(["eval", *model, "--quick", "--out", str(existing)]) == 1
     assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(["plan", "*: snapkv@64", *model, "--png", str(existing)]) == 1
+    assert f"--png {existing}: writes a .png file; name it so, such as {tmp_path / 'existing.png'}" in (
+        capsys.readouterr().err
+    )
+    assert main(["plan", "*: snapkv@64", *model, "--png", str(tmp_path)]) == 1
+    assert f"is a folder; name the file to write, such as {tmp_path / 'plan.png'}" in capsys.readouterr().err
     assert existing.read_text() == "keep me\n"
 
 

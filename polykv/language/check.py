@@ -19,7 +19,7 @@ from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, Note, SpecError, suggest
 from polykv.language.parse import parse_recovering
 from polykv.language.printer import format_budget
-from polykv.language.source import Span
+from polykv.language.source import Source, Span
 from polykv.limits import MAX_HEADS, MAX_LAYERS, MAX_REPORTED_ERRORS
 from polykv.parameters import Configurable, ParameterError
 from polykv.policy import Policy, ScoringPolicy
@@ -232,11 +232,13 @@ class _Checker:
             return
         self.diagnostics.append(Diagnostic(code, message, span or self._file_start(), hint, tuple(notes)))
 
-    def _file_start(self) -> Span | None:
+    def _file_start(self) -> Span:
+        """The start of the spec's text: where an error about the spec as a whole points, naming its file (an
+        empty file too)."""
         for item in self.spec.items:
             if item.span is not None:
                 return Span.at(item.span.source, 0, 0)
-        return None
+        return Span.at(Source(self.spec.source_name, ""), 0, 0)
 
     def run(self) -> CheckedSpec:
         self._single_settings()
@@ -804,6 +806,7 @@ class _Checker:
         if not self.complete:
             return False
         anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
+        place = anchor.span if anchor else None
         whole = uncovered + [(layer, layer) for layer, heads in missing if len(heads) == head_count]
         partial = [(layer, heads) for layer, heads in missing if len(heads) < head_count]
         if whole:
@@ -814,7 +817,7 @@ class _Checker:
             self.error(
                 "uncovered-layers",
                 f"{words.format(listed, count)} no policy",
-                anchor.span if anchor else None,
+                place,
                 hint=f"add `layers {listed}: POLICY`, or `*: POLICY` for every layer not named",
             )
         for heads, layers in _grouped(partial):
@@ -825,7 +828,7 @@ class _Checker:
                 f"head{'s' if several else ''} {named} of layer{'s' if len(layers) > 1 else ''} "
                 f"{_interval_words([(layer, layer) for layer in layers])} {'have' if several else 'has'} no policy "
                 f"({head_count} KV heads per layer)",
-                anchor.span if anchor else None,
+                place,
                 hint=f"add `layers {_interval_words([(layer, layer) for layer in layers])} heads {named}: POLICY`, "
                 "or `*: POLICY` for every head not named",
             )

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from polykv.profile import as_profile
 
     if args.png is not None:
-        setup.writable(args.png, "--png")
+        setup.writable(args.png, "--png", example="plan.png", suffix=".png")
     spec = setup.spec_argument(args, "spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)

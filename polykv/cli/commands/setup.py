@@ -44,14 +44,18 @@ def spec_argument(args: argparse.Namespace, source: str):
         raise
 
 
-def writable(path: Path, option: str, *, folder: bool = False) -> None:
+def writable(
+    path: Path, option: str, *, folder: bool = False, example: str = "profile.json", suffix: str | None = None
+) -> None:
     """Refuse, before any work, an output that cannot be written: a missing or read-only folder, a folder
-    where a file is asked for, or a file where a folder is (``folder``: the output is a folder, made
-    when missing)."""
+    where a file is asked for (``example`` names a file there), a file where a folder is (``folder``: the
+    output is a folder, made when missing), or a file whose name does not end in ``suffix``."""
     if folder and path.exists() and not path.is_dir():
         raise PolykvError(f"{option} {path}: exists and is not a folder; name a folder (it is made when missing)")
     if not folder and path.is_dir():
-        raise PolykvError(f"{option} {path}: is a folder; name the file to write, such as {path / 'profile.json'}")
+        raise PolykvError(f"{option} {path}: is a folder; name the file to write, such as {path / example}")
+    if suffix and path.suffix.lower() != suffix:
+        raise PolykvError(f"{option} {path}: writes a {suffix} file; name it so, such as {path.with_suffix(suffix)}")
     into = path if folder and path.is_dir() else path.parent
     if not into.exists():
         raise PolykvError(f"{option} {path}: the folder {into} does not exist")
