@@ -47,6 +47,20 @@ def test_assisted_generation_at_full_budget_is_the_dynamic_cache(family, draftin
     assert cache.get_seq_length() == expected.shape[1] - 1
 
 
+HEADS = ["layers 1 heads 0: full; layers 1 heads 1: snapkv@500(window=4); *: full", "* heads adaptive: snapkv@500"]
+
+
+@pytest.mark.parametrize("spec", HEADS, ids=["heads-named", "heads-adaptive"])
+def test_assisted_generation_with_kv_heads_apart_at_full_budget_is_the_dynamic_cache(spec):
+    """A layer whose KV heads keep apart (groups of heads, each a layer of its own) crops as its groups do."""
+    model = tiny_model("llama")
+    ids = torch.cat([prompt(20), prompt(20)], dim=1)
+    expected = _generate(model, DynamicCache(), ids, prompt_lookup_num_tokens=3)
+    cache = polykv.compile(spec, model).make_cache()
+    assert cache.is_croppable
+    assert torch.equal(_generate(model, cache, ids, prompt_lookup_num_tokens=3), expected)
+
+
 def test_assisted_generation_keeps_a_compressed_plan(family):
     """Compressed at prefill, appended while decoding: the layers stay croppable and within their budget plus
     the accepted tokens. (transformers' first verification forward carries the prompt and the first draft

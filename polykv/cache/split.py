@@ -44,7 +44,6 @@ class SplitLayer(CacheLayerMixin):
     """A layer of a PolyCache whose KV heads are grouped by what they keep; see the module docstring."""
 
     is_compileable = False
-    is_croppable = False
     static: GroupsInStatic | None = None  # set between begin_static and end_static
 
     def __init__(
@@ -217,6 +216,11 @@ class SplitLayer(CacheLayerMixin):
         self._closing = False
         for part in self.parts:
             part.reset()
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether ``crop`` puts every group of heads back as it was (``PolyLayer.is_croppable``)."""
+        return all(part.is_croppable for part in self.parts)
 
     def crop(self, tokens_to_remove: int) -> None:
         for part in self.parts:
