@@ -352,10 +352,14 @@ def test_generate_samples_when_asked_and_the_seed_repeats_the_draws(small_model,
     assert text("--top-k", "1") == greedy  # the likeliest token is the only one left to draw
 
 
-def test_generate_compile_needs_static_steps(small_model, capsys):
+def test_generate_refuses_options_of_a_way_of_decoding_it_was_not_asked_for(small_model, capsys):
     command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "hello", "--spec", "*: full"]
     assert main([*command, "--compile"]) == 1
     assert "--compile compiles static decoding steps: add --static" in capsys.readouterr().err
+    assert main([*command, "--lookahead", "3"]) == 1
+    assert "--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow

@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
         "kernels per step, each new input shape compiled first; pays over long generations on a GPU)",
     )
     generate.add_argument(
-        "--lookahead", type=_count(64), default=4, metavar="K", help="tokens drafted per check with --draft-spec (4)"
+        "--lookahead", type=_count(64), metavar="K", help="tokens drafted per check with --draft-spec (default 4)"
     )
     sampling = generate.add_argument_group("sampling (any of these samples instead of choosing the likeliest token)")
     sampling.add_argument("--temperature", type=_temperature, metavar="T", help="divides the logits (default 1)")

@@ -96,6 +96,10 @@ class Speculation:
         return (self.accepted + self.row_steps) / self.row_steps if self.row_steps else 0.0
 
 
+#: Tokens the draft proposes per check when none is asked for.
+DEFAULT_LOOKAHEAD = 4
+
+
 @torch.no_grad()
 def speculative_generate(
     model: torch.nn.Module,
@@ -103,7 +107,7 @@ def speculative_generate(
     *,
     draft: Plan,
     max_new_tokens: int,
-    lookahead: int = 4,
+    lookahead: int = DEFAULT_LOOKAHEAD,
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,

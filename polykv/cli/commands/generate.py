@@ -21,6 +21,7 @@ from polykv.cli.commands import setup
 from polykv.cli.commands.output import mib, table
 from polykv.cli.commands.setup import spec_argument
 from polykv.decoding import Sampling, speculative_generate, static_generate
+from polykv.decoding.speculative import DEFAULT_LOOKAHEAD
 from polykv.errors import PolykvError
 from polykv.files import read_text
 from polykv.language.check import check
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     drafting = args.draft_spec is not None
     if args.compile and not (args.static or drafting):
         raise PolykvError("--compile compiles static decoding steps: add --static (or give a --draft-spec)")
+    if args.lookahead is not None and not drafting:
+        raise PolykvError("--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec")
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget)
@@ -115,13 +118,14 @@ def _speculate(
     sampling: Sampling | None,
 ) -> int:  # fmt: skip
     """Self-speculation: the full cache's own output, drafted by ``draft``'s cache; report how well it guessed."""
+    lookahead = args.lookahead or DEFAULT_LOOKAHEAD
     started = time.perf_counter()
     result = speculative_generate(
         model,
         input_ids,
         draft=draft,
         max_new_tokens=args.max_new_tokens,
-        lookahead=args.lookahead,
+        lookahead=lookahead,
         eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         static=True if args.static or args.compile else None,  # by default: fixed shapes where they can run
@@ -135,7 +139,7 @@ def _speculate(
     runs = draft.resolved(input_ids.shape[1]).runs()
     print(table([("layers", "draft policy")] + [(layer_ranges(indices), what) for indices, what in runs]))
     print(
-        f"speculation: lookahead {args.lookahead}, {result.accepted} of {result.drafted} drafted tokens accepted "
+        f"speculation: lookahead {lookahead}, {result.accepted} of {result.drafted} drafted tokens accepted "
         f"({100 * result.acceptance:.1f}%), {result.tokens_per_step:.2f} tokens per check of the full cache"
     )
     print(
