@@ -297,6 +297,8 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     assert capsys.readouterr().err.startswith("--draft-spec:1:4: error: unknown policy 'snapvk'\n")
     assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--model", "/no/such/model"]) == 1
     assert "/no/such/model: no such model directory" in capsys.readouterr().err
+    assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--model", __file__]) == 1
+    assert f"{__file__}: a file, and no .gguf file: a model is a folder" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["generate", "--spec", "*: full", "--prompt", "hi", "--device", "cuda"]) == 1
         assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -107,8 +108,21 @@ def test_calibration_data_from_json_lines(tmp_path):
     path.write_text(json.dumps({"task": "qa", "context": "one two three", "continuation": "four five"}) + "\n")
     [sample] = read_samples(path, _Words())
     assert sample.task == "qa" and sample.prompt == (6, 6, 8) and sample.target == (7, 7)
-    path.write_text('{"task": "qa", "context": "x"}\n')
-    with pytest.raises(PolykvError, match=r"data.jsonl:1: expected a JSON object with task, context and continuation"):
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"task": "qa", "context": "x"}', "data.jsonl:1: missing `continuation`; a line has `task`, `context` and"),
+        ('["qa", "x", "y"]', "data.jsonl:1: expected a JSON object, got list"),
+        ('{"task": "qa", "context": 3, "continuation": "a b"}', "data.jsonl:1: `context` must be text"),
+        ('{"task": "qa",', "data.jsonl:1:15: not JSON: Expecting property name"),
+    ],
+)
+def test_calibration_data_names_the_line_and_what_is_wrong(tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(PolykvError, match=re.escape(message)):
         read_samples(path, _Words())
 
 

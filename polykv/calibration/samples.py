@@ -65,6 +65,11 @@ def tuning_samples(
     ]
 
 
+#: What a line of ``--data`` holds.
+FIELDS = ("task", "context", "continuation")
+WORDS = "`task`, `context` and `continuation` texts"
+
+
 def read_samples(path: Path, tokenizer) -> list[Sample]:
     """Calibration samples from JSON lines with ``task``, ``context`` and ``continuation`` texts."""
     found = []
@@ -74,11 +79,23 @@ def read_samples(path: Path, tokenizer) -> list[Sample]:
             continue
         try:
             record = json.loads(line)
-            task, context, continuation = record["task"], record["context"], record["continuation"]
-        except (ValueError, KeyError, TypeError) as error:  # ValueError: not JSON, or past the int-to-string limit
+        except json.JSONDecodeError as error:
+            raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
+        except ValueError as error:  # a number past Python's int-to-string limit
+            raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
+        if not isinstance(record, dict):
+            raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        missing = [key for key in FIELDS if key not in record]
+        if missing:
             raise PolykvError(
-                f"{path}:{number}: expected a JSON object with task, context and continuation ({error})"
-            ) from None
+                f"{path}:{number}: missing {', '.join(f'`{key}`' for key in missing)}; a line has {WORDS}"
+            )
+        wrong = [key for key in FIELDS if not isinstance(record[key], str)]
+        if wrong:
+            raise PolykvError(
+                f"{path}:{number}: {', '.join(f'`{key}`' for key in wrong)} must be text; a line has {WORDS}"
+            )
+        task, context, continuation = (record[key] for key in FIELDS)
         ids = tokenizer(context, return_tensors="pt").input_ids[0]
         scored = tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if len(scored) < 2:

@@ -87,6 +87,11 @@ def locate(path: str | Path) -> ModelLocation:
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return _known(ModelLocation(path.parent, path.name))
+    if path.exists() and not path.is_dir():
+        raise ModelError(
+            f"{path}: a file, and no .gguf file: a model is a folder (with config.json, or one .gguf file) or a "
+            f".gguf file (the bundled model is called {DEFAULT!r})"
+        )
     if not path.is_dir():
         raise ModelError(f"{path}: no such model directory (the bundled model is called {DEFAULT!r})")
     config = path / "config.json"
