@@ -177,6 +177,8 @@ def test_bad_command_lines_exit_2(capsys):
         [],
         ["generate", "--spec", "*: full", "--prompt", "hi", "--max-new-tokens", "0"],
         ["generate", "--spec", "*: full", "--prompt", "hi", "--budget", "lots"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--budget", "-10"],
+        ["generate", "--spec", "*: full", "--prompt", "hi", "--budget", "150%"],
         ["generate", "--spec", "*: full", "--prompt", "hi", "--device", "tpu"],
         ["generate", "--spec", "*: full", "--draft-spec", "*: full", "--prompt", "hi"],
         ["generate", "--draft-spec", "*: full", "--prompt", "hi", "--lookahead", "0"],
@@ -194,6 +196,8 @@ def test_bad_command_lines_exit_2(capsys):
     assert "--layers: expected a number from 1 to 10,000, got 1000000000" in err
     assert "--max-new-tokens: expected a number from 1 to 100,000, got 0" in err
     assert "--budget: expected 512, 'total 16384' or '10%', got 'lots'" in err
+    assert "--budget: a total budget keeps at least 1 token, not -10" in err
+    assert "--budget: a percentage budget is more than 0% and at most 100%, not 150%" in err
     assert "--temperature: a temperature is above 0 (for the likeliest token, leave it out), got 0" in err
     assert "--temperature: a temperature is above 0 (for the likeliest token, leave it out), got nan" in err
     assert "--top-p: expected a probability above 0 and at most 1, got 1.5" in err
@@ -287,6 +291,8 @@ def test_generate_reports_spec_errors_before_loading_a_model(capsys, monkeypatch
     assert capsys.readouterr().err.startswith("--spec:1:11: error: unknown policy 'snapvk'\n")
     assert main(["generate", "--spec", "*: full", "--prompt", "   "]) == 1
     assert capsys.readouterr().err == "polykv: error: the prompt is empty\n"
+    assert main(["generate", "--spec", "budget 128; *: full", "--budget", "64", "--prompt", "hi"]) == 1
+    assert "error: the spec sets its own budget, and --budget sets another" in capsys.readouterr().err
     assert main(["generate", "--spec", "*: full", "--prompt-file", "no-such-prompt.txt"]) == 1
     assert "no-such-prompt.txt: cannot read: No such file or directory" in capsys.readouterr().err
     assert main(["generate", "--spec", "no/such/spec.pkv", "--prompt", "hi"]) == 1

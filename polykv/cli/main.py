@@ -419,16 +419,21 @@ _factor = _number(
 
 def _budget(text: str) -> int | str:
     """--budget: tokens per layer (512), or budget text ('total 16384', '10%'), checked as the language checks it."""
+    from polykv.language.check import check
     from polykv.language.parse import parse
 
+    shown = text if len(text) <= 40 else f"{text[:30]}..."
     try:
         statements = parse(f"budget {text}", source="--budget").statements
     except SpecError as error:
         reason = error.diagnostics[0].message if error.diagnostics else ""
-        shown = text if len(text) <= 40 else f"{text[:30]}..."
         raise argparse.ArgumentTypeError(f"expected 512, 'total 16384' or '10%', got {shown!r}: {reason}") from None
     if len(statements) != 1:
         raise argparse.ArgumentTypeError(f"expected one budget, got {text!r}")
+    try:  # what the language refuses in a budget line (no tokens at all, a share past 100%)
+        check(parse(f"budget {text}\nlayers *: full"))
+    except SpecError as error:
+        raise argparse.ArgumentTypeError(error.diagnostics[0].message) from None
     return int(text) if text.strip().isdigit() else text
 
 

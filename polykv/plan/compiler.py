@@ -182,16 +182,19 @@ def as_spec(spec: ast.Spec | str | os.PathLike, source: str = "<string>") -> ast
         raise
 
 
-def with_total_budget(spec: ast.Spec, budget: int | Budget | str) -> ast.Spec:
-    """``spec`` with a total budget from code (see ``compile``), as if it had a ``budget`` line."""
+def with_total_budget(
+    spec: ast.Spec, budget: int | Budget | str, *, given_as: str = "the budget= argument"
+) -> ast.Spec:
+    """``spec`` with a total budget from code (see ``compile``), as if it had a ``budget`` line; ``given_as`` names
+    where that budget came from, for the error when the spec has its own (the CLI's ``--budget``)."""
     if spec.budget is not None:
         raise SpecError(
             [
                 Diagnostic(
                     "duplicate-setting",
-                    "the spec sets its own budget, and budget= sets another",
+                    f"the spec sets its own budget, and {given_as} sets another",
                     spec.budget.span,
-                    hint="drop the budget= argument or the `budget` line",
+                    hint=f"drop {given_as} or the `budget` line",
                 )
             ]
         )

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise PolykvError("--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec")
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
-        spec = with_total_budget(spec, args.budget)
+        spec = with_total_budget(spec, args.budget, given_as="--budget")
     check(spec)  # report mistakes in the spec before spending time on the model
     device = setup.device(args)
     location = setup.model_location(args)

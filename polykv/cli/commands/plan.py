@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         setup.writable(args.png, "--png", example="plan.png", suffix=".png")
     spec = setup.spec_argument(args, "spec")
     if args.budget is not None:
-        spec = with_total_budget(spec, args.budget)
+        spec = with_total_budget(spec, args.budget, given_as="--budget")
     if args.prefill_limit is not None:
         spec = with_prefill_limit(spec, args.prefill_limit)
     check(spec)  # mistakes in the spec are reported before the model loads
