@@ -145,6 +145,13 @@ def test_the_report_finds_the_best_single_and_the_recovery(tmp_path):
     assert data["recovery"][32]["polykv"]["recovery"] == pytest.approx(0.75, abs=0.01)
     assert "| 32 | snapkv | 0.75" in markdown(data)
 
+    singles = summary([r for r in records if r.method != "polykv"], resamples=50)
+    text = markdown(singles)
+    assert "no gap recovery to report" in text and "| budget | best single |" not in text
+    for table in text.split("\n\n"):  # every row of a table as wide as its head
+        rows = [line.count("|") for line in table.splitlines() if line.startswith("|")]
+        assert len(set(rows)) <= 1, table
+
 
 def test_the_report_counts_answers_scored_as_the_full_cache_scored_them():
     """Agreement with the full cache is per sample: a method right where the full cache is wrong disagrees."""

@@ -80,13 +80,17 @@ def markdown(data: dict) -> str:
         accuracy = [f"{c['accuracy']:.2f}" if c and c["accuracy"] is not None else "" for c in cells]
         lines.append(f"| {method} | " + " | ".join(kl) + " | " + " | ".join(accuracy) + " |")
     lines += _agreement_lines(data)
+    others = [m for m in methods if m not in SINGLES and m != FULL]
+    if not others:
+        lines += ["", "No method but single policies and the full cache: no gap recovery to report."]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Gap recovery of the task-balanced KL, (best single - method) / (best single - full), 95% bootstrap interval:",
         "",
     ]
-    lines.append("| budget | best single | " + " | ".join(m for m in methods if m not in SINGLES and m != FULL) + " |")
-    lines.append("| ---: | --- |" + " ---: |" * len([m for m in methods if m not in SINGLES and m != FULL]))
+    lines.append("| budget | best single | " + " | ".join(others) + " |")
+    lines.append("| ---: | --- |" + " ---: |" * len(others))
     for budget in budgets:
         found = data["recovery"].get(budget) or data["recovery"].get(str(budget))
         if not found:
@@ -99,7 +103,6 @@ def markdown(data: dict) -> str:
             cells.append(f"{cell['recovery']:.2f} [{cell['low']:.2f}, {cell['high']:.2f}]" if cell else "")
         lines.append(f"| {budget} | {found['best_single']} | " + " | ".join(cells) + " |")
     lines += ["", "Gap recovery per task (negative: worse than the best single policy on that task):", ""]
-    others = [m for m in methods if m not in SINGLES and m != FULL]
     lines.append("| task | " + " | ".join(f"{m} @{b}" for m in others for b in budgets) + " |")
     lines.append("| --- |" + " ---: |" * (len(others) * len(budgets)))
     for task in data["tasks"]:
