@@ -308,6 +308,8 @@ class Spec:
 
     items: tuple[Item, ...] = attrs.field(default=(), converter=_canonical_items)
     source_name: str = attrs.field(default="<string>", eq=False)
+    #: The text it was parsed from, where an error about the spec as a whole points (an empty file's, say).
+    source_text: str = attrs.field(default="", eq=False, repr=False)
 
     @property
     def statements(self) -> tuple[Statement, ...]:
@@ -349,4 +351,4 @@ class Spec:
         items = list(self.items)
         first_rule = next((n for n, i in enumerate(items) if isinstance(i, Rule)), len(items))
         items.insert(first_rule, setting)
-        return Spec(tuple(items), source_name=self.source_name)
+        return Spec(tuple(items), source_name=self.source_name, source_text=self.source_text)

@@ -238,7 +238,7 @@ class _Checker:
         for item in self.spec.items:
             if item.span is not None:
                 return Span.at(item.span.source, 0, 0)
-        return Span.at(Source(self.spec.source_name, ""), 0, 0)
+        return Span.at(Source(self.spec.source_name, self.spec.source_text), 0, 0)
 
     def run(self) -> CheckedSpec:
         self._single_settings()

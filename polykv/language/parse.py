@@ -468,7 +468,7 @@ class _Builder:
                 items.append(ast.BlankLine())
             items.append(item)
             previous_end = end_line
-        return ast.Spec(tuple(items), source_name=self._source.name), invalid
+        return ast.Spec(tuple(items), source_name=self._source.name, source_text=self._source.text), invalid
 
     def _statements(self, tree: lark.Tree) -> tuple[list[ast.Statement], list[Diagnostic]]:
         """Each statement built on its own, so that an invalid token costs its statement only."""
