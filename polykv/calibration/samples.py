@@ -10,15 +10,13 @@ evaluation's are, and its table is kept under its group, ``task:format``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
 from polykv.errors import PolykvError
-from polykv.files import read_text
-from polykv.limits import MAX_DATA_BYTES
+from polykv.tasks.loader import json_objects
 from polykv.tasks.tasks import Sample, make
 
 #: The default calibration: tasks (with their formats), samples of each, prompt tokens, policies, budgets.
@@ -73,18 +71,7 @@ WORDS = "`task`, `context` and `continuation` texts"
 def read_samples(path: Path, tokenizer) -> list[Sample]:
     """Calibration samples from JSON lines with ``task``, ``context`` and ``continuation`` texts."""
     found = []
-    lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
-        except ValueError as error:  # a number past Python's int-to-string limit
-            raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
-        if not isinstance(record, dict):
-            raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in json_objects(path):
         missing = [key for key in FIELDS if key not in record]
         if missing:
             raise PolykvError(

@@ -18,6 +18,7 @@ LongBench truncates.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -29,19 +30,8 @@ from polykv.tasks.tasks import Sample, need_chat_template
 def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: int | None = None) -> list[Sample]:
     """The samples in ``path``; a malformed line is an error naming the file and line."""
     path = Path(path)
-    lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
     samples, lines_of = [], {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
-        except ValueError as error:  # a number past Python's int-to-string limit
-            raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
-        if not isinstance(record, dict):
-            raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in json_objects(path):
         sample = _sample(record, path, number, tokenizer, format, max_length)
         earlier = lines_of.setdefault((sample.task, sample.seed), number)
         if earlier != number:  # results are keyed by task and identifier: one would be taken for the other
@@ -53,6 +43,24 @@ def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: 
     if not samples:
         raise PolykvError(f"{path}: no samples")
     return samples
+
+
+def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """Each non-blank line of the data file ``path`` with its number, as a JSON object; a line that is none is an
+    error naming the file, line and (for bad JSON) column."""
+    lines = read_text(path, limit=MAX_DATA_BYTES, what="data file").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PolykvError(f"{path}:{number}:{error.colno}: not JSON: {error.msg}") from None
+        except ValueError as error:  # a number past Python's int-to-string limit
+            raise PolykvError(f"{path}:{number}: not JSON polykv reads: {error}") from None
+        if not isinstance(record, dict):
+            raise PolykvError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _sample(record: dict, path: Path, number: int, tokenizer, format: str, max_length: int | None) -> Sample:
