@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import attrs
 import pytest
@@ -14,7 +15,7 @@ import polykv
 from polykv import cache_argument
 from polykv.errors import PolykvError
 from polykv.evaluation import runner as runner_module
-from polykv.evaluation.report import markdown, summary
+from polykv.evaluation.report import markdown, plots, summary
 from polykv.evaluation.runner import Method, read, run
 from polykv.evaluation.scoring import bootstrap_recovery, gap_recovery
 from polykv.harness import scorer as scorer_module
@@ -151,6 +152,11 @@ def test_the_report_finds_the_best_single_and_the_recovery(tmp_path):
     for table in text.split("\n\n"):  # every row of a table as wide as its head
         rows = [line.count("|") for line in table.splitlines() if line.startswith("|")]
         assert len(set(rows)) <= 1, table
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty recovery chart warned that its legend had nothing to show
+        drawn = plots(singles, tmp_path)
+    assert [path.name for path in drawn] == ["score_vs_budget.png"]
+    assert [path.name for path in plots(data, tmp_path)] == ["score_vs_budget.png", "recovery.png"]
 
 
 def test_the_report_counts_answers_scored_as_the_full_cache_scored_them():

@@ -73,8 +73,8 @@ def test_a_ragged_layer_in_static_decoding_holds_its_groups_slots_in_one_pool():
     ids = torch.randint(0, 100, (2, 30))
     with plan.apply(model), torch.no_grad():
         cache = plan.make_cache()
-        model(ids, past_key_values=cache)
-        model(ids[:, :1], past_key_values=cache)
+        model(ids, **polykv.cache_argument(model, cache))
+        model(ids[:, :1], **polykv.cache_argument(model, cache))
         cache.begin_static(room=5)
         layer = cache.layers[1]
         pool = layer.static.pool
@@ -98,8 +98,8 @@ def test_groups_that_evict_in_different_steps_make_different_graphs():
     plan = polykv.compile(RAGGED_SPECS[1], model)
     with plan.apply(model), torch.no_grad():
         cache = plan.make_cache()
-        model(torch.randint(3, 100, (1, 30)), past_key_values=cache)
-        model(torch.tensor([[5]]), past_key_values=cache)
+        model(torch.randint(3, 100, (1, 30)), **polykv.cache_argument(model, cache))
+        model(torch.tensor([[5]]), **polykv.cache_argument(model, cache))
         cache.begin_static(room=16, slack=0)
         layer = cache.layers[1]
         keys = []

@@ -117,7 +117,8 @@ def markdown(data: dict) -> str:
 
 
 def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
-    """score_vs_budget{suffix}.png and recovery{suffix}.png."""
+    """score_vs_budget{suffix}.png, and recovery{suffix}.png where a method combines policies (single policies
+    and the full cache have no gap recovery to draw)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,8 +150,10 @@ def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
         figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)
-    figure, axis = plt.subplots(figsize=(6, 4))
     others = [m for m in data["methods"] if m not in SINGLES and m != FULL]
+    if not others:
+        return written
+    figure, axis = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(others))
     for number, method in enumerate(others):
         xs, ys, errors = [], [], [[], []]
