@@ -370,6 +370,30 @@ def test_generate_refuses_options_of_a_way_of_decoding_it_was_not_asked_for(smal
     )
 
 
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["generate", "--spec", "*: snapkv@64", "--prompt", "hi", "--objective", "acceptance"], "--objective says how"),
+        (["generate", "--spec", "*: full", "--prompt", "hi", "--profile", "p.json"], "--profile says how"),
+        (["plan", "*: snapkv@64", "--setting", "context", "--context", "900"], "--context and --setting say how"),
+        (["validate", "--heads", "3", "-"], "--heads H checks head selectors against H KV heads of a model"),
+        (["calibrate", "--out", "p.json", "--length", "256", "--grid", "8", "512", "300"], "--grid 512 300: a budget"),
+        (["eval", "--out", "runs", "--report-only", "--methods", "full", "--count", "3"], "--methods, --count would"),
+    ],
+)
+def test_options_that_would_change_nothing_are_refused(command, message, monkeypatch, capsys):
+    """An option the command would drop without a word (it only matters with auto, or with scoring) is an error."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("layers * heads 0: full; layers * heads 1-2: snapkv@8\n"))
+    assert main(command) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_routing_options_are_taken_where_auto_decides(small_model, capsys):
+    spec = ["budget 64; solver pyramid; *: streaming@auto", "--model", small_model, "--device", "cpu"]
+    assert main(["plan", *spec, "--setting", "question", "--objective", "kl", "--context", "300"]) == 0
+    assert "300" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.heavy  # compiles the small model's step (some 15 s on two cores)
 def test_generate_static_compiled_gives_the_static_text(small_model, capsys):

@@ -34,6 +34,8 @@ EVAL_METHODS = (
 )  # fmt: skip
 EVAL_BUDGETS = (32, 64, 128, 256)
 EVAL_SETTINGS = ("question", "context")
+#: The defaults of eval's other options that choose what is scored (which --report-only refuses when changed).
+EVAL_DEFAULTS = {"count": 20, "length": 1024, "seed": 0, "batch": 8}
 #: What --model takes, wherever it is taken.
 MODEL_WORDS = "a folder, a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct"
 
@@ -286,13 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--setting",
         choices=("question", "context"),
-        default="question",
         help="plan for the question inside the compressed prompt (default), or asked after the compressed context",
     )
     plan.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        default="kl",
         help="route for outputs close to the full cache's (kl, default) or for a speculative draft (acceptance)",
     )
     plan.set_defaults(run="polykv.cli.commands.plan:run")
@@ -318,18 +318,22 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data", type=Path, metavar="FILE", help="JSON lines of your own samples (LongBench/RULER style)"
     )
-    evaluate.add_argument("--count", type=_count(100_000), default=20, help="samples per task (default 20)")
+    evaluate.add_argument(
+        "--count", type=_count(100_000), default=EVAL_DEFAULTS["count"], help="samples per task (default 20)"
+    )
     evaluate.add_argument(
         "--length",
         type=_count(1_000_000),
-        default=1024,
+        default=EVAL_DEFAULTS["length"],
         help="prompt tokens of generated tasks; longer --data prompts keep their first and last halves (default 1024)",
     )
-    evaluate.add_argument("--seed", type=int, default=0, help="first sample seed (default 0)")
+    evaluate.add_argument("--seed", type=int, default=EVAL_DEFAULTS["seed"], help="first sample seed (default 0)")
     evaluate.add_argument(
         "--profile", metavar="FILE", help="calibration profile for auto methods (default: the bundled model's)"
     )
-    evaluate.add_argument("--batch", type=_count(1024), default=8, help="samples per shared prefill (default 8)")
+    evaluate.add_argument(
+        "--batch", type=_count(1024), default=EVAL_DEFAULTS["batch"], help="samples per shared prefill (default 8)"
+    )
     evaluate.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder for results.jsonl, report.md, plots"
     )

@@ -25,6 +25,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = setup.task_formats(args.tasks) if args.tasks else TASKS  # before the model loads
     if args.length < 64:
         raise PolykvError("--length: generated prompts are at least 64 tokens")
+    if args.grid and not args.data and max(args.grid) > args.length:
+        above = " ".join(str(budget) for budget in args.grid if budget > args.length)
+        raise PolykvError(
+            f"--grid {above}: a budget above --length {args.length} keeps the whole prompt, so it measures nothing "
+            f"(and would tell auto that such a budget loses nothing at any length): give budgets up to {args.length}"
+        )
     setup.writable(args.out, "--out")
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the prompts
         location = setup.model_location(args)

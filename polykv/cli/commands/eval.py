@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from polykv.cli.commands import setup
-from polykv.cli.main import EVAL_BUDGETS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
+from polykv.cli.main import EVAL_BUDGETS, EVAL_DEFAULTS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
 from polykv.files import write_text
 
 #: A small run, for the test suite and a first look.
@@ -136,6 +136,20 @@ def _report_again(args: argparse.Namespace) -> int:
     from polykv.errors import ArgumentError
     from polykv.evaluation.runner import read
 
+    scoring = {
+        "--methods": args.methods, "--budgets": args.budgets, "--tasks": args.tasks, "--data": args.data,
+        "--profile": args.profile, "--model": args.model, "--device": args.device,
+        "--graded-only": args.graded_only or None, "--quick": args.quick or None,
+        **{f"--{name}": getattr(args, name) if getattr(args, name) != value else None
+           for name, value in EVAL_DEFAULTS.items()},
+    }  # fmt: skip
+    given = [option for option, value in scoring.items() if value is not None]
+    if given:
+        raise ArgumentError(
+            f"--report-only scores nothing, so {', '.join(given)} would change nothing: drop "
+            f"{'it' if len(given) == 1 else 'them'} (the report is of every result --out holds; --settings "
+            "picks the settings it shows)"
+        )
     path = args.out / "results.jsonl"
     records = read(path)
     if not records:

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget, given_as="--budget")
-    check(spec)  # report mistakes in the spec before spending time on the model
+    checked = check(spec)  # report mistakes in the spec before spending time on the model
+    setup.only_for_auto(checked, [o for o, v in (("--profile", args.profile), ("--objective", args.objective)) if v])
     device = setup.device(args)
     location = setup.model_location(args)
 

@@ -11,6 +11,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from polykv.errors import PolykvError
 from polykv.files import UnreadableFile
 from polykv.language import ast
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -28,6 +29,11 @@ def validate(args: argparse.Namespace) -> int:
     from polykv.language.check import check_text
     from polykv.registry import default_registry
 
+    if args.heads is not None and args.layers is None:
+        raise PolykvError(
+            "--heads H checks head selectors against H KV heads of a model of --layers N layers: add --layers"
+            + (" (--model gives the model's own KV heads: drop --heads)" if args.model else "")
+        )
     layers, layers_from = args.layers, "the model given by --layers"
     heads = args.heads
     if args.model:

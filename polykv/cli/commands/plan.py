@@ -124,14 +124,21 @@ def run(args: argparse.Namespace) -> int:
         spec = with_total_budget(spec, args.budget, given_as="--budget")
     if args.prefill_limit is not None:
         spec = with_prefill_limit(spec, args.prefill_limit)
-    check(spec)  # mistakes in the spec are reported before the model loads
+    checked = check(spec)  # mistakes in the spec are reported before the model loads
+    routing = {
+        "--profile": args.profile,
+        "--context": args.context,
+        "--setting": args.setting,
+        "--objective": args.objective,
+    }
+    setup.only_for_auto(checked, [option for option, value in routing.items() if value is not None])
     profile = as_profile(args.profile) if args.profile else None
     device = setup.device(args)
     location = setup.model_location(args)
     print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
-    plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer, setting=args.setting,
-                   objective=args.objective)  # fmt: skip
+    plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer,
+                   setting=args.setting or "question", objective=args.objective or "kl")  # fmt: skip
     sys.stdout.write(plan_text(plan))
     if args.png is not None:
         draw(plan, args.png, _sensitivity(plan))

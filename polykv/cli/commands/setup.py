@@ -44,6 +44,17 @@ def spec_argument(args: argparse.Namespace, source: str):
         raise
 
 
+def only_for_auto(checked, given: Sequence[str]) -> None:
+    """Refuse options (``given``: those on the command line) that only routing and budget solving read, for a
+    spec that leaves them nothing to decide: they would be dropped without a word."""
+    if given and not checked.has_auto:
+        options = " and ".join(given)
+        raise PolykvError(
+            f"{options} {'say' if len(given) > 1 else 'says'} how `auto` routes and solves, and this spec has no "
+            f"`auto` policy or budget: drop {options}, or leave a layer's policy or budget to auto"
+        )
+
+
 def writable(
     path: Path, option: str, *, folder: bool = False, example: str = "profile.json", suffix: str | None = None
 ) -> None:
