@@ -26,6 +26,7 @@ import inspect
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
@@ -68,9 +69,12 @@ class PluginFailure:
     distribution: str
     plugin: str
     reason: str
+    #: The entry point that failed, where its distribution declares several (else "": the distribution says it).
+    entry_point: str = ""
 
     def __str__(self) -> str:
-        return f"{self.distribution}: {self.reason}"
+        where = f" (entry point {self.entry_point!r})" if self.entry_point else ""
+        return f"{self.distribution}{where}: {self.reason}"
 
 
 @attrs.frozen
@@ -131,6 +135,8 @@ class Registry:
         self.policies, self.signals, self.solvers = (Catalogue(kind) for kind in KINDS)
         self._failures: list[PluginFailure] = []
         self._notes: list[PluginFailure] = []
+        #: Entry point names of plugins whose distribution declares several, by plugin name (for failures).
+        self._entry_points: dict[str, str] = {}
 
     def catalogues(self) -> tuple[Catalogue, ...]:
         return (self.policies, self.signals, self.solvers)
@@ -152,8 +158,15 @@ class Registry:
     def load_entry_points(self, only: set[str] | None = None) -> None:
         """Load the built-in plugins and every other plugin (or those of the distributions in ``only``)."""
         found: set[str] = set()
-        for entry_point, group in _sorted_entry_points():
+        entry_points = _sorted_entry_points()
+        declared = Counter(
+            entry_point.dist.name if entry_point.dist else "<unknown>" for entry_point, _ in entry_points
+        )
+        for entry_point, group in entry_points:
             distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
+            name = f"{distribution}:{entry_point.name}"
+            if declared[distribution] > 1:
+                self._entry_points[name] = entry_point.name
             version = entry_point.dist.version if entry_point.dist else ""
             normal = canonicalize_name(distribution)
             if only is not None and normal not in only and normal != BUILTIN_DISTRIBUTION:
@@ -171,11 +184,9 @@ class Registry:
             try:
                 plugin = entry_point.load()
             except Exception as error:  # any failure to import a plugin is reported, never raised
-                self._fail(distribution, entry_point.name, f"import failed: {_reason(error)}")
+                self._fail(distribution, name, f"import failed: {_reason(error)}")
                 continue
-            self.add_plugin(
-                plugin, name=f"{distribution}:{entry_point.name}", distribution=distribution, version=version
-            )
+            self.add_plugin(plugin, name=name, distribution=distribution, version=version)
         for missing in sorted((only or set()) - found - {BUILTIN_DISTRIBUTION}):
             self._fail(
                 missing,
@@ -232,7 +243,7 @@ class Registry:
             catalogue._forget_plugin(name)
 
     def _fail(self, distribution: str, plugin: str, reason: str) -> None:
-        failure = PluginFailure(distribution, plugin, reason)
+        failure = PluginFailure(distribution, plugin, reason, self._entry_points.get(plugin, ""))
         self._failures.append(failure)
         _LOG.warning("skipped plugin %s", failure)
 
@@ -353,6 +364,10 @@ def _sorted_entry_points() -> list[tuple[importlib.metadata.EntryPoint, str]]:
         for ep in importlib.metadata.entry_points(group=group):
             unique[(ep.dist.name if ep.dist else "", ep.name, ep.value)] = (ep, group)
     return sorted(unique.values(), key=order)
+
+
+def _distribution_of(entry_point: importlib.metadata.EntryPoint) -> str:
+    return entry_point.dist.name if entry_point.dist else "<unknown>"
 
 
 def _reason(error: BaseException) -> str:

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from fake_plugins import fake_distribution
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -672,3 +673,29 @@ def test_float_parameters_reject_values_that_are_not_finite(value):
 def test_coerce_rejects_other_types_with_parameter_error(value):
     with pytest.raises(polykv.ParameterError, match="parameter 'n' takes a whole number"):
         INT.coerce(value)
+
+
+def test_a_skipped_entry_point_is_named_where_its_distribution_declares_several(tmp_path, monkeypatch, caplog):
+    """polykv-two declares two entry points, which fail for two reasons: each line says which. A distribution of
+    one entry point is named alone, as its entry point adds nothing."""
+    fake_distribution(
+        tmp_path / "two",
+        "polykv-two",
+        {"polykv_two_fine": "", "polykv_two_broken": "import polykv_two_missing_dependency\n"},
+        {"fine": "polykv_two_fine", "broken": "polykv_two_broken"},
+    )
+    fake_distribution(
+        tmp_path / "one", "polykv-one", {"polykv_one": "import polykv_one_missing\n"}, {"one": "polykv_one"}
+    )
+    for folder in ("two", "one"):
+        monkeypatch.syspath_prepend(str(tmp_path / folder))
+    registry = Registry()
+    with caplog.at_level(logging.WARNING, logger="polykv.registry"):
+        registry.load_entry_points(only={"polykv-two", "polykv-one"})
+    lines = {str(failure) for failure in registry.failures}
+    assert (
+        "polykv-two (entry point 'broken'): import failed: ModuleNotFoundError: No module named "
+        "'polykv_two_missing_dependency'" in lines
+    )
+    assert "polykv-one: import failed: ModuleNotFoundError: No module named 'polykv_one_missing'" in lines
+    assert any(line.startswith("polykv-two (entry point 'fine'): registered no policies") for line in lines), lines

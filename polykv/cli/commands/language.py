@@ -277,7 +277,8 @@ def _listing_json(registry: Registry) -> dict:
         "signals": [described(e) for e in registry.signals],
         "solvers": [described(e) for e in registry.solvers],
         "failures": [
-            {"distribution": f.distribution, "plugin": f.plugin, "reason": f.reason} for f in registry.failures
+            {"distribution": f.distribution, "plugin": f.plugin, "entry_point": f.entry_point, "reason": f.reason}
+            for f in registry.failures
         ],
         "notes": [{"distribution": n.distribution, "plugin": n.plugin, "reason": n.reason} for n in registry.notes],
     }
