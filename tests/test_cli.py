@@ -419,3 +419,12 @@ def test_generate_static_reports_its_set_up_apart_from_its_steps(small_model, ca
     assert "(an ordinary step, then the first static step), then 9 tokens in " in report
     assert main([*command, "--max-new-tokens", "12", "--spec", "*: snapkv@8(window=2)"]) == 0
     assert "static decoding" not in capsys.readouterr().out
+
+
+def test_eval_checks_method_templates_before_the_model_loads(tmp_path, capsys):
+    """A template's mistake names the method and the budget it was read at, before any model loads."""
+    methods = ["--methods", "mine=*: snapkv@{budget}(windo=2)", "--budgets", "64"]
+    assert main(["eval", "--out", str(tmp_path), *methods]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("method 'mine' at budget 64:1:14: error: snapkv has no parameter 'windo'"), err
+    assert "hint: did you mean 'window'?" in err and "loading" not in err

@@ -33,7 +33,9 @@ from polykv.errors import PolykvError
 from polykv.files import writing
 from polykv.harness.processes import ONE, Processes
 from polykv.harness.scorer import Record, Scorer, by_group, needs_of
-from polykv.language.diagnostics import SpecError
+from polykv.language import ast
+from polykv.language.check import check
+from polykv.language.parse import parse
 from polykv.plan import compile
 from polykv.tasks.tasks import Sample
 from polykv.values import SETTINGS
@@ -60,8 +62,17 @@ class Method:
     name: str
     template: str | None
 
-    def spec(self, budget: int) -> str | None:
-        return None if self.template is None else self.template.replace("{budget}", str(budget))
+    def spec(self, budget: int) -> ast.Spec | None:
+        """The spec at ``budget``, parsed (SpecError names the method and the budget), or None for the full cache."""
+        if self.template is None:
+            return None
+        return parse(self.template.replace("{budget}", str(budget)), source=f"method {self.name!r} at budget {budget}")
+
+    def check(self, budget: int) -> None:
+        """Raise SpecError for what is wrong with the spec at ``budget`` whatever the model (before it loads)."""
+        spec = self.spec(budget)
+        if spec is not None:
+            check(spec)
 
 
 def method(text: str) -> Method:
@@ -190,12 +201,7 @@ def _plans(model, methods: Sequence[Method], budgets: Sequence[int], profile, to
             spec = chosen.spec(budget)
             if spec is None:
                 continue
-            try:
-                plans[(chosen.name, budget)] = compile(
-                    spec, model, profile=profile, tokenizer=tokenizer, setting=setting
-                )
-            except SpecError as error:
-                raise PolykvError(f"method {chosen.name} at budget {budget}:\n{error.format()}") from None
+            plans[(chosen.name, budget)] = compile(spec, model, profile=profile, tokenizer=tokenizer, setting=setting)
     return plans
 
 

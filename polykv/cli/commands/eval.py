@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
     chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
+    for chosen in methods:  # a template's mistakes before the model loads
+        chosen.check(budgets[0])
     setup.writable(args.out, "--out", folder=True)  # the folder itself is made when missing
     _same_run_as_before(args.out, args, length)
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches
