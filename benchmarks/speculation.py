@@ -62,6 +62,7 @@ from torch.profiler import ProfilerActivity, profile
 import polykv
 from polykv.decoding import StaticDecoder
 from polykv.decoding.compiled import compiled_forward
+from polykv.decoding.precision import tf32_matmuls
 from polykv.decoding.static import captured_replay
 from polykv.decoding.static_speculation import FORWARDS, StaticChecks
 from polykv.harness.capture import capture
@@ -99,10 +100,13 @@ def repeat_heads_in_float32_prefill() -> None:
     sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
 
 
-def run(model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False) -> polykv.Speculation:
+def run(
+    model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False, draft_tf32: bool = False
+) -> polykv.Speculation:
     return polykv.speculative_generate(
-        model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True, compile_step=compile_step
-    )
+        model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True,
+        compile_step=compile_step, draft_tf32=draft_tf32,
+    )  # fmt: skip
 
 
 def check_milliseconds(result: polykv.Speculation) -> float:
@@ -149,14 +153,18 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
         rows.append({"batch": batch, "spec": "plain", "lookahead": 0, "tokens_per_s": plain_rate, "speedup": 1.0})
         measured(rows)
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
-        costs = step_costs(model, ids, args.budget, args.lookaheads, args.compile_step) if args.step_costs else None
+        costs = (
+            step_costs(model, ids, args.budget, args.lookaheads, args.compile_step, draft_tf32=args.draft_tf32)
+            if args.step_costs
+            else None
+        )
         if costs:
             rows[-1]["step_costs"] = costs
             measured(rows)
             print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
-                result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step)
+                result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step, args.draft_tf32)
                 rate = result.tokens_per_second
                 full, draft = weights + result.full_nbytes, weights + result.draft_nbytes
                 bound = result.tokens_per_step * full / (lookahead * draft + full)
@@ -231,7 +239,13 @@ def step_milliseconds(model, cache, tokens: int, replays: int, compile_step: boo
 
 
 def step_costs(
-    model, ids, budget: int, lookaheads: list[int], compile_step: bool = False, chunk: int | None = None
+    model,
+    ids,
+    budget: int,
+    lookaheads: list[int],
+    compile_step: bool = False,
+    chunk: int | None = None,
+    draft_tf32: bool = False,
 ) -> dict:
     """Milliseconds of the static steps a check is made of, after the prompts ``ids`` (prefilled in chunks of
     ``chunk``): the full cache's step of 1 token and of lookahead + 1 (a check), and a draft's of 1 and 2 tokens (a
@@ -241,8 +255,9 @@ def step_costs(
         full = prefill(model, whole, ids, chunk=chunk)
         draft = prefill(model, whole, ids[:, -budget:])  # a draft's cost is the tokens it holds
         costs = {"full 1": step_milliseconds(model, full, 1, 20, compile_step)}
-        costs["draft 1"] = step_milliseconds(model, draft, 1, 20, compile_step)
-        costs["draft 2"] = step_milliseconds(model, draft, 2, 20, compile_step)
+        with tf32_matmuls(draft_tf32):
+            costs["draft 1"] = step_milliseconds(model, draft, 1, 20, compile_step)
+            costs["draft 2"] = step_milliseconds(model, draft, 2, 20, compile_step)
         for lookahead in lookaheads:
             costs[f"full {lookahead + 1}"] = step_milliseconds(model, full, lookahead + 1, 20, compile_step)
     return costs
@@ -471,6 +486,11 @@ def main() -> None:
         "--step-costs", action="store_true", help="also time the steps a check is made of, at each batch"
     )
     parser.add_argument(
+        "--draft-tf32",
+        action="store_true",
+        help="a float32 model drafts with TF32 matrix products on CUDA, and checks in float32 (same output)",
+    )
+    parser.add_argument(
         "--profile-checks",
         action="store_true",
         help="also profile each draft's checks: kernels and their time in the draft's and the full cache's forwards",
@@ -514,6 +534,7 @@ def main() -> None:
     text = table(rows)
     heading = f"bundled model ({dtype}), {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
     heading += f", torch {torch.__version__}" + (", forwards compiled" if args.compile_step else "")
+    heading += ", drafts in TF32" if args.draft_tf32 else ""
     print(f"\n{heading}\n\n{text}")
     shape = {}
     if args.shape_layers:

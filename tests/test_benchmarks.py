@@ -124,6 +124,7 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         "6",
         "--step-costs",
         "--profile-checks",
+        "--draft-tf32",  # changes no product on the CPU: the option's path runs
         out=tmp_path,
     )
     assert set(result["rows"][0]["step_costs"]) == {"full 1", "draft 1", "draft 2", "full 3"}

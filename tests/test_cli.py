@@ -368,6 +368,12 @@ def test_generate_refuses_options_of_a_way_of_decoding_it_was_not_asked_for(smal
     assert "--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec" in (
         capsys.readouterr().err
     )
+    assert main([*command, "--draft-tf32"]) == 1
+    assert "--draft-tf32 is the precision a draft proposes in: give the draft's --draft-spec" in capsys.readouterr().err
+    assert main([*command[:-2], "--draft-spec", "*: streaming@64", "--draft-tf32"]) == 1
+    assert "--draft-tf32 has CUDA's float32 matrix products use TF32, which this run (float32 on cpu)" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

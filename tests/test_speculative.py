@@ -186,7 +186,8 @@ def test_static_checks_say_when_they_cannot_run(llama):
     "spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full", "*: snapkv@12(window=4) decode streaming@16(sink=2)"]
 )
 @pytest.mark.parametrize("compile_step", [False, True])
-def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compile_step):
+@pytest.mark.parametrize("draft_tf32", [False, True])
+def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compile_step, draft_tf32):
     model = tiny_model("llama", dtype=torch.float32, seed=2, device="cuda")
     ids = prompt(30, batch=3).cuda()
     mask = torch.ones_like(ids)
@@ -194,7 +195,7 @@ def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compil
     expected = _greedy(model, ids, 20, attention_mask=mask)
     result = polykv.speculative_generate(
         model, ids, attention_mask=mask, draft=polykv.compile(spec, model), max_new_tokens=20, lookahead=3,
-        compile_step=compile_step,
+        compile_step=compile_step, draft_tf32=draft_tf32,
     )  # fmt: skip
     assert result.static and torch.equal(result.tokens, expected)
     assert result.tokens_per_second > 0 and result.warmup_seconds > 0
@@ -210,6 +211,38 @@ def test_compiled_checks_give_the_full_caches_output(llama):
     assert result.static and torch.equal(result.tokens, expected)
     with pytest.raises(polykv.ArgumentError, match=r"compile_step compiles the static checks.*static=False was given"):
         polykv.speculative_generate(llama, ids, draft=draft, max_new_tokens=4, static=False, compile_step=True)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_draft_in_tf32_drafts_with_it_and_checks_without(llama, static):
+    """``draft_tf32`` sets TF32 for the draft's forwards only (on the CPU the flag changes no product, so what this
+    checks is where it is set): the checks run as the caller's setting says, and the setting is restored."""
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((id(cache), ids.shape[1], torch.backends.cuda.matmul.allow_tf32))
+
+    ids = prompt(20, batch=2)
+    draft = polykv.compile("*: streaming@8(sink=2)", llama)
+    hook = llama.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = polykv.speculative_generate(
+            llama, ids, draft=draft, max_new_tokens=9, lookahead=3, static=static, draft_tf32=True
+        )
+    finally:
+        hook.remove()
+    assert torch.equal(result.tokens, _greedy(llama, ids, 9))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    by_cache = {}
+    for cache, tokens, tf32 in seen:
+        by_cache.setdefault(cache, []).append((tokens, tf32))
+    # The prefill's, the full cache's (its checks take the newest token and 3 proposals) and the draft's forwards.
+    drafts = [forwards for forwards in by_cache.values() if all(tf32 for _, tf32 in forwards)]
+    others = [forwards for forwards in by_cache.values() if not any(tf32 for _, tf32 in forwards)]
+    assert len(drafts) == 1 and len(drafts) + len(others) == len(by_cache), by_cache
+    assert max(tokens for tokens, _ in drafts[0]) <= 2 and any(tokens == 4 for f in others for tokens, _ in f)
 
 
 def test_a_whole_draft_is_always_right():

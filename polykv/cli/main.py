@@ -193,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--lookahead", type=_count(64), metavar="K", help="tokens drafted per check with --draft-spec (default 4)"
     )
+    generate.add_argument(
+        "--draft-tf32",
+        action="store_true",
+        help="with --draft-spec, float32 on CUDA: draft with TF32 matrix products, check in float32 (the same "
+        "output; cheaper draft steps)",
+    )
     sampling = generate.add_argument_group("sampling (any of these samples instead of choosing the likeliest token)")
     sampling.add_argument("--temperature", type=_temperature, metavar="T", help="divides the logits (default 1)")
     sampling.add_argument("--top-k", type=_count(1_000_000), metavar="K", help="draw among the K likeliest tokens")

@@ -28,6 +28,7 @@ import torch
 from polykv.cache.cache import PolyCache
 from polykv.cache.layer import PhaseRule
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
+from polykv.decoding.precision import tf32_matmuls
 from polykv.decoding.static import Sampling
 from polykv.decoding.static_speculation import StaticChecks
 from polykv.errors import ArgumentError, ArgumentTypeError
@@ -115,6 +116,7 @@ def speculative_generate(
     registry: Registry | None = None,
     static: bool | None = None,
     compile_step: bool = False,
+    draft_tf32: bool = False,
 ) -> Speculation:
     """Continue ``input_ids`` (B, L, left-padded as ``attention_mask`` says) by ``max_new_tokens`` tokens,
     drafting ``lookahead`` at a time with ``draft``'s compressed cache and keeping what the full cache
@@ -127,12 +129,16 @@ def speculative_generate(
     static step (``static_problem`` says why not). Default: wherever it can (ordinary forwards cannot take back
     the newest tokens of a draft layer that ranks them away per head while decoding). ``compile_step`` runs
     the static checks' forwards through ``torch.compile`` (``polykv.decoding.compiled``); it needs ``static``.
+    ``draft_tf32`` has a float32 model draft with TF32 matrix products on CUDA, and check in float32: the
+    output is unchanged, the draft's steps cheaper (``polykv.decoding.precision``).
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
     for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("lookahead", lookahead, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
+    if not isinstance(draft_tf32, bool):
+        raise ArgumentTypeError(f"draft_tf32 is True or False, got {draft_tf32!r}")
     problem = static_problem(draft, registry, lookahead, input_ids.shape[-1])
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
@@ -155,7 +161,7 @@ def speculative_generate(
             return _speculate_statically(
                 model, captured, draft, registry, input_ids, attention_mask, clock,
                 lookahead=lookahead, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id, sampling=sampling, compile_step=compile_step,
+                pad_token_id=pad_token_id, sampling=sampling, compile_step=compile_step, draft_tf32=draft_tf32,
             )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
         drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
@@ -169,7 +175,8 @@ def speculative_generate(
         while run.active().any():
             active = run.active()
             count = min(lookahead, run.most_remaining() - 1)
-            proposals, draft_probabilities = run.propose(model, drafting, behind, behind_real, count)
+            with tf32_matmuls(draft_tf32):
+                proposals, draft_probabilities = run.propose(model, drafting, behind, behind_real, count)
             verified = full.forward(model, torch.cat([newest[:, None], proposals], dim=1), count + 1)
             kept, alone, newest = run.accept(proposals, draft_probabilities, verified, active, ragged)
             full.keep(kept + 1, count + 1)  # the previous newest token and the proposals kept

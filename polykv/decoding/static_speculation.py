@@ -38,6 +38,7 @@ import torch
 from polykv.cache.cache import PolyCache
 from polykv.decoding.compiled import compiled_forward
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
+from polykv.decoding.precision import tf32_matmuls
 from polykv.decoding.static import Sampling, captured_replay
 from polykv.model.describe import cache_argument
 
@@ -64,11 +65,14 @@ class StaticChecks:
         sampling: Sampling | None = None,
         check_every: int = 4,
         compile_step: bool = False,
+        draft_tf32: bool = False,
     ):
         """``newest`` (B,): each row's token after the prompt, in neither cache yet (it is the first new
         token); ``next_positions`` (B,): its position (the row's real prompt tokens). ``sampling``: draw
-        instead of choosing greedily; ``compile_step``: run the forwards compiled (``polykv.decoding.compiled``)."""
+        instead of choosing greedily; ``compile_step``: run the forwards compiled (``polykv.decoding.compiled``);
+        ``draft_tf32``: the draft's products in TF32 (``polykv.decoding.precision``)."""
         self.model, self.full, self.draft, self.sampling = model, full, draft, sampling
+        self.draft_tf32 = draft_tf32
         self._run_model = compiled_forward(model) if compile_step else model
         self.lookahead, self.max_new_tokens, self.graph, self.check_every = (
             lookahead,
@@ -104,7 +108,8 @@ class StaticChecks:
 
     def _forward(self, cache: PolyCache, ids: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         """The logits (B, keep, V) after the last ``keep`` of ``ids``. Named in profiles (``FORWARDS``)."""
-        with torch.profiler.record_function(FORWARDS[cache is self.draft]):
+        drafting = cache is self.draft
+        with torch.profiler.record_function(FORWARDS[drafting]), tf32_matmuls(self.draft_tf32 and drafting):
             output = self._run_model(
                 input_ids=ids,
                 position_ids=positions,

@@ -44,12 +44,19 @@ def run(args: argparse.Namespace) -> int:
         raise PolykvError("--compile compiles static decoding steps: add --static (or give a --draft-spec)")
     if args.lookahead is not None and not drafting:
         raise PolykvError("--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec")
+    if args.draft_tf32 and not drafting:
+        raise PolykvError("--draft-tf32 is the precision a draft proposes in: give the draft's --draft-spec")
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget, given_as="--budget")
     checked = check(spec)  # report mistakes in the spec before spending time on the model
     setup.only_for_auto(checked, [o for o, v in (("--profile", args.profile), ("--objective", args.objective)) if v])
     device = setup.device(args)
+    if args.draft_tf32 and (device != "cuda" or args.dtype != "float32"):
+        raise PolykvError(
+            f"--draft-tf32 has CUDA's float32 matrix products use TF32, which this run ({args.dtype} on {device}) "
+            "has none of: drop it, or run with --device cuda --dtype float32"
+        )
     location = setup.model_location(args)
 
     started = time.perf_counter()
@@ -132,6 +139,7 @@ def _speculate(
         static=True if args.static or args.compile else None,  # by default: fixed shapes where they can run
         sampling=sampling,
         compile_step=args.compile,
+        draft_tf32=args.draft_tf32,
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
     seconds = time.perf_counter() - started
