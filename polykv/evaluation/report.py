@@ -80,7 +80,7 @@ def markdown(data: dict) -> str:
         accuracy = [f"{c['accuracy']:.2f}" if c and c["accuracy"] is not None else "" for c in cells]
         lines.append(f"| {method} | " + " | ".join(kl) + " | " + " | ".join(accuracy) + " |")
     lines += _agreement_lines(data)
-    others = [m for m in methods if m not in SINGLES and m != FULL]
+    others = _combined(methods)
     if not others:
         lines += ["", "No method but single policies and the full cache: no gap recovery to report."]
         return "\n".join(lines) + "\n"
@@ -150,7 +150,7 @@ def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
         figure.savefig(path, dpi=120)
     plt.close(figure)
     written.append(path)
-    others = [m for m in data["methods"] if m not in SINGLES and m != FULL]
+    others = _combined(data["methods"])
     if not others:
         return written
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -256,3 +256,8 @@ def _complete(records: Sequence[Record], method: str, budget: int, tasks) -> boo
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else math.nan
+
+
+def _combined(methods: list[str]) -> list[str]:
+    """The methods that are neither a single policy nor the full cache: those with a gap recovery."""
+    return [method for method in methods if method not in SINGLES and method != FULL]

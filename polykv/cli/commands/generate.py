@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget, given_as="--budget")
     checked = check(spec)  # report mistakes in the spec before spending time on the model
-    setup.only_for_auto(checked, [o for o, v in (("--profile", args.profile), ("--objective", args.objective)) if v])
+    setup.only_for_auto(checked, {"--profile": args.profile, "--objective": args.objective})
     device = setup.device(args)
     if args.draft_tf32 and (device != "cuda" or args.dtype != "float32"):
         raise PolykvError(

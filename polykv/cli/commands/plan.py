@@ -131,14 +131,15 @@ def run(args: argparse.Namespace) -> int:
         "--setting": args.setting,
         "--objective": args.objective,
     }
-    setup.only_for_auto(checked, [option for option, value in routing.items() if value is not None])
+    setup.only_for_auto(checked, routing)
     profile = as_profile(args.profile) if args.profile else None
     device = setup.device(args)
     location = setup.model_location(args)
     print(f"loading {location.name}", file=sys.stderr)
     model, tokenizer = load_model(location, device=device)
+    chosen = {"setting": args.setting, "objective": args.objective}  # compile's defaults where not given
     plan = compile(spec, model, profile=profile, context_length=args.context, tokenizer=tokenizer,
-                   setting=args.setting or "question", objective=args.objective or "kl")  # fmt: skip
+                   **{name: value for name, value in chosen.items() if value is not None})  # fmt: skip
     sys.stdout.write(plan_text(plan))
     if args.png is not None:
         draw(plan, args.png, _sensitivity(plan))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from polykv.errors import PolykvError
@@ -44,9 +44,10 @@ def spec_argument(args: argparse.Namespace, source: str):
         raise
 
 
-def only_for_auto(checked, given: Sequence[str]) -> None:
-    """Refuse options (``given``: those on the command line) that only routing and budget solving read, for a
-    spec that leaves them nothing to decide: they would be dropped without a word."""
+def only_for_auto(checked, options: Mapping[str, object]) -> None:
+    """Refuse options (``options``: each option's value, None where not given) that only routing and budget
+    solving read, for a spec that leaves them nothing to decide: they would be dropped without a word."""
+    given = [option for option, value in options.items() if value is not None]
     if given and not checked.has_auto:
         options = " and ".join(given)
         raise PolykvError(
