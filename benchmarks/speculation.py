@@ -18,6 +18,10 @@ With ``--profile-checks``, each draft and lookahead also runs its checks eagerly
 full cache's forward, and in the rest of the check (on the CPU, operators and their CPU time), and
 the most frequent kernels of each by name (the JSON's ``check_kernels.kernels``).
 
+With ``--freeze``, the compiled forwards treat the weights as constants (inductor's ``freezing``),
+which joins the q/k/v products and the gate/up products of each layer: fewer matrix products a step,
+for a small model's steps, whose small products cost their launch more than their bytes.
+
 With ``--step-costs``, each batch also times the static steps a check is made of (the full cache's
 step of 1 and of lookahead + 1 tokens, a draft's of 1 and 2), and each row compares its check's wall
 time with what those steps add up to.
@@ -491,6 +495,9 @@ def main() -> None:
         help="a float32 model drafts with TF32 matrix products on CUDA, and checks in float32 (same output)",
     )
     parser.add_argument(
+        "--freeze", action="store_true", help="compile with the weights frozen: q/k/v and gate/up products joined"
+    )
+    parser.add_argument(
         "--profile-checks",
         action="store_true",
         help="also profile each draft's checks: kernels and their time in the draft's and the full cache's forwards",
@@ -514,6 +521,8 @@ def main() -> None:
     if args.quick or args.device == "cpu":
         args.shape_layers = []  # the 8B shape lives on a GPU
 
+    if args.freeze:
+        torch._inductor.config.freezing = True
     device = torch.device(args.device)
     model, tokenizer = polykv.load_default_model()
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
