@@ -19,12 +19,18 @@ from polykv.values import Value, format_use
 WHOLE = "full"
 
 
+# A typed converter: with converter=dict, mypy's attrs plugin leaves the parameter's key and value types
+# unbound (python/mypy#8417) and refuses every argument.
+def _params(params: Mapping[str, Value]) -> dict[str, Value]:
+    return dict(params)
+
+
 @attrs.frozen
 class Choice:
     """A policy with its parameters and budget for one layer and phase (``budget`` None: keep everything)."""
 
     policy: str
-    params: Mapping[str, Value] = attrs.field(factory=dict, converter=dict)
+    params: Mapping[str, Value] = attrs.field(factory=dict, converter=_params)
     budget: Budget | None = None
 
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
 import attrs
@@ -76,12 +76,26 @@ class LayerOptions:
         return low + share * (high - low)
 
 
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
+def _layer_options(items: Iterable[LayerOptions]) -> tuple[LayerOptions, ...]:
+    return tuple(items)
+
+
+def _layer_choices(items: Iterable[LayerChoice]) -> tuple[LayerChoice, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class BudgetProblem:
     """Choose (policy, budget) per layer minimising the summed loss, with stored tokens summing to ``total``."""
 
-    grid: tuple[int, ...] = attrs.field(converter=tuple, validator=_ascending)
-    layers: tuple[LayerOptions, ...] = attrs.field(converter=tuple)
+    grid: tuple[int, ...] = attrs.field(converter=_ints, validator=_ascending)
+    layers: tuple[LayerOptions, ...] = attrs.field(converter=_layer_options)
     total: int
     prompt_length: int
     step: int = 16
@@ -112,7 +126,7 @@ class LayerChoice:
 class Solution:
     """Every layer's choice, the predicted loss, and which solver made it (and why, in ``note``)."""
 
-    layers: tuple[LayerChoice, ...] = attrs.field(converter=tuple)
+    layers: tuple[LayerChoice, ...] = attrs.field(converter=_layer_choices)
     loss: float
     solver: str
     note: str = ""

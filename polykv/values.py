@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 #: A parameter value as the language writes it: `true`, `3`, `0.5`, `"max"`.
 Value = bool | int | float | str
@@ -22,7 +23,7 @@ SETTINGS = ("question", "context")
 OBJECTIVES = ("kl", "acceptance")
 
 #: The keyword that asks the router (or the budget solver) to decide.
-AUTO = "auto"
+AUTO: Final = "auto"
 
 #: Words of the language that cannot name a policy.
 KEYWORDS = frozenset(

@@ -238,8 +238,9 @@ class PolyLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
+    # transformers declares is_croppable a plain class attribute; a PolyLayer computes it.
     @property
-    def is_croppable(self) -> bool:
+    def is_croppable(self) -> bool:  # type: ignore[override]
         """Whether ``crop`` puts the layer back exactly as it was before the removed tokens came: true unless
         a decode policy evicts while decoding (what it evicted to make room for them cannot come back)."""
         return not self._evicts_while_decoding()
@@ -311,6 +312,7 @@ class PolyLayer(CacheLayerMixin):
         if self.hidden is not None:
             self.hidden = self.hidden[:, :length]
         if self.recent_query_positions is not None:
+            assert self.recent_queries is not None  # kept with their positions
             still = self.recent_query_positions < length
             self.recent_queries = self.recent_queries[:, :, still]
             self.recent_query_positions = self.recent_query_positions[still]
@@ -391,6 +393,7 @@ class PolyLayer(CacheLayerMixin):
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens."""
         static, self.static = self.static, None
+        assert static is not None, "end_static follows begin_static"
         static.finish(tokens)
 
     def begin_scoring(self, start: int, end: int) -> None:
@@ -446,7 +449,9 @@ class PolyLayer(CacheLayerMixin):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, change(tensor))
-        self.batch_size = self.storage.keys.shape[0]
+        keys = self.storage.keys
+        assert keys is not None  # called on an initialized layer
+        self.batch_size = keys.shape[0]
 
     # --- what polykv's attention function calls -----------------------------------------------
 
@@ -544,12 +549,14 @@ class PolyLayer(CacheLayerMixin):
     def evict_to(self, budget: int) -> None:
         """Evict down to ``budget`` tokens now with the decode policy (a draft's layer before its first check)."""
         if self.storage.size > budget:
+            assert self.decode is not None  # a layer bounded by a decode policy (StaticDecoding)
             self._evict(self.decode, budget, self.scaling, self.visibility)
 
     def _compress(self, rule: PhaseRule | None) -> None:
         """Evict down to ``rule``'s budget (for the prompt so far), if the layer holds more."""
         budget = self.budget_for(rule)
         if budget is not None:
+            assert rule is not None  # budget_for gives None without a rule
             self._check_budget(rule, budget)
             self._evict(rule, budget, self.scaling, self.visibility)
 
@@ -563,6 +570,7 @@ class PolyLayer(CacheLayerMixin):
             block = full_mask[:, 0, -new:, self.seen - new : self.seen].diagonal(dim1=-2, dim2=-1)
             repeat = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
         real = torch.cat([prompt[:, : self.prompt_length].bool(), repeat], dim=1)
+        assert self.scoring is not None and self.storage.keys is not None  # after_attention checks; it stored the keys
         self.scoring.add(queries, self.storage.keys, self.storage.positions_or_slots(), real, scaling)
 
     # --- eviction -------------------------------------------------------------------------------
@@ -627,6 +635,7 @@ class PolyLayer(CacheLayerMixin):
     def _hidden_at(self, positions: torch.Tensor) -> torch.Tensor:
         """Whether each stored token (positions (B, H, S)) is hidden from its row; later tokens never are."""
         batch, heads, _ = positions.shape
+        assert self.hidden is not None  # called only where something is hidden
         prompt = self.hidden.shape[-1]
         hidden = self.hidden[:, None, :].expand(batch, heads, prompt).gather(-1, positions.clamp(max=prompt - 1))
         return hidden & (positions < prompt)
@@ -652,6 +661,7 @@ class PolyLayer(CacheLayerMixin):
         new = queries.shape[-2]
         positions = torch.arange(self.seen - new, self.seen, device=queries.device)
         if self.recent_queries is not None and new < self._query_window:
+            assert self.recent_query_positions is not None  # kept with the queries
             queries = torch.cat([self.recent_queries, queries], dim=-2)
             positions = torch.cat([self.recent_query_positions, positions])
         recent = queries[:, :, -self._query_window :]
@@ -667,6 +677,7 @@ class PolyLayer(CacheLayerMixin):
         if lse is not None:  # the whole unpadded prompt, normalised by the attention that just ran
             grouped = inputs.grouped(queries, self.kv_heads)
             real = torch.ones(queries.shape[0], queries.shape[-2], dtype=torch.bool, device=queries.device)
+            assert self.storage.keys is not None  # this forward stored its keys
             self.accumulated = column_sums.column_sums(grouped, self.storage.keys, lse, real, scaling)
             return
         new = queries.shape[-2]
@@ -677,6 +688,7 @@ class PolyLayer(CacheLayerMixin):
             if self.real is None
             else self.real[:, -new:]
         )
+        assert self.storage.keys is not None  # this forward stored its keys
         received = inputs.accumulated_attention(
             inputs.grouped(queries, self.kv_heads),
             query_positions,
@@ -719,8 +731,12 @@ class PolyLayer(CacheLayerMixin):
         """What ``rule``'s policy sees of this layer now: stored tokens and the inputs it needs."""
         needs = rule.policy.needs()
         token_mask = self.token_mask(positions)
+        keys, values = self.storage.keys, self.storage.values
+        assert keys is not None and values is not None  # a policy chooses among stored tokens
         found: dict[str, torch.Tensor] = {}
         if needs.window:
+            # A policy that needs queries made the layer keep them (set_rules), with their positions.
+            assert self.recent_queries is not None and self.recent_query_positions is not None
             window = min(needs.window, self.recent_queries.shape[-2])
             recent = inputs.grouped(self.recent_queries[:, :, -window:], self.kv_heads)
             found["queries"] = recent
@@ -728,7 +744,7 @@ class PolyLayer(CacheLayerMixin):
                 found["window_attention"] = inputs.window_attention(
                     recent,
                     self.recent_query_positions[-window:],
-                    self.storage.keys,
+                    keys,
                     positions,
                     token_mask,
                     scaling,
@@ -747,8 +763,8 @@ class PolyLayer(CacheLayerMixin):
             layer=self.index,
             phase=self.phase,
             budget=budget,
-            keys=self.storage.keys,
-            values=self.storage.values,
+            keys=keys,
+            values=values,
             token_mask=token_mask,
             positions=positions,
             **found,

@@ -68,12 +68,11 @@ class SlotPool:
         (heads, slots), offset = self.shapes[number], self.offsets[number]
         batch, dim = self.keys.shape[0], self.keys.shape[-1]
 
-        def view(tensor: torch.Tensor | None, *tail: int) -> torch.Tensor | None:
-            if tensor is None:
-                return None
+        def view(tensor: torch.Tensor, *tail: int) -> torch.Tensor:
             return tensor.narrow(1, offset, heads * slots).view(batch, heads, slots, *tail)
 
-        return SlotBuffers(view(self.keys, dim), view(self.values, dim), view(self.positions), view(self.real))
+        real = None if self.real is None else view(self.real)
+        return SlotBuffers(view(self.keys, dim), view(self.values, dim), view(self.positions), real)
 
     def share(self, statics: Sequence[StaticDecoding]) -> None:
         """Hold the groups' (``statics``, in group order) free lists, cursors and step position in shared tensors,
@@ -96,6 +95,9 @@ class SlotPool:
         """Write a step's n tokens (B, H, n, D) into every head's next free slots, in one write."""
         if self.order is not None:  # the pool holds the heads group by group
             keys, values = keys.index_select(1, self.order), values.index_select(1, self.order)
+        # share() set these before the first write.
+        assert self.free is not None and self.cursor is not None and self.position is not None
+        assert self.rows is not None and self.token_offsets is not None
         offsets = self.token_offsets[: keys.shape[-2]]
         real = None if self.real is None else self.real_tokens
         write_pooled(

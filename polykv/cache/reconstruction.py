@@ -17,6 +17,8 @@ tokens scored (``PolyLayer`` keeps the running maximum per row, KV head and toke
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 import torch
 
@@ -29,6 +31,12 @@ SINKS = 4
 QUERY_BLOCK = 128
 
 
+# A typed converter: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class Reconstruction:
     """The token ids that ask a model to repeat its prompt, and how it is cut into chunks.
@@ -38,9 +46,9 @@ class Reconstruction:
     the user's turn and start of the assistant's, or a newline).
     """
 
-    first: tuple[int, ...] = attrs.field(converter=tuple)
-    later: tuple[int, ...] = attrs.field(converter=tuple)
-    turn: tuple[int, ...] = attrs.field(converter=tuple)
+    first: tuple[int, ...] = attrs.field(converter=_ints)
+    later: tuple[int, ...] = attrs.field(converter=_ints)
+    turn: tuple[int, ...] = attrs.field(converter=_ints)
     chunk: int = 2048
     overlap: int = 8
 

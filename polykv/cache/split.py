@@ -32,7 +32,7 @@ from polykv.budget import Tokens
 from polykv.cache.adaptive import Shares, share
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.cache.pool import SlotPool
-from polykv.cache.static import static_slots, tracks_real_tokens
+from polykv.cache.static import StaticDecoding, static_slots, tracks_real_tokens
 from polykv.errors import CacheError
 from polykv.policy import Phase, ScoringPolicy
 
@@ -217,8 +217,9 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.reset()
 
+    # transformers declares is_croppable a plain class attribute; a SplitLayer computes it.
     @property
-    def is_croppable(self) -> bool:
+    def is_croppable(self) -> bool:  # type: ignore[override]
         """Whether ``crop`` puts every group of heads back as it was (``PolyLayer.is_croppable``)."""
         return all(part.is_croppable for part in self.parts)
 
@@ -388,10 +389,12 @@ class SplitLayer(CacheLayerMixin):
         groups = [(heads, static_slots(part, room, holes, per_check)) for heads, part in self.groups]
         first = self.parts[0]
         tracks_real = any(tracks_real_tokens(part, holes) for part in self.parts)
-        pool = SlotPool(groups, first.batch_size, first.storage.keys, real=tracks_real)
+        keys = first.storage.keys
+        assert keys is not None  # a layer in its decoding phase stores tokens
+        pool = SlotPool(groups, first.batch_size, keys, real=tracks_real)
         for number, part in enumerate(self.parts):
             part.begin_static(room, slack, holes, per_check, buffers=pool.buffers(number))
-        pool.share([part.static for part in self.parts])
+        pool.share([_static(part) for part in self.parts])
         self.static = GroupsInStatic(self.parts, pool)
 
     def end_static(self, tokens: int) -> None:
@@ -412,55 +415,63 @@ class GroupsInStatic:
     @property
     def position(self) -> torch.Tensor:
         """The position of the step's first token (the pool's, which every part shares)."""
+        assert self.pool.position is not None  # set by SlotPool.share, in SplitLayer.begin_static
         return self.pool.position
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's tokens (B, H, n, D) of every head into the pool; return them (see ``SplitLayer.update``)."""
         for part in self.parts:
-            part.static.take(keys.shape[-2])
+            _static(part).take(keys.shape[-2])
         self.pool.write(keys, values)
         return keys, values
 
     def after_attention(self) -> None:
         """Move past the step's tokens (once: the parts share the position), and let each part evict as planned."""
-        self.pool.position += self.parts[0].static.tokens
+        assert self.pool.position is not None  # set by SlotPool.share, in SplitLayer.begin_static
+        self.pool.position += _static(self.parts[0]).tokens
         for part in self.parts:
-            part.static.evict_if_planned()
+            _static(part).evict_if_planned()
 
     @property
     def incoming(self) -> torch.Tensor | None:
-        return self.parts[0].static.incoming
+        return _static(self.parts[0]).incoming
 
     @incoming.setter
     def incoming(self, real: torch.Tensor | None) -> None:
         self.pool.real_tokens = real
         for part in self.parts:
-            part.static.incoming = real
+            _static(part).incoming = real
 
     def refuse(self, refused: torch.Tensor) -> None:
         for part in self.parts:
-            part.static.refuse(refused)
+            _static(part).refuse(refused)
 
     def plan_step(self) -> tuple[int, ...]:
         """The parts that evict in the coming step (every part plans it): parts of different bounds evict in
         different steps, and each set of them is a graph of its own."""
-        return tuple(number for number, part in enumerate(self.parts) if part.static.plan_step())
+        return tuple(number for number, part in enumerate(self.parts) if _static(part).plan_step())
 
     def plan_check(self) -> tuple[int, ...]:
         """The parts that evict at the end of the coming check (every part plans it)."""
-        return tuple(number for number, part in enumerate(self.parts) if part.static.plan_check())
+        return tuple(number for number, part in enumerate(self.parts) if _static(part).plan_check())
 
     def evict_for_check(self) -> None:
         for part in self.parts:
-            part.static.evict_for_check()
+            _static(part).evict_for_check()
 
     def compile_refusals(self) -> None:
         for part in self.parts:
-            part.static.compile_refusals()
+            _static(part).compile_refusals()
 
     def stepped(self, tokens: int = 1) -> None:
         for part in self.parts:
-            part.static.stepped(tokens)
+            _static(part).stepped(tokens)
 
     def nbytes(self) -> int:
         return self.pool.nbytes()
+
+
+def _static(part: PolyLayer) -> StaticDecoding:
+    """``part``'s static decoding: a SplitLayer's parts decode statically from its begin_static to its end_static."""
+    assert part.static is not None
+    return part.static

@@ -78,6 +78,8 @@ class StaticDecoding:
                     f"layer {layer.index} has a sliding window, which counts slots, so its slots cannot hold holes: "
                     "speculate with ordinary forwards (static=False)"
                 )
+            # per_check is set for a bounded layer, and one without a sliding window is bounded by its policy.
+            assert self.bound is not None and self.policy is not None
             self.target = self.bound - per_check  # what the layer holds after a check that evicts
             if self.target < self.policy.min_budget():
                 raise CacheError(
@@ -93,6 +95,7 @@ class StaticDecoding:
             )
         self.slack = 0
         if self.policy is not None:
+            assert self.bound is not None  # a policy comes with its bound (_bound_and_policy)
             if slack is None:
                 slack = min(DEFAULT_SLACK, self.bound // DEFAULT_SLACK_SHARE)
             self.slack = max(0, min(slack, self.bound - self.policy.min_budget()))
@@ -115,6 +118,7 @@ class StaticDecoding:
         self.incoming: torch.Tensor | None = None
         if tracks_real:
             self.real = buffers.real
+            assert self.real is not None  # buffers made for a layer that tracks real tokens
             self.real[:, :, : storage.size] = layer.token_mask(stored)
             self.true = torch.ones((), dtype=torch.bool, device=device)  # what a real token's slot is marked
         storage.clear()  # the slots hold the tokens now; finish() gives them back
@@ -186,6 +190,7 @@ class StaticDecoding:
     def evict_if_planned(self) -> None:
         """In an evicting step, free the slots of the lowest-ranked tokens."""
         if self.evicting and not self.per_check:
+            assert self.bound is not None  # plan_step evicts only a bounded layer
             self._free_lowest(self.held + 1 - (self.bound - self.slack), self.bound - self.slack)
 
     @torch.compiler.disable  # a policy's ranking stays eager under torch.compile: a graph break in evicting steps only
@@ -234,6 +239,7 @@ class StaticDecoding:
         if not self.evicting:
             self.held += tokens
         else:
+            assert self.bound is not None  # only a bounded layer evicts (plan_step, plan_check)
             self.held = self.target if self.per_check else self.bound - self.slack
 
     def nbytes(self) -> int:

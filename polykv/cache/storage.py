@@ -55,8 +55,10 @@ class Storage:
 
     def positions_or_slots(self) -> torch.Tensor:
         """(B, H, S) long positions, materialised from the slot order where none are stored."""
-        if self._positions is not None:
-            return self.positions.long()
+        positions = self.positions
+        if positions is not None:
+            return positions.long()
+        assert self._keys is not None  # a layer asks for positions once it stores tokens
         batch, heads = self._keys.shape[:2]
         return torch.arange(self.size, device=self._keys.device).expand(batch, heads, self.size)
 
@@ -80,6 +82,7 @@ class Storage:
         needed = self.size + new
         if needed > self.capacity or self._shared:
             self._grow(needed, limit)
+        assert self._values is not None  # stored with the keys
         self._keys[:, :, self.size : needed] = keys
         self._values[:, :, self.size : needed] = values
         if self._positions is not None:
@@ -89,8 +92,10 @@ class Storage:
 
     def keep(self, indices: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep the slots ``indices`` (B, H, K), in order of position, whose positions are ``positions`` (B, H, K)."""
-        gather = indices[..., None].expand(-1, -1, -1, self._keys.shape[-1])
-        self.hold(self.keys.gather(2, gather), self.values.gather(2, gather), positions)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None  # eviction picks among stored tokens
+        gather = indices[..., None].expand(-1, -1, -1, keys.shape[-1])
+        self.hold(keys.gather(2, gather), values.gather(2, gather), positions)
 
     def hold(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Hold exactly these (B, H, S, D) keys and values at ``positions`` (B, H, S); ``keep`` then picks."""
@@ -103,14 +108,16 @@ class Storage:
         if count >= self.size:
             return
         drop = self.size - count
-        if self._positions is None:
-            batch, heads = self._keys.shape[:2]
-            kept = torch.arange(drop, self.size, device=self._keys.device, dtype=POSITION)
+        keys, values, positions = self.keys, self.values, self.positions
+        assert keys is not None and values is not None  # more tokens stored than kept
+        if positions is None:
+            batch, heads = keys.shape[:2]
+            kept = torch.arange(drop, self.size, device=keys.device, dtype=POSITION)
             self._positions = kept.expand(batch, heads, count).contiguous()
         else:
-            self._positions = self.positions[:, :, drop:].contiguous()
-        self._keys = self.keys[:, :, drop:].contiguous()
-        self._values = self.values[:, :, drop:].contiguous()
+            self._positions = positions[:, :, drop:].contiguous()
+        self._keys = keys[:, :, drop:].contiguous()
+        self._values = values[:, :, drop:].contiguous()
         self.size = count
 
     def truncate(self, count: int) -> None:
@@ -165,14 +172,16 @@ class Storage:
     def fit(self) -> None:
         """Give back the spare room (one copy): after a burst that will not come again, such as the repeat of a
         prompt (``polykv.cache.reconstruction``)."""
-        if self._keys is not None and self.capacity > self.size:
-            self._keys, self._values = self.keys.clone(), self.values.clone()
-            if self._positions is not None:
-                self._positions = self.positions.clone()
+        keys, values, positions = self.keys, self.values, self.positions
+        if keys is not None and self.capacity > self.size:
+            assert values is not None  # stored with the keys
+            self._keys, self._values = keys.clone(), values.clone()
+            if positions is not None:
+                self._positions = positions.clone()
             self._shared = False
 
     def clear(self) -> None:
-        self.__init__()
+        type(self).__init__(self)
 
     # --- internals ------------------------------------------------------------------------------------
 
@@ -188,10 +197,12 @@ class Storage:
         capacity = -(-capacity // ALIGN) * ALIGN
         if limit is not None:
             capacity = max(needed, min(capacity, limit))
-        self._keys = _resized(self.keys, capacity)
-        self._values = _resized(self.values, capacity)
-        if self._positions is not None:
-            self._positions = _resized(self.positions, capacity)
+        keys, values, positions = self.keys, self.values, self.positions
+        assert keys is not None and values is not None  # grows only once tokens are stored
+        self._keys = _resized(keys, capacity)
+        self._values = _resized(values, capacity)
+        if positions is not None:
+            self._positions = _resized(positions, capacity)
         self._shared = False
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import attrs
 import torch
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
 
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction

@@ -156,7 +156,9 @@ def plots(data: dict, folder: Path, *, suffix: str = "") -> list[Path]:
     figure, axis = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(others))
     for number, method in enumerate(others):
-        xs, ys, errors = [], [], [[], []]
+        xs: list[float] = []
+        ys: list[float] = []
+        errors: list[list[float]] = [[], []]
         for position, budget in enumerate(budgets):
             found = (data["recovery"].get(budget) or data["recovery"].get(str(budget)) or {}).get(method)
             if found:
@@ -241,7 +243,7 @@ def _per_sample(records: Sequence[Record], method: str, budget: int, task=None) 
     )
     if task is not None:
         return [r.kl for r in chosen if (r.task, r.format) == task]
-    counts = defaultdict(int)
+    counts: defaultdict[tuple[str, str], int] = defaultdict(int)
     for record in chosen:
         counts[(record.task, record.format)] += 1
     groups = len(counts)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import attrs
 import torch
@@ -70,7 +70,7 @@ class Processes:
 
         box = [make() if self.main else None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return cast(T, box[0])  # every process holds the main's value now
 
 
 #: The work run as one process, as without torchrun.

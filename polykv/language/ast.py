@@ -8,6 +8,7 @@ code equals the same spec parsed from text. Comments and blank lines are kept as
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import attrs
 
@@ -37,6 +38,20 @@ def _candidate_names(instance: object, attribute: attrs.Attribute, value: tuple[
         _policy_name(instance, attribute, name)
         if name == AUTO:
             raise ValueError("auto cannot be its own candidate")
+
+
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _indices(items: Iterable[LayerIndex | LayerRange]) -> tuple[LayerIndex | LayerRange, ...]:
+    return tuple(items)
+
+
+def _parameters(items: Iterable[Parameter]) -> tuple[Parameter, ...]:
+    return tuple(items)
+
+
+def _strings(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
 
 
 def _finite_value(_instance: object, _attribute: attrs.Attribute, value: object) -> None:
@@ -111,7 +126,7 @@ class LayerRange:
 class LayerList:
     """A comma list of indices and ranges: ``0-3``, ``0,2,5``, ``28--1``."""
 
-    items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=tuple)
+    items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=_indices)
     span: Span | None = _span()
 
     @items.validator
@@ -139,7 +154,7 @@ class HeadList:
     statement about whole layers, whose budget is shared among their heads at prefill by the policy's
     scores (Ada-KV)."""
 
-    items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=tuple)
+    items: tuple[LayerIndex | LayerRange, ...] = attrs.field(converter=_indices)
     span: Span | None = _span()
     every: bool = attrs.field(default=False, kw_only=True)
     adaptive: bool = attrs.field(default=False, kw_only=True)
@@ -182,8 +197,8 @@ class PolicyUse:
 
     name: str = attrs.field(validator=_policy_name)
     budget: Budget | None = None
-    parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=tuple)
-    candidates: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_candidate_names)
+    parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=_parameters)
+    candidates: tuple[str, ...] = attrs.field(default=(), converter=_strings, validator=_candidate_names)
     span: Span | None = _span()
     name_span: Span | None = _span()
 
@@ -238,7 +253,7 @@ class SolverDecl:
     """``solver pyramid(beta=20)``: who shares out @auto budgets and routes auto layers."""
 
     name: str = attrs.field(validator=_is_name)
-    parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=tuple)
+    parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=_parameters)
     comment: str | None = attrs.field(default=None, validator=_comment_text)
     span: Span | None = _span()
     name_span: Span | None = _span()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import attrs
 
@@ -67,6 +68,12 @@ class HeadEntry:
     rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
 
 
+# A typed converter: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _heads(items: Iterable[HeadEntry]) -> tuple[HeadEntry, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class LayerEntry:
     """What the spec says one layer does in each phase (``auto`` and ``@auto`` still open).
@@ -79,7 +86,7 @@ class LayerEntry:
     prefill: PhaseChoice
     decode: PhaseChoice | None = None
     rule: ast.Rule | None = attrs.field(default=None, eq=False, repr=False)
-    heads: tuple[HeadEntry, ...] = attrs.field(default=(), converter=tuple)
+    heads: tuple[HeadEntry, ...] = attrs.field(default=(), converter=_heads)
     #: The layer's budget is shared among its KV heads at prefill by the policy's scores (``heads adaptive``).
     adaptive_heads: bool = False
 
@@ -355,6 +362,7 @@ class _Checker:
         declared = self.spec.model_layers
         written = None if declared is None else declared.heads
         if written is not None and not 1 <= written <= MAX_HEADS:
+            assert declared is not None  # written comes from it
             self.error(
                 "bad-head-count",
                 f"a layer has 1 to {MAX_HEADS:,} KV heads, not {written}",
@@ -363,6 +371,7 @@ class _Checker:
             )
             return self.given_heads
         if written is not None and self.given_heads is not None and written != self.given_heads:
+            assert declared is not None  # written comes from it
             self.error(
                 "head-count-mismatch",
                 f"this spec is written for {written} KV heads per layer, but {self.layers_from} has {self.given_heads}",
@@ -409,6 +418,7 @@ class _Checker:
         if rule.adaptive_heads and prefill.policy != ast.AUTO:
             policy_class = self.registry.policies.get(prefill.policy).cls
             if not (issubclass(policy_class, ScoringPolicy) and policy_class.budgeted):
+                assert rule.heads is not None  # adaptive_heads is what it says
                 self.error(
                     "adaptive-heads-without-scores",
                     f"`heads adaptive` shares a layer's budget among its heads by the scores of its policy, and "
@@ -625,8 +635,8 @@ class _Checker:
             items = list(rule.selector.items) if isinstance(rule.selector, ast.LayerList) else []
             items += list(rule.named_heads.items) if rule.named_heads is not None else []
             for item in items:
-                same_sign = (item.start < 0) == (item.stop < 0) if isinstance(item, ast.LayerRange) else False
-                if same_sign and item.start > item.stop:
+                # A range whose bounds have the same sign runs backwards whatever the count.
+                if isinstance(item, ast.LayerRange) and (item.start < 0) == (item.stop < 0) and item.start > item.stop:
                     self.error(
                         "backwards-range",
                         f"the range {item.start}-{item.stop} runs backwards",
@@ -702,8 +712,10 @@ class _Checker:
         for index, slots in units.items():
             if any(checked is None for _rule, _span, checked in slots.values()):
                 return None
-            entries[index] = _head_entries(index, [slots[head][2] for head in range(head_count)])
-        return tuple(entries)
+            assert head_count is not None  # heads were named, so their count is known (run)
+            checked_heads = [cast(CheckedRule, slots[head][2]) for head in range(head_count)]  # none is None (above)
+            entries[index] = _head_entries(index, checked_heads)
+        return tuple(cast("list[LayerEntry]", entries))  # every layer assigned, or None returned above
 
     def _claim_layers(self, claims, units, headed_layers, bounds, rule, item, checked, assigned) -> bool:
         """Claim whole layers; an error (False) where a statement named them, or some of their heads, before."""
@@ -773,9 +785,9 @@ class _Checker:
                     "layers `*` stands for already given a policy by an earlier `*` statement",
                     rule.named_heads.span,
                     hint="give each head to one `* heads ...` statement",
-                    notes=[Note("first given here", seen[repeated[0]].named_heads.span)]
-                    if seen[repeated[0]].named_heads
-                    else [],
+                    notes=[Note("first given here", first.span)]
+                    if (first := seen[repeated[0]].named_heads) is not None and first.span is not None
+                    else [],  # a spec built in code has no spans to point at
                 )
                 ok = False
             seen.update({head: rule for head in heads})
@@ -808,7 +820,8 @@ class _Checker:
         anchor = self.spec.model_layers or (self.spec.rules[-1] if self.spec.rules else None)
         place = anchor.span if anchor else None
         whole = uncovered + [(layer, layer) for layer, heads in missing if len(heads) == head_count]
-        partial = [(layer, heads) for layer, heads in missing if len(heads) < head_count]
+        # Heads are missing only from a spec laid out with its head count.
+        partial = [(layer, heads) for layer, heads in missing if len(heads) < cast(int, head_count)]
         if whole:
             whole.sort()
             listed = _interval_words(whole)
@@ -836,6 +849,7 @@ class _Checker:
 
     def _head_set(self, heads: ast.HeadList, head_count: int | None) -> frozenset[int] | None:
         """The KV heads ``heads`` names, or None (after an error) when one does not exist."""
+        assert head_count is not None  # a spec that names heads is laid out only with their count (run)
         if heads.every:
             return frozenset(range(head_count))
         found: set[int] = set()
@@ -864,6 +878,7 @@ class _Checker:
                 return None
             resolved.append(actual)
         if len(resolved) == 2 and resolved[0] > resolved[1]:
+            assert isinstance(item, ast.LayerRange)  # two bounds
             if (item.start < 0) != (item.stop < 0):  # same-sign ranges were reported already
                 self.error(
                     "backwards-range",
@@ -910,7 +925,7 @@ class _Checker:
         elif not decl.total:
             shares = [_mean([_percent_share(prefill) for prefill, _decode in e.choices]) for e in layers]
             if all(share is not None for share in shares):
-                average = sum(shares) / count
+                average = sum(cast("list[float]", shares)) / count
                 if average > decl.amount.value:
                     self.error(
                         "budget-exceeds-total",
@@ -1025,7 +1040,7 @@ def _fixed_tokens(entry: LayerEntry) -> float:
 
 
 def _mean(values: list[float | None]) -> float | None:
-    return None if any(v is None for v in values) else sum(values) / len(values)
+    return None if any(v is None for v in values) else sum(cast("list[float]", values)) / len(values)
 
 
 def _percent_share(choice: PhaseChoice) -> float | None:

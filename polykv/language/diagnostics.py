@@ -31,6 +31,12 @@ class Note:
     span: Span
 
 
+# A typed converter: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _notes(items: Iterable[Note]) -> tuple[Note, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class Diagnostic:
     """One finding about a spec. ``code`` names its kind for tools (``--json``) and tests."""
@@ -39,7 +45,7 @@ class Diagnostic:
     message: str
     span: Span | None = None
     hint: str | None = None
-    notes: tuple[Note, ...] = attrs.field(default=(), converter=tuple)
+    notes: tuple[Note, ...] = attrs.field(default=(), converter=_notes)
 
     def format(self) -> str:
         lines = [_located(self.span, "error", self.message)]

@@ -125,12 +125,13 @@ def parse_recovering(text: str, source: str = "<string>") -> tuple[ast.Spec, lis
             _COMMENTS.reset(token)
         if start == 0:
             spec, invalid = _Builder(src, comments).build(tree)
-            return spec, sorted(diagnostics + invalid, key=lambda d: d.span.start)
+            return spec, sorted(diagnostics + invalid, key=lambda d: _span(d).start)
         start = 0  # every error is blanked: parse the whole text once more, for its tree
 
 
 def _too_many_statements(src: Source, statements: Statements) -> Diagnostic:
     offset = statements.start_of(MAX_STATEMENTS)
+    assert offset is not None  # there are more statements than that
     return Diagnostic(
         "too-many-statements",
         f"a spec has at most {MAX_STATEMENTS:,} statements (one per layer of the largest model polykv takes, "
@@ -262,6 +263,7 @@ class _Invalid(Exception):
 def _syntax_diagnostic(error: lark.UnexpectedInput, src: Source, working: str, start: int) -> tuple[Diagnostic, int]:
     """The diagnostic for ``error``, raised parsing ``working[start:]``, and the offset it is at in ``working``."""
     if isinstance(error, lark.UnexpectedCharacters):
+        assert error.pos_in_stream is not None  # lark sets it for an unexpected character
         offset = start + error.pos_in_stream
         char = working[offset]
         expected = set(error.allowed or ())
@@ -305,6 +307,7 @@ class _ToAst(Transformer):
         return Span.at(self._source, meta.start_pos, meta.end_pos)
 
     def _token_span(self, token: Token) -> Span:
+        assert token.start_pos is not None and token.end_pos is not None  # the parser's tokens have positions
         return Span.at(self._source, token.start_pos, token.end_pos)
 
     def start(self, meta, *statements):
@@ -445,8 +448,8 @@ class _Builder:
     def build(self, tree: lark.Tree) -> tuple[ast.Spec, list[Diagnostic]]:
         """The spec, and the diagnostics of statements that parse but hold an invalid token (left out)."""
         statements, invalid = self._statements(tree)
-        statement_ends = {s.span.end_line for s in statements}
-        last_on_line = {s.span.end_line: s for s in statements}
+        statement_ends = {_span(s).end_line for s in statements}
+        last_on_line = {_span(s).end_line: s for s in statements}
         trailing: dict[int, str] = {}
         positioned: list[tuple[int, int, ast.Item]] = []
         for token in self._comments:
@@ -454,13 +457,15 @@ class _Builder:
             if token.line in statement_ends:
                 trailing[id(last_on_line[token.line])] = text
             else:
+                # The parser's tokens have positions.
+                assert token.line is not None and token.start_pos is not None and token.end_pos is not None
                 span = Span.at(self._source, token.start_pos, token.end_pos)
                 positioned.append((token.line, token.line, ast.Comment(text, span=span)))
         for statement in statements:
             if id(statement) in trailing:
                 statement = attrs.evolve(statement, comment=trailing[id(statement)])
-            positioned.append((statement.span.line, statement.span.end_line, statement))
-        positioned.sort(key=lambda entry: (entry[0], entry[2].span.start))
+            positioned.append((_span(statement).line, _span(statement).end_line, statement))
+        positioned.sort(key=lambda entry: (entry[0], _span(entry[2]).start))
         items: list[ast.Item] = []
         previous_end = None
         for line, end_line, item in positioned:
@@ -481,6 +486,13 @@ class _Builder:
                 if not isinstance(error.orig_exc, _Invalid):
                     raise error.orig_exc from None
                 found = error.orig_exc
+                assert found.token.start_pos is not None and found.token.end_pos is not None  # a parsed token
                 span = Span.at(self._source, found.token.start_pos, found.token.end_pos)
                 invalid.append(Diagnostic("syntax", str(found), span, hint=found.hint))
         return statements, invalid
+
+
+def _span(node: ast.Item | Diagnostic) -> Span:
+    """The span of a statement, comment or diagnostic the parser made: each has one."""
+    assert node.span is not None
+    return node.span

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import decimal
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from polykv.language import ast
 from polykv.values import format_use, format_value
@@ -44,7 +44,8 @@ def layer_ranges(indices: Iterable[int]) -> str:
     parts: list[str] = []
     start = previous = None
     for index in [*ordered, None]:
-        if start is not None and (index is None or index != previous + 1):
+        # previous is set whenever start is.
+        if start is not None and (index is None or index != cast(int, previous) + 1):
             parts.append(str(start) if start == previous else f"{start}-{previous}")
             start = None
         if index is not None and start is None:

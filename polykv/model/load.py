@@ -57,6 +57,7 @@ class ModelLocation:
         """Where to read the model from: the bundled model's converted folder when it is there and fresh."""
         if not self.bundled:
             return self
+        assert self.gguf_file is not None  # the bundled model is a GGUF file
         folder = converted.fresh_folder(self.name, self.directory / self.gguf_file)
         return self if folder is None else attrs.evolve(self, directory=folder, gguf_file=None, bundled=False)
 
@@ -64,6 +65,7 @@ class ModelLocation:
         """Where to load the model from: the bundled model's converted folder, converted first if needed."""
         if not self.bundled:
             return self
+        assert self.gguf_file is not None  # the bundled model is a GGUF file
         folder = converted.converted_folder(self.name, self.directory / self.gguf_file)
         return self if folder is None else attrs.evolve(self, directory=folder, gguf_file=None, bundled=False)
 
@@ -113,6 +115,7 @@ def _known(location: ModelLocation) -> ModelLocation:
         bundled = default_model_location()
     except ModelError:  # not installed: the file is some other model
         return location
+    assert location.gguf_file is not None and bundled.gguf_file is not None  # both name a GGUF file
     same = (location.directory / location.gguf_file).resolve() == (bundled.directory / bundled.gguf_file).resolve()
     return bundled if same else location
 
@@ -194,7 +197,8 @@ def load_weights(
         )
     model.config.name_or_path = source.name  # what plans, profiles and messages call it
     if device:
-        model = model.to(device)
+        # transformers wraps Module.to with functools.wraps on the method, whose type takes self as its first argument.
+        model = model.to(device)  # type: ignore[arg-type]
     return model.eval()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -94,6 +95,8 @@ def compile(
         windows=windows,
         heads=info.kv_heads,
     )
+    assert checked.layers is not None  # checked against the model's layer and KV head counts
+    decisions: Sequence[Decision]
     if checked.has_auto:  # resolution decides what is open, shown for one prompt length
         found = _profile_for(model, profile, setting, objective, heads=checked.routes_heads)
         context = context_length or (found.prompt_length if found else DEFAULT_CONTEXT)

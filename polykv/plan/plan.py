@@ -9,7 +9,7 @@ context manager, gives the model back its own attention afterwards).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 import torch
@@ -43,6 +43,16 @@ class HeadPlan:
         return self.prefill.describe() + (f" decode {self.decode.describe()}" if self.decode else "")
 
 
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _head_plans(items: Iterable[HeadPlan]) -> tuple[HeadPlan, ...]:
+    return tuple(items)
+
+
+def _layer_plans(items: Iterable[LayerPlan]) -> tuple[LayerPlan, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class LayerPlan:
     """What one layer does in each phase, where it lives, what it can see, and the measurements that decided it.
@@ -58,7 +68,7 @@ class LayerPlan:
     dtype: str
     sliding_window: int | None = None
     measurements: Mapping[str, float] = attrs.field(factory=dict)
-    heads: tuple[HeadPlan, ...] = attrs.field(default=(), converter=tuple)
+    heads: tuple[HeadPlan, ...] = attrs.field(default=(), converter=_head_plans)
     #: The layer's budget is shared among its KV heads at prefill by its policy's scores (``heads adaptive``).
     adaptive_heads: bool = False
 
@@ -101,7 +111,7 @@ class Plan:
 
     spec: str
     model: ModelInfo
-    layers: tuple[LayerPlan, ...] = attrs.field(converter=tuple)
+    layers: tuple[LayerPlan, ...] = attrs.field(converter=_layer_plans)
     resolver: Resolver | None = None
     context_length: int | None = None
     reconstruction: Reconstruction | None = None  # how to ask the model to repeat a prompt (kvzip)

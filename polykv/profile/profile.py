@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -62,6 +62,16 @@ class TunedRegime:
     measured: Mapping[str, float] = attrs.field(factory=dict)  # the composed losses it was chosen on
 
 
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
+def _regimes(items: Iterable[TunedRegime]) -> tuple[TunedRegime, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class Profile:
     """Measured losses of one model's layers: ``losses[task][layer][policy][budget]`` over ``grid``."""
@@ -69,13 +79,13 @@ class Profile:
     model: ModelInfo
     fingerprint: tuple[float, ...]
     settings: Mapping[str, Any]
-    grid: tuple[int, ...] = attrs.field(converter=tuple)
+    grid: tuple[int, ...] = attrs.field(converter=_ints)
     policies: Mapping[str, Mapping[str, Value]]
     losses: Mapping[str, LossTable]
     signals: Mapping[str, Mapping[str, list[float]]] = attrs.field(factory=dict)
     curves: Mapping[str, Mapping[str, LossTable]] = attrs.field(factory=dict)
     weights: Mapping[str, float] = attrs.field(factory=dict)
-    regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=tuple)
+    regimes: tuple[TunedRegime, ...] = attrs.field(default=(), converter=_regimes)
     #: Prefill time with each policy on every layer over the full cache's, on the calibration prompts.
     costs: Mapping[str, float] = attrs.field(factory=dict)
     #: Per task, the losses with one KV head of one layer compressed (empty: heads were not measured).

@@ -34,15 +34,15 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, cast
 
 import attrs
 
 from polykv.budget import Budget, Share, Tokens
 from polykv.choice import WHOLE, Choice
 from polykv.language import ast
-from polykv.language.check import CheckedSpec, HeadEntry, PhaseChoice
+from polykv.language.check import CheckedSpec, HeadEntry, LayerEntry, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
 from polykv.profile import Profile, ProfileError
 from polykv.registry import Registry
@@ -61,6 +61,32 @@ DEFAULT_SOLVER = "polykv"
 RequestBudget = Budget | Literal["auto"] | None
 
 
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
+def _strings(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+def _requests(items: Iterable[Request]) -> tuple[Request, ...]:
+    return tuple(items)
+
+
+def _choices(items: Iterable[Choice]) -> tuple[Choice, ...]:
+    return tuple(items)
+
+
+def _loss_tables(items: Iterable[Mapping[str, tuple[Loss, ...]]]) -> tuple[Mapping[str, tuple[Loss, ...]], ...]:
+    return tuple(items)
+
+
+def _regimes(items: Iterable[Regime]) -> tuple[Regime, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class Request:
     """What the spec asks of one layer's prefill, as resolution reads it.
@@ -75,7 +101,7 @@ class Request:
     candidates: tuple[str, ...] = ()
     #: One request per KV head, for a layer whose heads choose for themselves: each decided, or left open
     #: to be routed and budgeted on its own (the other fields are then the first head's).
-    heads: tuple[Request, ...] = attrs.field(default=(), converter=tuple)
+    heads: tuple[Request, ...] = attrs.field(default=(), converter=_requests)
 
     @property
     def open_budget(self) -> bool:
@@ -94,13 +120,13 @@ class Request:
 
     def choice(self) -> Choice:
         """The choice of a decided request (its first head's, where heads differ)."""
-        return Choice(self.policy, self.params, self.budget)
+        return Choice(self.policy, self.params, _fixed(self.budget))
 
     def tokens(self, prompt_length: int) -> int | None:
         """What a decided request stores per row and KV head (None: the whole prompt); where heads differ, the
         mean over heads rounded up, a head kept whole counting the prompt."""
         if not self.heads:
-            return _tokens(self.budget, prompt_length)
+            return _tokens(_fixed(self.budget), prompt_length)
         kept = [min(head.tokens(prompt_length) or prompt_length, prompt_length) for head in self.heads]
         return -(-sum(kept) // len(kept))
 
@@ -119,8 +145,15 @@ class Request:
         return self.policy == ast.AUTO and name in self.candidates and len(self.candidates) > 1
 
 
+def _fixed(budget: RequestBudget) -> Budget | None:
+    """The budget of a request that leaves none open (decided, or routed at its budget): never ``auto``."""
+    assert budget != AUTO
+    return budget
+
+
 def _structure_request_budget(data: object, _type: object) -> RequestBudget:
-    return data if data is None or data == AUTO else converter.structure(data, Budget)
+    # cattrs types structure's class as type[T], which a union (Budget) is not, though cattrs structures it.
+    return data if data is None or data == AUTO else converter.structure(data, Budget)  # type: ignore[arg-type]
 
 
 converter.register_structure_hook(RequestBudget, _structure_request_budget)
@@ -133,7 +166,7 @@ class Decision:
 
     choice: Choice
     measurements: Mapping[str, float] = attrs.field(factory=dict)
-    heads: tuple[Choice, ...] = attrs.field(default=(), converter=tuple)
+    heads: tuple[Choice, ...] = attrs.field(default=(), converter=_choices)
 
     def head_choices(self, kv_heads: int) -> tuple[Choice, ...]:
         """What each of the layer's ``kv_heads`` KV heads does."""
@@ -151,7 +184,7 @@ class Regime:
 
     ratio: float
     floor: int
-    tables: tuple[Mapping[str, tuple[Loss, ...]], ...] = attrs.field(converter=tuple)
+    tables: tuple[Mapping[str, tuple[Loss, ...]], ...] = attrs.field(converter=_loss_tables)
     #: Per layer, per KV head: its table (from a profile that measured heads; empty otherwise).
     head_tables: tuple[tuple[Mapping[str, tuple[Loss, ...]], ...], ...] = attrs.field(
         default=(), converter=lambda tables: tuple(tuple(layer) for layer in tables)
@@ -165,19 +198,19 @@ class Resolver:
     ``total`` is the spec's total budget: tokens over all layers, or a share of the prompt per layer.
     """
 
-    requests: tuple[Request, ...] = attrs.field(converter=tuple)
+    requests: tuple[Request, ...] = attrs.field(converter=_requests)
     total: Budget | None
     solver: str
     solver_params: Mapping[str, Value]
-    grid: tuple[int, ...] = attrs.field(converter=tuple)
-    regimes: tuple[Regime, ...] = attrs.field(converter=tuple)
+    grid: tuple[int, ...] = attrs.field(converter=_ints)
+    regimes: tuple[Regime, ...] = attrs.field(converter=_regimes)
     policy_params: Mapping[str, Mapping[str, Value]]
     signals: Mapping[str, tuple[float, ...]]
     prefill_limit: float | None = None
     #: Calibrated prefill time per policy over the full cache's; ``passes`` cost a pass of the whole
     #: model (reconstruction), paid once however many layers use them.
     costs: Mapping[str, float] = attrs.field(factory=dict)
-    passes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    passes: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
     def decide(self, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
         """Every layer's decision for a prompt of ``prompt_length`` tokens."""
@@ -208,7 +241,9 @@ class Resolver:
     def average_budget(self, prompt_length: int) -> float | None:
         """Tokens per layer the spec allows on average for ``prompt_length`` tokens (None: not a budget spec)."""
         if self.total is None:
-            fixed = [r.tokens(prompt_length) for r in self.requests if r.heads or r.budget not in (None, AUTO)]
+            # A request with heads or a budget stores a number of tokens (tokens() is None only without both).
+            kept = [r for r in self.requests if r.heads or r.budget not in (None, AUTO)]
+            fixed = [cast(int, r.tokens(prompt_length)) for r in kept]
             return sum(fixed) / len(fixed) if fixed else None
         return self.total_tokens(prompt_length) / len(self.requests)
 
@@ -223,7 +258,7 @@ class Resolver:
 
 def requests(checked: CheckedSpec) -> list[Request]:
     """The per-layer requests of a checked spec (prefill phase)."""
-    return [_request(entry.prefill, entry.heads) for entry in checked.layers]
+    return [_request(entry.prefill, entry.heads) for entry in _layers(checked)]
 
 
 def _request(choice: PhaseChoice, heads: Sequence[HeadEntry] = ()) -> Request:
@@ -231,7 +266,7 @@ def _request(choice: PhaseChoice, heads: Sequence[HeadEntry] = ()) -> Request:
         chosen = [_request(head.prefill) for head in heads]
         first = chosen[0]
         return Request(first.policy, first.params, first.budget, first.candidates, heads=chosen)
-    budget = AUTO if isinstance(choice.budget, ast.AutoBudget) else fixed_budget(choice.budget)
+    budget: RequestBudget = AUTO if isinstance(choice.budget, ast.AutoBudget) else fixed_budget(choice.budget)
     if choice.policy == ast.AUTO:
         return Request(ast.AUTO, {}, budget, choice.candidates or ())
     return Request(choice.policy, dict(choice.params), budget, (choice.policy,) if budget == AUTO else ())
@@ -265,6 +300,7 @@ def resolver(
     needs_tables = solver_class.reads_losses or any(r.policy == ast.AUTO for r in found)
     everything = tuple(sorted(registry.policies.names()))
     problems: list[Diagnostic] = []
+    grid: tuple[int, ...]
     if profile is None:
         if needs_tables or solver_class.reads_signals:
             raise SpecError(
@@ -281,7 +317,7 @@ def resolver(
         grid, policy_params, signals = (STEP,), {}, {}
         regimes = [Regime(1.0, 1, [{} for _ in found])]
     else:
-        missing = [name for name in profile.policies if name not in registry.policies]
+        missing: Sequence[str] | None = [name for name in profile.policies if name not in registry.policies]
         if missing:
             raise ProfileError(
                 f"the profile measured {', '.join(missing)}, which is not installed here: install the plugin that "
@@ -322,7 +358,7 @@ def resolver(
     if problems:
         raise SpecError(_unique(problems))
     decl = checked.budget
-    total = None
+    total: Budget | None = None
     if decl is not None:
         if isinstance(decl.amount, ast.Percent):
             total = Share(decl.amount.value)
@@ -366,7 +402,7 @@ def _granularity_problems(
     if not open_heads:
         return []
     index, head = open_heads[0]
-    use = checked.layers[index].heads[head].prefill.use
+    use = _layers(checked)[index].heads[head].prefill.use
     span = use.span if use is not None else None
     problems = []
     if profile is not None and not profile.measures_heads and needs_tables:
@@ -382,7 +418,7 @@ def _granularity_problems(
         )
     solved_by_layer = next((i for i, r in enumerate(found) if not r.heads and r.open_budget), None)
     if solved_by_layer is not None and any(found[i].heads[h].open_budget for i, h in open_heads):
-        layer_use = checked.layers[solved_by_layer].prefill.use
+        layer_use = _layers(checked)[solved_by_layer].prefill.use
         problems.append(
             Diagnostic(
                 "mixed-granularity",
@@ -404,6 +440,7 @@ def _with_costs(built: Resolver, checked: CheckedSpec, profile: Profile, registr
     limit, decl = checked.prefill_limit, checked.spec.prefill_limit
     if limit is None:
         return limited
+    assert decl is not None  # the limit is the declaration's
     unmeasured = sorted(used - set(costs))
     if unmeasured:
         raise SpecError(
@@ -555,7 +592,7 @@ def _decide_requests(
             decisions[index] = Decision(request.choice())
             options.append(LayerOptions(fixed=(request.policy, request.tokens(prompt_length))))
         elif not request.open_budget:  # auto@N: route at a fixed budget
-            tokens = _tokens(request.budget, prompt_length)
+            tokens = _tokens(_fixed(request.budget), prompt_length)
             decision = _route(resolver, request, table, tokens, prompt_length)
             decisions[index] = decision
             options.append(LayerOptions(fixed=(decision.choice.policy, tokens)))
@@ -574,7 +611,7 @@ def _decide_requests(
             decisions[index] = Decision(
                 Choice(choice.policy, params, Tokens(choice.tokens)), _measured(resolver, regime, index, choice)
             )
-    return tuple(decisions)
+    return tuple(cast("list[Decision]", decisions))  # every layer decided: as written, routed or solved
 
 
 def _decide_heads(
@@ -612,7 +649,8 @@ def _decide_heads(
             request = found[index].heads[head]
             decided[index][head] = _solved(resolver, request, solution.layers[unit])
     decisions = []
-    for request, layer in zip(found, decided):
+    # Every head decided: as written, routed, or solved.
+    for request, layer in zip(found, cast("list[list[Decision]]", decided)):
         if not request.heads:
             decisions.append(layer[0])
             continue
@@ -625,7 +663,7 @@ def _fixed_decision(resolver: Resolver, request: Request, table, prompt_length: 
     """A request without an open budget, decided: as written, or routed at its budget."""
     if request.decided:
         return Decision(request.choice())
-    return _route(resolver, request, table, _tokens(request.budget, prompt_length), prompt_length)
+    return _route(resolver, request, table, _tokens(_fixed(request.budget), prompt_length), prompt_length)
 
 
 def _solved(resolver: Resolver, request: Request, choice) -> Decision:
@@ -644,11 +682,12 @@ def _route(resolver: Resolver, request: Request, table, tokens: int | None, prom
     """The candidate policy with the least loss at ``tokens`` (the first candidate on ties)."""
     if tokens is None or tokens >= prompt_length:
         name = request.candidates[0]
-        return Decision(Choice(name, resolver.policy_params.get(name, {}), request.budget), {"loss": 0.0})
+        return Decision(Choice(name, resolver.policy_params.get(name, {}), _fixed(request.budget)), {"loss": 0.0})
     options = LayerOptions({name: table[name] for name in request.candidates})
     losses = {name: options.loss_at(name, tokens, resolver.grid) for name in request.candidates}
     name = min(request.candidates, key=lambda n: (losses[n], request.candidates.index(n)))
-    return Decision(Choice(name, resolver.policy_params.get(name, {}), request.budget), {"loss": losses[name]})
+    budget = _fixed(request.budget)
+    return Decision(Choice(name, resolver.policy_params.get(name, {}), budget), {"loss": losses[name]})
 
 
 def _layer_options(resolver: Resolver, request: Request, table, floor: int, registry: Registry) -> LayerOptions:
@@ -697,7 +736,7 @@ def _measured(resolver: Resolver, regime: Regime, index: int, choice) -> dict[st
 def _parameter_mismatches(checked: CheckedSpec, found: list[Request], profile: Profile) -> list[Diagnostic]:
     """A named policy solved from the profile must have the parameters the profile measured it with."""
     problems = []
-    for entry, request in zip(checked.layers, found):
+    for entry, request in zip(_layers(checked), found):
         if not request.open_budget or request.policy == ast.AUTO or request.policy not in profile.policies:
             continue
         measured = dict(profile.policies[request.policy])
@@ -715,7 +754,7 @@ def _parameter_mismatches(checked: CheckedSpec, found: list[Request], profile: P
 
 
 def _unmeasured(checked: CheckedSpec, index: int, wanted: Sequence[str], profile: Profile | None) -> Diagnostic:
-    use = checked.layers[index].prefill.use
+    use = _layers(checked)[index].prefill.use
     measured = ", ".join(profile.policies) if profile else "none"
     return Diagnostic(
         "not-calibrated",
@@ -726,7 +765,7 @@ def _unmeasured(checked: CheckedSpec, index: int, wanted: Sequence[str], profile
 
 
 def _first_open_span(checked: CheckedSpec):
-    for entry in checked.layers:
+    for entry in _layers(checked):
         choice = entry.prefill
         if choice.is_open:
             return choice.use.span if choice.use is not None else None
@@ -741,3 +780,9 @@ def _unique(problems: list[Diagnostic]) -> list[Diagnostic]:
             seen.add(key)
             kept.append(problem)
     return kept
+
+
+def _layers(checked: CheckedSpec) -> tuple[LayerEntry, ...]:
+    """The checked spec's layers: resolution reads a spec checked against its model, whose layer count is known."""
+    assert checked.layers is not None
+    return checked.layers

@@ -30,7 +30,8 @@ from polykv.tasks.tasks import Sample, need_chat_template
 def read_jsonl(path: str | Path, tokenizer, *, format: str = "raw", max_length: int | None = None) -> list[Sample]:
     """The samples in ``path``; a malformed line is an error naming the file and line."""
     path = Path(path)
-    samples, lines_of = [], {}
+    samples: list[Sample] = []
+    lines_of: dict[tuple[str, int], int] = {}
     for number, record in json_objects(path):
         sample = _sample(record, path, number, tokenizer, format, max_length)
         earlier = lines_of.setdefault((sample.task, sample.seed), number)

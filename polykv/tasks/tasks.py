@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -42,6 +42,16 @@ FORMATS = ("raw", "chat")
 CONTINUATION = 32
 
 
+# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
+# (python/mypy#8417) and refuses every argument.
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
+def _strings(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class Sample:
     """One prompt, the tokens that truly follow it, and what a correct answer contains."""
@@ -50,14 +60,14 @@ class Sample:
     format: str
     seed: int
     split: str
-    prompt: tuple[int, ...] = attrs.field(converter=tuple, repr=False)
-    target: tuple[int, ...] = attrs.field(converter=tuple, repr=False)
-    expected: tuple[str, ...] = attrs.field(converter=tuple)
+    prompt: tuple[int, ...] = attrs.field(converter=_ints, repr=False)
+    target: tuple[int, ...] = attrs.field(converter=_ints, repr=False)
+    expected: tuple[str, ...] = attrs.field(converter=_strings)
     depth: float | None = None
     # The prompt cut where the question starts, each part tokenized alone: for asking after the context
     # was compressed (an empty question: the prompt has none, all of it is context).
-    context: tuple[int, ...] = attrs.field(default=(), converter=tuple, repr=False)
-    question: tuple[int, ...] = attrs.field(default=(), converter=tuple, repr=False)
+    context: tuple[int, ...] = attrs.field(default=(), converter=_ints, repr=False)
+    question: tuple[int, ...] = attrs.field(default=(), converter=_ints, repr=False)
 
     @property
     def length(self) -> int:
@@ -216,10 +226,13 @@ def _token_count(tokenizer, split: str, index: int) -> int:
 
 # --- the tasks ----------------------------------------------------------------------------------------------
 
+#: A sample's first fields: (task, format, seed, split).
+_Identity = tuple[str, str, int, str]
+
 _HAYSTACK = "A special piece of information is hidden in the following text. Find it and remember it."
 
 
-def _passkey(b: _Builder, length: int, identity) -> Sample:
+def _passkey(b: _Builder, length: int, identity: _Identity) -> Sample:
     key = b.number(5)
     depth = b.rng.random()
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
@@ -228,7 +241,7 @@ def _passkey(b: _Builder, length: int, identity) -> Sample:
     return Sample(*identity, prompt, b.target(f" {key}."), (key,), depth, context=context, question=question_ids)
 
 
-def _niah(b: _Builder, length: int, identity) -> Sample:
+def _niah(b: _Builder, length: int, identity: _Identity) -> Sample:
     (word,) = b.words(1)
     value = b.number()
     depth = b.rng.random()
@@ -239,7 +252,7 @@ def _niah(b: _Builder, length: int, identity) -> Sample:
     return Sample(*identity, prompt, b.target(f" {value}."), (value,), depth, context=context, question=question_ids)
 
 
-def _multikey(b: _Builder, length: int, identity) -> Sample:
+def _multikey(b: _Builder, length: int, identity: _Identity) -> Sample:
     words = b.words(4)
     values = [b.number() for _ in words]
     depths = sorted(b.rng.random() for _ in words)
@@ -254,7 +267,7 @@ def _multikey(b: _Builder, length: int, identity) -> Sample:
     )
 
 
-def _multivalue(b: _Builder, length: int, identity) -> Sample:
+def _multivalue(b: _Builder, length: int, identity: _Identity) -> Sample:
     (word,) = b.words(1)
     values = [b.number() for _ in range(3)]
     depths = sorted(b.rng.random() for _ in values)
@@ -273,7 +286,7 @@ def _multivalue(b: _Builder, length: int, identity) -> Sample:
     )
 
 
-def _vartrack(b: _Builder, length: int, identity) -> Sample:
+def _vartrack(b: _Builder, length: int, identity: _Identity) -> Sample:
     names = [word.upper()[:5] for word in b.words(8)]
     value, other = b.number(5), b.number(5)
     chain, distractor = names[:4], names[4:7]
@@ -299,7 +312,7 @@ def _vartrack(b: _Builder, length: int, identity) -> Sample:
     )
 
 
-def _copy(b: _Builder, length: int, identity) -> Sample:
+def _copy(b: _Builder, length: int, identity: _Identity) -> Sample:
     pool = paragraphs(b.split)
     source = pool[b.rng.randrange(len(pool))]
     words = source.split()
@@ -310,7 +323,7 @@ def _copy(b: _Builder, length: int, identity) -> Sample:
     return Sample(*identity, prompt, b.target(rest)[:CONTINUATION], (), depth, context=context, question=question_ids)
 
 
-def _continue(b: _Builder, length: int, identity) -> Sample:
+def _continue(b: _Builder, length: int, identity: _Identity) -> Sample:
     tokens = b.encode(b._prose(length + 2 * CONTINUATION))
     return Sample(*identity, tokens[:length], tokens[length : length + CONTINUATION], ())
 

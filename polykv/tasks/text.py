@@ -45,7 +45,7 @@ def paragraphs(split: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def _both() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _both() -> tuple[tuple[str, ...], ...]:
     kept = _kept_file()
     if kept is not None and kept.is_file():
         try:
@@ -69,7 +69,7 @@ def _kept_file() -> Path | None:
     return root / "prose" / f"{key.hexdigest()[:16]}.json"
 
 
-def _keep(path: Path, both: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+def _keep(path: Path, both: tuple[tuple[str, ...], ...]) -> None:
     """Write the paragraphs whole or not at all; a folder that cannot be written only costs the next run time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def _keep(path: Path, both: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
         pass
 
 
-def _read_the_library() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _read_the_library() -> tuple[tuple[str, ...], ...]:
     found: dict[str, list[str]] = {split: [] for split in SPLITS}
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):

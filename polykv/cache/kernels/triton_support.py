@@ -13,8 +13,9 @@ from collections.abc import Callable
 import torch
 
 try:
-    import triton
-    import triton.language as tl
+    # triton comes with CUDA builds of torch only; without it the kernels are not offered.
+    import triton  # type: ignore[import-not-found,unused-ignore]
+    import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 except ImportError:
     triton = tl = None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from polykv.errors import PolykvError
 from polykv.files import UnreadableFile
@@ -43,7 +43,7 @@ def validate(args: argparse.Namespace) -> int:
         layers, layers_from = layer_count(location), f"the model ({location.name})"
         heads = kv_head_count(location)
     registry = default_registry()
-    results = []
+    results: list[tuple[str, CheckedSpec | None, SpecError | None]] = []
     for name in args.files:
         try:
             source = read_source(name)
@@ -60,11 +60,12 @@ def validate(args: argparse.Namespace) -> int:
         failed = any(error is not None for _, _, error in results)
         print(json.dumps({"ok": not failed, "files": [_result_json(*r) for r in results]}, indent=2))
     else:
-        for name, checked, error in results:
-            if error is not None:
-                print(error.format(), file=sys.stderr)
+        for name, found, problem in results:
+            if problem is not None:
+                print(problem.format(), file=sys.stderr)
             else:
-                print(summary(name, checked))
+                assert found is not None  # a file without errors was checked
+                print(summary(name, found))
     return 1 if any(error is not None for _, _, error in results) else 0
 
 
@@ -132,6 +133,7 @@ def _result_json(name: str, checked: CheckedSpec | None, error: SpecError | None
     if error is not None:
         errors = [d.to_dict() for d in error.diagnostics]
         return {"file": name, "ok": False, "errors": errors, "unreported_errors": error.unreported}
+    assert checked is not None  # a file without errors was checked
     result: dict = {"file": name, "ok": True, "layer_count": checked.layer_count}
     decl = checked.budget
     result["budget"] = None if decl is None else {"total": decl.total, **_budget_json(decl.amount)}
@@ -184,6 +186,10 @@ def _choice_json(choice: PhaseChoice | None) -> dict | None:
     }
 
 
+@overload
+def _budget_json(budget: ast.Budget) -> dict: ...
+@overload
+def _budget_json(budget: None) -> None: ...
 def _budget_json(budget: ast.Budget | None) -> dict | None:
     """A written budget as --json prints it: ``{"tokens": 64}``, ``{"percent": 10}``, ``{"auto": true}``."""
     if budget is None:
