@@ -73,6 +73,17 @@ def test_heads_named_twice_are_an_overlap():
     assert found == [("overlap", "heads of layer 0 are already given a policy by an earlier statement")]
 
 
+def test_every_heads_named_twice_point_at_the_first_statement():
+    with pytest.raises(polykv.SpecError) as raised:
+        check_text("layers * heads 0-1: full; * heads 1: streaming@8", "spec.pkv", layers=3, heads=2)
+    (error,) = raised.value.diagnostics
+    assert error.code == "overlap" and "by an earlier `*` statement" in error.message
+    assert (error.span.start, [(note.message, note.span.start) for note in error.notes]) == (
+        28,
+        [("first given here", 9)],
+    )
+
+
 def test_heads_no_statement_covers_are_reported():
     assert _errors("layers 0 heads 0: full; 1: full", layers=2, heads=4) == [
         ("uncovered-heads", "heads 1-3 of layer 0 have no policy (4 KV heads per layer)")
