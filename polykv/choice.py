@@ -19,8 +19,7 @@ from polykv.values import Value, format_use
 WHOLE = "full"
 
 
-# A typed converter: with converter=dict, mypy's attrs plugin leaves the parameter's key and value types
-# unbound (python/mypy#8417) and refuses every argument.
+# A typed converter, as polykv.converters says why.
 def _params(params: Mapping[str, Value]) -> dict[str, Value]:
     return dict(params)
 

@@ -25,11 +25,12 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 
+from polykv.converters import strings
 from polykv.values import Value, describe_value, format_value
 
 _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
@@ -49,12 +50,6 @@ def _known_type(instance: Param, _attribute: attrs.Attribute, value: type) -> No
         raise TypeError(f"parameter {instance.name!r}: type must be int, float, bool or str, not {value!r}")
 
 
-# A typed converter: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _strings(items: Iterable[str]) -> tuple[str, ...]:
-    return tuple(items)
-
-
 @attrs.frozen
 class Param:
     """One declared parameter: its type, default, allowed range or choices, and meaning."""
@@ -65,7 +60,7 @@ class Param:
     description: str
     min: float | None = None
     max: float | None = None
-    choices: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    choices: tuple[str, ...] = attrs.field(default=(), converter=strings)
 
     def coerce(self, value: Value) -> Value:
         """``value`` as this parameter's type; raises ParameterError naming what is expected."""

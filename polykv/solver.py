@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import attrs
 
+from polykv.converters import ints
 from polykv.errors import PolykvError
 from polykv.parameters import Configurable
 
@@ -76,12 +77,7 @@ class LayerOptions:
         return low + share * (high - low)
 
 
-# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _ints(items: Iterable[int]) -> tuple[int, ...]:
-    return tuple(items)
-
-
+# Typed converters, as polykv.converters says why.
 def _layer_options(items: Iterable[LayerOptions]) -> tuple[LayerOptions, ...]:
     return tuple(items)
 
@@ -94,7 +90,7 @@ def _layer_choices(items: Iterable[LayerChoice]) -> tuple[LayerChoice, ...]:
 class BudgetProblem:
     """Choose (policy, budget) per layer minimising the summed loss, with stored tokens summing to ``total``."""
 
-    grid: tuple[int, ...] = attrs.field(converter=_ints, validator=_ascending)
+    grid: tuple[int, ...] = attrs.field(converter=ints, validator=_ascending)
     layers: tuple[LayerOptions, ...] = attrs.field(converter=_layer_options)
     total: int
     prompt_length: int

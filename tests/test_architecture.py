@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"polykv": ROOT / "polykv", "polykv_plugins": ROOT / "plugins"}
 
 #: What every stage shares: contracts, records and plain values, at the package's root.
-SHARED = {"errors", "arguments", "limits", "files", "values", "budget", "parameters", "choice", "serialization",
-          "policy", "signals", "solver", "hooks", "registry"}  # fmt: skip
+SHARED = {"errors", "arguments", "limits", "files", "values", "converters", "budget", "parameters", "choice",
+          "serialization", "policy", "signals", "solver", "hooks", "registry"}  # fmt: skip
 #: Stage -> the stages it may import (besides itself and the shared modules).
 ALLOWED = {
     "model": set(),

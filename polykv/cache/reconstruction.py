@@ -17,24 +17,17 @@ tokens scored (``PolyLayer`` keeps the running maximum per row, KV head and toke
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import attrs
 import torch
 
 from polykv.cache.inputs import grouped
 from polykv.cache.positions import prompt_positions
+from polykv.converters import ints
 
 #: Tokens of the prompt's start every repeating query may attend to besides its chunk (KVzip's sinks).
 SINKS = 4
 #: Queries scored at once (their attention over the stored tokens is materialised per block).
 QUERY_BLOCK = 128
-
-
-# A typed converter: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _ints(items: Iterable[int]) -> tuple[int, ...]:
-    return tuple(items)
 
 
 @attrs.frozen
@@ -46,9 +39,9 @@ class Reconstruction:
     the user's turn and start of the assistant's, or a newline).
     """
 
-    first: tuple[int, ...] = attrs.field(converter=_ints)
-    later: tuple[int, ...] = attrs.field(converter=_ints)
-    turn: tuple[int, ...] = attrs.field(converter=_ints)
+    first: tuple[int, ...] = attrs.field(converter=ints)
+    later: tuple[int, ...] = attrs.field(converter=ints)
+    turn: tuple[int, ...] = attrs.field(converter=ints)
     chunk: int = 2048
     overlap: int = 8
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from polykv.converters import strings
 from polykv.language.source import Span
 from polykv.values import AUTO, KEYWORDS, Value, is_name
 
@@ -40,17 +41,12 @@ def _candidate_names(instance: object, attribute: attrs.Attribute, value: tuple[
             raise ValueError("auto cannot be its own candidate")
 
 
-# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
+# Typed converters, as polykv.converters says why.
 def _indices(items: Iterable[LayerIndex | LayerRange]) -> tuple[LayerIndex | LayerRange, ...]:
     return tuple(items)
 
 
 def _parameters(items: Iterable[Parameter]) -> tuple[Parameter, ...]:
-    return tuple(items)
-
-
-def _strings(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(items)
 
 
@@ -198,7 +194,7 @@ class PolicyUse:
     name: str = attrs.field(validator=_policy_name)
     budget: Budget | None = None
     parameters: tuple[Parameter, ...] = attrs.field(default=(), converter=_parameters)
-    candidates: tuple[str, ...] = attrs.field(default=(), converter=_strings, validator=_candidate_names)
+    candidates: tuple[str, ...] = attrs.field(default=(), converter=strings, validator=_candidate_names)
     span: Span | None = _span()
     name_span: Span | None = _span()
 

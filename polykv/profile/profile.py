@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from polykv import serialization
+from polykv.converters import ints
 from polykv.errors import PolykvError
 from polykv.files import UnreadableFile, read_bytes, write_text
 from polykv.limits import MAX_DOCUMENT_BYTES
@@ -62,12 +63,7 @@ class TunedRegime:
     measured: Mapping[str, float] = attrs.field(factory=dict)  # the composed losses it was chosen on
 
 
-# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _ints(items: Iterable[int]) -> tuple[int, ...]:
-    return tuple(items)
-
-
+# A typed converter, as polykv.converters says why.
 def _regimes(items: Iterable[TunedRegime]) -> tuple[TunedRegime, ...]:
     return tuple(items)
 
@@ -79,7 +75,7 @@ class Profile:
     model: ModelInfo
     fingerprint: tuple[float, ...]
     settings: Mapping[str, Any]
-    grid: tuple[int, ...] = attrs.field(converter=_ints)
+    grid: tuple[int, ...] = attrs.field(converter=ints)
     policies: Mapping[str, Mapping[str, Value]]
     losses: Mapping[str, LossTable]
     signals: Mapping[str, Mapping[str, list[float]]] = attrs.field(factory=dict)

@@ -41,6 +41,7 @@ import attrs
 
 from polykv.budget import Budget, Share, Tokens
 from polykv.choice import WHOLE, Choice
+from polykv.converters import ints, strings
 from polykv.language import ast
 from polykv.language.check import CheckedSpec, HeadEntry, LayerEntry, PhaseChoice
 from polykv.language.diagnostics import Diagnostic, SpecError
@@ -61,16 +62,7 @@ DEFAULT_SOLVER = "polykv"
 RequestBudget = Budget | Literal["auto"] | None
 
 
-# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _ints(items: Iterable[int]) -> tuple[int, ...]:
-    return tuple(items)
-
-
-def _strings(items: Iterable[str]) -> tuple[str, ...]:
-    return tuple(items)
-
-
+# Typed converters, as polykv.converters says why.
 def _requests(items: Iterable[Request]) -> tuple[Request, ...]:
     return tuple(items)
 
@@ -202,7 +194,7 @@ class Resolver:
     total: Budget | None
     solver: str
     solver_params: Mapping[str, Value]
-    grid: tuple[int, ...] = attrs.field(converter=_ints)
+    grid: tuple[int, ...] = attrs.field(converter=ints)
     regimes: tuple[Regime, ...] = attrs.field(converter=_regimes)
     policy_params: Mapping[str, Mapping[str, Value]]
     signals: Mapping[str, tuple[float, ...]]
@@ -210,7 +202,7 @@ class Resolver:
     #: Calibrated prefill time per policy over the full cache's; ``passes`` cost a pass of the whole
     #: model (reconstruction), paid once however many layers use them.
     costs: Mapping[str, float] = attrs.field(factory=dict)
-    passes: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    passes: tuple[str, ...] = attrs.field(default=(), converter=strings)
 
     def decide(self, prompt_length: int, registry: Registry) -> tuple[Decision, ...]:
         """Every layer's decision for a prompt of ``prompt_length`` tokens."""

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import attrs
 
+from polykv.converters import ints, strings
 from polykv.errors import ArgumentError
 from polykv.tasks.text import SPLITS, paragraphs
 
@@ -40,16 +41,6 @@ TASKS = ("passkey", "niah", "multikey", "multivalue", "vartrack", "copy", "conti
 FORMATS = ("raw", "chat")
 #: Tokens scored after the prompt for tasks scored by continuation alone.
 CONTINUATION = 32
-
-
-# Typed converters: with converter=tuple, mypy's attrs plugin leaves the parameter's item type unbound
-# (python/mypy#8417) and refuses every argument.
-def _ints(items: Iterable[int]) -> tuple[int, ...]:
-    return tuple(items)
-
-
-def _strings(items: Iterable[str]) -> tuple[str, ...]:
-    return tuple(items)
 
 
 @attrs.frozen
@@ -60,14 +51,14 @@ class Sample:
     format: str
     seed: int
     split: str
-    prompt: tuple[int, ...] = attrs.field(converter=_ints, repr=False)
-    target: tuple[int, ...] = attrs.field(converter=_ints, repr=False)
-    expected: tuple[str, ...] = attrs.field(converter=_strings)
+    prompt: tuple[int, ...] = attrs.field(converter=ints, repr=False)
+    target: tuple[int, ...] = attrs.field(converter=ints, repr=False)
+    expected: tuple[str, ...] = attrs.field(converter=strings)
     depth: float | None = None
     # The prompt cut where the question starts, each part tokenized alone: for asking after the context
     # was compressed (an empty question: the prompt has none, all of it is context).
-    context: tuple[int, ...] = attrs.field(default=(), converter=_ints, repr=False)
-    question: tuple[int, ...] = attrs.field(default=(), converter=_ints, repr=False)
+    context: tuple[int, ...] = attrs.field(default=(), converter=ints, repr=False)
+    question: tuple[int, ...] = attrs.field(default=(), converter=ints, repr=False)
 
     @property
     def length(self) -> int:
