@@ -20,6 +20,7 @@ built-ins and those. ``Registry()`` in code is empty; add plugins to it with ``a
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.metadata
 import inspect
@@ -28,6 +29,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar, cast
 
 import attrs
 import pluggy
@@ -37,6 +39,10 @@ from polykv import hooks
 from polykv.parameters import Configurable, Param, ParameterError
 from polykv.policy import Needs, Policy
 from polykv.values import KEYWORDS, Value
+
+if TYPE_CHECKING:
+    from polykv.signals import Signal
+    from polykv.solver import Solver
 
 ENTRY_POINT_GROUP = "polykv"
 #: The group's name before signals and solvers existed; read too, with a note to rename it.
@@ -48,11 +54,21 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _LOG = logging.getLogger(__name__)
 
 
+class Registrable(Protocol):
+    """What every policy, signal and solver class declares: the name it is found by, and one line on it."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+
+T = TypeVar("T", bound=Registrable)
+
+
 @attrs.frozen
-class Entry:
+class Entry(Generic[T]):
     """An installed policy, signal or solver class, and where it comes from."""
 
-    cls: type
+    cls: type[T]
     distribution: str
     version: str
     plugin: str
@@ -87,38 +103,38 @@ class Kind:
     problem: Callable[[object], str | None]
 
 
-class Catalogue:
+class Catalogue(Generic[T]):
     """The installed things of one kind (policies, signals or solvers), by name."""
 
     def __init__(self, kind: Kind):
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry[T]] = {}
 
     def names(self) -> list[str]:
         """Their names, sorted."""
         return sorted(self._entries)
 
-    def get(self, name: str) -> Entry:
+    def get(self, name: str) -> Entry[T]:
         try:
             return self._entries[name]
         except KeyError:
             installed = ", ".join(self.names()) or "none"
             raise KeyError(f"no {self.kind.word} named {name!r}; installed: {installed}") from None
 
-    def create(self, name: str, values: Mapping[str, Value] | None = None):
+    def create(self, name: str, values: Mapping[str, Value] | None = None) -> T:
         """An instance of ``name`` with ``values`` (checked; missing ones take their defaults)."""
         return self.get(name).cls(**(values or {}))
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Entry[T]]:
         return iter([self._entries[name] for name in self.names()])
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _add(self, entry: Entry) -> None:
+    def _add(self, entry: Entry[T]) -> None:
         self._entries[entry.name] = entry
 
     def _forget_plugin(self, plugin: str) -> None:
@@ -132,7 +148,9 @@ class Registry:
     def __init__(self) -> None:
         self._manager = pluggy.PluginManager(hooks.PROJECT)
         self._manager.add_hookspecs(hooks)
-        self.policies, self.signals, self.solvers = (Catalogue(kind) for kind in KINDS)
+        self.policies: Catalogue[Policy] = Catalogue(POLICY_KIND)
+        self.signals: Catalogue[Signal] = Catalogue(SIGNAL_KIND)
+        self.solvers: Catalogue[Solver] = Catalogue(SOLVER_KIND)
         self._failures: list[PluginFailure] = []
         self._notes: list[PluginFailure] = []
         #: Entry point names of plugins whose distribution declares several, by plugin name (for failures).
@@ -151,8 +169,8 @@ class Registry:
         if setting.lower() == "none":
             registry.load_entry_points(only=set())
         else:
-            only = {canonicalize_name(name.strip()) for name in setting.split(",") if name.strip()} or None
-            registry.load_entry_points(only=only)
+            only: set[str] = {canonicalize_name(name.strip()) for name in setting.split(",") if name.strip()}
+            registry.load_entry_points(only=only or None)
         return registry
 
     def load_entry_points(self, only: set[str] | None = None) -> None:
@@ -223,8 +241,10 @@ class Registry:
             return
         for catalogue in self.catalogues():
             kind = catalogue.kind
-            for thing in offered[kind.plural]:
-                problem = kind.problem(thing)
+            for offer in offered[kind.plural]:
+                problem = kind.problem(offer)
+                # Read as a class only where problem is None, which says it is a well-formed one.
+                thing = cast("type[Registrable]", offer)
                 if problem is None and thing.name in catalogue:
                     first = catalogue.get(thing.name)
                     problem = f"{kind.word} '{thing.name}' is already provided by {first.distribution} {first.version}"
@@ -300,7 +320,7 @@ def solver_problem(solver: object) -> str | None:
     return _class_problem(solver, Solver, "solver")
 
 
-def _class_problem(thing: object, base: type, word: str) -> str | None:
+def _class_problem(thing: object, base: type[abc.ABC], word: str) -> str | None:
     if not (inspect.isclass(thing) and issubclass(thing, base)):
         return f"register() takes a {base.__name__} subclass, got {thing!r}"
     label = f"{word} class {thing.__qualname__}"
@@ -343,11 +363,10 @@ def _policy_answers(policy: Policy, name: str) -> str | None:
     return None
 
 
-KINDS = (
-    Kind("policy", "policies", "register_policies", policy_problem),
-    Kind("signal", "signals", "register_signals", signal_problem),
-    Kind("solver", "solvers", "register_solvers", solver_problem),
-)
+POLICY_KIND = Kind("policy", "policies", "register_policies", policy_problem)
+SIGNAL_KIND = Kind("signal", "signals", "register_signals", signal_problem)
+SOLVER_KIND = Kind("solver", "solvers", "register_solvers", solver_problem)
+KINDS = (POLICY_KIND, SIGNAL_KIND, SOLVER_KIND)
 
 
 def _sorted_entry_points() -> list[tuple[importlib.metadata.EntryPoint, str]]:
@@ -364,10 +383,6 @@ def _sorted_entry_points() -> list[tuple[importlib.metadata.EntryPoint, str]]:
         for ep in importlib.metadata.entry_points(group=group):
             unique[(ep.dist.name if ep.dist else "", ep.name, ep.value)] = (ep, group)
     return sorted(unique.values(), key=order)
-
-
-def _distribution_of(entry_point: importlib.metadata.EntryPoint) -> str:
-    return entry_point.dist.name if entry_point.dist else "<unknown>"
 
 
 def _reason(error: BaseException) -> str:

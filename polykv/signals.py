@@ -16,10 +16,17 @@ E hidden size.
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 import torch
+
+
+class Projection(Protocol):
+    """What a signal reads of a layer's o_proj (a Linear, or a quantized stand-in for one): its weight (E, H*D)."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -36,7 +43,7 @@ class LayerObservation:
     scaling: float
     hidden: torch.Tensor  # (B, W, E) the residual stream entering the layer at the window positions
     attention_output: torch.Tensor  # (B, W, E) what the attention block adds to it there
-    output_projection: torch.nn.Module  # the layer's o_proj: maps heads' outputs to the hidden size
+    output_projection: Projection  # the layer's o_proj: maps heads' outputs to the hidden size
 
     def attention_output_with(self, kept: torch.Tensor | None) -> torch.Tensor:
         """The block's output at the window positions if the layer held only ``kept`` (B, H, K) (None: every

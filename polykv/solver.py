@@ -147,9 +147,7 @@ def options(problem: BudgetProblem, layer: LayerOptions) -> list[LayerChoice]:
     Budgets at or above the prompt length are the same as keeping the layer whole, and are left out.
     """
     if layer.fixed is not None:
-        policy, tokens = layer.fixed
-        whole = tokens is None or tokens >= problem.prompt_length
-        return [LayerChoice(policy, problem.prompt_length if whole else tokens, 0.0, whole=whole)]
+        return [_fixed(problem, layer)]
     found = []
     for index, budget in enumerate(problem.grid):
         if budget < layer.min_budget or budget >= problem.prompt_length:
@@ -215,11 +213,12 @@ def uniform_solution(problem: BudgetProblem) -> Solution | None:
             _fixed(problem, layer) if layer.fixed is not None else _as(problem, layer, policy, budget)
             for layer, budget in zip(problem.layers, budgets)
         ]
-        if any(c is None for c in chosen):
+        complete = [c for c in chosen if c is not None]
+        if len(complete) < len(chosen):  # a layer cannot take its budget with this policy
             continue
-        loss = sum(c.loss for c in chosen)
+        loss = sum(c.loss for c in complete)
         if best is None or loss < best.loss:
-            best = Solution(chosen, loss, "uniform", note=policy)
+            best = Solution(complete, loss, "uniform", note=policy)
     return best
 
 
@@ -282,8 +281,8 @@ def _highest(problem: BudgetProblem, layer: LayerOptions) -> int:
 def _route(problem: BudgetProblem, layer: LayerOptions, budget: int) -> LayerChoice:
     if layer.fixed is not None:
         return _fixed(problem, layer)
-    candidates = [_as(problem, layer, policy, budget) for policy in sorted(layer.losses)]
-    candidates = [c for c in candidates if c is not None]
+    routed = [_as(problem, layer, policy, budget) for policy in sorted(layer.losses)]
+    candidates = [c for c in routed if c is not None]
     if not candidates:
         if layer.whole is not None:
             return LayerChoice(WHOLE, problem.prompt_length, layer.whole, whole=True)
@@ -300,6 +299,7 @@ def _as(problem: BudgetProblem, layer: LayerOptions, policy: str, budget: int) -
 
 
 def _fixed(problem: BudgetProblem, layer: LayerOptions) -> LayerChoice:
+    assert layer.fixed is not None  # called for the layers the spec fixes only
     policy, tokens = layer.fixed
     if tokens is None or tokens >= problem.prompt_length:
         return LayerChoice(policy, problem.prompt_length, 0.0, whole=True)

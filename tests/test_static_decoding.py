@@ -212,6 +212,25 @@ def test_static_decoding_starts_after_the_prefill():
                 cache.begin_static(room=4)  # taking a prompt
 
 
+def test_a_closed_decoder_refuses_to_step_and_leaves_its_cache_as_closing_left_it():
+    model = tiny_model("llama")
+    ids, mask = padded_prompt([30, 30])
+    plan = polykv.compile("*: full", model)
+    with plan.apply(model):
+        cache = plan.make_cache()
+        greedy_by_forwards(model, cache, ids, 1, mask)
+        decoder = static.StaticDecoder(
+            model, cache, torch.tensor([5, 6]), torch.tensor([[30], [30]]), room=4, graph=False
+        )
+        decoder.run(2)
+        decoder.close()
+        decoder.close()  # closing twice hands the cache back once
+        assert cache.layer_lengths() == [32] * 4  # the prompt's 30 and the two tokens fed
+        with pytest.raises(CacheError, match="closed"):
+            decoder.run(1)
+        assert cache.layer_lengths() == [32] * 4
+
+
 @requires_real_model
 @pytest.mark.slow
 @pytest.mark.heavy  # 13 s; the tiny models' static decoding runs in the quick tier

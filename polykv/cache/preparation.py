@@ -13,6 +13,7 @@ computes exactly what it did before. ``restore_model`` undoes both;
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,8 +22,11 @@ from polykv.cache.cache import PolyCache
 from polykv.errors import ArgumentError, CacheError, ModelError
 from polykv.model.describe import PREFIX, kernel_name
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def prepare_model(model: torch.nn.Module) -> bool:
+
+def prepare_model(model: PreTrainedModel) -> bool:
     """Route ``model``'s attention through polykv (SDPA or eager kept as the kernel), and let its
     ``generate`` tell PolyCaches where prompts end.
 
@@ -46,16 +50,18 @@ def prepare_model(model: torch.nn.Module) -> bool:
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise ModelError(f"{type(model).__name__} does not let polykv set its attention function")
-    if hasattr(type(model), "_prefill"):
-        model._prefill = _announcing(type(model)._prefill.__get__(model))
-    model._polykv_hooks = (
+    prefill = getattr(type(model), "_prefill", None)  # generate's prefill, where the model and transformers have one
+    if prefill is not None:
+        model._prefill = _announcing(prefill.__get__(model))
+    # torch types Module.__setattr__ for tensors and modules only; any other value is kept as a plain attribute.
+    model._polykv_hooks = (  # type: ignore[assignment]
         model.register_forward_pre_hook(_before_forward, with_kwargs=True),
         model.register_forward_hook(_after_forward, with_kwargs=True),
     )
     return True
 
 
-def restore_model(model: torch.nn.Module) -> None:
+def restore_model(model: PreTrainedModel) -> None:
     """Give ``model`` back the attention implementation (and the ``generate``) it had before ``prepare_model``."""
     if is_prepared(model):
         model.set_attn_implementation(kernel_name(model))
@@ -64,7 +70,7 @@ def restore_model(model: torch.nn.Module) -> None:
         hook.remove()
 
 
-def is_prepared(model: torch.nn.Module) -> bool:
+def is_prepared(model: PreTrainedModel) -> bool:
     return model.config._attn_implementation.startswith(PREFIX)
 
 
@@ -72,11 +78,11 @@ class Prepared:
     """A model prepared for polykv; as a context manager it gives the model its own attention back on exit
     (only if preparing changed it: a model that was prepared before stays prepared)."""
 
-    def __init__(self, model: torch.nn.Module, changed: bool):
+    def __init__(self, model: PreTrainedModel, changed: bool):
         self.model = model
         self.changed = changed
 
-    def __enter__(self) -> torch.nn.Module:
+    def __enter__(self) -> PreTrainedModel:
         return self.model
 
     def __exit__(self, *exc) -> None:
@@ -84,7 +90,7 @@ class Prepared:
             restore_model(self.model)
 
 
-def prepared(model: torch.nn.Module) -> Prepared:
+def prepared(model: PreTrainedModel) -> Prepared:
     """Prepare ``model`` (``prepare_model``) and return the handle that restores it."""
     return Prepared(model, prepare_model(model))
 

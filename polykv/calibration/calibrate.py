@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from polykv.profile import Profile, fingerprint
 from polykv.registry import Registry, default_registry
 from polykv.tasks.tasks import Sample
 from polykv.values import OBJECTIVES, Value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def check_policies(policies: Sequence[str], registry: Registry, name: str = "policies") -> None:
@@ -41,7 +45,7 @@ def check_policies(policies: Sequence[str], registry: Registry, name: str = "pol
 
 
 def calibrate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     samples: Sequence[Sample],
     *,
     policies: Sequence[str] = POLICIES,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from polykv.model.describe import cache_argument
 from polykv.plan import compile
 from polykv.registry import Registry
 from polykv.tasks.tasks import Sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Tokens per layer the costs are measured at: small enough that every policy evicts.
 COST_BUDGET = 64
@@ -30,7 +34,7 @@ PROMPTS = 2
 
 
 def prefill_costs(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     samples: Sequence[Sample],
     policies: Sequence[str],
     *,
@@ -68,7 +72,7 @@ def _prompts(samples: Sequence[Sample], setting: str) -> list[list[int]]:
     return [list(sample.prompt if setting == "question" else sample.parts()[0]) for sample in chosen]
 
 
-def _prefill(model: torch.nn.Module, plan, ids: torch.Tensor, registry: Registry) -> float:
+def _prefill(model: PreTrainedModel, plan, ids: torch.Tensor, registry: Registry) -> float:
     cache = plan.make_cache(registry, prompt_length=ids.shape[1])
     _synchronize(ids.device)
     start = time.perf_counter()

@@ -19,6 +19,7 @@ table's passes by 1 + the KV heads per layer.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -32,6 +33,9 @@ from polykv.registry import Registry, default_registry
 from polykv.signals import Signal
 from polykv.tasks.tasks import Sample
 from polykv.values import Value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Signals look at a window of at least this many of the last queries.
 SIGNAL_WINDOW = 32
@@ -59,7 +63,7 @@ class Measurements:
 
 
 def measure(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     samples: Sequence[Sample],
     *,
     policies: Mapping[str, Mapping[str, Value]],

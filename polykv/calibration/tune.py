@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
-import torch
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
 
 from polykv.cache.preparation import prepared
@@ -18,12 +18,15 @@ from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import interpolate
 from polykv.tasks.tasks import Sample
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 #: Average budgets (tokens per layer at the calibration prompt length) at which the solver is tuned.
 TUNE_BUDGETS = (32, 64, 128, 256)
 
 
 def tune(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     profile: Profile,
     samples: Sequence[Sample],
     *,
@@ -58,7 +61,7 @@ def tune(
 
 @attrs.define
 class _Tuning:
-    model: torch.nn.Module
+    model: PreTrainedModel
     profile: Profile
     samples: Sequence[Sample]
     registry: Registry

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from polykv.cache.compiling import compiled
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()
 
 
-def compiled_forward(model: torch.nn.Module) -> Callable:
+def compiled_forward(model: PreTrainedModel) -> Callable:
     """``model``'s forward compiled (static shapes), made once per model and kept while the model lives."""
     found = _COMPILED.get(model)
     if found is None:

@@ -21,6 +21,7 @@ what the batch gave up.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -36,6 +37,9 @@ from polykv.harness.capture import capture
 from polykv.model.describe import cache_argument
 from polykv.plan.plan import Plan
 from polykv.registry import Registry, default_registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @attrs.frozen
@@ -103,7 +107,7 @@ DEFAULT_LOOKAHEAD = 4
 
 @torch.no_grad()
 def speculative_generate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     *,
     draft: Plan,
@@ -208,8 +212,10 @@ def static_problem(draft: Plan, registry: Registry | None, lookahead: int, promp
         if layer.sliding_window:
             return f"layer {layer.index} has a sliding window, which counts slots, so its slots cannot hold holes"
         for decode in [layer.decode, *(head.decode for head in layer.heads)]:
-            rule = None if decode is None else PhaseRule.of(decode, registry)
-            bound = None if rule is None else rule.tokens(prompt_length)
+            if decode is None:
+                continue
+            rule = PhaseRule.of(decode, registry)
+            bound = rule.tokens(prompt_length)
             if bound is None:
                 continue
             if not rule.policy.static_decoding:
@@ -386,7 +392,7 @@ class _Run:
             self.ended |= (torch.isin(tokens, self.eos) & valid).any(dim=1)
 
     def propose(
-        self, model, track: _Track, behind: torch.Tensor, real: torch.Tensor, count: int
+        self, model, track: _Track, behind: torch.Tensor, real: torch.Tensor | None, count: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``count`` proposals (B, count) after feeding ``behind`` (``real`` marks its holes) to the draft
         cache, and (when sampling) the draft's distribution at each (B, count, V)."""
@@ -425,6 +431,7 @@ class _Run:
             target = self.sampling.probabilities(logits)
             agrees = torch.zeros_like(proposals, dtype=torch.bool)
             if count:
+                assert draft is not None  # sampled proposals come with the draft's distribution
                 agrees = Sampling.accepts(target[:, :count], draft, proposals)
         alone = agrees.int().cumprod(dim=1).sum(dim=1)
         kept = alone if ragged or not bool(active.any()) else torch.full_like(alone, int(alone[active].min()))
@@ -436,6 +443,7 @@ class _Run:
         vocabulary = target.shape[-1]
         after = target.gather(1, kept[:, None, None].expand(-1, 1, vocabulary))[:, 0]
         if count:
+            assert draft is not None  # as above
             at = kept.clamp(max=count - 1)
             offered = draft.gather(1, at[:, None, None].expand(-1, 1, vocabulary))[:, 0]
             after = torch.where((kept < count)[:, None], Sampling.beyond(after, offered), after)

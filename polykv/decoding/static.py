@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -32,13 +33,16 @@ from polykv.decoding.ends import end_tokens
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 #: Tokens the first static stage has room for; each later stage has twice the room of the one before.
 FIRST_ROOM = 256
 
 
 @torch.no_grad()
 def static_generate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     cache: PolyCache,
     input_ids: torch.Tensor,
     *,
@@ -131,7 +135,7 @@ class StaticDecoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         cache: PolyCache,
         last_tokens: torch.Tensor,
         position_ids: torch.Tensor,
@@ -161,7 +165,7 @@ class StaticDecoder:
             (self._ids.shape[0], room), self.stops.pad, dtype=self._ids.dtype, device=self._ids.device
         )
         self._written = torch.zeros(1, dtype=torch.long, device=self._ids.device)
-        self.room, self.produced = room, 0
+        self.room, self.produced, self.closed = room, 0, False
         cache.begin_static(room=room, slack=eviction_slack)
         self._graphs: dict[tuple[int, ...], Callable[[], None]] = {}  # by the layers that evict in the step
 
@@ -176,6 +180,10 @@ class StaticDecoder:
     def run(self, steps: int, check_every: int = 32, on_step: Callable[[], None] | None = None) -> None:
         """Run up to ``steps`` more steps, stopping early once every row has ended (checked every
         ``check_every``); ``on_step`` is called on the host after each step is queued."""
+        if self.closed:
+            raise CacheError(
+                "this decoder is closed: its cache went back to ordinary decoding; make a new StaticDecoder"
+            )
         if self.produced + steps > self.room:
             raise CacheError(f"the decoder has room for {self.room} tokens; {self.produced} are made")
         for done in range(1, steps + 1):
@@ -200,9 +208,9 @@ class StaticDecoder:
 
     def close(self) -> None:
         """Hand the cache back to ordinary decoding, holding every token fed so far."""
-        if self._cache is not None:
+        if not self.closed:
             self._cache.end_static(self.produced)
-            self._cache = None
+            self.closed = True
 
     def __enter__(self) -> StaticDecoder:
         return self

@@ -32,6 +32,7 @@ policies that rank in a static step. ``speculative_generate`` takes the ordinary
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,6 +43,9 @@ from polykv.decoding.precision import tf32_matmuls
 from polykv.decoding.static import Sampling, captured_replay
 from polykv.model.describe import cache_argument
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 #: How a profile names a check's forwards: the full cache's (False) and the draft's (True).
 FORWARDS = {False: "polykv: full cache forward", True: "polykv: draft forward"}
 
@@ -51,7 +55,7 @@ class StaticChecks:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         full: PolyCache,
         draft: PolyCache,
         newest: torch.Tensor,
@@ -138,7 +142,10 @@ class StaticChecks:
             made.append(self._proposal(self._forward(self.draft, made[-1][0][:, None], self.draft_next[:, None], 1)))
             self.draft_next += 1
         proposals = torch.stack([token for token, _ in made], dim=1)
-        return proposals, None if self.sampling is None else torch.stack([q for _, q in made], dim=1)
+        if self.sampling is None:
+            return proposals, None
+        distributions = [q for _, q in made if q is not None]  # sampling: every proposal has its own
+        return proposals, torch.stack(distributions, dim=1)
 
     def _verdict(
         self, proposals: torch.Tensor, drawn_from: torch.Tensor | None, logits: torch.Tensor
@@ -154,6 +161,7 @@ class StaticChecks:
         vocabulary = target.shape[-1]
         if not count:
             return proposals.new_zeros(proposals.shape[0]), self.sampling.draw(target[:, 0])
+        assert drawn_from is not None  # sampled proposals come with their distributions
         alone = Sampling.accepts(target[:, :count], drawn_from, proposals).long().cumprod(dim=1).sum(dim=1)
         after = target.gather(1, alone[:, None, None].expand(-1, 1, vocabulary))[:, 0]
         # A row that refused a proposal draws from what the full cache has beyond the draft there.

@@ -22,6 +22,7 @@ import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -39,6 +40,9 @@ from polykv.language.parse import parse
 from polykv.plan import compile
 from polykv.tasks.tasks import Sample
 from polykv.values import SETTINGS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Single policies applied uniformly: the baselines "best single" is chosen among.
 SINGLES = ("streaming", "snapkv", "pyramidkv", "h2o", "tova", "knorm", "observed", "expected", "kvzip")
@@ -89,7 +93,7 @@ def method(text: str) -> Method:
 
 
 def run(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     samples: Sequence[Sample],
     methods: Sequence[Method],

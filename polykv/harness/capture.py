@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -28,11 +28,11 @@ from polykv.cache.split import SplitLayer
 from polykv.choice import Choice
 from polykv.model.describe import cache_argument
 from polykv.plan.plan import Plan, head_groups
-from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy
+from polykv.policy import NOTHING_MORE, LayerView, Needs, Policy, ScoringPolicy
 from polykv.registry import Registry, default_registry
 
 if TYPE_CHECKING:
-    from polykv.signals import LayerObservation
+    from polykv.signals import LayerObservation, Projection
 
 
 #: One group of heads of a split layer built from a capture: its KV heads, the indices they keep
@@ -52,7 +52,7 @@ class Capture:
     ):
         self._cache = cache
         self.logits = logits  # (B, V) the prefill's last-position logits
-        self.layers: list[PolyLayer] = list(cache.layers)
+        self.layers = cast("list[PolyLayer]", list(cache.layers))  # capture() keeps every layer whole: none is split
         # Per layer: the residual stream entering it and its attention block's output, (B, W, E) each.
         self.hidden = dict(hidden or {})
         self.modules = dict(modules or {})
@@ -65,22 +65,26 @@ class Capture:
         if layer not in self.hidden:
             raise ValueError("this capture recorded no hidden states: make it with capture(..., hidden=True)")
         captured = self.layers[layer]
+        keys, values = captured.storage.keys, captured.storage.values
+        recent, recent_positions = captured.recent_queries, captured.recent_query_positions
+        assert keys is not None and values is not None  # the prefill stored every token
+        assert recent is not None and recent_positions is not None  # and kept the window's queries
         positions = captured.storage.positions_or_slots()
-        window = captured.recent_queries.shape[-2]
-        queries = grouped(captured.recent_queries, captured.kv_heads)
+        window = recent.shape[-2]
+        queries = grouped(recent, captured.kv_heads)
         token_mask = captured.token_mask(positions)
         hidden, output = self.hidden[layer]
         return LayerObservation(
             index=layer,
-            keys=captured.storage.keys,
-            values=captured.storage.values,
+            keys=keys,
+            values=values,
             token_mask=token_mask,
             positions=positions,
             queries=queries,
             window_attention=window_attention(
                 queries,
-                captured.recent_query_positions[-window:],
-                captured.storage.keys,
+                recent_positions[-window:],
+                keys,
                 positions,
                 token_mask,
                 captured.scaling,
@@ -89,7 +93,8 @@ class Capture:
             scaling=captured.scaling,
             hidden=hidden,
             attention_output=output,
-            output_projection=self.modules[layer].o_proj,
+            # A module's attribute is typed Tensor | Module in torch; an attention module's o_proj has a weight.
+            output_projection=cast("Projection", self.modules[layer].o_proj),
         )
 
     @property
@@ -141,7 +146,9 @@ class Capture:
                 decode[layer.index] = PhaseRule.of(layer.decode, registry)
         cache = self.cache(keep, decode, split=split)
         for index, hides in hidden.items():
-            for (_heads, part), hide in zip(cache.layers[index].groups, hides):
+            split_layer = cache.layers[index]
+            assert isinstance(split_layer, SplitLayer)  # its heads share the budget: split above
+            for (_heads, part), hide in zip(split_layer.groups, hides):
                 part.hide(hide)
         return cache
 
@@ -155,6 +162,7 @@ class Capture:
         budget = self.budget(layer, rule)
         if budget is None:
             return [((head,), None, decode) for head in heads], []
+        assert isinstance(rule.policy, ScoringPolicy)  # adaptive heads share by scores, as the check made sure
         shares = share(rule.policy, [self.view(layer, rule.policy, budget, (head,)) for head in heads], budget)
         kept = [self.select(layer, rule.policy, shares.largest(head), heads=(head,)).indices for head in heads]
         hidden = [shares.hidden(head, indices[:, 0]) for head, indices in zip(heads, kept)]
@@ -184,7 +192,7 @@ class Capture:
         """
         keep, decode, split = keep or {}, decode or {}, split or {}
         lease = Lease(self._leases) if share_room else None
-        layers = []
+        layers: list[PolyLayer | SplitLayer] = []
         for captured in self.layers:
             groups = split.get(captured.index)
             if groups is not None:

@@ -57,7 +57,10 @@ class Record:
 
     def loss(self, objective: str) -> float:
         """What calibration for ``objective`` minimises: KL, or the rejection rate."""
-        return self.kl if objective == "kl" else self.rejection
+        if objective == "kl":
+            return self.kl
+        assert self.rejection is not None, "a record scored without rejection has no acceptance loss"
+        return self.rejection
 
     @property
     def key(self) -> tuple:
@@ -142,7 +145,8 @@ class Scorer:
         refused = rejection(self.reference[:, -scored:], logits[:, -scored:])
         nll = negative_log_likelihood(logits[:, -scored:], self._scored)
         for row, sample in enumerate(self.samples):
-            accuracy = sample.correct(answers[row]) if sample.expected and answers[row] is not None else None
+            answer = answers[row]
+            accuracy = sample.correct(answer) if sample.expected and answer is not None else None
             yield Record(
                 sample.task,
                 sample.format,
@@ -172,6 +176,7 @@ class Scorer:
                 token = self._step(cache, token, mask).argmax(-1, keepdim=True)
                 produced.append(token)
         tokens = torch.cat(produced, dim=1)
+        assert self.tokenizer is not None, "greedy answers are decoded with the scorer's tokenizer"
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
     def _step(self, cache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -209,6 +214,7 @@ class Scorer:
             cache = self.captured.cache(split={layer: groups}, share_room=True)
         with torch.no_grad():
             if skip:
+                assert self._skips is not None and self._entering is not None  # _starts_at said yes: hidden was kept
                 with self._skips.from_layer(layer):
                     logits = self._forward(cache, embeddings=self._entering[layer]).logits
             else:
@@ -221,6 +227,7 @@ class Scorer:
         layers below it compute the same whatever ``layer`` keeps, so their work is skipped."""
         if self._skips is None or not self._skips.possible or layer == 0:
             return False
+        assert self._entering is not None  # kept with hidden, like the skips
         if layer not in self._skip_ok:
             with torch.no_grad(), self._skips.from_layer(layer):
                 logits = self._forward(self.captured.cache(share_room=True), embeddings=self._entering[layer]).logits
@@ -249,6 +256,7 @@ class _LayerSkipper:
 
     @contextlib.contextmanager
     def from_layer(self, layer: int) -> Iterator[None]:
+        assert self.layers is not None, "a model whose decoder layers were not found cannot skip them"
         setattr(self.owner, self.attribute, torch.nn.ModuleList(list(self.layers)[layer:]))
         try:
             yield
@@ -261,8 +269,9 @@ def _decoder_layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module | None,
     attention = list(attention_modules(model).values())
     for owner in model.modules():
         for name, child in owner.named_children():
-            holds_layers = isinstance(child, torch.nn.ModuleList) and len(child) == len(attention)
-            if holds_layers and all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
+            if not (isinstance(child, torch.nn.ModuleList) and len(child) == len(attention)):
+                continue
+            if all(any(a is m for m in layer.modules()) for layer, a in zip(child, attention)):
                 return owner, name, child
     return None, "", None
 

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
@@ -32,13 +33,16 @@ from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Decision, fixed_budget, resolver
 from polykv.values import OBJECTIVES, SETTINGS
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 #: The prompt length a plan without a profile shows its decisions for.
 DEFAULT_CONTEXT = 1024
 
 
 def compile(
     spec: ast.Spec | str | os.PathLike,
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     *,
     budget: int | Budget | str | None = None,
     profile: Profile | str | os.PathLike | None = None,
@@ -146,7 +150,7 @@ def _choice(choice: PhaseChoice) -> Choice:
 
 
 def _profile_for(
-    model: torch.nn.Module, profile: Profile | str | os.PathLike | None, setting: str, objective: str, heads: bool
+    model: PreTrainedModel, profile: Profile | str | os.PathLike | None, setting: str, objective: str, heads: bool
 ) -> Profile | None:
     """The profile to route and solve with: the one given (checked against the model, the setting and the
     objective), or the bundled model's for them (one that measured heads, for a spec that routes ``heads``)

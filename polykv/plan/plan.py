@@ -10,9 +10,9 @@ context manager, gives the model back its own attention afterwards).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
-import torch
 
 from polykv import serialization
 from polykv.cache import PhaseRule, PolyCache, PolyLayer
@@ -27,6 +27,9 @@ from polykv.policy import Needs
 from polykv.registry import Registry, default_registry
 from polykv.resolution.resolve import Resolver
 from polykv.serialization import FormatError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: The plan JSON this polykv writes and reads (3: decided choices and requests with ``auto`` budgets).
 FORMAT_VERSION = 3
@@ -235,7 +238,7 @@ class Plan:
             for layer in layers
         ]
 
-    def apply(self, model: torch.nn.Module) -> Prepared:
+    def apply(self, model: PreTrainedModel) -> Prepared:
         """Prepare ``model`` for this plan's caches, after checking the plan was made for its geometry.
 
         The model is prepared at once; used as ``with plan.apply(model): ...`` it gets its own

@@ -15,7 +15,7 @@ import importlib.resources
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import torch
@@ -28,6 +28,9 @@ from polykv.limits import MAX_DOCUMENT_BYTES
 from polykv.model import ModelInfo, describe_model
 from polykv.serialization import Loss
 from polykv.values import OBJECTIVES, SETTINGS, Value
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT = 1
 #: Losses per [layer][policy][budget] (math.inf where a policy cannot take a budget).
@@ -178,7 +181,7 @@ class Profile:
             sum(values[layer] for values in per_task.values()) / len(per_task) for layer in range(self.model.layers)
         ]
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: PreTrainedModel) -> None:
         """Raise ProfileError unless ``model`` is the model this profile was measured on (any dtype)."""
         info, _ = describe_model(model)
         ours = (self.model.layers, self.model.query_heads, self.model.kv_heads, self.model.head_dim)
@@ -260,9 +263,10 @@ def as_profile(profile: Profile | str | os.PathLike | None) -> Profile:
     return Profile.load(profile)
 
 
-def fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
+def fingerprint(model: PreTrainedModel) -> tuple[float, ...]:
     """Norms of a few embedding rows: the same for one model's weights in any dtype, different for another's."""
-    weight = model.get_input_embeddings().weight
+    # transformers types the input embeddings as a Module; a language model's are an Embedding (or a subclass).
+    weight = cast(torch.nn.Embedding, model.get_input_embeddings()).weight
     rows = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).long().to(weight.device)
     return tuple(round(float(n), 4) for n in weight[rows].detach().float().norm(dim=-1).cpu())
 
@@ -292,10 +296,10 @@ def _malformed(profile: Profile) -> str | None:
     if profile.head_losses and set(profile.head_losses) != set(profile.losses):
         wanted, got = ", ".join(sorted(profile.losses)), ", ".join(sorted(profile.head_losses))
         return f"$.head_losses: the tasks of $.losses ({wanted}), got {got}"
-    for task, table in profile.head_losses.items():
-        if len(table) != layers:
-            return f"$.head_losses['{task}']: {len(table)} layers of losses for a model of {layers}"
-        for layer, heads in enumerate(table):
+    for task, per_layer in profile.head_losses.items():
+        if len(per_layer) != layers:
+            return f"$.head_losses['{task}']: {len(per_layer)} layers of losses for a model of {layers}"
+        for layer, heads in enumerate(per_layer):
             if len(heads) != profile.model.kv_heads:
                 model_heads = profile.model.kv_heads
                 return f"$.head_losses['{task}'][{layer}]: {len(heads)} KV heads for a model of {model_heads}"
@@ -303,8 +307,8 @@ def _malformed(profile: Profile) -> str | None:
                 problem = _table_problem([per_head], (1, len(policies), len(grid)))
                 if problem:
                     return f"$.head_losses['{task}'][{layer}][{head}]{problem.removeprefix('[0]')}"
-    for signal, per_task in profile.signals.items():
-        for task, values in per_task.items():
+    for signal, measured in profile.signals.items():
+        for task, values in measured.items():
             if len(values) != layers or not all(math.isfinite(v) for v in values):
                 return f"$.signals['{signal}']['{task}']: {layers} finite numbers (one per layer), got {len(values)}"
     tasks = set(profile.losses)

@@ -83,16 +83,15 @@ def random_view(
         attention = inputs.window_attention(queries, slot_positions, keys, positions, token_mask, scaling)
         attention = attention * token_mask[:, :, None, :, None]
         found["reconstruction_attention"] = attention.amax(dim=(2, 3))
-    to = {"device": device}
     return LayerView(
         layer=layer,
         phase=phase,
         budget=budget,
-        keys=keys.to(dtype=dtype, **to),
-        values=values.to(dtype=dtype, **to),
-        token_mask=token_mask.to(**to),
-        positions=positions.to(**to),
-        **{name: tensor.to(**to) for name, tensor in found.items()},
+        keys=keys.to(device=device, dtype=dtype),
+        values=values.to(device=device, dtype=dtype),
+        token_mask=token_mask.to(device=device),
+        positions=positions.to(device=device),
+        **{name: tensor.to(device=device) for name, tensor in found.items()},
     )
 
 

@@ -13,13 +13,26 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from polykv.cli.commands import setup
 from polykv.cli.main import EVAL_BUDGETS, EVAL_DEFAULTS, EVAL_METHODS, EVAL_SETTINGS, EVAL_TASKS
 from polykv.files import write_text
 
+
+class QuickRun(TypedDict):
+    """What ``--quick`` scores in place of the defaults (typed per key: the values differ in type)."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    budgets: tuple[int, ...]
+    count: int
+    length: int
+    settings: tuple[str, ...]
+
+
 #: A small run, for the test suite and a first look.
-QUICK = {
+QUICK: QuickRun = {
     "tasks": ("passkey", "continue"),
     "methods": ("full", "snapkv", "tova", "polykv"),
     "budgets": (64, 128),
@@ -45,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     count = QUICK["count"] if args.quick else args.count
     length = QUICK["length"] if args.quick else args.length
     chosen_settings = args.settings or (QUICK["settings"] if args.quick else EVAL_SETTINGS)
-    for chosen in methods:  # a template's mistakes before the model loads
-        chosen.check(budgets[0])
+    for each in methods:  # a template's mistakes before the model loads
+        each.check(budgets[0])
     setup.writable(args.out, "--out", folder=True)  # the folder itself is made when missing
     _same_run_as_before(args.out, args, length)
     with joined(setup.device(args)) as (processes, device):  # torchrun: each process takes a share of the batches

@@ -225,7 +225,7 @@ class _Progress:
         self._layers_bar = tqdm(
             total=len(attention), desc=f"prefill {self.prompt_length} tokens", unit="layer", file=sys.stderr
         )
-        self._tokens_bar = None
+        self._tokens_bar: tqdm | None = None  # made when the prefill ends
         self._depth = 0  # model forwards under way: reconstruction runs its own inside the prompt's
         for module in attention:
             self._layer_hooks.append(module.register_forward_hook(self._after_layer))
@@ -253,6 +253,7 @@ class _Progress:
 
     def token(self) -> None:
         """One more token queued (static decoding)."""
+        assert self._tokens_bar is not None  # queued after the prefill
         self._tokens_bar.update(1)
         self._tokens_made += 1
         if self._tokens_made == self.STATIC_SETUP_TOKENS:
@@ -286,14 +287,15 @@ class _Progress:
         elif not self.static:  # static steps are captured once and replayed: finish() times them
             self.decode_seconds += seconds
         if not self.static:  # static_generate counts its tokens through token()
+            assert self._tokens_bar is not None  # made by the first forward, the prefill
             self._tokens_bar.update(1)
 
 
 def _report(plan: Plan, progress: _Progress, load_seconds: float, new_tokens: int) -> str:
     rows = [("layers", "policy", "kept after prefill")]
     for indices, what in plan.runs():
-        kept = sorted({progress.kept_after_prefill[i] for i in indices})
-        rows.append((layer_ranges(indices), what, f"{'/'.join(map(str, kept))} of {progress.prompt_length}"))
+        lengths = sorted({progress.kept_after_prefill[i] for i in indices})
+        rows.append((layer_ranges(indices), what, f"{'/'.join(map(str, lengths))} of {progress.prompt_length}"))
     lines = [table(rows)]
     kept, full = progress.nbytes_after_prefill, progress.full_nbytes_after_prefill
     saved = 100 * (1 - kept / full) if full else 0.0

@@ -49,10 +49,10 @@ def only_for_auto(checked, options: Mapping[str, object]) -> None:
     solving read, for a spec that leaves them nothing to decide: they would be dropped without a word."""
     given = [option for option, value in options.items() if value is not None]
     if given and not checked.has_auto:
-        options = " and ".join(given)
+        named = " and ".join(given)
         raise PolykvError(
-            f"{options} {'say' if len(given) > 1 else 'says'} how `auto` routes and solves, and this spec has no "
-            f"`auto` policy or budget: drop {options}, or leave a layer's policy or budget to auto"
+            f"{named} {'say' if len(given) > 1 else 'says'} how `auto` routes and solves, and this spec has no "
+            f"`auto` policy or budget: drop {named}, or leave a layer's policy or budget to auto"
         )
 
 
