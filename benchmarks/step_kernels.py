@@ -6,6 +6,7 @@
     python benchmarks/step_kernels.py --table benchmarks/results/step_kernels_NVIDIA-H200.json
     python benchmarks/step_kernels.py --model llama-8b --gemm-autotune   # compiled matrix products autotuned
     python benchmarks/step_kernels.py --model llama-8b --freeze          # weights frozen: q/k/v and gate/up fused
+    python benchmarks/step_kernels.py --dtype float32 --freeze --tf32 --specs "*: streaming@256"   # a TF32 draft's step
     python benchmarks/step_kernels.py --specs "layers *: snapkv@512" "layers * heads 0-3: snapkv@768; \
         layers * heads 4-7: snapkv@256" --model llama-8b --label heads        # ragged heads against uniform ones
 
@@ -30,6 +31,10 @@ step's gap to the bandwidth bound). Its result is written with the suffix ``_gem
 and products that share an input are joined into one (q, k and v; gate and up), so a layer reads its
 input once per group and runs two products fewer. The joined weights are copies (the model keeps its
 own for the eager prefill): an 8B model holds about 9 GB more. Suffix ``_freeze``.
+
+``--tf32`` runs float32 products on TF32 tensor cores throughout, as a speculative draft's run with
+``draft_tf32`` (``polykv.decoding.precision``): with ``--dtype float32 --specs "*: streaming@256"``
+it shows where a TF32 draft step's time goes. Suffix ``_tf32``.
 
 Prints a markdown table and writes benchmarks/results/step_kernels_<device>.json.
 """
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument("--specs", nargs="+", default=list(SPECS), help="the caches' specs")
     parser.add_argument("--gemm-autotune", action="store_true", help="autotune the compiled matrix products")
     parser.add_argument("--freeze", action="store_true", help="freeze the weights: q/k/v and gate/up products joined")
+    parser.add_argument("--tf32", action="store_true", help="float32 products in TF32, as a draft's (--draft-tf32)")
     parser.add_argument("--label", help="appended to the result's file name")
     parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a kept result, and stop")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -178,6 +184,7 @@ def main() -> None:
         torch._inductor.config.max_autotune_gemm = True
     if args.freeze:
         torch._inductor.config.freezing = True
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     model = load(args.model)
     device = model.device
     torch._inductor.config.cpp.enable_kernel_profile = device.type == "cpu"  # the profiler sees fused kernels
@@ -201,12 +208,13 @@ def main() -> None:
     print(f"\n{args.model} ({next(model.parameters()).dtype}), {settings}\n")
     print(table(rows, "kernels" if device.type == "cuda" else "operators (CPU)"))
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(f"_{name}" for name, on in (("gemm-autotune", args.gemm_autotune), ("freeze", args.freeze)) if on)
+    levers = (("gemm-autotune", args.gemm_autotune), ("freeze", args.freeze), ("tf32", args.tf32))
+    suffix = "".join(f"_{lever}" for lever, on in levers if on)
     suffix += f"_{args.label}" if args.label else ""
     path = args.out / f"step_kernels_{name.replace(' ', '-')}{suffix}.json"
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"model": args.model, "dtype": dtype, "batch": args.batch, "length": args.length, "device": name}
-    meta.update(torch=torch.__version__, gemm_autotune=args.gemm_autotune, freeze=args.freeze)
+    meta.update(torch=torch.__version__, gemm_autotune=args.gemm_autotune, freeze=args.freeze, tf32=args.tf32)
     path.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
 
