@@ -8,6 +8,7 @@ with an error about something else.
 from __future__ import annotations
 
 import operator
+from typing import SupportsIndex, cast
 
 from polykv.errors import ArgumentError, ArgumentTypeError
 
@@ -17,7 +18,7 @@ def whole_number(value: object, name: str, *, least: int | None = None, most: in
     if isinstance(value, bool):
         raise ArgumentTypeError(f"{name} is a whole number, got {value!r}")
     try:
-        number = operator.index(value)
+        number = operator.index(cast(SupportsIndex, value))  # the check: TypeError where value has no __index__
     except TypeError:
         raise ArgumentTypeError(f"{name} is a whole number, got {_shown(value)}") from None
     if (least is not None and number < least) or (most is not None and number > most):

@@ -79,14 +79,15 @@ class Param:
                 hint=f"for example {self.name}={format_value(self.default)}",
             )
         if kind is float:
-            value = self._finite(value)
+            value = self._finite(typing.cast(float, value))  # a number: anything else was refused above
         if self.choices and value not in self.choices:
             options = ", ".join(format_value(c) for c in self.choices)
             raise ParameterError(
                 f"parameter '{self.name}' is one of {options}, got {format_value(value)}",
                 hint=f"for example {self.name}={format_value(self.choices[0])}",
             )
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+        number = typing.cast(float, value)  # bounds are declared for numbers
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
             raise ParameterError(f"parameter '{self.name}' must be {self.range_words()}, got {format_value(value)}")
         return value
 
@@ -146,6 +147,7 @@ class Configurable:
 
     name: ClassVar[str]
     parameters: ClassVar[tuple[Param, ...]] = ()
+    _values: Mapping[str, Value]  # set once, by __init__ (instances are immutable)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

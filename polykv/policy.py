@@ -126,7 +126,8 @@ class LayerView:
             for name, value in attrs.asdict(self, recurse=False).items()
             if isinstance(value, torch.Tensor) or value is None
         }
-        return attrs.evolve(self, **sliced)
+        # attrs' mypy plugin checks **changes against every field's type, not only the tensor fields named here.
+        return attrs.evolve(self, **sliced)  # type: ignore[arg-type]
 
 
 class Policy(Configurable, abc.ABC):

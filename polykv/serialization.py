@@ -42,7 +42,7 @@ def _strict(kind: type, words: str):
             return float(value)
         if not isinstance(value, kind):
             raise TypeError(f"expected {words}, got {_shown(value)}")
-        if kind is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # only where kind is float
             raise ValueError(f"expected a finite number, got {value!r}")
         return value
 

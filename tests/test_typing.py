@@ -1,6 +1,7 @@
 """polykv's annotations are its users' types: polykv ships ``py.typed``, so a user's type checker reads
 them. The code users start from (the examples, and the Python blocks of the README and docs/) must
-type-check against them as a user's mypy would.
+type-check against them as a user's mypy would, and polykv's own code against them (``mypy polykv``, with the
+settings in pyproject.toml).
 
 This caught ``polykv.compile`` typed as a module (``polykv.plan.compile`` was both a submodule and the
 function the package exports), so every ``polykv.compile(...)`` in user code was "Module not callable".
@@ -54,4 +55,12 @@ def test_the_examples_and_the_docs_code_type_check_against_polykvs_annotations(t
     environment = {**os.environ, "MYPYPATH": str(ROOT)}
     command = [sys.executable, "-m", "mypy", "--config-file", config, "--cache-dir", tmp_path / "cache", *targets]
     done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=tmp_path, env=environment)
+    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
+
+
+def test_polykv_type_checks_with_no_issues(tmp_path):
+    """polykv ships py.typed, so its own annotations must be consistent: ``mypy polykv`` finds no issue."""
+    pytest.importorskip("mypy", reason="mypy comes with the dev extra")
+    command = [sys.executable, "-m", "mypy", "polykv", "--cache-dir", tmp_path / "cache"]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr

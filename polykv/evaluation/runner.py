@@ -124,8 +124,8 @@ def run(
             out.mkdir(parents=True, exist_ok=True)
     done = processes.from_main(lambda: {record.key: record for record in read(path)})  # all agree on what is left
     with writing(path):
-        sink = path.open("a", encoding="utf-8") if processes.main else contextlib.nullcontext()
-    with prepared(model), sink:  # give the model back as it was
+        sink = path.open("a", encoding="utf-8") if processes.main else None  # the first process writes the file
+    with prepared(model), contextlib.nullcontext() if sink is None else sink:  # give the model back as it was
         plans = {setting: _plans(model, methods, budgets, profile, tokenizer, setting) for setting in settings}
         cells = [(m, b) for m in methods for b in budgets if m.template is not None] + [(_full(methods), 0)]
         batches = [(batch, setting) for setting in settings for batch in by_group(samples, batch_size)]
@@ -165,11 +165,11 @@ def run(
                 for record in (record for part in processes.gather(scored) for record in part):
                     if record.key not in done:
                         done[record.key] = record
-                        if processes.main:
+                        if sink is not None:
                             with writing(path):
                                 sink.write(json.dumps(attrs.asdict(record)) + "\n")
                         bar.update(1)
-                if processes.main:
+                if sink is not None:
                     with writing(path):
                         sink.flush()
     return list(done.values())

@@ -159,12 +159,13 @@ def cache_argument(model, cache) -> dict:
     """``{keyword: cache}`` for ``model(...)`` and ``model.generate(...)``: transformers 5.24 takes the cache as
     ``cache`` and warns about ``past_key_values``, which earlier releases take (``model(ids, **cache_argument(model,
     cache))`` works with both). A PolyCache in static decoding is named by ``STATIC_CACHE_KEYWORD`` too."""
-    arguments = {_cache_keyword(type(model)): cache}
+    # A class is hashable; mypy reads its __hash__ as the instances' unbound one (python/mypy#20409).
+    arguments = {_cache_keyword(type(model)): cache}  # type: ignore[arg-type]
     if getattr(cache, "in_static_decoding", False):
         arguments[STATIC_CACHE_KEYWORD] = cache
     return arguments
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
+def _cache_keyword(model_class: type[torch.nn.Module]) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

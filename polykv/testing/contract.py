@@ -406,4 +406,5 @@ def _tensors(view: LayerView) -> dict[str, torch.Tensor]:
 
 
 def _row(view: LayerView, row: int) -> LayerView:
-    return attrs.evolve(view, **{name: value[row : row + 1] for name, value in _tensors(view).items()})
+    # attrs' mypy plugin checks **changes against every field's type, not only the tensor fields named here.
+    return attrs.evolve(view, **{name: value[row : row + 1] for name, value in _tensors(view).items()})  # type: ignore[arg-type]

@@ -8,10 +8,14 @@ exercise it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from polykv.model.describe import cache_argument
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: The window of every sliding-window layer of these models.
 SLIDING_WINDOW = 8
@@ -56,17 +60,17 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     **config: object,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """A tiny random ``family`` model in eval mode (``attention`` is sdpa or eager); ``config`` overrides sizes."""
     import transformers
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**SHAPE, "num_hidden_layers": layers, **extra, **config})
-    config._attn_implementation = "eager" if family in EAGER_ONLY else attention
+    model_config = getattr(transformers, config_name)(**{**SHAPE, "num_hidden_layers": layers, **extra, **config})
+    model_config._attn_implementation = "eager" if family in EAGER_ONLY else attention
     torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config).to(device=device, dtype=dtype).eval()
+    return getattr(transformers, model_name)(model_config).to(device=device, dtype=dtype).eval()
 
 
 class WordTokenizer:
@@ -90,8 +94,16 @@ def saved_small_model(folder: Path, *, layers: int) -> Path:
 
     location = default_model_location()
     tokenizer = AutoTokenizer.from_pretrained(location.directory, **location.loading_arguments())
-    config = {"hidden_size": 96, "intermediate_size": 128, "num_attention_heads": 6, "vocab_size": len(tokenizer)}
-    tiny_model("llama", layers=layers, max_position_embeddings=512, **config).save_pretrained(folder)
+    model = tiny_model(
+        "llama",
+        layers=layers,
+        max_position_embeddings=512,
+        hidden_size=96,
+        intermediate_size=128,
+        num_attention_heads=6,
+        vocab_size=len(tokenizer),
+    )
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -14,10 +14,21 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TypedDict
 
 import pytest
 
-PROFILES = {
+
+class HypothesisProfile(TypedDict, total=False):
+    """What a profile sets: keywords of hypothesis' ``settings``."""
+
+    max_examples: int
+    deadline: None
+    derandomize: bool
+    print_blob: bool
+
+
+PROFILES: dict[str, HypothesisProfile] = {
     "polykv-ci": {"max_examples": 50, "deadline": None, "derandomize": True, "print_blob": True},
     "polykv-thorough": {"max_examples": 2000, "deadline": None},
 }

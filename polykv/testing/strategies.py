@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import hypothesis.strategies as st
 from hypothesis.extra.lark import from_lark
 
 from polykv.language import ast
 from polykv.language.parse import lark_parser
+
+#: Unicode's category of surrogates, which UTF-8 text cannot hold (written out: mypy takes ("Cs",) for a tuple[str]).
+_SURROGATES: tuple[Literal["Cs"]] = ("Cs",)
 
 _NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
 policy_names = _NAMES.filter(lambda name: name not in ast.KEYWORDS)
@@ -17,7 +22,7 @@ values = st.one_of(
     st.booleans(),
     st.integers(),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.text(st.characters(exclude_categories=("Cs",))),
+    st.text(st.characters(exclude_categories=_SURROGATES)),
 )
 
 tokens = st.builds(ast.Tokens, st.integers())
@@ -49,7 +54,7 @@ policy_uses = st.one_of(
     ),
 )
 
-comment_texts = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\r\n"), max_size=20).map(
+comment_texts = st.text(st.characters(exclude_categories=_SURROGATES, exclude_characters="\r\n"), max_size=20).map(
     str.rstrip
 )
 comments = st.none() | comment_texts

@@ -47,6 +47,7 @@ def column_sums(
     block_dim = max(16, triton.next_power_of_2(dim))
     block_keys, block_queries, stages = SHORT_ROWS if block_dim * queries.element_size() <= 256 else LONG_ROWS
     grid = (triton.cdiv(length, block_keys) * batch * heads * groups,)
+    assert _kernel is not None  # jitted: column_sums runs where triton is (available)
     _kernel[grid](
         queries,
         keys,

@@ -234,11 +234,11 @@ class _Layout:
     positions and real; with ``starts`` and ``counts``, head h's slots start at slot ``starts[h]`` (its head
     stride is 0) and number ``counts[h]``, else every head has ``largest`` slots."""
 
-    key_strides: tuple[int, int, int, int]
-    value_strides: tuple[int, int, int, int]
-    position_strides: tuple[int, int, int]
+    key_strides: tuple[int, ...]
+    value_strides: tuple[int, ...]
+    position_strides: tuple[int, ...]
     real: torch.Tensor  # positions' own tensor as a placeholder pointer without padding (has_real False)
-    real_strides: tuple[int, int, int]
+    real_strides: tuple[int, ...]
     has_real: bool
     heads: int
     largest: int  # slots of the longest head
@@ -296,6 +296,7 @@ def _split_decode_attention(
     else:  # logits2 = scaling log2(e) q.k
         pre_scale, post_scale = scaling * math.log2(math.e), 1.0
     ragged = layout.starts is not None
+    assert _split_kernel is not None and _merge_kernel is not None  # jitted: this runs where triton is (available)
     _split_kernel[(batch * heads, chunks)](
         query,
         keys,

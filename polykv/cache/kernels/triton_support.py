@@ -9,13 +9,14 @@ triton's interpreter, on the CPU too, which is how the kernels are tested withou
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 try:
     # triton comes with CUDA builds of torch only; without it the kernels are not offered.
-    import triton  # type: ignore[import-not-found,unused-ignore]
-    import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
+    import triton
+    import triton.language as tl
 except ImportError:
     triton = tl = None
 
@@ -29,7 +30,13 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or INTERPRETED)
 
 
-def jit(function: Callable) -> Callable | None:
+class Kernel(Protocol):
+    """A Triton kernel: ``kernel[grid](*arguments, **constants)`` launches it over ``grid`` programs."""
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., object]: ...
+
+
+def jit(function: Callable) -> Kernel | None:
     """``function`` as a Triton kernel, or None without triton."""
     return None if triton is None else triton.jit(function)
 
