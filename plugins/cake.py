@@ -20,8 +20,12 @@ class CakeSolver(Solver):
     name = "cake"
     reads_signals = ("entropy", "variance")
     description = "Budgets in proportion to attention entropy^(1/tau1) x variance^(1/tau2) (CAKE)."
-    tau1: float = parameter(1.0, "temperature of the entropy (spatial dispersion)", min=0.01, max=100.0)
-    tau2: float = parameter(1.0, "temperature of the variance (temporal shift)", min=0.01, max=100.0)
+    tau1: float = parameter(
+        default=1.0, description="temperature of the entropy (spatial dispersion)", min=0.01, max=100.0
+    )
+    tau2: float = parameter(
+        default=1.0, description="temperature of the variance (temporal shift)", min=0.01, max=100.0
+    )
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:
         signals = signals or {}

@@ -21,8 +21,10 @@ from polykv.policy import LayerView, Needs, ScoringPolicy, first_tokens, paramet
 class ExpectedAttention(ScoringPolicy):
     name = "expected"
     description = "Keeps the tokens future queries are expected to attend to (a Gaussian of recent queries)."
-    window: int = parameter(64, "recent queries whose mean and covariance model the queries to come", min=2, max=1024)
-    sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
+    window: int = parameter(
+        default=64, description="recent queries whose mean and covariance model the queries to come", min=2, max=1024
+    )
+    sink: int = parameter(default=4, description="attention-sink tokens kept at the start", min=0, max=1024)
 
     def needs(self) -> Needs:
         return Needs(window=self.window)

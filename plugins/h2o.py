@@ -15,7 +15,9 @@ from polykv.policy import LayerView, Needs, ScoringPolicy, most_recent, paramete
 class H2O(ScoringPolicy):
     name = "h2o"
     description = "Keeps the tokens with the most accumulated attention, plus a share of recent ones."
-    recent: float = parameter(0.5, "share of the budget kept for the most recent tokens", min=0.0, max=1.0)
+    recent: float = parameter(
+        default=0.5, description="share of the budget kept for the most recent tokens", min=0.0, max=1.0
+    )
 
     def needs(self) -> Needs:
         return Needs(accumulated_attention=True)

@@ -16,7 +16,7 @@ from polykv.policy import LayerView, Needs, ScoringPolicy, first_tokens, paramet
 class KVzip(ScoringPolicy):
     name = "kvzip"
     description = "Keeps the tokens the model attends to most while repeating the prompt (query-agnostic)."
-    sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
+    sink: int = parameter(default=4, description="attention-sink tokens kept at the start", min=0, max=1024)
 
     def needs(self) -> Needs:
         return Needs(reconstruction=True)

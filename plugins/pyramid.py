@@ -18,8 +18,12 @@ class PyramidSolver(Solver):
 
     name = "pyramid"
     description = "Budgets fall linearly with depth around the same mean (PyramidKV)."
-    window: int = parameter(8, "tokens every layer keeps besides its share (the observation window)", min=0, max=4096)
-    beta: float = parameter(20.0, "how far the last layer's share falls: (B - window) / beta", min=1.0, max=1000.0)
+    window: int = parameter(
+        default=8, description="tokens every layer keeps besides its share (the observation window)", min=0, max=4096
+    )
+    beta: float = parameter(
+        default=20.0, description="how far the last layer's share falls: (B - window) / beta", min=1.0, max=1000.0
+    )
 
     def solve(self, problem: BudgetProblem, signals: Mapping[str, Sequence[float]] | None = None) -> Solution:
         free = [i for i, layer in enumerate(problem.layers) if layer.fixed is None]

@@ -12,7 +12,7 @@ from polykv.policy import LayerView, ScoringPolicy, parameter
 class RandomEviction(ScoringPolicy):
     name = "random"
     description = "Keeps a random choice of tokens (seeded), as a baseline."
-    seed: int = parameter(0, "random seed (combined with the layer index)", min=0, max=2**31 - 1)
+    seed: int = parameter(default=0, description="random seed (combined with the layer index)", min=0, max=2**31 - 1)
 
     def score(self, view: LayerView) -> torch.Tensor:
         batch, heads, length = view.token_mask.shape

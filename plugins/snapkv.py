@@ -17,9 +17,11 @@ from polykv.policy import LayerView, Needs, ScoringPolicy, most_recent, paramete
 class SnapKV(ScoringPolicy):
     name = "snapkv"
     description = "Scores tokens by the pooled attention of the last `window` queries; keeps the window."
-    window: int = parameter(32, "observation window: the last queries whose attention scores tokens", min=1, max=1024)
-    kernel: int = parameter(7, "pooling width along the sequence (1: no pooling)", min=1, max=255)
-    pooling: str = parameter("max", "how scores are pooled", choices=("max", "avg"))
+    window: int = parameter(
+        default=32, description="observation window: the last queries whose attention scores tokens", min=1, max=1024
+    )
+    kernel: int = parameter(default=7, description="pooling width along the sequence (1: no pooling)", min=1, max=255)
+    pooling: str = parameter(default="max", description="how scores are pooled", choices=("max", "avg"))
 
     def needs(self) -> Needs:
         return Needs(window=self.window, window_attention=True)

@@ -15,7 +15,7 @@ class Streaming(ScoringPolicy):
     name = "streaming"
     static_decoding = True
     description = "Keeps the first `sink` tokens (attention sinks) and the most recent ones."
-    sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
+    sink: int = parameter(default=4, description="attention-sink tokens kept at the start", min=0, max=1024)
 
     def min_budget(self) -> int:
         return self.sink + 1

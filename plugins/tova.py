@@ -13,7 +13,7 @@ from polykv.policy import LayerView, Needs, ScoringPolicy, parameter, per_kv_hea
 class TOVA(ScoringPolicy):
     name = "tova"
     description = "Keeps the tokens the last query attends to most (averaged over the layer's heads)."
-    per_head: bool = parameter(False, "rank each KV head by its own query group")
+    per_head: bool = parameter(default=False, description="rank each KV head by its own query group")
 
     def needs(self) -> Needs:
         return Needs(window=1, window_attention=True)

@@ -3,11 +3,13 @@
 A class declares each parameter once, as an annotated class attribute::
 
     class SnapKV(ScoringPolicy):
-        window: int = parameter(32, "observation window: the last queries that score tokens", min=1, max=4096)
+        window: int = parameter(default=32, description="the last queries that score tokens", min=1, max=4096)
 
 and gets from it the ``parameters`` table (what ``polykv policies`` prints and the checker
 validates against), a keyword constructor that checks every value, and ``self.window`` typed for
 IDEs and type checkers (``typing.dataclass_transform`` tells them ``parameter`` declares a field).
+Give ``default=`` by keyword: a type checker reads a field's default only from that keyword (PEP
+681), so with a positional default ``SnapKV()`` looks to it like a call missing ``window``.
 A subclass that differs only in a default assigns the new value, and keeps the description and
 bounds it inherits::
 
@@ -133,7 +135,8 @@ def parameter(
     max: float | None = None,
     choices: tuple[str, ...] = (),
 ) -> Any:
-    """Declare a parameter of a policy or solver (see the module docstring): its default, meaning and bounds."""
+    """Declare a parameter of a policy or solver (see the module docstring): its default, meaning and bounds.
+    Pass ``default=`` by keyword, which is where type checkers read it (the module docstring says why)."""
     return _Declared(default, description, min, max, tuple(choices))
 
 
@@ -153,7 +156,7 @@ class Configurable:
         super().__init_subclass__(**kwargs)
         if "parameters" in cls.__dict__:
             raise TypeError(
-                f"{cls.__qualname__}: declare each parameter as `name: type = parameter(default, description)` "
+                f"{cls.__qualname__}: declare each parameter as `name: type = parameter(default=..., description=...)` "
                 "instead of assigning `parameters`"
             )
         declared = {param.name: param for param in cls.parameters}  # inherited: not set in this body

@@ -17,7 +17,7 @@ the cache computes only what some layer asked for.
     class Streaming(ScoringPolicy):
         name = "streaming"
         description = "Keeps the first `sink` tokens and the most recent ones."
-        sink: int = parameter(4, "attention-sink tokens kept at the start", min=0, max=1024)
+        sink: int = parameter(default=4, description="attention-sink tokens kept at the start", min=0, max=1024)
 
 Shapes use B for batch rows, H for KV heads, G for query heads per KV head (GQA group), L for
 tokens and D for head dimension.

@@ -299,7 +299,10 @@ def _declare(body: str) -> type:
         ),
         ("    window = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
         ("    window: list = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
-        ("    parameters = ()", "Declared: declare each parameter as `name: type = parameter(default, description)`"),
+        (
+            "    parameters = ()",
+            "Declared: declare each parameter as `name: type = parameter(default=..., description=...)`",
+        ),
     ],
 )
 def test_a_malformed_parameter_declaration_fails_where_the_class_is_made(body, message):

@@ -19,7 +19,7 @@ __all__ = ["KeyDiff", "register_policies"]
 class KeyDiff(ScoringPolicy):
     name = "keydiff"
     description = "Keeps the tokens whose keys are least similar (cosine) to the mean key; keeps the last `window`."
-    window: int = parameter(8, "most recent tokens always kept", min=0, max=1024)
+    window: int = parameter(default=8, description="most recent tokens always kept", min=0, max=1024)
 
     def min_budget(self) -> int:
         return max(1, self.window)
