@@ -218,6 +218,11 @@ def _param(cls: type, attribute: str, annotation: object, declared: _Declared) -
         raise TypeError(
             f"{cls.__qualname__}.{attribute}: annotate a parameter with int, float, bool or str (found {annotation!r})"
         )
+    if kind in (str, bool) and (declared.min is not None or declared.max is not None):
+        choices = " (give a str parameter choices)" if kind is str else ""
+        raise TypeError(
+            f"{cls.__qualname__}.{attribute}: min and max bound numbers, and {attribute} is a {kind.__name__}{choices}"
+        )
     for bound, value in (("min", declared.min), ("max", declared.max)):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if value is not None and not (number and math.isfinite(value)):

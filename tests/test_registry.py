@@ -297,6 +297,14 @@ def _declare(body: str) -> type:
             "    pooling: str = parameter('min', 'p', choices=('max', 'avg'))",
             """Declared: the default of parameter 'pooling' is one of "max", "avg", got "min\"""",
         ),
+        (
+            "    mode: str = parameter('a', 'm', min=1)",
+            "Declared.mode: min and max bound numbers, and mode is a str (give a str parameter choices)",
+        ),
+        (
+            "    flag: bool = parameter(False, 'f', max=1)",
+            "Declared.flag: min and max bound numbers, and flag is a bool",
+        ),
         ("    window = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
         ("    window: list = parameter(4, 'w')", "Declared.window: annotate a parameter with int, float, bool or str"),
         (
