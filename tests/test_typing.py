@@ -40,8 +40,18 @@ def _docs_code(folder: Path) -> list[Path]:
     return written
 
 
-def test_the_examples_and_the_docs_code_type_check_against_polykvs_annotations(tmp_path):
+def assert_mypy_passes(arguments: list, cwd: Path, search_path: list[Path] | None = None) -> None:
+    """Run mypy with ``arguments`` in ``cwd`` (``search_path``: its MYPYPATH) and show its report if it finds issues."""
     pytest.importorskip("mypy", reason="mypy comes with the dev extra")
+    environment = dict(os.environ)
+    if search_path:
+        environment["MYPYPATH"] = os.pathsep.join(map(str, search_path))
+    command = [sys.executable, "-m", "mypy", *arguments]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=cwd, env=environment)
+    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_examples_and_the_docs_code_type_check_against_polykvs_annotations(tmp_path):
     config = tmp_path / "mypy.ini"
     config.write_text(
         "[mypy]\nfollow_imports = silent\ncheck_untyped_defs = True\n"
@@ -54,24 +64,17 @@ def test_the_examples_and_the_docs_code_type_check_against_polykvs_annotations(t
     ]
     # polykv is found in the checkout (an editable install's import hook is invisible to mypy); a missing
     # polykv is an error here, not Any.
-    environment = {**os.environ, "MYPYPATH": str(ROOT)}
-    command = [sys.executable, "-m", "mypy", "--config-file", config, "--cache-dir", tmp_path / "cache", *targets]
-    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=tmp_path, env=environment)
-    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
+    assert_mypy_passes(["--config-file", config, "--cache-dir", tmp_path / "cache", *targets], tmp_path, [ROOT])
 
 
 def test_polykv_type_checks_with_no_issues(tmp_path):
     """polykv ships py.typed, so its own annotations must be consistent: ``mypy polykv`` finds no issue."""
-    pytest.importorskip("mypy", reason="mypy comes with the dev extra")
-    command = [sys.executable, "-m", "mypy", "polykv", "--cache-dir", tmp_path / "cache"]
-    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
+    assert_mypy_passes(["polykv", "--cache-dir", tmp_path / "cache"], ROOT)
 
 
 def test_every_built_in_policy_and_solver_is_made_with_its_defaults_as_a_type_checker_sees_it(tmp_path):
     """A parameter's default reaches type checkers only through ``parameter(default=...)`` (PEP 681): written
     positionally, ``SnapKV()`` type-checks as a call missing ``window``. The built-ins are what authors copy."""
-    pytest.importorskip("mypy", reason="mypy comes with the dev extra")
     registry = polykv.default_registry()
     classes = [entry.cls for catalogue in (registry.policies, registry.solvers) for entry in catalogue]
     module = tmp_path / "made_with_defaults.py"
@@ -79,7 +82,6 @@ def test_every_built_in_policy_and_solver_is_made_with_its_defaults_as_a_type_ch
     found = tmp_path / "found"
     found.mkdir()
     (found / "polykv_plugins").symlink_to(ROOT / "plugins")  # installed under that name
-    environment = {**os.environ, "MYPYPATH": os.pathsep.join([str(ROOT), str(found)])}
-    command = [sys.executable, "-m", "mypy", "--follow-imports", "silent", "--cache-dir", tmp_path / "cache", module]
-    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=tmp_path, env=environment)
-    assert done.returncode == 0 and "Success: no issues found" in done.stdout, done.stdout + done.stderr
+    assert_mypy_passes(
+        ["--follow-imports", "silent", "--cache-dir", tmp_path / "cache", module], tmp_path, [ROOT, found]
+    )
