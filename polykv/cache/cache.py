@@ -36,8 +36,7 @@ from polykv.cache.attention import hand_over
 from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.cache.reconstruction import Reconstruction
-from polykv.cache.split import GroupsInStatic, HeadGroup, SplitLayer
-from polykv.cache.static import StaticDecoding
+from polykv.cache.split import HeadGroup, SplitLayer
 from polykv.errors import ArgumentError, CacheError
 from polykv.model.describe import cache_argument
 from polykv.policy import Phase
@@ -115,7 +114,7 @@ class PolyCache(Cache):
         if self._static and layer_idx < len(self.layers):
             self._check_attended()
             layer = self.layers[layer_idx]
-            slots = _static(layer).append(key_states, value_states)
+            slots = layer.static_decoding.append(key_states, value_states)
             self._awaiting = layer
             return slots
         return self._update_eagerly(key_states, value_states, layer_idx, *args, **kwargs)
@@ -313,37 +312,37 @@ class PolyCache(Cache):
         """Have every layer refuse a check's tokens with a compiled function (``StaticDecoding.compile_refusals``);
         a compiled forward traces a step's writes."""
         for layer in self.layers:
-            _static(layer).compile_refusals()
+            layer.static_decoding.compile_refusals()
 
     def static_incoming(self, real: torch.Tensor | None) -> None:
         """Whether each of the coming static steps' tokens (B, n) is real; None: all are."""
         for layer in self.layers:
-            _static(layer).incoming = real
+            layer.static_decoding.incoming = real
 
     def static_refuse(self, refused: torch.Tensor) -> None:
         """Make holes of the last n tokens every layer took where ``refused`` (B, n) says so."""
         for layer in self.layers:
-            _static(layer).refuse(refused)
+            layer.static_decoding.refuse(refused)
 
     def plan_static_step(self) -> tuple:
         """Prepare the coming static step; the layers that evict in it, each with which of its groups of heads
         do (each set of them is its own graph)."""
-        return tuple((layer.index, evicts) for layer in self.layers if (evicts := _static(layer).plan_step()))
+        return tuple((layer.index, evicts) for layer in self.layers if (evicts := layer.static_decoding.plan_step()))
 
     def plan_static_check(self) -> tuple:
         """Prepare the coming speculative check; the layers that evict at its end, each with which of its groups
         of heads do (each set is its own graph)."""
-        return tuple((layer.index, evicts) for layer in self.layers if (evicts := _static(layer).plan_check()))
+        return tuple((layer.index, evicts) for layer in self.layers if (evicts := layer.static_decoding.plan_check()))
 
     def static_evict_for_check(self) -> None:
         """At the end of a check: the layers planned to evict make room for the next check's tokens."""
         for layer in self.layers:
-            _static(layer).evict_for_check()
+            layer.static_decoding.evict_for_check()
 
     def static_stepped(self, tokens: int = 1) -> None:
         """Count a static step that ran, of ``tokens`` tokens."""
         for layer in self.layers:
-            _static(layer).stepped(tokens)
+            layer.static_decoding.stepped(tokens)
 
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens: every layer holds its
@@ -479,13 +478,6 @@ class PolyCache(Cache):
                 tokens = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
                 total += 2 * layer.batch_size * layer.kv_heads * tokens * layer.head_dim * layer.dtype.itemsize
         return total
-
-
-def _static(layer: PolyLayer | SplitLayer) -> StaticDecoding | GroupsInStatic:
-    """``layer``'s static decoding: every layer of a cache decodes statically from its begin_static to its
-    end_static, where the static steps' calls come."""
-    assert layer.static is not None
-    return layer.static
 
 
 __all__ = ["CacheState", "Phase", "PolyCache"]

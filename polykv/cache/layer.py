@@ -390,6 +390,12 @@ class PolyLayer(CacheLayerMixin):
             raise CacheError("static decoding starts after the prefill: run one ordinary decoding step first")
         self.static = StaticDecoding(self, room, slack, holes, per_check, buffers)
 
+    @property
+    def static_decoding(self) -> StaticDecoding:
+        """The static decoding this layer is in: the static steps' calls come between begin_static and end_static."""
+        assert self.static is not None, "called between begin_static and end_static"
+        return self.static
+
     def end_static(self, tokens: int) -> None:
         """Back to ordinary decoding after static steps that brought ``tokens`` tokens."""
         static, self.static = self.static, None

@@ -32,7 +32,7 @@ from polykv.budget import Tokens
 from polykv.cache.adaptive import Shares, share
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.cache.pool import SlotPool
-from polykv.cache.static import StaticDecoding, static_slots, tracks_real_tokens
+from polykv.cache.static import static_slots, tracks_real_tokens
 from polykv.errors import CacheError
 from polykv.policy import Phase, ScoringPolicy
 
@@ -394,8 +394,14 @@ class SplitLayer(CacheLayerMixin):
         pool = SlotPool(groups, first.batch_size, keys, real=tracks_real)
         for number, part in enumerate(self.parts):
             part.begin_static(room, slack, holes, per_check, buffers=pool.buffers(number))
-        pool.share([_static(part) for part in self.parts])
+        pool.share([part.static_decoding for part in self.parts])
         self.static = GroupsInStatic(self.parts, pool)
+
+    @property
+    def static_decoding(self) -> GroupsInStatic:
+        """The static decoding this layer is in: the static steps' calls come between begin_static and end_static."""
+        assert self.static is not None, "called between begin_static and end_static"
+        return self.static
 
     def end_static(self, tokens: int) -> None:
         for part in self.parts:
@@ -421,57 +427,51 @@ class GroupsInStatic:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's tokens (B, H, n, D) of every head into the pool; return them (see ``SplitLayer.update``)."""
         for part in self.parts:
-            _static(part).take(keys.shape[-2])
+            part.static_decoding.take(keys.shape[-2])
         self.pool.write(keys, values)
         return keys, values
 
     def after_attention(self) -> None:
         """Move past the step's tokens (once: the parts share the position), and let each part evict as planned."""
         assert self.pool.position is not None  # set by SlotPool.share, in SplitLayer.begin_static
-        self.pool.position += _static(self.parts[0]).tokens
+        self.pool.position += self.parts[0].static_decoding.tokens
         for part in self.parts:
-            _static(part).evict_if_planned()
+            part.static_decoding.evict_if_planned()
 
     @property
     def incoming(self) -> torch.Tensor | None:
-        return _static(self.parts[0]).incoming
+        return self.parts[0].static_decoding.incoming
 
     @incoming.setter
     def incoming(self, real: torch.Tensor | None) -> None:
         self.pool.real_tokens = real
         for part in self.parts:
-            _static(part).incoming = real
+            part.static_decoding.incoming = real
 
     def refuse(self, refused: torch.Tensor) -> None:
         for part in self.parts:
-            _static(part).refuse(refused)
+            part.static_decoding.refuse(refused)
 
     def plan_step(self) -> tuple[int, ...]:
         """The parts that evict in the coming step (every part plans it): parts of different bounds evict in
         different steps, and each set of them is a graph of its own."""
-        return tuple(number for number, part in enumerate(self.parts) if _static(part).plan_step())
+        return tuple(number for number, part in enumerate(self.parts) if part.static_decoding.plan_step())
 
     def plan_check(self) -> tuple[int, ...]:
         """The parts that evict at the end of the coming check (every part plans it)."""
-        return tuple(number for number, part in enumerate(self.parts) if _static(part).plan_check())
+        return tuple(number for number, part in enumerate(self.parts) if part.static_decoding.plan_check())
 
     def evict_for_check(self) -> None:
         for part in self.parts:
-            _static(part).evict_for_check()
+            part.static_decoding.evict_for_check()
 
     def compile_refusals(self) -> None:
         for part in self.parts:
-            _static(part).compile_refusals()
+            part.static_decoding.compile_refusals()
 
     def stepped(self, tokens: int = 1) -> None:
         for part in self.parts:
-            _static(part).stepped(tokens)
+            part.static_decoding.stepped(tokens)
 
     def nbytes(self) -> int:
         return self.pool.nbytes()
-
-
-def _static(part: PolyLayer) -> StaticDecoding:
-    """``part``'s static decoding: a SplitLayer's parts decode statically from its begin_static to its end_static."""
-    assert part.static is not None
-    return part.static
