@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 import torch
-from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
+from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
-from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
+from tqdm import tqdm
 
 from polykv.cache.preparation import prepared
 from polykv.cache.reconstruction import Reconstruction

@@ -62,7 +62,7 @@ def converted_folder(name: str, gguf: Path) -> Path | None:
     turn off the cache (raised before the conversion starts where it can be), never a silent
     conversion on every load.
     """
-    from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = cache_folder()

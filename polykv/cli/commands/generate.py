@@ -15,7 +15,7 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm has no type hints (types-tqdm is not installed)
+from tqdm import tqdm
 
 from polykv.cli.commands import setup
 from polykv.cli.commands.output import mib, table
