@@ -72,7 +72,7 @@ from torch.profiler import ProfilerActivity, profile
 import polykv
 from polykv.decoding import StaticDecoder
 from polykv.decoding.compiled import compiled_forward
-from polykv.decoding.precision import tf32_matmuls
+from polykv.decoding.precision import draft_model, tf32_matmuls
 from polykv.decoding.static import captured_replay
 from polykv.decoding.static_speculation import FORWARDS, StaticChecks
 from polykv.harness.capture import capture
@@ -111,11 +111,12 @@ def repeat_heads_in_float32_prefill() -> None:
 
 
 def run(
-    model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False, draft_tf32: bool = False
+    model, ids, plan, lookahead: int, new_tokens: int, compile_step: bool = False, **precision
 ) -> polykv.Speculation:
+    """Speculation with checks of fixed shapes; ``precision``: the draft's (``draft_tf32``, ``draft_dtype``)."""
     return polykv.speculative_generate(
         model, ids, draft=plan, max_new_tokens=new_tokens, lookahead=lookahead, static=True,
-        compile_step=compile_step, draft_tf32=draft_tf32,
+        compile_step=compile_step, **precision,
     )  # fmt: skip
 
 
@@ -148,6 +149,8 @@ def plain_decoding(model, ids, whole, new_tokens: int, compile_step: bool = Fals
 def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], None]) -> list[dict]:
     """Every batch's plain decoding and each draft's speculation; ``measured`` sees the rows after each one."""
     weights = weight_bytes(model)
+    precision = {"draft_tf32": args.draft_tf32, "draft_dtype": args.draft_dtype and getattr(torch, args.draft_dtype)}
+    draft_weights = weights * (precision["draft_dtype"] or model.dtype).itemsize // model.dtype.itemsize
     plans = {spec: polykv.compile(spec, model, tokenizer=tokenizer) for spec in args.specs}
     for spec in args.acceptance_specs:
         plans[spec + ACCEPTANCE] = polykv.compile(
@@ -155,7 +158,8 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
         )
     whole = polykv.compile("*: full", model)
     warm = prompts(tokenizer, 1, 128, device)
-    run(model, warm, whole, 2, 8, args.compile_step), plain_decoding(model, warm, whole, 8, args.compile_step)
+    run(model, warm, whole, 2, 8, args.compile_step, **precision)
+    plain_decoding(model, warm, whole, 8, args.compile_step)
     rows = []
     for batch in args.batches:
         ids = prompts(tokenizer, batch, args.length, device)
@@ -164,7 +168,7 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
         measured(rows)
         print(f"batch {batch}: plain {plain_rate:.1f} tokens/s", flush=True)
         costs = (
-            step_costs(model, ids, args.budget, args.lookaheads, args.compile_step, draft_tf32=args.draft_tf32)
+            step_costs(model, ids, args.budget, args.lookaheads, args.compile_step, **precision)
             if args.step_costs
             else None
         )
@@ -174,9 +178,9 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
             print(f"batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()), flush=True)
         for spec, plan in plans.items():
             for lookahead in args.lookaheads:
-                result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step, args.draft_tf32)
+                result = run(model, ids, plan, lookahead, args.new_tokens, args.compile_step, **precision)
                 rate = result.tokens_per_second
-                full, draft = weights + result.full_nbytes, weights + result.draft_nbytes
+                full, draft = weights + result.full_nbytes, draft_weights + result.draft_nbytes
                 bound = result.tokens_per_step * full / (lookahead * draft + full)
                 equal = (result.tokens == plain).all(dim=1).float().mean().item()
                 row = {
@@ -201,7 +205,7 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
                 if costs:  # a check's wall time, against what its steps cost alone
                     row["predicted_check_ms"] = predicted_check_ms(costs, lookahead)
                 if args.profile_checks:
-                    row["check_kernels"] = check_kernels(model, ids, plan, lookahead, args.compile_step)
+                    row["check_kernels"] = check_kernels(model, ids, plan, lookahead, args.compile_step, **precision)
                     print(f"batch {batch}: {spec}, lookahead {lookahead}: per check " + ", ".join(
                         f"{region} {row['check_kernels']['count'][region]:.0f} kernels, "
                         f"{row['check_kernels']['ms'][region]:.2f} ms" for region in row["check_kernels"]["count"]
@@ -256,18 +260,20 @@ def step_costs(
     compile_step: bool = False,
     chunk: int | None = None,
     draft_tf32: bool = False,
+    draft_dtype: torch.dtype | None = None,
 ) -> dict:
     """Milliseconds of the static steps a check is made of, after the prompts ``ids`` (prefilled in chunks of
     ``chunk``): the full cache's step of 1 token and of lookahead + 1 (a check), and a draft's of 1 and 2 tokens (a
-    draft holding ``budget`` tokens)."""
+    draft holding ``budget`` tokens, in the draft's precision)."""
     whole = polykv.compile("*: full", model)
-    with whole.apply(model):
+    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
+    with whole.apply(model), whole.apply(drafter):
         full = prefill(model, whole, ids, chunk=chunk)
-        draft = prefill(model, whole, ids[:, -budget:])  # a draft's cost is the tokens it holds
+        draft = prefill(drafter, whole, ids[:, -budget:])  # a draft's cost is the tokens it holds
         costs = {"full 1": step_milliseconds(model, full, 1, 20, compile_step)}
         with tf32_matmuls(draft_tf32):
-            costs["draft 1"] = step_milliseconds(model, draft, 1, 20, compile_step)
-            costs["draft 2"] = step_milliseconds(model, draft, 2, 20, compile_step)
+            costs["draft 1"] = step_milliseconds(drafter, draft, 1, 20, compile_step)
+            costs["draft 2"] = step_milliseconds(drafter, draft, 2, 20, compile_step)
         for lookahead in lookaheads:
             costs[f"full {lookahead + 1}"] = step_milliseconds(model, full, lookahead + 1, 20, compile_step)
     return costs
@@ -280,22 +286,26 @@ def predicted_check_ms(costs: dict, lookahead: int) -> float:
 
 
 @torch.no_grad()
-def check_kernels(model, ids, plan, lookahead: int, compile_step: bool, checks: int = 4) -> dict:
+def check_kernels(
+    model, ids, plan, lookahead: int, compile_step: bool, checks: int = 4, *, draft_tf32=False, draft_dtype=None
+) -> dict:
     """What one check runs, per check: the kernels (the CPU's operators) and their device time (CPU time) in the
     draft's forwards, in the full cache's forward, and in the rest (the check's own bookkeeping). Checks run
     eagerly, so the profiler sees each kernel a captured check replays; a first run compiles, the second is
     profiled."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
     registry = polykv.default_registry()
-    with plan.apply(model):
+    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
+    with plan.apply(model), plan.apply(drafter):
         for profiled_run in (False, True):
             captured = capture(model, ids, needs=plan.needs(registry), reconstruction=plan.reconstruction)
             newest = captured.logits.argmax(dim=-1)
             full, draft = captured.cache(share_room=True), captured.cache_for(plan, registry)
+            draft.cast(drafter.dtype)
             run = StaticChecks(
                 model, full, draft, newest, torch.full_like(newest, ids.shape[1]), lookahead=lookahead,
                 max_new_tokens=checks * (lookahead + 1), eos_token_id=None, pad_token_id=None, graph=False,
-                compile_step=compile_step,
+                compile_step=compile_step, draft_tf32=draft_tf32, draft_model=drafter,
             )  # fmt: skip
             if not profiled_run:
                 run.run()
@@ -501,6 +511,11 @@ def main() -> None:
         help="a float32 model drafts with TF32 matrix products on CUDA, and checks in float32 (same output)",
     )
     parser.add_argument(
+        "--draft-dtype",
+        choices=("bfloat16", "float16"),
+        help="drafts run a copy of the model's weights, and a draft cache, in this dtype; checks run the model",
+    )
+    parser.add_argument(
         "--freeze", action="store_true", help="compile with the weights frozen: q/k/v and gate/up products joined"
     )
     parser.add_argument(
@@ -560,6 +575,7 @@ def main() -> None:
     heading = f"bundled model ({dtype}), {args.length}-token prompts, {args.new_tokens} new tokens, {machine}"
     heading += f", torch {torch.__version__}" + (", forwards compiled" if args.compile_step else "")
     heading += ", drafts in TF32" if args.draft_tf32 else ""
+    heading += f", drafts in {args.draft_dtype}" if args.draft_dtype else ""
     print(f"\n{heading}\n\n{text}")
     shape = {}
     if args.shape_layers:

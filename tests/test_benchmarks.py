@@ -110,7 +110,11 @@ def test_calibration_cost_times_a_whole_profile(tmp_path):
 
 
 @requires_real_model
-def test_speculation_runs_on_the_cpu(tmp_path):
+@pytest.mark.parametrize(
+    "precision",
+    [["--draft-tf32"], ["--draft-dtype", "bfloat16"]],  # TF32 changes no product on the CPU: its path runs
+)
+def test_speculation_runs_on_the_cpu(tmp_path, precision):
     result = run(
         "speculation.py",
         "--quick",
@@ -124,7 +128,7 @@ def test_speculation_runs_on_the_cpu(tmp_path):
         "6",
         "--step-costs",
         "--profile-checks",
-        "--draft-tf32",  # changes no product on the CPU: the option's path runs
+        *precision,
         out=tmp_path,
     )
     assert set(result["rows"][0]["step_costs"]) == {"full 1", "draft 1", "draft 2", "full 3"}

@@ -179,6 +179,31 @@ def test_a_fork_copies_nothing_until_it_appends():
     assert all(a.storage.keys.data_ptr() != b.storage.keys.data_ptr() for a, b in zip(base.layers, twin.layers))
 
 
+@pytest.mark.parametrize("spec", [COMPRESSED, "layers * heads 0: snapkv@16(window=4); layers * heads 1: full"])
+def test_a_cast_cache_holds_what_it_held_in_the_new_dtype(spec):
+    """What a draft in a lower precision does with the cache chosen from a float64 prefill (``PolyCache.cast``)."""
+    model = tiny_model("llama", dtype=torch.float64)
+    cache = polykv.compile(spec, model).make_cache()
+    _forward(model, cache, prompt(30))
+    before = [(part.storage.keys, part.storage.positions) for part in _parts(cache)]
+    cache.cast(torch.float32)
+    for part, (keys, positions) in zip(_parts(cache), before):
+        assert part.storage.keys.dtype == torch.float32 and torch.equal(part.storage.keys, keys.float())
+        assert part.storage.capacity == part.storage.size  # exactly what is stored, in buffers of its own
+        assert positions is None or torch.equal(part.storage.positions, positions)
+    reference = polykv.compile(spec, model).make_cache()
+    _forward(model, reference, prompt(30))
+    ids = prompt(2, seed=1)
+    lower = _forward(copy.deepcopy(model).to(torch.float32), cache, ids)
+    torch.testing.assert_close(lower.double(), _forward(model, reference, ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(polykv.ArgumentTypeError, match=r"floating dtype, got torch\.int32"):
+        cache.cast(torch.int32)
+
+
+def _parts(cache):
+    return [part for layer in cache.layers for part in getattr(layer, "parts", [layer])]
+
+
 # --- offloading and refusals ------------------------------------------------------------------------------
 
 
@@ -211,7 +236,7 @@ def test_offload_moves_a_layer_to_the_cpu_and_back():
     assert cache.layers[2].storage.device.type == "cuda"
 
 
-def test_a_layer_in_static_decoding_is_neither_offloaded_nor_cropped():
+def test_a_layer_in_static_decoding_is_neither_offloaded_nor_cropped_nor_cast():
     model = tiny_model("llama")
     cache = polykv.compile(COMPRESSED, model).make_cache()
     _forward(model, cache, prompt(30))
@@ -221,6 +246,8 @@ def test_a_layer_in_static_decoding_is_neither_offloaded_nor_cropped():
         cache.offload(1)
     with pytest.raises(polykv.CacheError, match="static decoding"):
         cache.crop(-1)
+    with pytest.raises(polykv.CacheError, match="static decoding: end it before casting"):
+        cache.cast(torch.bfloat16)
 
 
 def test_use_cache_false_with_a_cache_is_refused():

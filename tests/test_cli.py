@@ -374,6 +374,24 @@ def test_generate_refuses_options_of_a_way_of_decoding_it_was_not_asked_for(smal
     assert "--draft-tf32 has CUDA's float32 matrix products use TF32, which this run (float32 on cpu)" in (
         capsys.readouterr().err
     )
+    assert main([*command, "--draft-dtype", "bfloat16"]) == 1
+    assert "--draft-dtype is the precision a draft proposes in: give the draft's --draft-spec" in (
+        capsys.readouterr().err
+    )
+    assert main([*command[:-2], "--draft-spec", "*: streaming@64", "--draft-tf32", "--draft-dtype", "bfloat16"]) == 1
+    assert "--draft-tf32 is for a draft in float32, and --draft-dtype bfloat16 drafts in bfloat16" in (
+        capsys.readouterr().err
+    )
+
+
+def test_generate_drafts_in_a_lower_dtype_and_says_the_same(small_model, capsys):
+    command = ["generate", "--model", small_model, "--device", "cpu", "--prompt", "the quick brown fox jumps over"]
+    command += ["--max-new-tokens", "10", "--draft-spec", "*: streaming@8(sink=2)", "--lookahead", "3"]
+    outputs = []
+    for extra in ([], ["--draft-dtype", "bfloat16"]):
+        assert main([*command, *extra]) == 0
+        outputs.append(capsys.readouterr().out.partition("\n\n")[0])
+    assert outputs[0] == outputs[1] and outputs[0]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 import polykv
 from polykv import cache_argument
 from polykv.cache.static import FREE, StaticDecoding
+from polykv.decoding.precision import draft_model
 from polykv.testing import prompt, tiny_model
 
 SPECS = [
@@ -186,8 +187,8 @@ def test_static_checks_say_when_they_cannot_run(llama):
     "spec", ["layers 0: full; *: snapkv@12(window=4)", "*: full", "*: snapkv@12(window=4) decode streaming@16(sink=2)"]
 )
 @pytest.mark.parametrize("compile_step", [False, True])
-@pytest.mark.parametrize("draft_tf32", [False, True])
-def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compile_step, draft_tf32):
+@pytest.mark.parametrize("precision", [{}, {"draft_tf32": True}, {"draft_dtype": torch.bfloat16}])
+def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compile_step, precision):
     model = tiny_model("llama", dtype=torch.float32, seed=2, device="cuda")
     ids = prompt(30, batch=3).cuda()
     mask = torch.ones_like(ids)
@@ -195,7 +196,7 @@ def test_checks_replayed_as_cuda_graphs_give_the_full_caches_output(spec, compil
     expected = _greedy(model, ids, 20, attention_mask=mask)
     result = polykv.speculative_generate(
         model, ids, attention_mask=mask, draft=polykv.compile(spec, model), max_new_tokens=20, lookahead=3,
-        compile_step=compile_step, draft_tf32=draft_tf32,
+        compile_step=compile_step, **precision,
     )  # fmt: skip
     assert result.static and torch.equal(result.tokens, expected)
     assert result.tokens_per_second > 0 and result.warmup_seconds > 0
@@ -248,6 +249,49 @@ def test_a_draft_in_tf32_drafts_with_it_and_checks_without(llama, static):
     assert max(tokens for tokens, _ in drafts[0]) <= 2 and any(tokens == 4 for f in others for tokens, _ in f)
 
 
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("spec", ["*: streaming@8(sink=2)", "layers 0: full; *: tova@12 decode streaming@16"])
+def test_a_draft_in_a_lower_dtype_gives_the_full_caches_output(llama, spec, static):
+    """The draft runs a twin of the model in ``draft_dtype`` over a cache held in it; the checks run the model."""
+    ids = prompt(30, batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    draft = polykv.compile(spec, llama)
+    expected = _greedy(llama, ids, 12, attention_mask=mask)
+    options = dict(attention_mask=mask, draft=draft, max_new_tokens=12, lookahead=3, static=static)
+    same = polykv.speculative_generate(llama, ids, **options)
+    for dtype in (torch.float32, torch.bfloat16):
+        lower = polykv.speculative_generate(llama, ids, **options, draft_dtype=dtype)
+        assert lower.static == static and torch.equal(lower.tokens, expected)
+        assert lower.draft_nbytes < same.draft_nbytes and lower.full_nbytes == same.full_nbytes
+    assert next(llama.parameters()).dtype == torch.float64  # the model itself is left as it was
+
+
+def test_a_draft_in_a_lower_dtype_runs_a_twin_made_once_while_the_weights_stay():
+    model = tiny_model("llama", dtype=torch.float32, seed=3)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as the bundled model's are
+    twin = draft_model(model, torch.bfloat16)
+    assert draft_model(model, torch.float32) is model
+    assert twin is not model and twin.dtype == torch.bfloat16 and model.dtype == torch.float32
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight
+    assert torch.equal(twin.model.norm.weight, model.model.norm.weight.to(torch.bfloat16))
+    assert draft_model(model, torch.bfloat16) is twin
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)  # the weights changed in place: the twin is made again
+    again = draft_model(model, torch.bfloat16)
+    assert again is not twin and torch.equal(again.model.norm.weight, model.model.norm.weight.to(torch.bfloat16))
+
+
+def test_a_draft_dtype_is_a_floating_dtype_and_excludes_tf32(llama):
+    plan = polykv.compile("*: streaming@8(sink=2)", llama)
+    with pytest.raises(polykv.ArgumentTypeError, match=r"draft_dtype is a floating torch dtype.*torch\.int8"):
+        polykv.speculative_generate(llama, prompt(8), draft=plan, max_new_tokens=4, draft_dtype=torch.int8)
+    with pytest.raises(polykv.ArgumentError, match=r"draft_tf32 .* this draft runs in torch\.bfloat16"):
+        polykv.speculative_generate(
+            llama, prompt(8), draft=plan, max_new_tokens=4, draft_dtype=torch.bfloat16, draft_tf32=True
+        )
+
+
 def test_a_whole_draft_is_always_right():
     model = tiny_model("llama", dtype=torch.float64)
     result = polykv.speculative_generate(
@@ -279,16 +323,17 @@ def test_a_left_padded_batch_with_an_end_token_is_generates(llama):
 
 
 @pytest.mark.parametrize(
-    ("family", "static", "lookahead"),
+    ("family", "static", "lookahead", "draft_dtype"),
     # rows keep what each accepted, or what all did (sliding windows); in ordinary forwards or checks of fixed shapes
     [
-        pytest.param("llama", False, 1, marks=pytest.mark.heavy),  # 8 s; ordinary forwards run with mistral-sliding
-        ("mistral-sliding", False, 1),
-        pytest.param("llama", True, 1, marks=pytest.mark.heavy),  # 8 s; checks of fixed shapes run at lookahead 3
-        ("llama", True, 3),
+        pytest.param("llama", False, 1, None, marks=pytest.mark.heavy),  # 8 s; ordinary forwards: mistral-sliding
+        ("mistral-sliding", False, 1, None),
+        pytest.param("llama", True, 1, None, marks=pytest.mark.heavy),  # 8 s; checks of fixed shapes: lookahead 3
+        ("llama", True, 3, None),
+        ("llama", True, 3, torch.bfloat16),  # q from the draft's bfloat16 logits: the rule still gives p
     ],
 )
-def test_sampling_follows_the_full_caches_distribution(family, static, lookahead):
+def test_sampling_follows_the_full_caches_distribution(family, static, lookahead, draft_dtype):
     """The first drafted tokens of many rows, drawn from a poor draft, are distributed as the full cache says."""
     model = tiny_model(family, dtype=torch.float64, seed=5)
     rows = 3000
@@ -297,7 +342,7 @@ def test_sampling_follows_the_full_caches_distribution(family, static, lookahead
     torch.manual_seed(0)
     result = polykv.speculative_generate(
         model, ids, draft=polykv.compile("*: random@3", model), max_new_tokens=4, lookahead=lookahead,
-        sampling=sampling, static=static,
+        sampling=sampling, static=static, draft_dtype=draft_dtype,
     )  # fmt: skip
     assert result.static == static
     assert 0.2 < result.row_acceptance < 0.8  # rows that kept the proposal and rows that drew again

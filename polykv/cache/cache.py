@@ -37,7 +37,7 @@ from polykv.cache.checks import raise_pending
 from polykv.cache.layer import PhaseRule, PolyLayer
 from polykv.cache.reconstruction import Reconstruction
 from polykv.cache.split import HeadGroup, SplitLayer
-from polykv.errors import ArgumentError, CacheError
+from polykv.errors import ArgumentError, ArgumentTypeError, CacheError
 from polykv.model.describe import cache_argument
 from polykv.policy import Phase
 
@@ -413,6 +413,14 @@ class PolyCache(Cache):
         twin.layers = [layer.fork() for layer in self.layers]
         twin._prompt_ids = list(self._prompt_ids)
         return twin
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Store every layer's keys and values in ``dtype`` from now on (a copy of what each holds now): for a
+        model run in ``dtype`` after a prefill in another, as a speculative draft in a lower precision is."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentTypeError(f"a cache holds keys and values of a floating dtype, got {dtype!r}")
+        for layer in self.layers:
+            layer.cast(dtype)
 
     def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
         """transformers' prefetch: bring back the first offloaded layer from ``layer_idx`` on (circling back to the

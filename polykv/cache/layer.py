@@ -345,6 +345,19 @@ class PolyLayer(CacheLayerMixin):
             if tensor is not None:
                 setattr(self, name, tensor.to(device, non_blocking=True))
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Store keys and values in ``dtype`` from now on: a speculative draft running in a lower precision than the
+        prefill it was chosen from (``polykv.decoding.precision``)."""
+        if self.static is not None:
+            raise CacheError(f"layer {self.index} is in static decoding: end it before casting the cache")
+        if not self.is_initialized:
+            return
+        self.storage.cast(dtype)
+        if self.recent_queries is not None:
+            self.recent_queries = self.recent_queries.to(dtype)
+        self.dtype = dtype
+        self.lease = None  # its buffers are its own now: the capture's spare room is not written
+
     def fork(self) -> PolyLayer:
         """A layer in this state that shares its stored tokens until either appends (see ``Storage.fork``)."""
         if self.static is not None:

@@ -381,6 +381,10 @@ class SplitLayer(CacheLayerMixin):
         for part in self.parts:
             part.prefetch()
 
+    def cast(self, dtype: torch.dtype) -> None:
+        for part in self.parts:
+            part.cast(dtype)
+
     def begin_static(self, room: int, slack: int | None = 0, holes: bool = False, per_check: int = 0) -> None:
         """Decode with fixed shapes: each group's part gets its slots (``polykv.cache.static``) in one pool
         (``polykv.cache.pool``), which attention reads in one launch where the kernels run."""

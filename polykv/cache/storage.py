@@ -160,6 +160,16 @@ class Storage:
             if tensor is not None:
                 setattr(self, name, tensor.to(device, non_blocking=True))
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the stored keys and values in ``dtype``: copies of exactly what is stored (no headroom, no buffer
+        shared with a fork or a capture any more)."""
+        keys, values = self.keys, self.values
+        if keys is None or keys.dtype == dtype:
+            return
+        assert values is not None  # stored with the keys
+        self._keys, self._values, self._positions = keys.to(dtype), values.to(dtype), self.positions
+        self._shared = False
+
     @property
     def device(self) -> torch.device | None:
         return None if self._keys is None else self._keys.device

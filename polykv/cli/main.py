@@ -199,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --draft-spec, float32 on CUDA: draft with TF32 matrix products, check in float32 (the same "
         "output; cheaper draft steps)",
     )
+    generate.add_argument(
+        "--draft-dtype",
+        choices=("bfloat16", "float16"),
+        help="with --draft-spec: draft with a copy of the model's weights, and a draft cache, in this dtype, and "
+        "check with the model as loaded (the same output; draft steps that read half the bytes)",
+    )
     sampling = generate.add_argument_group("sampling (any of these samples instead of choosing the likeliest token)")
     sampling.add_argument("--temperature", type=_temperature, metavar="T", help="divides the logits (default 1)")
     sampling.add_argument("--top-k", type=_count(1_000_000), metavar="K", help="draw among the K likeliest tokens")

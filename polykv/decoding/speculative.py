@@ -29,7 +29,7 @@ import torch
 from polykv.cache.cache import PolyCache
 from polykv.cache.layer import PhaseRule
 from polykv.decoding.ends import device_time, end_tokens, padded_after_end
-from polykv.decoding.precision import tf32_matmuls
+from polykv.decoding.precision import draft_model, tf32_matmuls
 from polykv.decoding.static import Sampling
 from polykv.decoding.static_speculation import StaticChecks
 from polykv.errors import ArgumentError, ArgumentTypeError
@@ -121,6 +121,7 @@ def speculative_generate(
     static: bool | None = None,
     compile_step: bool = False,
     draft_tf32: bool = False,
+    draft_dtype: torch.dtype | None = None,
 ) -> Speculation:
     """Continue ``input_ids`` (B, L, left-padded as ``attention_mask`` says) by ``max_new_tokens`` tokens,
     drafting ``lookahead`` at a time with ``draft``'s compressed cache and keeping what the full cache
@@ -134,7 +135,10 @@ def speculative_generate(
     the newest tokens of a draft layer that ranks them away per head while decoding). ``compile_step`` runs
     the static checks' forwards through ``torch.compile`` (``polykv.decoding.compiled``); it needs ``static``.
     ``draft_tf32`` has a float32 model draft with TF32 matrix products on CUDA, and check in float32: the
-    output is unchanged, the draft's steps cheaper (``polykv.decoding.precision``).
+    output is unchanged, the draft's steps cheaper (``polykv.decoding.precision``). ``draft_dtype`` (such as
+    ``torch.bfloat16``) has the draft run a twin of the model with its weights in that dtype, and its cache hold
+    keys and values in it, while the checks run the model as it is: the same output, draft steps that read half
+    the bytes, and the twin's weights in memory besides.
     """
     if not isinstance(draft, Plan):
         raise ArgumentTypeError(f"draft is a polykv.Plan (polykv.compile(spec, model)), got {type(draft).__name__}")
@@ -143,6 +147,14 @@ def speculative_generate(
             raise ArgumentError(f"{name} is a whole number of at least {least}, got {value!r}")
     if not isinstance(draft_tf32, bool):
         raise ArgumentTypeError(f"draft_tf32 is True or False, got {draft_tf32!r}")
+    if draft_dtype is not None:
+        _floating(draft_dtype)
+    if draft_tf32 and draft_dtype not in (None, torch.float32):
+        raise ArgumentError(
+            f"draft_tf32 has a float32 draft's products use TF32, and this draft runs in {draft_dtype}: "
+            "give one of draft_tf32 and draft_dtype"
+        )
+    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
     problem = static_problem(draft, registry, lookahead, input_ids.shape[-1])
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
@@ -152,7 +164,7 @@ def speculative_generate(
             f"compile_step compiles the static checks, which cannot run here: {problem or 'static=False was given'}"
         )
     clock = _Clock(input_ids.device)
-    with draft.apply(model):
+    with draft.apply(model), draft.apply(drafter):
         captured = capture(
             model,
             input_ids,
@@ -166,9 +178,10 @@ def speculative_generate(
                 model, captured, draft, registry, input_ids, attention_mask, clock,
                 lookahead=lookahead, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id, sampling=sampling, compile_step=compile_step, draft_tf32=draft_tf32,
+                draft_model=drafter,
             )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
-        drafting = _Track(captured.cache_for(draft, registry), input_ids, attention_mask)
+        drafting = _Track(_draft_cache(captured, draft, registry, drafter), input_ids, attention_mask)
         ragged = not any(layer.sliding_window for layer in draft.layers)
         run = _Run(input_ids, max_new_tokens, eos_token_id, pad_token_id, sampling)
         newest = run.choose(captured.logits)  # each row's newest token, in neither cache yet
@@ -180,7 +193,7 @@ def speculative_generate(
             active = run.active()
             count = min(lookahead, run.most_remaining() - 1)
             with tf32_matmuls(draft_tf32):
-                proposals, draft_probabilities = run.propose(model, drafting, behind, behind_real, count)
+                proposals, draft_probabilities = run.propose(drafter, drafting, behind, behind_real, count)
             verified = full.forward(model, torch.cat([newest[:, None], proposals], dim=1), count + 1)
             kept, alone, newest = run.accept(proposals, draft_probabilities, verified, active, ragged)
             full.keep(kept + 1, count + 1)  # the previous newest token and the proposals kept
@@ -202,6 +215,18 @@ def speculative_generate(
                 warmup = (clock.elapsed(), int(run.lengths.sum()) - made)
     tokens = torch.cat([input_ids, run.finished()], dim=1)
     return statistics.result(tokens, clock.lap(), *(warmup or (0.0, 0)), int(run.lengths.sum()), static=False)
+
+
+def _floating(dtype: object) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ArgumentTypeError(f"draft_dtype is a floating torch dtype (such as torch.bfloat16), got {dtype!r}")
+
+
+def _draft_cache(captured, draft: Plan, registry: Registry | None, drafter: PreTrainedModel) -> PolyCache:
+    """The draft's cache, chosen from the capture, in the dtype the draft runs in."""
+    cache = captured.cache_for(draft, registry)
+    cache.cast(drafter.dtype)
+    return cache
 
 
 def static_problem(draft: Plan, registry: Registry | None, lookahead: int, prompt_length: int) -> str | None:
@@ -236,7 +261,7 @@ def _speculate_statically(
 ) -> Speculation:
     """``speculative_generate`` with checks of fixed shapes (``StaticChecks``), after the capture."""
     full = captured.cache(share_room=True)
-    drafting = captured.cache_for(draft, registry)
+    drafting = _draft_cache(captured, draft, registry, options["draft_model"])
     statistics = _Statistics(full.nbytes(), drafting.nbytes(), 0.0)
     sampling = options["sampling"]
     newest = captured.logits.argmax(dim=-1) if sampling is None else sampling.choose(captured.logits)

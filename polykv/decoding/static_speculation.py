@@ -70,14 +70,20 @@ class StaticChecks:
         check_every: int = 4,
         compile_step: bool = False,
         draft_tf32: bool = False,
+        draft_model: PreTrainedModel | None = None,
     ):
         """``newest`` (B,): each row's token after the prompt, in neither cache yet (it is the first new
         token); ``next_positions`` (B,): its position (the row's real prompt tokens). ``sampling``: draw
         instead of choosing greedily; ``compile_step``: run the forwards compiled (``polykv.decoding.compiled``);
-        ``draft_tf32``: the draft's products in TF32 (``polykv.decoding.precision``)."""
+        ``draft_tf32``: the draft's products in TF32; ``draft_model``: the model the draft runs, in the dtype of
+        its cache (default: ``model``; ``polykv.decoding.precision``)."""
         self.model, self.full, self.draft, self.sampling = model, full, draft, sampling
         self.draft_tf32 = draft_tf32
-        self._run_model = compiled_forward(model) if compile_step else model
+        drafter = model if draft_model is None else draft_model
+        self._runs = {
+            False: compiled_forward(model) if compile_step else model,
+            True: compiled_forward(drafter) if compile_step else drafter,
+        }
         self.lookahead, self.max_new_tokens, self.graph, self.check_every = (
             lookahead,
             max_new_tokens,
@@ -114,7 +120,7 @@ class StaticChecks:
         """The logits (B, keep, V) after the last ``keep`` of ``ids``. Named in profiles (``FORWARDS``)."""
         drafting = cache is self.draft
         with torch.profiler.record_function(FORWARDS[drafting]), tf32_matmuls(self.draft_tf32 and drafting):
-            output = self._run_model(
+            output = self._runs[drafting](
                 input_ids=ids,
                 position_ids=positions,
                 logits_to_keep=keep,

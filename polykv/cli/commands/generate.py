@@ -44,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise PolykvError("--compile compiles static decoding steps: add --static (or give a --draft-spec)")
     if args.lookahead is not None and not drafting:
         raise PolykvError("--lookahead is how many tokens a draft proposes per check: give the draft's --draft-spec")
-    if args.draft_tf32 and not drafting:
-        raise PolykvError("--draft-tf32 is the precision a draft proposes in: give the draft's --draft-spec")
+    for given, option in ((args.draft_tf32, "--draft-tf32"), (args.draft_dtype, "--draft-dtype")):
+        if given and not drafting:
+            raise PolykvError(f"{option} is the precision a draft proposes in: give the draft's --draft-spec")
+    if args.draft_tf32 and args.draft_dtype:
+        raise PolykvError(
+            f"--draft-tf32 is for a draft in float32, and --draft-dtype {args.draft_dtype} drafts in "
+            f"{args.draft_dtype}: give one of them"
+        )
     spec = parse(args.draft_spec, source="--draft-spec") if drafting else spec_argument(args, "--spec")
     if args.budget is not None:
         spec = with_total_budget(spec, args.budget, given_as="--budget")
@@ -140,6 +146,7 @@ def _speculate(
         sampling=sampling,
         compile_step=args.compile,
         draft_tf32=args.draft_tf32,
+        draft_dtype=getattr(torch, args.draft_dtype) if args.draft_dtype else None,
     )
     new_tokens = result.tokens[0, input_ids.shape[1] :].tolist()  # waits for the device
     seconds = time.perf_counter() - started
