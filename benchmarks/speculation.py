@@ -157,8 +157,10 @@ def measure(model, tokenizer, args, device, measured: Callable[[list[dict]], Non
             spec, model, tokenizer=tokenizer, objective="acceptance", profile=args.acceptance_profile
         )
     whole = polykv.compile("*: full", model)
-    warm = prompts(tokenizer, 1, 128, device)
-    run(model, warm, whole, 2, 8, args.compile_step, **precision)
+    # A warm-up of short prompts in the first batch's shapes: with --compile-step what it compiles serves that batch
+    # (a compiled step specialises on the batch and the tokens a step takes, not on how many slots a cache has).
+    warm = prompts(tokenizer, args.batches[0], 128, device)
+    run(model, warm, whole, args.lookaheads[0], 8, args.compile_step, **precision)
     plain_decoding(model, warm, whole, 8, args.compile_step)
     rows = []
     for batch in args.batches:

@@ -292,7 +292,8 @@ def test_a_compiled_step_gives_the_tokens_and_cache_of_the_eager_step():
 def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model(spec, graphs_for_more_slots):
     """Layers in static decoding write and attend inside the compiled graph (no graph break at a layer), so their
     kernels fuse with the model's, and one compilation serves every number of slots, but where heads keep
-    different counts (a pool, whose attention takes its longest head's count from the host)."""
+    different counts (a pool, whose attention takes its longest head's count from the host), and every prompt's
+    length."""
     model = tiny_model("llama")
     ids, mask = padded_prompt([30, 22])
     plan = polykv.compile(spec, model)
@@ -308,6 +309,13 @@ def test_a_compiled_step_traces_the_caches_writes_and_attention_with_the_model(s
             model, plan.make_cache(), ids, attention_mask=mask, max_new_tokens=9, graph=False, compile_step=True
         )
         # Room for more tokens is more slots: a size the compiled step does not specialise on.
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + graphs_for_more_slots
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        other_ids, other_mask = padded_prompt([41, 35])  # nor on the tokens seen (a pool: its longest head again)
+        static_generate(
+            model, plan.make_cache(), other_ids, attention_mask=other_mask, max_new_tokens=9, graph=False,
+            compile_step=True,
+        )  # fmt: skip
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + graphs_for_more_slots
     assert torch.equal(tokens, expected)
     assert torch.equal(longer[:, : tokens.shape[1]], tokens)

@@ -151,6 +151,16 @@ class PolyCache(Cache):
         """Between ``begin_static`` and ``end_static``."""
         return self._static
 
+    # In static decoding the layers attend their slots by stored positions and never read the mask transformers
+    # builds. Sizes that do not depend on the tokens seen let transformers skip it (a query as long as its keys
+    # needs none), and keep a compiled step from specialising on them: dynamo guards on every int a forward reads,
+    # so a count of tokens seen would compile the step anew for every prompt's length.
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0 if self._static else super().get_query_offset(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return (query_length, 0) if self._static else super().get_mask_sizes(query_length, layer_idx)
+
     def static_attention(self, index: int) -> PolyLayer | SplitLayer | None:
         """Layer ``index``, taken from the cache, if its update in static decoding awaits polykv's attention in the
         traced path (``update``); else None."""

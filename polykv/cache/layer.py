@@ -350,7 +350,7 @@ class PolyLayer(CacheLayerMixin):
         prefill it was chosen from (``polykv.decoding.precision``)."""
         if self.static is not None:
             raise CacheError(f"layer {self.index} is in static decoding: end it before casting the cache")
-        if not self.is_initialized:
+        if not self.is_initialized or self.dtype == dtype:
             return
         self.storage.cast(dtype)
         if self.recent_queries is not None:

@@ -15,9 +15,10 @@ eager breaks the graph: the prepared model's hooks before and after the forward,
 ranking in a step that evicts. Dynamo guards on the layer index the cache is given, so the parts
 after a break are compiled once per layer, under a recompile limit raised to match
 (``polykv.cache.compiling``). A layer's number of slots is a size the compiled step does not
-specialise on: one compilation serves every static stage and every speculation's room, but for
-pooled layers, whose attention takes its longest head's count from the host (a stage compiles
-anew); a new batch or number of tokens per step compiles anew too.
+specialise on, nor is the number of tokens it has seen (``PolyCache.get_mask_sizes``): one
+compilation serves every prompt, every static stage and every speculation's room, but for pooled
+layers, whose attention takes its longest head's count from the host (a stage compiles anew); a new
+batch or number of tokens per step compiles anew too.
 
 Compiled kernels compute what the eager ones compute up to rounding order: in float32 the tokens
 equal the eager step's (tested on the CPU), in bfloat16 near ties can break differently.

@@ -148,7 +148,7 @@ def speculative_generate(
     if not isinstance(draft_tf32, bool):
         raise ArgumentTypeError(f"draft_tf32 is True or False, got {draft_tf32!r}")
     if draft_dtype is not None:
-        _floating(draft_dtype)
+        _check_floating(draft_dtype)
     if draft_tf32 and draft_dtype not in (None, torch.float32):
         raise ArgumentError(
             f"draft_tf32 has a float32 draft's products use TF32, and this draft runs in {draft_dtype}: "
@@ -217,7 +217,7 @@ def speculative_generate(
     return statistics.result(tokens, clock.lap(), *(warmup or (0.0, 0)), int(run.lengths.sum()), static=False)
 
 
-def _floating(dtype: object) -> None:
+def _check_floating(dtype: object) -> None:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentTypeError(f"draft_dtype is a floating torch dtype (such as torch.bfloat16), got {dtype!r}")
 
