@@ -268,7 +268,7 @@ def step_costs(
     ``chunk``): the full cache's step of 1 token and of lookahead + 1 (a check), and a draft's of 1 and 2 tokens (a
     draft holding ``budget`` tokens, in the draft's precision)."""
     whole = polykv.compile("*: full", model)
-    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
+    drafter = draft_model(model, draft_dtype)
     with whole.apply(model), whole.apply(drafter):
         full = prefill(model, whole, ids, chunk=chunk)
         draft = prefill(drafter, whole, ids[:, -budget:])  # a draft's cost is the tokens it holds
@@ -297,13 +297,12 @@ def check_kernels(
     profiled."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
     registry = polykv.default_registry()
-    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
+    drafter = draft_model(model, draft_dtype)
     with plan.apply(model), plan.apply(drafter):
         for profiled_run in (False, True):
             captured = capture(model, ids, needs=plan.needs(registry), reconstruction=plan.reconstruction)
             newest = captured.logits.argmax(dim=-1)
-            full, draft = captured.cache(share_room=True), captured.cache_for(plan, registry)
-            draft.cast(drafter.dtype)
+            full, draft = captured.cache(share_room=True), captured.cache_for(plan, registry, drafter.dtype)
             run = StaticChecks(
                 model, full, draft, newest, torch.full_like(newest, ids.shape[1]), lookahead=lookahead,
                 max_new_tokens=checks * (lookahead + 1), eos_token_id=None, pad_token_id=None, graph=False,

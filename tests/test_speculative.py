@@ -271,7 +271,7 @@ def test_a_draft_in_a_lower_dtype_runs_a_twin_made_once_while_the_weights_stay()
     model = tiny_model("llama", dtype=torch.float32, seed=3)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as the bundled model's are
     twin = draft_model(model, torch.bfloat16)
-    assert draft_model(model, torch.float32) is model
+    assert draft_model(model, torch.float32) is model and draft_model(model, None) is model
     assert twin is not model and twin.dtype == torch.bfloat16 and model.dtype == torch.float32
     assert twin.lm_head.weight is twin.model.embed_tokens.weight
     assert torch.equal(twin.model.norm.weight, model.model.norm.weight.to(torch.bfloat16))

@@ -50,14 +50,15 @@ def tf32_matmuls(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def draft_model(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """The model a draft in ``dtype`` runs: ``model`` itself where its weights are ``dtype`` already, else a twin
-    whose floating weights are copies in ``dtype`` (tied weights stay tied), unprepared for polykv.
+def draft_model(model: PreTrainedModel, dtype: torch.dtype | None) -> PreTrainedModel:
+    """The model a draft in ``dtype`` runs: ``model`` itself where ``dtype`` is None or its weights are ``dtype``
+    already, else a twin whose floating weights are copies in ``dtype`` (tied weights stay tied), unprepared for
+    polykv.
 
     The twin is made once per model and dtype, so that its compiled forward is compiled once too, and made again
     when the model's weights were replaced or changed in place since (their versions say so)."""
     weights = list(model.parameters())
-    if all(weight.dtype == dtype for weight in weights if weight.is_floating_point()):
+    if dtype is None or all(weight.dtype == dtype for weight in weights if weight.is_floating_point()):
         return model
     identity = tuple((weight.data_ptr(), weight._version) for weight in weights)
     twins = _TWINS.setdefault(model, {})

@@ -154,7 +154,7 @@ def speculative_generate(
             f"draft_tf32 has a float32 draft's products use TF32, and this draft runs in {draft_dtype}: "
             "give one of draft_tf32 and draft_dtype"
         )
-    drafter = model if draft_dtype is None else draft_model(model, draft_dtype)
+    drafter = draft_model(model, draft_dtype)
     problem = static_problem(draft, registry, lookahead, input_ids.shape[-1])
     if static and problem:
         raise ArgumentError(f"static speculation cannot run here: {problem}")
@@ -181,7 +181,7 @@ def speculative_generate(
                 draft_model=drafter,
             )  # fmt: skip
         full = _Track(captured.cache(share_room=True), input_ids, attention_mask)  # appends into spare room
-        drafting = _Track(_draft_cache(captured, draft, registry, drafter), input_ids, attention_mask)
+        drafting = _Track(captured.cache_for(draft, registry, drafter.dtype), input_ids, attention_mask)
         ragged = not any(layer.sliding_window for layer in draft.layers)
         run = _Run(input_ids, max_new_tokens, eos_token_id, pad_token_id, sampling)
         newest = run.choose(captured.logits)  # each row's newest token, in neither cache yet
@@ -222,13 +222,6 @@ def _check_floating(dtype: object) -> None:
         raise ArgumentTypeError(f"draft_dtype is a floating torch dtype (such as torch.bfloat16), got {dtype!r}")
 
 
-def _draft_cache(captured, draft: Plan, registry: Registry | None, drafter: PreTrainedModel) -> PolyCache:
-    """The draft's cache, chosen from the capture, in the dtype the draft runs in."""
-    cache = captured.cache_for(draft, registry)
-    cache.cast(drafter.dtype)
-    return cache
-
-
 def static_problem(draft: Plan, registry: Registry | None, lookahead: int, prompt_length: int) -> str | None:
     """Why speculation with ``draft``, ``lookahead`` tokens a check, cannot run with fixed shapes after a prompt
     of ``prompt_length`` tokens, or None where it can."""
@@ -261,7 +254,7 @@ def _speculate_statically(
 ) -> Speculation:
     """``speculative_generate`` with checks of fixed shapes (``StaticChecks``), after the capture."""
     full = captured.cache(share_room=True)
-    drafting = _draft_cache(captured, draft, registry, options["draft_model"])
+    drafting = captured.cache_for(draft, registry, options["draft_model"].dtype)
     statistics = _Statistics(full.nbytes(), drafting.nbytes(), 0.0)
     sampling = options["sampling"]
     newest = captured.logits.argmax(dim=-1) if sampling is None else sampling.choose(captured.logits)

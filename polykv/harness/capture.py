@@ -122,8 +122,9 @@ class Capture:
         """The tokens ``rule`` keeps in ``layer`` after this prefill (None: it keeps everything there)."""
         return self.layers[layer].budget_for(rule)
 
-    def cache_for(self, plan: Plan, registry: Registry | None = None) -> PolyCache:
-        """The cache ``plan.make_cache()`` would hold after prefilling the captured prompt, without a prefill.
+    def cache_for(self, plan: Plan, registry: Registry | None = None, dtype: torch.dtype | None = None) -> PolyCache:
+        """The cache ``plan.make_cache()`` would hold after prefilling the captured prompt, without a prefill;
+        with ``dtype``, holding its keys and values in it (``PolyCache.cast``), for a model run in that dtype.
 
         The capture must have recorded what the plan's policies need (``capture(..., needs=plan.needs())``).
         """
@@ -150,6 +151,8 @@ class Capture:
             assert isinstance(split_layer, SplitLayer)  # its heads share the budget: split above
             for (_heads, part), hide in zip(split_layer.groups, hides):
                 part.hide(hide)
+        if dtype is not None:
+            cache.cast(dtype)
         return cache
 
     def _adaptive(
